@@ -1,0 +1,77 @@
+"""Backends: `get_backend(name).compile(graph)` gives an `Executable`.
+
+Every backend is checked against `numpy`, the reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from tensorc.errors import InputError, TensorcError
+from tensorc.ir import Graph, bind_shapes
+
+
+class Executable(ABC):
+    """A compiled graph. Call it with arrays (positional or by input name); it returns
+    one array, or a tuple when the graph has several outputs. `run` maps names to
+    arrays both ways."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.input_names = [v.name for v in graph.inputs]
+        self.output_names = [v.name for v in graph.outputs]
+
+    def __call__(self, *args, **kwargs):
+        if len(args) > len(self.input_names):
+            raise InputError(f"{len(args)} inputs given, the graph takes "
+                             f"{len(self.input_names)}: {', '.join(self.input_names)}")
+        feeds = dict(zip(self.input_names, args, strict=False))
+        feeds.update(kwargs)
+        outs = [self.run(feeds)[n] for n in self.output_names]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise InputError("inputs do not match the graph: " + "; ".join(
+                p for p in (f"missing {missing}" if missing else "",
+                            f"unknown {extra}" if extra else "") if p)
+                + f" (expected {self.input_names})")
+        arrays = [np.asarray(feeds[n]) for n in self.input_names]
+        env = bind_shapes([v.type for v in self.graph.inputs], arrays, self.input_names)
+        outs = self.execute(arrays, env)
+        return dict(zip(self.output_names, outs, strict=True))
+
+    @abstractmethod
+    def execute(self, arrays: list[np.ndarray], env: dict[str, int]) -> list[np.ndarray]:
+        """Run on checked inputs with the symbol bindings `env`."""
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def compile(self, graph: Graph) -> Executable: ...
+
+    def emit_source(self, graph: Graph, directory: str) -> list[str]:
+        """Write the generated source of every kernel into `directory`; returns paths."""
+        raise TensorcError(f"backend {self.name} generates no source code")
+
+
+# name -> module that defines `BACKEND`; imported on first use so that, e.g., the
+# base install never imports cupy.
+_BACKENDS = {"numpy": "tensorc.backends.numpy"}
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise TensorcError(f"unknown backend {name!r} (known: {', '.join(_BACKENDS)})")
+    return importlib.import_module(_BACKENDS[name]).BACKEND

@@ -1,0 +1,332 @@
+"""The typed SSA IR: `TensorType`, `Value`, `Node`, `Graph`.
+
+A dimension is an int or a symbolic name (``"batch"``, ``"seq"``); a product
+of symbols times an int is written ``"8*batch*seq"``. Backends bind the
+symbols from the concrete shapes of a call.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, ShapeError, TensorcError
+
+Dim = int | str
+
+DTYPES: dict[str, np.dtype] = {
+    "f16": np.dtype(np.float16),
+    "f32": np.dtype(np.float32),
+    "f64": np.dtype(np.float64),
+    "i8": np.dtype(np.int8),
+    "i32": np.dtype(np.int32),
+    "i64": np.dtype(np.int64),
+    "u8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+_NAME_OF_DTYPE = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("f16", "f32", "f64")
+
+
+def dtype_name(dtype: Any) -> str:
+    """The IR name (``"f32"``) of a numpy dtype or dtype-like."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return dtype
+    try:
+        return _NAME_OF_DTYPE[np.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise TensorcError(f"unsupported dtype {dtype!r} (known: {', '.join(DTYPES)})") from None
+
+
+# --- symbolic dimensions -------------------------------------------------------------
+
+_DIM_RE = re.compile(r"(\d+\*)?[A-Za-z_][\w.]*(\*[A-Za-z_][\w.]*)*")
+
+
+def _split_dim(d: Dim) -> tuple[int, Counter]:
+    """A dim as (integer coefficient, multiset of symbols)."""
+    if isinstance(d, (int, np.integer)):
+        return int(d), Counter()
+    coef, syms = 1, Counter()
+    for part in d.split("*"):
+        if part.lstrip("-").isdigit():
+            coef *= int(part)
+        else:
+            syms[part] += 1
+    return coef, syms
+
+
+def _join_dim(coef: int, syms: Counter) -> Dim:
+    names = sorted(syms.elements())
+    if not names:
+        return coef
+    return "*".join(([str(coef)] if coef != 1 else []) + names)
+
+
+def dim_product(dims) -> Dim:
+    """The product of dims, simplified: ``dim_product([2, "seq", 4]) == "8*seq"``."""
+    coef, syms = 1, Counter()
+    for d in dims:
+        c, s = _split_dim(d)
+        coef *= c
+        syms += s
+    return 0 if coef == 0 else _join_dim(coef, syms)
+
+
+def dim_divide(a: Dim, b: Dim) -> Dim | None:
+    """``a / b`` when it is exact, else None."""
+    (ca, sa), (cb, sb) = _split_dim(a), _split_dim(b)
+    if cb == 0 or ca % cb or any(sa[k] < n for k, n in sb.items()):
+        return None
+    return _join_dim(ca // cb, sa - sb)
+
+
+def dim_symbols(d: Dim) -> list[str]:
+    return list(_split_dim(d)[1])
+
+
+def resolve_dim(d: Dim, env: dict[str, int]) -> int:
+    """The concrete value of a dim given symbol bindings."""
+    coef, syms = _split_dim(d)
+    try:
+        return coef * math.prod(env[s] ** n for s, n in syms.items())
+    except KeyError as e:
+        raise ShapeError(f"symbolic dim {e.args[0]!r} is not bound by any input") from None
+
+
+def canonical_dim(d: Dim) -> Dim:
+    return _join_dim(*_split_dim(d))
+
+
+# --- types, values, nodes, graphs ----------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[Dim, ...]
+    dtype: str = "f32"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        for d in self.shape:
+            if isinstance(d, str) and not _DIM_RE.fullmatch(d) or isinstance(d, bool) \
+                    or isinstance(d, (int, np.integer)) and d < 0:
+                raise TensorcError(f"bad dimension {d!r}: use a size >= 0 or a name "
+                                   "such as 'batch'")
+        object.__setattr__(self, "shape", tuple(canonical_dim(d) for d in self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    @property
+    def numel(self) -> Dim:
+        return dim_product(self.shape)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    def concrete(self, env: dict[str, int]) -> TensorType:
+        return TensorType(tuple(resolve_dim(d, env) for d in self.shape), self.dtype)
+
+    def nbytes(self, env: dict[str, int] | None = None) -> int:
+        return resolve_dim(self.numel, env or {}) * self.np_dtype.itemsize
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+    @staticmethod
+    def of(array: np.ndarray) -> TensorType:
+        return TensorType(tuple(array.shape), dtype_name(array.dtype))
+
+
+def bind_shapes(types: list[TensorType], arrays: list[np.ndarray], names: list[str]
+                ) -> dict[str, int]:
+    """Check arrays against declared types and return the symbol bindings."""
+    env: dict[str, int] = {}
+    for t, a, name in zip(types, arrays, names, strict=True):
+        a = np.asarray(a)
+        bad = a.ndim != t.rank or dtype_name(a.dtype) != t.dtype
+        if not bad:
+            for d, n in zip(t.shape, a.shape, strict=True):
+                if isinstance(d, int):
+                    bad |= d != n
+                elif "*" not in d:
+                    bad |= env.setdefault(d, n) != n
+        if bad:
+            got = f"{dtype_name(a.dtype) if a.dtype in _NAME_OF_DTYPE else a.dtype}"
+            raise InputError(f"input {name!r}: expected {t}, got {got}{list(a.shape)}"
+                             + (f" (with {', '.join(f'{k}={v}' for k, v in env.items())})"
+                                if env else ""))
+    return env
+
+
+class Value:
+    """One SSA value. `producer` is None for graph inputs and constants."""
+
+    __slots__ = ("name", "type", "producer", "data")
+
+    def __init__(self, name: str, type: TensorType, producer: Node | None = None,
+                 data: np.ndarray | None = None):
+        self.name, self.type, self.producer, self.data = name, type, producer, data
+
+    @property
+    def is_constant(self) -> bool:
+        return self.producer is None and self.data is not None
+
+    def __repr__(self) -> str:
+        return f"%{self.name}: {self.type}"
+
+
+class Node:
+    __slots__ = ("op", "inputs", "attrs", "outputs", "loc")
+
+    def __init__(self, op: str, inputs: list[Value], attrs: dict[str, Any],
+                 outputs: list[Value] | None = None, loc: str | None = None):
+        self.op, self.inputs, self.attrs = op, list(inputs), dict(attrs)
+        self.outputs: list[Value] = outputs or []
+        self.loc = loc  # user source line that created the node, for error messages
+
+    @property
+    def where(self) -> str:
+        """How error messages point at this node."""
+        out = ",".join("%" + v.name for v in self.outputs) or "?"
+        return f"{self.op} {out}" + (f" ({self.loc})" if self.loc else "")
+
+    def __repr__(self) -> str:
+        from .text import format_node
+        return format_node(self)
+
+
+class Graph:
+    """Inputs, outputs, nodes in topological order, and named constants (weights)."""
+
+    def __init__(self, name: str = "main"):
+        self.name = name
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self.nodes: list[Node] = []
+        self.constants: dict[str, Value] = {}
+        self._names: set[str] = set()
+        self._counter = 0
+
+    # -- building --
+    def fresh_name(self, hint: str | None = None) -> str:
+        if hint and hint not in self._names:
+            return hint
+        while True:
+            name = f"{hint}.{self._counter}" if hint else str(self._counter)
+            self._counter += 1
+            if name not in self._names:
+                return name
+
+    def _claim(self, name: str) -> str:
+        if name in self._names:
+            raise TensorcError(f"value name %{name} is defined twice")
+        self._names.add(name)
+        return name
+
+    def rename(self, v: Value, name: str) -> bool:
+        """Give `v` a new name unless another value has it; returns whether it did."""
+        if name in self._names:
+            return False
+        self._names.discard(v.name)
+        v.name = self._claim(name)
+        return True
+
+    def add_input(self, name: str, type: TensorType) -> Value:
+        v = Value(self._claim(name), type)
+        self.inputs.append(v)
+        return v
+
+    def add_constant(self, name: str, data: np.ndarray | None, type: TensorType | None = None
+                     ) -> Value:
+        if data is not None:
+            data = np.asarray(data)
+            type = TensorType.of(data)
+        v = Value(self._claim(name), type, data=data)
+        self.constants[name] = v
+        return v
+
+    def add_node(self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None,
+                 names: list[str] | None = None, loc: str | None = None) -> list[Value]:
+        """Append a node after inferring its output types; returns its outputs."""
+        from .ops import get_op
+        opdef = get_op(op)
+        node = Node(op, inputs, opdef.complete_attrs(attrs or {}, loc), loc=loc)
+        out_types = opdef.infer_node(node)
+        if names is None:
+            names = [self.fresh_name() for _ in out_types]
+        node.outputs = [Value(self._claim(n), t, node) for n, t in zip(names, out_types,
+                                                                       strict=True)]
+        self.nodes.append(node)
+        return node.outputs
+
+    def add(self, op: str, *inputs: Value, **attrs) -> Value:
+        """Single-output shorthand for `add_node`."""
+        (out,) = self.add_node(op, list(inputs), attrs)
+        return out
+
+    # -- queries --
+    def values(self) -> dict[str, Value]:
+        vals = {v.name: v for v in self.inputs}
+        vals.update(self.constants)
+        for n in self.nodes:
+            vals.update((v.name, v) for v in n.outputs)
+        return vals
+
+    def users(self) -> dict[Value, list[Node]]:
+        uses: dict[Value, list[Node]] = {}
+        for n in self.nodes:
+            for v in n.inputs:
+                uses.setdefault(v, []).append(n)
+        return uses
+
+    def op_counts(self) -> dict[str, int]:
+        return dict(Counter(n.op for n in self.nodes))
+
+    def param_count(self) -> int:
+        return sum(int(np.prod(v.type.shape)) for v in self.constants.values())
+
+    def to_networkx(self):
+        """A `networkx.DiGraph` over nodes (ints, in topological order) plus inputs and
+        constants (their value names); edges carry the value they pass."""
+        import networkx as nx
+        g = nx.DiGraph(name=self.name)
+        src: dict[Value, Any] = {}
+        for v in self.inputs:
+            g.add_node(v.name, kind="input", type=str(v.type))
+            src[v] = v.name
+        for v in self.constants.values():
+            g.add_node(v.name, kind="constant", type=str(v.type))
+            src[v] = v.name
+        for i, n in enumerate(self.nodes):
+            g.add_node(i, kind="op", op=n.op, attrs=n.attrs,
+                       outputs=[v.name for v in n.outputs])
+            for v in n.inputs:
+                g.add_edge(src[v], i, value=v.name, type=str(v.type))
+            for v in n.outputs:
+                src[v] = i
+        return g
+
+    def verify(self) -> Graph:
+        from .verify import verify
+        verify(self)
+        return self
+
+    def __str__(self) -> str:
+        from .text import format_graph
+        return format_graph(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name}: {len(self.nodes)} nodes, {len(self.constants)} constants>"

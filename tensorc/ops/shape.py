@@ -1,0 +1,207 @@
+"""Ops that move or select data without arithmetic: reshape, transpose, concat,
+split, slice, expand, squeeze/unsqueeze, gather, full, trilu."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ShapeError, TensorcError
+from ..ir import Dim, TensorType, dim_divide, dim_product
+from .registry import Attr, OpDef, broadcast_shapes, norm_axis, register, same_dtype
+
+# Slice ends at or beyond this mean "to the end" (ONNX exporters write INT64_MAX).
+SLICE_END = 2**31 - 1
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _reshape(t: TensorType, shape) -> TensorType:
+    shape = list(shape)
+    if shape.count(-1) > 1 or any(isinstance(d, int) and d < -1 for d in shape):
+        raise ShapeError(f"bad target shape {_fmt(shape)}: at most one -1, no other negatives")
+    if -1 in shape:
+        rest = dim_divide(t.numel, dim_product([d for d in shape if d != -1]))
+        if rest is None:
+            raise ShapeError(f"cannot reshape {t} to {_fmt(shape)}")
+        shape[shape.index(-1)] = rest
+    if dim_product(shape) != t.numel:
+        raise ShapeError(f"cannot reshape {t} to {_fmt(shape)}: element counts differ")
+    return TensorType(tuple(shape), t.dtype)
+
+
+register(OpDef("reshape", infer=_reshape, reference=lambda x, shape: x.reshape(shape),
+               attrs={"shape": Attr("dims")}, kind="shape"))
+
+
+def _transpose(t: TensorType, perm=None) -> TensorType:
+    perm = tuple(reversed(range(t.rank))) if perm is None else perm
+    if sorted(perm) != list(range(t.rank)):
+        raise ShapeError(f"perm {list(perm)} is not a permutation of the {t.rank} axes of {t}")
+    return TensorType(tuple(t.shape[p] for p in perm), t.dtype)
+
+
+register(OpDef("transpose", infer=_transpose,
+               reference=lambda x, perm=None: np.transpose(x, perm),
+               attrs={"perm": Attr("ints", None)}, kind="shape"))
+
+
+def _concat(*ts: TensorType, axis: int) -> TensorType:
+    same_dtype(*ts)
+    if len({t.rank for t in ts}) > 1:
+        raise ShapeError("ranks differ: " + ", ".join(str(t) for t in ts))
+    ax = norm_axis(axis, ts[0].rank)
+    for i in range(ts[0].rank):
+        if i != ax and len({t.shape[i] for t in ts}) > 1:
+            raise ShapeError(f"dims other than axis {axis} differ: " +
+                             ", ".join(str(t) for t in ts))
+    parts = [t.shape[ax] for t in ts]
+    if not all(isinstance(p, int) for p in parts):
+        if sum(p != 0 for p in parts) > 1:
+            raise ShapeError("concat along a symbolic dim is not supported: " +
+                             ", ".join(str(t) for t in ts))
+        total = next(p for p in parts if p != 0)
+    else:
+        total = sum(parts)
+    shape = list(ts[0].shape)
+    shape[ax] = total
+    return TensorType(tuple(shape), ts[0].dtype)
+
+
+register(OpDef("concat", infer=_concat, inputs=(1, None), kind="shape",
+               reference=lambda *xs, axis: np.concatenate(xs, axis=axis),
+               attrs={"axis": Attr("int")}))
+
+
+def _split(t: TensorType, axis: int, sizes) -> list[TensorType]:
+    ax = norm_axis(axis, t.rank)
+    if isinstance(t.shape[ax], int) and sum(sizes) != t.shape[ax]:
+        raise ShapeError(f"sizes {list(sizes)} do not add up to dim {ax} of {t}")
+    out = []
+    for s in sizes:
+        shape = list(t.shape)
+        shape[ax] = s
+        out.append(TensorType(tuple(shape), t.dtype))
+    return out
+
+
+def _split_ref(x, axis, sizes):
+    return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
+
+
+register(OpDef("split", infer=_split, reference=_split_ref, kind="shape",
+               attrs={"axis": Attr("int"), "sizes": Attr("ints")}))
+
+
+def _slice_dim(d: Dim, start: Dim, end: Dim, step: int) -> Dim:
+    if isinstance(end, int) and end >= SLICE_END:
+        end = d if step > 0 else end
+    if isinstance(d, int) and isinstance(start, int) and isinstance(end, int):
+        return len(range(*slice(start, end, step).indices(d)))
+    if step == 1 and start == 0 and end == d:
+        return d
+    if step == 1 and start == 0 and isinstance(d, int) and isinstance(end, str):
+        return end  # a prefix of symbolic length; the backend checks it fits at run time
+    if step == 1 and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end:
+        return end - start  # a fixed window of a symbolic dim
+    raise ShapeError(f"cannot slice symbolic dim {d} by [{start}:{end}:{step}]")
+
+
+def _slice(t: TensorType, starts, ends, axes=None, steps=None) -> TensorType:
+    axes = tuple(range(len(starts))) if axes is None else axes
+    steps = (1,) * len(starts) if steps is None else steps
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise ShapeError("starts, ends, axes and steps must have equal lengths")
+    if 0 in steps:
+        raise ShapeError("slice step cannot be 0")
+    shape = list(t.shape)
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        a = norm_axis(a, t.rank)
+        shape[a] = _slice_dim(shape[a], s, e, st)
+    return TensorType(tuple(shape), t.dtype)
+
+
+def _slice_ref(x, starts, ends, axes=None, steps=None):
+    axes = range(len(starts)) if axes is None else axes
+    steps = (1,) * len(starts) if steps is None else steps
+    index = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        index[a] = slice(s, e, st)
+    return x[tuple(index)]
+
+
+register(OpDef("slice", infer=_slice, reference=_slice_ref, kind="shape",
+               attrs={"starts": Attr("dims"), "ends": Attr("dims"),
+                      "axes": Attr("ints", None), "steps": Attr("ints", None)}))
+
+
+def _expand(t: TensorType, shape) -> TensorType:
+    return TensorType(broadcast_shapes(t, TensorType(tuple(shape), t.dtype)), t.dtype)
+
+
+register(OpDef("expand", infer=_expand, kind="shape",
+               reference=lambda x, shape: np.broadcast_to(x, np.broadcast_shapes(x.shape, shape)),
+               attrs={"shape": Attr("dims")}, doc="numpy-style broadcast to a shape"))
+
+
+def _squeeze(t: TensorType, axes) -> TensorType:
+    axes = {norm_axis(a, t.rank) for a in axes}
+    if any(t.shape[a] != 1 for a in axes):
+        raise ShapeError(f"cannot squeeze axes {sorted(axes)} of {t}: not all of size 1")
+    return TensorType(tuple(d for i, d in enumerate(t.shape) if i not in axes), t.dtype)
+
+
+def _unsqueeze(t: TensorType, axes) -> TensorType:
+    rank = t.rank + len(axes)
+    axes = sorted(norm_axis(a, rank) for a in axes)
+    shape = list(t.shape)
+    for a in axes:
+        shape.insert(a, 1)
+    return TensorType(tuple(shape), t.dtype)
+
+
+register(OpDef("squeeze", infer=_squeeze, kind="shape", attrs={"axes": Attr("ints")},
+               reference=lambda x, axes: np.squeeze(x, tuple(axes))))
+register(OpDef("unsqueeze", infer=_unsqueeze, kind="shape", attrs={"axes": Attr("ints")},
+               reference=lambda x, axes: np.expand_dims(
+                   x, tuple(sorted(a % (x.ndim + len(axes)) for a in axes)))))
+
+
+def _gather(data: TensorType, idx: TensorType, axis: int = 0) -> TensorType:
+    if idx.dtype not in ("i32", "i64"):
+        raise ShapeError(f"indices must be i32 or i64, got {idx}")
+    ax = norm_axis(axis, data.rank)
+    return TensorType(data.shape[:ax] + idx.shape + data.shape[ax + 1:], data.dtype)
+
+
+def _gather_ref(data, idx, axis=0):
+    n = data.shape[axis]
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        bad = idx.max() if idx.max() >= n else idx.min()
+        raise TensorcError(f"gather: index {bad} is out of range for an axis of size {n}")
+    return np.take(data, idx, axis=axis)
+
+
+register(OpDef("gather", infer=_gather, reference=_gather_ref, inputs=(2, 2), kind="opaque",
+               attrs={"axis": Attr("int", 0)}, doc="np.take(data, indices, axis)"))
+
+register(OpDef(
+    "full", inputs=(0, 0), kind="shape",
+    infer=lambda shape, value, dtype: TensorType(tuple(shape), dtype),
+    reference=lambda shape, value, dtype: np.full(shape, value, TensorType((), dtype).np_dtype),
+    attrs={"shape": Attr("dims"), "value": Attr("scalar"), "dtype": Attr("dtype", "f32")},
+    doc="a tensor of one repeated value (ONNX ConstantOfShape)",
+))
+
+
+def _trilu(t: TensorType, upper=False, k=0) -> TensorType:
+    if t.rank < 2:
+        raise ShapeError(f"needs rank >= 2, got {t}")
+    return t
+
+
+register(OpDef("trilu", infer=_trilu, kind="shape",
+               reference=lambda x, upper=False, k=0: np.triu(x, k) if upper else np.tril(x, k),
+               attrs={"upper": Attr("bool", False), "k": Attr("int", 0)},
+               doc="keep the lower (or upper) triangle of the last two axes"))

@@ -1,0 +1,237 @@
+"""The text form of a graph, in the spirit of jaxpr / MLIR::
+
+    graph tiny(%x: f32[batch,4]) {
+      %w: f32[4,4] = const
+      %s: f32[] = const 0.5
+      %0: f32[batch,4] = matmul(%x, %w)
+      %1: f32[batch,4] = mul(%0, %s)
+      return %1
+    }
+
+Constants with at most `INLINE_MAX` elements carry their data inline; larger ones
+are declared and their data travels beside the text (see `tensorc.artifact`).
+Attributes equal to their default are left out. print -> parse -> print is the
+identity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+
+from .errors import ParseError
+from .ir import Graph, Node, TensorType, Value
+from .ops import get_op
+
+INLINE_MAX = 16
+
+
+# --- printing ------------------------------------------------------------------------
+
+def _fmt_scalar(x) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return "true" if x else "false"
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return repr(x) if math.isfinite(x) else {math.inf: "inf", -math.inf: "-inf"}.get(x, "nan")
+    if isinstance(x, str):
+        return x if re.fullmatch(r"[A-Za-z_][\w.]*(\*[\w.]+)*|\d+(\*[\w.]+)+", x) \
+            else json.dumps(x)
+    return str(int(x))
+
+
+def _fmt_attr(value, kind: str) -> str:
+    if isinstance(value, (tuple, list)):
+        return "[" + ",".join(_fmt_scalar(v) for v in value) + "]"
+    if kind == "str":
+        return json.dumps(value)
+    return _fmt_scalar(value)
+
+
+def format_node(node: Node) -> str:
+    opdef = get_op(node.op)
+    outs = ", ".join(f"%{v.name}: {v.type}" for v in node.outputs)
+    args = [f"%{v.name}" for v in node.inputs]
+    for k, spec in opdef.attrs.items():
+        v = node.attrs.get(k, spec.default)
+        if v != spec.default:
+            args.append(f"{k}={_fmt_attr(v, spec.kind)}")
+    return f"{outs} = {node.op}({', '.join(args)})"
+
+
+def format_constant(v: Value) -> str:
+    text = f"%{v.name}: {v.type} = const"
+    if v.data is not None and v.data.size <= INLINE_MAX:
+        flat = [_fmt_scalar(x) for x in v.data.reshape(-1).tolist()]
+        text += " " + (flat[0] if v.type.rank == 0 else "[" + ",".join(flat) + "]")
+    return text
+
+
+def format_graph(g: Graph) -> str:
+    params = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
+    lines = [f"graph {g.name}({params}) {{"]
+    lines += ["  " + format_constant(v) for v in g.constants.values()]
+    lines += ["  " + format_node(n) for n in g.nodes]
+    lines.append("  return " + ", ".join(f"%{v.name}" for v in g.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# --- parsing -------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<value>%[\w.]+)
+  | (?P<string>"(?:[^"\\]|\\.)*")
+  | (?P<punct>->|[()\[\]{},:=])
+  | (?P<atom>[\w.*+\-]+)
+""", re.VERBOSE)
+
+
+class _Tokens:
+    def __init__(self, text: str):
+        self.toks: list[tuple[str, str, int]] = []
+        pos, line = 0, 1
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m:
+                raise ParseError(f"line {line}: unexpected character {text[pos]!r}")
+            if m.lastgroup != "ws":
+                self.toks.append((m.lastgroup, m.group(), line))
+            line += m.group().count("\n")
+            pos = m.end()
+        self.i = 0
+
+    def peek(self) -> str | None:
+        return self.toks[self.i][1] if self.i < len(self.toks) else None
+
+    def line(self) -> int:
+        return self.toks[min(self.i, len(self.toks) - 1)][2] if self.toks else 1
+
+    def next(self, kind: str | None = None, text: str | None = None) -> str:
+        if self.i >= len(self.toks):
+            raise ParseError(f"unexpected end of text, expected {text or kind}")
+        k, t, line = self.toks[self.i]
+        if (kind and k != kind) or (text and t != text):
+            raise ParseError(f"line {line}: expected {text or kind}, got {t!r}")
+        self.i += 1
+        return t
+
+    def accept(self, text: str) -> bool:
+        if self.peek() == text:
+            self.i += 1
+            return True
+        return False
+
+
+def _atom(tok: str):
+    if tok in ("true", "false"):
+        return tok == "true"
+    if tok in ("inf", "-inf", "nan"):
+        return float(tok)
+    if re.fullmatch(r"-?\d+", tok):
+        return int(tok)
+    try:
+        return float(tok)
+    except ValueError:
+        return tok  # a symbolic dim or a bare word such as a dtype
+
+
+def _literal(ts: _Tokens):
+    if ts.accept("["):
+        items = []
+        while not ts.accept("]"):
+            items.append(_literal(ts))
+            if ts.peek() != "]":
+                ts.next(text=",")
+        return tuple(items)
+    kind, tok, _ = ts.toks[ts.i] if ts.i < len(ts.toks) else (None, None, 0)
+    if kind == "string":
+        ts.i += 1
+        return json.loads(tok)
+    return _atom(ts.next("atom"))
+
+
+def _type(ts: _Tokens) -> TensorType:
+    dtype = ts.next("atom")
+    dims = _literal(ts)
+    if not isinstance(dims, tuple):
+        raise ParseError(f"line {ts.line()}: expected a shape after {dtype}")
+    return TensorType(dims, dtype)
+
+
+def parse_graph(text: str) -> Graph:
+    """Parse the text form back into a `Graph` (large constants come without data)."""
+    ts = _Tokens(text)
+    ts.next(text="graph")
+    g = Graph(ts.next("atom"))
+    scope: dict[str, Value] = {}
+
+    def define(name: str) -> str:
+        if name in scope:
+            raise ParseError(f"line {ts.line()}: %{name} is defined twice")
+        return name
+
+    def use(tok: str) -> Value:
+        try:
+            return scope[tok[1:]]
+        except KeyError:
+            raise ParseError(f"line {ts.line()}: {tok} is used before it is defined") from None
+
+    ts.next(text="(")
+    while not ts.accept(")"):
+        name = define(ts.next("value")[1:])
+        ts.next(text=":")
+        scope[name] = g.add_input(name, _type(ts))
+        ts.accept(",")
+    ts.next(text="{")
+    while not ts.accept("return"):
+        line = ts.line()
+        outs: list[tuple[str, TensorType]] = []
+        while True:
+            name = define(ts.next("value")[1:])
+            ts.next(text=":")
+            outs.append((name, _type(ts)))
+            if not ts.accept(","):
+                break
+        ts.next(text="=")
+        op = ts.next("atom")
+        if op == "const":
+            (name, t), = outs
+            data = None
+            if ts.peek() not in ("return",) and not str(ts.peek()).startswith("%"):
+                lit = _literal(ts)
+                data = np.array(lit, dtype=t.np_dtype).reshape(
+                    tuple(int(d) for d in t.shape))
+            scope[name] = g.add_constant(name, data, t)
+            continue
+        ts.next(text="(")
+        inputs, attrs = [], {}
+        while not ts.accept(")"):
+            if str(ts.peek()).startswith("%"):
+                inputs.append(use(ts.next("value")))
+            else:
+                key = ts.next("atom")
+                ts.next(text="=")
+                attrs[key] = _literal(ts)
+            ts.accept(",")
+        try:
+            results = g.add_node(op, inputs, attrs, names=[n for n, _ in outs])
+        except ParseError:
+            raise
+        except Exception as e:  # unknown op, bad attrs, types that do not infer
+            raise ParseError(f"line {line}: {e}") from None
+        for (name, t), v in zip(outs, results, strict=True):
+            if v.type != t:
+                raise ParseError(f"line {line}: %{name} is declared {t} but {op} gives {v.type}")
+            scope[name] = v
+    g.outputs = [use(ts.next("value"))]
+    while ts.accept(","):
+        g.outputs.append(use(ts.next("value")))
+    ts.next(text="}")
+    if ts.peek() is not None:
+        raise ParseError(f"line {ts.line()}: unexpected text after the graph")
+    return g
