@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import numpy as np
 
@@ -40,6 +41,7 @@ def trace(model, *args, **kwargs) -> Graph:
     inputs.update(kwargs)
 
     name = type(model).__name__.lower() if isinstance(model, Module) else fn.__name__
+    name = re.sub(r"\W", "_", name)  # e.g. "<lambda>": graph names are identifiers
     graph = Graph(name)
     names: dict[int, str] = {}
     if isinstance(model, Module):

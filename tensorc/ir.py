@@ -154,6 +154,7 @@ def bind_shapes(types: list[TensorType], arrays: list[np.ndarray], names: list[s
                 ) -> dict[str, int]:
     """Check arrays against declared types and return the symbol bindings."""
     env: dict[str, int] = {}
+    origin: dict[str, str] = {}  # symbol -> the input that bound it, for the error
     for t, a, name in zip(types, arrays, names, strict=True):
         a = np.asarray(a)
         bad = a.ndim != t.rank or dtype_name(a.dtype) != t.dtype
@@ -163,10 +164,12 @@ def bind_shapes(types: list[TensorType], arrays: list[np.ndarray], names: list[s
                     bad |= d != n
                 elif "*" not in d:
                     bad |= env.setdefault(d, n) != n
+                    origin.setdefault(d, f"{name!r} {list(a.shape)}")
         if bad:
             got = f"{dtype_name(a.dtype) if a.dtype in _NAME_OF_DTYPE else a.dtype}"
             raise InputError(f"input {name!r}: expected {t}, got {got}{list(a.shape)}"
-                             + (f" (with {', '.join(f'{k}={v}' for k, v in env.items())})"
+                             + (" (with " + ", ".join(f"{k}={v} from {origin[k]}"
+                                                      for k, v in env.items()) + ")"
                                 if env else ""))
     return env
 
@@ -200,8 +203,8 @@ class Node:
     @property
     def where(self) -> str:
         """How error messages point at this node."""
-        out = ",".join("%" + v.name for v in self.outputs) or "?"
-        return f"{self.op} {out}" + (f" ({self.loc})" if self.loc else "")
+        out = ",".join("%" + v.name for v in self.outputs)  # none yet during inference
+        return self.op + (f" {out}" if out else "") + (f" ({self.loc})" if self.loc else "")
 
     def __repr__(self) -> str:
         from .text import format_node
@@ -267,6 +270,9 @@ class Graph:
         out_types = opdef.infer_node(node)
         if names is None:
             names = [self.fresh_name() for _ in out_types]
+        if len(names) != len(out_types):
+            raise ShapeError(f"{node.where}: gives {len(out_types)} outputs, but "
+                             f"{len(names)} names were given")
         node.outputs = [Value(self._claim(n), t, node) for n, t in zip(names, out_types,
                                                                        strict=True)]
         self.nodes.append(node)
@@ -296,7 +302,8 @@ class Graph:
         return dict(Counter(n.op for n in self.nodes))
 
     def param_count(self) -> int:
-        return sum(int(np.prod(v.type.shape)) for v in self.constants.values())
+        """Elements of the weights: every constant but scalar literals."""
+        return sum(int(np.prod(v.type.shape)) for v in self.constants.values() if v.type.rank)
 
     def to_networkx(self):
         """A `networkx.DiGraph` over nodes (ints, in topological order) plus inputs and

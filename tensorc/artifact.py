@@ -1,0 +1,115 @@
+"""The compiled artifact: one file with a rewritten graph and all it needs to run.
+
+It is an ``.npz`` (a zip of ``.npy`` arrays) read with ``allow_pickle=False``, so
+loading it never runs code:
+
+- ``__graph__``: the IR text (UTF-8 bytes as a uint8 array);
+- ``__meta__``: JSON metadata (model name, config, passes, backend, ...), same encoding;
+- ``const/NAME``: the data of each constant too large to print inline in the text;
+- ``input/NAME``: the example inputs, so ``tensorc run FILE`` reproduces the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from .errors import TensorcError
+from .ir import Graph, TensorType
+from .loading import Loaded
+from .text import INLINE_MAX, parse_graph
+
+FORMAT = "tensorc-artifact"
+VERSION = 1
+
+
+def _text_array(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def save_artifact(path: str, graph: Graph, inputs: dict[str, np.ndarray], meta: dict) -> None:
+    """Write `graph`, its large constants, the example `inputs` and JSON-able `meta`."""
+    text = str(graph)
+    try:  # a graph whose text does not read back would make an artifact nobody can load
+        parse_graph(text)
+    except TensorcError as e:
+        raise TensorcError(f"cannot save graph {graph.name}: its IR text does not parse "
+                           f"back ({e})") from None
+    arrays = {"__graph__": _text_array(text),
+              "__meta__": _text_array(json.dumps({"format": FORMAT, "version": VERSION,
+                                                  **meta}))}
+    for name, v in graph.constants.items():
+        if v.data is None:
+            raise TensorcError(f"constant %{name} has no data, so it cannot be saved")
+        if v.data.size > INLINE_MAX:  # smaller ones print inline in the text
+            arrays[f"const/{name}"] = v.data
+    for name, a in inputs.items():
+        arrays[f"input/{name}"] = np.asarray(a)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_artifact(path: str) -> Loaded:
+    """Read an artifact written by `save_artifact` (``tensorc compile``)."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile):
+        npz = None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise TensorcError(f"{path} is not a tensorc artifact (not a zip of arrays)")
+    try:
+        with npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise TensorcError(f"{path} is not a readable tensorc artifact ({e})") from None
+    if "__graph__" not in arrays or "__meta__" not in arrays:
+        raise TensorcError(f"{path} is not a tensorc artifact (it has no graph or metadata)")
+    try:
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
+        text = arrays.pop("__graph__").tobytes().decode("utf-8")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TensorcError(f"{path}: unreadable artifact metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TensorcError(f"{path} is not a tensorc artifact (format {meta.get('format')!r})"
+                           if isinstance(meta, dict) else f"{path}: bad artifact metadata")
+    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+        raise TensorcError(f"{path} is artifact version {meta.get('version')}; this tensorc "
+                           f"reads versions up to {VERSION}")
+    try:
+        graph = parse_graph(text)
+    except TensorcError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+    inputs = {}
+    for key, a in arrays.items():
+        kind, _, name = key.partition("/")
+        if kind == "input":
+            inputs[name] = a
+        elif kind == "const" and name in graph.constants:
+            v = graph.constants[name]
+            if TensorType.of(a) != v.type:
+                raise TensorcError(f"{path}: constant %{name} is declared {v.type} but its "
+                                   f"data is {TensorType.of(a)}")
+            v.data = a
+        else:
+            raise TensorcError(f"{path}: unexpected entry {key!r}")
+    missing = [n for n, v in graph.constants.items() if v.data is None]
+    if missing:
+        raise TensorcError(f"{path}: no data for constant(s) "
+                           + ", ".join("%" + n for n in missing[:5]))
+    want = [v.name for v in graph.inputs]
+    if sorted(inputs) != sorted(want):
+        raise TensorcError(f"{path}: stored inputs {sorted(inputs)} do not match the graph's "
+                           f"inputs {want}")
+    try:
+        graph.verify()
+    except TensorcError as e:
+        raise type(e)(f"{path}: {e}") from None
+    meta = {**meta, "source": "artifact", "path": path}
+    return Loaded(graph, meta.get("name") or graph.name, meta.get("config"), meta,
+                  {n: inputs[n] for n in want})

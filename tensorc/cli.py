@@ -1,0 +1,515 @@
+"""The `tensorc` command line: models, inspect, run, compare, compile, export.
+
+User errors print one line, ``tensorc: error: ...``, and exit 2 (``--debug`` shows the
+traceback). Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .errors import InputError, TensorcError
+
+MODEL_HELP = """\
+MODEL is one of:
+  a built-in name        gpt, bert, transformer, vit (see `tensorc models`)
+  FILE.py:FACTORY        a function returning a Module with example_inputs(), or a Graph
+  FILE.onnx              an ONNX model
+  FILE                   an artifact written by `tensorc compile`
+"""
+
+
+class _UsageError(TensorcError):
+    """A command line argparse rejects."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other user error
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def parse_value(text: str):
+    """A `--set` value: bool (true/false), int, float, else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise TensorcError(f"--set {item!r} should be key=value")
+        out[key.strip()] = parse_value(text.strip())
+    return out
+
+
+# --- shared steps ---------------------------------------------------------------------
+
+def _load(args, inputs=None):
+    from .loading import load_model
+    return load_model(args.model, preset=args.preset, overrides=parse_overrides(args.set),
+                      batch=args.batch, seq=args.seq, seed=args.seed, inputs=inputs)
+
+
+def _pipeline(args, graph, after=None):
+    """Run `--passes` with the pass-manager flags; diagnostics go to stderr."""
+    from tensorc.passes import PASSES, run_pipeline
+    for name in args.disable + args.print_after:
+        if name not in PASSES and name != "all":
+            raise TensorcError(f"unknown pass {name!r} (known: {', '.join(sorted(PASSES))})")
+    times = []
+
+    def after_pass(name, g, seconds):
+        times.append((name, seconds))
+        if name in args.print_after or "all" in args.print_after:
+            print(f"// IR after {name}\n{g}", file=sys.stderr, end="")
+        if after:
+            after(name, g, seconds)
+
+    graph = run_pipeline(graph, args.passes, verify=args.verify_each,
+                         disable=set(args.disable), after=after_pass)
+    if args.time_passes:
+        for name, s in times:
+            print(f"{s * 1e3:10.3f} ms  {name}", file=sys.stderr)
+        print(f"{sum(s for _, s in times) * 1e3:10.3f} ms  total ({len(times)} passes)",
+              file=sys.stderr)
+    return graph
+
+
+def _emit(text: str, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _bindings(graph, inputs) -> dict[str, int]:
+    from .ir import bind_shapes
+    names = [v.name for v in graph.inputs]
+    return bind_shapes([v.type for v in graph.inputs], [inputs[n] for n in names], names)
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def _table(rows: list[list[str]]) -> str:
+    """Left-aligned columns; a short row's last cell (a note) may run past them."""
+    full = [r for r in rows if len(r) == len(rows[0])]
+    widths = [max(len(r[i]) for r in full) for i in range(len(rows[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() + "\n"
+                   for r in rows)
+
+
+# --- models ---------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    from tensorc.models import MODELS, config
+    fields = ["vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_seq_len"]
+    listing = {}
+    for name, (cls, presets) in MODELS.items():
+        for preset in presets:
+            cfg = config(name, preset)
+            params = cls(cfg).num_parameters()  # shapes only: no weights are drawn
+            listing.setdefault(name, {})[preset] = {**{f: getattr(cfg, f) for f in fields},
+                                                    "params": params}
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    rows = [["model", "preset", *fields, "params"]]
+    for name, presets in listing.items():
+        for preset, info in presets.items():
+            rows.append([name, preset, *(str(info[f]) for f in fields),
+                         _fmt_count(info["params"])])
+    sys.stdout.write(_table(rows))
+    print("\nchange a field with --set key=value, e.g. `tensorc inspect gpt --preset small "
+          "--set n_layer=3`")
+    return 0
+
+
+# --- inspect --------------------------------------------------------------------------
+
+def graph_summary(graph, inputs, config=None) -> dict:
+    """What `inspect --format json` reports; flops and memory use the inputs' shapes."""
+    from tensorc.backends.plan import peak_memory_bytes
+    from tensorc.ops import get_op
+    env = _bindings(graph, inputs)
+    ops = dict(sorted(graph.op_counts().items(), key=lambda kv: (-kv[1], kv[0])))
+    return {
+        "name": graph.name,
+        "ops": ops,
+        "nodes": len(graph.nodes),
+        "params": graph.param_count(),
+        "flops": sum(get_op(n.op).count_flops(n, env) for n in graph.nodes),
+        "peak_memory_bytes": peak_memory_bytes(graph, env),
+        "bindings": env,
+        "inputs": [{"name": v.name, "type": str(v.type)} for v in graph.inputs],
+        "outputs": [{"name": v.name, "type": str(v.type)} for v in graph.outputs],
+        "config": config,
+    }
+
+
+def to_dot(graph) -> str:
+    """Graphviz DOT of the dataflow graph: op boxes, input and constant ellipses."""
+    def q(s) -> str:
+        return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def label(*parts) -> str:
+        return q("\n".join(parts)).replace("\n", "\\n")
+
+    g = graph.to_networkx()
+    ids = {k: f"n{k}" if isinstance(k, int) else q("%" + k) for k in g.nodes}
+    lines = [f"digraph {q(graph.name)} {{", "  node [shape=box, fontname=monospace];"]
+    for k, d in g.nodes(data=True):
+        if d["kind"] == "op":
+            outs = ", ".join("%" + n for n in d["outputs"])
+            lines.append(f"  {ids[k]} [label={label(d['op'], outs)}];")
+        else:
+            shape = "ellipse" if d["kind"] == "input" else "note"
+            lines.append(f"  {ids[k]} [label={label('%' + k, d['type'])}, shape={shape}];")
+    for u, v, d in g.edges(data=True):
+        lines.append(f"  {ids[u]} -> {ids[v]} [label={q(d['type'])}];")
+    lines.append('  "return" [shape=doubleoctagon];')
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    for v in graph.outputs:
+        src = ids[index[id(v.producer)]] if v.producer is not None else q("%" + v.name)
+        lines.append(f'  {src} -> "return" [label={q("%" + v.name)}];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_inspect(args) -> int:
+    from tensorc.passes import explain
+    loaded = _load(args)
+    graph = _pipeline(args, loaded.graph)
+    notes = explain(graph) if args.explain else []
+    if args.format == "json":
+        info = graph_summary(graph, loaded.inputs, loaded.config)
+        info["passes"] = args.passes
+        if args.explain:
+            info["explain"] = notes
+        _emit(json.dumps(info, indent=2) + "\n", args.output)
+    else:
+        _emit(str(graph) if args.format == "text" else to_dot(graph), args.output)
+        if args.explain:  # remarks go beside the output, like a compiler's diagnostics
+            print("\n".join(notes) if notes else "nothing to explain", file=sys.stderr)
+    return 0
+
+
+# --- run ------------------------------------------------------------------------------
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    import zipfile
+    if not os.path.isfile(path):
+        raise TensorcError(f"input file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile):
+        data = None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise TensorcError(f"{path} is not an .npz file of arrays")
+    with data:
+        return {k: data[k] for k in data.files}
+
+
+def _run_checked(exe, feeds, source: str | None):
+    try:
+        return exe.run(feeds)
+    except InputError as e:
+        raise InputError(f"{source}: {e}" if source else str(e)) from None
+
+
+def describe_array(name: str, a: np.ndarray) -> str:
+    from .ir import TensorType
+    try:
+        head = f"{name}: {TensorType.of(a)}"
+    except TensorcError:
+        head = f"{name}: {a.dtype}{list(a.shape)}"
+    if a.size == 0:
+        return head + "  (empty)"
+    x = a.astype(np.float64)
+    finite = np.isfinite(x)
+    stats = f"  min {x.min():.6g}  max {x.max():.6g}  mean {x.mean():.6g}  std {x.std():.6g}"
+    if not finite.all():
+        stats += f"  non-finite {int((~finite).sum())}"
+    return head + stats
+
+
+def cmd_run(args) -> int:
+    from tensorc.backends import get_backend
+    given = read_npz(args.input) if args.input else None
+    try:  # a model is traced at the shapes of the given inputs
+        loaded = _load(args, given)
+    except InputError as e:
+        raise InputError(f"{args.input}: {e}" if args.input else str(e)) from None
+    graph = _pipeline(args, loaded.graph)
+    backend = args.backend or loaded.meta.get("backend") or "numpy"
+    exe = get_backend(backend).compile(graph)
+    outs = _run_checked(exe, loaded.inputs, args.input)
+    if args.output:
+        with open(args.output, "wb") as f:  # a file object, so numpy adds no ".npz"
+            np.savez(f, **outs)
+        print(f"wrote {len(outs)} output(s) to {args.output}")
+    else:
+        for name, a in outs.items():
+            print(describe_array(name, a))
+    return 0
+
+
+# --- compare --------------------------------------------------------------------------
+
+def output_errors(out: dict, ref: dict) -> dict:
+    """Max abs error and ||out - ref|| / ||ref|| over all outputs (float64)."""
+    max_abs = diff2 = ref2 = 0.0
+    for name, r in ref.items():
+        if name not in out:
+            raise TensorcError(f"output {name!r} is missing (got {', '.join(out)})")
+        o, r = np.asarray(out[name], np.float64), np.asarray(r, np.float64)
+        if o.shape != r.shape:
+            raise TensorcError(f"output {name!r} has shape {list(o.shape)}, the reference "
+                               f"{list(r.shape)}")
+        d = np.where(o == r, 0.0, o - r)  # equal infinities (masks) count as no error
+        if d.size:
+            max_abs = max(max_abs, float(np.max(np.abs(d))))
+        diff2 += float(np.sum(d * d))
+        ref2 += float(np.sum(np.where(np.isfinite(r), r, 0.0) ** 2))
+    rel = (diff2 ** 0.5) / (ref2 ** 0.5) if ref2 > 0 else (0.0 if diff2 == 0 else float("inf"))
+    return {"max_abs_err": max_abs, "rel_err": rel}
+
+
+def _fmt_err(x) -> str:
+    return "-" if x is None else "0" if x == 0 else f"{x:.3g}"
+
+
+def cmd_compare(args) -> int:
+    from tensorc.backends import available_backends, get_backend
+    loaded = _load(args)
+    feeds = loaded.inputs
+    reference = get_backend("numpy").compile(loaded.graph)
+    ref = _run_checked(reference, feeds, None)
+
+    per_pass = []
+
+    def after(name, g, seconds):
+        out = get_backend("numpy").compile(g).run(feeds)
+        per_pass.append({"pass": name, **output_errors(out, ref), "seconds": seconds})
+
+    graph = _pipeline(args, loaded.graph, after if args.per_pass else None)
+    names = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends \
+        else available_backends()
+    for name in names:  # a typo is an error; a known backend that cannot run gets a row
+        if name not in available_backends():
+            raise TensorcError(f"unknown backend {name!r} "
+                               f"(known: {', '.join(available_backends())})")
+    results = []
+    for name in names:
+        row = {"backend": name, "passes": args.passes}
+        try:
+            exe = get_backend(name).compile(graph)
+            errs = output_errors(exe.run(feeds), ref)  # also the warm-up run
+            times = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                exe.run(feeds)
+                times.append(time.perf_counter() - t0)
+            row.update(errs, median_ms=statistics.median(times) * 1e3, unavailable=None)
+        except TensorcError as e:  # not installed, no GPU, an op it cannot compile, ...
+            row.update(max_abs_err=None, rel_err=None, median_ms=None, unavailable=str(e))
+        results.append(row)
+
+    if args.json:
+        report = {"reference": "numpy", "model": loaded.name, "results": results}
+        if args.per_pass:
+            report["per_pass"] = per_pass
+        print(json.dumps(report, indent=2))
+        return 0
+    shapes = ", ".join(f"{v.name} {v.type}" for v in loaded.graph.inputs)
+    print(f"{loaded.name} ({shapes}); reference: numpy, un-optimised")
+    rows = [["backend", "passes", "max_abs_err", "rel_err", "median_ms"]]
+    for r in results:
+        if r["unavailable"] is not None:
+            rows.append([r["backend"], r["passes"], f"unavailable: {r['unavailable']}"])
+        else:
+            rows.append([r["backend"], r["passes"], _fmt_err(r["max_abs_err"]),
+                         _fmt_err(r["rel_err"]), f"{r['median_ms']:.3f}"])
+    sys.stdout.write(_table(rows))
+    if args.per_pass:
+        print("\nerror after each pass (numpy, against the un-optimised graph):")
+        rows = [["pass", "max_abs_err", "rel_err", "ms"]]
+        rows += [[p["pass"], _fmt_err(p["max_abs_err"]), _fmt_err(p["rel_err"]),
+                  f"{p['seconds'] * 1e3:.2f}"] for p in per_pass]
+        sys.stdout.write(_table(rows) if per_pass else "  (no passes ran)\n")
+    return 0
+
+
+# --- compile and export ---------------------------------------------------------------
+
+def cmd_compile(args) -> int:
+    from tensorc import __version__
+    from tensorc.backends import get_backend
+
+    from .artifact import save_artifact
+    loaded = _load(args)
+    graph = _pipeline(args, loaded.graph)
+    backend_name = args.backend or loaded.meta.get("backend") or "numpy"
+    backend = get_backend(backend_name)
+    backend.compile(graph)  # fail now, not at run time, if the target cannot take it
+    if args.emit_source:
+        os.makedirs(args.emit_source, exist_ok=True)
+        for path in backend.emit_source(graph, args.emit_source):
+            print(f"wrote {path}")
+    earlier = loaded.meta.get("passes") if loaded.meta.get("source") == "artifact" else None
+    passes = ",".join(p for p in (earlier, args.passes) if p and p != "O0") or "O0"
+    meta = {"name": loaded.name, "model": args.model, "config": loaded.config,
+            "preset": loaded.meta.get("preset"), "overrides": loaded.meta.get("overrides"),
+            "passes": passes, "backend": backend_name, "seed": args.seed or 0,
+            "tensorc_version": __version__}
+    save_artifact(args.output, graph, loaded.inputs, meta)
+    print(f"wrote {args.output}: {loaded.name}, {len(graph.nodes)} nodes, "
+          f"{_fmt_count(graph.param_count())} parameters, passes {passes}, "
+          f"backend {backend_name}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .loading import onnx_function
+    save = onnx_function("save")  # before the work, so a missing exporter fails fast
+    loaded = _load(args)
+    graph = _pipeline(args, loaded.graph)
+    save(graph, args.output)
+    print(f"wrote {args.output}: {loaded.name}, {len(graph.nodes)} nodes")
+    return 0
+
+
+# --- the parser -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show a traceback on errors")
+
+    model = _Parser(add_help=False)
+    model.add_argument("model", metavar="MODEL", help="the model to load (forms below)")
+    g = model.add_argument_group("model")
+    g.add_argument("--preset", help="preset of a built-in model (default: tiny)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of a built-in model (repeatable)")
+    g.add_argument("--batch", type=_positive_int, help="batch size of the example inputs")
+    g.add_argument("--seq", type=_positive_int, help="sequence length of the example inputs")
+    g.add_argument("--seed", type=int,
+                   help="seed of the weights and example inputs (default: 0)")
+    p = model.add_argument_group("passes")
+    p.add_argument("--passes", default="O0", metavar="P",
+                   help="pipeline, e.g. O1 or O2,name:key=value (default: O0)")
+    p.add_argument("--print-after", action="append", default=[], metavar="NAME",
+                   help="print the IR after pass NAME, or after every pass with 'all', "
+                        "to stderr (repeatable)")
+    p.add_argument("--time-passes", action="store_true", help="print each pass's time")
+    p.add_argument("--disable", action="append", default=[], metavar="NAME",
+                   help="skip pass NAME (repeatable)")
+    p.add_argument("--verify-each", action="store_true", help="verify the graph after each pass")
+
+    parser = _Parser(prog="tensorc", description="A small graph compiler for transformer "
+                     "models.", epilog=MODEL_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+
+    def command(name, fn, help, parents=(common, model)):
+        sp = sub.add_parser(name, parents=list(parents), help=help, description=help,
+                            epilog=MODEL_HELP if model in parents else None,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = command("models", cmd_models, "list built-in models and presets", parents=(common,))
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = command("inspect", cmd_inspect, "print a model's graph and statistics")
+    sp.add_argument("--format", choices=("text", "json", "dot"), default="text")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    sp.add_argument("--explain", action="store_true",
+                    help="say why rewrites did not fire (to stderr; a key in JSON)")
+
+    sp = command("run", cmd_run, "run a model and print or save its outputs")
+    sp.add_argument("--backend", help="backend (default: numpy, or the artifact's)")
+    sp.add_argument("--input", metavar="IN.npz", help="inputs by graph input name")
+    sp.add_argument("--output", metavar="OUT.npz", help="save outputs by graph output name")
+
+    sp = command("compare", cmd_compare,
+                 "compare backends and passes against the numpy reference")
+    sp.add_argument("--backends", metavar="B1,B2",
+                    help="comma-separated backends (default: all known)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.add_argument("--repeat", type=_positive_int, default=5,
+                    help="timed runs per backend (default: 5)")
+    sp.add_argument("--per-pass", action="store_true",
+                    help="also show the error after each pass (on numpy)")
+
+    sp = command("compile", cmd_compile, "write a compiled artifact (graph, weights, inputs)")
+    sp.add_argument("--backend", help="target backend (default: numpy)")
+    sp.add_argument("-o", "--output", metavar="FILE", required=True, help="artifact to write")
+    sp.add_argument("--emit-source", metavar="DIR", help="also write the generated source")
+
+    sp = command("export", cmd_export, "write the (rewritten) graph as an ONNX file")
+    sp.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
+    return parser
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        text = f"{e.strerror or e}: {e.filename}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split("\n"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args) or 0
+    except (TensorcError, OSError) as e:
+        if debug:
+            raise
+        if isinstance(e, BrokenPipeError):  # e.g. `tensorc inspect gpt | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit flush
+            return 0
+        print(f"tensorc: error: {_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

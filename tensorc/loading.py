@@ -1,0 +1,229 @@
+"""Turn a MODEL string into a graph and inputs, for the CLI and for Python.
+
+    from tensorc.loading import load_model
+    m = load_model("gpt", preset="tiny", overrides={"n_layer": 3}, batch=2, seq=8)
+    m.graph, m.inputs, m.config
+
+A MODEL string is one of:
+
+- a built-in model name (``gpt``, ``bert``, ...), built from a preset and overrides;
+- ``path/to/file.py:factory``: the factory returns a `Module` with
+  ``example_inputs(batch, seq, seed)``, or a `Graph` (this runs the user's own code,
+  at their request);
+- a ``.onnx`` file, imported by `tensorc.frontend.onnx`;
+- an artifact written by ``tensorc compile`` (see `tensorc.artifact`; no code runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, TensorcError
+from .ir import DTYPES, Graph, TensorType, dim_symbols, dtype_name, resolve_dim
+
+DEFAULT_SEQ = 16  # the sequence length a symbolic `seq` gets when none is given
+INT_INPUT_RANGE = 10  # random integer inputs are drawn from [0, 10): valid ids for any vocab
+
+
+@dataclass
+class Loaded:
+    """A loaded model: its graph, its inputs (made on first use for graphs that come
+    without example inputs), its config as a dict (None when it has none), a display
+    name and metadata (``source``: builtin | factory | onnx | artifact, and more)."""
+
+    graph: Graph
+    name: str
+    config: dict | None = None
+    meta: dict = field(default_factory=dict)
+    _inputs: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]] | None = \
+        field(default=None, repr=False)
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        if callable(self._inputs):
+            self._inputs = self._inputs()
+        return self._inputs
+
+
+def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] | None = None,
+               batch: int | None = None, seq: int | None = None, seed: int | None = None,
+               inputs: dict[str, np.ndarray] | None = None) -> Loaded:
+    """Resolve a MODEL string (see the module doc). `preset` and `overrides` apply to
+    built-in models only; `batch` and `seq` size the example inputs (an artifact keeps
+    the inputs it was compiled with). `seed` (default 0) draws the weights and example
+    inputs. Given `inputs`, a model is traced at their shapes instead and they become
+    the Loaded's inputs."""
+    if inputs is not None and (batch is not None or seq is not None):
+        raise TensorcError("given inputs fix the shapes, so batch and seq do not apply")
+    from tensorc.models import MODELS
+
+    overrides = dict(overrides or {})
+    if spec in MODELS:
+        return _load_builtin(spec, preset or "tiny", overrides, batch, seq, seed or 0, inputs)
+    if preset is not None or overrides:
+        raise TensorcError(f"--preset and --set apply to built-in models only, not to {spec} "
+                           f"(built in: {', '.join(MODELS)})")
+    if ".py:" in spec or spec.endswith(".py"):
+        return _load_factory(spec, batch, seq, seed or 0, inputs)
+    if not os.path.exists(spec):
+        if os.sep in spec or "." in spec:
+            raise TensorcError(f"file not found: {spec}")
+        raise TensorcError(f"unknown model {spec!r} (built in: {', '.join(MODELS)}; or give "
+                           "a file.py:factory, a .onnx file or a compiled artifact)")
+    if spec.lower().endswith(".onnx"):
+        graph = onnx_function("load")(spec)
+        return Loaded(graph, os.path.basename(spec), None, {"source": "onnx", "path": spec},
+                      inputs if inputs is not None else
+                      lambda: random_inputs(graph, batch, seq, seed or 0))
+    if batch is not None or seq is not None or seed is not None:
+        raise TensorcError(f"{spec} is a compiled artifact: its weights and inputs are "
+                           "fixed, so --batch, --seq and --seed do not apply")
+    from .artifact import load_artifact
+    loaded = load_artifact(spec)
+    if inputs is not None:
+        loaded._inputs = inputs
+    return loaded
+
+
+def onnx_function(name: str) -> Callable:
+    """`tensorc.frontend.onnx.<name>` (load or save), or a clear error without it."""
+    try:
+        from tensorc.frontend import onnx as onnx_frontend
+    except ImportError as e:
+        raise TensorcError(f"ONNX support is not available ({e})") from None
+    fn = getattr(onnx_frontend, name, None)
+    if fn is None:
+        raise TensorcError(f"ONNX support is not available (tensorc.frontend.onnx has no "
+                           f"{name}())")
+    return fn
+
+
+def _trace(model, batch, seq, seed, given):
+    """Trace a model at its example inputs, or at `given` ones shaped like them."""
+    import tensorc
+    inputs = model.example_inputs(batch=1 if batch is None else batch, seq=seq, seed=seed)
+    if not isinstance(inputs, dict):
+        raise TensorcError(f"{type(model).__name__}.example_inputs() returned a "
+                           f"{type(inputs).__name__}; it should return a dict of arrays by "
+                           "input name")
+    if given is not None:
+        check_like(given, inputs)
+        inputs = given
+    return tensorc.trace(model, **inputs), inputs
+
+
+def check_like(given: dict[str, np.ndarray], example: dict[str, np.ndarray]) -> None:
+    """Inputs for a model must have the example's names, dtypes and ranks."""
+    missing = [n for n in example if n not in given]
+    extra = [n for n in given if n not in example]
+    if missing or extra:
+        raise InputError("inputs do not match the model: " + "; ".join(
+            p for p in (f"missing {missing}" if missing else "",
+                        f"unknown {extra}" if extra else "") if p)
+            + f" (expected {list(example)})")
+    for name, want in example.items():
+        got = np.asarray(given[name])
+        if got.dtype != want.dtype or got.ndim != want.ndim:
+            kind = dtype_name(got.dtype) if got.dtype in DTYPES.values() else got.dtype
+            raise InputError(f"input {name!r}: expected {want.ndim} dims of "
+                             f"{dtype_name(want.dtype)} (like {TensorType.of(want)}), got "
+                             f"{kind}[{','.join(map(str, got.shape))}]")
+
+
+def _load_builtin(name, preset, overrides, batch, seq, seed, given) -> Loaded:
+    from tensorc.models import get
+    model = get(name, preset, seed=seed, **overrides)
+    graph, inputs = _trace(model, batch, seq, seed, given)
+    meta = {"source": "builtin", "preset": preset, "overrides": overrides}
+    return Loaded(graph, name, dataclasses.asdict(model.config), meta, inputs)
+
+
+def _load_factory(spec: str, batch, seq, seed, given) -> Loaded:
+    from tensorc.frontend import Module
+
+    path, _, fname = spec.rpartition(":") if ".py:" in spec else (spec, "", "")
+    if not fname:
+        raise TensorcError(f"{spec}: name the factory function, as in {path}:make_model")
+    if not os.path.isfile(path):
+        raise TensorcError(f"file not found: {path}")
+    module_name = "tensorc_user_" + os.path.splitext(os.path.basename(path))[0]
+    mod_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    # Run the user's file the way Python runs a script: its folder is importable.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        mod_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, fname, None)
+    if not callable(factory):
+        raise TensorcError(f"{path} defines no function {fname!r}")
+    made = factory()
+    meta = {"source": "factory", "path": path, "factory": fname}
+    name = os.path.splitext(os.path.basename(path))[0]
+    if isinstance(made, Graph):
+        return Loaded(made.verify(), name, None, meta, given if given is not None else
+                      lambda: random_inputs(made, batch, seq, seed))
+    if not isinstance(made, Module):
+        raise TensorcError(f"{spec} returned a {type(made).__name__}; it should return a "
+                           "tensorc Module or Graph")
+    if not hasattr(made, "example_inputs"):
+        raise TensorcError(f"{spec} returned a {type(made).__name__} without "
+                           "example_inputs(batch, seq, seed), so its input shapes are unknown")
+    graph, inputs = _trace(made, batch, seq, seed, given)
+    config = getattr(made, "config", None)
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+    return Loaded(graph, name, config, meta, inputs)
+
+
+def bind_symbols(graph: Graph, batch: int | None = None, seq: int | None = None,
+                 bindings: dict[str, int] | None = None) -> dict[str, int]:
+    """Values for the symbolic dims of the graph's inputs: explicit `bindings` first,
+    then names containing "batch" take `batch` (default 1) and names containing "seq"
+    take `seq` (default 16). Raises naming a symbol that nothing binds."""
+    env = dict(bindings or {})
+    for v in graph.inputs:
+        for d in v.type.shape:
+            for sym in dim_symbols(d):
+                if sym in env:
+                    continue
+                low = sym.lower()
+                if "batch" in low:
+                    env[sym] = 1 if batch is None else batch
+                elif "seq" in low:
+                    env[sym] = DEFAULT_SEQ if seq is None else seq
+                else:
+                    raise TensorcError(f"cannot choose a size for dim {sym!r} of input "
+                                       f"%{v.name}: {v.type}; only dims named like batch "
+                                       "or seq are set (by --batch and --seq)")
+    return env
+
+
+def random_inputs(graph: Graph, batch: int | None = None, seq: int | None = None,
+                  seed: int = 0, bindings: dict[str, int] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Seeded random inputs for the graph's input types: floats standard normal,
+    integers in [0, 10), booleans fair coin flips."""
+    env = bind_symbols(graph, batch, seq, bindings)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for v in graph.inputs:
+        shape = tuple(resolve_dim(d, env) for d in v.type.shape)
+        dt = v.type.np_dtype
+        if dt.kind == "f":
+            a = rng.standard_normal(shape)
+        elif dt.kind == "b":
+            a = rng.integers(0, 2, shape)
+        else:
+            a = rng.integers(0, INT_INPUT_RANGE, shape)
+        out[v.name] = a.astype(dt)
+    return out
