@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorc.errors import TraceError
+from tensorc.errors import TensorcError, TraceError
 from tensorc.ir import Dim, Graph, Node, TensorType, Value, dtype_name
 from tensorc.ops import get_op
 
@@ -211,6 +211,9 @@ def apply(op: str, inputs: list, **attrs) -> Tensor | tuple[Tensor, ...]:
         outs = [Tensor(value=v, tracer=tracer)
                 for v in tracer.graph.add_node(op, values, attrs, loc=loc)]
     else:
+        if any(t.data is None and t.value is None for t in tensors):
+            raise TensorcError(f"{op} at {loc}: a parameter has no data: call init_weights() "
+                               "or load_weights() first")
         if any(t.data is None for t in tensors):
             raise TraceError(f"{op} at {loc}: a traced tensor is used outside its trace")
         opdef = get_op(op)

@@ -37,14 +37,14 @@ def load(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+    except (ValueError, OSError, TypeError, zipfile.BadZipFile) as e:  # TypeError: a bare .npy
         raise TensorcError(f"{path} is not a readable .npz weights file ({e})") from None
 
 
 def _save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     header, offset, blobs = {}, 0, []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr)  # not ascontiguousarray: it turns a scalar into shape [1]
         if arr.dtype not in _ST_CODES:
             raise TensorcError(f"safetensors cannot store {name!r} of dtype {arr.dtype}")
         data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
@@ -65,6 +65,8 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
         raw = f.read()
     try:
         (n,) = struct.unpack("<Q", raw[:8])
+        if 8 + n > len(raw):
+            raise ValueError(f"the header length {n} runs past the end of the file")
         header = json.loads(raw[8:8 + n])
         base, out = 8 + n, {}
         for name, info in header.items():
@@ -77,5 +79,5 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
                                 count=(end - begin) // np.dtype(_ST_DTYPES[info["dtype"]]).itemsize)
             out[name] = arr.reshape(info["shape"]).astype(arr.dtype.newbyteorder("="))
         return out
-    except (struct.error, ValueError, KeyError, TypeError) as e:
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
         raise TensorcError(f"{path} is not a readable .safetensors file ({e})") from None

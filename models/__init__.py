@@ -33,7 +33,8 @@ def config(name: str, preset: str = "tiny", **overrides) -> Config:
         if key not in fields:
             raise TensorcError(f"{name} has no config key {key!r} (keys: {', '.join(fields)})")
         want = type(getattr(base, key))
-        if not isinstance(value, want) and not (want is float and isinstance(value, int)):
+        ok = isinstance(value, want) or want is float and isinstance(value, int)
+        if not ok or isinstance(value, bool) and want is not bool:  # True is an int too
             raise TensorcError(f"{name} config key {key!r} takes a {want.__name__}, "
                                f"got {value!r}")
     return dataclasses.replace(base, **overrides)

@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from .errors import ParseError
+from .errors import ParseError, TensorcError
 from .ir import Graph, Node, TensorType, Value
 from .ops import get_op
 
@@ -44,6 +44,8 @@ def _fmt_scalar(x) -> str:
 
 
 def _fmt_attr(value, kind: str) -> str:
+    if kind == "graph":  # a nested body, printed as a graph; its lines indent with the node
+        return format_graph(value).rstrip("\n")
     if isinstance(value, (tuple, list)):
         return "[" + ",".join(_fmt_scalar(v) for v in value) + "]"
     if kind == "str":
@@ -74,7 +76,7 @@ def format_graph(g: Graph) -> str:
     params = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
     lines = [f"graph {g.name}({params}) {{"]
     lines += ["  " + format_constant(v) for v in g.constants.values()]
-    lines += ["  " + format_node(n) for n in g.nodes]
+    lines += ["  " + line for n in g.nodes for line in format_node(n).split("\n")]
     lines.append("  return " + ", ".join(f"%{v.name}" for v in g.outputs))
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -113,7 +115,8 @@ class _Tokens:
 
     def next(self, kind: str | None = None, text: str | None = None) -> str:
         if self.i >= len(self.toks):
-            raise ParseError(f"unexpected end of text, expected {text or kind}")
+            raise ParseError(f"line {self.line()}: unexpected end of text, expected "
+                             f"{text or kind}")
         k, t, line = self.toks[self.i]
         if (kind and k != kind) or (text and t != text):
             raise ParseError(f"line {line}: expected {text or kind}, got {t!r}")
@@ -152,6 +155,8 @@ def _literal(ts: _Tokens):
     if kind == "string":
         ts.i += 1
         return json.loads(tok)
+    if tok == "graph":
+        return _graph(ts)
     return _atom(ts.next("atom"))
 
 
@@ -160,12 +165,23 @@ def _type(ts: _Tokens) -> TensorType:
     dims = _literal(ts)
     if not isinstance(dims, tuple):
         raise ParseError(f"line {ts.line()}: expected a shape after {dtype}")
-    return TensorType(dims, dtype)
+    try:
+        return TensorType(dims, dtype)
+    except TensorcError as e:  # unknown dtype, negative dim
+        raise ParseError(f"line {ts.line()}: {e}") from None
 
 
 def parse_graph(text: str) -> Graph:
     """Parse the text form back into a `Graph` (large constants come without data)."""
     ts = _Tokens(text)
+    g = _graph(ts)
+    if ts.peek() is not None:
+        raise ParseError(f"line {ts.line()}: unexpected text after the graph")
+    return g
+
+
+def _graph(ts: _Tokens) -> Graph:
+    """One `graph name(...) { ... }`, at top level or nested as an attribute."""
     ts.next(text="graph")
     g = Graph(ts.next("atom"))
     scope: dict[str, Value] = {}
@@ -175,11 +191,12 @@ def parse_graph(text: str) -> Graph:
             raise ParseError(f"line {ts.line()}: %{name} is defined twice")
         return name
 
-    def use(tok: str) -> Value:
+    def use(tok: str) -> Value:  # called just after `tok` was read
         try:
             return scope[tok[1:]]
         except KeyError:
-            raise ParseError(f"line {ts.line()}: {tok} is used before it is defined") from None
+            line = ts.toks[ts.i - 1][2]
+            raise ParseError(f"line {line}: {tok} is used before it is defined") from None
 
     ts.next(text="(")
     while not ts.accept(")"):
@@ -200,12 +217,18 @@ def parse_graph(text: str) -> Graph:
         ts.next(text="=")
         op = ts.next("atom")
         if op == "const":
+            if len(outs) != 1:
+                raise ParseError(f"line {line}: a const defines one value, not {len(outs)}")
             (name, t), = outs
             data = None
             if ts.peek() not in ("return",) and not str(ts.peek()).startswith("%"):
                 lit = _literal(ts)
-                data = np.array(lit, dtype=t.np_dtype).reshape(
-                    tuple(int(d) for d in t.shape))
+                try:
+                    data = np.array(lit, dtype=t.np_dtype).reshape(
+                        tuple(int(d) for d in t.shape))
+                except (ValueError, TypeError, OverflowError):
+                    raise ParseError(f"line {line}: the data of %{name} does not fit "
+                                     f"{t}") from None
             scope[name] = g.add_constant(name, data, t)
             continue
         ts.next(text="(")
@@ -232,6 +255,4 @@ def parse_graph(text: str) -> Graph:
     while ts.accept(","):
         g.outputs.append(use(ts.next("value")))
     ts.next(text="}")
-    if ts.peek() is not None:
-        raise ParseError(f"line {ts.line()}: unexpected text after the graph")
     return g

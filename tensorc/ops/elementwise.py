@@ -15,7 +15,8 @@ _erf64 = np.frompyfunc(math.erf, 1, 1)
 
 def erf(x: np.ndarray) -> np.ndarray:
     """Exact erf (libm, in float64): numpy has none and the reference must be exact."""
-    return _erf64(np.asarray(x, np.float64)).astype(np.float64).astype(np.asarray(x).dtype)
+    # np.asarray: on a 0-d input frompyfunc returns a bare Python float
+    return np.asarray(_erf64(np.asarray(x, np.float64)), np.float64).astype(np.asarray(x).dtype)
 
 
 def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
@@ -23,7 +24,7 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     if approximate == "tanh":
         y = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
     else:
-        y = 0.5 * x64 * (1.0 + erf(x64))
+        y = 0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))
     return y.astype(np.asarray(x).dtype)
 
 

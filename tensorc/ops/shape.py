@@ -170,7 +170,7 @@ register(OpDef("unsqueeze", infer=_unsqueeze, kind="shape", attrs={"axes": Attr(
 
 def _gather(data: TensorType, idx: TensorType, axis: int = 0) -> TensorType:
     if idx.dtype not in ("i32", "i64"):
-        raise ShapeError(f"indices must be i32 or i64, got {idx}")
+        raise ShapeError(f"indices must be i32 or i64, got {idx} (data {data})")
     ax = norm_axis(axis, data.rank)
     return TensorType(data.shape[:ax] + idx.shape + data.shape[ax + 1:], data.dtype)
 
