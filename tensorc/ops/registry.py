@@ -14,13 +14,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError, TensorcError, UnsupportedOpError
-from ..ir import DTYPES, Dim, Node, TensorType, resolve_dim
+from ..ir import DTYPES, Dim, Graph, Node, TensorType, resolve_dim
 
 REQUIRED = object()
 
 # Attribute kinds. "dims" are lists of dimensions that may hold symbols; backends
 # resolve them against the symbol bindings of a call.
-ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dims", "dtype", "scalar")
+# A "graph" attribute holds a nested `Graph` (the body of a fused region).
+ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dims", "dtype", "scalar",
+              "graph")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Attr:
             value = bool(value) if ok else value
         elif k in ("str", "dtype"):
             ok = isinstance(value, str) and (k == "str" or value in DTYPES)
+        elif k == "graph":
+            ok = isinstance(value, Graph)
         elif k == "scalar":
             ok = isinstance(value, (int, float, bool, np.generic))
             value = value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,306 @@
+"""Attention fusion: ``softmax(matmul(q, transpose(k)) * scale + mask) @ v`` -> `attention`.
+
+The rule's pattern is the outside of the computation,
+``matmul(softmax(scores, last axis), v)``; `analyse` then peels `scores` from the
+softmax inward, accepting the variants real exporters write:
+
+- the scale as a `mul` or `div` by a scalar constant, on the scores, on q, on k (before
+  or after its transpose), or split over q and k (sqrt(scale) each, as PyTorch's
+  exported scaled_dot_product_attention does); scales multiply up;
+- masks as `where(keep, scores, fill)` / `where(drop, fill, scores)` with a scalar
+  constant `fill` (bool masks) and as `scores + bias` (additive masks), in any
+  number and order, before or after the scale;
+- k given as [b,h,s,d] and transposed for the matmul, or transposed inside it straight
+  from the [b,s,h,d] head split (perm [0,2,3,1]).
+
+Causal masks (constant lower-triangular keep masks, `trilu(full(true))` with symbolic
+sizes, a slice of a constant triangular buffer starting at 0, or an additive 0/-inf
+constant) become ``causal=True``; any other mask is passed to the op as is, so
+fusing never depends on guessing what a mask holds.
+
+`explain_attention(graph)` runs the same analysis on every softmax left in a graph
+and says which part failed and at which node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tensorc.errors import ShapeError
+from tensorc.ir import Graph, TensorType, Value
+from tensorc.ops import get_op
+
+from . import EXPLAINERS
+from .pattern import Var, all_equal, op, rule
+from .rewrite import Context, apply_rules, dce, graph_pass, inline_regions
+
+# An additive constant mask counts as causal when its masked entries are at most this:
+# exp() of them is exactly 0 in float32 whatever the scores are.
+ADDITIVE_NEG = -1e9
+
+
+class Failure(Exception):
+    """Why a softmax is not the middle of an attention: the reason and the node."""
+
+    def __init__(self, reason: str, node=None, depth: int = 0):
+        super().__init__(reason)
+        self.reason, self.node, self.depth = reason, node, depth
+
+    def line(self, softmax) -> str:
+        at = f" at {self.node.where}" if self.node is not None else ""
+        return f"softmax %{softmax.outputs[0].name}: not fused: {self.reason}{at}"
+
+
+@dataclass
+class Mask:
+    value: Value
+    kind: str            # "keep" (bool, True = attend), "drop" (bool, True = masked), "add"
+    fill: float = 0.0    # what masked scores become (bool masks)
+    factor: float = 1.0  # a scale applied after the mask (additive masks are scaled by it)
+
+
+@dataclass
+class Found:
+    q: Value
+    k: Value            # before `k_perm`
+    k_perm: tuple       # the transpose that makes k [b,h,s,d] (identity: none)
+    v: Value
+    scale: float = 1.0
+    masks: list = field(default_factory=list)   # as peeled, outermost last
+    # decided by _plan_masks:
+    causal: bool = False
+    mask_value: float = -np.inf
+    bool_masks: list = field(default_factory=list)
+    add_masks: list = field(default_factory=list)
+
+
+def _scalar(ctx: Context, v: Value) -> float | None:
+    data = ctx.constant(v)
+    return None if data is None or data.dtype.kind != "f" else all_equal(data)
+
+
+def _unscale(ctx: Context, v: Value) -> tuple[float, Value]:
+    """Peel multiplications/divisions by scalar constants that keep v's type."""
+    scale = 1.0
+    while v.producer is not None and v.producer.op in ("mul", "div"):
+        n = v.producer
+        sides = (0, 1) if n.op == "mul" else (0,)
+        for i in sides:
+            c = _scalar(ctx, n.inputs[1 - i])
+            if c is not None and c != 0 and n.inputs[i].type == v.type:
+                scale *= c if n.op == "mul" else 1.0 / c
+                v = n.inputs[i]
+                break
+        else:
+            break
+    return scale, v
+
+
+def _peel(ctx: Context, v: Value, depth: int = 0):
+    """scores -> (scale, masks, q·k^T matmul node), from the softmax inward."""
+    n = v.producer
+    if n is None:
+        raise Failure(f"the scores %{v.name} are an input or constant, not q @ k^T", None, depth)
+    if n.op == "matmul":
+        return 1.0, [], n
+    if n.op in ("mul", "div"):
+        for i in ((0, 1) if n.op == "mul" else (0,)):
+            c = _scalar(ctx, n.inputs[1 - i])
+            if c is not None and c != 0 and n.inputs[i].type == v.type:
+                c = c if n.op == "mul" else 1.0 / c
+                scale, masks, mm = _peel(ctx, n.inputs[i], depth + 1)
+                for mk in masks:
+                    if mk.kind != "add" and c <= 0:
+                        raise Failure("a non-positive scale after a boolean mask", n, depth)
+                    mk.fill *= c
+                    mk.factor *= c
+                return scale * c, masks, mm
+        raise Failure(f"the scores are scaled by %{n.inputs[-1].name}, not a scalar "
+                      "constant", n, depth)
+    if n.op == "add":
+        fails = []
+        for i in (0, 1):
+            s, m = n.inputs[i], n.inputs[1 - i]
+            if s.type != v.type or m.type.dtype != v.type.dtype:
+                continue
+            try:
+                scale, masks, mm = _peel(ctx, s, depth + 1)
+                return scale, masks + [Mask(m, "add")], mm
+            except Failure as f:
+                fails.append(f)
+        raise max(fails, key=lambda f: f.depth) if fails else \
+            Failure("an add that broadcasts the scores to a bigger shape", n, depth)
+    if n.op == "where":
+        cond, a, b = n.inputs
+        for scores, fill, kind in ((a, b, "keep"), (b, a, "drop")):
+            c = _scalar(ctx, fill)
+            if c is not None and scores.type == v.type:
+                scale, masks, mm = _peel(ctx, scores, depth + 1)
+                return scale, masks + [Mask(cond, kind, c)], mm
+        raise Failure("a where that does not fill masked scores with a scalar constant",
+                      n, depth)
+    raise Failure(f"the scores come from {n.op}; expected q @ k^T, a scale or a mask",
+                  n, depth)
+
+
+def analyse(ctx: Context, softmax) -> Found:
+    """Match the attention around `softmax`, or raise `Failure` saying why not."""
+    p = softmax.outputs[0]
+    rank = p.type.rank
+    if softmax.attrs["axis"] % rank != rank - 1:
+        raise Failure(f"softmax over axis {softmax.attrs['axis']}, not the last (key) axis",
+                      softmax, 0)
+    users = ctx.users.get(p, [])
+    if len(users) != 1 or users[0].op != "matmul" or users[0].inputs[0] is not p:
+        ops = ", ".join(u.op for u in users) or "nothing"
+        raise Failure(f"the probabilities feed {ops}, not one matmul with v", softmax, 0)
+    pv = users[0]
+    scale, masks, mm = _peel(ctx, softmax.inputs[0], 1)
+    if rank != 4 or any(v.type.rank != 4 for v in (*mm.inputs, pv.inputs[1])):
+        raise Failure(f"the scores are {mm.outputs[0].type} from {mm.inputs[0].type} @ "
+                      f"{mm.inputs[1].type}; attention needs [batch, heads, queries, keys] "
+                      "from rank-4 q, k^T and v", mm, 99)
+    sq, q = _unscale(ctx, mm.inputs[0])
+    sk, kt = _unscale(ctx, mm.inputs[1])
+    k, perm = kt, (0, 1, 3, 2)
+    if kt.producer is not None and kt.producer.op == "transpose":
+        inner = kt.producer.attrs["perm"] or (3, 2, 1, 0)
+        sk2, k = _unscale(ctx, kt.producer.inputs[0])
+        sk *= sk2
+        perm = tuple(inner[:2]) + (inner[3], inner[2])
+    found = Found(q, k, perm, pv.inputs[1], scale * sq * sk, masks)
+    _plan_masks(ctx, found, mm)
+    return found
+
+
+def _is_tril(data: np.ndarray, t, s) -> bool:
+    """Whether bool `data` is the [t, s] keep-mask j <= i (leading dims of size 1)."""
+    if data.dtype != np.bool_ or data.shape[-2:] != (t, s) or data.size != t * s:
+        return False
+    return bool(np.array_equal(data.reshape(t, s), np.tri(t, s, dtype=bool)))
+
+
+def _causal(ctx: Context, mk: Mask, t, s) -> bool:
+    """Whether a mask says exactly 'query i sees keys j <= i'."""
+    data = ctx.constant(mk.value, limit=1 << 22)
+    if data is not None and isinstance(t, int) and isinstance(s, int):
+        if mk.kind == "add":
+            if data.dtype.kind != "f" or data.shape[-2:] != (t, s) or data.size != t * s:
+                return False
+            tri = np.tri(t, s, dtype=bool)
+            d = data.reshape(t, s)
+            return bool(np.all(d[tri] == 0) and np.all(d[~tri] * mk.factor <= ADDITIVE_NEG))
+        return _is_tril(data if mk.kind == "keep" else ~data, t, s)
+    # Symbolic sizes: recognise the two causal constructions structurally.
+    n = mk.value.producer
+    if mk.kind != "keep" or n is None or mk.value.type.shape[-2:] != (t, s):
+        return False
+    if n.op == "trilu" and not n.attrs["upper"] and n.attrs["k"] == 0:
+        f = n.inputs[0].producer
+        return f is not None and f.op == "full" and f.attrs["value"] is True
+    if n.op == "slice" and all(x == 0 for x in n.attrs["starts"]) \
+            and (n.attrs["steps"] is None or set(n.attrs["steps"]) == {1}):
+        buf = ctx.constant(n.inputs[0], limit=1 << 24)
+        return buf is not None and buf.ndim >= 2 and _is_tril(buf, *buf.shape[-2:])
+    return False
+
+
+def _plan_masks(ctx: Context, f: Found, mm) -> None:
+    """Decide causal / mask input / mask_value; raises Failure when they cannot be one op."""
+    t, s = mm.outputs[0].type.shape[-2:]
+    rest = []
+    # An additive causal mask may become the flag only if masked scores stay tiny
+    # under the bool masks' fill value too.
+    soft_fill = any(mk.fill > ADDITIVE_NEG for mk in f.masks if mk.kind != "add")
+    for mk in f.masks:
+        if not f.causal and not (mk.kind == "add" and soft_fill) and _causal(ctx, mk, t, s):
+            f.causal = True
+            if mk.kind != "add":
+                rest.append(Mask(mk.value, "causal", mk.fill))
+            continue
+        rest.append(mk)
+    fills = {mk.fill for mk in rest if mk.kind in ("keep", "drop")}
+    causal_fill = [mk.fill for mk in rest if mk.kind == "causal"]
+    if causal_fill and fills and causal_fill[0] not in fills \
+            and max(causal_fill[0], *fills) <= ADDITIVE_NEG:
+        causal_fill = []  # causal never masks a whole row: any tiny fill gives exp() = 0
+    fills.update(causal_fill)
+    if len(fills) > 1:
+        raise Failure(f"boolean masks fill with different values {sorted(fills)}", mm, 99)
+    f.mask_value = fills.pop() if fills else -np.inf
+    bools = [mk for mk in rest if mk.kind in ("keep", "drop")]
+    adds = [mk for mk in rest if mk.kind == "add"]
+    if bools and adds and f.mask_value != -np.inf:
+        raise Failure("a boolean mask with a finite fill and an additive mask together",
+                      mm, 99)
+    f.bool_masks, f.add_masks = bools, adds
+
+
+def _build(f: Found, b):
+    """The replacement: one attention node (plus the mask combination, if any)."""
+    dtype = f.q.type.np_dtype
+    k = f.k if f.k_perm == (0, 1, 2, 3) else b.op("transpose", f.k, perm=f.k_perm)
+    keeps = [mk.value if mk.kind == "keep" else b.op("logical_not", mk.value)
+             for mk in f.bool_masks]
+    keep = None
+    for m in keeps:
+        keep = m if keep is None else b.op("logical_and", keep, m)
+    adds = [mk.value if mk.factor == 1.0 else
+            b.op("mul", mk.value, b.const(mk.factor, dtype, "mask_scale")) for mk in f.add_masks]
+    if keep is not None and adds:  # fill is -inf here, so this is exact
+        adds.append(b.op("where", keep, b.const(0, dtype, "zero"),
+                         b.const(-np.inf, dtype, "neg_inf")))
+        keep = None
+    mask = keep
+    for a in adds:
+        mask = a if mask is None else b.op("add", mask, a)
+    return b.op("attention", f.q, k, f.v, *([mask] if mask is not None else []),
+                scale=float(f.scale), causal=f.causal, mask_value=float(f.mask_value))
+
+
+@rule(op.matmul(op.softmax(Var("scores"), name="p"), Var("v")))
+def fuse_attention_rule(m, b):
+    """matmul(softmax(scale * q @ k^T + masks), v) -> attention(q, k, v, mask)"""
+    try:
+        return _build(analyse(m.ctx, m["p"].producer), b)
+    except (Failure, ShapeError):
+        return None
+
+
+@graph_pass("fuse-attention")
+def fuse_attention(g: Graph) -> Graph:
+    """Rewrite every scaled-dot-product attention into one `attention` op."""
+    apply_rules(g, [fuse_attention_rule])
+    dce(g)
+
+
+def explain_attention(g: Graph) -> list[str]:
+    """One line per softmax that attention fusion would not rewrite, saying why
+    (softmaxes inside fused regions included)."""
+    if any(n.op == "fused" for n in g.nodes):
+        g = inline_regions(g)
+    ctx = Context(g)
+    lines = []
+    for n in g.nodes:
+        if n.op != "softmax":
+            continue
+        try:
+            _check_types(analyse(ctx, n))
+        except Failure as f:
+            lines.append(f.line(n))
+    return lines
+
+
+def _check_types(f: Found) -> None:
+    k = f.k.type
+    kt = TensorType(tuple(k.shape[i] for i in f.k_perm), k.dtype)
+    try:
+        get_op("attention").infer(f.q.type, kt, f.v.type, scale=1.0, causal=False,
+                                  mask_value=0.0)
+    except ShapeError as e:
+        raise Failure(f"q, k, v do not fit the attention op: {e}", f.q.producer, 99) from None
+
+
+EXPLAINERS["attention"] = explain_attention

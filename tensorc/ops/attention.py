@@ -1,0 +1,117 @@
+"""`attention`: scaled dot-product attention as one op.
+
+    attention(q, k, v, [mask], scale, causal, mask_value)
+
+Layout: q [b, h, t, d], k [bk, hk, s, d], v [bk, hk, s, dv] -> [b, h, t, dv], where
+bk and hk equal b and h or are 1 (broadcast, e.g. one shared key/value head).
+
+Meaning, step by step (exactly what the unfused graph computes):
+
+    scores = scale * q @ k^T                          [b, h, t, s]
+    causal:      scores[..., i, j] = mask_value  where j > i  (top-left aligned)
+    bool mask:   scores = where(mask, scores, mask_value)     (mask keeps True)
+    float mask:  scores = scores + mask                       (additive bias)
+    out = softmax(scores, axis=-1) @ v
+
+`mask` broadcasts to [b, h, t, s]. `mask_value` is what masked scores become:
+-inf by default; exporters often write a large finite negative number (finfo.min),
+which only differs from -inf on rows where every key is masked (uniform weights
+instead of NaN), so the op keeps the exporter's value.
+
+The reference walks the keys in blocks with an online softmax (running max and
+sum), so it never holds the [t, s] score matrix: extra memory is O(t * block).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import ShapeError
+from ..ir import FLOAT_DTYPES, Graph, TensorType
+from .registry import Attr, OpDef, broadcast_shapes, numel, register
+
+KEY_BLOCK = 32
+
+
+def _infer(q: TensorType, k: TensorType, v: TensorType, *mask: TensorType, scale, causal,
+           mask_value) -> TensorType:
+    if q.dtype not in FLOAT_DTYPES or not q.dtype == k.dtype == v.dtype:
+        raise ShapeError(f"q, k, v must share one float dtype: {q}, {k}, {v}")
+    if not q.rank == k.rank == v.rank == 4:
+        raise ShapeError(f"expects q [b,h,t,d], k [b,h,s,d], v [b,h,s,dv]: got {q}, {k}, {v}")
+    b, h, t, d = q.shape
+    if k.shape[3] != d or k.shape[2] != v.shape[2] or k.shape[:2] != v.shape[:2]:
+        raise ShapeError(f"k {k} and v {v} do not fit q {q}")
+    if broadcast_shapes(TensorType((b, h)), TensorType(k.shape[:2])) != (b, h):
+        raise ShapeError(f"batch and head dims of k {k} do not broadcast to q {q}")
+    full = TensorType((b, h, t, k.shape[2]))
+    if mask:
+        m = mask[0]
+        if m.dtype not in ("bool", q.dtype):
+            raise ShapeError(f"mask must be bool (keep) or {q.dtype} (additive), got {m}")
+        if m.rank > 4 or broadcast_shapes(m, full) != full.shape:
+            raise ShapeError(f"mask {m} does not broadcast to the scores {full.shape}")
+    return TensorType((b, h, t, v.shape[3]), q.dtype)
+
+
+def attention(q, k, v, mask=None, scale=1.0, causal=False, mask_value=-math.inf,
+              block=KEY_BLOCK):
+    """Blockwise attention with an online softmax (see the module docstring)."""
+    t, s = q.shape[2], k.shape[2]
+    dt = q.dtype
+    qs = q * dt.type(scale)
+    m = np.full(q.shape[:3] + (1,), -np.inf, dt)              # running row max
+    den = np.zeros(q.shape[:3] + (1,), dt)                    # running sum of exp
+    acc = np.zeros(q.shape[:3] + (v.shape[3],), dt)           # running weighted sum
+    rows = np.arange(t)[:, None]
+    for j0 in range(0, s, block):
+        j1 = min(j0 + block, s)
+        sc = (qs @ np.swapaxes(k[:, :, j0:j1], -1, -2)).astype(dt)   # [b,h,t,blk]
+        if causal:
+            sc = np.where(np.arange(j0, j1)[None, :] > rows, dt.type(mask_value), sc)
+        if mask is not None:
+            mb = mask[..., j0:j1] if mask.shape[-1] != 1 else mask
+            sc = np.where(mb, sc, dt.type(mask_value)) if mb.dtype == np.bool_ else sc + mb
+        m_new = np.maximum(m, sc.max(axis=-1, keepdims=True))
+        base = np.where(np.isneginf(m_new), dt.type(0), m_new)   # rows masked so far
+        p = np.exp(sc - base)
+        corr = np.exp(m - base)
+        den = den * corr + p.sum(axis=-1, keepdims=True)
+        acc = acc * corr + p @ v[:, :, j0:j1]
+        m = m_new
+    return (acc / den).astype(dt)
+
+
+def _flops(outs, q, k, v, *mask, **attrs):
+    b, h, t, d = q.shape
+    s, dv = k.shape[2], v.shape[3]
+    return 2 * b * h * t * s * (d + dv) + 5 * b * h * t * s + numel(outs[0])
+
+
+def decompose(graph: Graph, inputs, scale, causal, mask_value) -> list:
+    """The unfused primitive ops (what ONNX export writes as the op's function)."""
+    q, k, v, *mask = inputs
+    dtype = q.type.np_dtype
+    scores = graph.add("matmul", q, graph.add("transpose", k, perm=(0, 1, 3, 2)))
+    scores = graph.add("mul", scores, graph.add_constant(graph.fresh_name("scale"),
+                                                         np.array(scale, dtype)))
+    fill = graph.add_constant(graph.fresh_name("mask_value"), np.array(mask_value, dtype))
+    if causal:
+        t, s = q.type.shape[2], k.type.shape[2]
+        keep = graph.add("trilu", graph.add("full", shape=(t, s), value=True, dtype="bool"))
+        scores = graph.add("where", keep, scores, fill)
+    if mask:
+        scores = graph.add("where", mask[0], scores, fill) if mask[0].type.dtype == "bool" \
+            else graph.add("add", scores, mask[0])
+    return [graph.add("matmul", graph.add("softmax", scores, axis=-1), v)]
+
+
+register(OpDef(
+    "attention", infer=_infer, reference=attention, inputs=(3, 4), flops=_flops,
+    attrs={"scale": Attr("float", 1.0), "causal": Attr("bool", False),
+           "mask_value": Attr("float", -math.inf)},
+    decompose=decompose,
+    doc="softmax(scale * q @ k^T, masked) @ v; q [b,h,t,d], k [b,h,s,d], v [b,h,s,dv]",
+))
