@@ -1,0 +1,343 @@
+"""Graph -> ONNX ModelProto.
+
+Plain ops map to standard ONNX ops through `EXPORTERS` (one entry per IR op).
+A composite op (its `OpDef` has a `decompose`) becomes a call of a model-local
+function in the ``tensorc`` domain whose body is its decomposition, so any ONNX
+runtime can run it. Symbolic dims stay symbolic: an attribute such as
+``reshape(shape=[batch,seq,4,8])`` becomes a Shape/Concat computation on the input
+that carries ``batch`` and ``seq``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from tensorc.errors import TensorcError, UnsupportedOpError
+from tensorc.ir import Dim, Graph, Node, TensorType, Value, _split_dim
+from tensorc.ops import get_op
+
+from .importer import ONNX_DTYPES
+
+OPSET = 20          # Gelu is standard from 20; LayerNormalization from 17
+IR_VERSION = 9      # the IR version that goes with opset 20
+DOMAIN = "tensorc"  # where composite ops' functions live
+ONNX_OF = {v: k for k, v in ONNX_DTYPES.items()}
+
+
+class _Scope:
+    """Where ONNX nodes are written: the main graph (constants become initializers)
+    or a function body (constants become Constant nodes)."""
+
+    def __init__(self, ex: _Exporter, sources: list[Value], is_function: bool):
+        self.ex, self.is_function = ex, is_function
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.dim_cache: dict[tuple, str] = {}
+        # where each symbol can be read at run time: (value name, axis)
+        self.sources: dict[str, tuple[str, int]] = {}
+        for v in sources:
+            for axis, d in enumerate(v.type.shape):
+                if isinstance(d, str):
+                    self.sources.setdefault(d, (v.name, axis))
+
+    def node(self, op_type: str, inputs: list[str], n_out: int = 1, outputs=None,
+             domain: str = "", **attrs) -> list[str]:
+        outputs = outputs or [self.ex.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs,
+                                           name=self.ex.fresh("n_" + op_type), domain=domain,
+                                           **{k: v for k, v in attrs.items() if v is not None}))
+        return outputs
+
+    def const(self, array: np.ndarray, hint: str = "const", name: str | None = None) -> str:
+        name = name or self.ex.fresh(hint)
+        tensor = numpy_helper.from_array(np.asarray(array), name)
+        if self.is_function:
+            self.node("Constant", [], outputs=[name], value=tensor)
+        else:
+            self.initializers.append(tensor)
+        return name
+
+    def ints(self, values) -> str:
+        return self.const(np.asarray(values, np.int64), "ints")
+
+    def _dim(self, d: Dim) -> str:
+        """A 1-D int64 tensor [d] computed from the scope's inputs."""
+        if d in self.sources:
+            src, axis = self.sources[d]
+            return self.node("Shape", [src], start=axis, end=axis + 1)[0]
+        coef, syms = _split_dim(d)
+        missing = [s for s in syms if s not in self.sources]
+        if missing:
+            raise TensorcError(f"cannot export dim {d}: symbol {missing[0]!r} is not a dim of "
+                               "any input")
+        parts = [self._dim(s) for s in syms.elements()]
+        if coef != 1:
+            parts.append(self.ints([coef]))
+        out = parts[0]
+        for p in parts[1:]:
+            out = self.node("Mul", [out, p])[0]
+        return out
+
+    def dims(self, dims) -> str:
+        """A 1-D int64 tensor holding `dims`; symbols are read from the inputs' shapes."""
+        key = tuple(dims)
+        if key not in self.dim_cache:
+            if all(isinstance(d, int) for d in key):
+                self.dim_cache[key] = self.ints(list(key))
+            else:
+                parts, run = [], []
+                for d in key:
+                    if isinstance(d, int):
+                        run.append(d)
+                        continue
+                    if run:
+                        parts.append(self.ints(run))
+                        run = []
+                    parts.append(self._dim(d))
+                if run:
+                    parts.append(self.ints(run))
+                self.dim_cache[key] = parts[0] if len(parts) == 1 else \
+                    self.node("Concat", parts, axis=0)[0]
+        return self.dim_cache[key]
+
+    def scalar_dim(self, d: Dim) -> str:
+        if isinstance(d, int):
+            return self.const(np.asarray(d, np.int64), "dim")
+        return self.node("Squeeze", [self.dims([d]), self.ints([0])])[0]
+
+    def write(self, graph: Graph) -> None:
+        """Write the constants and nodes of `graph` (values keep their IR names)."""
+        for v in graph.constants.values():
+            self.const(v.data, name=v.name)
+        for node in graph.nodes:
+            ins = [v.name for v in node.inputs]
+            outs = [v.name for v in node.outputs]
+            EXPORTERS.get(node.op, _composite)(self, node, ins, outs)
+
+
+class _Exporter:
+    def __init__(self):
+        self.used: set[str] = set()
+        self.functions: dict[tuple, onnx.FunctionProto] = {}
+
+    def fresh(self, hint: str) -> str:
+        k, name = 0, hint
+        while name in self.used:
+            k += 1
+            name = f"{hint}_{k}"
+        self.used.add(name)
+        return name
+
+    def run(self, graph: Graph) -> onnx.ModelProto:
+        bad = sorted({n.op for n in _all_nodes(graph)
+                      if n.op not in EXPORTERS and get_op(n.op).decompose is None})
+        if bad:
+            raise UnsupportedOpError(f"cannot export op{'s' * (len(bad) > 1)} "
+                                     f"{', '.join(bad)} to ONNX: no ONNX mapping and no "
+                                     "decompose in the registry")
+        self.used.update(graph.values())
+        scope = _Scope(self, graph.inputs, is_function=False)
+        scope.write(graph)
+        g = helper.make_graph(scope.nodes, graph.name,
+                              [_value_info(v) for v in graph.inputs],
+                              [_value_info(v) for v in graph.outputs],
+                              initializer=scope.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.functions:
+            opsets.append(helper.make_opsetid(DOMAIN, 1))
+        model = helper.make_model(g, opset_imports=opsets, producer_name="tensorc",
+                                  functions=list(self.functions.values()))
+        model.ir_version = IR_VERSION
+        return model
+
+    def function(self, node: Node) -> str:
+        """The local function computing composite `node` (made once per op, attrs and
+        input types, since a decomposition may depend on all three)."""
+        key = (node.op, tuple((k, str(v) if isinstance(v, Graph) else v)
+                              for k, v in sorted(node.attrs.items())),
+               tuple(str(v.type) for v in node.inputs))
+        if key not in self.functions:
+            body = Graph(node.op)
+            params = [body.add_input(f"x{i}", v.type) for i, v in enumerate(node.inputs)]
+            body.outputs = list(get_op(node.op).decompose(body, params, **node.attrs))
+            scope = _Scope(self, params, is_function=True)
+            scope.write(body)
+            outs = []
+            for v in body.outputs:  # a function output must come out of a node
+                if v.producer is None:
+                    outs.append(scope.node("Identity", [v.name])[0])
+                else:
+                    outs.append(v.name)
+            name = self.fresh(node.op)
+            opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
+            self.functions[key] = helper.make_function(
+                DOMAIN, name, [p.name for p in params], outs, scope.nodes, opsets)
+        return self.functions[key].name
+
+
+def _all_nodes(graph: Graph):
+    for n in graph.nodes:
+        yield n
+        for v in n.attrs.values():
+            if isinstance(v, Graph):
+                yield from _all_nodes(v)
+
+
+def _value_info(v: Value) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(v.name, ONNX_OF[v.type.dtype], list(v.type.shape))
+
+
+def to_model(graph: Graph) -> onnx.ModelProto:
+    """The ONNX model of `graph`: opset 20, composite ops as local functions."""
+    return _Exporter().run(graph)
+
+
+# --- one exporter per IR op --------------------------------------------------------------
+
+Exporter = Callable[[_Scope, Node, list[str], list[str]], None]
+
+
+def _composite(sc: _Scope, node: Node, ins, outs):
+    sc.node(sc.ex.function(node), ins, outputs=outs, domain=DOMAIN)
+
+
+def _same(op_type: str, **fixed) -> Exporter:
+    def ex(sc, node, ins, outs):
+        sc.node(op_type, ins, outputs=outs, **fixed)
+    return ex
+
+
+def _scalar_like(sc: _Scope, value, v: Value) -> str:
+    return sc.const(np.asarray(value, v.type.np_dtype), "scalar")
+
+
+def _rsqrt(sc, node, ins, outs):
+    sc.node("Reciprocal", sc.node("Sqrt", ins), outputs=outs)
+
+
+def _reshape(sc, node, ins, outs):
+    shape = node.attrs["shape"]
+    sc.node("Reshape", [ins[0], sc.dims(shape)], outputs=outs,
+            allowzero=1 if 0 in shape else None)
+
+
+def _transpose(sc, node, ins, outs):
+    sc.node("Transpose", ins, outputs=outs, perm=node.attrs["perm"])
+
+
+def _axis(op_type: str) -> Exporter:
+    return lambda sc, node, ins, outs: sc.node(op_type, ins, outputs=outs,
+                                               axis=node.attrs["axis"])
+
+
+def _split(sc, node, ins, outs):
+    sc.node("Split", [ins[0], sc.ints(node.attrs["sizes"])], outputs=outs,
+            axis=node.attrs["axis"])
+
+
+def _slice(sc, node, ins, outs):
+    a = node.attrs
+    extra = [sc.ints(a["axes"]) if a["axes"] is not None else "",
+             sc.ints(a["steps"]) if a["steps"] is not None else ""]
+    while extra and not extra[-1]:
+        extra.pop()
+    sc.node("Slice", [ins[0], sc.dims(a["starts"]), sc.dims(a["ends"])] + extra, outputs=outs)
+
+
+def _expand(sc, node, ins, outs):
+    sc.node("Expand", [ins[0], sc.dims(node.attrs["shape"])], outputs=outs)
+
+
+def _axes_input(op_type: str) -> Exporter:
+    def ex(sc, node, ins, outs):
+        axes = node.attrs["axes"]
+        sc.node(op_type, ins + ([sc.ints(axes)] if axes is not None else []), outputs=outs,
+                keepdims=int(node.attrs["keepdims"]) if "keepdims" in node.attrs else None)
+    return ex
+
+
+def _full(sc, node, ins, outs):
+    a = node.attrs
+    value = numpy_helper.from_array(np.asarray([a["value"]], TensorType((), a["dtype"]).np_dtype),
+                                    "value")
+    sc.node("ConstantOfShape", [sc.dims(a["shape"])], outputs=outs, value=value)
+
+
+def _range(sc, node, ins, outs):
+    a = node.attrs
+    args = [sc.scalar_dim(a["start"][0]), sc.scalar_dim(a["limit"][0]),
+            sc.const(np.asarray(a["delta"], np.int64), "delta")]
+    if a["dtype"] == "i64":
+        sc.node("Range", args, outputs=outs)
+    else:
+        sc.node("Cast", sc.node("Range", args), outputs=outs, to=ONNX_OF[a["dtype"]])
+
+
+def _trilu(sc, node, ins, outs):
+    k = sc.const(np.asarray(node.attrs["k"], np.int64), "k")
+    sc.node("Trilu", [ins[0], k], outputs=outs, upper=int(node.attrs["upper"]))
+
+
+def _cast(sc, node, ins, outs):
+    sc.node("Cast", ins, outputs=outs, to=ONNX_OF[node.attrs["dtype"]])
+
+
+def _clip(sc, node, ins, outs):
+    x = node.inputs[0]
+    bounds = [_scalar_like(sc, node.attrs[k], x) if node.attrs[k] is not None else ""
+              for k in ("min", "max")]
+    while bounds and not bounds[-1]:
+        bounds.pop()
+    sc.node("Clip", ins + bounds, outputs=outs)
+
+
+def _gelu(sc, node, ins, outs):
+    sc.node("Gelu", ins, outputs=outs, approximate=node.attrs["approximate"])
+
+
+def _argmax(sc, node, ins, outs):
+    sc.node("ArgMax", ins, outputs=outs, axis=node.attrs["axis"],
+            keepdims=int(node.attrs["keepdims"]))
+
+
+def _layer_norm(sc, node, ins, outs):
+    x, axis = node.inputs[0], node.attrs["axis"]
+    if len(ins) == 1:  # ONNX needs a scale
+        norm = x.type.shape[axis % x.type.rank:]
+        if not all(isinstance(d, int) for d in norm):
+            raise TensorcError(f"{node.where}: cannot export layer_norm without weight over "
+                               f"symbolic dims {list(norm)}")
+        ins = ins + [sc.const(np.ones(norm, x.type.np_dtype), "ones")]
+    sc.node("LayerNormalization", ins, outputs=outs, axis=axis, epsilon=node.attrs["eps"])
+
+
+def _conv2d(sc, node, ins, outs):
+    a = node.attrs
+    sc.node("Conv", ins, outputs=outs, kernel_shape=list(node.inputs[1].type.shape[2:]),
+            strides=a["strides"], pads=a["pads"], dilations=a["dilations"], group=a["group"])
+
+
+EXPORTERS: dict[str, Exporter] = {
+    **{op: _same(t) for op, t in {
+        "neg": "Neg", "abs": "Abs", "exp": "Exp", "log": "Log", "sqrt": "Sqrt",
+        "reciprocal": "Reciprocal", "tanh": "Tanh", "erf": "Erf", "sigmoid": "Sigmoid",
+        "relu": "Relu", "sin": "Sin", "cos": "Cos", "floor": "Floor", "logical_not": "Not",
+        "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow",
+        "maximum": "Max", "minimum": "Min", "equal": "Equal", "less": "Less",
+        "less_equal": "LessOrEqual", "greater": "Greater", "greater_equal": "GreaterOrEqual",
+        "logical_and": "And", "logical_or": "Or", "where": "Where", "matmul": "MatMul",
+    }.items()},
+    "rsqrt": _rsqrt, "gelu": _gelu, "cast": _cast, "clip": _clip,
+    "reshape": _reshape, "transpose": _transpose, "concat": _axis("Concat"),
+    "split": _split, "slice": _slice, "expand": _expand, "gather": _axis("Gather"),
+    "squeeze": _axes_input("Squeeze"), "unsqueeze": _axes_input("Unsqueeze"),
+    "full": _full, "range": _range, "trilu": _trilu,
+    "reduce_sum": _axes_input("ReduceSum"), "reduce_mean": _axes_input("ReduceMean"),
+    "reduce_max": _axes_input("ReduceMax"), "reduce_min": _axes_input("ReduceMin"),
+    "argmax": _argmax, "softmax": _axis("Softmax"), "log_softmax": _axis("LogSoftmax"),
+    "layer_norm": _layer_norm, "conv2d": _conv2d,
+}

@@ -1,0 +1,925 @@
+"""ONNX ModelProto -> Graph.
+
+One handler per ONNX op type (the `HANDLERS` table). Handlers build IR ops through
+`_Importer.op`, which folds an op at import when all its inputs are known: numbers
+(initializers, Constant nodes, small folded results) or *dims* (`Sym`: a 1-D int
+tensor whose entries may be symbols, from Shape of an input with a ``dim_param``).
+That is how exporters' shape subgraphs (Shape -> Gather -> Concat -> Reshape, Range
+from a shape, ConstantOfShape) become plain attributes such as
+``reshape(shape=[batch,seq,4,8])`` that still run at any batch and sequence length.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tensorc.errors import ShapeError, TensorcError, UnsupportedOpError
+from tensorc.ir import FLOAT_DTYPES, Dim, Graph, TensorType, Value, dim_divide, dim_product
+from tensorc.ops import get_op
+from tensorc.ops.shape import SLICE_END
+
+MIN_OPSET = 13
+MAX_OPSET = onnx.defs.onnx_opset_version()
+FOLD_LIMIT = 16  # fold constant results up to this size (shape-like); bigger ones are data
+
+ONNX_DTYPES = {
+    TensorProto.FLOAT16: "f16", TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64",
+    TensorProto.INT8: "i8", TensorProto.INT32: "i32", TensorProto.INT64: "i64",
+    TensorProto.UINT8: "u8", TensorProto.BOOL: "bool",
+}
+
+
+class NeedsConstantError(UnsupportedOpError):
+    """An op input that must be known at import (a shape, axes) comes from a graph
+    input; `inputs` names them so a caller that has the values can bind them."""
+
+    def __init__(self, message: str, inputs: list[str]):
+        super().__init__(message)
+        self.inputs = inputs
+
+
+class _CannotFold(Exception):
+    pass
+
+
+class Sym:
+    """A known int tensor of dims (ints or symbol names): what Shape gives."""
+
+    __slots__ = ("dims", "dtype")
+
+    def __init__(self, dims: np.ndarray, dtype: str = "i64"):
+        self.dims, self.dtype = dims, dtype
+
+    def __repr__(self) -> str:
+        return f"Sym({self.dims.tolist()}, {self.dtype})"
+
+
+Entry = Value | np.ndarray | Sym  # what an ONNX value name stands for during import
+
+
+def _known(arr: np.ndarray, dtype: str) -> np.ndarray | Sym:
+    """An object array of dims as `Sym` if it holds a symbol, else as numbers."""
+    if arr.dtype == object and any(isinstance(d, str) for d in arr.flat):
+        return Sym(arr, dtype)
+    return np.asarray(arr).astype(TensorType((), dtype).np_dtype)
+
+
+def onnx_dtype(code: int, where: str) -> str:
+    if code not in ONNX_DTYPES:
+        name = TensorProto.DataType.Name(code) if code in TensorProto.DataType.values() \
+            else str(code)
+        raise UnsupportedOpError(f"{where}: dtype {name} is not supported "
+                                 f"(supported: {', '.join(ONNX_DTYPES.values())})")
+    return ONNX_DTYPES[code]
+
+
+def _short(v):
+    """ONNX float attributes are float32: read 1e-05, not 9.999999747378752e-06."""
+    if isinstance(v, float):
+        return float(str(np.float32(v)))
+    if isinstance(v, list) and v and isinstance(v[0], float):
+        return [_short(x) for x in v]
+    return v
+
+
+def _clean(name: str) -> str:
+    """An ONNX value name as an IR name ([\\w.]+)."""
+    return re.sub(r"[^\w.]", "_", name).strip("_.") or "v"
+
+
+# --- symbolic arithmetic on dims (for folding shape computations) ---------------------
+
+def _sym_add(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    if a == 0 or b == 0:
+        return b if a == 0 else a
+    raise _CannotFold
+
+
+def _sym_sub(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return a - b
+    if b == 0 or a == b:
+        return a if b == 0 else 0
+    raise _CannotFold
+
+
+def _sym_div(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return int(a / b)
+    q = dim_divide(a, b)
+    if q is None:
+        raise _CannotFold
+    return q
+
+
+def _sym_equal(a, b):
+    if isinstance(a, int) and isinstance(b, int) or a == b:
+        return a == b
+    if isinstance(b, str):
+        a, b = b, a
+    if isinstance(b, int) and b < 0:  # a symbolic size is never negative
+        return False
+    raise _CannotFold
+
+
+def _sym_max(a, b):
+    if isinstance(a, int) and isinstance(b, int) or a == b:
+        return max(a, b)
+    if isinstance(b, str):
+        a, b = b, a
+    if b in (0, 1):  # dims of a running model are >= 1
+        return a
+    raise _CannotFold
+
+
+def _sym_min(a, b):
+    if isinstance(a, int) and isinstance(b, int) or a == b:
+        return min(a, b)
+    if isinstance(b, str):
+        a, b = b, a
+    if b >= SLICE_END:
+        return a
+    raise _CannotFold
+
+
+def _ints_only(fn):
+    def f(a, b):
+        if isinstance(a, str) or isinstance(b, str):
+            raise _CannotFold
+        return fn(a, b)
+    return f
+
+
+SYM_ARITH: dict[str, Callable] = {
+    "add": _sym_add, "sub": _sym_sub, "mul": lambda a, b: dim_product([a, b]),
+    "div": _sym_div, "equal": _sym_equal, "maximum": _sym_max, "minimum": _sym_min,
+    "less": _ints_only(lambda a, b: a < b), "greater": _ints_only(lambda a, b: a > b),
+    "less_equal": _ints_only(lambda a, b: a <= b),
+    "greater_equal": _ints_only(lambda a, b: a >= b),
+}
+# Ops whose reference only moves elements, so it runs unchanged on arrays of dims.
+SYM_MOVES = {"reshape", "transpose", "concat", "split", "slice", "expand", "squeeze",
+             "unsqueeze", "gather", "where", "cast"}
+
+
+# --- the importer ---------------------------------------------------------------------
+
+class OnnxNode:
+    """One ONNX node as handlers see it."""
+
+    def __init__(self, cx: _Importer, proto: onnx.NodeProto, index: int):
+        self.cx, self.proto = cx, proto
+        self.type = proto.op_type
+        self.name = proto.name or f"#{index}"
+        self.where = f"{proto.op_type} node {self.name!r}"
+        self.attrs = {a.name: _short(helper.get_attribute_value(a)) for a in proto.attribute}
+        self.inputs = list(proto.input)
+        self.outputs = list(proto.output)
+
+    def attr(self, name: str, default=None):
+        v = self.attrs.get(name, default)
+        return v.decode() if isinstance(v, bytes) else v
+
+    def has(self, k: int) -> bool:
+        return k < len(self.inputs) and self.inputs[k] != ""
+
+    def x(self, k: int) -> Entry | None:
+        return self.cx.entry(self.inputs[k]) if self.has(k) else None
+
+    def consts(self, k: int, what: str, default=None) -> list | None:
+        """Input k as a Python list of known ints/dims (it must be known at import)."""
+        if not self.has(k):
+            return default
+        e = self.x(k)
+        if isinstance(e, Value):
+            src = [v.name for v in self.cx.graph.inputs if v is e]
+            raise NeedsConstantError(
+                f"{self.where}: its {what} (input {self.inputs[k]!r}) is computed at run "
+                f"time{' from graph input ' + repr(src[0]) if src else ''}; tensorc needs it "
+                "known at import (a constant, or computed from shapes)", src)
+        arr = e.dims if isinstance(e, Sym) else e
+        return [d if isinstance(d, str) else d.item() if hasattr(d, "item") else d
+                for d in np.asarray(arr).reshape(-1)]
+
+    def const(self, k: int, what: str, default=None):
+        vals = self.consts(k, what)
+        if vals is None:
+            return default
+        if len(vals) != 1:
+            raise ShapeError(f"{self.where}: {what} should be a scalar, got {vals}")
+        return vals[0]
+
+    def unsupported(self, why: str) -> UnsupportedOpError:
+        return UnsupportedOpError(f"{self.where}: {why}")
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto, bind: dict[str, np.ndarray] | None):
+        self.model = model
+        self.graph = Graph(_clean(model.graph.name or "model"))
+        self.env: dict[str, Entry] = {}
+        self.materialized: dict[int, Value] = {}  # id(array) -> constant Value
+        self.names: dict[int, str] = {}           # id(array) -> initializer name
+        self.bind = bind or {}
+        self.loc: str | None = None
+        self.names_init: set[str] = set()
+        self.opset = 0
+
+    # -- entries and values --
+    def entry(self, name: str) -> Entry:
+        try:
+            return self.env[name]
+        except KeyError:
+            raise TensorcError(f"ONNX value {name!r} is used before it is defined "
+                               f"({self.loc or 'graph outputs'})") from None
+
+    def value(self, e: Entry) -> Value:
+        """An IR value for an entry, adding known numbers as graph constants."""
+        if isinstance(e, Value):
+            return e
+        if isinstance(e, Sym):
+            raise UnsupportedOpError(
+                f"{self.loc}: a shape holding symbolic dims {e.dims.tolist()} is used as "
+                "data; tensorc folds shapes at import and has no run-time shape op")
+        key = id(e)
+        if key not in self.materialized:
+            hint = self.names.get(key, "c")
+            self.materialized[key] = self.graph.add_constant(self.graph.fresh_name(hint), e)
+        return self.materialized[key]
+
+    def op(self, op: str, *inputs: Entry, **attrs) -> Entry:
+        return self.op_multi(op, *inputs, **attrs)[0]
+
+    def op_multi(self, op: str, *inputs: Entry, **attrs) -> list[Entry]:
+        """Apply an IR op: folded when its inputs are known, else appended as a node."""
+        if all(not isinstance(x, Value) for x in inputs):
+            folded = self._fold(op, inputs, attrs)
+            if folded is not None:
+                return folded
+        return self.graph.add_node(op, [self.value(x) for x in inputs], attrs, loc=self.loc)
+
+    def _fold(self, op: str, inputs, attrs) -> list[Entry] | None:
+        opdef = get_op(op)
+        attrs = opdef.complete_attrs(attrs, self.loc)
+        types = [TensorType(x.dims.shape, x.dtype) if isinstance(x, Sym) else TensorType.of(x)
+                 for x in inputs]
+        try:
+            out_types = opdef.infer(*types, **attrs)
+        except ShapeError as e:
+            raise ShapeError(f"{op} ({self.loc}): {e}") from None
+        out_types = list(out_types) if isinstance(out_types, (list, tuple)) else [out_types]
+        if any(isinstance(x, Sym) for x in inputs):
+            arrays = [x.dims if isinstance(x, Sym) else x for x in inputs]
+            try:
+                if op in SYM_ARITH:
+                    ints = [a.astype(object) for a in arrays]  # Python ints, not np.int64
+                    outs = [np.frompyfunc(SYM_ARITH[op], 2, 1)(*ints)]
+                elif op in SYM_MOVES:
+                    outs = opdef.evaluate(arrays, attrs) if op != "cast" else [arrays[0]]
+                else:
+                    raise _CannotFold
+            except _CannotFold:
+                raise UnsupportedOpError(
+                    f"{self.loc}: cannot compute {op} of {[a.tolist() for a in arrays]} at "
+                    "import (symbolic dims); tensorc folds shape arithmetic only when the "
+                    "result is a product or quotient of symbols") from None
+            return [_known(np.asarray(o, dtype=object), t.dtype)
+                    for o, t in zip(outs, out_types, strict=True)]
+        if not all(t.is_static for t in out_types) or \
+                sum(int(np.prod(t.shape)) for t in out_types) > FOLD_LIMIT:
+            return None
+        outs = opdef.evaluate(list(inputs), attrs)
+        return [np.asarray(o).astype(t.np_dtype) for o, t in zip(outs, out_types, strict=True)]
+
+    # -- the whole model --
+    def run(self) -> Graph:
+        g = self.model.graph
+        self._check_opset()
+        self._check_supported()
+        inits = {t.name: t for t in g.initializer}
+        for vi in g.input:
+            if vi.name in inits:
+                continue
+            t = self._declared_type(vi, f"graph input {vi.name!r}")
+            if vi.name in self.bind:
+                arr = np.asarray(self.bind[vi.name])
+                if arr.ndim != t.rank or any(isinstance(d, int) and d != k for d, k in
+                                             zip(t.shape, arr.shape, strict=False)):
+                    raise ShapeError(f"bound input {vi.name!r}: declared {t}, got "
+                                     f"{list(arr.shape)}")
+                self.env[vi.name] = arr.astype(t.np_dtype)
+                continue
+            self.env[vi.name] = self.graph.add_input(self.graph.fresh_name(_clean(vi.name)), t)
+        self.names_init = set(inits)
+        declared = {vi.name: vi for vi in list(g.input) + list(g.value_info)}
+        for name, t in inits.items():
+            arr = self._tensor(t, f"initializer {name!r}")
+            self.names[id(arr)] = self.graph.fresh_name(_clean(name))
+            self.env[name] = arr
+            if name in declared:  # old exporters list initializers as inputs too
+                self._check_declared(arr, declared[name])
+        for i, proto in enumerate(g.node):
+            n = OnnxNode(self, proto, i)
+            self.loc = f"onnx {n.where}"
+            try:
+                outs = HANDLERS[n.type](self, n)
+            except (ValueError, IndexError, KeyError, TypeError) as e:  # a malformed node
+                raise TensorcError(f"{self.loc}: cannot import it ({type(e).__name__}: "
+                                   f"{e})") from None
+            wanted = [k for k, name in enumerate(n.outputs) if name]
+            if wanted and wanted[-1] >= len(outs):
+                raise n.unsupported(f"output {wanted[-1]} ({n.outputs[wanted[-1]]!r}) is not "
+                                    "supported")
+            for name, out in zip(n.outputs, outs, strict=False):
+                if name:
+                    self.env[name] = out
+                    if isinstance(out, Value) and out.producer is not None \
+                            and out.name.isdigit():  # keep the model's names for errors
+                        self.graph.rename(out, _clean(name))
+                    if name in declared:
+                        self._check_declared(out, declared[name])
+        self.loc = None
+        for vi in g.output:
+            e = self.entry(vi.name)
+            self._check_declared(e, vi)
+            v = self.value(e)
+            if v.producer is not None and v not in self.graph.outputs:
+                self.graph.rename(v, _clean(vi.name))
+            self.graph.outputs.append(v)
+        return self.graph.verify()
+
+    def _check_opset(self):
+        versions = {o.domain or "ai.onnx": o.version for o in self.model.opset_import}
+        v = versions.get("ai.onnx")
+        if v is None:
+            raise UnsupportedOpError("the model imports no default-domain ONNX opset")
+        if not MIN_OPSET <= v <= MAX_OPSET:
+            raise UnsupportedOpError(f"ONNX opset {v} is not supported (supported: "
+                                     f"{MIN_OPSET} to {MAX_OPSET})")
+        self.opset = v
+
+    def _check_supported(self):
+        bad: dict[str, list[str]] = {}
+        for i, node in enumerate(self.model.graph.node):
+            key = node.op_type if node.domain in ("", "ai.onnx") else \
+                f"{node.domain}.{node.op_type}"
+            if key not in HANDLERS:
+                bad.setdefault(key, []).append(node.name or f"#{i}")
+        if bad:
+            raise UnsupportedOpError(
+                f"unsupported ONNX op{'s' * (len(bad) > 1)}: " + "; ".join(
+                    f"{op} (node{'s' * (len(ns) > 1)} {', '.join(map(repr, ns[:8]))}"
+                    f"{f' and {len(ns) - 8} more' if len(ns) > 8 else ''})"
+                    for op, ns in bad.items()))
+
+    def _declared_type(self, vi: onnx.ValueInfoProto, where: str) -> TensorType:
+        if not vi.type.HasField("tensor_type"):
+            raise UnsupportedOpError(f"{where} is not a tensor")
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            raise TensorcError(f"{where} declares no shape; give it one (dims may be names "
+                               "such as 'batch')")
+        dims: list[Dim] = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.dim_param and re.fullmatch(r"(\d+\*)?[A-Za-z_][\w.]*(\*[A-Za-z_][\w.]*)*",
+                                              d.dim_param):
+                dims.append(d.dim_param)
+            elif d.dim_param:
+                dims.append(_clean(d.dim_param) if not d.dim_param[0].isdigit()
+                            else "d_" + _clean(d.dim_param))
+            else:
+                dims.append(f"{_clean(vi.name)}_dim{k}")
+        return TensorType(tuple(dims), onnx_dtype(tt.elem_type, where))
+
+    def _check_declared(self, e: Entry, vi: onnx.ValueInfoProto):
+        """The model's declared static dims must agree with what the ops compute."""
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+            return
+        got = e.type.shape if isinstance(e, Value) else (
+            e.dims.shape if isinstance(e, Sym) else e.shape)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if len(dims) != len(got) or any(d is not None and isinstance(h, int) and d != h
+                                        for d, h in zip(dims, got, strict=False)):
+            want = "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
+            raise ShapeError(f"value {vi.name!r}: the model declares shape {want} but its "
+                             f"{'data has' if vi.name in self.names_init else 'ops compute'} "
+                             f"[{','.join(map(str, got))}]")
+        declared = ONNX_DTYPES.get(tt.elem_type)
+        if declared and declared != _dtype(e):
+            raise ShapeError(f"value {vi.name!r}: the model declares dtype {declared} but "
+                             f"its ops compute {_dtype(e)}")
+
+    def _tensor(self, t: onnx.TensorProto, where: str) -> np.ndarray:
+        onnx_dtype(t.data_type, where)
+        try:
+            return numpy_helper.to_array(t)
+        except Exception as e:  # noqa: BLE001  (missing external data, bad raw bytes)
+            raise TensorcError(f"{where}: cannot read its data ({e})") from None
+
+
+def from_model(model: onnx.ModelProto, bind: dict[str, np.ndarray] | None = None) -> Graph:
+    """Import an in-memory ONNX model. `bind` fixes graph inputs to known values (the
+    conformance tests pass shape-like inputs this way)."""
+    if model.functions:  # model-local functions (ours, or an exporter's): inline them
+        from onnx import inliner
+        model = inliner.inline_local_functions(model)
+    return _Importer(model, bind).run()
+
+
+# --- handlers: one per ONNX op type ----------------------------------------------------
+
+def _unary(op):
+    return lambda cx, n: [cx.op(op, n.x(0))]
+
+
+def _binary(op):
+    return lambda cx, n: [cx.op(op, n.x(0), n.x(1))]
+
+
+def _variadic(op, mean=False):
+    def h(cx, n):
+        acc = n.x(0)
+        for k in range(1, len(n.inputs)):
+            acc = cx.op(op, acc, n.x(k))
+        if mean:
+            acc = cx.op("div", acc, _scalar(len(n.inputs), _dtype(acc)))
+        return [acc]
+    return h
+
+
+def _dtype(e: Entry) -> str:
+    return e.type.dtype if isinstance(e, Value) else e.dtype if isinstance(e, Sym) \
+        else TensorType.of(e).dtype
+
+
+def _shape(e: Entry) -> tuple:
+    return e.type.shape if isinstance(e, Value) else (
+        e.dims.shape if isinstance(e, Sym) else e.shape)
+
+
+def _scalar(v, dtype: str) -> np.ndarray:
+    return np.asarray(v, TensorType((), dtype).np_dtype)
+
+
+def _axes(n: OnnxNode, attr_until: int, k: int = 1) -> list[int] | None:
+    """Axes from the attribute (opsets before `attr_until`) or from input k."""
+    if n.cx.opset < attr_until:
+        return n.attr("axes")
+    return n.consts(k, "axes")
+
+
+def _constant(cx, n):
+    for key, val in n.attrs.items():
+        if key == "value":
+            return [cx._tensor(val, n.where)]
+        if key in ("value_float", "value_floats"):
+            return [np.asarray(val, np.float32)]
+        if key in ("value_int", "value_ints"):
+            return [np.asarray(val, np.int64)]
+    raise n.unsupported(f"attribute {sorted(n.attrs)} is not supported")
+
+
+def _constant_of_shape(cx, n):
+    shape = n.consts(0, "shape")
+    value = n.attrs.get("value")
+    arr = numpy_helper.to_array(value).reshape(-1) if value is not None else \
+        np.zeros(1, np.float32)
+    dtype = onnx_dtype(value.data_type, n.where) if value is not None else "f32"
+    return [cx.op("full", shape=shape, value=arr[0].item(), dtype=dtype)]
+
+
+def _shape_op(cx, n):
+    dims = np.array(list(_shape(n.x(0))), dtype=object)
+    start, end = n.attr("start", 0), n.attr("end", None)
+    return [_known(dims[start:end], "i64")]
+
+
+def _size(cx, n):
+    return [_known(np.array(dim_product(_shape(n.x(0))), dtype=object), "i64")]
+
+
+def _reshape(cx, n):
+    x, shape = n.x(0), n.consts(1, "target shape")
+    if not n.attr("allowzero", 0):
+        shape = [_shape(x)[i] if d == 0 else d for i, d in enumerate(shape)]
+    return [cx.op("reshape", x, shape=shape)]
+
+
+def _flatten(cx, n):
+    shape = _shape(n.x(0))
+    axis = n.attr("axis", 1)
+    axis = axis + len(shape) if axis < 0 else axis
+    return [cx.op("reshape", n.x(0), shape=[dim_product(shape[:axis]),
+                                            dim_product(shape[axis:])])]
+
+
+def _squeeze(cx, n):
+    axes = _axes(n, 13)
+    if axes is None:
+        axes = [i for i, d in enumerate(_shape(n.x(0))) if d == 1]
+    return [cx.op("squeeze", n.x(0), axes=axes)]
+
+
+def _unsqueeze(cx, n):
+    return [cx.op("unsqueeze", n.x(0), axes=_axes(n, 13))]
+
+
+def _transpose(cx, n):
+    return [cx.op("transpose", n.x(0), perm=n.attr("perm"))]
+
+
+def _concat(cx, n):
+    xs = [n.x(k) for k in range(len(n.inputs)) if n.has(k)]
+    return [cx.op("concat", *xs, axis=n.attr("axis"))]
+
+
+def _split(cx, n):
+    x, axis = n.x(0), n.attr("axis", 0)
+    sizes = n.consts(1, "split sizes") if cx.opset >= 13 else n.attr("split")
+    if sizes is None:
+        dim = _shape(x)[axis]
+        parts = n.attr("num_outputs", len(n.outputs))
+        if not isinstance(dim, int):
+            raise n.unsupported(f"cannot split symbolic dim {dim} into {parts} parts")
+        step = -(-dim // parts)
+        sizes = [min(step, dim - i * step) for i in range(parts)]
+    return cx.op_multi("split", x, axis=axis, sizes=sizes)
+
+
+def _clamp(v):
+    return v if isinstance(v, str) else max(min(v, SLICE_END), -SLICE_END)
+
+
+def _slice(cx, n):
+    starts = [_clamp(v) for v in n.consts(1, "starts")]
+    ends = [_clamp(v) for v in n.consts(2, "ends")]
+    axes = n.consts(3, "axes")
+    if axes is not None:
+        axes = [a % len(_shape(n.x(0))) for a in axes]
+    return [cx.op("slice", n.x(0), starts=starts, ends=ends, axes=axes,
+                  steps=n.consts(4, "steps"))]
+
+
+def _gather(cx, n):
+    return [cx.op("gather", n.x(0), n.x(1), axis=n.attr("axis", 0))]
+
+
+def _gather_nd(cx, n):
+    """GatherND (batch_dims=0) as gather on the flattened leading dims."""
+    data, idx = n.x(0), n.x(1)
+    if n.attr("batch_dims", 0):
+        raise n.unsupported("batch_dims > 0 is not supported")
+    shape, k = _shape(data), _shape(idx)[-1]
+    if not isinstance(k, int) or not all(isinstance(d, int) for d in shape[:k]):
+        raise n.unsupported("needs static index depth and static indexed dims")
+    flat = cx.op("reshape", data, shape=[dim_product(shape[:k])] + list(shape[k:]))
+    lin = None
+    dt = _dtype(idx)
+    for i in range(k):
+        part = cx.op("squeeze", cx.op("slice", idx, starts=[i], ends=[i + 1], axes=[-1 % len(
+            _shape(idx))]), axes=[-1])
+        part = cx.op("where", cx.op("less", part, _scalar(0, dt)),
+                     cx.op("add", part, _scalar(shape[i], dt)), part)
+        stride = int(np.prod(shape[i + 1:k]))
+        part = cx.op("mul", part, _scalar(stride, dt)) if stride != 1 else part
+        lin = part if lin is None else cx.op("add", lin, part)
+    return [cx.op("gather", flat, lin, axis=0)]
+
+
+def _expand(cx, n):
+    return [cx.op("expand", n.x(0), shape=n.consts(1, "shape"))]
+
+
+def _range(cx, n):
+    start, limit, delta = (n.const(k, w) for k, w in enumerate(("start", "limit", "delta")))
+    dt = _dtype(n.x(0))
+    if all(isinstance(v, (int, float)) for v in (start, limit, delta)) and \
+            (dt in FLOAT_DTYPES or max(-(-(limit - start) // delta), 0) <= FOLD_LIMIT):
+        return [np.arange(start, limit, delta, dtype=TensorType((), dt).np_dtype)]
+    return [cx.op("range", start=[start], limit=[limit], delta=delta, dtype=dt)]
+
+
+def _cast(cx, n):
+    return [cx.op("cast", n.x(0), dtype=onnx_dtype(n.attr("to"), n.where))]
+
+
+def _cast_like(cx, n):
+    return [cx.op("cast", n.x(0), dtype=_dtype(n.x(1)))]
+
+
+def _identity(cx, n):
+    return [n.x(0)]
+
+
+def _dropout(cx, n):
+    if n.has(2) and n.const(2, "training_mode"):
+        raise n.unsupported("training_mode=True is not supported (inference only)")
+    x = n.x(0)
+    return [x, cx.op("full", shape=list(_shape(x)), value=True, dtype="bool")]
+
+
+def _pow(cx, n):
+    x, y = n.x(0), n.x(1)
+    if _dtype(y) != _dtype(x):  # ONNX allows another exponent type; the result is x's
+        y = cx.op("cast", y, dtype=_dtype(x))
+    return [cx.op("pow", x, y)]
+
+
+def _clip(cx, n):
+    x = n.x(0)
+    lo, hi = (n.attr("min"), n.attr("max")) if cx.opset < 11 else (n.x(1), n.x(2))
+    if not isinstance(lo, Value) and not isinstance(hi, Value):
+        lo = None if lo is None else np.asarray(lo).item()
+        hi = None if hi is None else np.asarray(hi).item()
+        if lo is None and hi is None:
+            return [x]
+        return [cx.op("clip", x, min=lo, max=hi)]
+    x = cx.op("maximum", x, lo) if lo is not None else x
+    return [cx.op("minimum", x, hi) if hi is not None else x]
+
+
+def _where(cx, n):
+    return [cx.op("where", n.x(0), n.x(1), n.x(2))]
+
+
+def _gelu(cx, n):
+    return [cx.op("gelu", n.x(0), approximate=n.attr("approximate", "none"))]
+
+
+def _leaky_relu(cx, n):
+    x = n.x(0)
+    neg = cx.op("mul", x, _scalar(n.attr("alpha", 0.01), _dtype(x)))
+    return [cx.op("where", cx.op("less", x, _scalar(0, _dtype(x))), neg, x)]
+
+
+def _composed(fn):
+    """A handler for an op written as a function of its first input, the node, and `k`
+    (which makes a constant of the input's dtype)."""
+    def h(cx, n):
+        x = n.x(0)
+        return [fn(cx.op, x, n, lambda v: _scalar(v, _dtype(x)))]
+    return h
+
+
+def _elu_part(op, x, k, alpha):  # alpha * (exp(x) - 1)
+    return op("mul", op("sub", op("exp", x), k(1)), k(alpha))
+
+
+# name: fn(op, x, node, k) for activations and friends that are compositions
+COMPOSED = {
+    "Ceil": lambda op, x, n, k: op("neg", op("floor", op("neg", x))),
+    "Sign": lambda op, x, n, k: op("where", op("greater", x, k(0)), k(1), op(
+        "where", op("less", x, k(0)), k(-1), k(0))),
+    "Softplus": lambda op, x, n, k: op("log", op("add", op("exp", x), k(1))),
+    "Softsign": lambda op, x, n, k: op("div", x, op("add", op("abs", x), k(1))),
+    "Elu": lambda op, x, n, k: op("where", op("less", x, k(0)),
+                                  _elu_part(op, x, k, n.attr("alpha", 1.0)), x),
+    "Selu": lambda op, x, n, k: op("mul", op("where", op("less_equal", x, k(0)), _elu_part(
+        op, x, k, n.attr("alpha", 1.67326319217681884765625)), x),
+        k(n.attr("gamma", 1.05070102214813232421875))),
+    "Celu": lambda op, x, n, k: op("add", op("maximum", x, k(0)), op("minimum", k(0), op(
+        "mul", op("sub", op("exp", op("div", x, k(n.attr("alpha", 1.0)))), k(1)),
+        k(n.attr("alpha", 1.0))))),
+    "HardSigmoid": lambda op, x, n, k: op("clip", op("add", op(
+        "mul", x, k(n.attr("alpha", 0.2))), k(n.attr("beta", 0.5))), min=0.0, max=1.0),
+    "HardSwish": lambda op, x, n, k: op("mul", x, op("clip", op("add", op(
+        "mul", x, k(1 / 6)), k(0.5)), min=0.0, max=1.0)),
+    "ThresholdedRelu": lambda op, x, n, k: op("where", op(
+        "greater", x, k(n.attr("alpha", 1.0))), x, k(0)),
+    "Mish": lambda op, x, n, k: op("mul", x, op("tanh", op("log", op(
+        "add", op("exp", x), k(1))))),
+    "IsNaN": lambda op, x, n, k: op("logical_not", op("equal", x, x)),
+    "IsInf": lambda op, x, n, k: op("logical_or", op(
+        "equal", x, k(np.inf if n.attr("detect_positive", 1) else np.nan)),
+        op("equal", x, k(-np.inf if n.attr("detect_negative", 1) else np.nan))),
+    "Swish": lambda op, x, n, k: op("mul", x, op("sigmoid", op(
+        "mul", x, k(n.attr("alpha", 1.0))))),
+}
+
+
+def _prelu(cx, n):
+    x, slope = n.x(0), n.x(1)
+    return [cx.op("where", cx.op("less", x, _scalar(0, _dtype(x))), cx.op("mul", x, slope), x)]
+
+
+def _xor(cx, n):
+    return [cx.op("logical_not", cx.op("equal", n.x(0), n.x(1)))]
+
+
+def _tile(cx, n):
+    """Tile as reshape [1,d0,1,d1,...] -> expand [r0,d0,r1,d1,...] -> reshape [r0*d0,...]."""
+    x, reps = n.x(0), n.consts(1, "repeats")
+    shape = _shape(x)
+    inter = [1 if k % 2 == 0 else d for d in shape for k in range(2)]
+    big = [v for d, r in zip(shape, reps, strict=True) for v in (r, d)]
+    y = cx.op("expand", cx.op("reshape", x, shape=inter), shape=big)
+    return [cx.op("reshape", y, shape=[dim_product([r, d]) for d, r in zip(
+        shape, reps, strict=True)])]
+
+
+def _rms_norm(cx, n):
+    x, scale = n.x(0), n.x(1)
+    rank = len(_shape(x))
+    axes = list(range(n.attr("axis", -1) % rank, rank))
+    ms = cx.op("reduce_mean", cx.op("mul", x, x), axes=axes, keepdims=True)
+    inv = cx.op("rsqrt", cx.op("add", ms, _scalar(n.attr("epsilon", 1e-5), _dtype(x))))
+    return [cx.op("mul", cx.op("mul", x, inv), scale)]
+
+
+def _softmax(op):
+    return lambda cx, n: [cx.op(op, n.x(0), axis=n.attr("axis", -1))]
+
+
+def _matmul(cx, n):
+    return [cx.op("matmul", n.x(0), n.x(1))]
+
+
+def _gemm(cx, n):
+    a, b = n.x(0), n.x(1)
+    a = cx.op("transpose", a, perm=[1, 0]) if n.attr("transA", 0) else a
+    b = cx.op("transpose", b, perm=[1, 0]) if n.attr("transB", 0) else b
+    y, dt = cx.op("matmul", a, b), _dtype(a)
+    alpha, beta = n.attr("alpha", 1.0), n.attr("beta", 1.0)
+    y = cx.op("mul", y, _scalar(alpha, dt)) if alpha != 1.0 else y
+    if n.has(2):
+        c = cx.op("mul", n.x(2), _scalar(beta, dt)) if beta != 1.0 else n.x(2)
+        y = cx.op("add", y, c)
+    return [y]
+
+
+def _conv(cx, n):
+    x, w = n.x(0), n.x(1)
+    b = [n.x(2)] if n.has(2) else []
+    rank = len(_shape(x)) - 2
+    if rank not in (1, 2):
+        raise n.unsupported(f"only 1-D and 2-D convolutions are supported, got {rank}-D")
+    kernel = list(_shape(w)[2:])
+    strides = n.attr("strides", [1] * rank)
+    dil = n.attr("dilations", [1] * rank)
+    pads = n.attr("pads", [0] * 2 * rank)
+    auto = n.attr("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * 2 * rank
+        for i, (d, k) in enumerate(zip(_shape(x)[2:], kernel, strict=True)):
+            if not isinstance(d, int):
+                raise n.unsupported("auto_pad SAME needs static spatial dims")
+            total = max((-(-d // strides[i]) - 1) * strides[i] + (k - 1) * dil[i] + 1 - d, 0)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + rank] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0] * 2 * rank
+    if rank == 1:  # run as 2-D with a height of 1
+        x, w = cx.op("unsqueeze", x, axes=[2]), cx.op("unsqueeze", w, axes=[2])
+        strides, dil, pads = [1] + strides, [1] + dil, [0, pads[0], 0, pads[1]]
+    y = cx.op("conv2d", x, w, *b, strides=strides, pads=pads, dilations=dil,
+              group=n.attr("group", 1))
+    return [cx.op("squeeze", y, axes=[2]) if rank == 1 else y]
+
+
+def _layer_norm(cx, n):
+    x = n.x(0)
+    axis, eps = n.attr("axis", -1), n.attr("epsilon", 1e-5)
+    params = [n.x(k) for k in (1, 2) if n.has(k)]
+    outs = [cx.op("layer_norm", x, *params, axis=axis, eps=eps)]
+    if any(n.outputs[1:]):  # Mean and InvStdDev, kept in reduced form
+        axes = list(range(axis % len(_shape(x)), len(_shape(x))))
+        mean = cx.op("reduce_mean", x, axes=axes, keepdims=True)
+        d = cx.op("sub", x, mean)
+        var = cx.op("reduce_mean", cx.op("mul", d, d), axes=axes, keepdims=True)
+        outs += [mean, cx.op("rsqrt", cx.op("add", var, _scalar(eps, _dtype(x))))]
+    return outs
+
+
+def _batch_norm(cx, n):
+    if n.attr("training_mode", 0):
+        raise n.unsupported("training_mode=1 is not supported (inference only)")
+    x, scale, bias, mean, var = (n.x(k) for k in range(5))
+    dt, rank = _dtype(x), len(_shape(x))
+
+    def per_channel(p):
+        return cx.op("unsqueeze", p, axes=list(range(1, rank - 1))) if rank > 2 else p
+    inv = cx.op("div", per_channel(scale), cx.op("sqrt", cx.op(
+        "add", per_channel(var), _scalar(n.attr("epsilon", 1e-5), dt))))
+    y = cx.op("mul", cx.op("sub", x, per_channel(mean)), inv)
+    return [cx.op("add", y, per_channel(bias))]
+
+
+def _reduce(op, axes_input_from=18, pre=None, post=None):
+    """ReduceX; `pre` and `post` make ReduceL2 and friends: post(reduce(pre(x)))."""
+    def h(cx, n):
+        x = pre(cx, n.x(0)) if pre else n.x(0)
+        axes = _axes(n, axes_input_from) or None
+        if axes is None and n.attr("noop_with_empty_axes", 0):
+            y = x
+        else:
+            y = cx.op(op, x, axes=axes, keepdims=bool(n.attr("keepdims", 1)))
+        return [post(cx, y) if post else y]
+    return h
+
+
+def _argmax(cx, n):
+    x, axis, keep = n.x(0), n.attr("axis", 0), bool(n.attr("keepdims", 1))
+    if not n.attr("select_last_index", 0):
+        return [cx.op("argmax", x, axis=axis, keepdims=keep)]
+    size = _shape(x)[axis]  # the last maximum is the first one of the reversed axis
+    if not isinstance(size, int):
+        raise n.unsupported("select_last_index=1 needs a static axis")
+    rev = cx.op("slice", x, starts=[-1], ends=[-SLICE_END], axes=[axis % len(_shape(x))],
+                steps=[-1])
+    return [cx.op("sub", _scalar(size - 1, "i64"), cx.op("argmax", rev, axis=axis,
+                                                          keepdims=keep))]
+
+
+def _trilu(cx, n):
+    return [cx.op("trilu", n.x(0), upper=bool(n.attr("upper", 1)),
+                  k=n.const(1, "k", 0))]
+
+
+def _einsum(cx, n):
+    eq = n.attr("equation").replace(" ", "")
+    lhs, _, out = eq.partition("->")
+    terms = lhs.split(",")
+    xs = [n.x(k) for k in range(len(terms))]
+    if "." in eq or len(terms) > 2 or any(len(set(t)) != len(t) for t in terms):
+        raise n.unsupported(f"equation {eq!r}: only one or two operands without ellipsis "
+                            "or repeated indices are supported")
+    if not _:
+        counts = "".join(terms)
+        out = "".join(sorted(c for c in set(counts) if counts.count(c) == 1))
+    # sum away indices that appear in one operand only and not in the output
+    for k, t in enumerate(terms):
+        others = out + "".join(terms[:k] + terms[k + 1:])
+        drop = [i for i, c in enumerate(t) if c not in others]
+        if drop:
+            xs[k] = cx.op("reduce_sum", xs[k], axes=drop, keepdims=False)
+            terms[k] = "".join(c for c in t if c in others)
+    if len(terms) == 1:
+        return [cx.op("transpose", xs[0], perm=[terms[0].index(c) for c in out])]
+    (a, b), (ta, tb) = xs, terms
+    batch = [c for c in ta if c in tb and c in out]
+    contr = [c for c in ta if c in tb and c not in out]
+    left = [c for c in ta if c not in tb]
+    right = [c for c in tb if c not in ta]
+    size = {c: d for t, x in zip(terms, xs, strict=True) for c, d in zip(t, _shape(x),
+                                                                         strict=True)}
+    prod = [dim_product([size[c] for c in g]) for g in (left, contr, right)]
+    a = cx.op("transpose", a, perm=[ta.index(c) for c in batch + left + contr])
+    a = cx.op("reshape", a, shape=[size[c] for c in batch] + prod[:2])
+    b = cx.op("transpose", b, perm=[tb.index(c) for c in batch + contr + right])
+    b = cx.op("reshape", b, shape=[size[c] for c in batch] + prod[1:])
+    y = cx.op("reshape", cx.op("matmul", a, b), shape=[size[c] for c in batch + left + right])
+    order = batch + left + right
+    return [cx.op("transpose", y, perm=[order.index(c) for c in out])]
+
+
+HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
+    # constants and shapes
+    "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Shape": _shape_op,
+    "Size": _size, "Range": _range, "Identity": _identity, "Dropout": _dropout,
+    "Cast": _cast, "CastLike": _cast_like,
+    # data movement
+    "Reshape": _reshape, "Flatten": _flatten, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
+    "Transpose": _transpose, "Concat": _concat, "Split": _split, "Slice": _slice,
+    "Gather": _gather, "GatherND": _gather_nd, "Expand": _expand, "Trilu": _trilu,
+    "Where": _where,
+    # elementwise
+    **{k: _unary(v) for k, v in {
+        "Neg": "neg", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
+        "Reciprocal": "reciprocal", "Tanh": "tanh", "Erf": "erf", "Sigmoid": "sigmoid",
+        "Relu": "relu", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Not": "logical_not",
+    }.items()},
+    **{k: _binary(v) for k, v in {
+        "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Equal": "equal",
+        "Less": "less", "LessOrEqual": "less_equal", "Greater": "greater",
+        "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or",
+    }.items()},
+    "Pow": _pow, "Max": _variadic("maximum"), "Min": _variadic("minimum"),
+    "Sum": _variadic("add"), "Mean": _variadic("add", mean=True), "Clip": _clip,
+    "Gelu": _gelu, "LeakyRelu": _leaky_relu,
+    # contractions, normalisation, reductions
+    "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv, "Einsum": _einsum,
+    "Softmax": _softmax("softmax"), "LogSoftmax": _softmax("log_softmax"),
+    "LayerNormalization": _layer_norm, "BatchNormalization": _batch_norm,
+    "ReduceMean": _reduce("reduce_mean"), "ReduceSum": _reduce("reduce_sum", 13),
+    "ReduceMax": _reduce("reduce_max"), "ReduceMin": _reduce("reduce_min"),
+    "ArgMax": _argmax,
+    "ReduceSumSquare": _reduce("reduce_sum", pre=lambda cx, x: cx.op("mul", x, x)),
+    "ReduceL1": _reduce("reduce_sum", pre=lambda cx, x: cx.op("abs", x)),
+    "ReduceL2": _reduce("reduce_sum", pre=lambda cx, x: cx.op("mul", x, x),
+                        post=lambda cx, y: cx.op("sqrt", y)),
+    "ReduceLogSum": _reduce("reduce_sum", post=lambda cx, y: cx.op("log", y)),
+    "ReduceLogSumExp": _reduce("reduce_sum", pre=lambda cx, x: cx.op("exp", x),
+                               post=lambda cx, y: cx.op("log", y)),
+    "RMSNormalization": _rms_norm, "Tile": _tile, "PRelu": _prelu, "Xor": _xor,
+    **{k: _composed(fn) for k, fn in COMPOSED.items()},
+}
