@@ -11,7 +11,12 @@ softmax inward, accepting the variants real exporters write:
   constant `fill` (bool masks) and as `scores + bias` (additive masks), in any
   number and order, before or after the scale;
 - k given as [b,h,s,d] and transposed for the matmul, or transposed inside it straight
-  from the [b,s,h,d] head split (perm [0,2,3,1]).
+  from the [b,s,h,d] head split (perm [0,2,3,1]), or transposed as 3-d between two
+  reshapes (``[b,h,s,d] -> [b*h,s,d] -> [b*h,d,s] -> [b,h,d,s]``, PyTorch's dynamo
+  exporter);
+- the probabilities NaN-guarded, ``where(isnan(p), 0, p)`` (PyTorch's exported
+  scaled_dot_product_attention): the guard moves to the output, where a row of NaN
+  (every key masked with -inf) becomes a row of zeros, as ``0 @ v`` is for finite v.
 
 Causal masks (constant lower-triangular keep masks, `trilu(full(true))` with symbolic
 sizes, a slice of a constant triangular buffer starting at 0, or an additive 0/-inf
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tensorc.errors import ShapeError
-from tensorc.ir import Graph, TensorType, Value
+from tensorc.ir import Graph, TensorType, Value, dim_product
 from tensorc.ops import get_op
 
 from . import EXPLAINERS
@@ -69,6 +74,7 @@ class Found:
     v: Value
     scale: float = 1.0
     masks: list = field(default_factory=list)   # as peeled, outermost last
+    nan_guard: bool = False  # the probabilities were where(isnan(p), 0, p)
     # decided by _plan_masks:
     causal: bool = False
     mask_value: float = -np.inf
@@ -145,6 +151,46 @@ def _peel(ctx: Context, v: Value, depth: int = 0):
                   n, depth)
 
 
+def _nan_guarded(ctx: Context, p: Value) -> Value | None:
+    """``where(isnan(p), 0, p)`` (isnan imported as ``not(equal(p, p))``) when it is the
+    only use of `p`: what PyTorch's exported scaled_dot_product_attention writes so
+    that rows whose keys are all masked give 0 instead of NaN."""
+    users = ctx.users.get(p, [])
+    uses = list(dict.fromkeys(users))  # equal(p, p) is listed once per input
+    eq = [u for u in uses if u.op == "equal" and u.inputs[0] is p and u.inputs[1] is p]
+    guards = [u for u in uses if u.op == "where" and u.inputs[2] is p]
+    if len(eq) != 1 or len(guards) != 1 or len(uses) != 2 or p in ctx.outputs:
+        return None
+    nots = ctx.users.get(eq[0].outputs[0], [])
+    where = guards[0]
+    if len(nots) != 1 or nots[0].op != "logical_not" or \
+            where.inputs[0] is not nots[0].outputs[0] or _scalar(ctx, where.inputs[1]) != 0:
+        return None
+    return where.outputs[0]
+
+
+def _as_transpose(v: Value) -> tuple[Value, tuple] | None:
+    """v as (x, perm) with v == transpose(x, perm): a transpose, or the
+    reshape -> transpose -> reshape that merges leading dims, transposes the rest and
+    splits them back (``[b,h,s,d] -> [b*h,s,d] -> [b*h,d,s] -> [b,h,d,s]``)."""
+    n = v.producer
+    if n is None:
+        return None
+    if n.op == "transpose":
+        x = n.inputs[0]
+        return x, tuple(n.attrs["perm"] or range(x.type.rank - 1, -1, -1))
+    t = n.inputs[0].producer if n.op == "reshape" else None
+    r = t.inputs[0].producer if t is not None and t.op == "transpose" else None
+    if r is None or r.op != "reshape" or not t.attrs["perm"] or t.attrs["perm"][0] != 0:
+        return None
+    x = r.inputs[0].type.shape
+    merged, moved = r.outputs[0].type.shape, t.outputs[0].type.shape
+    for j in range(1, len(x) + 1):
+        if merged == (dim_product(x[:j]), *x[j:]) and v.type.shape == (*x[:j], *moved[1:]):
+            return r.inputs[0], tuple(range(j)) + tuple(j - 1 + a for a in t.attrs["perm"][1:])
+    return None
+
+
 def analyse(ctx: Context, softmax) -> Found:
     """Match the attention around `softmax`, or raise `Failure` saying why not."""
     p = softmax.outputs[0]
@@ -152,9 +198,11 @@ def analyse(ctx: Context, softmax) -> Found:
     if softmax.attrs["axis"] % rank != rank - 1:
         raise Failure(f"softmax over axis {softmax.attrs['axis']}, not the last (key) axis",
                       softmax, 0)
+    guarded = _nan_guarded(ctx, p)
+    p = guarded or p
     users = ctx.users.get(p, [])
     if len(users) != 1 or users[0].op != "matmul" or users[0].inputs[0] is not p:
-        ops = ", ".join(u.op for u in users) or "nothing"
+        ops = ", ".join(u.op for u in dict.fromkeys(users)) or "nothing"
         raise Failure(f"the probabilities feed {ops}, not one matmul with v", softmax, 0)
     pv = users[0]
     scale, masks, mm = _peel(ctx, softmax.inputs[0], 1)
@@ -165,12 +213,13 @@ def analyse(ctx: Context, softmax) -> Found:
     sq, q = _unscale(ctx, mm.inputs[0])
     sk, kt = _unscale(ctx, mm.inputs[1])
     k, perm = kt, (0, 1, 3, 2)
-    if kt.producer is not None and kt.producer.op == "transpose":
-        inner = kt.producer.attrs["perm"] or (3, 2, 1, 0)
-        sk2, k = _unscale(ctx, kt.producer.inputs[0])
+    seen = _as_transpose(kt)
+    if seen is not None and len(seen[1]) == 4:
+        inner = seen[1]
+        sk2, k = _unscale(ctx, seen[0])
         sk *= sk2
         perm = tuple(inner[:2]) + (inner[3], inner[2])
-    found = Found(q, k, perm, pv.inputs[1], scale * sq * sk, masks)
+    found = Found(q, k, perm, pv.inputs[1], scale * sq * sk, masks, guarded is not None)
     _plan_masks(ctx, found, mm)
     return found
 
@@ -256,13 +305,21 @@ def _build(f: Found, b):
     mask = keep
     for a in adds:
         mask = a if mask is None else b.op("add", mask, a)
-    return b.op("attention", f.q, k, f.v, *([mask] if mask is not None else []),
-                scale=float(f.scale), causal=f.causal, mask_value=float(f.mask_value))
+    out = b.op("attention", f.q, k, f.v, *([mask] if mask is not None else []),
+               scale=float(f.scale), causal=f.causal, mask_value=float(f.mask_value))
+    if f.nan_guard:  # a row of NaN probabilities makes a row of NaN outputs: zero those
+        nan = b.op("logical_not", b.op("equal", out, out))
+        out = b.op("where", nan, b.const(0, dtype, "zero"), out)
+    return out
 
 
-@rule(op.matmul(op.softmax(Var("scores"), name="p"), Var("v")))
+_probs = op.softmax(Var("scores"), name="p")
+
+
+@rule(op.matmul(_probs | op.where(Var("isnan"), Var("zero"), _probs), Var("v")))
 def fuse_attention_rule(m, b):
-    """matmul(softmax(scale * q @ k^T + masks), v) -> attention(q, k, v, mask)"""
+    """matmul(softmax(scale * q @ k^T + masks), v) -> attention(q, k, v, mask), also with
+    the probabilities NaN-guarded"""
     try:
         return _build(analyse(m.ctx, m["p"].producer), b)
     except (Failure, ShapeError):

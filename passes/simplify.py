@@ -27,6 +27,10 @@ def _foldable(node, users, outputs) -> bool:
         return False
     if not all(v.is_constant for v in node.inputs):
         return False
+    specs = get_op(node.op).attrs  # symbols in dims attributes are bound per call
+    if any(spec.kind == "dims" and any(isinstance(d, str) for d in node.attrs[k] or ())
+           for k, spec in specs.items()):
+        return False
     size = sum(int(np.prod(v.type.shape)) for v in node.outputs)
     if size > FOLD_MAX:
         return False

@@ -405,6 +405,65 @@ def test_split_slice_squeeze_with_axes_inputs():
     _check_against_ort(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
 
 
+def test_symbolic_dims_used_as_data():
+    """transformers' mask builders compute with the sizes: Range(0, batch) * seq +
+    Range(0, seq) indexes the flattened padding mask, GatherND reads it by (b, j) pairs,
+    and Less(j, seq - 1) is arithmetic on a symbol's value. The sizes become `dims` nodes
+    read per call."""
+    inits = [_ints("zero_s", 0), _ints("one_s", 1), _ints("ax1", [1]), _ints("ax0", [0]),
+             _ints("flat", [-1]), _ints("axl", [-1])]
+    nodes = [helper.make_node("Shape", ["keep"], ["shp"]),
+             helper.make_node("Gather", ["shp", "zero_s"], ["b"], axis=0),
+             helper.make_node("Gather", ["shp", "one_s"], ["s"], axis=0),
+             helper.make_node("Range", ["zero_s", "b", "one_s"], ["bi"]),
+             helper.make_node("Range", ["zero_s", "s", "one_s"], ["ji"]),
+             helper.make_node("Unsqueeze", ["bi", "ax1"], ["bcol"]),             # [b, 1]
+             helper.make_node("Unsqueeze", ["ji", "ax0"], ["jrow"]),             # [1, s]
+             helper.make_node("Mul", ["bcol", "s"], ["base"]),
+             helper.make_node("Add", ["base", "jrow"], ["lin"]),                 # [b, s]
+             helper.make_node("Reshape", ["keep", "flat"], ["kflat"]),
+             helper.make_node("Gather", ["kflat", "lin"], ["k1"], axis=0),
+             helper.make_node("Add", ["bcol", "zero_s"], ["b0"]),
+             helper.make_node("Expand", ["b0", "shp"], ["bb"]),
+             helper.make_node("Expand", ["jrow", "shp"], ["jj"]),
+             helper.make_node("Unsqueeze", ["bb", "axl"], ["bb1"]),
+             helper.make_node("Unsqueeze", ["jj", "axl"], ["jj1"]),
+             helper.make_node("Concat", ["bb1", "jj1"], ["pairs"], axis=-1),     # [b, s, 2]
+             helper.make_node("GatherND", ["keep", "pairs"], ["k2"]),
+             helper.make_node("Sub", ["s", "one_s"], ["last"]),
+             helper.make_node("Less", ["jrow", "last"], ["not_last"]),
+             helper.make_node("And", ["k1", "k2"], ["k12"]),
+             helper.make_node("And", ["k12", "not_last"], ["k"]),
+             helper.make_node("Unsqueeze", ["k", "axl"], ["k3"]),
+             helper.make_node("Where", ["k3", "x", "fzero"], ["y"])]
+    inits.append(_c("fzero", np.float32(0)))
+    graph = helper.make_graph(
+        nodes, "sizes_as_data",
+        [helper.make_tensor_value_info("x", F32, ["batch", "seq", D]),
+         helper.make_tensor_value_info("keep", TensorProto.BOOL, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", F32, ["batch", "seq", D])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    g = _check_against_ort(proto)
+    dims = {d for n in g.nodes if n.op == "dims" for d in n.attrs["values"]}
+    assert "seq" in dims and dims <= {"batch", "seq", "2*seq"}, dims
+    # and it exports back: each `dims` reads its symbol from an input's Shape
+    x = np.random.default_rng(3).standard_normal((3, 4, D)).astype(np.float32)
+    keep = np.random.default_rng(4).random((3, 4)) > 0.3
+    _close(_ort(tx.to_model(g), {"x": x, "keep": keep}), _numpy(g, {"x": x, "keep": keep}))
+
+
+def test_gather_elements_with_symbolic_dims():
+    """HF BERT without token_type_ids: a buffer gathered at expanded positions."""
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", ["x", "idx"], ["y"], axis=1)], "ge",
+        [helper.make_tensor_value_info("x", F32, ["batch", "seq", D]),
+         helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", "seq", 4])],
+        [helper.make_tensor_value_info("y", F32, ["batch", "seq", 4])])
+    g = _check_against_ort(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 18)]))
+    assert g.op_counts()["gather"] == 1
+
+
 # --- bad input: one clear error each ----------------------------------------------------
 
 def _tiny_model(node_types=("Relu",), opset=18, out_shape=(2, 3)):

@@ -662,6 +662,16 @@ def _range(op, rng):
             np.array(vals, NP[dtype])
 
 
+@checks("dims")
+def _dims(op, rng):
+    # static values here; symbolic ones are bound per call (tests/test_onnx.py)
+    for values, shape, dtype, expected in [
+            ((7,), (), "i64", np.int64(7)), ((3, 12), (2,), "i32", np.int32([3, 12])),
+            ((2, 5, 1, 4), (2, 2), "f32", np.float32([[2, 5], [1, 4]])),
+            ((9,), (1,), "i64", np.int64([9]))]:
+        yield [], {"values": values, "shape": shape, "dtype": dtype}, np.asarray(expected)
+
+
 # --- FLOP counts --------------------------------------------------------------------
 
 def flops_of(op, types, attrs=None, env=None):

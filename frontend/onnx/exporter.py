@@ -277,6 +277,14 @@ def _range(sc, node, ins, outs):
         sc.node("Cast", sc.node("Range", args), outputs=outs, to=ONNX_OF[a["dtype"]])
 
 
+def _dims(sc, node, ins, outs):
+    a = node.attrs
+    flat = sc.dims(a["values"])
+    if a["dtype"] != "i64":
+        flat = sc.node("Cast", [flat], to=ONNX_OF[a["dtype"]])[0]
+    sc.node("Reshape", [flat, sc.ints(a["shape"])], outputs=outs)
+
+
 def _trilu(sc, node, ins, outs):
     k = sc.const(np.asarray(node.attrs["k"], np.int64), "k")
     sc.node("Trilu", [ins[0], k], outputs=outs, upper=int(node.attrs["upper"]))
@@ -335,7 +343,7 @@ EXPORTERS: dict[str, Exporter] = {
     "reshape": _reshape, "transpose": _transpose, "concat": _axis("Concat"),
     "split": _split, "slice": _slice, "expand": _expand, "gather": _axis("Gather"),
     "squeeze": _axes_input("Squeeze"), "unsqueeze": _axes_input("Unsqueeze"),
-    "full": _full, "range": _range, "trilu": _trilu,
+    "full": _full, "range": _range, "dims": _dims, "trilu": _trilu,
     "reduce_sum": _axes_input("ReduceSum"), "reduce_mean": _axes_input("ReduceMean"),
     "reduce_max": _axes_input("ReduceMax"), "reduce_min": _axes_input("ReduceMin"),
     "argmax": _argmax, "softmax": _axis("Softmax"), "log_softmax": _axis("LogSoftmax"),

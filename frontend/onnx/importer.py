@@ -203,7 +203,8 @@ class OnnxNode:
             raise NeedsConstantError(
                 f"{self.where}: its {what} (input {self.inputs[k]!r}) is computed at run "
                 f"time{' from graph input ' + repr(src[0]) if src else ''}; tensorc needs it "
-                "known at import (a constant, or computed from shapes)", src)
+                "known at import (a constant, or computed from shapes without needing a symbolic "
+                "dim's value)", src)
         arr = e.dims if isinstance(e, Sym) else e
         return [d if isinstance(d, str) else d.item() if hasattr(d, "item") else d
                 for d in np.asarray(arr).reshape(-1)]
@@ -226,6 +227,7 @@ class _Importer:
         self.graph = Graph(_clean(model.graph.name or "model"))
         self.env: dict[str, Entry] = {}
         self.materialized: dict[int, Value] = {}  # id(array) -> constant Value
+        self.dim_values: dict[tuple, Value] = {}  # dims attributes -> their `dims` node
         self.names: dict[int, str] = {}           # id(array) -> initializer name
         self.bind = bind or {}
         self.loc: str | None = None
@@ -244,10 +246,14 @@ class _Importer:
         """An IR value for an entry, adding known numbers as graph constants."""
         if isinstance(e, Value):
             return e
-        if isinstance(e, Sym):
-            raise UnsupportedOpError(
-                f"{self.loc}: a shape holding symbolic dims {e.dims.tolist()} is used as "
-                "data; tensorc folds shapes at import and has no run-time shape op")
+        if isinstance(e, Sym):  # dims used as data: a node reads them per call
+            attrs = {"values": tuple(d if isinstance(d, str) else int(d)
+                                     for d in e.dims.reshape(-1)),
+                     "shape": e.dims.shape, "dtype": e.dtype}
+            key = tuple(attrs.values())
+            if key not in self.dim_values:
+                (self.dim_values[key],) = self.graph.add_node("dims", [], attrs, loc=self.loc)
+            return self.dim_values[key]
         key = id(e)
         if key not in self.materialized:
             hint = self.names.get(key, "c")
@@ -285,11 +291,8 @@ class _Importer:
                     outs = opdef.evaluate(arrays, attrs) if op != "cast" else [arrays[0]]
                 else:
                     raise _CannotFold
-            except _CannotFold:
-                raise UnsupportedOpError(
-                    f"{self.loc}: cannot compute {op} of {[a.tolist() for a in arrays]} at "
-                    "import (symbolic dims); tensorc folds shape arithmetic only when the "
-                    "result is a product or quotient of symbols") from None
+            except _CannotFold:  # depends on a symbol's value: compute it at run time
+                return None
             return [_known(np.asarray(o, dtype=object), t.dtype)
                     for o, t in zip(outs, out_types, strict=True)]
         if not all(t.is_static for t in out_types) or \
@@ -471,6 +474,11 @@ def _scalar(v, dtype: str) -> np.ndarray:
     return np.asarray(v, TensorType((), dtype).np_dtype)
 
 
+def _dim(d: Dim, dtype: str) -> np.ndarray | Sym:
+    """A dim as a scalar entry: a number, or a symbol the graph reads at run time."""
+    return _known(np.array(d, dtype=object), dtype)
+
+
 def _axes(n: OnnxNode, attr_until: int, k: int = 1) -> list[int] | None:
     """Axes from the attribute (opsets before `attr_until`) or from input k."""
     if n.cx.opset < attr_until:
@@ -580,8 +588,8 @@ def _gather_nd(cx, n):
     if n.attr("batch_dims", 0):
         raise n.unsupported("batch_dims > 0 is not supported")
     shape, k = _shape(data), _shape(idx)[-1]
-    if not isinstance(k, int) or not all(isinstance(d, int) for d in shape[:k]):
-        raise n.unsupported("needs static index depth and static indexed dims")
+    if not isinstance(k, int):
+        raise n.unsupported("needs a static index depth (the last dim of the indices)")
     flat = cx.op("reshape", data, shape=[dim_product(shape[:k])] + list(shape[k:]))
     lin = None
     dt = _dtype(idx)
@@ -589,10 +597,33 @@ def _gather_nd(cx, n):
         part = cx.op("squeeze", cx.op("slice", idx, starts=[i], ends=[i + 1], axes=[-1 % len(
             _shape(idx))]), axes=[-1])
         part = cx.op("where", cx.op("less", part, _scalar(0, dt)),
-                     cx.op("add", part, _scalar(shape[i], dt)), part)
-        stride = int(np.prod(shape[i + 1:k]))
-        part = cx.op("mul", part, _scalar(stride, dt)) if stride != 1 else part
+                     cx.op("add", part, _dim(shape[i], dt)), part)
+        stride = dim_product(shape[i + 1:k])  # symbolic dims become run-time values
+        part = cx.op("mul", part, _dim(stride, dt)) if stride != 1 else part
         lin = part if lin is None else cx.op("add", lin, part)
+    return [cx.op("gather", flat, lin, axis=0)]
+
+
+def _gather_elements(cx, n):
+    """GatherElements as a gather on the flattened data: the indices give the coordinate
+    along `axis`, every other coordinate is the element's own position (a range)."""
+    data, idx = n.x(0), n.x(1)
+    shape, ishape = _shape(data), _shape(idx)
+    rank = len(shape)
+    axis = n.attr("axis", 0) % rank
+    lin = None
+    for d in range(rank):
+        if d == axis:
+            c = cx.op("cast", idx, dtype="i64")
+            c = cx.op("where", cx.op("less", c, _scalar(0, "i64")),
+                      cx.op("add", c, _dim(shape[d], "i64")), c)
+        else:
+            c = cx.op("reshape", cx.op("range", start=[0], limit=[ishape[d]]),
+                      shape=[1] * d + [ishape[d]] + [1] * (rank - d - 1))
+        stride = dim_product(shape[d + 1:])
+        c = cx.op("mul", c, _dim(stride, "i64")) if stride != 1 else c
+        lin = c if lin is None else cx.op("add", lin, c)
+    flat = cx.op("reshape", data, shape=[dim_product(shape)])
     return [cx.op("gather", flat, lin, axis=0)]
 
 
@@ -890,8 +921,8 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     # data movement
     "Reshape": _reshape, "Flatten": _flatten, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Transpose": _transpose, "Concat": _concat, "Split": _split, "Slice": _slice,
-    "Gather": _gather, "GatherND": _gather_nd, "Expand": _expand, "Trilu": _trilu,
-    "Where": _where,
+    "Gather": _gather, "GatherElements": _gather_elements, "GatherND": _gather_nd,
+    "Expand": _expand, "Trilu": _trilu, "Where": _where,
     # elementwise
     **{k: _unary(v) for k, v in {
         "Neg": "neg", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",

@@ -1,4 +1,5 @@
-"""Ops that imported models need beyond what the DSL emits: range (ONNX Range)."""
+"""Ops that imported models need beyond what the DSL emits: range (ONNX Range) and dims
+(symbolic dims used as data)."""
 
 from __future__ import annotations
 
@@ -31,4 +32,20 @@ register(OpDef(
            "dtype": Attr("dtype", "i64")},
     doc="[start, start+delta, ...) below limit; start and limit are one-dim lists so they "
         "may be symbols (ONNX Range)",
+))
+
+
+def _dims_infer(values, shape, dtype="i64") -> TensorType:
+    if int(np.prod(shape)) != len(values):
+        raise ShapeError(f"{len(values)} values do not fill shape {list(shape)}")
+    return TensorType(tuple(shape), dtype)
+
+
+register(OpDef(
+    "dims", inputs=(0, 0), kind="shape", infer=_dims_infer,
+    reference=lambda values, shape, dtype="i64": np.array(
+        values, TensorType((), dtype).np_dtype).reshape(shape),
+    attrs={"values": Attr("dims"), "shape": Attr("ints"), "dtype": Attr("dtype", "i64")},
+    doc="dims as data: a tensor of `shape` holding `values`, which may be symbols bound at "
+        "run time (an imported model computing with its sequence length, say)",
 ))
