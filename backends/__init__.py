@@ -57,6 +57,10 @@ class Backend(ABC):
     @abstractmethod
     def compile(self, graph: Graph) -> Executable: ...
 
+    def unavailable_reason(self) -> str | None:
+        """Why `compile` cannot work on this machine (no GPU, say), or None."""
+        return None
+
     def emit_source(self, graph: Graph, directory: str) -> list[str]:
         """Write the generated source of every kernel into `directory`; returns paths."""
         raise TensorcError(f"backend {self.name} generates no source code")
@@ -64,7 +68,8 @@ class Backend(ABC):
 
 # name -> module that defines `BACKEND`; imported on first use so that, e.g., the
 # base install never imports cupy.
-_BACKENDS = {"numpy": "tensorc.backends.numpy"}
+_BACKENDS = {"numpy": "tensorc.backends.numpy", "llvm": "tensorc.backends.llvm",
+             "cupy": "tensorc.backends.cupy"}
 
 
 def available_backends() -> list[str]:

@@ -34,3 +34,29 @@ def peak_memory_bytes(g: Graph, env: dict[str, int] | None = None) -> int:
         peak = max(peak, live)
         live -= sum(v.type.nbytes(env) for v in dying.get(i, []))
     return peak
+
+
+def pack_buffers(buffers: list[tuple[int, int, int]], align: int = 64
+                 ) -> tuple[list[int], int]:
+    """Place buffers (nbytes, first step, last step) in one arena so that buffers whose
+    lifetimes overlap never overlap in memory; returns (offsets, arena size).
+
+    Greedy by size, largest first, each at the lowest offset that fits (the usual
+    heuristic of inference runtimes: close to the live peak in practice)."""
+    order = sorted(range(len(buffers)), key=lambda i: -buffers[i][0])
+    placed: list[tuple[int, int, int, int]] = []   # (offset, end offset, first, last)
+    offsets = [0] * len(buffers)
+    total = 0
+    for i in order:
+        size, first, last = buffers[i]
+        size = -(-size // align) * align
+        busy = sorted((o, e) for o, e, f, la in placed if f <= last and first <= la)
+        off = 0
+        for o, e in busy:
+            if off + size <= o:
+                break
+            off = max(off, e)
+        placed.append((off, off + size, first, last))
+        offsets[i] = off
+        total = max(total, off + size)
+    return offsets, total

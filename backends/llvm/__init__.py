@@ -1,0 +1,82 @@
+"""The LLVM CPU backend: lowered kernels JIT-compiled for the host CPU.
+
+`BACKEND.compile(graph)` returns an executable that lowers and compiles the graph
+once per set of concrete input shapes (`backends/lower.py` -> kernel IR ->
+`codegen.py` -> `jit.py`), then runs it with `runtime.Runner`. Matmuls go to the
+scheduled GEMM (`gemm.py`), attention to the flash-attention kernel
+(`attention.py`); ops without a lowering run their numpy reference, listed in
+`stats()["fallbacks"]`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from tensorc.ir import Graph
+
+from .. import Backend, Executable, kernel_ir
+from ..lower import Program, lower
+
+
+class LLVMExecutable(Executable):
+    def __init__(self, graph: Graph, threads: int | None = None):
+        super().__init__(graph)
+        self.threads = threads
+        self._runners: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+
+    def specialise(self, env: dict[str, int]):
+        """The runner for these symbol bindings (lowered and compiled on first use)."""
+        key = tuple(sorted(env.items()))
+        with self._lock:
+            runner = self._runners.get(key)
+            if runner is None:
+                from .runtime import Runner
+                runner = self._runners[key] = Runner(lower(self.graph, env), self.threads)
+            return runner
+
+    def execute(self, arrays, env):
+        return self.specialise(env).run(arrays)
+
+    def program(self, env: dict[str, int] | None = None) -> Program:
+        return self.specialise(env or {}).program
+
+    def stats(self, env: dict[str, int] | None = None) -> dict:
+        """Kernel launches, library calls, reference fallbacks, arena bytes."""
+        return self.program(env).stats()
+
+
+class LLVMBackend(Backend):
+    name = "llvm"
+
+    def compile(self, graph: Graph, threads: int | None = None) -> Executable:
+        return LLVMExecutable(graph, threads)
+
+    def emit_source(self, graph: Graph, directory: str, env: dict[str, int] | None = None
+                    ) -> list[str]:
+        """One .ll file per generated kernel. Kernels are specialised on shapes: symbols
+        not bound by `env` are taken as 1 (each file's first line says which)."""
+        from tensorc.ir import dim_symbols
+
+        from . import codegen
+        env = dict(env or {})
+        for v in graph.inputs:
+            for d in v.type.shape:
+                for sym in dim_symbols(d):
+                    env.setdefault(sym, 1)
+        shapes = ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "static"
+        os.makedirs(directory, exist_ok=True)
+        paths = []
+        for k in lower(graph, env).kernels:
+            path = os.path.join(directory, k.name + ".ll")
+            with open(path, "w") as f:
+                f.write(f"; tensorc kernel {k.name} ({shapes})\n")
+                f.write("".join(f"; {line}\n" for line in
+                                kernel_ir.format_kernel(k).splitlines()))
+                f.write(codegen.render([k]))
+            paths.append(path)
+        return paths
+
+
+BACKEND = LLVMBackend()

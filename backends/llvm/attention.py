@@ -1,0 +1,338 @@
+"""Flash attention for the LLVM CPU backend (float32), with the `attention` op's meaning.
+
+    out = softmax(scale * q @ k^T, causal / mask applied) @ v
+    q [b, h, t, d], k [bk, hk, s, d], v [bk, hk, s, dv] -> [b, h, t, dv]
+
+See `tensorc/ops/attention.py` for the exact semantics (top-left causal, boolean
+keep-masks replace scores with `mask_value`, float masks add). The kernel never
+holds the t x s scores: per head it packs K^T into 32-key panels (the GEMM's
+B-panel layout), then for each block of 8 query rows walks the key tiles with an
+online softmax (running max m and sum l per row):
+
+    S = Qblk @ Ktile^T        8 x 32 scores in 16 zmm accumulators
+    m' = max(m, rowmax S);  P = exp(S - m');  c = exp(m - m')
+    l = l c + rowsum P;     O = O c + P @ Vtile
+
+and writes O / l at the end. With causal masking and mask_value = -inf, key
+tiles entirely above the diagonal are skipped (they would only add zeros).
+Threads split the heads, or the query rows when there are fewer heads than threads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from ctypes import c_float, c_int64, c_void_p
+
+import numpy as np
+from llvmlite import ir
+
+from tensorc.errors import ShapeError, TensorcError
+
+from .gemm import (
+    F32,
+    I32,
+    I64,
+    M16,
+    PTR,
+    V16,
+    VI32,
+    FnBuilder,
+    _pack_bt,
+    _scratch,
+    _split,
+    c64,
+    num_threads,
+    parallel,
+    vconst,
+)
+from .jit import cfunc, compile_ir
+
+BR, BC = 8, 32   # query rows per block, keys per tile (the GEMM's 8 x 32 micro-tile)
+MASKS = ("none", "add", "keep")
+META = ("heads", "t", "s", "d", "dv", "q_b", "q_h", "q_t", "k_b", "k_h", "k_t",
+        "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "m_t")
+I8 = ir.IntType(8)
+V16I8 = ir.VectorType(I8, 16)
+NEG_INF = float("-inf")
+
+
+def _kernel(module: ir.Module, mask_kind: str) -> None:
+    """tc_attention_<mask_kind>: heads [h0, h1) x query rows [i0, i1)."""
+    f = FnBuilder(module, f"tc_attention_{mask_kind}", [
+        ("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("mask", PTR), ("meta", PTR),
+        ("scale", F32), ("mask_value", F32), ("causal", I64),
+        ("h0", I64), ("h1", I64), ("i0", I64), ("i1", I64), ("work", PTR)])
+    b, g = f.b, f.arg
+    m = {n: b.load(f.at(g["meta"], c64(i), ty=I64), typ=I64) for i, n in enumerate(META)}
+    s, d, dv = m["s"], m["d"], m["dv"]
+    tiles = b.sdiv(b.add(s, c64(BC - 1)), c64(BC))
+    chunks = b.sdiv(b.add(dv, c64(15)), c64(16))       # 16-lane chunks of a row of V / O
+    kt = g["work"]                                     # K^T panels [tiles][d][BC]
+    qp = f.at(kt, f.mul(f.mul(tiles, BC), d))          # scaled Q block, [d][BR]
+    qp_size = f.mul(b.sdiv(b.add(d, c64(1)), c64(2)), 2 * BR)  # d rounded up: 64-byte aligned
+    ob = f.at(qp, qp_size)                             # O accumulators, [BR][chunks][16]
+    pb = f.at(ob, f.mul(f.mul(chunks, 16), BR))        # P tile, [BR][BC]
+    mv = g["mask_value"]
+    mv_vec = f.splat(mv)
+    causal = b.icmp_signed("!=", g["causal"], c64(0))
+    skip_tiles = b.and_(causal, b.fcmp_ordered("==", mv, ir.Constant(F32, NEG_INF)))
+    iota = ir.Constant(VI32, list(range(16)))
+    pack_bt = module.get_global("tc_pack_bt")
+
+    def splat_i32(x):
+        v = b.insert_element(ir.Constant(VI32, ir.Undefined), b.trunc(x, I32),
+                             ir.Constant(I32, 0))
+        return b.shuffle_vector(v, ir.Constant(VI32, ir.Undefined), ir.Constant(VI32, [0] * 16))
+
+    def vmax(x, y):
+        return b.select(b.fcmp_ordered(">", x, y), x, y)
+
+    def reduce_max(vec):
+        # a shuffle tree of `a > b ? a : b` (one vmaxps each); the NaN-exact
+        # llvm.vector.reduce.fmax costs far more, and a NaN score reaches the output
+        # through exp() anyway
+        for half in (8, 4, 2, 1):
+            hi = b.shuffle_vector(vec, ir.Constant(V16, ir.Undefined),
+                                  ir.Constant(VI32, [(i + half) % 16 for i in range(16)]))
+            vec = vmax(vec, hi)
+        return b.extract_element(vec, ir.Constant(I32, 0))
+
+    def reduce_sum(vec):
+        fn = f.intrinsic("llvm.vector.reduce.fadd.v16f32", F32, [F32, V16])
+        return b.call(fn, [ir.Constant(F32, 0.0), vec], fastmath=("reassoc",))
+
+    with f.loop(g["h0"], g["h1"]) as hh:
+        bi, hi = b.sdiv(hh, m["heads"]), b.srem(hh, m["heads"])
+
+        def head(ptr, pre, ty=F32):
+            return f.at(ptr, f.mul(bi, m[pre + "_b"]), f.mul(hi, m[pre + "_h"]), ty=ty)
+        qh, kh, vh, oh = (head(g[n], n) for n in "qkvo")
+        mh = head(g["mask"], "m", I8 if mask_kind == "keep" else F32)
+        b.call(pack_bt, [kh, m["k_t"], d, s, kt, c64(0), tiles])
+
+        with f.loop(g["i0"], g["i1"], BR) as i:
+            rows = f.min(c64(BR), b.sub(g["i1"], i))
+            # rows past the end repeat the last real row; they are never stored
+            row = [b.add(i, f.min(c64(r), b.sub(rows, c64(1)))) for r in range(BR)]
+            with f.loop(0, d) as kk:
+                for r in range(BR):
+                    x = b.load(f.at(qh, f.mul(row[r], m["q_t"]), kk), typ=F32)
+                    b.store(b.fmul(x, g["scale"]), f.at(qp, f.mul(kk, BR), c64(r)))
+            m_run = [f.var(F32, ir.Constant(F32, NEG_INF)) for _ in range(BR)]
+            l_run = [f.var(V16, vconst(0.0)) for _ in range(BR)]
+            corr = [f.var(F32) for _ in range(BR)]
+            with f.loop(0, b.mul(chunks, c64(BR))) as c:
+                f.vstore(vconst(0.0), f.at(ob, f.mul(c, 16)), 64)
+            last_row = b.add(i, b.sub(rows, c64(1)))
+            jend = b.select(skip_tiles, f.min(s, b.add(last_row, c64(1))), s)
+
+            with f.loop(0, jend, BC) as j0:
+                # S = Qblk @ Ktile^T
+                acc = [[f.var(V16, vconst(0.0)) for _ in range(2)] for _ in range(BR)]
+                ktile = f.at(kt, f.mul(f.mul(b.sdiv(j0, c64(BC)), d), BC))
+                with f.loop(0, d) as kk:
+                    kv = [f.vload(f.at(ktile, f.mul(kk, BC), c64(16 * u)), 64) for u in range(2)]
+                    for r in range(BR):
+                        qs = f.splat(b.load(f.at(qp, f.mul(kk, BR), c64(r)), typ=F32))
+                        for u in range(2):
+                            b.store(f.fma(qs, kv[u], b.load(acc[r][u], typ=V16)), acc[r][u])
+                # mask, then the online softmax update of each row
+                valid = [f.lanes_below(b.sub(s, b.add(j0, c64(16 * u)))) for u in range(2)]
+                cols = [b.add(splat_i32(b.add(j0, c64(16 * u))), iota) for u in range(2)]
+                scores, bases, delta = [], [], vconst(0.0)
+                for r in range(BR):
+                    sv = []
+                    for u in range(2):
+                        x = b.load(acc[r][u], typ=V16)
+                        above = b.icmp_signed(">", cols[u], splat_i32(row[r]))
+                        x = b.select(b.and_(above, _splat_i1(b, causal)), mv_vec, x)
+                        mp = f.at(mh, f.mul(row[r], m["m_t"]), j0, c64(16 * u),
+                                  ty=I8 if mask_kind == "keep" else F32)
+                        if mask_kind == "add":
+                            x = b.fadd(x, f.mload(mp, valid[u]))
+                        elif mask_kind == "keep":
+                            keep = b.icmp_unsigned("!=", _mload_i8(f, mp, valid[u]),
+                                                   ir.Constant(V16I8, [0] * 16))
+                            x = b.select(keep, x, mv_vec)
+                        sv.append(b.select(valid[u], x, vconst(NEG_INF)))
+                    m_old = b.load(m_run[r], typ=F32)
+                    m_new = b.call(f.intrinsic("llvm.maxnum.f32", F32, [F32, F32]),
+                                   [m_old, reduce_max(vmax(*sv))])
+                    base = b.select(b.fcmp_ordered("==", m_new, ir.Constant(F32, NEG_INF)),
+                                    ir.Constant(F32, 0.0), m_new)
+                    b.store(m_new, m_run[r])
+                    delta = b.insert_element(delta, b.fsub(m_old, base), ir.Constant(I32, r))
+                    scores.append(sv)
+                    bases.append(base)
+                corr_all = f.exp(delta)            # the 8 rows' rescale factors in one exp
+                for r in range(BR):
+                    cr = b.extract_element(corr_all, ir.Constant(I32, r))
+                    b.store(cr, corr[r])
+                    p = [f.exp(b.fsub(x, f.splat(bases[r]))) for x in scores[r]]
+                    l_new = b.fadd(b.fmul(b.load(l_run[r], typ=V16), f.splat(cr)),
+                                   b.fadd(p[0], p[1]))
+                    b.store(l_new, l_run[r])    # lane-wise sums: one reduction at the end
+                    for u in range(2):
+                        f.vstore(p[u], f.at(pb, c64(r * BC + 16 * u)), 64)
+                # O = O * corr + P @ Vtile, one 16-lane chunk of dv at a time
+                jn = f.min(c64(BC), b.sub(s, j0))
+                with f.loop(0, chunks) as c:
+                    lanes = f.lanes_below(b.sub(dv, f.mul(c, 16)))
+                    optr = [f.at(ob, f.mul(b.add(f.mul(c64(r), chunks), c), 16))
+                            for r in range(BR)]
+                    o = [f.var(V16, b.fmul(f.vload(optr[r], 64),
+                                           f.splat(b.load(corr[r], typ=F32))))
+                         for r in range(BR)]
+                    with f.loop(0, jn) as j:
+                        vrow = f.at(vh, f.mul(b.add(j0, j), m["v_t"]), f.mul(c, 16))
+                        vv = f.mload(vrow, lanes)
+                        for r in range(BR):
+                            pj = f.splat(b.load(f.at(pb, c64(r * BC), j), typ=F32))
+                            b.store(f.fma(pj, vv, b.load(o[r], typ=V16)), o[r])
+                    for r in range(BR):
+                        f.vstore(b.load(o[r], typ=V16), optr[r], 64)
+
+            # out rows = O / l
+            for r in range(BR):
+                with b.if_then(b.icmp_signed("<", c64(r), rows), likely=True):
+                    l_sum = reduce_sum(b.load(l_run[r], typ=V16))
+                    inv = f.splat(b.fdiv(ir.Constant(F32, 1.0), l_sum))
+                    with f.loop(0, chunks) as c:
+                        src = f.at(ob, f.mul(b.add(f.mul(c64(r), chunks), c), 16))
+                        dst = f.at(oh, f.mul(row[r], m["o_t"]), f.mul(c, 16))
+                        f.mstore(b.fmul(f.vload(src, 64), inv), dst,
+                                 f.lanes_below(b.sub(dv, f.mul(c, 16))))
+    f.finish()
+
+
+def _splat_i1(b: ir.IRBuilder, flag):
+    v = b.insert_element(ir.Constant(M16, ir.Undefined), flag, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, ir.Constant(M16, ir.Undefined), ir.Constant(VI32, [0] * 16))
+
+
+def _mload_i8(f: FnBuilder, ptr, mask):
+    fn = f.intrinsic("llvm.masked.load.v16i8.p0", V16I8, [PTR, I32, M16, V16I8])
+    return f.b.call(fn, [ptr, ir.Constant(I32, 1), mask, ir.Constant(V16I8, [0] * 16)])
+
+
+def build_module() -> ir.Module:
+    module = ir.Module(name="tensorc_attention")
+    _pack_bt(module)
+    for kind in MASKS:
+        _kernel(module, kind)
+    return module
+
+
+_lock = threading.Lock()
+_lib: dict | None = None
+
+
+def kernels() -> dict:
+    global _lib
+    with _lock:
+        if _lib is None:
+            names = [f"tc_attention_{kind}" for kind in MASKS]
+            addrs = compile_ir(build_module(), names)
+            args = [c_void_p] * 6 + [c_float, c_float] + [c_int64] * 5 + [c_void_p]
+            _lib = {kind: cfunc(addrs[f"tc_attention_{kind}"], None, args) for kind in MASKS}
+        return _lib
+
+
+def _unit_last(x: np.ndarray) -> np.ndarray:
+    """x with unit stride on its last axis and non-negative element strides."""
+    if x.strides[-1] != x.itemsize or any(st < 0 or st % x.itemsize for st in x.strides):
+        return np.ascontiguousarray(x)
+    return x
+
+
+def _estrides(x: np.ndarray) -> list[int]:
+    return [st // x.itemsize for st in x.strides[:3]]
+
+
+def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
+              mask_value: float = -math.inf, threads: int | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """softmax(scale * q @ k^T, masked) @ v without materialising the scores.
+
+    q [b,h,t,d], k [bk,hk,s,d], v [bk,hk,s,dv] (bk, hk: equal to b, h or 1); mask
+    broadcasts to [b,h,t,s]: bool keeps True, float is added. float32 only. `out`, if
+    given, is a float32 [b,h,t,dv] array with unit inner stride to write into."""
+    arrays = [np.asarray(x) for x in (q, k, v)]
+    if any(x.dtype != np.float32 for x in arrays):
+        raise TensorcError("attention: q, k, v must be float32, got "
+                           + ", ".join(str(x.dtype) for x in arrays))
+    q, k, v = arrays
+    if not q.ndim == k.ndim == v.ndim == 4:
+        raise ShapeError(f"attention expects q [b,h,t,d], k [b,h,s,d], v [b,h,s,dv]: "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
+    B, H, T, D = q.shape
+    S, DV = k.shape[2], v.shape[3]
+    if k.shape[3] != D or v.shape[:3] != k.shape[:3] or \
+            any(kd not in (1, qd) for kd, qd in zip(k.shape[:2], (B, H), strict=True)):
+        raise ShapeError(f"attention: k {k.shape} and v {v.shape} do not fit q {q.shape}")
+    if out is None:
+        out = np.empty((B, H, T, DV), np.float32)
+    elif out.shape != (B, H, T, DV) or out.dtype != np.float32 or not out.flags.writeable \
+            or out.strides[-1] != 4 or any(st < 0 or st % 4 for st in out.strides):
+        raise TensorcError(f"attention: out must be a writeable float32 {(B, H, T, DV)} array "
+                           f"with unit inner stride, got {out.dtype} {out.shape}")
+    if any(np.may_share_memory(out, x) for x in (q, k, v)):  # rows would clobber inputs
+        out[...] = attention(q, k, v, mask, scale, causal, mask_value, threads)
+        return out
+    if out.size == 0:
+        return out
+    if S == 0:  # softmax over no keys: 0 / 0, as the reference computes
+        out.fill(np.nan)
+        return out
+    q = _unit_last(q)
+    k = np.broadcast_to(_unit_last(k), (B, H, S, D))
+    v = np.broadcast_to(_unit_last(v), (B, H, S, DV))
+
+    kind, m = "none", out  # `out` stands in for an absent mask; never read then
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype == np.bool_:
+            kind = "keep"
+        elif mask.dtype == np.float32:
+            kind = "add"
+        else:
+            raise TensorcError(f"attention: mask must be bool (keep) or float32 (additive), "
+                               f"got {mask.dtype}")
+        if mask.ndim > 4:
+            raise ShapeError(f"attention: mask {mask.shape} has more than 4 dims")
+        m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        try:   # the kernel reads 16 keys at once: make the key axis contiguous
+            m4 = np.ascontiguousarray(np.broadcast_to(m4, m4.shape[:3] + (S,))) \
+                if m4.shape[3] != S or m4.strides[3] != m4.itemsize else _unit_last(m4)
+            m = np.broadcast_to(m4, (B, H, T, S))
+        except ValueError:
+            raise ShapeError(f"attention: mask {mask.shape} does not broadcast to the scores "
+                             f"{(B, H, T, S)}") from None
+        if kind == "keep":
+            m = m.view(np.uint8)
+    meta = np.array([H, T, S, D, DV, *_estrides(q), *_estrides(k), *_estrides(v),
+                     *_estrides(out), *_estrides(m)], np.int64)
+    chunks = -(-DV // 16)
+    work_size = -(-S // BC) * BC * D + -(-D // 2) * 2 * BR + BR * chunks * 16 + BR * BC
+
+    threads = num_threads() if threads is None else max(1, int(threads))
+    if B * H * T * S * (D + DV) < 1 << 20:
+        threads = 1
+    if B * H >= threads:
+        items = [(h0, h1, 0, T) for h0, h1 in _split(B * H, threads, 1)]
+    elif causal:   # row i costs ~i key tiles: cut where the cumulative work ~i^2 splits evenly
+        cuts = [0] + [min(T, round(T * math.sqrt(p / threads) / BR) * BR)
+                      for p in range(1, threads)] + [T]
+        items = [(0, B * H, i0, i1) for i0, i1 in zip(cuts, cuts[1:], strict=False) if i1 > i0]
+    else:
+        items = [(0, B * H, i0, i1) for i0, i1 in _split(T, threads, BR)]
+    fn = kernels()[kind]
+
+    def run(item):
+        work = _scratch("attention", work_size)
+        fn(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, m.ctypes.data,
+           meta.ctypes.data, float(scale), float(mask_value), int(bool(causal)), *item,
+           work.ctypes.data)
+    parallel(run, items, threads)
+    return out

@@ -1,0 +1,213 @@
+"""Model latency: tensorc llvm vs tensorc numpy vs ONNX Runtime (vs PyTorch CPU if installed).
+
+    .venv/bin/python benchmarks/models.py [--models gpt,bert,vit] [--rounds 10] [--runs 3]
+
+Small presets, batch 1, seq 128, same weights everywhere (ONNX Runtime runs
+tensorc's own ONNX export of the traced graph). Prints a markdown table of
+medians; ratios are against the llvm backend. Every engine runs in its own
+worker process and the engines take turns, a few runs per round, so changes in
+machine load hit all of them alike. numpy runs twice: with this machine's
+OPENBLAS_CORETYPE and with it unset.
+Compile times (lowering, code generation, JIT or cache load, weight packing) are
+taken in fresh processes: "cold" with an empty disk cache, "cached" with it filled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def build(name: str, seq: int):
+    import tensorc
+    import tensorc.models
+    model = tensorc.models.get(name, "small")
+    feeds = model.example_inputs(batch=1, seq=None if name == "vit" else seq)
+    return model, feeds, tensorc.trace(model, **feeds)
+
+
+def engine(peer: str, name: str, seq: int):
+    """A zero-argument function running one inference of `name` on `peer`, or the
+    reason it cannot run."""
+    import tensorc
+    _, feeds, g = build(name, seq)
+    if peer in ("numpy", "llvm"):
+        exe = tensorc.compile(g, peer, passes="O2" if peer == "llvm" else "O0")
+        return lambda: exe.run(feeds)
+    if not _has("onnxruntime"):
+        return "onnxruntime not installed"
+    try:
+        from tensorc.frontend.onnx import save
+    except ImportError:
+        return "no ONNX export in tensorc yet"
+    import onnxruntime as ort
+    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    save(g, path)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ort_feeds = {i.name: feeds[i.name] for i in sess.get_inputs()}
+    return lambda: sess.run(None, ort_feeds)
+
+
+def worker(peer: str, name: str, seq: int) -> None:
+    """Subprocess entry: build one engine, then answer `run N` with N times (JSON)."""
+    if peer == "compile":  # lowering + codegen + JIT (or cache load), in a fresh process
+        from tensorc.backends.llvm import LLVMExecutable
+        from tensorc.passes import run_pipeline
+        g = build(name, seq)[2]
+        t = time.perf_counter()
+        LLVMExecutable(run_pipeline(g, "O2")).specialise({})
+        print(json.dumps(time.perf_counter() - t), flush=True)
+        return
+    fn = engine(peer, name, seq)
+    if isinstance(fn, str):
+        print(json.dumps(fn), flush=True)
+        return
+    fn()  # warm up
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        _, runs, warmup = line.split()
+        for _ in range(int(warmup)):
+            fn()
+        times = []
+        for _ in range(int(runs)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        print(json.dumps(times), flush=True)
+
+
+def start(peer, name, seq, env_changes: dict) -> subprocess.Popen:
+    env = dict(os.environ)
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return subprocess.Popen([sys.executable, __file__, "--worker", peer, name, "--seq",
+                             str(seq)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def answer(proc: subprocess.Popen):
+    line = proc.stdout.readline()
+    if not line:
+        return "failed: " + (proc.stderr.read().strip().splitlines() or ["?"])[-1]
+    return json.loads(line)
+
+
+def interleaved(name, seq, rounds: int, runs: int) -> dict[str, float | str]:
+    """Median ms per engine. Each engine lives in its own process (BLAS and ORT threads
+    spin after a call and would slow the next engine in the same process); the engines
+    take turns, a few runs each per round, so a change in machine load hits all alike.
+    Each turn starts with 2 untimed runs: after the other engines' turns a core has
+    dropped its clock, and the first run pays for that (ORT's spinning pool hides it,
+    a sleeping pool does not), which is not what a steady stream of calls sees."""
+    configs = {"llvm": ("llvm", {}), "numpy": ("numpy", {}),
+               "numpy_unset": ("numpy", {"OPENBLAS_CORETYPE": None}), "ort": ("ort", {})}
+    procs, times, result = {}, {}, {}
+    for key, (peer, env) in configs.items():  # start one at a time: no contention
+        procs[key] = start(peer, name, seq, env)
+        status = answer(procs[key])
+        if status != "ready":
+            result[key] = status
+            procs.pop(key).kill()
+        else:
+            times[key] = []
+    for _ in range(rounds):
+        for key, proc in procs.items():
+            n, warm = (1, 0) if key.startswith("numpy") else (runs, 2)
+            proc.stdin.write(f"run {n} {warm}\n")
+            proc.stdin.flush()
+            times[key] += answer(proc)
+            time.sleep(0.3)  # let spinning pool threads go idle before the next engine
+    for key, proc in procs.items():
+        proc.stdin.close()
+        proc.wait()
+        result[key] = 1000 * float(np.median(times[key]))
+    return result
+
+
+def compile_times(name, seq) -> list:
+    with tempfile.TemporaryDirectory() as cache:  # the first run fills the cache
+        return [answer(start("compile", name, seq, {"TENSORC_CACHE_DIR": cache}))
+                for _ in range(2)]
+
+
+def bench_model(name: str, seq: int, rounds: int, runs: int) -> dict:
+    import tensorc
+    from tensorc.backends.llvm import LLVMExecutable
+    from tensorc.passes import run_pipeline
+    row = {"model": name}
+    row["compile_cold_s"], row["compile_cached_s"] = compile_times(name, seq)
+    for key, ms in interleaved(name, seq, rounds, runs).items():
+        row[key + "_ms"] = ms
+    _, feeds, g = build(name, seq)
+    exe = LLVMExecutable(run_pipeline(g, "O2"))
+    got, want = exe.run(feeds), tensorc.compile(g, "numpy").run(feeds)
+    row["rel_err"] = max(float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max())
+                         for k in want)
+    row["stats"] = exe.stats()
+    row["torch_ms"] = "not installed" if not _has("torch") else \
+        "no PyTorch model definition in tensorc to compare with"
+    return row
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def fmt(x) -> str:
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def ratio(x, base) -> str:
+    return f"{x / base:.2f}x" if isinstance(x, float) and isinstance(base, float) else "-"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | llvm ms | numpy ms (OPENBLAS_CORETYPE as set) | numpy ms (unset) | "
+             "ONNX Runtime ms | PyTorch | llvm compile cold / cached s | llvm rel err |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        base = r["llvm_ms"]
+        lines.append(
+            f"| {r['model']} | {fmt(base)} | {fmt(r['numpy_ms'])} ({ratio(r['numpy_ms'], base)}) "
+            f"| {fmt(r['numpy_unset_ms'])} ({ratio(r['numpy_unset_ms'], base)}) "
+            f"| {fmt(r['ort_ms'])} ({ratio(r['ort_ms'], base)}) | {r['torch_ms']} "
+            f"| {fmt(r['compile_cold_s'])} / {fmt(r['compile_cached_s'])} "
+            f"| {r['rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="gpt,bert,vit")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=3, help="runs per engine per round")
+    ap.add_argument("--worker", nargs=2, metavar=("PEER", "MODEL"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.worker[1], args.seq)
+        return
+    from tensorc.backends.llvm.runtime import num_threads
+    rows = [bench_model(m, args.seq, args.rounds, args.runs) for m in args.models.split(",")]
+    print(f"small presets, batch 1, seq {args.seq} (vit: 197 tokens), pipeline O2, "
+          f"{num_threads()} threads, medians of {args.rounds} interleaved rounds of {args.runs} "
+          f"runs (numpy: 1); "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}\n")
+    print(table(rows))
+    for r in rows:
+        print(f"\n{r['model']}: {json.dumps(r['stats'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The LLVM backend's scheduled GEMM against numpy (float64 references, rel. error <= 1e-4)."""
+
+import numpy as np
+import pytest
+
+from tensorc.backends.llvm import gemm as G
+from tensorc.errors import ShapeError, TensorcError
+from tensorc.ops.elementwise import gelu
+
+ACTS = {None: lambda x: x, "relu": lambda x: np.maximum(x, 0), "gelu": gelu,
+        "gelu_tanh": lambda x: gelu(x, "tanh")}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def assert_close(got, want, tol=1e-4):
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    assert got.dtype == np.float32
+    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert err <= tol, f"relative error {err:.2e}"
+
+
+def ref(a, b, bias=None, activation=None, residual=None, trans_b=False):
+    b = np.swapaxes(b, -1, -2) if trans_b else b
+    z = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    z = z + bias if bias is not None else z
+    z = ACTS[activation](z)
+    return z + residual if residual is not None else z
+
+
+# M, N, K: ones, odd sizes, non-multiples of 16/32 and of the micro-tile, K across
+# several KC blocks, M across several MC blocks.
+SHAPES = [(1, 1, 1), (3, 17, 5), (17, 3, 129), (129, 129, 17), (1, 257, 300),
+          (33, 65, 513), (200, 40, 300), (8, 32, 256)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_plain(rng, m, n, k):
+    a, b = randn(rng, m, k), randn(rng, k, n)
+    assert_close(G.gemm(a, b), ref(a, b))
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("m,n,k", [(17, 33, 300), (5, 70, 9)])
+def test_epilogues(rng, m, n, k, activation):
+    a, b = randn(rng, m, k), randn(rng, k, n) * np.float32(0.3)
+    bias, res = randn(rng, n), randn(rng, m, n)
+    assert_close(G.gemm(a, b, activation=activation), ref(a, b, activation=activation))
+    assert_close(G.gemm(a, b, bias=bias, activation=activation, residual=res),
+                 ref(a, b, bias, activation, res))
+
+
+def test_activation_tails(rng):
+    """gelu's negative tail and large inputs stay accurate (erfc form, clamped exp)."""
+    x = np.linspace(-12, 12, 4001, dtype=np.float32)[:, None]
+    one = np.ones((1, 1), np.float32)
+    for act in ("gelu", "gelu_tanh"):
+        got = G.gemm(x, one, activation=act)
+        want = ACTS[act](x.astype(np.float64))
+        big = np.abs(want) > 1e-30
+        assert np.all(np.abs(got - want)[big] <= 1e-5 * np.abs(want)[big] + 1e-7)
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_nan_propagates(rng, activation):
+    a, b = randn(rng, 5, 40), randn(rng, 40, 20)
+    a[2, 7] = np.nan
+    got = G.gemm(a, b, activation=activation)
+    assert np.isnan(got[2]).all() and not np.isnan(np.delete(got, 2, axis=0)).any()
+
+
+def test_bias_only_and_residual_broadcast(rng):
+    a, b = randn(rng, 9, 20), randn(rng, 20, 45)
+    bias, row = randn(rng, 45), randn(rng, 1, 45)
+    assert_close(G.gemm(a, b, bias=bias), ref(a, b, bias))
+    assert_close(G.gemm(a, b, residual=row), ref(a, b, residual=row))
+
+
+@pytest.mark.parametrize("m,n,k", [(3, 17, 5), (129, 65, 33), (16, 100, 257)])
+def test_trans_b(rng, m, n, k):
+    a, bt = randn(rng, m, k), randn(rng, n, k)
+    assert_close(G.gemm(a, bt, trans_b=True), ref(a, bt, trans_b=True))
+    packed = G.PackedB(bt, trans_b=True)
+    assert_close(G.gemm(a, packed), ref(a, bt, trans_b=True))
+
+
+def test_strided_inputs_and_out(rng):
+    big_a, big_b = randn(rng, 60, 90), randn(rng, 80, 100)
+    a, b = big_a[::2, 3:50], big_b[5:52, ::1][:, 7:70]       # row strides != row lengths
+    out_big = np.zeros((40, 100), np.float32)
+    out = out_big[1:31, 10:73]
+    res = randn(rng, 30, 200)[:, ::2][:, :63]                # non-unit inner stride
+    got = G.gemm(a, b, out=out, residual=res)
+    assert got is out
+    assert_close(out, ref(a, b, residual=res))
+    assert np.all(out_big[0] == 0) and np.all(out_big[:, :10] == 0)   # nothing outside
+    a_t = randn(rng, 50, 30).T                                # column-major input
+    b2 = randn(rng, 50, 7)
+    assert_close(G.gemm(a_t, b2), ref(a_t, b2))
+
+
+def test_residual_aliasing_out(rng):
+    """out=residual (an in-place skip connection) must not read partial sums."""
+    a, b = randn(rng, 20, 600), randn(rng, 600, 40)
+    x = randn(rng, 20, 40)
+    want = ref(a, b, residual=x)
+    G.gemm(a, b, out=x, residual=x)
+    assert_close(x, want)
+
+
+def test_packed_b_reused(rng):
+    w = randn(rng, 300, 70)
+    packed = G.PackedB(w)
+    assert packed.shape == (300, 70)
+    for m in (1, 13, 40):
+        a = randn(rng, m, 300)
+        assert_close(G.gemm(a, packed, activation="gelu"), ref(a, w, activation="gelu"))
+
+
+def test_batched_and_broadcast(rng):
+    a, b = randn(rng, 2, 3, 17, 20), randn(rng, 2, 3, 20, 33)
+    assert_close(G.gemm(a, b), ref(a, b))
+    a1, b1 = randn(rng, 3, 9, 20), randn(rng, 2, 1, 20, 5)       # both sides broadcast
+    assert_close(G.gemm(a1, b1), ref(a1, b1))
+    x, w = randn(rng, 4, 7, 40), randn(rng, 40, 50)               # [b, t, d] @ [d, n]
+    bias, res = randn(rng, 50), randn(rng, 4, 7, 50)
+    assert_close(G.gemm(x, w, bias=bias, activation="relu", residual=res),
+                 ref(x, w, bias, "relu", res))
+    kt = randn(rng, 2, 3, 33, 20)                                 # q @ k^T
+    assert_close(G.gemm(a, kt, trans_b=True), ref(a, kt, trans_b=True))
+    vec = randn(rng, 40)
+    assert_close(G.gemm(x, vec), ref(x, vec))                     # matrix @ vector
+    assert_close(G.gemm(vec, w), ref(vec, w))                     # vector @ matrix
+
+
+@pytest.mark.parametrize("m,n,k", [(300, 70, 129), (40, 600, 257), (3, 1000, 800)])
+def test_threads_give_identical_results(rng, m, n, k):
+    a, b, bias = randn(rng, m, k), randn(rng, k, n), randn(rng, n)
+    one = G.gemm(a, b, bias=bias, activation="gelu_tanh", threads=1)
+    two = G.gemm(a, b, bias=bias, activation="gelu_tanh", threads=2)
+    packed = G.PackedB(b)   # a weight: split by rows or by panels, not packed per call
+    two_packed = G.gemm(a, packed, bias=bias, activation="gelu_tanh", threads=2)
+    assert np.array_equal(one, two) and np.array_equal(one, two_packed)
+    assert_close(two, ref(a, b, bias, "gelu_tanh"))
+
+
+def test_nested_parallel_calls_do_not_deadlock(rng):
+    a, b = randn(rng, 200, 100), randn(rng, 100, 300)
+    results = []
+    G.parallel(lambda i: results.append(G.gemm(a, b, threads=2)), range(2), 2)
+    for got in results:
+        assert_close(got, ref(a, b))
+
+
+def test_gemm_range_disjoint_blocks(rng):
+    """The runtime-facing entry: blocks written separately make the whole product."""
+    a, b = randn(rng, 37, 50), randn(rng, 50, 100)
+    packed, out = G.PackedB(b), np.full((37, 100), np.nan, np.float32)
+    for m0, m1 in ((0, 16), (16, 37)):
+        for jp0, jp1 in ((0, 2), (2, packed.panels)):
+            G.gemm_range(a, packed, out, m0, m1, jp0, jp1)
+    assert_close(out, ref(a, b))
+
+
+def test_empty_dims(rng):
+    a, b, bias = randn(rng, 4, 0), randn(rng, 0, 6), randn(rng, 6)
+    assert_close(G.gemm(a, b, bias=bias, activation="relu"), ref(a, b, bias, "relu"))
+    assert G.gemm(randn(rng, 0, 5), randn(rng, 5, 3)).shape == (0, 3)
+
+
+def test_bad_inputs_raise_one_clear_error(rng, monkeypatch):
+    a = randn(rng, 4, 5)
+    with pytest.raises(ShapeError, match="inner dims"):
+        G.gemm(a, randn(rng, 6, 3))
+    with pytest.raises(TensorcError, match="float32"):
+        G.gemm(a.astype(np.float64), randn(rng, 5, 3))
+    with pytest.raises(TensorcError, match="activation"):
+        G.gemm(a, randn(rng, 5, 3), activation="swish")
+    with pytest.raises(ShapeError, match="bias"):
+        G.gemm(a, randn(rng, 5, 3), bias=randn(rng, 4))
+    with pytest.raises(ShapeError, match="batch"):
+        G.gemm(randn(rng, 2, 4, 5), randn(rng, 3, 5, 3))
+    monkeypatch.setenv("TENSORC_NUM_THREADS", "zero")
+    with pytest.raises(TensorcError, match="TENSORC_NUM_THREADS"):
+        G.gemm(a, randn(rng, 5, 3))
+    monkeypatch.setenv("TENSORC_NUM_THREADS", "1")
+    assert G.num_threads() == 1
