@@ -79,7 +79,8 @@ def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] |
         raise TensorcError(f"unknown model {spec!r} (built in: {', '.join(MODELS)}; or give "
                            "a file.py:factory, a .onnx file or a compiled artifact)")
     if spec.lower().endswith(".onnx"):
-        graph = onnx_function("load")(spec)
+        from tensorc.frontend import onnx as onnx_io
+        graph = onnx_io.load(spec)
         return Loaded(graph, os.path.basename(spec), None, {"source": "onnx", "path": spec},
                       inputs if inputs is not None else
                       lambda: random_inputs(graph, batch, seq, seed or 0))
@@ -91,19 +92,6 @@ def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] |
     if inputs is not None:
         loaded._inputs = inputs
     return loaded
-
-
-def onnx_function(name: str) -> Callable:
-    """`tensorc.frontend.onnx.<name>` (load or save), or a clear error without it."""
-    try:
-        from tensorc.frontend import onnx as onnx_frontend
-    except ImportError as e:
-        raise TensorcError(f"ONNX support is not available ({e})") from None
-    fn = getattr(onnx_frontend, name, None)
-    if fn is None:
-        raise TensorcError(f"ONNX support is not available (tensorc.frontend.onnx has no "
-                           f"{name}())")
-    return fn
 
 
 def _trace(model, batch, seq, seed, given):

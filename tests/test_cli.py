@@ -417,30 +417,12 @@ def test_preset_applies_to_builtins_only(capsys, factory):
 
 # --- ONNX (the importer and exporter live in tensorc.frontend.onnx) -------------------------
 
-def _onnx_missing() -> str | None:
-    from tensorc.loading import onnx_function
-    try:
-        onnx_function("load"), onnx_function("save")
-    except TensorcError as e:
-        return str(e)
-    return None
-
-
-def test_onnx_missing_is_one_clear_line(capsys, tmp_path):
-    why = _onnx_missing()
-    if why is None:
-        pytest.skip("tensorc.frontend.onnx is present; test_onnx_round_trip covers it")
-    rc, _, err = run_cli(capsys, "export", "gpt", "-o", tmp_path / "g.onnx")
-    assert rc == 2 and err.startswith("tensorc: error: ONNX support is not available (")
-    assert len(err.splitlines()) == 1
+def test_missing_onnx_file_is_one_clear_line(capsys, tmp_path):
     rc, _, err = run_cli(capsys, "run", tmp_path / "absent.onnx")
     assert rc == 2 and err == f"tensorc: error: file not found: {tmp_path / 'absent.onnx'}\n"
 
 
 def test_onnx_round_trip(capsys, tmp_path):
-    why = _onnx_missing()
-    if why is not None:
-        pytest.skip(f"ONNX frontend not importable yet: {why}")
     path = tmp_path / "gpt.onnx"
     ok(capsys, "export", "gpt", "-o", path)
     assert path.stat().st_size > 0

@@ -1,0 +1,487 @@
+"""The CUDA GPU backend, through cupy.
+
+    exe = get_backend("cupy").compile(graph)          # needs cupy and a CUDA device
+    exe = CupyBackend(precision="tf32").compile(graph)
+    CupyBackend().emit_source(graph, "out/")          # needs neither: writes .cu files
+
+Per set of input shapes the graph is lowered once (`backends/lower.py`) to the same
+Program the LLVM backend runs: its loop-nest kernels are rendered to CUDA C by
+`cuda_codegen.py` and loaded with `cupy.RawModule` (one module per Program, cached
+by source hash); matmuls go to cuBLAS through `cupy.matmul`, their fused bias /
+activation / residual to a small epilogue kernel; `attention` calls run the
+flash-attention kernel of `kernels.py`; the few steps without a GPU lowering run
+their numpy reference on the host. Device memory is one arena per Program from
+cupy's pool, laid out by the Program's liveness plan. Each Program's launch
+sequence is captured once in a CUDA graph and replayed (unless it has host steps).
+
+Precision: float32 matmuls use full fp32 (TF32 off) so results match numpy at
+1e-4. `precision="tf32"` lets cuBLAS use TF32 tensor cores (inputs rounded to 10
+mantissa bits); `precision="fp16"` multiplies fp16-rounded inputs with fp32
+accumulation and rounds the product to fp16. Their error budgets, max relative
+error on the built-in models, are 1e-2 (tf32) and 2e-2 (fp16): what the GPU tests
+assert; no GPU has measured them yet. cupy has no bfloat16 array type, so there
+is no bf16 mode.
+
+This module imports without cupy; `get_backend("cupy")` raises a TensorcError
+naming why the backend is unavailable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from tensorc.errors import InputError, TensorcError
+from tensorc.ir import DTYPES, Graph, bind_shapes, dim_symbols
+from tensorc.ops import get_op
+
+from .. import Backend, Executable
+from .. import lower as L
+from . import kernels as lib
+from .cuda_codegen import render_kernel
+
+PRECISIONS = ("fp32", "tf32", "fp16")
+
+
+def unavailable_reason() -> str | None:
+    """Why the GPU backend cannot run here, or None if it can."""
+    try:
+        import cupy
+    except ImportError:
+        return "cupy is not installed (pip install tensorc[gpu])"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError, or a driver that fails to load
+        return f"no CUDA device found ({str(e).strip().splitlines()[0] if str(e) else e})"
+    return None if count else "no CUDA device found"
+
+
+def require_cupy():
+    reason = unavailable_reason()
+    if reason:
+        raise TensorcError(f"the cupy backend is unavailable: {reason}")
+    import cupy
+    return cupy
+
+
+# --- runtimes: where arrays live and kernels run ----------------------------------------
+
+_C_SCALARS = {"tc_i64": np.int64, "long long": np.int64, "int": np.int32,
+              "float": np.float32, "double": np.float64}
+
+
+class CupyRuntime:
+    """Device memory, kernel modules and cuBLAS through cupy. `EmulatedRuntime`
+    (emulate.py) offers the same methods on the CPU, so the executable's logic is
+    tested without a GPU."""
+
+    name = "cuda"
+    can_capture = True
+
+    def __init__(self):
+        self.cp = require_cupy()
+        self.xp = self.cp
+        self._modules: dict[str, object] = {}
+
+    def load(self, source: str, kernels: dict, independent=frozenset()) -> dict:
+        key = hashlib.sha256(source.encode()).hexdigest()
+        if key not in self._modules:
+            self._modules[key] = self.cp.RawModule(code=source)
+        try:   # NVRTC compiles on the first lookup; its errors carry the compiler log
+            return {name: self._modules[key].get_function(name) for name in kernels}
+        except self.cp.cuda.compiler.CompileException as e:
+            raise TensorcError(f"generated CUDA source does not compile: {e}") from None
+
+    def launch(self, fn, params, grid, block, args) -> None:
+        fn(tuple(grid), tuple(block), self.pack(params, args))
+
+    @staticmethod
+    def pack(params, args) -> tuple:
+        """Arguments converted to exactly the kernel's parameter types."""
+        out = []
+        for (c_type, _), a in zip(params, args, strict=True):
+            if c_type.endswith("*"):
+                out.append(np.uint64(0) if a is None else a)
+            else:
+                out.append(_C_SCALARS[c_type](a))
+        return tuple(out)
+
+    def upload(self, a: np.ndarray):
+        return self.cp.asarray(np.ascontiguousarray(a))
+
+    def empty(self, nbytes: int):
+        return self.cp.empty(max(nbytes, 1), np.uint8)
+
+    def view(self, base, offset: int, shape, dtype, strides):
+        return self.cp.ndarray(tuple(shape), dtype, memptr=base.data + offset,
+                               strides=tuple(strides))
+
+    def is_device_array(self, a) -> bool:
+        return isinstance(a, self.cp.ndarray)
+
+    def copy_in(self, dst, a) -> None:
+        """Fill the flat arena slot `dst` from a host or device array."""
+        if self.is_device_array(a):
+            dst[...] = a.reshape(-1)      # device to device, no host round trip
+        else:
+            dst.set(np.ascontiguousarray(a).reshape(-1))
+
+    def to_host(self, a) -> np.ndarray:
+        return self.cp.asnumpy(a)
+
+    def matmul(self, a, b, out, precision: str) -> None:
+        _set_compute_type(self.cp, precision)
+        if precision == "fp16" and a.dtype == np.float32:
+            out[...] = self.cp.matmul(a.astype(np.float16), b.astype(np.float16))
+        else:
+            self.cp.matmul(a, b, out=out)
+
+    def synchronize(self) -> None:
+        self.cp.cuda.get_current_stream().synchronize()
+
+    def capture(self, run):
+        """A CUDA graph of `run()`'s launches on a private stream, replayed by calling
+        the returned function; raises if the stream cannot be captured."""
+        stream = self.cp.cuda.Stream(non_blocking=True)
+        with stream:
+            run()                      # warm up: modules loaded, pool blocks cached
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                run()
+            finally:
+                graph = stream.end_capture()
+        def replay():
+            # The inputs were copied in on the caller's stream: finish that first.
+            self.cp.cuda.get_current_stream().synchronize()
+            graph.launch(stream)
+            stream.synchronize()
+        return replay
+
+
+# cuBLAS compute types as cupy numbers them (cupy/_core/_routines_linalg).
+_COMPUTE_FP32, _COMPUTE_TF32 = 4, 7
+
+
+def _set_compute_type(cp, precision: str) -> None:
+    linalg = cp._core._routines_linalg
+    tf32 = getattr(linalg, "COMPUTE_TYPE_TF32", _COMPUTE_TF32)
+    fp32 = getattr(linalg, "COMPUTE_TYPE_FP32", _COMPUTE_FP32)
+    linalg.set_compute_type(np.float32, tf32 if precision == "tf32" else fp32)
+    linalg.set_compute_type(np.float16, fp32)   # fp16 inputs, fp32 accumulation
+
+
+# --- the executable ---------------------------------------------------------------------
+
+class _Prepared:
+    """One Program made runnable: kernels loaded, arena allocated, steps bound."""
+
+    def __init__(self, exe: CupyExecutable, program: L.Program):
+        self.program, self.rt = program, exe.runtime
+        self.precision = exe.precision
+        self.rendered = rendered = {k.name: render_kernel(k) for k in program.kernels}
+        library = library_kernels(program)
+        self.source = program_source(rendered, library)
+        params = {n: r.params for n, r in rendered.items()}
+        params.update({n: k.params for n, k in library.items()})
+        self.params = params
+        independent = {n for n, r in rendered.items() if not r.cooperative}
+        independent |= {n for n, k in library.items() if not k.cooperative}
+        self.fns = self.rt.load(self.source, params, independent) if params else {}
+        self.arena = self.rt.empty(program.arena_bytes)
+        self.const = exe.device_constants
+        self.host_only = [s.where for s in program.steps if _runs_on_host(s)]
+        self.index_checks = [s for s in program.steps if isinstance(s, L.IndexCheck)]
+        self.in_place: dict = {}   # input Buf -> the caller's device array, for one call
+        self.steps = [self.bind(s, rendered) for s in program.steps]
+        self.input_readers = [i for i, s in enumerate(program.steps)
+                              if any(b.kind == "input" for b in s.reads())]
+        self.outputs = [self.array(v) for v in program.outputs]
+        self.inputs = [self.array(L.View(b, 0, (b.nbytes // DTYPES[b.dtype].itemsize,), (1,)))
+                       for b in program.inputs]
+        self.replay = None
+        self.capture_note = ""
+
+    # -- memory --
+    def base(self, buf: L.Buf):
+        if buf in self.in_place:
+            return self.in_place[buf], 0
+        if buf.kind == "const":
+            key = id(buf.data)
+            if key not in self.const:
+                self.const[key] = (buf.data, self.rt.upload(buf.data))
+            return self.const[key][1].reshape(-1).view(np.uint8), 0
+        return self.arena, buf.offset
+
+    def array(self, v: L.View):
+        base, off = self.base(v.buf)
+        dtype = DTYPES[v.buf.dtype]
+        return self.rt.view(base, off + v.offset * dtype.itemsize, v.shape, dtype,
+                            [s * dtype.itemsize for s in v.strides])
+
+    def pointer(self, buf: L.Buf):
+        base, off = self.base(buf)
+        return base[off:off + buf.nbytes]
+
+    # -- steps --
+    def bind(self, step, rendered):
+        """A no-argument function running `step` (views and pointers resolved once)."""
+        rt = self.rt
+        if isinstance(step, L.KernelStep):
+            r = rendered[step.kernel.name]
+            fn, params = self.fns[r.name], r.params
+            args = [self.pointer(b) for b in step.args] + [0, r.extent]
+            grid, block = r.launch
+            return lambda: rt.launch(fn, params, grid, block, args)
+        if isinstance(step, L.IndexCheck):
+            view, n, where = self.array(step.view), step.n, step.where
+            return lambda: _check_indices(rt, view, n, where)
+        ins = [self.array(v) for v in step.inputs]
+        outs = [self.array(v) for v in step.outputs]
+        if not _runs_on_host(step) and step.op == "matmul":
+            epi = {k: self.array(v) if isinstance(v, L.View) else v
+                   for k, v in step.epilogue.items()}
+            e = _epilogue_launch(epi, outs[0], step.where)
+            efn = self.fns[e.kernel.name] if e else None
+
+            def matmul():
+                rt.matmul(*ins, outs[0], self.precision)
+                if e:
+                    rt.launch(efn, e.kernel.params, e.grid, e.block, e.args)
+            return matmul
+        if not _runs_on_host(step):   # attention
+            launch = lib.attention_launch(*ins[:3], outs[0], ins[3] if len(ins) > 3 else None,
+                                          **step.attrs)
+            fn = self.fns[launch.kernel.name]
+            return lambda: rt.launch(fn, launch.kernel.params, launch.grid, launch.block,
+                                     launch.args)
+        opdef = get_op(step.op)   # fallback: the numpy reference, on the host
+
+        def host():
+            res = opdef.evaluate([rt.to_host(a) for a in ins], step.attrs)
+            for o, r in zip(outs, res, strict=True):
+                o[...] = rt.xp.asarray(r)
+        return host
+
+    def run_steps(self, in_place: dict | None = None):
+        """Run every step; `in_place` maps input Bufs to the caller's device arrays (flat
+        bytes), read directly by the steps that read inputs (rebound for this call)."""
+        steps = self.steps
+        if in_place:
+            self.in_place = in_place
+            try:
+                steps = list(steps)
+                for i in self.input_readers:
+                    steps[i] = self.bind(self.program.steps[i], self.rendered)
+            finally:
+                self.in_place = {}
+        for s in steps:
+            s()
+
+
+def _runs_on_host(step) -> bool:
+    """Steps done by the numpy reference on the host (they cannot be in a CUDA graph)."""
+    if not isinstance(step, L.Call):
+        return False
+    return step.fallback or not (step.op == "matmul" or
+                                 step.op == "attention" and _flash_fits(step))
+
+
+def _flash_fits(call: L.Call) -> bool:
+    q, k, v = call.inputs[:3]
+    return (q.buf.dtype == "f32" and q.strides[3] == k.strides[3] == v.strides[3] == 1
+            and max(q.shape[3], v.shape[3]) <= lib.MAX_HEAD_DIM
+            and q.shape[0] * q.shape[1] <= lib.MAX_GRID_Y)
+
+
+def _check_indices(rt, idx, n: int, where: str) -> None:
+    if idx.size:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -n or hi >= n:
+            bad = hi if hi >= n else lo
+            raise TensorcError(f"{where}: index {bad} is out of range for an axis of size {n}")
+
+
+def _epilogue_launch(epilogue: dict, out, where: str) -> lib.Launch | None:
+    """The epilogue kernel launch for act(out + bias) + residual, or None if empty."""
+    unknown = set(epilogue) - {"bias", "activation", "residual"}
+    act = epilogue.get("activation", "none")
+    if unknown or act not in lib.ACTIVATIONS or out.dtype != np.float32:
+        raise TensorcError(f"{where}: matmul epilogue {sorted(epilogue)} (activation "
+                           f"{act!r}, {out.dtype}) is not supported by the cupy backend")
+    if not epilogue:
+        return None
+    return lib.gemm_epilogue_launch(out, epilogue.get("bias"), epilogue.get("residual"), act)
+
+
+def library_kernels(program: L.Program) -> dict[str, lib.LibraryKernel]:
+    """The hand-written kernels a Program's library calls launch."""
+    out = {}
+    for s in program.steps:
+        if isinstance(s, L.Call) and s.op == "attention" and _flash_fits(s):
+            k = lib.flash_attention_kernel(s.inputs[0].shape[3], s.inputs[2].shape[3])
+            out[k.name] = k
+        elif isinstance(s, L.Call) and s.op == "matmul" and s.epilogue:
+            out["tc_gemm_epilogue_f32"] = lib.gemm_epilogue_kernel()
+    return out
+
+
+def program_source(rendered: dict, library: dict) -> str:
+    """One CUDA translation unit with every kernel of a Program."""
+    parts = [f"// tensorc: {len(rendered)} generated and {len(library)} library kernels\n"]
+    parts += [r.source for r in rendered.values()]
+    parts += [k.source for k in library.values()]
+    return "\n".join(parts)
+
+
+class CupyExecutable(Executable):
+    """Runs a graph on the GPU. Inputs may be numpy arrays (copied in) or cupy arrays:
+    read in place when contiguous in eager runs, copied device to device into the
+    arena when a CUDA graph replays (its addresses are fixed). Outputs are numpy
+    arrays, or cupy arrays when the backend was made with `outputs="cupy"` or
+    `run_device` is used."""
+
+    def __init__(self, graph: Graph, runtime, precision: str = "fp32",
+                 cuda_graph: bool = True, outputs: str = "numpy"):
+        super().__init__(graph)
+        missing = [v.name for v in graph.constants.values() if v.data is None]
+        if missing:
+            raise TensorcError(f"graph {graph.name} has constants without data: "
+                               + ", ".join("%" + n for n in missing[:5]))
+        self.runtime, self.precision = runtime, precision
+        self.use_cuda_graph = cuda_graph and runtime.can_capture
+        self.device_outputs = outputs == "cupy"
+        self.device_constants: dict = {}   # id(weight array) -> (array, device copy)
+        self._prepared: dict[tuple, _Prepared] = {}
+        self.stats = {"programs": 0, "graph_replays": 0, "eager_runs": 0,
+                      "inputs_in_place": 0}
+
+    def prepared(self, env: dict[str, int]) -> _Prepared:
+        key = tuple(sorted(env.items()))
+        if key not in self._prepared:
+            self._prepared[key] = _Prepared(self, L.lower(self.graph, env))
+            self.stats["programs"] += 1
+        return self._prepared[key]
+
+    def run(self, feeds: dict) -> dict:
+        if self.device_outputs:
+            return self.run_device(feeds)
+        return {n: self.runtime.to_host(a) for n, a in self._run(feeds).items()}
+
+    def run_device(self, feeds: dict) -> dict:
+        """Like `run`, but the outputs stay on the device (cupy arrays)."""
+        return {n: a.copy() for n, a in self._run(feeds).items()}
+
+    def _run(self, feeds: dict) -> dict:
+        rt = self.runtime
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise InputError(f"inputs do not match the graph: missing {missing}, unknown "
+                             f"{extra} (expected {self.input_names})")
+        arrays = [feeds[n] for n in self.input_names]
+        # Shape and dtype checks on stand-ins, so device arrays are never copied to host.
+        stand_ins = [np.broadcast_to(np.zeros((), a.dtype), a.shape)
+                     if rt.is_device_array(a) else np.asarray(a) for a in arrays]
+        env = bind_shapes([v.type for v in self.graph.inputs], stand_ins, self.input_names)
+        prep = self.prepared(env)
+        # Every Program has fixed shapes and addresses, so each can be captured once.
+        if self.use_cuda_graph and not prep.host_only and not prep.capture_note:
+            self._copy_in(prep, arrays)
+            if prep.replay is None:
+                self._capture(prep)
+                self._copy_in(prep, arrays)   # the warm-up run reused the input slots
+        if prep.replay is not None:
+            for c in prep.index_checks:   # checks read inputs only: before the replay
+                _check_indices(rt, prep.array(c.view), c.n, c.where)
+            prep.replay()
+            self.stats["graph_replays"] += 1
+        else:   # eager: contiguous device inputs are read where they are, not copied
+            in_place = {b: a.reshape(-1).view(np.uint8)
+                        for b, a in zip(prep.program.inputs, arrays, strict=True)
+                        if rt.is_device_array(a) and a.flags.c_contiguous
+                        and a.dtype == DTYPES[b.dtype]}
+            self._copy_in(prep, arrays, skip=in_place)
+            prep.run_steps(in_place)
+            rt.synchronize()
+            self.stats["eager_runs"] += 1
+            self.stats["inputs_in_place"] += len(in_place)
+        # Views into the arena: valid until the next call, so callers copy them.
+        return dict(zip(self.output_names, prep.outputs, strict=True))
+
+    def _copy_in(self, prep: _Prepared, arrays, skip=()) -> None:
+        for buf, slot, a in zip(prep.program.inputs, prep.inputs, arrays, strict=True):
+            if buf not in skip:
+                self.runtime.copy_in(slot, a)
+
+    def _capture(self, prep: _Prepared) -> None:
+        """Record the Program's launches in a CUDA graph (`prep.replay`), or note why not.
+        Index checks stay outside the graph: they sync with the host. They are run
+        before each replay, so they may only read input buffers."""
+        if any(c.view.buf.kind != "input" for c in prep.index_checks):
+            prep.capture_note = "an index check reads an intermediate buffer"
+            return
+        for c in prep.index_checks:       # the warm-up run must not read out of bounds
+            _check_indices(self.runtime, prep.array(c.view), c.n, c.where)
+        kernels = [s for s, st in zip(prep.steps, prep.program.steps, strict=True)
+                   if not isinstance(st, L.IndexCheck)]
+        try:
+            prep.replay = self.runtime.capture(lambda: [s() for s in kernels])
+        except Exception as e:  # capture unsupported here: run eagerly from now on
+            prep.capture_note = f"CUDA graph capture failed: {e}"
+
+    def execute(self, arrays, env):   # Executable's abstract hook; `run` covers it
+        return list(self.run(dict(zip(self.input_names, arrays, strict=True))).values())
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+
+    def __init__(self, precision: str = "fp32", cuda_graph: bool = True,
+                 outputs: str = "numpy"):
+        if precision not in PRECISIONS:
+            raise TensorcError(f"unknown precision {precision!r} (choose from "
+                               f"{', '.join(PRECISIONS)})")
+        if outputs not in ("numpy", "cupy"):
+            raise TensorcError(f"outputs must be 'numpy' or 'cupy', got {outputs!r}")
+        self.precision, self.cuda_graph, self.outputs = precision, cuda_graph, outputs
+
+    def unavailable_reason(self) -> str | None:
+        return unavailable_reason()
+
+    def compile(self, graph: Graph, runtime=None) -> CupyExecutable:
+        return CupyExecutable(graph, runtime or CupyRuntime(), self.precision,
+                              self.cuda_graph, self.outputs)
+
+    def emit_source(self, graph: Graph, directory: str, env: dict[str, int] | None = None
+                    ) -> list[str]:
+        """Write `<graph>.cu`: every kernel of the graph's Program (shapes bound by
+        `env` where the graph has symbolic dims). Compiles standalone with
+        `nvcc -ptx -arch=sm_80`; needs neither cupy nor a GPU."""
+        program = L.lower(graph, _static_env(graph, env))
+        rendered = {k.name: render_kernel(k) for k in program.kernels}
+        library = library_kernels(program)
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        out = path / f"{_file_name(graph.name)}.cu"
+        out.write_text(program_source(rendered, library))
+        return [str(out)]
+
+
+def _static_env(graph: Graph, env) -> dict[str, int]:
+    symbols = sorted({s for v in graph.inputs for d in v.type.shape for s in dim_symbols(d)})
+    missing = [s for s in symbols if s not in (env or {})]
+    if missing:
+        raise TensorcError(f"graph {graph.name} has symbolic dims {', '.join(missing)}: "
+                           "give their sizes (env={" + ", ".join(f"'{s}': 1" for s in missing)
+                           + "})")
+    return dict(env or {})
+
+
+def _file_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "graph"
+
+
+BACKEND = CupyBackend()

@@ -1,0 +1,438 @@
+"""Hand-written CUDA library kernels: softmax, layer norm, flash attention.
+
+Each kernel is CUDA C without any #include, so the same text compiles under NVRTC
+(what `cupy.RawModule` uses) and standalone under nvcc. Kernels that need compile-time
+sizes (the head dims of attention) are C++ templates behind small `extern "C"` entry
+points, one per instance, so every kernel has a plain, unmangled name to look up.
+
+All of them compute in float32 and accumulate in float32, like the numpy reference.
+Block-wide reductions assume blockDim.x is a multiple of 32 (at most 1024); the
+launch helpers below guarantee it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Shared device helpers. Guarded so any number of kernels can be pasted into one
+# translation unit (emit_source writes one .cu per model).
+PRELUDE = r"""
+#ifndef TC_PRELUDE
+#define TC_PRELUDE
+#define TC_FULL_MASK 0xffffffffu
+#define TC_INF __int_as_float(0x7f800000)  // no math.h under NVRTC
+typedef long long tc_i64;
+
+__device__ __forceinline__ float tc_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TC_FULL_MASK, v, o);
+    return v;
+}
+__device__ __forceinline__ float tc_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(TC_FULL_MASK, v, o));
+    return v;
+}
+// Reduce over the whole block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float tc_block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = tc_warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    return tc_warp_sum(v);
+}
+__device__ __forceinline__ float tc_block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = tc_warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : -TC_INF;
+    return tc_warp_max(v);
+}
+#endif
+"""
+
+SOFTMAX = r"""
+// softmax (or log_softmax) over one axis. The tensor is viewed as [outer, n, inner]
+// and one block handles one (outer, inner) row of n elements, in three passes:
+// max, sum of exp, write. Same order of operations as the numpy reference.
+extern "C" __global__ void tc_softmax_f32(const float* __restrict__ x, float* __restrict__ y,
+                                          tc_i64 rows, tc_i64 n, tc_i64 inner, int log_out) {
+    __shared__ float scratch[32];
+    for (tc_i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        tc_i64 base = (row / inner) * n * inner + row % inner;
+        float m = -TC_INF;
+        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, x[base + j * inner]);
+        m = tc_block_max(m, scratch);
+        float s = 0.0f;
+        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) s += expf(x[base + j * inner] - m);
+        s = tc_block_sum(s, scratch);
+        float log_s = logf(s), inv_s = 1.0f / s;
+        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) {
+            float d = x[base + j * inner] - m;
+            y[base + j * inner] = log_out ? d - log_s : expf(d) * inv_s;
+        }
+    }
+}
+"""
+
+LAYER_NORM = r"""
+// layer_norm over the trailing n elements of each row: two-pass mean and variance
+// (as the reference: var = mean((x - mean)^2)), then scale and shift. `w` and `b`
+// hold n elements each (the backend expands broadcast weights once) or are null.
+extern "C" __global__ void tc_layer_norm_f32(const float* __restrict__ x,
+                                             const float* __restrict__ w,
+                                             const float* __restrict__ b,
+                                             float* __restrict__ y,
+                                             tc_i64 rows, tc_i64 n, float eps) {
+    __shared__ float scratch[32];
+    for (tc_i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const float* xr = x + row * n;
+        float* yr = y + row * n;
+        float s = 0.0f;
+        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) s += xr[j];
+        float mean = tc_block_sum(s, scratch) / (float)n;
+        float q = 0.0f;
+        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) {
+            float d = xr[j] - mean;
+            q += d * d;
+        }
+        float inv = 1.0f / sqrtf(tc_block_sum(q, scratch) / (float)n + eps);
+        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) {
+            float v = (xr[j] - mean) * inv;
+            if (w) v *= w[j];
+            if (b) v += b[j];
+            yr[j] = v;
+        }
+    }
+}
+"""
+
+GEMM_EPILOGUE = r"""
+// The epilogue of a GEMM whose output y (contiguous) cuBLAS just wrote:
+// y = act(y + bias) + residual, elementwise. bias (may be null) is indexed by the
+// last dim; residual (may be null) by its own element strides over y's dims (up to
+// 6, left-padded with 1). act: 0 none, 1 relu, 2 gelu (erf), 3 gelu (tanh form).
+extern "C" __global__ void tc_gemm_epilogue_f32(float* __restrict__ y,
+        const float* __restrict__ bias, const float* __restrict__ res, tc_i64 total,
+        tc_i64 d0, tc_i64 d1, tc_i64 d2, tc_i64 d3, tc_i64 d4, tc_i64 d5,
+        tc_i64 s0, tc_i64 s1, tc_i64 s2, tc_i64 s3, tc_i64 s4, tc_i64 s5, int act) {
+    const tc_i64 dims[6] = {d0, d1, d2, d3, d4, d5}, strides[6] = {s0, s1, s2, s3, s4, s5};
+    for (tc_i64 e = blockIdx.x * (tc_i64)blockDim.x + threadIdx.x; e < total;
+         e += (tc_i64)gridDim.x * blockDim.x) {
+        float v = y[e];
+        if (bias) v += bias[e % d5];
+        if (act == 1) v = v > 0.0f ? v : (v != v ? v : 0.0f);
+        else if (act == 2) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        else if (act == 3) v = 0.5f * v * (1.0f + tanhf(0.79788456080286536f
+                                                        * (v * (1.0f + 0.044715f * v * v))));
+        if (res) {
+            tc_i64 r = 0, rest = e;
+            for (int d = 5; d >= 0; --d) {
+                r += (rest % dims[d]) * strides[d];
+                rest /= dims[d];
+            }
+            v += res[r];
+        }
+        y[e] = v;
+    }
+}
+"""
+
+# Flash attention, float32. One block of WARPS warps owns FA_ROWS_PER_WARP query
+# rows per warp (FA_BLOCK_M rows in all) of one (batch, head). It streams the keys in
+# tiles of 32 (one key per lane): the tile of K and V goes to shared memory, each lane
+# scores its key against the warp's rows, the warp keeps a running max and sum per row
+# (online softmax), rescales its output accumulators and adds P @ V_tile, with lane l
+# owning output columns l, l+32, ... Scores never touch global memory.
+#
+# Semantics are those of the `attention` op (tensorc/ops/attention.py), in its order:
+# scores = (scale * q) @ k^T; `causal` sets key j > i + causal_offset to mask_value;
+# `keep` (bool, may be null) sets scores where it is false to mask_value; `bias`
+# (float, may be null) is added. Masks are read through strides over [B, H, Sq, Sk],
+# 0 on broadcast dims. With mask_value = -inf a row whose keys are all masked gives
+# 0/0 = NaN, as the reference does; a finite mask_value gives uniform weights there.
+#
+# Q, K, V, O are read through (batch, head, position) strides with the head dim
+# contiguous, so [B, H, S, D] and [B, S, H, D] layouts both work without a copy, and
+# a K/V batch or head of size 1 is broadcast by giving it stride 0.
+FLASH_ATTENTION = r"""
+#ifndef TC_FLASH_ATTENTION
+#define TC_FLASH_ATTENTION
+#define FA_TILE_N 32
+#define FA_ROWS_PER_WARP 4
+
+struct tc_attn_args {
+    const float* q; const float* k; const float* v; float* o;
+    const unsigned char* keep; const float* bias;
+    tc_i64 q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss;
+    tc_i64 m_sb, m_sh, m_sq, m_sk;   // strides of keep/bias over [B, H, Sq, Sk]
+    int heads, sq, sk, causal, causal_offset;
+    float scale, mask_value;
+};
+
+template <int D, int DV, int WARPS>
+__device__ __forceinline__ void tc_flash_attention(const tc_attn_args& a) {
+    constexpr int OC = (DV + 31) / 32;            // output columns per lane
+    constexpr int FA_BLOCK_M = WARPS * FA_ROWS_PER_WARP;
+    __shared__ float q_s[FA_BLOCK_M][D];
+    __shared__ float k_s[FA_TILE_N][D + 1];       // +1: lane j reads row j, no bank clash
+    __shared__ float v_s[FA_TILE_N][DV];
+    __shared__ float p_s[WARPS][FA_ROWS_PER_WARP][FA_TILE_N];   // this tile's weights
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int bh = blockIdx.y, b = bh / a.heads, h = bh % a.heads;
+    const int m0 = blockIdx.x * FA_BLOCK_M;
+    const float* qp = a.q + b * a.q_sb + h * a.q_sh;
+    const float* kp = a.k + b * a.k_sb + h * a.k_sh;
+    const float* vp = a.v + b * a.v_sb + h * a.v_sh;
+    const tc_i64 m_base = b * a.m_sb + h * a.m_sh;
+
+    for (int t = threadIdx.x; t < FA_BLOCK_M * D; t += blockDim.x) {
+        int r = t / D, d = t % D, i = m0 + r;
+        q_s[r][d] = i < a.sq ? qp[i * a.q_ss + d] * a.scale : 0.0f;
+    }
+    float m[FA_ROWS_PER_WARP], l[FA_ROWS_PER_WARP], acc[FA_ROWS_PER_WARP][OC];
+    _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) {
+        m[r] = -TC_INF;
+        l[r] = 0.0f;
+        _Pragma("unroll") for (int c = 0; c < OC; ++c) acc[r][c] = 0.0f;
+    }
+    const int row0 = warp * FA_ROWS_PER_WARP;     // this warp's first row in the block
+    int n_end = a.sk;
+    if (a.causal && a.mask_value == -TC_INF) {    // keys past the block's last row are dead
+        int last = m0 + FA_BLOCK_M - 1 + a.causal_offset + 1;
+        n_end = last < n_end ? (last > 0 ? last : 0) : n_end;
+    }
+    for (int n0 = 0; n0 < n_end; n0 += FA_TILE_N) {
+        __syncthreads();                          // previous tile fully consumed
+        for (int t = threadIdx.x; t < FA_TILE_N * D; t += blockDim.x) {
+            int j = t / D, d = t % D;
+            k_s[j][d] = n0 + j < a.sk ? kp[(n0 + j) * a.k_ss + d] : 0.0f;
+        }
+        for (int t = threadIdx.x; t < FA_TILE_N * DV; t += blockDim.x) {
+            int j = t / DV, d = t % DV;
+            v_s[j][d] = n0 + j < a.sk ? vp[(n0 + j) * a.v_ss + d] : 0.0f;
+        }
+        __syncthreads();
+        const int j = n0 + lane;                  // this lane's key
+        float s[FA_ROWS_PER_WARP];
+        _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) s[r] = 0.0f;
+        _Pragma("unroll 8") for (int d = 0; d < D; ++d) {
+            float kv = k_s[lane][d];
+            _Pragma("unroll")
+            for (int r = 0; r < FA_ROWS_PER_WARP; ++r) s[r] += q_s[row0 + r][d] * kv;
+        }
+        _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) {
+            const int i = m0 + row0 + r;
+            float sv = s[r];
+            if (a.causal && j > i + a.causal_offset) sv = a.mask_value;
+            if (j < a.sk && i < a.sq) {
+                tc_i64 mi = m_base + (tc_i64)i * a.m_sq + (tc_i64)j * a.m_sk;
+                if (a.keep && !a.keep[mi]) sv = a.mask_value;
+                if (a.bias) sv += a.bias[mi];
+            }
+            if (j >= a.sk) sv = -TC_INF;              // padding of the last tile
+            float m_new = fmaxf(m[r], tc_warp_max(sv));
+            // Nothing live yet in this row: keep everything at zero (avoids inf - inf).
+            float p = m_new == -TC_INF ? 0.0f : expf(sv - m_new);
+            float alpha = m_new == -TC_INF ? 1.0f : expf(m[r] - m_new);
+            l[r] = l[r] * alpha + tc_warp_sum(p);
+            m[r] = m_new;
+            _Pragma("unroll") for (int c = 0; c < OC; ++c) acc[r][c] *= alpha;
+            p_s[warp][r][lane] = p;
+        }
+        __syncwarp();
+        // acc += P @ V_tile: each V element read once from shared memory serves all rows.
+        for (int jj = 0; jj < FA_TILE_N; ++jj) {
+            float pj[FA_ROWS_PER_WARP];
+            _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) pj[r] = p_s[warp][r][jj];
+            _Pragma("unroll") for (int c = 0; c < OC; ++c) {
+                const int d = lane + 32 * c;
+                if (d < DV) {
+                    const float vv = v_s[jj][d];
+                    _Pragma("unroll")
+                    for (int r = 0; r < FA_ROWS_PER_WARP; ++r) acc[r][c] += pj[r] * vv;
+                }
+            }
+        }
+    }
+    _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) {
+        const int i = m0 + row0 + r;
+        if (i >= a.sq) continue;
+        float* op = a.o + b * a.o_sb + h * a.o_sh + (tc_i64)i * a.o_ss;
+        _Pragma("unroll") for (int c = 0; c < OC; ++c) {
+            int d = lane + 32 * c;
+            if (d < DV) op[d] = acc[r][c] / l[r];
+        }
+    }
+}
+#endif
+"""
+
+# Plain scalar and pointer parameters (no struct by value) so that every launcher,
+# cupy or the CPU emulator, passes them the same way.
+FLASH_PARAMS = (
+    [("const float*", n) for n in ("q", "k", "v")] + [("float*", "o"),
+     ("const unsigned char*", "keep"), ("const float*", "bias")]
+    + [("tc_i64", f"{t}_s{x}") for t in "qkvo" for x in "bhs"]
+    + [("tc_i64", f"m_s{x}") for x in ("b", "h", "q", "k")]
+    + [("int", n) for n in ("heads", "sq", "sk", "causal", "causal_offset")]
+    + [("float", "scale"), ("float", "mask_value")])
+
+FLASH_ENTRY = """
+extern "C" __global__ void __launch_bounds__({warps} * 32)
+{name}({params}) {{
+    tc_attn_args a = {{{fields}}};
+    tc_flash_attention<{d}, {dv}, {warps}>(a);
+}}
+"""
+
+FA_ROWS_PER_WARP = 4
+# Static shared memory of one block must stay under 48 KiB: (4 * warps) * D
+# + 32 * (D + 1) + 32 * DV + 128 * warps floats; 8 warps fit up to 64, 4 up to 128.
+MAX_HEAD_DIM = 128
+MAX_GRID_Y = 65535    # one block row per (batch, head)
+
+
+def flash_warps(head_dim: int, value_dim: int) -> int:
+    return 8 if max(head_dim, value_dim) <= 64 else 4
+
+
+@dataclass(frozen=True)
+class LibraryKernel:
+    name: str
+    source: str                          # complete, compilable CUDA C (prelude included)
+    params: tuple[tuple[str, str], ...]  # (C type, name) of each kernel parameter
+    cooperative: bool = True             # threads of a block synchronise
+
+
+def softmax_kernel() -> LibraryKernel:
+    return LibraryKernel("tc_softmax_f32", PRELUDE + SOFTMAX, (
+        ("const float*", "x"), ("float*", "y"), ("tc_i64", "rows"), ("tc_i64", "n"),
+        ("tc_i64", "inner"), ("int", "log_out")))
+
+
+def layer_norm_kernel() -> LibraryKernel:
+    return LibraryKernel("tc_layer_norm_f32", PRELUDE + LAYER_NORM, (
+        ("const float*", "x"), ("const float*", "w"), ("const float*", "b"), ("float*", "y"),
+        ("tc_i64", "rows"), ("tc_i64", "n"), ("float", "eps")))
+
+
+def gemm_epilogue_kernel() -> LibraryKernel:
+    return LibraryKernel("tc_gemm_epilogue_f32", PRELUDE + GEMM_EPILOGUE, (
+        ("float*", "y"), ("const float*", "bias"), ("const float*", "res"), ("tc_i64", "total"),
+        *[("tc_i64", f"d{i}") for i in range(6)], *[("tc_i64", f"s{i}") for i in range(6)],
+        ("int", "act")), cooperative=False)
+
+
+def flash_attention_kernel(head_dim: int, value_dim: int) -> LibraryKernel:
+    name = f"tc_flash_attention_d{head_dim}_v{value_dim}"
+    entry = FLASH_ENTRY.format(
+        name=name, d=head_dim, dv=value_dim, warps=flash_warps(head_dim, value_dim),
+        params=", ".join(f"{t} {n}" for t, n in FLASH_PARAMS),
+        fields=", ".join(n for _, n in FLASH_PARAMS))
+    return LibraryKernel(name, PRELUDE + FLASH_ATTENTION + entry, tuple(FLASH_PARAMS))
+
+
+def all_library_kernels() -> list[LibraryKernel]:
+    """Every hand-written kernel, with the head dims the built-in models use and the
+    edge cases (head dims that are not a multiple of 32, the largest supported)."""
+    dims = [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (64, 32)]
+    return [softmax_kernel(), layer_norm_kernel(), gemm_epilogue_kernel()] + [
+        flash_attention_kernel(d, dv) for d, dv in dims]
+
+
+def threads_for(n: int) -> int:
+    """Block size for a row of n elements: a multiple of 32, at most 1024, about four
+    elements per thread."""
+    return min(1024, 32 * max(1, -(-n // 128)))
+
+
+# --- launch helpers ----------------------------------------------------------------
+# Each returns (kernel, grid, block, args) for arrays that have numpy's .shape,
+# .strides and .itemsize (numpy arrays in the CPU emulator, cupy arrays on a GPU);
+# args are the arrays themselves (None for a null pointer) and plain numbers, in the
+# order of kernel.params. Launchers convert the numbers to the parameter C types.
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: LibraryKernel
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple
+
+
+def _rows_grid(rows: int) -> tuple[int, int, int]:
+    return (max(1, min(rows, 65535 * 16)), 1, 1)   # grid-stride over rows beyond that
+
+
+def softmax_launch(x, y, axis: int, log: bool = False) -> Launch:
+    """x, y contiguous, same shape; softmax along `axis`."""
+    axis %= len(x.shape)
+    n = int(x.shape[axis])
+    inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    rows = int(np.prod(x.shape, dtype=np.int64)) // max(n, 1)
+    return Launch(softmax_kernel(), _rows_grid(rows), (threads_for(n), 1, 1),
+                  (x, y, rows, n, inner, int(log)))
+
+
+def layer_norm_launch(x, w, b, y, axis: int, eps: float) -> Launch:
+    """x, y contiguous; w and b None or holding the normalised size (x.shape[axis:])."""
+    axis %= len(x.shape)
+    n = int(np.prod(x.shape[axis:], dtype=np.int64))
+    rows = int(np.prod(x.shape[:axis], dtype=np.int64))
+    return Launch(layer_norm_kernel(), _rows_grid(rows), (threads_for(n), 1, 1),
+                  (x, w, b, y, rows, n, eps))
+
+
+def _elem_strides(a, rank: int = 4) -> list[int]:
+    """Element strides of `a` left-padded to `rank` dims; 0 on size-1 (broadcast) dims."""
+    shape = (1,) * (rank - len(a.shape)) + tuple(a.shape)
+    strides = (0,) * (rank - len(a.shape)) + tuple(s // a.itemsize for s in a.strides)
+    return [0 if n == 1 else s for n, s in zip(shape, strides, strict=True)]
+
+
+def attention_launch(q, k, v, o, mask=None, *, scale: float = 1.0, causal: bool = False,
+                     mask_value: float = float("-inf")) -> Launch:
+    """q [b,h,t,d], k [bk,hk,s,d], v [bk,hk,s,dv], o [b,h,t,dv]: float32 with the last dim
+    contiguous; mask (bool keep or float bias) broadcasts to [b,h,t,s]."""
+    b, h, t, d = (int(n) for n in q.shape)
+    s, dv = int(k.shape[2]), int(v.shape[3])
+    if max(d, dv) > MAX_HEAD_DIM or b * h > MAX_GRID_Y:
+        raise ValueError(f"attention kernel takes head dims <= {MAX_HEAD_DIM} and "
+                         f"batch * heads <= {MAX_GRID_Y}, got q {q.shape}, v {v.shape}")
+    for a in (q, k, v, o):
+        if a.strides[3] != a.itemsize:
+            raise ValueError("the head dim of q, k, v and o must be contiguous")
+    strides = [x for a in (q, k, v, o) for x in _elem_strides(a)[:3]]
+    is_bool = mask is not None and np.dtype(mask.dtype) == np.bool_
+    m_strides = _elem_strides(mask) if mask is not None else [0, 0, 0, 0]
+    warps = flash_warps(d, dv)
+    block_m = warps * FA_ROWS_PER_WARP
+    return Launch(flash_attention_kernel(d, dv), (-(-t // block_m), b * h, 1),
+                  (32 * warps, 1, 1),
+                  (q, k, v, o, mask if is_bool else None,
+                   None if is_bool else mask, *strides, *m_strides,
+                   h, t, s, int(causal), 0, scale, mask_value))
+
+
+ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_erf": 2, "gelu_tanh": 3}
+EPILOGUE_RANK = 6
+
+
+def gemm_epilogue_launch(y, bias=None, residual=None, activation: str = "none") -> Launch:
+    """y contiguous float32 (rank <= 6); bias [n] contiguous; residual y-shaped, strided."""
+    if len(y.shape) > EPILOGUE_RANK:
+        raise ValueError(f"GEMM epilogue supports up to {EPILOGUE_RANK} dims, got {y.shape}")
+    pad = EPILOGUE_RANK - len(y.shape)
+    dims = [1] * pad + [int(d) for d in y.shape]
+    strides = [0] * EPILOGUE_RANK if residual is None else \
+        [0] * pad + [st // residual.itemsize for st in residual.strides]
+    total = int(np.prod(dims, dtype=np.int64))
+    threads = min(256, 32 * max(1, -(-total // 32)))
+    return Launch(gemm_epilogue_kernel(), (max(1, min(-(-total // threads), 65535 * 32)), 1, 1),
+                  (threads, 1, 1), (y, bias, residual, total, *dims, *strides,
+                                    ACTIVATIONS[activation]))
