@@ -30,15 +30,30 @@ def save(path: str, tensors: dict[str, np.ndarray]) -> None:
 
 
 def load(path: str) -> dict[str, np.ndarray]:
-    if not os.path.isfile(path):
-        raise TensorcError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise TensorcError(f"weights file not found: {path}")
         return _load_safetensors(path)
+    return read_npz(path, "an .npz weights file")
+
+
+def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, read without pickle; `what` says what the file should
+    be, for errors ("a tensorc artifact")."""
+    if not os.path.isfile(path):
+        raise TensorcError(f"file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (ValueError, OSError, TypeError, zipfile.BadZipFile) as e:  # TypeError: a bare .npy
-        raise TensorcError(f"{path} is not a readable .npz weights file ({e})") from None
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        data = None  # numpy's own message suggests unpickling: not advice to pass on
+    if not isinstance(data, np.lib.npyio.NpzFile):  # e.g. a bare .npy
+        raise TensorcError(f"{path} is not {what} (not an .npz zip of arrays)")
+    with data:
+        try:
+            return {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            raise TensorcError(f"{path} is not {what} (an entry is unreadable or holds "
+                               "pickled objects, which tensorc never loads)") from None
 
 
 def _save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from tensorc.errors import TensorcError
 from tensorc.ir import Graph
+from tensorc.text import parse_scalar
 
 PASSES: dict[str, Callable[..., Graph]] = {}
 PIPELINES: dict[str, list[str]] = {"O0": []}
@@ -33,15 +34,6 @@ def register_pass(name: str):
     return deco
 
 
-def _value(text: str):
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text, text)
-
-
 def parse_pipeline(spec: str) -> list[tuple[str, dict]]:
     """``"O1,foo:k=1:j=x"`` -> the flat list of (pass name, kwargs)."""
     steps: list[tuple[str, dict]] = []
@@ -60,7 +52,7 @@ def parse_pipeline(spec: str) -> list[tuple[str, dict]]:
             key, eq, val = a.partition("=")
             if not eq:
                 raise TensorcError(f"pass argument {a!r} of {name} should be key=value")
-            kwargs[key.replace("-", "_")] = _value(val)
+            kwargs[key.replace("-", "_")] = parse_scalar(val)
         try:
             inspect.signature(PASSES[name]).bind(None, **kwargs)
         except TypeError as e:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 
 import numpy as np
 
 from .errors import TensorcError
+from .frontend.weights import read_npz
 from .ir import Graph, TensorType
 from .loading import Loaded
 from .text import INLINE_MAX, parse_graph
@@ -56,17 +56,7 @@ def save_artifact(path: str, graph: Graph, inputs: dict[str, np.ndarray], meta: 
 
 def load_artifact(path: str) -> Loaded:
     """Read an artifact written by `save_artifact` (``tensorc compile``)."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, zipfile.BadZipFile):
-        npz = None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise TensorcError(f"{path} is not a tensorc artifact (not a zip of arrays)")
-    try:
-        with npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise TensorcError(f"{path} is not a readable tensorc artifact ({e})") from None
+    arrays = read_npz(path, "a tensorc artifact")
     if "__graph__" not in arrays or "__meta__" not in arrays:
         raise TensorcError(f"{path} is not a tensorc artifact (it has no graph or metadata)")
     try:

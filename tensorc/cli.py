@@ -16,6 +16,8 @@ import time
 import numpy as np
 
 from .errors import InputError, TensorcError
+from .frontend.weights import read_npz
+from .text import parse_scalar
 
 MODEL_HELP = """\
 MODEL is one of:
@@ -45,25 +47,13 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def parse_value(text: str):
-    """A `--set` value: bool (true/false), int, float, else the string itself."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
             raise TensorcError(f"--set {item!r} should be key=value")
-        out[key.strip()] = parse_value(text.strip())
+        out[key.strip()] = parse_scalar(text.strip())
     return out
 
 
@@ -226,20 +216,6 @@ def cmd_inspect(args) -> int:
 
 # --- run ------------------------------------------------------------------------------
 
-def read_npz(path: str) -> dict[str, np.ndarray]:
-    import zipfile
-    if not os.path.isfile(path):
-        raise TensorcError(f"input file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, zipfile.BadZipFile):
-        data = None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise TensorcError(f"{path} is not an .npz file of arrays")
-    with data:
-        return {k: data[k] for k in data.files}
-
-
 def _run_checked(exe, feeds, source: str | None):
     try:
         return exe.run(feeds)
@@ -265,7 +241,7 @@ def describe_array(name: str, a: np.ndarray) -> str:
 
 def cmd_run(args) -> int:
     from tensorc.backends import get_backend
-    given = read_npz(args.input) if args.input else None
+    given = read_npz(args.input, "an .npz file of inputs") if args.input else None
     try:  # a model is traced at the shapes of the given inputs
         loaded = _load(args, given)
     except InputError as e:

@@ -130,7 +130,9 @@ class _Tokens:
         return False
 
 
-def _atom(tok: str):
+def parse_scalar(tok: str):
+    """A literal as the text form writes it: true/false, an int, a float (inf, nan),
+    else the word itself (a symbolic dim, a dtype). Also used for CLI values."""
     if tok in ("true", "false"):
         return tok == "true"
     if tok in ("inf", "-inf", "nan"):
@@ -157,7 +159,7 @@ def _literal(ts: _Tokens):
         return json.loads(tok)
     if tok == "graph":
         return _graph(ts)
-    return _atom(ts.next("atom"))
+    return parse_scalar(ts.next("atom"))
 
 
 def _type(ts: _Tokens) -> TensorType:

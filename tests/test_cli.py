@@ -193,7 +193,7 @@ BAD = [
     (["run", "gpt", "--input", "{tmp}/shape.npz"], "got i64[1,16,2]"),
     (["run", "gpt", "--input", "{tmp}/dtype.npz"], "of i64 (like i64[1,16]), got f32"),
     (["run", "gpt", "--input", "{tmp}/notnpz.npz"], "is not an .npz file"),
-    (["run", "gpt", "--input", "{tmp}/absent.npz"], "input file not found"),
+    (["run", "gpt", "--input", "{tmp}/absent.npz"], "file not found"),
     (["run", "{tmp}/notnpz.npz"], "is not a tensorc artifact"),
 ]
 
