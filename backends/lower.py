@@ -757,16 +757,43 @@ def _f(dtype: str, v) -> K.Const:
     return K.Const(v, dtype)
 
 
+# Numerical Recipes' erfc(z) = t * exp(-z^2 + P(t)), t = 1 / (1 + z/2), z >= 0, with a
+# fractional error below 1.2e-7: P's coefficients, lowest power first.
+_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+         -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+
+
+def _estrin(x: K.Expr, coefs: list[K.Expr]) -> K.Expr:
+    """sum(coefs[i] * x^i) by Estrin's scheme: independent pairs, so short dependency
+    chains (Horner's serial chain left a degree-9 polynomial latency-bound)."""
+    while len(coefs) > 1:
+        pairs = [K.binary("add", a, K.binary("mul", b, x))
+                 for a, b in zip(coefs[::2], coefs[1::2], strict=False)]
+        coefs = pairs + coefs[len(pairs) * 2:]
+        x = K.binary("mul", x, x)
+    return coefs[0]
+
+
 def _gelu(x: K.Expr, approximate="none") -> K.Expr:
+    """x * Phi(x). In float32, 1 + erf(x/sqrt2) and 1 + tanh(u) cancel for negative x and
+    leave few correct digits below x = -3, so: 2 Phi(x) = erfc(-x/sqrt2), with erfc
+    written out above, and (1 + tanh(u)) / 2 = sigmoid(2u). float64 keeps libm's erf."""
     t = x.dtype
+    if approximate == "tanh":  # u = sqrt(2/pi) (x + 0.044715 x^3)
+        two_u = K.binary("mul", K.binary("mul", _f(t, 2 * math.sqrt(2 / math.pi)), x),
+                         K.binary("add", _f(t, 1.0), K.binary(
+                             "mul", _f(t, 0.044715), K.binary("mul", x, x))))
+        return K.binary("mul", x, K.Unary("sigmoid", two_u))
     half = K.binary("mul", _f(t, 0.5), x)
-    if approximate == "tanh":
-        inner = K.binary("mul", x, K.binary("add", _f(t, 1.0), K.binary(
-            "mul", _f(t, 0.044715), K.binary("mul", x, x))))
-        inner = K.binary("mul", _f(t, math.sqrt(2 / math.pi)), inner)
-        return K.binary("mul", half, K.binary("add", _f(t, 1.0), K.Unary("tanh", inner)))
-    erf = K.Unary("erf", K.binary("mul", x, _f(t, 1 / math.sqrt(2))))
-    return K.binary("mul", half, K.binary("add", _f(t, 1.0), erf))
+    if t == "f64":
+        erf = K.Unary("erf", K.binary("mul", x, _f(t, 1 / math.sqrt(2))))
+        return K.binary("mul", half, K.binary("add", _f(t, 1.0), erf))
+    z = K.binary("mul", K.Unary("abs", x), _f(t, 1 / math.sqrt(2)))
+    s = K.binary("div", _f(t, 1.0), K.binary("add", _f(t, 1.0), K.binary("mul", _f(t, 0.5), z)))
+    poly = _estrin(s, [_f(t, c) for c in _ERFC])
+    tail = K.binary("mul", s, K.Unary("exp", K.binary("sub", poly, K.binary("mul", z, z))))
+    twice_phi = K.Select(K.binary("lt", x, _f(t, 0.0)), tail, K.binary("sub", _f(t, 2.0), tail))
+    return K.binary("mul", half, twice_phi)
 
 
 def _clip(x, min=None, max=None):

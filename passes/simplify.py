@@ -47,7 +47,7 @@ def fold_constants(g: Graph) -> Graph:
             continue
         results = get_op(node.op).evaluate([v.data for v in node.inputs], node.attrs)
         for v, data in zip(node.outputs, results, strict=True):
-            data = np.ascontiguousarray(data, v.type.np_dtype)
+            data = np.require(data, v.type.np_dtype, "C")  # keeps a 0-d result 0-d
             c = g.add_constant(g.fresh_name(f"{v.name}.c" if v.name[0].isdigit() else v.name),
                                data)
             for u in users.get(v, ()):

@@ -627,3 +627,73 @@ def test_nan_propagates_through_max_min_and_reductions_like_numpy():
     got = get_backend("llvm").compile(g)(a, b)
     for i, (o, w) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_array_equal(o, w, err_msg=g.outputs[i].name)
+
+
+@pytest.mark.xfail(strict=True, reason="backends/llvm/gemm.py's gelu_tanh epilogue gives "
+                   "-inf at -inf; numpy gives -inf * 0 = NaN (the kernel IR gelu does too)")
+def test_gemm_gelu_tanh_epilogue_at_minus_inf():
+    g = Graph("t")
+    x = g.add_input("x", TensorType((2, 1), "f32"))
+    w = g.add_constant("w", np.ones((1, 16), np.float32))
+    g.outputs = [g.add("gelu", g.add("matmul", x, w), approximate="tanh")]
+    a = np.array([[-np.inf], [1.0]], np.float32)
+    with np.errstate(invalid="ignore"):
+        want = tensorc.compile(g, "numpy")(a)
+    np.testing.assert_array_equal(get_backend("llvm").compile(g)(a), want)
+
+
+@pytest.mark.parametrize("shapes", [((5,), (5, 3)), ((2, 5), (5,)), ((5,), (5,)),
+                                    ((2, 4, 5), (5,))])
+def test_matmul_with_a_vector_operand(shapes):
+    """np.matmul's vector rules: the GEMM sees [1, k] / [k, 1], the result drops that dim;
+    a following + bias or + residual still folds into the GEMM."""
+    rng = np.random.default_rng(36)
+    g = Graph("t")
+    a = g.add_input("a", TensorType(shapes[0], "f32"))
+    b = g.add_input("b", TensorType(shapes[1], "f32"))
+    m = g.add("matmul", a, b)
+    g.outputs = [g.add("add", m, g.add_constant("c", rand(rng, m.type.shape)))]
+    exe = check(g, feeds_for(g, rng))
+    assert _matmul_steps(exe)[0].epilogue
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_keeps_relative_precision_in_the_negative_tail(approximate):
+    """1 + erf(x/sqrt2) cancels in float32 below x = -3; the kernel uses erfc / sigmoid.
+    Compared with float64 math.erfc (the reference's own 1 + erf loses digits there too)."""
+    x = np.linspace(-9, 3, 1201).astype(np.float32)
+    g = graph((x.shape, "f32"), op="gelu", approximate=approximate)
+    got = get_backend("llvm").compile(g)(x).astype(np.float64)
+    x64 = x.astype(np.float64)
+    if approximate == "tanh":
+        u = math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)
+        want = x64 / (1 + np.exp(-2 * u))
+    else:
+        want = 0.5 * x64 * np.array([math.erfc(-v / math.sqrt(2)) for v in x64])
+    normal = np.abs(want) > 1e-30
+    assert np.abs(got[normal] / want[normal] - 1).max() <= 2e-5
+
+
+def test_float64_sigmoid_and_integer_division_by_zero():
+    """sigmoid on f64 once built invalid IR (an f32 exp on a double); x / 0 on integers is
+    0 on both backends (the reference used to cast inf to int: INT_MIN)."""
+    rng = np.random.default_rng(37)
+    g = Graph("t")
+    x = g.add_input("x", TensorType((3, 17), "f64"))
+    n = g.add_input("n", TensorType((3, 17), "i32"))
+    d = g.add_input("d", TensorType((17,), "i32"))
+    g.outputs = [g.add("sigmoid", x), g.add("div", n, d)]
+    feeds = feeds_for(g, rng)
+    feeds["d"][::3] = 0
+    check(g, feeds)
+
+
+def test_o2_keeps_a_folded_scalar_constant_scalar():
+    """fold-constants once stored a 0-d result as [1], so O2 changed the output's shape."""
+    g = Graph("t")
+    x = g.add_input("x", TensorType((), "f32"))
+    c = g.add("add", g.add("abs", g.add_constant("c", np.array(-0.5, np.float32))),
+              g.add_constant("one", np.array(1.0, np.float32)))
+    g.outputs = [g.add("div", x, c)]
+    exe = check(tensorc.passes.run_pipeline(g, "O2"), {"x": np.array(3.0, np.float32)})
+    assert exe(np.array(3.0, np.float32)).shape == ()

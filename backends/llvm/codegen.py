@@ -253,7 +253,8 @@ class _FnGen:
         if op == "exp":
             return self.exp(x)
         if op == "sigmoid":
-            return b.fdiv(one, b.fadd(one, self.exp(b.fneg(x))))
+            e = self.libm("exp", b.fneg(x)) if dtype == "f64" else self.exp(b.fneg(x))
+            return b.fdiv(one, b.fadd(one, e))
         if op == "tanh":
             return self.tanh(x)
         if op == "erf":

@@ -11,6 +11,7 @@ from ..ir import FLOAT_DTYPES, TensorType
 from .registry import Attr, OpDef, broadcast_shapes, elementwise_flops, register, same_dtype
 
 _erf64 = np.frompyfunc(math.erf, 1, 1)
+_erfc64 = np.frompyfunc(math.erfc, 1, 1)
 
 
 def erf(x: np.ndarray) -> np.ndarray:
@@ -24,7 +25,8 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     if approximate == "tanh":
         y = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
     else:
-        y = 0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))
+        # 1 + erf(x/sqrt2) as erfc(-x/sqrt2): exact in the far negative tail too
+        y = 0.5 * x64 * np.asarray(_erfc64(-x64 / math.sqrt(2.0)), np.float64)
     return y.astype(np.asarray(x).dtype)
 
 
@@ -80,8 +82,10 @@ register(OpDef(
 
 
 def _div(a, b):
-    if a.dtype.kind in "iu":
-        return np.trunc(np.true_divide(a, b)).astype(a.dtype)  # ONNX: integer Div truncates
+    if a.dtype.kind in "iu":  # ONNX: integer Div truncates; x / 0 is 0 (as the backends)
+        zero = np.asarray(b) == 0
+        q = np.trunc(np.true_divide(a, np.where(zero, 1, b)))
+        return np.where(zero, 0, q).astype(a.dtype)
     return np.true_divide(a, b)
 
 
