@@ -57,6 +57,12 @@ class Backend(ABC):
     @abstractmethod
     def compile(self, graph: Graph) -> Executable: ...
 
+    def planned_memory_bytes(self, graph: Graph, env: dict[str, int]) -> int:
+        """Peak bytes of intermediate buffers this backend plans for these shapes (what
+        `tensorc inspect --backend` reports). By default: values freed at their last use."""
+        from .plan import peak_memory_bytes
+        return peak_memory_bytes(graph, env)
+
     def unavailable_reason(self) -> str | None:
         """Why `compile` cannot work on this machine (no GPU, say), or None."""
         return None

@@ -147,9 +147,10 @@ def cmd_models(args) -> int:
 
 # --- inspect --------------------------------------------------------------------------
 
-def graph_summary(graph, inputs, config=None) -> dict:
-    """What `inspect --format json` reports; flops and memory use the inputs' shapes."""
-    from tensorc.backends.plan import peak_memory_bytes
+def graph_summary(graph, inputs, config=None, backend: str = "numpy") -> dict:
+    """What `inspect --format json` reports; flops and memory use the inputs' shapes,
+    peak memory is what `backend` plans."""
+    from tensorc.backends import get_backend
     from tensorc.ops import get_op
     env = _bindings(graph, inputs)
     ops = dict(sorted(graph.op_counts().items(), key=lambda kv: (-kv[1], kv[0])))
@@ -159,7 +160,8 @@ def graph_summary(graph, inputs, config=None) -> dict:
         "nodes": len(graph.nodes),
         "params": graph.param_count(),
         "flops": sum(get_op(n.op).count_flops(n, env) for n in graph.nodes),
-        "peak_memory_bytes": peak_memory_bytes(graph, env),
+        "peak_memory_bytes": get_backend(backend).planned_memory_bytes(graph, env),
+        "backend": backend,
         "bindings": env,
         "inputs": [{"name": v.name, "type": str(v.type)} for v in graph.inputs],
         "outputs": [{"name": v.name, "type": str(v.type)} for v in graph.outputs],
@@ -202,7 +204,7 @@ def cmd_inspect(args) -> int:
     graph = _pipeline(args, loaded.graph)
     notes = explain(graph) if args.explain else []
     if args.format == "json":
-        info = graph_summary(graph, loaded.inputs, loaded.config)
+        info = graph_summary(graph, loaded.inputs, loaded.config, args.backend)
         info["passes"] = args.passes
         if args.explain:
             info["explain"] = notes
@@ -437,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("inspect", cmd_inspect, "print a model's graph and statistics")
     sp.add_argument("--format", choices=("text", "json", "dot"), default="text")
     sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    sp.add_argument("--backend", default="numpy",
+                    help="whose memory plan peak_memory_bytes reports (default: numpy)")
     sp.add_argument("--explain", action="store_true",
                     help="say why rewrites did not fire (to stderr; a key in JSON)")
 

@@ -73,6 +73,19 @@ def test_inspect_json_fields(capsys):
     assert info["peak_memory_bytes"] >= 16 * 97 * 4
 
 
+def test_inspect_reports_the_backends_memory_plan(capsys):
+    from tensorc.backends.lower import planned_memory
+    from tensorc.backends.plan import peak_memory_bytes
+    graph, _ = traced()
+    llvm = json.loads(ok(capsys, "inspect", "gpt", "--format", "json", "--backend", "llvm"))
+    numpy = json.loads(ok(capsys, "inspect", "gpt", "--format", "json"))
+    assert llvm["backend"] == "llvm" and numpy["backend"] == "numpy"
+    assert llvm["peak_memory_bytes"] == planned_memory(graph, {})["arena_bytes"]
+    assert numpy["peak_memory_bytes"] == peak_memory_bytes(graph, {})
+    # the llvm arena packs buffers and keeps views lazy: it plans less than numpy frees
+    assert 0 < llvm["peak_memory_bytes"] < numpy["peak_memory_bytes"]
+
+
 def test_inspect_small_param_count(capsys):
     info = json.loads(ok(capsys, "inspect", "gpt", "--preset", "small", "--format", "json",
                          "--seq", "4"))

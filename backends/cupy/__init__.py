@@ -455,6 +455,11 @@ class CupyBackend(Backend):
         return CupyExecutable(graph, runtime or CupyRuntime(), self.precision,
                               self.cuda_graph, self.outputs)
 
+    def planned_memory_bytes(self, graph: Graph, env: dict[str, int]) -> int:
+        """The arena of the lowered Program: buffers packed by liveness."""
+        from ..lower import planned_memory
+        return planned_memory(graph, env)["arena_bytes"]
+
     def emit_source(self, graph: Graph, directory: str, env: dict[str, int] | None = None
                     ) -> list[str]:
         """Write `<graph>.cu`: every kernel of the graph's Program (shapes bound by

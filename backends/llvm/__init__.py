@@ -53,6 +53,11 @@ class LLVMBackend(Backend):
     def compile(self, graph: Graph, threads: int | None = None) -> Executable:
         return LLVMExecutable(graph, threads)
 
+    def planned_memory_bytes(self, graph: Graph, env: dict[str, int]) -> int:
+        """The arena of the lowered Program: buffers packed by liveness."""
+        from ..lower import planned_memory
+        return planned_memory(graph, env)["arena_bytes"]
+
     def emit_source(self, graph: Graph, directory: str, env: dict[str, int] | None = None
                     ) -> list[str]:
         """One .ll file per generated kernel. Kernels are specialised on shapes: symbols
