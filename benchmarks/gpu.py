@@ -22,115 +22,13 @@ without a GPU it says so and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import numpy as np
+from torch_peer import torch_runner  # beside this script
 
 # --- the graph in PyTorch ----------------------------------------------------------------
-
-
-def _torch_ops(torch):
-    F = torch.nn.functional
-    dt = {"f32": torch.float32, "f16": torch.float16, "f64": torch.float64,
-          "i64": torch.int64, "i32": torch.int32, "bool": torch.bool, "i8": torch.int8,
-          "u8": torch.uint8}
-
-    def slice_(x, starts, ends, axes=None, steps=None):
-        index = [slice(None)] * x.dim()
-        axes = range(len(starts)) if axes is None else axes
-        for s, e, a, st in zip(starts, ends, axes, steps or [1] * len(starts), strict=True):
-            index[a] = slice(s, e, st)
-        return x[tuple(index)]
-
-    def layer_norm(x, w=None, b=None, axis=-1, eps=1e-5):
-        return F.layer_norm(x, x.shape[axis % x.dim():], w, b, eps)
-
-    def attention(q, k, v, mask=None, scale=1.0, causal=False, mask_value=-math.inf):
-        if mask is not None and causal:   # SDPA takes one of them: fold causal into mask
-            t, s = q.shape[-2], k.shape[-2]
-            keep = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
-            mask = mask & keep if mask.dtype == torch.bool else \
-                mask.masked_fill(~keep, mask_value)
-            causal = False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              scale=scale)
-
-    def reduce(fn):
-        return lambda x, axes=None, keepdims=False: fn(
-            x, dim=tuple(range(x.dim())) if axes is None else tuple(axes), keepdim=keepdims)
-
-    return {
-        "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
-        "pow": torch.pow, "maximum": torch.maximum, "minimum": torch.minimum,
-        "equal": torch.eq, "less": torch.lt, "less_equal": torch.le, "greater": torch.gt,
-        "greater_equal": torch.ge, "logical_and": torch.logical_and,
-        "logical_or": torch.logical_or, "logical_not": torch.logical_not,
-        "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log,
-        "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "reciprocal": torch.reciprocal,
-        "tanh": torch.tanh, "erf": torch.erf, "sigmoid": torch.sigmoid, "relu": torch.relu,
-        "sin": torch.sin, "cos": torch.cos, "floor": torch.floor,
-        "gelu": lambda x, approximate="none": F.gelu(x, approximate=approximate),
-        "where": torch.where, "cast": lambda x, dtype: x.to(dt[dtype]),
-        "clip": lambda x, min=None, max=None: torch.clamp(x, min, max),
-        "matmul": torch.matmul, "softmax": lambda x, axis=-1: torch.softmax(x, axis),
-        "log_softmax": lambda x, axis=-1: torch.log_softmax(x, axis),
-        "layer_norm": layer_norm, "attention": attention,
-        "reduce_sum": reduce(torch.sum), "reduce_mean": reduce(torch.mean),
-        "reduce_max": reduce(torch.amax), "reduce_min": reduce(torch.amin),
-        "argmax": lambda x, axis=-1, keepdims=False: torch.argmax(x, axis, keepdims),
-        "reshape": lambda x, shape: x.reshape(shape),
-        "transpose": lambda x, perm=None: x.permute(
-            *(perm if perm is not None else reversed(range(x.dim())))),
-        "concat": lambda *xs, axis: torch.cat(xs, axis),
-        "split": lambda x, axis, sizes: torch.split(x, list(sizes), axis),
-        "slice": slice_, "expand": lambda x, shape: x.expand(
-            *torch.broadcast_shapes(x.shape, tuple(shape))),
-        "squeeze": lambda x, axes: x.squeeze(tuple(axes)),
-        "unsqueeze": lambda x, axes: _unsqueeze(x, axes),
-        "gather": lambda x, idx, axis=0: torch.index_select(
-            x, axis, idx.reshape(-1)).reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:]),
-        "full": lambda shape, value, dtype: torch.full(tuple(shape), value, dtype=dt[dtype],
-                                                       device="cuda"),
-        "trilu": lambda x, upper=False, k=0: torch.triu(x, k) if upper else torch.tril(x, k),
-        "conv2d": lambda x, w, b=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
-        group=1: F.conv2d(F.pad(x, (pads[1], pads[3], pads[0], pads[2])), w, b, strides, 0,
-                          dilations, group),
-    }
-
-
-def _unsqueeze(x, axes):
-    for a in sorted(a % (x.dim() + len(axes)) for a in axes):
-        x = x.unsqueeze(a)
-    return x
-
-
-def torch_runner(graph, torch):
-    """A function of the graph's inputs (torch tensors on the GPU) running the graph with
-    torch ops; fused regions run their body graphs."""
-    ops = _torch_ops(torch)
-    consts = {v: torch.as_tensor(np.ascontiguousarray(v.data)).cuda()
-              for v in graph.constants.values()}
-
-    def run(g, args):
-        vals = dict(consts)
-        vals.update({v: torch.as_tensor(np.ascontiguousarray(v.data)).cuda()
-                     for v in g.constants.values() if v not in vals})
-        vals.update(zip(g.inputs, args, strict=True))
-        for node in g.nodes:
-            ins = [vals[v] for v in node.inputs]
-            if node.op == "fused":
-                outs = run(node.attrs["body"], ins)
-            elif node.op in ops:
-                outs = ops[node.op](*ins, **node.attrs)
-            else:
-                raise SystemExit(f"benchmarks/gpu.py: no torch mapping for op {node.op!r}")
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]
-            vals.update(zip(node.outputs, outs, strict=True))
-        return [vals[v] for v in g.outputs]
-
-    return lambda *args: run(graph, args)
 
 
 # --- timing ------------------------------------------------------------------------------
@@ -173,7 +71,7 @@ def bench_model(name, batch, seq, runs, torch):
     if torch is None:
         return row
     peer_graph = run_pipeline(graph, "O1,fuse-attention")
-    fn = torch_runner(peer_graph, torch)
+    fn = torch_runner(peer_graph, torch, "cuda")
     args = [torch.as_tensor(feeds[v.name]).cuda() for v in peer_graph.inputs]
     tsync = torch.cuda.synchronize
     with torch.no_grad():

@@ -1,9 +1,11 @@
-"""Model latency: tensorc llvm vs tensorc numpy vs ONNX Runtime (vs PyTorch CPU if installed).
+"""Model latency: tensorc llvm vs tensorc numpy vs ONNX Runtime vs PyTorch CPU.
 
     .venv/bin/python benchmarks/models.py [--models gpt,bert,vit] [--rounds 10] [--runs 3]
 
 Small presets, batch 1, seq 128, same weights everywhere (ONNX Runtime runs
-tensorc's own ONNX export of the traced graph). Prints a markdown table of
+tensorc's own ONNX export of the traced graph; PyTorch, eager and torch.compile,
+runs the same graph through benchmarks/torch_peer.py, attention as SDPA; install
+it with `pip install torch==2.13.0`, a CPU wheel). Prints a markdown table of
 medians; ratios are against the llvm backend. Every engine runs in its own
 worker process and the engines take turns, a few runs per round, so changes in
 machine load hit all of them alike. numpy runs twice: with this machine's
@@ -41,6 +43,8 @@ def engine(peer: str, name: str, seq: int):
     if peer in ("numpy", "llvm"):
         exe = tensorc.compile(g, peer, passes="O2" if peer == "llvm" else "O0")
         return lambda: exe.run(feeds)
+    if peer in ("torch", "torch_compile"):
+        return torch_engine(peer, g, feeds)
     if not _has("onnxruntime"):
         return "onnxruntime not installed"
     try:
@@ -53,6 +57,24 @@ def engine(peer: str, name: str, seq: int):
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     ort_feeds = {i.name: feeds[i.name] for i in sess.get_inputs()}
     return lambda: sess.run(None, ort_feeds)
+
+
+def torch_engine(peer: str, g, feeds):
+    if not _has("torch"):
+        return "not installed"
+    import torch
+    from torch_peer import torch_runner  # beside this script
+
+    from tensorc.passes import run_pipeline
+    fn = torch_runner(run_pipeline(g, "O1,fuse-attention"), torch)
+    if peer == "torch_compile":
+        fn = torch.compile(fn)
+    args = [torch.as_tensor(feeds[v.name]) for v in g.inputs]
+
+    def call():
+        with torch.no_grad():
+            return fn(*args)
+    return call
 
 
 def worker(peer: str, name: str, seq: int) -> None:
@@ -110,7 +132,8 @@ def interleaved(name, seq, rounds: int, runs: int) -> dict[str, float | str]:
     dropped its clock, and the first run pays for that (ORT's spinning pool hides it,
     a sleeping pool does not), which is not what a steady stream of calls sees."""
     configs = {"llvm": ("llvm", {}), "numpy": ("numpy", {}),
-               "numpy_unset": ("numpy", {"OPENBLAS_CORETYPE": None}), "ort": ("ort", {})}
+               "numpy_unset": ("numpy", {"OPENBLAS_CORETYPE": None}), "ort": ("ort", {}),
+               "torch": ("torch", {}), "torch_compile": ("torch_compile", {})}
     procs, times, result = {}, {}, {}
     for key, (peer, env) in configs.items():  # start one at a time: no contention
         procs[key] = start(peer, name, seq, env)
@@ -154,8 +177,6 @@ def bench_model(name: str, seq: int, rounds: int, runs: int) -> dict:
     row["rel_err"] = max(float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max())
                          for k in want)
     row["stats"] = exe.stats()
-    row["torch_ms"] = "not installed" if not _has("torch") else \
-        "no PyTorch model definition in tensorc to compare with"
     return row
 
 
@@ -174,14 +195,17 @@ def ratio(x, base) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | llvm ms | numpy ms (OPENBLAS_CORETYPE as set) | numpy ms (unset) | "
-             "ONNX Runtime ms | PyTorch | llvm compile cold / cached s | llvm rel err |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "ONNX Runtime ms | PyTorch eager ms | torch.compile ms | "
+             "llvm compile cold / cached s | llvm rel err |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         base = r["llvm_ms"]
         lines.append(
             f"| {r['model']} | {fmt(base)} | {fmt(r['numpy_ms'])} ({ratio(r['numpy_ms'], base)}) "
             f"| {fmt(r['numpy_unset_ms'])} ({ratio(r['numpy_unset_ms'], base)}) "
-            f"| {fmt(r['ort_ms'])} ({ratio(r['ort_ms'], base)}) | {r['torch_ms']} "
+            f"| {fmt(r['ort_ms'])} ({ratio(r['ort_ms'], base)}) "
+            f"| {fmt(r['torch_ms'])} ({ratio(r['torch_ms'], base)}) "
+            f"| {fmt(r['torch_compile_ms'])} ({ratio(r['torch_compile_ms'], base)}) "
             f"| {fmt(r['compile_cold_s'])} / {fmt(r['compile_cached_s'])} "
             f"| {r['rel_err']:.1e} |")
     return "\n".join(lines)
