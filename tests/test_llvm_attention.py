@@ -166,3 +166,40 @@ def test_bad_inputs_raise_one_clear_error(rng):
         attention(q, k, v, np.zeros((3, 5), np.float32))
     with pytest.raises(ShapeError, match="does not broadcast"):
         attention(q, k, v, np.zeros((4, 7), bool))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bind_follows_the_arrays_it_was_given(rng, causal):
+    """The runtime's form: strided q, k, v views of one qkv buffer, `out` given."""
+    from tensorc.backends.llvm.attention import bind
+    qkv = randn(rng, 1, 96, 3, 4, 32)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    mask = randn(rng, 1, 1, 96, 96)
+    out = np.full((1, 4, 96, 32), np.nan, np.float32)
+    run = bind(q, k, v, mask, scale=0.2, causal=causal, threads=2, out=out)
+    for _ in range(2):   # new contents in the same memory: the next run sees them
+        run()
+        assert_close(out, naive(q, k, v, mask, 0.2, causal))
+        qkv[...] = randn(rng, *qkv.shape)
+        mask[...] = randn(rng, *mask.shape)
+
+
+def test_bind_with_a_mask_that_needs_a_copy(rng):
+    """A mask strided along the keys is made contiguous on every call, never frozen."""
+    from tensorc.backends.llvm.attention import bind
+    q, k, v = randn(rng, 1, 8, 64, 32), randn(rng, 1, 8, 64, 32), randn(rng, 1, 8, 64, 32)
+    mask = randn(rng, 1, 1, 64, 64).transpose(0, 1, 3, 2)
+    out = np.empty((1, 8, 64, 32), np.float32)
+    run = bind(q, k, v, mask, threads=2, out=out)
+    for _ in range(2):
+        run()
+        assert_close(out, naive(q, k, v, mask))
+        mask[...] = randn(rng, *mask.shape) * 3
+
+
+def test_bind_into_an_out_the_kernel_cannot_write(rng):
+    from tensorc.backends.llvm.attention import bind
+    q, k, v = randn(rng, 1, 2, 40, 16), randn(rng, 1, 2, 40, 16), randn(rng, 1, 2, 40, 16)
+    out = np.zeros((1, 2, 40, 32), np.float32)[..., ::2]   # inner stride 2 elements
+    bind(q, k, v, None, 0.5, True, threads=2, out=out)()
+    assert_close(out, naive(q, k, v, None, 0.5, True))

@@ -193,3 +193,93 @@ def test_bad_inputs_raise_one_clear_error(rng, monkeypatch):
         G.gemm(a, randn(rng, 5, 3))
     monkeypatch.setenv("TENSORC_NUM_THREADS", "1")
     assert G.num_threads() == 1
+
+
+# -- the native pool, A packed once and shared, and bound calls ------------------------
+
+@pytest.mark.parametrize("m,n,k", [(128, 300, 512), (37, 900, 700), (8, 1000, 300)])
+def test_shared_packed_a_path_matches_one_thread(rng, m, n, k):
+    """A few rows and a packed weight: A packed once, threads claim panel groups."""
+    a, w, bias, res = randn(rng, m, k), randn(rng, k, n), randn(rng, n), randn(rng, m, n)
+    packed = G.PackedB(w)
+    assert m * n * k >= 1 << 21 and G._prepacked_size(m, k) <= G.PREPACK_A
+    one = G.gemm(a, packed, bias=bias, activation="gelu", residual=res, threads=1)
+    two = G.gemm(a, packed, bias=bias, activation="gelu", residual=res, threads=2)
+    assert np.array_equal(one, two)
+    assert_close(two, ref(a, w, bias, "gelu", res))
+
+
+@pytest.mark.parametrize("batch,m,n,k", [((), 128, 600, 512), ((2,), 64, 600, 512),
+                                         ((), 300, 70, 129), ((1,), 5, 7, 3)])
+def test_bind_follows_the_arrays_it_was_given(rng, batch, m, n, k):
+    a, w, bias = randn(rng, *batch, m, k), randn(rng, k, n), randn(rng, n)
+    res, out = randn(rng, *batch, m, n), np.full((*batch, m, n), np.nan, np.float32)
+    run = G.bind(a, G.PackedB(w), out, bias=bias, activation="relu", residual=res, threads=2)
+    run()
+    assert_close(out, ref(a, w, bias, "relu", res))
+    a[...] = randn(rng, *a.shape)      # new contents, same memory: the next run sees them
+    res[...] = randn(rng, *res.shape)
+    run()
+    assert_close(out, ref(a, w, bias, "relu", res))
+
+
+def test_calls_from_several_threads_at_once(rng):
+    """One caller gets the pool, the others run on their own thread; all correct."""
+    import threading
+    a, w = randn(rng, 128, 512), randn(rng, 512, 600)
+    packed, want, bad = G.PackedB(w), ref(a, w), []
+
+    def caller():
+        for _ in range(10):
+            got = G.gemm(a, packed, threads=2)
+            if np.abs(got - want).max() > 1e-4 * np.abs(want).max():
+                bad.append(got)
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+def test_pool_workers_sleep_and_wake(rng, monkeypatch):
+    """With no spinning a worker sleeps after every job: each post must wake it (a lost
+    wake-up would hang here) and every item must run exactly once."""
+    import time
+
+    from tensorc.backends.llvm import pool
+    monkeypatch.setenv("TENSORC_SPIN_US", "0")
+    workers = pool.Pool(3)
+    job = G.kernels()["jobs"]["tc_pack_a_job"]
+    for trial in range(60):
+        m, k = 8 * (1 + trial % 5) - trial % 3, 1 + 7 * trial % 40   # one K block
+        a = randn(rng, m, k)
+        mt = -(-m // G.MR)
+        ap = G.aligned_empty(G._prepacked_size(m, k))
+        ap.fill(np.nan)
+        items = [x for i in range(mt) for x in (i, i + 1)]
+        block = np.array([a.ctypes.data, k, k, m, workers.threads,
+                          *[ap.ctypes.data] * workers.threads, *items], np.int64)
+        with workers.lock:
+            workers.run(job, block.ctypes.data, mt)
+        padded = np.zeros((mt * G.MR, k), np.float32)
+        padded[:m] = a
+        assert np.array_equal(ap.reshape(mt, G.KC, G.MR)[:, :k],
+                              padded.reshape(mt, G.MR, k).transpose(0, 2, 1))
+        if trial % 10 == 0:
+            time.sleep(0.002)
+
+
+def test_bad_spin_setting_raises(monkeypatch):
+    from tensorc.backends.llvm import pool
+    monkeypatch.setenv("TENSORC_SPIN_US", "soon")
+    with pytest.raises(TensorcError, match="TENSORC_SPIN_US"):
+        pool.Pool(2)
+
+
+def test_bind_batched_b_uses_the_arrays_as_given(rng):
+    """Not the bound fast path (B per batch): the call still writes the 4-D out."""
+    a, w = randn(rng, 2, 3, 40, 17), randn(rng, 2, 3, 17, 30)
+    out = np.full((2, 3, 40, 30), np.nan, np.float32)
+    G.bind(a, w, out, threads=2)()
+    assert_close(out, ref(a, w))

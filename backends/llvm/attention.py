@@ -29,6 +29,7 @@ from llvmlite import ir
 
 from tensorc.errors import ShapeError, TensorcError
 
+from . import pool
 from .gemm import (
     F32,
     I32,
@@ -38,12 +39,13 @@ from .gemm import (
     V16,
     VI32,
     FnBuilder,
+    _job,
     _pack_bt,
-    _scratch,
     _split,
+    aligned_empty,
     c64,
     num_threads,
-    parallel,
+    run_jobs,
     vconst,
 )
 from .jit import cfunc, compile_ir
@@ -57,7 +59,7 @@ V16I8 = ir.VectorType(I8, 16)
 NEG_INF = float("-inf")
 
 
-def _kernel(module: ir.Module, mask_kind: str) -> None:
+def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
     """tc_attention_<mask_kind>: heads [h0, h1) x query rows [i0, i1)."""
     f = FnBuilder(module, f"tc_attention_{mask_kind}", [
         ("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("mask", PTR), ("meta", PTR),
@@ -203,7 +205,7 @@ def _kernel(module: ir.Module, mask_kind: str) -> None:
                         dst = f.at(oh, f.mul(row[r], m["o_t"]), f.mul(c, 16))
                         f.mstore(b.fmul(f.vload(src, 64), inv), dst,
                                  f.lanes_below(b.sub(dv, f.mul(c, 16))))
-    f.finish()
+    return f.finish()
 
 
 def _splat_i1(b: ir.IRBuilder, flag):
@@ -220,7 +222,8 @@ def build_module() -> ir.Module:
     module = ir.Module(name="tensorc_attention")
     _pack_bt(module)
     for kind in MASKS:
-        _kernel(module, kind)
+        _job(module, f"tc_attention_job_{kind}", _kernel(module, kind),
+             [PTR] * 6 + [F32, F32, I64], 4, work_last=True)
     return module
 
 
@@ -233,9 +236,11 @@ def kernels() -> dict:
     with _lock:
         if _lib is None:
             names = [f"tc_attention_{kind}" for kind in MASKS]
-            addrs = compile_ir(build_module(), names)
+            jobs = [f"tc_attention_job_{kind}" for kind in MASKS]
+            addrs = compile_ir(build_module(), names + jobs)
             args = [c_void_p] * 6 + [c_float, c_float] + [c_int64] * 5 + [c_void_p]
             _lib = {kind: cfunc(addrs[f"tc_attention_{kind}"], None, args) for kind in MASKS}
+            _lib["jobs"] = {kind: addrs[f"tc_attention_job_{kind}"] for kind in MASKS}
         return _lib
 
 
@@ -285,6 +290,17 @@ def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
     if S == 0:  # softmax over no keys: 0 / 0, as the reference computes
         out.fill(np.nan)
         return out
+    job, fixed, items, threads, work_size, _ = _plan(q, k, v, mask, scale, causal, mask_value,
+                                                     threads, out)
+    run_jobs([(job, fixed, items, ("attention", work_size))], threads)
+    return out
+
+
+def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
+    """The kernel, its fixed arguments, the work items, the thread count, the workspace
+    size and the arrays that must stay alive while it runs (inputs already checked)."""
+    B, H, T, D = q.shape
+    S, DV = k.shape[2], v.shape[3]
     q = _unit_last(q)
     k = np.broadcast_to(_unit_last(k), (B, H, S, D))
     v = np.broadcast_to(_unit_last(v), (B, H, S, DV))
@@ -319,20 +335,61 @@ def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
     threads = num_threads() if threads is None else max(1, int(threads))
     if B * H * T * S * (D + DV) < 1 << 20:
         threads = 1
-    if B * H >= threads:
-        items = [(h0, h1, 0, T) for h0, h1 in _split(B * H, threads, 1)]
+    if B * H >= threads:   # a head per item: threads claim them as they finish
+        items = [(h, h + 1, 0, T) for h in range(B * H)] if threads > 1 else [(0, B * H, 0, T)]
     elif causal:   # row i costs ~i key tiles: cut where the cumulative work ~i^2 splits evenly
         cuts = [0] + [min(T, round(T * math.sqrt(p / threads) / BR) * BR)
                       for p in range(1, threads)] + [T]
         items = [(0, B * H, i0, i1) for i0, i1 in zip(cuts, cuts[1:], strict=False) if i1 > i0]
     else:
         items = [(0, B * H, i0, i1) for i0, i1 in _split(T, threads, BR)]
-    fn = kernels()[kind]
+    fixed = [q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, m.ctypes.data,
+             meta.ctypes.data, _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
+    return kernels()["jobs"][kind], fixed, items, threads, work_size, (q, k, v, m, meta)
 
-    def run(item):
-        work = _scratch("attention", work_size)
-        fn(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, m.ctypes.data,
-           meta.ctypes.data, float(scale), float(mask_value), int(bool(causal)), *item,
-           work.ctypes.data)
-    parallel(run, items, threads)
-    return out
+
+def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
+         mask_value: float = -math.inf, threads: int | None = None, *, out: np.ndarray):
+    """A zero-argument function that computes attention(...) into `out`, for arrays
+    that never move (the runtime's): checks, the argument block and the workspaces
+    are made once, which leaves one native pool call per run. Any `out` works (one
+    the kernel cannot write to gets a copy of the result)."""
+    if out.dtype != np.float32 or not out.flags.writeable or out.strides[-1] != 4 \
+            or any(st < 0 or st % 4 for st in out.strides):
+        def copied():
+            out[...] = attention(q, k, v, mask, scale, causal, mask_value, threads)
+        return copied
+
+    def general():
+        attention(q, k, v, mask, scale, causal, mask_value, threads, out)
+    general()   # checks the arguments (out's contents do not matter yet)
+    q, k, v = (np.asarray(x) for x in (q, k, v))
+    if any(np.may_share_memory(out, x) for x in (q, k, v)) or out.size == 0 \
+            or k.shape[2] == 0:
+        return general
+    job, fixed, items, threads, work_size, keep = _plan(q, k, v, mask, scale, causal,
+                                                        mask_value, threads, out)
+    copied = [not np.may_share_memory(x, y) for x, y in zip(keep, (q, k, v, mask), strict=False)
+              if y is not None]
+    if threads == 1 or len(items) == 1 or any(copied):   # a copy would go stale
+        return general
+    workers = pool.get(threads)
+    works = [aligned_empty(work_size) for _ in range(workers.threads)]
+    block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
+                      *[x for it in items for x in it]], np.int64)
+    args = (job, block.ctypes.data, len(items))
+
+    def run():
+        if not workers.lock.acquire(blocking=False):
+            general()
+            return
+        try:
+            workers.run(*args)
+        finally:
+            workers.lock.release()
+    run.keep = (keep, works, block)
+    return run
+
+
+def _f32_bits(x: float) -> int:
+    return int(np.array(x, np.float32).view(np.int32))

@@ -3,14 +3,20 @@
 The schedule is the BLIS one. B is packed into NR-column panels (once, for weights:
 see `PackedB`); A is packed per KC x MC block into MR-row panels that stay in L2;
 an MR x NR register-blocked micro-kernel (16 zmm accumulators, `llvm.fma.v16f32`)
-streams one kc x NR panel of B from L1. Edges are handled by zero-padded packing
+streams one kc x NR panel of B from L1 and prefetches the next one towards L2 (a
+model's weights come cold from memory). Edges are handled by zero-padded packing
 plus masked loads/stores, so any M, N, K and any row stride work. The epilogue
 (bias, activation, residual) runs on the accumulators of the last K block, so a
 fused `matmul + bias + gelu + residual` touches C once.
 
-`gemm()` is the numpy-level API (batched, broadcasting, threaded);
-`gemm_range()` computes a block of rows and panels and is what a runtime thread
-calls: ctypes releases the GIL, so threads run kernels in parallel.
+Threads: with a few rows (a transformer's tokens) and a packed weight, A is packed
+once into a buffer both threads read from L2, and the column panels are cut into
+small items that the threads of the native pool (`pool.py`: one hand-off per call,
+workers that spin briefly instead of sleeping) claim; many rows split by rows.
+
+`gemm()` is the numpy-level API (batched, broadcasting, threaded); `bind()` does
+its checks once for arrays that never move and returns a call (the runtime's);
+`gemm_range()` computes a block of rows and panels on the calling thread.
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ from llvmlite import ir
 
 from tensorc.errors import ShapeError, TensorcError
 
+from . import pool
 from .jit import cfunc, compile_ir
 
 MR, NR = 8, 32      # micro-tile: 8 rows x 2 zmm = 16 accumulators (14 x 32 measured no faster)
 KC, MC = 256, 160  # a 256 x 32 panel of B (32 KiB) stays in L1; a 160 x 256 block of A, in L2
 ALIGN = 64          # bytes; packed panels are cache-line aligned
+PREPACK_A = 1 << 17  # floats: A up to half an L2 (512 KiB) is packed once and shared
+ITEMS_PER_THREAD = 4  # work items per thread when threads claim column panels
 
 ACTIVATIONS = ("none", "relu", "gelu_erf", "gelu_tanh")
 _ALIASES = {None: "none", "gelu": "gelu_erf"}
@@ -207,11 +216,17 @@ def _ukernel(module: ir.Module, act: str) -> ir.Function:
     f = FnBuilder(module, f"tc_ukernel_{act}", [
         ("kc", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64), ("mrem", I64),
         ("nrem", I64), ("first", I64), ("last", I64), ("bias", PTR), ("has_bias", I64),
-        ("res", PTR), ("ldr", I64), ("has_res", I64)], internal=True)
+        ("res", PTR), ("ldr", I64), ("has_res", I64), ("pf", PTR)], internal=True)
     b, g = f.b, f.arg
     f.fn.attributes.add("alwaysinline")
     acc = [[f.var(V16, vconst(0.0)) for _ in range(NR // 16)] for _ in range(MR)]
+    prefetch = f.intrinsic("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
     with f.loop(0, g["kc"]) as k:
+        # the next panel of B towards L2, while this one is reused from L1: a model's
+        # weights come cold from memory
+        for v in range(NR // 16):
+            b.call(prefetch, [f.at(g["pf"], f.mul(k, NR), c64(16 * v)),
+                              ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
         bk = f.at(g["bp"], f.mul(k, NR))
         bv = [f.vload(f.at(bk, c64(16 * v)), align=64) for v in range(NR // 16)]
         ak = f.at(g["ap"], f.mul(k, MR))
@@ -253,10 +268,52 @@ def _ukernel(module: ir.Module, act: str) -> ir.Function:
     return f.finish()
 
 
-def _macro_kernel(module: ir.Module, act: str) -> None:
-    """Rows [m0, m1) x panels [jp0, jp1) of C = A @ Bp with the `act` epilogue."""
-    uk = _ukernel(module, act)
-    f = FnBuilder(module, f"tc_gemm_{act}", [
+def _emit_pack_a(f: FnBuilder, a, lda, row0, row_end, col0, kc, dst, npan,
+                 stride=None) -> None:
+    """A[row0:row_end, col0:col0+kc] into npan MR-row panels Ap[ip][kk][MR] at dst,
+    `stride` (default kc * MR) floats apart; rows past row_end zero."""
+    b = f.b
+    with f.loop(0, npan) as ip:
+        first = b.add(row0, f.mul(ip, MR))
+        panel = f.at(dst, f.mul(ip, stride or f.mul(kc, MR)))
+        whole = b.icmp_signed("<=", b.add(first, c64(MR)), row_end)
+        # whole panels: 16 columns of the MR = 8 rows at a time, transposed in
+        # registers (a store per two columns instead of one per element: 2.5x faster)
+        whole16 = b.select(whole, f.mul(b.sdiv(kc, c64(16)), 16), c64(0))
+        srcs = [f.at(a, f.mul(b.add(first, c64(r)), lda), col0) for r in range(MR)]
+        with f.loop(0, whole16, 16) as kk:
+            rows = [f.vload(f.at(src, kk)) for src in srcs]
+            while len(rows) > 1:   # concatenate: lane r * 16 + c is A[first + r, kk + c]
+                n = rows[0].type.count
+                rows = [b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, 2 * n),
+                                                           list(range(2 * n))))
+                        for x, y in zip(rows[::2], rows[1::2], strict=True)]
+            lanes = rows[0]
+            for j in range(8):   # columns kk + 2j and kk + 2j + 1, MR rows each
+                idx = [(e % MR) * 16 + 2 * j + e // MR for e in range(16)]
+                f.vstore(b.shuffle_vector(lanes, ir.Constant(lanes.type, ir.Undefined),
+                                          ir.Constant(VI32, idx)),
+                         f.at(panel, f.mul(b.add(kk, c64(2 * j)), MR)))
+        with f.loop(0, MR) as r:   # the rest, and panels with rows past row_end
+            row = b.add(first, r)
+            out = f.at(panel, r)
+            with b.if_else(b.icmp_signed("<", row, row_end)) as (inside, outside):
+                with inside:
+                    src = f.at(a, f.mul(row, lda), col0)
+                    with f.loop(whole16, kc) as kk:
+                        b.store(b.load(f.at(src, kk), typ=F32), f.at(out, f.mul(kk, MR)))
+                with outside:
+                    with f.loop(0, kc) as kk:
+                        b.store(ir.Constant(F32, 0.0), f.at(out, f.mul(kk, MR)))
+
+
+def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
+                  prepacked: bool = False) -> ir.Function:
+    """Rows [m0, m1) x panels [jp0, jp1) of C = A @ Bp with the `act` epilogue.
+
+    `ap` is a workspace for packed blocks of A, or with `prepacked` all of A already
+    packed by `tc_pack_a` (shared by threads that split the panels; m0 = 0)."""
+    f = FnBuilder(module, f"tc_gemm_{'pa_' if prepacked else ''}{act}", [
         ("a", PTR), ("lda", I64), ("bp", PTR), ("k", I64), ("c", PTR), ("ldc", I64),
         ("n", I64), ("bias", PTR), ("has_bias", I64), ("res", PTR), ("ldr", I64),
         ("has_res", I64), ("ap", PTR), ("m0", I64), ("m1", I64), ("jp0", I64), ("jp1", I64)])
@@ -269,33 +326,59 @@ def _macro_kernel(module: ir.Module, act: str) -> None:
         with f.loop(g["m0"], g["m1"], MC) as ic:
             mc = f.min(c64(MC), b.sub(g["m1"], ic))
             npan = b.sdiv(b.add(mc, c64(MR - 1)), c64(MR))
-            panel = f.mul(kc, MR)
-            # pack A[ic:ic+mc, pc:pc+kc] into MR-row panels, zero rows past the edge
-            with f.loop(0, npan) as ip:
-                with f.loop(0, MR) as r:
-                    row = b.add(b.add(ic, f.mul(ip, MR)), r)
-                    dst = f.at(g["ap"], f.mul(ip, panel), r)
-                    with b.if_else(b.icmp_signed("<", row, b.add(ic, mc))) as (inside, outside):
-                        with inside:
-                            src = f.at(g["a"], f.mul(row, g["lda"]), pc)
-                            with f.loop(0, kc) as kk:
-                                b.store(b.load(f.at(src, kk), typ=F32),
-                                        f.at(dst, f.mul(kk, MR)))
-                        with outside:
-                            with f.loop(0, kc) as kk:
-                                b.store(ir.Constant(F32, 0.0), f.at(dst, f.mul(kk, MR)))
+            panel = c64(KC * MR) if prepacked else f.mul(kc, MR)
+            # prepacked: K block pc of row panel ip at ((pc / KC) * panels(m1) + ip) * KC * MR
+            mt = b.sdiv(b.add(g["m1"], c64(MR - 1)), c64(MR))
+            ap = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt),
+                                           b.sdiv(ic, c64(MR))), KC * MR)) \
+                if prepacked else g["ap"]
+            if not prepacked:
+                _emit_pack_a(f, g["a"], g["lda"], ic, b.add(ic, mc), pc, kc, g["ap"], npan)
             with f.loop(g["jp0"], g["jp1"]) as jp:
                 n0 = f.mul(jp, NR)
                 nrem = f.min(c64(NR), b.sub(g["n"], n0))
                 bpan = f.at(g["bp"], f.mul(b.add(f.mul(jp, K), pc), NR))
+                # prefetch: the next panel, after the last one the first of the next
+                # K block
+                wrap = b.icmp_signed(">=", b.add(jp, c64(1)), g["jp1"])
+                pf_jp = b.select(wrap, g["jp0"], b.add(jp, c64(1)))
+                pf_pc = b.select(b.and_(wrap, b.icmp_signed("<", b.add(pc, c64(KC)), K)),
+                                 b.add(pc, c64(KC)), pc)
+                pf = f.at(g["bp"], f.mul(b.add(f.mul(pf_jp, K), pf_pc), NR))
                 with f.loop(0, npan) as ip:
                     m = b.add(ic, f.mul(ip, MR))
                     b.call(uk, [
-                        kc, f.at(g["ap"], f.mul(ip, panel)), bpan,
+                        kc, f.at(ap, f.mul(ip, panel)), bpan,
                         f.at(g["c"], f.mul(m, g["ldc"]), n0), g["ldc"],
                         f.min(c64(MR), b.sub(b.add(ic, mc), m)), nrem, first, last,
                         f.at(g["bias"], n0), g["has_bias"],
-                        f.at(g["res"], f.mul(m, g["ldr"]), n0), g["ldr"], g["has_res"]])
+                        f.at(g["res"], f.mul(m, g["ldr"]), n0), g["ldr"], g["has_res"], pf])
+    return f.finish()
+
+
+def _job(module: ir.Module, name: str, target: ir.Function, fixed: list[ir.Type],
+         ranges: int, work_last: bool = False) -> None:
+    """`name(block, item, tid)` for the native pool (see pool.py): calls `target` with
+    the `fixed` arguments from block[0:len(fixed)] (f32 ones as bits), then the
+    workspace of thread `tid` from block[len(fixed) + 1 + tid] (block[len(fixed)] says
+    how many there are), then `ranges` i64s of the item (or the workspace last): the
+    items follow the workspaces."""
+    f = FnBuilder(module, name, [("block", PTR), ("item", I64), ("tid", I64)])
+    b, g = f.b, f.arg
+
+    def word(i):
+        return b.load(f.at(g["block"], i, ty=I64), typ=I64)
+    args = []
+    for i, ty in enumerate(fixed):
+        w = word(c64(i))
+        args.append(b.inttoptr(w, PTR) if ty == PTR else
+                    b.bitcast(b.trunc(w, I32), F32) if ty == F32 else w)
+    nf = len(fixed)
+    work = b.inttoptr(word(b.add(c64(nf + 1), g["tid"])), PTR)
+    items = b.add(c64(nf + 1), word(c64(nf)))
+    args += [] if work_last else [work]
+    args += [word(b.add(items, b.add(f.mul(g["item"], ranges), c64(r)))) for r in range(ranges)]
+    b.call(target, args + [work] if work_last else args)
     f.finish()
 
 
@@ -339,9 +422,30 @@ def build_module() -> ir.Module:
     module = ir.Module(name="tensorc_gemm")
     _pack_b(module)
     _pack_bt(module)
+    _job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)  # ap: workspace
+    fixed = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64]
     for act in ACTIVATIONS:
-        _macro_kernel(module, act)
+        uk = _ukernel(module, act)
+        _job(module, f"tc_gemm_job_{act}", _macro_kernel(module, act, uk), fixed, 4)
+        _job(module, f"tc_gemm_pa_job_{act}", _macro_kernel(module, act, uk, True), fixed, 4)
     return module
+
+
+def _pack_a(module: ir.Module) -> ir.Function:
+    """Row panels [ip0, ip1) of A (M x K, row stride lda), rows past M zero, into the
+    layout `_macro_kernel(prepacked=True)` reads: Ap[pc / KC][ip][kk][MR], KC * MR
+    floats per panel, so that one K block's panels are contiguous (panels K * MR
+    apart would share cache sets when K is a large power of two)."""
+    f = FnBuilder(module, "tc_pack_a", [("a", PTR), ("lda", I64), ("k", I64), ("m", I64),
+                                        ("ap", PTR), ("ip0", I64), ("ip1", I64)])
+    b, g = f.b, f.arg
+    mt = b.sdiv(b.add(g["m"], c64(MR - 1)), c64(MR))
+    with f.loop(0, g["k"], KC) as pc:
+        dst = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt), g["ip0"]), KC * MR))
+        _emit_pack_a(f, g["a"], g["lda"], f.mul(g["ip0"], MR), g["m"], pc,
+                     f.min(c64(KC), b.sub(g["k"], pc)), dst, b.sub(g["ip1"], g["ip0"]),
+                     c64(KC * MR))
+    return f.finish()
 
 
 _P, _I = c_void_p, c_int64
@@ -354,13 +458,16 @@ def kernels() -> dict:
     global _lib
     with _lib_lock:
         if _lib is None:
-            names = ["tc_pack_b", "tc_pack_bt"] + [f"tc_gemm_{a}" for a in ACTIVATIONS]
+            jobs = [f"tc_gemm_{p}job_{a}" for a in ACTIVATIONS for p in ("", "pa_")]
+            jobs.append("tc_pack_a_job")
+            names = ["tc_pack_b", "tc_pack_bt"] + [f"tc_gemm_{a}" for a in ACTIVATIONS] + jobs
             addrs = compile_ir(build_module(), names)
             pack_args = [_P, _I, _I, _I, _P, _I, _I]
             gemm_args = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I]
             _lib = {"pack_b": cfunc(addrs["tc_pack_b"], None, pack_args),
                     "pack_bt": cfunc(addrs["tc_pack_bt"], None, pack_args)}
             _lib.update({a: cfunc(addrs[f"tc_gemm_{a}"], None, gemm_args) for a in ACTIVATIONS})
+            _lib["jobs"] = {j: addrs[j] for j in jobs}
         return _lib
 
 
@@ -413,6 +520,46 @@ def parallel(fn, items, threads: int) -> None:
         fn(it)
 
 
+def run_jobs(steps: list, threads: int) -> None:
+    """Native jobs (see pool.py), one after the other, on up to `threads` threads:
+    steps are (job address, fixed arguments, items, workspace), workspace "ap" (every
+    thread reads this thread's packed A) or (name, floats): a buffer per thread.
+    Serial, like `parallel`, when the pool is taken or called from a pool thread."""
+    if threads > 1 and not getattr(_tls, "in_pool", False):
+        workers = pool.get(threads)
+        if workers.lock.acquire(blocking=False):
+            try:
+                for job, fixed, items, ws in steps:
+                    block = _block(fixed, _workspaces(ws, workers), items)
+                    workers.run(job, block.ctypes.data, len(items))
+            finally:
+                workers.lock.release()
+            return
+    for job, fixed, items, ws in steps:
+        block = _block(fixed, _workspaces(ws), items)
+        pool.serial(job, block.ctypes.data, len(items))
+
+
+def _workspaces(ws, workers: pool.Pool | None = None) -> list[int]:
+    """Workspace addresses for this thread, then for each of the pool's workers."""
+    n = workers.threads if workers else 1
+    if ws == "ap":
+        return [_prepacked_a()] * n
+    name, size = ws
+    ptrs = [_scratch(name, size).ctypes.data]
+    for t in range(1, n):
+        buf = workers.scratch.get((name, t))
+        if buf is None or buf.size < size:
+            buf = workers.scratch[name, t] = aligned_empty(size)
+        ptrs.append(buf.ctypes.data)
+    return ptrs
+
+
+def _block(fixed: list[int], works: list[int], items) -> np.ndarray:
+    """A job's argument block: fixed arguments, workspaces, items (see `_job`)."""
+    return np.array([*fixed, len(works), *works, *[x for it in items for x in it]], np.int64)
+
+
 def aligned_empty(n: int) -> np.ndarray:
     """A float32 buffer of n elements starting on an ALIGN-byte boundary."""
     raw = np.empty(n + ALIGN // 4, np.float32)
@@ -425,6 +572,20 @@ def _workspace() -> int:
     ptr = getattr(_tls, "a_ptr", None)
     if ptr is None:
         ptr = _tls.a_ptr = _scratch("a", MC * KC).ctypes.data
+    return ptr
+
+
+def _prepacked_size(m: int, k: int) -> int:
+    """Floats of A [m, k] packed by tc_pack_a (rows to MR, K to KC, zero padded)."""
+    return -(-m // MR) * MR * -(-k // KC) * KC
+
+
+def _prepacked_a() -> int:
+    """Address of this thread's buffer for all of a small A, packed (PREPACK_A floats:
+    allocated at full size once, so its address never changes)."""
+    ptr = getattr(_tls, "ap_ptr", None)
+    if ptr is None:
+        ptr = _tls.ap_ptr = _scratch("ap", PREPACK_A).ctypes.data
     return ptr
 
 
@@ -536,6 +697,15 @@ def _numpy_epilogue(z, bias, act, residual):
     return z + residual if residual is not None else z
 
 
+def _shares_a(m: int, k: int, panels: int, threads: int) -> bool:
+    """A few rows (a transformer's tokens): pack all of A once into a buffer read from
+    L2 by every thread, and cut the panels into small items that threads claim, so
+    that each panel of B is read once and a thread that is slow to start (a busy
+    machine) takes fewer. In GPT small this beat splitting the rows by 4% on a busy
+    machine; with A over half an L2 it lost to it."""
+    return _prepacked_size(m, k) <= PREPACK_A and panels >= 2 * threads
+
+
 def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
     """out = epilogue(a @ packed); fill: the panels still need packing (B per call)."""
     M, N = a.shape[0], packed.n
@@ -544,7 +714,7 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
     if packed.k == 0:
         out[...] = _numpy_epilogue(np.zeros((M, N), np.float32), bias, act, residual)
         return out
-    mt, panels = -(-M // MR), packed.panels
+    panels = packed.panels
 
     fn, args = _call(a, packed, out, bias, act, residual)
 
@@ -557,9 +727,9 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
         block(0, M, 0, panels)
         return out
     # A per-call B: each thread packs the panels it then multiplies (they stay in its
-    # caches). A packed weight: split rows when each thread gets a few row tiles and B
-    # is small enough to share from L3 (measured a few % faster: no A packed twice),
-    # else split the panels, so that each thread streams only its part of B.
+    # caches). A packed weight: see _shares_a; else split rows when each thread gets a
+    # few row tiles and B is small enough to share from L3 (no A packed twice), else
+    # split the panels, so that each thread streams only its part of B.
     if fill and panels >= threads:
         def packed_block(r):
             packed.fill_panels(*r)
@@ -568,11 +738,26 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
         return out
     if fill:
         packed.fill_panels(0, panels)
-    if mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
-        parallel(lambda r: block(*r, 0, panels), _split(M, threads, MR), threads)
-    else:
-        parallel(lambda r: block(0, M, *r), _split(panels, threads, 1), threads)
+    run_jobs(_schedule(a, packed, out, bias, act, residual, threads), threads)
     return out
+
+
+def _schedule(a, packed, out, bias, act, residual, threads) -> list:
+    """The native jobs (see `run_jobs`) of a threaded GEMM with a packed B."""
+    M, K, panels = a.shape[0], packed.k, packed.panels
+    mt = -(-M // MR)
+    jobs = kernels()["jobs"]
+    fixed = list(_call(a, packed, out, bias, act, residual)[1])
+    if _shares_a(M, K, panels, threads):
+        items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
+        return [(jobs["tc_pack_a_job"], [a.ctypes.data, a.strides[0] // 4, K, M],
+                 _split(mt, threads, 1), "ap"),
+                (jobs[f"tc_gemm_pa_job_{act}"], fixed, items, "ap")]
+    if mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
+        items = [(m0, m1, 0, panels) for m0, m1 in _split(M, threads, MR)]
+    else:
+        items = [(0, M, *r) for r in _split(panels, threads, 1)]
+    return [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
 
 
 def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | None = None,
@@ -664,3 +849,66 @@ def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | No
              threads if inner == 1 else 1)
     return out
 
+
+
+def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None = None,
+         residual=None, threads: int | None = None):
+    """A zero-argument function that computes gemm(a, b, out=out, ...) into `out`.
+
+    For arrays that never move (the runtime's arena views): a threaded product with
+    a packed weight has its checks, schedule and argument blocks made here once,
+    which leaves one or two native pool calls per run; anything else runs `gemm`."""
+    threads = num_threads() if threads is None else max(1, int(threads))
+    act = _activation_name(activation)
+
+    def general():
+        gemm(a, b, out=out, bias=bias, activation=activation, residual=residual,
+             threads=threads)
+
+    def rows(x):   # 2-D float32, unit inner stride, non-negative row stride
+        return x.ndim == 2 and x.dtype == np.float32 and x.strides[1] == 4 \
+            and x.strides[0] >= 0 and x.strides[0] % 4 == 0
+
+    def flat(x):   # [..., rows, n] as a 2-D view of the same memory, if there is one
+        if x is None or x.ndim < 3:
+            return x
+        try:
+            view = x.view()
+            view.shape = (-1, x.shape[-1])   # raises where only a copy would do
+            return view
+        except AttributeError:
+            return x
+    a2, out2, res2 = flat(a), flat(out), flat(residual)   # `general` keeps the originals
+    if not (isinstance(b, PackedB) and threads > 1 and rows(a2) and rows(out2)
+            and out2.flags.writeable and a2.shape == (out2.shape[0], b.k)
+            and out2.shape[1] == b.n and (bias is None or bias.dtype == np.float32 and
+                                          bias.shape == (b.n,) and bias.flags.c_contiguous)
+            and (res2 is None or rows(res2) and res2.shape == out2.shape
+                 and not np.may_share_memory(res2, out2))
+            and not np.may_share_memory(a2, out2)):
+        return general
+    if a2.shape[0] * b.n * b.k < 1 << 21:   # as gemm: one thread
+        return general
+    workers = pool.get(threads)
+    steps = _schedule(a2, b, out2, bias, act, res2, workers.threads)
+    state = {}
+
+    def prepare(key):   # argument blocks with this thread's workspaces
+        blocks = [(job, _block(fixed, _workspaces(ws, workers), items), len(items))
+                  for job, fixed, items, ws in steps]
+        state.update(key=key, blocks=blocks,
+                     launch=[(job, blk.ctypes.data, n) for job, blk, n in blocks])
+
+    def run():
+        key = (_prepacked_a(), _workspace())   # a call may come from another thread
+        if key != state.get("key"):
+            prepare(key)
+        if getattr(_tls, "in_pool", False) or not workers.lock.acquire(blocking=False):
+            general()
+            return
+        try:
+            for launch in state["launch"]:
+                workers.run(*launch)
+        finally:
+            workers.lock.release()
+    return run

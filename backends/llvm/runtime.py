@@ -177,22 +177,16 @@ def _matmul(attrs, ins, out, epilogue, threads):
         def numpy_matmul():  # the scheduled GEMM is float32 only
             np.matmul(a, b, out=out)
         return numpy_matmul
-    from .gemm import PackedB, gemm
+    from .gemm import PackedB, bind
     if b.ndim == 2 and not b.flags.writeable:  # a weight: pack it once, here
         b = PackedB(b, threads=threads)
     kwargs = {k: epilogue[k] for k in ("bias", "activation", "residual") if k in epilogue}
-
-    def scheduled_gemm():
-        gemm(a, b, out=out, threads=threads, **kwargs)
-    return scheduled_gemm
+    return bind(a, b, out, threads=threads, **kwargs)  # checks and arguments made once
 
 
 def _attention(attrs, ins, out, epilogue, threads):
-    from .attention import attention
-
-    def flash_attention():
-        out[...] = attention(*ins, **attrs, threads=threads)
-    return flash_attention
+    from .attention import bind
+    return bind(*ins, **attrs, threads=threads, out=out)  # writes into the arena
 
 
 LIBRARY = {"matmul": _matmul, "attention": _attention}
