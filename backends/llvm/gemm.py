@@ -22,7 +22,6 @@ its checks once for arrays that never move and returns a call (the runtime's);
 from __future__ import annotations
 
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from tensorc.errors import ShapeError, TensorcError
 
 from . import pool
 from .jit import cfunc, compile_ir
+from .pool import num_threads
 
 MR, NR = 8, 32      # micro-tile: 8 rows x 2 zmm = 16 accumulators (14 x 32 measured no faster)
 KC, MC = 256, 160  # a 256 x 32 panel of B (32 KiB) stays in L1; a 160 x 256 block of A, in L2
@@ -193,7 +193,9 @@ class FnBuilder:
             # 0.5 x (1 + tanh(y)) == x * sigmoid(2y): no cancellation near 0
             y = b.fmul(self.fma(b.fmul(x, x), vconst(0.044715), vconst(1.0)), x)
             e = self.exp(b.fmul(y, vconst(-2.0 * math.sqrt(2.0 / math.pi))))
-            return b.fdiv(x, b.fadd(vconst(1.0), e))
+            r = b.fdiv(x, b.fadd(vconst(1.0), e))
+            # exp is clamped finite, so -inf would give -inf; numpy's -inf * 0 is NaN
+            return b.select(b.fcmp_ordered("==", x, vconst(-math.inf)), vconst(math.nan), r)
         # gelu_erf: x * Phi(x), Phi from erfc(|x|/sqrt2) (Numerical Recipes' erfcc,
         # fractional error < 1.2e-7 everywhere), so the negative tail stays accurate.
         z = b.fmul(x, vconst(1.0 / math.sqrt(2.0)))
@@ -473,21 +475,6 @@ def kernels() -> dict:
 
 # -- numpy-level API ------------------------------------------------------------------
 
-def num_threads() -> int:
-    """TENSORC_NUM_THREADS, else the cores this process may run on."""
-    env = os.environ.get("TENSORC_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise TensorcError(f"TENSORC_NUM_THREADS={env!r} should be a positive integer")
-        return n
-    return _CORES
-
-
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 _tls = threading.local()   # per thread: scratch buffers, whether it is a pool worker

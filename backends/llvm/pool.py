@@ -40,6 +40,24 @@ PAUSE_US = 50.0      # spin with `pause` this long, then with sched_yield (see r
 MAX_ITEMS = 0xFFFF   # the claim word packs tag | n << 16 | next item
 
 
+def num_threads() -> int:
+    """TENSORC_NUM_THREADS, else the cores this process may run on."""
+    env = os.environ.get("TENSORC_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise TensorcError(f"TENSORC_NUM_THREADS={env!r} should be a positive integer")
+        return n
+    return _CORES
+
+
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+
 def _spin_us() -> float:
     env = os.environ.get("TENSORC_SPIN_US", "")
     try:

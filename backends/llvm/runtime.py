@@ -10,7 +10,6 @@ big enough is split into ranges run by `TENSORC_NUM_THREADS` threads at once.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +20,7 @@ from tensorc.ops import get_op
 
 from ..lower import Call, IndexCheck, KernelStep, Program, View
 from . import codegen, jit
+from .pool import num_threads
 
 # A thread pays off only with this much work (elements touched) to do: waking a pool
 # thread costs about 10-15 us, while one core streams ~65K floats x 3 passes (a
@@ -28,20 +28,6 @@ from . import codegen, jit
 MIN_WORK_PER_THREAD = 1 << 19
 
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-
-
-def num_threads() -> int:
-    """TENSORC_NUM_THREADS, else the cores this process may run on."""
-    env = os.environ.get("TENSORC_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise TensorcError(f"TENSORC_NUM_THREADS={env!r} should be a positive integer")
-        return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
