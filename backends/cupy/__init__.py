@@ -145,19 +145,27 @@ class CupyRuntime:
         """A CUDA graph of `run()`'s launches on a private stream, replayed by calling
         the returned function; raises if the stream cannot be captured."""
         stream = self.cp.cuda.Stream(non_blocking=True)
-        with stream:
-            run()                      # warm up: modules loaded, pool blocks cached
+        # Temporaries made while recording (cuBLAS operand copies, fp16 casts) get
+        # addresses baked into the graph, so they come from a pool of the graph's own:
+        # freed into the shared pool they could be handed to an array the caller keeps,
+        # and the next replay would overwrite it. The warm-up fills this pool with the
+        # blocks the recording asks for, so nothing is cudaMalloc'ed while capturing.
+        pool = self.cp.cuda.MemoryPool()
+        with stream, self.cp.cuda.using_allocator(pool.malloc):
+            run()
             stream.synchronize()
             stream.begin_capture()
             try:
                 run()
             finally:
                 graph = stream.end_capture()
+
         def replay():
             # The inputs were copied in on the caller's stream: finish that first.
             self.cp.cuda.get_current_stream().synchronize()
             graph.launch(stream)
             stream.synchronize()
+        replay.pool = pool             # lives as long as the graph
         return replay
 
 
