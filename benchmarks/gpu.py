@@ -135,6 +135,7 @@ def profile_steps(name: str, batch: int, seq: int, precision: str, runs: int) ->
     prep = next(iter(exe._prepared.values()))
     totals: dict[str, list[float]] = {}
     for _ in range(runs):
+        exe._copy_in(prep, [feeds[n] for n in exe.input_names])  # the arena reuses them
         for fn, step in zip(prep.steps, prep.program.steps, strict=True):
             kind = ("kernel" if isinstance(step, L.KernelStep) else
                     "index check" if isinstance(step, L.IndexCheck) else

@@ -39,6 +39,7 @@ from tensorc.ops import get_op
 
 from .. import Backend, Executable
 from .. import lower as L
+from . import gemm
 from . import kernels as lib
 from .cuda_codegen import render_kernel
 
@@ -131,12 +132,56 @@ class CupyRuntime:
     def to_host(self, a) -> np.ndarray:
         return self.cp.asnumpy(a)
 
-    def matmul(self, a, b, out, precision: str) -> None:
-        _set_compute_type(self.cp, precision)
-        if precision == "fp16" and a.dtype == np.float32:
-            out[...] = self.cp.matmul(a.astype(np.float16), b.astype(np.float16))
-        else:
-            self.cp.matmul(a, b, out=out)
+    def bind_matmul(self, a, b, out, precision: str, const=(False, False)):
+        """A function computing out = a @ b with cuBLAS, planned once for these views.
+        float32 goes through our own cuBLAS handle (cupy refuses its handle inside a
+        CUDA-graph capture); other dtypes through cupy.matmul (never captured).
+        `const` says which operands are weights: fp16 mode rounds those once."""
+        cp = self.cp
+        if not a.dtype == b.dtype == out.dtype == np.float32:
+            return lambda: cp.matmul(a, b, out=out)
+        from cupy_backends.cuda.libs import cublas
+        prologue = []   # copies and casts into persistent scratch, run before the GEMM
+
+        def operand(x, is_const):
+            strides = [st // x.itemsize for st in x.strides]
+            dtype = np.float16 if precision == "fp16" else np.float32
+            if dtype == np.float32 and not gemm.needs_copy(x.shape, strides):
+                return x
+            y = cp.empty(x.shape, dtype)
+            if is_const:
+                y[...] = x
+            else:
+                prologue.append(lambda: y.__setitem__(Ellipsis, x))
+            return y
+
+        a2, b2 = operand(a, const[0]), operand(b, const[1])
+        c2 = out if out.flags.c_contiguous else cp.empty(out.shape, np.float32)
+        calls = gemm.plan_gemm(*(
+            v for x in (a2, b2, c2) for v in (x.shape, [st // x.itemsize for st in x.strides])))
+        in_type = _CUDA_R_16F if precision == "fp16" else _CUDA_R_32F
+        compute = _COMPUTE_32F_FAST_TF32 if precision == "tf32" else _COMPUTE_32F
+        handle = _cublas_handle(cp)
+        pa, pb, pc = a2.data.ptr, b2.data.ptr, c2.data.ptr
+        sa, sb = a2.itemsize, b2.itemsize
+        one, zero = _SCALARS[1.0].ctypes.data, _SCALARS[0.0].ctypes.data
+        epilogue = [] if c2 is out else [lambda: out.__setitem__(Ellipsis, c2)]
+        stream_ptr = lambda: cp.cuda.get_current_stream().ptr  # noqa: E731
+
+        def run():
+            for f in prologue:
+                f()
+            cublas.setStream(handle, stream_ptr())
+            for g in calls:
+                cublas.gemmStridedBatchedEx(
+                    handle, g.op_b, g.op_a, g.m, g.n, g.k, one,
+                    pb + g.offset_b * sb, in_type, g.ld_b, g.stride_b,
+                    pa + g.offset_a * sa, in_type, g.ld_a, g.stride_a,
+                    zero, pc + g.offset_c * 4, _CUDA_R_32F, g.ld_c, g.stride_c,
+                    g.batch, compute, _GEMM_DEFAULT)
+            for f in epilogue:
+                f()
+        return run
 
     def synchronize(self) -> None:
         self.cp.cuda.get_current_stream().synchronize()
@@ -169,16 +214,22 @@ class CupyRuntime:
         return replay
 
 
-# cuBLAS compute types as cupy numbers them (cupy/_core/_routines_linalg).
-_COMPUTE_FP32, _COMPUTE_TF32 = 4, 7
+# cuBLAS enums (cublas_api.h, library_types.h).
+_CUDA_R_32F, _CUDA_R_16F = 0, 2
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32 = 68, 77
+_GEMM_DEFAULT = -1
+# alpha and beta, read from host memory by every call (and baked into captured graphs)
+_SCALARS = {v: np.array([v], np.float32) for v in (0.0, 1.0)}
+_HANDLES: dict[int, int] = {}
 
 
-def _set_compute_type(cp, precision: str) -> None:
-    linalg = cp._core._routines_linalg
-    tf32 = getattr(linalg, "COMPUTE_TYPE_TF32", _COMPUTE_TF32)
-    fp32 = getattr(linalg, "COMPUTE_TYPE_FP32", _COMPUTE_FP32)
-    linalg.set_compute_type(np.float32, tf32 if precision == "tf32" else fp32)
-    linalg.set_compute_type(np.float16, fp32)   # fp16 inputs, fp32 accumulation
+def _cublas_handle(cp) -> int:
+    """This process's cuBLAS handle for the current device (made once, kept)."""
+    device = cp.cuda.runtime.getDevice()
+    if device not in _HANDLES:
+        from cupy_backends.cuda.libs import cublas
+        _HANDLES[device] = cublas.create()
+    return _HANDLES[device]
 
 
 # --- the executable ---------------------------------------------------------------------
@@ -254,8 +305,11 @@ class _Prepared:
             e = _epilogue_launch(epi, outs[0], step.where)
             efn = self.fns[e.kernel.name] if e else None
 
+            gemm_call = rt.bind_matmul(*ins, outs[0], self.precision,
+                                       tuple(v.buf.kind == "const" for v in step.inputs))
+
             def matmul():
-                rt.matmul(*ins, outs[0], self.precision)
+                gemm_call()
                 if e:
                     rt.launch(efn, e.kernel.params, e.grid, e.block, e.args)
             return matmul
