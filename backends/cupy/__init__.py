@@ -7,8 +7,10 @@
 Per set of input shapes the graph is lowered once (`backends/lower.py`) to the same
 Program the LLVM backend runs: its loop-nest kernels are rendered to CUDA C by
 `cuda_codegen.py` and loaded with `cupy.RawModule` (one module per Program, cached
-by source hash); matmuls go to cuBLAS through `cupy.matmul`, their fused bias /
-activation / residual to a small epilogue kernel; `attention` calls run the
+by source hash); float32 matmuls are cuBLAS strided-batched GEMMs planned once per
+Program on the views as they lie (`gemm.py`; called through ctypes, since cupy's
+cuBLAS wrappers refuse to run during a CUDA-graph capture), their fused bias /
+activation / residual a small epilogue kernel; `attention` calls run the
 flash-attention kernel of `kernels.py`; the few steps without a GPU lowering run
 their numpy reference on the host. Device memory is one arena per Program from
 cupy's pool, laid out by the Program's liveness plan. Each Program's launch
@@ -16,11 +18,11 @@ sequence is captured once in a CUDA graph and replayed (unless it has host steps
 
 Precision: float32 matmuls use full fp32 (TF32 off) so results match numpy at
 1e-4. `precision="tf32"` lets cuBLAS use TF32 tensor cores (inputs rounded to 10
-mantissa bits); `precision="fp16"` multiplies fp16-rounded inputs with fp32
-accumulation and rounds the product to fp16. Their error budgets, max relative
-error on the built-in models, are 1e-2 (tf32) and 2e-2 (fp16): what the GPU tests
-assert; no GPU has measured them yet. cupy has no bfloat16 array type, so there
-is no bf16 mode.
+mantissa bits); `precision="fp16"` lets it round inputs to fp16 for the tensor
+cores (CUBLAS_COMPUTE_32F_FAST_16F: fp32 data, fp32 accumulation). Everything else
+stays float32. The GPU tests hold them to max relative errors of 1e-2 (tf32) and
+2e-2 (fp16) on the built-in models; benchmarks/README.md has the measured ones.
+cupy has no bfloat16 array type, so there is no bf16 mode.
 
 This module imports without cupy; `get_backend("cupy")` raises a TensorcError
 naming why the backend is unavailable.
@@ -132,55 +134,38 @@ class CupyRuntime:
     def to_host(self, a) -> np.ndarray:
         return self.cp.asnumpy(a)
 
-    def bind_matmul(self, a, b, out, precision: str, const=(False, False)):
+    def bind_matmul(self, a, b, out, precision: str):
         """A function computing out = a @ b with cuBLAS, planned once for these views.
-        float32 goes through our own cuBLAS handle (cupy refuses its handle inside a
-        CUDA-graph capture); other dtypes through cupy.matmul (never captured).
-        `const` says which operands are weights: fp16 mode rounds those once."""
+        float32 goes through our own cuBLAS (cupy refuses cuBLAS calls while a CUDA
+        graph is being captured); other dtypes through cupy.matmul (never captured)."""
         cp = self.cp
         if not a.dtype == b.dtype == out.dtype == np.float32:
             return lambda: cp.matmul(a, b, out=out)
-        from cupy_backends.cuda.libs import cublas
-        prologue = []   # copies and casts into persistent scratch, run before the GEMM
+        copies = []   # operands cuBLAS cannot read in place, copied before each call
 
-        def operand(x, is_const):
-            strides = [st // x.itemsize for st in x.strides]
-            dtype = np.float16 if precision == "fp16" else np.float32
-            if dtype == np.float32 and not gemm.needs_copy(x.shape, strides):
+        def operand(x):
+            if not gemm.needs_copy(x.shape, [st // x.itemsize for st in x.strides]):
                 return x
-            y = cp.empty(x.shape, dtype)
-            if is_const:
-                y[...] = x
-            else:
-                prologue.append(lambda: y.__setitem__(Ellipsis, x))
+            y = cp.empty(x.shape, x.dtype)
+            copies.append(lambda: y.__setitem__(Ellipsis, x))
             return y
 
-        a2, b2 = operand(a, const[0]), operand(b, const[1])
-        c2 = out if out.flags.c_contiguous else cp.empty(out.shape, np.float32)
+        a2, b2 = operand(a), operand(b)
+        c2 = out if out.flags.c_contiguous else cp.empty(out.shape, out.dtype)
         calls = gemm.plan_gemm(*(
             v for x in (a2, b2, c2) for v in (x.shape, [st // x.itemsize for st in x.strides])))
-        in_type = _CUDA_R_16F if precision == "fp16" else _CUDA_R_32F
-        compute = _COMPUTE_32F_FAST_TF32 if precision == "tf32" else _COMPUTE_32F
-        handle = _cublas_handle(cp)
-        pa, pb, pc = a2.data.ptr, b2.data.ptr, c2.data.ptr
-        sa, sb = a2.itemsize, b2.itemsize
-        one, zero = _SCALARS[1.0].ctypes.data, _SCALARS[0.0].ctypes.data
-        epilogue = [] if c2 is out else [lambda: out.__setitem__(Ellipsis, c2)]
-        stream_ptr = lambda: cp.cuda.get_current_stream().ptr  # noqa: E731
+        blas = _cublas(cp)
+        args = [blas.gemm_args(g, a2.data.ptr, b2.data.ptr, c2.data.ptr, precision)
+                for g in calls]
+        copy_out = (lambda: None) if c2 is out else (lambda: out.__setitem__(Ellipsis, c2))
 
         def run():
-            for f in prologue:
+            for f in copies:
                 f()
-            cublas.setStream(handle, stream_ptr())
-            for g in calls:
-                cublas.gemmStridedBatchedEx(
-                    handle, g.op_b, g.op_a, g.m, g.n, g.k, one,
-                    pb + g.offset_b * sb, in_type, g.ld_b, g.stride_b,
-                    pa + g.offset_a * sa, in_type, g.ld_a, g.stride_a,
-                    zero, pc + g.offset_c * 4, _CUDA_R_32F, g.ld_c, g.stride_c,
-                    g.batch, compute, _GEMM_DEFAULT)
-            for f in epilogue:
-                f()
+            blas.set_stream(cp.cuda.get_current_stream().ptr)
+            for g in args:
+                blas.gemm(*g)
+            copy_out()
         return run
 
     def synchronize(self) -> None:
@@ -214,22 +199,79 @@ class CupyRuntime:
         return replay
 
 
-# cuBLAS enums (cublas_api.h, library_types.h).
-_CUDA_R_32F, _CUDA_R_16F = 0, 2
-_COMPUTE_32F, _COMPUTE_32F_FAST_TF32 = 68, 77
-_GEMM_DEFAULT = -1
-# alpha and beta, read from host memory by every call (and baked into captured graphs)
-_SCALARS = {v: np.array([v], np.float32) for v in (0.0, 1.0)}
-_HANDLES: dict[int, int] = {}
+class _Cublas:
+    """cuBLAS called directly (ctypes releases the GIL): cupy's wrappers refuse to run
+    while a stream is capturing, cuBLAS itself captures fine. One handle per process,
+    with a workspace of its own so that a capture never allocates."""
+
+    R_32F = 0                                   # cudaDataType
+    COMPUTE = {"fp32": 68, "tf32": 77, "fp16": 74}   # cublasComputeType_t: 32F, 32F_FAST_TF32,
+    GEMM_DEFAULT = -1                                # 32F_FAST_16F
+    WORKSPACE_BYTES = 32 << 20
+
+    def __init__(self, cp):
+        import ctypes as C
+        lib = _load_cublas(C)
+        self.handle = C.c_void_p()
+        _check(lib.cublasCreate_v2(C.byref(self.handle)), "cublasCreate")
+        self.workspace = cp.empty(self.WORKSPACE_BYTES, np.uint8)
+        lib.cublasSetWorkspace_v2.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t]
+        _check(lib.cublasSetWorkspace_v2(self.handle, self.workspace.data.ptr,
+                                         self.WORKSPACE_BYTES), "cublasSetWorkspace")
+        lib.cublasSetStream_v2.argtypes = [C.c_void_p, C.c_void_p]
+        i, ll, p = C.c_int, C.c_longlong, C.c_void_p
+        self._gemm = lib.cublasGemmStridedBatchedEx
+        self._gemm.argtypes = [p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i, i, ll,
+                               i, i, i]
+        self._set_stream = lib.cublasSetStream_v2
+        # alpha and beta: host memory, read by each call (and baked into a captured graph)
+        self.one, self.zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+    def gemm_args(self, g: gemm.GemmCall, pa: int, pb: int, pc: int, precision: str):
+        f32 = self.R_32F
+        return (self.handle, g.op_b, g.op_a, g.m, g.n, g.k, self.one.ctypes.data,
+                pb + 4 * g.offset_b, f32, g.ld_b, g.stride_b,
+                pa + 4 * g.offset_a, f32, g.ld_a, g.stride_a,
+                self.zero.ctypes.data, pc + 4 * g.offset_c, f32, g.ld_c, g.stride_c,
+                g.batch, self.COMPUTE[precision], self.GEMM_DEFAULT)
+
+    def gemm(self, *args) -> None:
+        _check(self._gemm(*args), "cublasGemmStridedBatchedEx")
+
+    def set_stream(self, stream_ptr: int) -> None:
+        _check(self._set_stream(self.handle, stream_ptr), "cublasSetStream")
 
 
-def _cublas_handle(cp) -> int:
-    """This process's cuBLAS handle for the current device (made once, kept)."""
+def _load_cublas(ctypes):
+    """The libcublas cupy uses (found the way cupy finds it), else the system's."""
+    paths = []
+    try:
+        from cuda import pathfinder
+        paths.append(pathfinder.load_nvidia_dynamic_lib("cublas").abs_path)
+    except Exception:  # older cupy, or a system CUDA: the loader's search path decides
+        pass
+    for path in [*filter(None, paths), "libcublas.so.13", "libcublas.so.12", "libcublas.so"]:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    raise TensorcError("the cupy backend cannot load libcublas")
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise TensorcError(f"{what} failed: cuBLAS status {status}")
+
+
+_CUBLAS: dict[int, _Cublas] = {}
+
+
+def _cublas(cp) -> _Cublas:
+    """This process's cuBLAS for the current device (made once, kept)."""
     device = cp.cuda.runtime.getDevice()
-    if device not in _HANDLES:
-        from cupy_backends.cuda.libs import cublas
-        _HANDLES[device] = cublas.create()
-    return _HANDLES[device]
+    if device not in _CUBLAS:
+        _CUBLAS[device] = _Cublas(cp)
+    return _CUBLAS[device]
 
 
 # --- the executable ---------------------------------------------------------------------
@@ -305,8 +347,7 @@ class _Prepared:
             e = _epilogue_launch(epi, outs[0], step.where)
             efn = self.fns[e.kernel.name] if e else None
 
-            gemm_call = rt.bind_matmul(*ins, outs[0], self.precision,
-                                       tuple(v.buf.kind == "const" for v in step.inputs))
+            gemm_call = rt.bind_matmul(*ins, outs[0], self.precision)
 
             def matmul():
                 gemm_call()

@@ -241,7 +241,7 @@ class EmulatedRuntime:
             raise RuntimeError("operation not permitted when stream is capturing")
         return np.array(a)
 
-    def bind_matmul(self, a, b, out, precision: str, const=(False, False)):
+    def bind_matmul(self, a, b, out, precision: str):
         """float32: the GPU's cuBLAS plan, run by numpy; anything else: np.matmul."""
         if not a.dtype == b.dtype == out.dtype == np.float32:
             return self._recordable(lambda: np.matmul(a, b, out=out))
