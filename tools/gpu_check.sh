@@ -34,7 +34,7 @@ fi
 
 step "GPU tests"
 timeout "${TEST_S:-100}" $PY -m pytest -q -rs -p no:cacheprovider tests/test_cupy.py \
-    -k "${TEST_K:-gpu}" 2>&1 | tee "$OUT/test_gpu.log"
+    -k "${TEST_K-gpu}" 2>&1 | tee "$OUT/test_gpu.log"
 
 step "benchmark: tensorc vs PyTorch eager"
 timeout "${BENCH_S:-130}" $PY benchmarks/gpu.py --runs "${RUNS:-20}" --compile-models "" --profile \
