@@ -9,6 +9,8 @@
 # The machine needs Python with cupy, numpy, onnx, llvmlite, networkx, pytest and
 # hypothesis (torch for the peers); nothing is downloaded: the project is installed
 # without its dependencies. Limits (seconds): TEST_S, BENCH_S, COMPILE_S, CLI_S.
+# TEST_K selects tests (default: the ones that need the GPU; TEST_K= runs them all,
+# the CPU emulator's and nvcc's too).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}
@@ -33,7 +35,7 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.lo
 fi
 
 step "GPU tests"
-timeout "${TEST_S:-100}" $PY -m pytest -q -rs -p no:cacheprovider tests/test_cupy.py \
+timeout "${TEST_S:-100}" $PY -m pytest -q -rs -p no:cacheprovider tests/test_cupy*.py \
     -k "${TEST_K-gpu}" 2>&1 | tee "$OUT/test_gpu.log"
 
 step "benchmark: tensorc vs PyTorch eager"
