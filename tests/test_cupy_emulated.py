@@ -16,7 +16,7 @@ if host_compiler() is None:
     pytest.skip("g++ not installed: the CUDA emulator needs a C++20 host compiler",
                 allow_module_level=True)
 
-HEAD_DIMS = [(16, 16), (8, 24), (6, 80)]   # 8 x 8 and 4 x 4 rows; d not a multiple of 4
+HEAD_DIMS = [(16, 16), (8, 24), (6, 80)]   # 8 and 4 warps; d not a multiple of 4
 
 
 @pytest.fixture(scope="module")

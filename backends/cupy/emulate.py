@@ -38,7 +38,6 @@ HEADER = r"""
 #include <vector>
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
-struct alignas(16) float4 { float x, y, z, w; };
 static thread_local dim3 threadIdx, blockIdx;
 static dim3 blockDim, gridDim;
 static std::barrier<>* tc_emu_block_barrier;

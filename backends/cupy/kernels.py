@@ -142,15 +142,12 @@ extern "C" __global__ void tc_gemm_epilogue_f32(float* __restrict__ y,
 }
 """
 
-# Flash attention, float32. One block of WARPS warps owns ROWS query rows per warp
-# (BLOCK_M = WARPS * ROWS rows in all) of one (batch, head). It streams the keys in
+# Flash attention, float32. One block of WARPS warps owns FA_ROWS_PER_WARP query
+# rows per warp (FA_BLOCK_M rows in all) of one (batch, head). It streams the keys in
 # tiles of 32 (one key per lane): the tile of K and V goes to shared memory, each lane
 # scores its key against the warp's rows, the warp keeps a running max and sum per row
 # (online softmax), rescales its output accumulators and adds P @ V_tile, with lane l
-# owning output columns l, l+32, ... Scores never touch global memory. Shared-memory
-# reads are float4 (rows padded to a multiple of 4 with zeros; K rows by 4 more, so
-# the 8 lanes of a float4 phase hit distinct banks), and each K or V value read from
-# shared memory serves ROWS rows: the loops do about 4 FMAs per shared load.
+# owning output columns l, l+32, ... Scores never touch global memory.
 #
 # Semantics are those of the `attention` op (tensorc/ops/attention.py), in its order:
 # scores = (scale * q) @ k^T; `causal` sets key j > i + causal_offset to mask_value;
@@ -166,6 +163,7 @@ FLASH_ATTENTION = r"""
 #ifndef TC_FLASH_ATTENTION
 #define TC_FLASH_ATTENTION
 #define FA_TILE_N 32
+#define FA_ROWS_PER_WARP 4
 
 struct tc_attn_args {
     const float* q; const float* k; const float* v; float* o;
@@ -176,47 +174,43 @@ struct tc_attn_args {
     float scale, mask_value;
 };
 
-template <int D, int DV, int WARPS, int ROWS>
+template <int D, int DV, int WARPS>
 __device__ __forceinline__ void tc_flash_attention(const tc_attn_args& a) {
     constexpr int OC = (DV + 31) / 32;            // output columns per lane
-    constexpr int BLOCK_M = WARPS * ROWS;
-    constexpr int QP = (D + 3) / 4 * 4;           // q row pitch: whole float4s
-    constexpr int KP = QP + 4;                    // k row pitch: float4s, no bank clash
-    alignas(16) __shared__ float q_s[BLOCK_M * QP];
-    alignas(16) __shared__ float k_s[FA_TILE_N * KP];
+    constexpr int FA_BLOCK_M = WARPS * FA_ROWS_PER_WARP;
+    __shared__ float q_s[FA_BLOCK_M][D];
+    __shared__ float k_s[FA_TILE_N][D + 1];       // +1: lane j reads row j, no bank clash
     __shared__ float v_s[FA_TILE_N][DV];
-    alignas(16) __shared__ float p_s[WARPS][ROWS][FA_TILE_N];   // this tile's weights
+    __shared__ float p_s[WARPS][FA_ROWS_PER_WARP][FA_TILE_N];   // this tile's weights
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int bh = blockIdx.y, b = bh / a.heads, h = bh % a.heads;
-    const int m0 = blockIdx.x * BLOCK_M;
+    const int m0 = blockIdx.x * FA_BLOCK_M;
     const float* qp = a.q + b * a.q_sb + h * a.q_sh;
     const float* kp = a.k + b * a.k_sb + h * a.k_sh;
     const float* vp = a.v + b * a.v_sb + h * a.v_sh;
     const tc_i64 m_base = b * a.m_sb + h * a.m_sh;
 
-    for (int t = threadIdx.x; t < BLOCK_M * QP; t += blockDim.x) {
-        int r = t / QP, d = t % QP, i = m0 + r;
-        q_s[t] = i < a.sq && d < D ? qp[i * a.q_ss + d] * a.scale : 0.0f;
+    for (int t = threadIdx.x; t < FA_BLOCK_M * D; t += blockDim.x) {
+        int r = t / D, d = t % D, i = m0 + r;
+        q_s[r][d] = i < a.sq ? qp[i * a.q_ss + d] * a.scale : 0.0f;
     }
-    float m[ROWS], l[ROWS], acc[ROWS][OC];
-    _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
+    float m[FA_ROWS_PER_WARP], l[FA_ROWS_PER_WARP], acc[FA_ROWS_PER_WARP][OC];
+    _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) {
         m[r] = -TC_INF;
         l[r] = 0.0f;
         _Pragma("unroll") for (int c = 0; c < OC; ++c) acc[r][c] = 0.0f;
     }
-    const int row0 = warp * ROWS;                 // this warp's first row in the block
-    const float4* q4 = reinterpret_cast<const float4*>(q_s + row0 * QP);
-    const float4* k4 = reinterpret_cast<const float4*>(k_s + lane * KP);
+    const int row0 = warp * FA_ROWS_PER_WARP;     // this warp's first row in the block
     int n_end = a.sk;
     if (a.causal && a.mask_value == -TC_INF) {    // keys past the block's last row are dead
-        int last = m0 + BLOCK_M - 1 + a.causal_offset + 1;
+        int last = m0 + FA_BLOCK_M - 1 + a.causal_offset + 1;
         n_end = last < n_end ? (last > 0 ? last : 0) : n_end;
     }
     for (int n0 = 0; n0 < n_end; n0 += FA_TILE_N) {
         __syncthreads();                          // previous tile fully consumed
-        for (int t = threadIdx.x; t < FA_TILE_N * KP; t += blockDim.x) {
-            int j = t / KP, d = t % KP;
-            k_s[t] = n0 + j < a.sk && d < D ? kp[(n0 + j) * a.k_ss + d] : 0.0f;
+        for (int t = threadIdx.x; t < FA_TILE_N * D; t += blockDim.x) {
+            int j = t / D, d = t % D;
+            k_s[j][d] = n0 + j < a.sk ? kp[(n0 + j) * a.k_ss + d] : 0.0f;
         }
         for (int t = threadIdx.x; t < FA_TILE_N * DV; t += blockDim.x) {
             int j = t / DV, d = t % DV;
@@ -224,16 +218,14 @@ __device__ __forceinline__ void tc_flash_attention(const tc_attn_args& a) {
         }
         __syncthreads();
         const int j = n0 + lane;                  // this lane's key
-        float s[ROWS];
-        _Pragma("unroll") for (int r = 0; r < ROWS; ++r) s[r] = 0.0f;
-        _Pragma("unroll 4") for (int c = 0; c < QP / 4; ++c) {
-            const float4 kv = k4[c];
-            _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
-                const float4 qv = q4[r * (QP / 4) + c];   // same for all lanes: broadcast
-                s[r] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
-            }
+        float s[FA_ROWS_PER_WARP];
+        _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) s[r] = 0.0f;
+        _Pragma("unroll 8") for (int d = 0; d < D; ++d) {
+            float kv = k_s[lane][d];
+            _Pragma("unroll")
+            for (int r = 0; r < FA_ROWS_PER_WARP; ++r) s[r] += q_s[row0 + r][d] * kv;
         }
-        _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
+        _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) {
             const int i = m0 + row0 + r;
             float sv = s[r];
             if (a.causal && j > i + a.causal_offset) sv = a.mask_value;
@@ -253,24 +245,21 @@ __device__ __forceinline__ void tc_flash_attention(const tc_attn_args& a) {
             p_s[warp][r][lane] = p;
         }
         __syncwarp();
-        // acc += P @ V_tile, four keys at a time: one float4 of weights per row.
-        for (int jj = 0; jj < FA_TILE_N; jj += 4) {
-            float4 pj[ROWS];
-            _Pragma("unroll") for (int r = 0; r < ROWS; ++r)
-                pj[r] = reinterpret_cast<const float4*>(p_s[warp][r])[jj / 4];
+        // acc += P @ V_tile: each V element read once from shared memory serves all rows.
+        for (int jj = 0; jj < FA_TILE_N; ++jj) {
+            float pj[FA_ROWS_PER_WARP];
+            _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) pj[r] = p_s[warp][r][jj];
             _Pragma("unroll") for (int c = 0; c < OC; ++c) {
                 const int d = lane + 32 * c;
                 if (d < DV) {
-                    const float v0 = v_s[jj][d], v1 = v_s[jj + 1][d];
-                    const float v2 = v_s[jj + 2][d], v3 = v_s[jj + 3][d];
-                    _Pragma("unroll") for (int r = 0; r < ROWS; ++r)
-                        acc[r][c] += pj[r].x * v0 + pj[r].y * v1 + pj[r].z * v2
-                                     + pj[r].w * v3;
+                    const float vv = v_s[jj][d];
+                    _Pragma("unroll")
+                    for (int r = 0; r < FA_ROWS_PER_WARP; ++r) acc[r][c] += pj[r] * vv;
                 }
             }
         }
     }
-    _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
+    _Pragma("unroll") for (int r = 0; r < FA_ROWS_PER_WARP; ++r) {
         const int i = m0 + row0 + r;
         if (i >= a.sq) continue;
         float* op = a.o + b * a.o_sb + h * a.o_sh + (tc_i64)i * a.o_ss;
@@ -297,20 +286,19 @@ FLASH_ENTRY = """
 extern "C" __global__ void __launch_bounds__({warps} * 32)
 {name}({params}) {{
     tc_attn_args a = {{{fields}}};
-    tc_flash_attention<{d}, {dv}, {warps}, {rows}>(a);
+    tc_flash_attention<{d}, {dv}, {warps}>(a);
 }}
 """
 
-# Static shared memory of one block must stay under 48 KiB: BLOCK_M * QP + 32 * (QP + 4)
-# + 32 * DV + 32 * BLOCK_M floats. 8 warps of 8 rows fit head dims up to 64 (40.7 KiB),
-# 4 warps of 4 rows up to 128 (43 KiB).
+FA_ROWS_PER_WARP = 4
+# Static shared memory of one block must stay under 48 KiB: (4 * warps) * D
+# + 32 * (D + 1) + 32 * DV + 128 * warps floats; 8 warps fit up to 64, 4 up to 128.
 MAX_HEAD_DIM = 128
 MAX_GRID_Y = 65535    # one block row per (batch, head)
 
 
-def flash_shape(head_dim: int, value_dim: int) -> tuple[int, int]:
-    """(warps per block, query rows per warp) of the flash kernel for these head dims."""
-    return (8, 8) if max(head_dim, value_dim) <= 64 else (4, 4)
+def flash_warps(head_dim: int, value_dim: int) -> int:
+    return 8 if max(head_dim, value_dim) <= 64 else 4
 
 
 @dataclass(frozen=True)
@@ -342,9 +330,8 @@ def gemm_epilogue_kernel() -> LibraryKernel:
 
 def flash_attention_kernel(head_dim: int, value_dim: int) -> LibraryKernel:
     name = f"tc_flash_attention_d{head_dim}_v{value_dim}"
-    warps, rows = flash_shape(head_dim, value_dim)
     entry = FLASH_ENTRY.format(
-        name=name, d=head_dim, dv=value_dim, warps=warps, rows=rows,
+        name=name, d=head_dim, dv=value_dim, warps=flash_warps(head_dim, value_dim),
         params=", ".join(f"{t} {n}" for t, n in FLASH_PARAMS),
         fields=", ".join(n for _, n in FLASH_PARAMS))
     return LibraryKernel(name, PRELUDE + FLASH_ATTENTION + entry, tuple(FLASH_PARAMS))
@@ -424,8 +411,8 @@ def attention_launch(q, k, v, o, mask=None, *, scale: float = 1.0, causal: bool 
     strides = [x for a in (q, k, v, o) for x in _elem_strides(a)[:3]]
     is_bool = mask is not None and np.dtype(mask.dtype) == np.bool_
     m_strides = _elem_strides(mask) if mask is not None else [0, 0, 0, 0]
-    warps, rows = flash_shape(d, dv)
-    block_m = warps * rows
+    warps = flash_warps(d, dv)
+    block_m = warps * FA_ROWS_PER_WARP
     return Launch(flash_attention_kernel(d, dv), (-(-t // block_m), b * h, 1),
                   (32 * warps, 1, 1),
                   (q, k, v, o, mask if is_bool else None,
