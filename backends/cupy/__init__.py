@@ -53,7 +53,8 @@ def unavailable_reason() -> str | None:
     try:
         import cupy
     except ImportError:
-        return "cupy is not installed (pip install tensorc[gpu])"
+        return ("cupy is not installed (pip install tensorc[gpu] for CUDA 12, "
+                "tensorc[gpu-cuda13] for CUDA 13)")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CUDARuntimeError, or a driver that fails to load
@@ -245,11 +246,16 @@ class _Cublas:
 def _load_cublas(ctypes):
     """The libcublas cupy uses (found the way cupy finds it), else the system's."""
     paths = []
-    try:
+    try:   # cupy >= 14 finds its CUDA libraries with cuda.pathfinder
         from cuda import pathfinder
         paths.append(pathfinder.load_nvidia_dynamic_lib("cublas").abs_path)
-    except Exception:  # older cupy, or a system CUDA: the loader's search path decides
-        pass
+    except Exception:  # older cupy: the nvidia-cublas wheel, else the loader's search path
+        try:
+            import nvidia.cublas
+            lib_dir = Path(next(iter(nvidia.cublas.__path__))) / "lib"
+            paths += sorted(str(p) for p in lib_dir.glob("libcublas.so.*"))
+        except Exception:
+            pass
     for path in [*filter(None, paths), "libcublas.so.13", "libcublas.so.12", "libcublas.so"]:
         try:
             return ctypes.CDLL(path)
