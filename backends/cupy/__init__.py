@@ -176,8 +176,8 @@ class CupyRuntime:
         """A CUDA graph of `run()`'s launches on a private stream, replayed by calling
         the returned function; raises if the stream cannot be captured."""
         stream = self.cp.cuda.Stream(non_blocking=True)
-        # Temporaries made while recording (cuBLAS operand copies, fp16 casts) get
-        # addresses baked into the graph, so they come from a pool of the graph's own:
+        # Temporaries that cupy allocates while recording get addresses baked into
+        # the graph, so they come from a pool of the graph's own:
         # freed into the shared pool they could be handed to an array the caller keeps,
         # and the next replay would overwrite it. The warm-up fills this pool with the
         # blocks the recording asks for, so nothing is cudaMalloc'ed while capturing.
@@ -203,7 +203,9 @@ class CupyRuntime:
 class _Cublas:
     """cuBLAS called directly (ctypes releases the GIL): cupy's wrappers refuse to run
     while a stream is capturing, cuBLAS itself captures fine. One handle per process,
-    with a workspace of its own so that a capture never allocates."""
+    with a workspace of its own so that a capture never allocates; executables run
+    one call at a time (each replay and eager run ends synchronised), so they share
+    it safely."""
 
     R_32F = 0                                   # cudaDataType
     COMPUTE = {"fp32": 68, "tf32": 77, "fp16": 74}   # cublasComputeType_t: 32F, 32F_FAST_TF32,
