@@ -1,0 +1,171 @@
+"""Weight and input files as a hostile user writes them (issue 10, items 5 and 6).
+
+Each case ends in one TensorcError line: never a MemoryError, RuntimeError,
+NotImplementedError or tokenizer error from deep inside numpy or zipfile, never a
+gigabyte inflated before the file is refused, and no .safetensors file accepted that
+the `safetensors` library itself rejects.
+"""
+
+import io
+import json
+import struct
+import tracemalloc
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from safetensors import SafetensorError
+
+from tensorc.errors import TensorcError
+from tensorc.frontend import weights
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    """An npy v1.0 header declaring `shape` (no data after it)."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(shape)}, }}"
+    text += " " * (-(10 + len(text) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
+
+
+def _zip(path, members: dict[str, bytes], compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return str(path)
+
+
+def _patch(path, local_at: int, central_at: int, value: int):
+    """Set a 16-bit field of every member's local and central zip header."""
+    raw = bytearray(open(path, "rb").read())
+    for sig, at in ((b"PK\x03\x04", local_at), (b"PK\x01\x02", central_at)):
+        i = raw.find(sig)
+        while i >= 0:
+            raw[i + at:i + at + 2] = struct.pack("<H", value)
+            i = raw.find(sig, i + 4)
+    open(path, "wb").write(bytes(raw))
+
+
+def _refused(path, match=None):
+    with pytest.raises(TensorcError, match=match) as info:
+        weights.load(str(path))
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_npz_header_claiming_a_terabyte_is_refused_before_allocating(tmp_path):
+    path = _zip(tmp_path / "huge.npz", {"w.npy": _npy_header((10**12,)) + b"\0" * 64})
+    _refused(path, "declares .*more than")
+
+
+def test_encrypted_and_unknown_compression_members_are_refused(tmp_path):
+    enc = _zip(tmp_path / "enc.npz", {"w.npy": _npy(np.ones(3, np.float32))})
+    _patch(enc, 6, 8, 0x1)          # general purpose flag bit 0: encrypted
+    _refused(enc, "encrypted")
+    odd = _zip(tmp_path / "odd.npz", {"w.npy": _npy(np.ones(3, np.float32))})
+    _patch(odd, 8, 10, 99)          # compression method
+    _refused(odd, "compression method 99")
+
+
+@pytest.mark.parametrize("flip", [b"'descr'", b"'shape'", b"False"])
+def test_a_flipped_header_byte_is_one_line(tmp_path, flip):
+    data = bytearray(_npy(np.ones((2, 3), np.float32)))
+    i = bytes(data).find(flip)
+    data[i + 1] ^= 0x55
+    _refused(_zip(tmp_path / "flip.npz", {"w.npy": bytes(data)}))
+
+
+def test_a_deflate_bomb_is_not_inflated(tmp_path):
+    """A member whose header declares 16 floats but whose stream inflates to 256 MiB:
+    refused after reading what the header declares, without inflating the rest."""
+    bomb = _npy_header((16,)) + b"\0" * (256 << 20)
+    path = _zip(tmp_path / "bomb.npz", {"w.npy": bomb}, zipfile.ZIP_DEFLATED)
+    assert (tmp_path / "bomb.npz").stat().st_size < (1 << 20)
+    tracemalloc.start()
+    try:
+        _refused(path, "more data than its header declares")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (16 << 20), peak
+
+
+def test_object_arrays_non_npy_members_and_truncation(tmp_path):
+    objects = _npy_header((2,), "|O") + b"\x80\x04N." * 2
+    _refused(_zip(tmp_path / "obj.npz", {"w.npy": objects}), "pickled objects")
+    _refused(_zip(tmp_path / "txt.npz", {"notes.txt": b"hello"}), "not an .npy array")
+    short = _npy_header((100,)) + b"\0" * 40
+    _refused(_zip(tmp_path / "short.npz", {"w.npy": short}), "truncated")
+    _refused(_zip(tmp_path / "neg.npz", {"w.npy": _npy_header((-4,))}), "negative shape")
+
+
+def test_good_npz_files_still_read_exactly(tmp_path):
+    """Every dtype, Fortran order, big-endian data, 0-d and empty arrays, compressed."""
+    rng = np.random.default_rng(0)
+    arrays = {"f": rng.standard_normal((3, 4)).astype(np.float32),
+              "fortran": np.asfortranarray(rng.standard_normal((5, 2))),
+              "big": rng.standard_normal(7).astype(">f8"),
+              "i": rng.integers(-9, 9, (2, 2, 2)), "b": rng.random(5) < 0.5,
+              "scalar": np.array(3, np.int32), "empty": np.zeros((0, 3), np.float16)}
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, **arrays)
+        got = weights.load(str(path))
+        assert sorted(got) == sorted(arrays)
+        for k, want in arrays.items():
+            assert got[k].shape == want.shape and got[k].dtype == want.dtype.newbyteorder("=")
+            np.testing.assert_array_equal(got[k], want)
+            assert got[k].flags.writeable
+
+
+# --- safetensors: exactly what the library accepts ------------------------------------
+
+def _st(header: dict, data: bytes, pad: bool = True) -> bytes:
+    text = json.dumps(header).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def _f32(n):
+    return np.arange(n, dtype="<f4").tobytes()
+
+
+MALFORMED = {
+    "negative-offset": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}},
+                        _f32(2)),
+    "overlapping": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, _f32(3)),
+    "odd-length": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 7]}}, _f32(2)[:7]),
+    "minus-one-shape": ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}},
+                        _f32(2)),
+    "trailing-bytes": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                       _f32(4)),
+    "non-string-metadata": ({"__metadata__": {"n": 3},
+                             "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                            _f32(2)),
+    "shape-mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+                       _f32(2)),
+    "unknown-dtype": ({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, _f32(2)),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_safetensors_are_refused_like_the_library(tmp_path, case):
+    path = tmp_path / f"{case}.safetensors"
+    path.write_bytes(_st(*MALFORMED[case]))
+    with pytest.raises(SafetensorError):   # the library's own verdict: it rejects the file
+        safetensors.numpy.load_file(str(path))
+    _refused(path, "not a readable .safetensors file")
+
+
+def test_zlib_is_what_deflate_members_use():
+    """The bomb test relies on deflate compressing zeros about 1000:1."""
+    assert len(zlib.compress(b"\0" * (1 << 20))) < 2048
