@@ -67,6 +67,12 @@ def load_artifact(path: str) -> Loaded:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TensorcError(f"{path} is not a tensorc artifact (format {meta.get('format')!r})"
                            if isinstance(meta, dict) else f"{path}: bad artifact metadata")
+    wrong = [k for k in ("name", "model", "preset", "passes", "backend")
+             if meta.get(k) is not None and not isinstance(meta[k], str)]
+    wrong += [k for k in ("config", "overrides") if not isinstance(meta.get(k), dict | None)]
+    if wrong:
+        raise TensorcError(f"{path}: bad artifact metadata: {wrong[0]!r} is a "
+                           f"{type(meta[wrong[0]]).__name__}")
     if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
         raise TensorcError(f"{path} is artifact version {meta.get('version')}; this tensorc "
                            f"reads versions up to {VERSION}")

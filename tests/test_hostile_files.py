@@ -169,3 +169,47 @@ def test_malformed_safetensors_are_refused_like_the_library(tmp_path, case):
 def test_zlib_is_what_deflate_members_use():
     """The bomb test relies on deflate compressing zeros about 1000:1."""
     assert len(zlib.compress(b"\0" * (1 << 20))) < 2048
+
+
+# --- IR text and artifact metadata (item 7) ------------------------------------------
+
+GRAPH = "graph g(%x: f32[2]) {{\n  %0: f32[2] = {body}\n  return %0\n}}"
+
+BAD_TEXT = {
+    "deep-brackets": GRAPH.format(body="reshape(%x, shape=" + "[" * 5000 + "2" + "]" * 5000
+                                  + ")"),
+    "5000-digit-dim": "graph g(%x: f32[" + "9" * 5000 + "]) {\n  return %x\n}",
+    "float-dim": "graph g(%x: f32[1.5]) {\n  return %x\n}",
+    "bool-dim": "graph g(%x: f32[true]) {\n  return %x\n}",
+    "list-dim": "graph g(%x: f32[[2]]) {\n  return %x\n}",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEXT))
+def test_bad_ir_text_is_one_parse_error(case):
+    from tensorc.errors import ParseError
+    from tensorc.text import parse_graph
+    with pytest.raises(ParseError, match="line ") as info:
+        parse_graph(BAD_TEXT[case])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("field,value", [("passes", 3), ("name", ["x"]), ("backend", {}),
+                                         ("config", "gpt"), ("overrides", [1])])
+def test_artifact_metadata_of_the_wrong_type_is_one_line(tmp_path, field, value):
+    """A hand-edited artifact: valid JSON, wrong types; refused when loaded, naming the
+    field, and the CLI exits 2 with one line."""
+    import subprocess
+    import sys
+
+    import tensorc
+    from tensorc.artifact import load_artifact, save_artifact
+    g = tensorc.trace(lambda x: x * 2.0, tensorc.TensorSpec((3,)))
+    path = str(tmp_path / "a.tensorc")
+    save_artifact(path, g, {"x": np.ones(3, np.float32)}, {field: value})
+    with pytest.raises(TensorcError, match=f"bad artifact metadata: '{field}'"):
+        load_artifact(path)
+    out = subprocess.run([sys.executable, "-m", "tensorc.cli", "run", path],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("tensorc: error:"), out.stderr
+    assert "Traceback" not in out.stderr
