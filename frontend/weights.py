@@ -17,9 +17,11 @@ import zipfile
 import numpy as np
 
 from tensorc.errors import TensorcError
+from tensorc.files import check_output_path
 
 
 def save(path: str, tensors: dict[str, np.ndarray]) -> None:
+    check_output_path(path)
     if path.endswith(".safetensors"):
         import safetensors.numpy
         try:

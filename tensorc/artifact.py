@@ -12,11 +12,11 @@ loading it never runs code:
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
 from .errors import TensorcError
+from .files import output_file
 from .frontend.weights import read_npz
 from .ir import Graph, TensorType
 from .loading import Loaded
@@ -48,10 +48,8 @@ def save_artifact(path: str, graph: Graph, inputs: dict[str, np.ndarray], meta: 
             arrays[f"const/{name}"] = v.data
     for name, a in inputs.items():
         arrays[f"input/{name}"] = np.asarray(a)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
+    with output_file(path) as f:  # a file object, so numpy does not append ".npz"
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def load_artifact(path: str) -> Loaded:

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from .errors import InputError, TensorcError
+from .files import output_file
 from .frontend.weights import read_npz
 from .text import parse_scalar
 
@@ -92,7 +93,7 @@ def _pipeline(args, graph, after=None):
 
 def _emit(text: str, path: str | None) -> None:
     if path:
-        with open(path, "w") as f:
+        with output_file(path, "w") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
@@ -253,7 +254,7 @@ def cmd_run(args) -> int:
     exe = get_backend(backend).compile(graph)
     outs = _run_checked(exe, loaded.inputs, args.input)
     if args.output:
-        with open(args.output, "wb") as f:  # a file object, so numpy adds no ".npz"
+        with output_file(args.output) as f:  # a file object, so numpy adds no ".npz"
             np.savez(f, **outs)
         print(f"wrote {len(outs)} output(s) to {args.output}")
     else:

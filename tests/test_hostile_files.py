@@ -213,3 +213,46 @@ def test_artifact_metadata_of_the_wrong_type_is_one_line(tmp_path, field, value)
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("tensorc: error:"), out.stderr
     assert "Traceback" not in out.stderr
+
+
+# --- output paths (item 4) ----------------------------------------------------------
+
+def _cli(*argv):
+    from tensorc.cli import main
+    return main(list(argv))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_outputs_never_replace_what_is_not_a_regular_file(tmp_path, capsys, kind):
+    import os
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    out = tmp_path / "out.tensorc"
+    if kind == "symlink":
+        out.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(out)            # opening it to write would block: refused before that
+    else:
+        out.mkdir()
+    for argv in (["compile", "gpt", "--preset", "tiny", "-o", str(out)],
+                 ["run", "gpt", "--preset", "tiny", "--output", str(out)],
+                 ["export", "gpt", "--preset", "tiny", "-o", str(out)],
+                 ["inspect", "gpt", "--preset", "tiny", "--format", "dot", "-o", str(out)]):
+        assert _cli(*argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tensorc: error: refusing to write") and "\n" not in err
+    assert target.read_text() == "keep me"
+    assert (out.is_symlink() if kind == "symlink" else
+            out.is_fifo() if kind == "fifo" else out.is_dir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tensorc-")] == []
+
+
+def test_a_regular_output_file_is_replaced_with_the_usual_permissions(tmp_path):
+    import os
+    out = tmp_path / "g.tensorc"
+    out.write_bytes(b"old")
+    assert _cli("compile", "gpt", "--preset", "tiny", "-o", str(out)) == 0
+    assert out.read_bytes()[:2] == b"PK"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
