@@ -1,4 +1,4 @@
-"""Weight and input files as a hostile user writes them (issue 10, items 5 and 6).
+"""Files, text and shapes as a hostile user writes them (issue 10).
 
 Each case ends in one TensorcError line: never a MemoryError, RuntimeError,
 NotImplementedError or tokenizer error from deep inside numpy or zipfile, never a
@@ -256,3 +256,40 @@ def test_a_regular_output_file_is_replaced_with_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- product dims in graph inputs (item 3) ----------------------------------------------
+
+def _product_graph():
+    import tensorc
+    g = tensorc.Graph("prod")
+    x = g.add_input("x", tensorc.TensorType(("2*seq",), "f32"))
+    y = g.add_input("y", tensorc.TensorType(("seq",), "f32"))
+    g.outputs = [g.add("reduce_sum", x, axes=(0,)), g.add("reduce_sum", y, axes=(0,))]
+    return g
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_product_dims_are_checked_when_shapes_bind(backend):
+    import tensorc
+    from tensorc.errors import InputError
+    exe = tensorc.compile(_product_graph(), backend=backend)
+    ok = exe(np.ones(6, np.float32), np.ones(3, np.float32))
+    assert [float(o) for o in ok] == [6.0, 3.0]
+    for x, y in [(1, 3), (5, 3), (8, 3)]:   # 1 would broadcast silently; 5 and 8 mismatch
+        with pytest.raises(InputError, match="expected f32\\[2\\*seq\\]") as info:
+            exe(np.ones(x, np.float32), np.ones(y, np.float32))
+        assert "seq=3" in str(info.value)
+
+
+def test_a_product_dim_alone_binds_its_symbol_or_says_why():
+    import tensorc
+    from tensorc.errors import InputError
+    from tensorc.ir import bind_shapes
+    t = tensorc.TensorType(("2*seq",), "f32")
+    assert bind_shapes([t], [np.ones(8, np.float32)], ["x"]) == {"seq": 4}
+    with pytest.raises(InputError, match="expected f32\\[2\\*seq\\]"):
+        bind_shapes([t], [np.ones(7, np.float32)], ["x"])
+    two = tensorc.TensorType(("a*b",), "f32")
+    with pytest.raises(InputError, match="does not say what a and b are"):
+        bind_shapes([two], [np.ones(6, np.float32)], ["x"])
