@@ -25,6 +25,7 @@ without a GPU it says so and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -55,7 +56,6 @@ def rel_err(got, want) -> float:
 def _torch_precision(torch, precision: str):
     """PyTorch set to do what tensorc's `precision` does: fp32 with TF32 off, TF32
     tensor-core matmuls, or fp16 matmuls with fp32 elsewhere (autocast)."""
-    import contextlib
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
