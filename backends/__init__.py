@@ -12,6 +12,7 @@ import numpy as np
 
 from tensorc.errors import InputError, TensorcError
 from tensorc.ir import Graph, bind_shapes
+from tensorc.resources import check_fits
 
 
 class Executable(ABC):
@@ -23,6 +24,7 @@ class Executable(ABC):
         self.graph = graph
         self.input_names = [v.name for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
+        self._memory_checked: set[tuple] = set()   # shapes whose sizes passed check_memory
 
     def __call__(self, *args, **kwargs):
         if len(args) > len(self.input_names):
@@ -43,8 +45,22 @@ class Executable(ABC):
                 + f" (expected {self.input_names})")
         arrays = [np.asarray(feeds[n]) for n in self.input_names]
         env = bind_shapes([v.type for v in self.graph.inputs], arrays, self.input_names)
+        self.check_memory(env)
         outs = self.execute(arrays, env)
         return dict(zip(self.output_names, outs, strict=True))
+
+    def check_memory(self, env: dict[str, int]) -> None:
+        """Refuse shapes whose intermediate values (each freed at its last use) need more
+        memory than this machine has, a huge batch or seq, before any of it is
+        allocated. Checked once per set of shapes."""
+        key = tuple(sorted(env.items()))
+        if key in self._memory_checked:
+            return
+        from .plan import peak_memory_bytes
+        check_fits(peak_memory_bytes(self.graph, env),
+                   f"running {self.graph.name} on "
+                   + ", ".join(f"{v.name} {v.type.concrete(env)}" for v in self.graph.inputs))
+        self._memory_checked.add(key)
 
     @abstractmethod
     def execute(self, arrays: list[np.ndarray], env: dict[str, int]) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from tensorc.errors import TensorcError
 from tensorc.files import check_output_path
+from tensorc.resources import physical_memory
 
 
 def save(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -59,7 +60,7 @@ def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
         raise TensorcError(f"file not found: {path}")
     try:
         with zipfile.ZipFile(path) as zf:
-            budget = _memory_bytes()
+            budget = physical_memory()
             out = {}
             for info in zf.infolist():
                 out[info.filename.removesuffix(".npy")] = arr = _read_member(zf, info, budget)
@@ -120,14 +121,6 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> np.
             raise _NpzError(f"member {name!r} holds more data than its header declares")
     arr = arr.reshape(shape, order="F" if fortran_order else "C")
     return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
-
-
-def _memory_bytes() -> int:
-    """This machine's physical memory: no file may make the reader allocate more."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):   # not POSIX: a fixed 16 GiB bound
-        return 16 << 30
 
 
 def _first_line(e: BaseException) -> str:

@@ -38,6 +38,16 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _seed(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63-1, got {text!r}")
+    return n
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -407,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field of a built-in model (repeatable)")
     g.add_argument("--batch", type=_positive_int, help="batch size of the example inputs")
     g.add_argument("--seq", type=_positive_int, help="sequence length of the example inputs")
-    g.add_argument("--seed", type=int,
+    g.add_argument("--seed", type=_seed,
                    help="seed of the weights and example inputs (default: 0)")
     p = model.add_argument_group("passes")
     p.add_argument("--passes", default="O0", metavar="P",

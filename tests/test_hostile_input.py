@@ -293,3 +293,53 @@ def test_a_product_dim_alone_binds_its_symbol_or_says_why():
     two = tensorc.TensorType(("a*b",), "f32")
     with pytest.raises(InputError, match="does not say what a and b are"):
         bind_shapes([two], [np.ones(6, np.float32)], ["x"])
+
+
+# --- CLI values and resource guards (items 9 and 10) -----------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seed", "-1"], "--seed: expected an integer from 0"),
+    (["--set", "n_head=0"], "'n_head' must be positive"),
+    (["--set", "vocab_size=0"], "'vocab_size' must be positive"),
+    (["--set", "vocab_size=-3"], "'vocab_size' must be positive"),
+    (["--set", "n_layer=-1"], "'n_layer' must be positive"),
+    (["--set", "eps=-1.0"], "'eps' must be positive"),
+    (["--set", "d_model=1000000000"], "needs .* GiB, more than this machine's"),
+    (["--set", "n_layer=99999999999999999999"], "needs .* GiB, more than this machine's"),
+    (["--batch", "100000000000"], "example token ids .* needs .* GiB"),
+    (["--batch", "3000000"], "running gpt on input_ids i64\\[3000000,16\\] needs"),
+])
+def test_bad_cli_values_are_one_line_and_quick(capsys, argv, message):
+    import re
+    import time
+    start = time.perf_counter()
+    assert _cli("run", "gpt", "--preset", "tiny", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tensorc: error:") and "\n" not in err, err
+    assert re.search(message, err), err
+    assert time.perf_counter() - start < 30   # refused before the work, not after
+
+
+def test_batch_and_seq_do_not_apply_to_fixed_shapes(tmp_path, capsys):
+    """A static ONNX model ignores no flag silently: like an artifact, it refuses them."""
+    import tensorc
+    from tensorc.frontend import onnx as onnx_io
+    g = tensorc.trace(lambda x: x * 2.0, tensorc.TensorSpec((2, 3)))
+    path = str(tmp_path / "static.onnx")
+    onnx_io.save(g, path)
+    for flag in ("--seq", "--batch"):
+        assert _cli("run", path, flag, "4") == 2
+        err = capsys.readouterr().err
+        assert f"no input dim named like {flag[2:]}" in err
+    assert _cli("run", path) == 0
+
+
+def test_names_from_files_reach_the_terminal_without_escapes(tmp_path, capsys):
+    import tensorc
+    from tensorc.artifact import save_artifact
+    g = tensorc.trace(lambda x: x * 2.0, tensorc.TensorSpec((3,)))
+    path = str(tmp_path / "a.tensorc")
+    save_artifact(path, g, {"x": np.ones(3, np.float32)}, {"name": "\x1b[31mred\x1b]0;t\x07"})
+    assert _cli("compare", path, "--backends", "numpy") == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b[31mred" in out
