@@ -343,3 +343,84 @@ def test_names_from_files_reach_the_terminal_without_escapes(tmp_path, capsys):
     assert _cli("compare", path, "--backends", "numpy") == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b[31mred" in out
+
+
+# --- the JIT cache is untrusted (item 2) ------------------------------------------------
+
+_COMPILE_AND_RUN = """
+import sys
+sys.path.insert(0, "tests")
+from test_llvm import ELEMENTWISE_IR, _run_twice
+from tensorc.backends.llvm import jit
+_run_twice(jit.compile_ir(ELEMENTWISE_IR, ["twice"]))
+print("compiled", jit.stats["compiled"], "disk_hits", jit.stats["disk_hits"])
+"""
+
+
+def _cache_case(tmp_path, case: str):
+    """Plant a hostile entry where the test kernel's cache entry goes."""
+    import os
+    import sys
+    sys.path.insert(0, "tests")
+    from test_llvm import ELEMENTWISE_IR
+
+    from tensorc.backends.llvm import jit
+    key = jit.cache_key(ELEMENTWISE_IR)
+    path = tmp_path / "cache" / key[:2] / (key + ".o")
+    path.parent.mkdir(parents=True)
+    good = jit._build_object(ELEMENTWISE_IR)
+    ours = jit.cache_secret(tmp_path / "cache")
+    forged = bytes(32)   # a writer that does not know this user's secret
+    if case == "swapped":            # another key's valid entry copied to this path
+        path.write_bytes(jit.entry_bytes("f" * 64, good, ours))
+    elif case == "forged-truncated":  # key right, object cut short (LLVM would crash)
+        path.write_bytes(jit.entry_bytes(key, good[: len(good) // 3], forged))
+    elif case == "forged-garbage":
+        path.write_bytes(jit.entry_bytes(key, b"\x7fELF" + b"\xff" * 200, forged))
+    elif case == "damaged":          # a valid entry with one payload byte flipped
+        blob = bytearray(jit.entry_bytes(key, good, ours))
+        blob[-10] ^= 0xFF
+        path.write_bytes(bytes(blob))
+    elif case == "empty":
+        path.write_bytes(jit.entry_bytes(key, b"", ours))
+    elif case == "fifo":
+        os.mkfifo(path)
+    elif case == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif case == "directory":
+        path.mkdir()
+    return str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("case", ["swapped", "forged-truncated", "forged-garbage", "damaged",
+                                  "empty", "fifo", "dev-zero", "directory"])
+def test_a_hostile_cache_entry_is_rebuilt_not_trusted(tmp_path, case):
+    """In a child process (a use-after-free would kill it): the kernel still compiles
+    and computes, with no hang, crash or MemoryError, whatever sits in the cache."""
+    import os
+    import subprocess
+    import sys
+    cache = _cache_case(tmp_path, case)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_AND_RUN], capture_output=True,
+                         text=True, timeout=120,
+                         env={**os.environ, "TENSORC_CACHE_DIR": cache})
+    assert out.returncode == 0, (case, out.returncode, out.stderr[-2000:])
+    assert "compiled 1 disk_hits 0" in out.stdout, out.stdout
+
+
+def test_a_cache_secret_that_is_not_private_disables_the_cache(tmp_path):
+    """A key file others can read (or a link, or another user's) is not trusted: the
+    kernel compiles and runs, and nothing is read from or written to that cache."""
+    import os
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "key").write_bytes(bytes(32))
+    os.chmod(cache / "key", 0o644)
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _COMPILE_AND_RUN], capture_output=True,
+                             text=True, timeout=120,
+                             env={**os.environ, "TENSORC_CACHE_DIR": str(cache)})
+        assert out.returncode == 0 and "compiled 1 disk_hits 0" in out.stdout, out
+    assert sorted(p.name for p in cache.iterdir()) == ["key"]
