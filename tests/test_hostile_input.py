@@ -424,3 +424,41 @@ def test_a_cache_secret_that_is_not_private_disables_the_cache(tmp_path):
                              env={**os.environ, "TENSORC_CACHE_DIR": str(cache)})
         assert out.returncode == 0 and "compiled 1 disk_hits 0" in out.stdout, out
     assert sorted(p.name for p in cache.iterdir()) == ["key"]
+
+
+# --- symbolic-shape facts (item 1) ---------------------------------------------------
+
+def _shape_slice_add_onnx(path):
+    """A valid ONNX file: y = w[:len(x)] + x with w of 8 elements, so only len(x) <= 8
+    makes sense. It passes onnx.checker's full check."""
+    import onnx
+    from onnx import TensorProto, helper
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8], list(np.arange(8, dtype=np.float32)))
+    nodes = [helper.make_node("Shape", ["x"], ["n"]),
+             helper.make_node("Constant", [], ["zero"], value=helper.make_tensor(
+                 "z", TensorProto.INT64, [1], [0])),
+             helper.make_node("Slice", ["w", "zero", "n"], ["ws"], name="slice_w"),
+             helper.make_node("Add", ["ws", "x"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["seq"])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_a_broken_shape_fact_is_an_error_on_every_backend(tmp_path, backend):
+    import tensorc
+    from tensorc.errors import ShapeError
+    from tensorc.frontend import onnx as onnx_io
+    path = str(tmp_path / "slice.onnx")
+    _shape_slice_add_onnx(path)
+    exe = tensorc.compile(onnx_io.load(path), backend=backend)
+    x = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(exe(x), np.arange(5) * 2.0)   # seq <= 8: fine
+    for n in (9, 30_000):   # llvm used to return heap bytes here (or crash, for huge n)
+        with pytest.raises(ShapeError, match="slice.*with seq=") as info:
+            exe(np.ones(n, np.float32))
+        assert "\n" not in str(info.value)
+    np.testing.assert_array_equal(exe(x), np.arange(5) * 2.0)   # and still works after

@@ -39,7 +39,7 @@ from tensorc.errors import InputError, TensorcError
 from tensorc.ir import DTYPES, Graph, bind_shapes, dim_symbols
 from tensorc.ops import get_op
 
-from .. import Backend, Executable
+from .. import Backend, Executable, check_shapes
 from .. import lower as L
 from . import gemm
 from . import kernels as lib
@@ -472,6 +472,7 @@ class CupyExecutable(Executable):
     def prepared(self, env: dict[str, int]) -> _Prepared:
         key = tuple(sorted(env.items()))
         if key not in self._prepared:
+            check_shapes(self.graph, env)   # device memory is cupy's to refuse
             self._prepared[key] = _Prepared(self, L.lower(self.graph, env))
             self.stats["programs"] += 1
         return self._prepared[key]
