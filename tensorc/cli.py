@@ -109,12 +109,6 @@ def _emit(text: str, path: str | None) -> None:
         sys.stdout.write(text)
 
 
-def _bindings(graph, inputs) -> dict[str, int]:
-    from .ir import bind_shapes
-    names = [v.name for v in graph.inputs]
-    return bind_shapes([v.type for v in graph.inputs], [inputs[n] for n in names], names)
-
-
 def _fmt_count(n: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -158,12 +152,11 @@ def cmd_models(args) -> int:
 
 # --- inspect --------------------------------------------------------------------------
 
-def graph_summary(graph, inputs, config=None, backend: str = "numpy") -> dict:
-    """What `inspect --format json` reports; flops and memory use the inputs' shapes,
+def graph_summary(graph, env: dict[str, int], config=None, backend: str = "numpy") -> dict:
+    """What `inspect --format json` reports; flops and memory at the symbol sizes `env`,
     peak memory is what `backend` plans."""
     from tensorc.backends import get_backend
     from tensorc.ops import get_op
-    env = _bindings(graph, inputs)
     ops = dict(sorted(graph.op_counts().items(), key=lambda kv: (-kv[1], kv[0])))
     return {
         "name": graph.name,
@@ -215,7 +208,7 @@ def cmd_inspect(args) -> int:
     graph = _pipeline(args, loaded.graph)
     notes = explain(graph) if args.explain else []
     if args.format == "json":
-        info = graph_summary(graph, loaded.inputs, loaded.config, args.backend)
+        info = graph_summary(graph, loaded.symbol_sizes(), loaded.config, args.backend)
         info["passes"] = args.passes
         if args.explain:
             info["explain"] = notes

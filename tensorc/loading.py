@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, TensorcError
-from .ir import DTYPES, Graph, TensorType, dim_symbols, dtype_name, resolve_dim
+from .ir import DTYPES, Graph, TensorType, bind_shapes, dim_symbols, dtype_name, resolve_dim
 from .resources import check_fits
 
 DEFAULT_SEQ = 16  # the sequence length a symbolic `seq` gets when none is given
@@ -47,10 +47,20 @@ class Loaded:
     meta: dict = field(default_factory=dict)
     _inputs: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]] | None = \
         field(default=None, repr=False)
+    _sizes: tuple[int | None, int | None] = (None, None)   # batch, seq of lazy inputs
 
     def __post_init__(self):
         # The name comes from a file or its metadata and is printed: no terminal escapes.
         self.name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in self.name)
+
+    def symbol_sizes(self) -> dict[str, int]:
+        """The sizes of the graph's symbolic dims for its inputs, without making inputs
+        that are not made yet (`inspect` of a huge --seq needs no data)."""
+        if callable(self._inputs):
+            return bind_symbols(self.graph, *self._sizes)
+        names = [v.name for v in self.graph.inputs]
+        return bind_shapes([v.type for v in self.graph.inputs],
+                           [self.inputs[n] for n in names], names)
 
     @property
     def inputs(self) -> dict[str, np.ndarray]:
@@ -89,7 +99,7 @@ def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] |
         graph = onnx_io.load(spec)
         return Loaded(graph, os.path.basename(spec), None, {"source": "onnx", "path": spec},
                       inputs if inputs is not None else
-                      lambda: random_inputs(graph, batch, seq, seed or 0))
+                      lambda: random_inputs(graph, batch, seq, seed or 0), (batch, seq))
     if batch is not None or seq is not None or seed is not None:
         raise TensorcError(f"{spec} is a compiled artifact: its weights and inputs are "
                            "fixed, so --batch, --seq and --seed do not apply")
@@ -166,7 +176,7 @@ def _load_factory(spec: str, batch, seq, seed, given) -> Loaded:
     name = os.path.splitext(os.path.basename(path))[0]
     if isinstance(made, Graph):
         return Loaded(made.verify(), name, None, meta, given if given is not None else
-                      lambda: random_inputs(made, batch, seq, seed))
+                      lambda: random_inputs(made, batch, seq, seed), (batch, seq))
     if not isinstance(made, Module):
         raise TensorcError(f"{spec} returned a {type(made).__name__}; it should return a "
                            "tensorc Module or Graph")

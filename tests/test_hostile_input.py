@@ -462,3 +462,22 @@ def test_a_broken_shape_fact_is_an_error_on_every_backend(tmp_path, backend):
             exe(np.ones(n, np.float32))
         assert "\n" not in str(info.value)
     np.testing.assert_array_equal(exe(x), np.arange(5) * 2.0)   # and still works after
+
+
+def test_inspect_makes_no_inputs_it_does_not_need(tmp_path, capsys):
+    """`inspect --format json` of a symbolic model at a huge --seq sizes it (flops, peak
+    memory) without drawing a billion random tokens."""
+    import json
+    import time
+
+    import tensorc
+    from tensorc.frontend import onnx as onnx_io
+    g = tensorc.trace(tensorc.models.get("gpt", "tiny"),
+                      input_ids=tensorc.TensorSpec(("batch", "seq"), "i64"))
+    path = str(tmp_path / "gsym.onnx")
+    onnx_io.save(g, path)
+    start = time.perf_counter()
+    assert _cli("inspect", path, "--seq", "1000000000", "--format", "json") == 0
+    assert time.perf_counter() - start < 10
+    info = json.loads(capsys.readouterr().out)
+    assert info["bindings"] == {"batch": 1, "seq": 1000000000} and info["flops"] > 10**12
