@@ -11,6 +11,7 @@ from a shape, ConstantOfShape) become plain attributes such as
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from tensorc.ops.shape import SLICE_END
 MIN_OPSET = 13
 MAX_OPSET = onnx.defs.onnx_opset_version()
 FOLD_LIMIT = 16  # fold constant results up to this size (shape-like); bigger ones are data
+RANGE_BYTES = 1 << 30  # a Range with known bounds may hold at most this much (1 GiB)
 
 ONNX_DTYPES = {
     TensorProto.FLOAT16: "f16", TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64",
@@ -634,9 +636,21 @@ def _expand(cx, n):
 def _range(cx, n):
     start, limit, delta = (n.const(k, w) for k, w in enumerate(("start", "limit", "delta")))
     dt = _dtype(n.x(0))
-    if all(isinstance(v, (int, float)) for v in (start, limit, delta)) and \
-            (dt in FLOAT_DTYPES or max(-(-(limit - start) // delta), 0) <= FOLD_LIMIT):
-        return [np.arange(start, limit, delta, dtype=TensorType((), dt).np_dtype)]
+    if delta == 0:
+        raise ShapeError(f"{n.where}: delta is 0; ONNX Range needs a non-zero delta")
+    if all(isinstance(v, (int, float)) for v in (start, limit, delta)):
+        if not all(math.isfinite(v) for v in (start, limit, delta)):
+            raise ShapeError(f"{n.where}: start {start}, limit {limit} and delta {delta} "
+                             "must be finite")
+        size = max(math.ceil((limit - start) / delta) if dt in FLOAT_DTYPES
+                   else -(-(limit - start) // delta), 0)
+        nbytes = size * TensorType((), dt).np_dtype.itemsize
+        if nbytes > RANGE_BYTES:
+            raise ShapeError(f"{n.where}: range({start}, {limit}, {delta}) has {size} "
+                             f"elements ({nbytes / 2**30:.3g} GiB of {dt}), more than the "
+                             f"{RANGE_BYTES / 2**30:.3g} GiB tensorc allows a Range")
+        if dt in FLOAT_DTYPES or size <= FOLD_LIMIT:
+            return [np.arange(start, limit, delta, dtype=TensorType((), dt).np_dtype)]
     return [cx.op("range", start=[start], limit=[limit], delta=delta, dtype=dt)]
 
 

@@ -1,0 +1,102 @@
+"""Hostile ONNX nodes (issue 10, item 8): attributes and constant inputs that the ONNX
+spec rules out are one-line `TensorcError`s naming the node, at import, never a
+ZeroDivisionError or a numpy ValueError from the first run, and never a model that
+ONNX Runtime rejects quietly computed (Slice axes wrapped modulo the rank, a Flatten
+axis out of range, Split parts ONNX does not allow, integer division by a constant 0).
+
+Where ORT is the judge, each test also shows ORT rejecting the same model (at session
+creation or at its first run), so the two agree."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tensorc import cli
+from tensorc.backends import get_backend
+from tensorc.errors import TensorcError
+from tensorc.frontend import onnx as tx
+
+F, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+
+
+def _vi(name, dtype, shape):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _model(node, inputs, outputs, inits=(), opset=18):
+    graph = helper.make_graph([node], "hostile", inputs, outputs,
+                              initializer=[numpy_helper.from_array(np.asarray(v), k)
+                                           for k, v in dict(inits).items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _ort(model, feeds):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4  # the rejection is the point; keep its log quiet
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _ort_rejects(model, feeds):
+    with pytest.raises(Exception) as info:  # noqa: PT011  (ORT's own exception classes)
+        _ort(model, feeds)
+    assert not isinstance(info.value, AssertionError)
+
+
+def _tensorc(model, feeds):
+    out = get_backend("numpy").compile(tx.from_model(model))(**feeds)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _rejects(model, feeds, match):
+    """tensorc refuses it with one line naming the node (at import or the first run)."""
+    with pytest.raises(TensorcError) as info:
+        _tensorc(model, feeds)
+    text = str(info.value)
+    assert "\n" not in text, text
+    assert "node 'bad'" in text, text
+    assert info.match(match)
+
+
+# --- Range --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.float32])
+def test_range_delta_zero(dtype):
+    code = {np.int64: I64, np.int32: I32, np.float32: F}[dtype]
+    m = _model(helper.make_node("Range", ["s", "l", "d"], ["y"], name="bad"), [],
+               [_vi("y", code, None)], {"s": dtype(0), "l": dtype(5), "d": dtype(0)})
+    _rejects(m, {}, "delta is 0")
+    _ort_rejects(m, {})
+
+
+def test_range_too_big_says_the_size():
+    m = _model(helper.make_node("Range", ["s", "l", "d"], ["y"], name="bad"), [],
+               [_vi("y", I64, None)], {"s": np.int64(0), "l": np.int64(10**12),
+                                       "d": np.int64(1)})
+    _rejects(m, {}, r"1000000000000 elements .* GiB of i64\), more than the 1 GiB")
+    _ort_rejects(m, {})  # ORT fails to allocate 8e12 bytes at run time
+
+
+def test_range_float_not_finite():
+    m = _model(helper.make_node("Range", ["s", "l", "d"], ["y"], name="bad"), [],
+               [_vi("y", F, None)], {"s": np.float32(0), "l": np.float32(np.inf),
+                                     "d": np.float32(1)})
+    _rejects(m, {}, "must be finite")
+
+
+# --- the CLI: one line, exit 2 --------------------------------------------------------
+
+def test_cli_reports_one_line(tmp_path, capsys):
+    m = _model(helper.make_node("Range", ["s", "l", "d"], ["y"], name="bad"), [],
+               [_vi("y", I64, ["n"])], {"s": np.int64(0), "l": np.int64(5),
+                                        "d": np.int64(0)})
+    path = tmp_path / "range0.onnx"
+    path.write_bytes(m.SerializeToString())
+    rc = cli.main(["run", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("tensorc: error: "), err
+    assert "Range node 'bad': delta is 0" in err
