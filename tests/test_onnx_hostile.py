@@ -87,6 +87,46 @@ def test_range_float_not_finite():
     _rejects(m, {}, "must be finite")
 
 
+# --- Conv ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attrs, match", [
+    ({"strides": [0, 1]}, r"strides \[0, 1\] must be positive"),
+    ({"strides": [-1, 1]}, r"strides \[-1, 1\] must be positive"),
+    ({"dilations": [-1, 1]}, r"dilations \[-1, 1\] must be positive"),
+    ({"dilations": [1, 0]}, r"dilations \[1, 0\] must be positive"),
+    ({"pads": [-1, 0, 0, 0]}, r"pads \[-1, 0, 0, 0\] must be >= 0"),
+    ({"strides": [1, 1, 1]}, r"strides \[1, 1, 1\] should have 2 values"),
+])
+def test_conv_bad_attributes(attrs, match):
+    m = _model(helper.make_node("Conv", ["x", "w"], ["y"], name="bad", **attrs),
+               [_vi("x", F, [1, 1, 5, 5])], [_vi("y", F, None)],
+               {"w": np.ones((1, 1, 3, 3), np.float32)})
+    feeds = {"x": np.ones((1, 1, 5, 5), np.float32)}
+    _rejects(m, feeds, match)
+    _ort_rejects(m, feeds)
+
+
+def test_conv1d_stride_zero():
+    m = _model(helper.make_node("Conv", ["x", "w"], ["y"], name="bad", strides=[0]),
+               [_vi("x", F, [1, 1, 5])], [_vi("y", F, None)],
+               {"w": np.ones((1, 1, 3), np.float32)})
+    feeds = {"x": np.ones((1, 1, 5), np.float32)}
+    _rejects(m, feeds, r"strides \[0\] must be positive")
+    _ort_rejects(m, feeds)
+
+
+def test_conv2d_op_checks_its_attributes():
+    """The IR op itself (DSL, IR text) refuses them too, with no ZeroDivisionError."""
+    from tensorc.errors import ShapeError
+    from tensorc.ir import TensorType
+    from tensorc.ops import get_op
+    x, w = TensorType((1, 1, 5, 5), "f32"), TensorType((1, 1, 3, 3), "f32")
+    with pytest.raises(ShapeError, match="strides"):
+        get_op("conv2d").infer(x, w, strides=(0, 1))
+    with pytest.raises(ShapeError, match="pads"):
+        get_op("conv2d").infer(x, w, pads=(0, -1, 0, 0))
+
+
 # --- the CLI: one line, exit 2 --------------------------------------------------------
 
 def test_cli_reports_one_line(tmp_path, capsys):

@@ -813,6 +813,14 @@ def _conv(cx, n):
     dil = n.attr("dilations", [1] * rank)
     pads = n.attr("pads", [0] * 2 * rank)
     auto = n.attr("auto_pad", "NOTSET")
+    for name, vals, size, least in (("strides", strides, rank, 1), ("dilations", dil, rank, 1),
+                                    ("pads", pads, 2 * rank, 0)):
+        if len(vals) != size:
+            raise ShapeError(f"{n.where}: {name} {vals} should have {size} values for a "
+                             f"{rank}-D convolution")
+        if any(v < least for v in vals):
+            raise ShapeError(f"{n.where}: {name} {vals} must be "
+                             f"{'positive' if least else '>= 0'} (ONNX)")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0] * 2 * rank
         for i, (d, k) in enumerate(zip(_shape(x)[2:], kernel, strict=True)):

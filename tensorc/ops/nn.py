@@ -149,6 +149,11 @@ def _conv2d(x: TensorType, w: TensorType, *b: TensorType, strides=(1, 1), pads=(
         raise ShapeError(f"bias {b[0]} should be [{o}] for weight {w}")
     if not all(isinstance(d, int) for d in (h, wd)):
         raise ShapeError(f"conv2d needs static spatial dims, got {x}")
+    for name, vals, size, least in (("strides", strides, 2, 1), ("dilations", dilations, 2, 1),
+                                    ("pads", pads, 4, 0)):
+        if len(vals) != size or any(v < least for v in vals):
+            raise ShapeError(f"{name} {list(vals)} should be {size} values "
+                             f"{'> 0' if least else '>= 0'}")
     oh = _conv_out(h, kh, strides[0], pads[0], pads[2], dilations[0])
     ow = _conv_out(wd, kw, strides[1], pads[1], pads[3], dilations[1])
     if oh <= 0 or ow <= 0:
