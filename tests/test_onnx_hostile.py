@@ -127,6 +127,56 @@ def test_conv2d_op_checks_its_attributes():
         get_op("conv2d").infer(x, w, pads=(0, -1, 0, 0))
 
 
+# --- Unsqueeze, Slice, Flatten: axes ---------------------------------------------------
+
+@pytest.mark.parametrize("axes, match", [
+    ([0, 0], r"axes \[0, 0\] name axis 0 twice"),
+    ([0, -3], r"axes \[0, -3\] name axis 0 twice"),
+    ([2], r"axis 2 is out of range for rank 2"),
+    ([-3], r"axis -3 is out of range for rank 2"),
+])
+def test_unsqueeze_bad_axes(axes, match):
+    m = _model(helper.make_node("Unsqueeze", ["x", "a"], ["y"], name="bad"),
+               [_vi("x", F, [5])], [_vi("y", F, None)], {"a": np.array(axes, np.int64)})
+    feeds = {"x": np.ones(5, np.float32)}
+    _rejects(m, feeds, match)
+    _ort_rejects(m, feeds)
+
+
+@pytest.mark.parametrize("axes, match", [
+    ([2], r"axis 2 is out of range for rank 2 \(ONNX allows -2 to 1\)"),
+    ([5], "axis 5 is out of range"),
+    ([-3], "axis -3 is out of range"),
+    ([1, -1], r"axes \[1, -1\] name axis 1 twice"),
+])
+def test_slice_axes_not_wrapped(axes, match):
+    m = _model(helper.make_node("Slice", ["x", "s", "e", "a"], ["y"], name="bad"),
+               [_vi("x", F, [2, 3])], [_vi("y", F, None)],
+               {"s": np.zeros(len(axes), np.int64), "e": np.ones(len(axes), np.int64),
+                "a": np.array(axes, np.int64)})
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    _rejects(m, feeds, match)
+    _ort_rejects(m, feeds)
+
+
+@pytest.mark.parametrize("axis", [3, -3])
+def test_flatten_axis_out_of_range(axis):
+    m = _model(helper.make_node("Flatten", ["x"], ["y"], name="bad", axis=axis),
+               [_vi("x", F, [2, 3])], [_vi("y", F, None)])
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    _rejects(m, feeds, f"axis {axis} is out of range for rank 2 .ONNX allows -2 to 2")
+    _ort_rejects(m, feeds)
+
+
+@pytest.mark.parametrize("axis", [0, 2, -2, -1])
+def test_flatten_axis_in_range_matches_ort(axis):
+    m = _model(helper.make_node("Flatten", ["x"], ["y"], name="ok", axis=axis),
+               [_vi("x", F, [2, 3])], [_vi("y", F, None)])
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    (got,), (want,) = _tensorc(m, feeds), _ort(m, feeds)
+    np.testing.assert_array_equal(got, want)
+
+
 # --- the CLI: one line, exit 2 --------------------------------------------------------
 
 def test_cli_reports_one_line(tmp_path, capsys):

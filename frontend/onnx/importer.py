@@ -488,6 +488,20 @@ def _axes(n: OnnxNode, attr_until: int, k: int = 1) -> list[int] | None:
     return n.consts(k, "axes")
 
 
+def _check_axes(n: OnnxNode, axes: list, rank: int) -> list[int]:
+    """Axes as ONNX defines them: each in [-rank, rank), none twice; returned >= 0."""
+    out = []
+    for a in axes:
+        if isinstance(a, str) or not -rank <= a < rank:
+            raise ShapeError(f"{n.where}: axis {a} is out of range for rank {rank} "
+                             f"(ONNX allows {-rank} to {rank - 1})")
+        a = a + rank if a < 0 else a
+        if a in out:
+            raise ShapeError(f"{n.where}: axes {list(axes)} name axis {a} twice")
+        out.append(a)
+    return out
+
+
 def _constant(cx, n):
     for key, val in n.attrs.items():
         if key == "value":
@@ -528,6 +542,9 @@ def _reshape(cx, n):
 def _flatten(cx, n):
     shape = _shape(n.x(0))
     axis = n.attr("axis", 1)
+    if not -len(shape) <= axis <= len(shape):
+        raise ShapeError(f"{n.where}: axis {axis} is out of range for rank {len(shape)} "
+                         f"(ONNX allows {-len(shape)} to {len(shape)})")
     axis = axis + len(shape) if axis < 0 else axis
     return [cx.op("reshape", n.x(0), shape=[dim_product(shape[:axis]),
                                             dim_product(shape[axis:])])]
@@ -541,7 +558,11 @@ def _squeeze(cx, n):
 
 
 def _unsqueeze(cx, n):
-    return [cx.op("unsqueeze", n.x(0), axes=_axes(n, 13))]
+    axes = _axes(n, 13)
+    if axes is None:
+        raise ShapeError(f"{n.where}: needs axes")
+    return [cx.op("unsqueeze", n.x(0), axes=_check_axes(n, axes, len(_shape(n.x(0))) +
+                                                        len(axes)))]
 
 
 def _transpose(cx, n):
@@ -575,7 +596,7 @@ def _slice(cx, n):
     ends = [_clamp(v) for v in n.consts(2, "ends")]
     axes = n.consts(3, "axes")
     if axes is not None:
-        axes = [a % len(_shape(n.x(0))) for a in axes]
+        axes = _check_axes(n, axes, len(_shape(n.x(0))))
     return [cx.op("slice", n.x(0), starts=starts, ends=ends, axes=axes,
                   steps=n.consts(4, "steps"))]
 
