@@ -177,6 +177,46 @@ def test_flatten_axis_in_range_matches_ort(axis):
     np.testing.assert_array_equal(got, want)
 
 
+# --- Split --------------------------------------------------------------------------
+
+def _split(n, dim, opset, num_outputs=None, sizes=None):
+    outs = [f"o{k}" for k in range(n)]
+    attrs = {} if num_outputs is None else {"num_outputs": num_outputs}
+    node = helper.make_node("Split", ["x"] + (["s"] if sizes is not None else []), outs,
+                            name="bad", **attrs)
+    inits = {} if sizes is None else {"s": np.array(sizes, np.int64)}
+    m = _model(node, [_vi("x", F, [dim])], [_vi(o, F, None) for o in outs], inits, opset)
+    return m, {"x": np.arange(dim, dtype=np.float32)}
+
+
+@pytest.mark.parametrize("n, dim, opset, num_outputs, sizes, match", [
+    (2, 3, 13, None, None, "dim 3 does not split evenly into 2 parts"),
+    (4, 5, 13, None, None, "dim 5 does not split evenly into 4 parts"),
+    (4, 5, 18, 4, None, "4 parts of 2 .* overrun dim 5"),
+    (2, 4, 18, None, None, "neither the split sizes .* nor num_outputs"),
+    (2, 6, 18, 3, None, "num_outputs is 3 but the node has 2 outputs"),
+    (2, 5, 18, None, [6, -1], r"split sizes \[6, -1\] must be >= 0"),
+    (2, 5, 18, None, [2, 2], r"sizes \[2, 2\] do not add up to dim 0"),
+])
+def test_split_ort_rejects(n, dim, opset, num_outputs, sizes, match):
+    m, feeds = _split(n, dim, opset, num_outputs, sizes)
+    _rejects(m, feeds, match)
+    _ort_rejects(m, feeds)
+
+
+@pytest.mark.parametrize("n, dim, opset, num_outputs, sizes", [
+    (3, 5, 18, 3, None),    # uneven: the last part is smaller
+    (6, 5, 18, 6, None),    # ceil(5/6) = 1: the last part is empty, and ORT allows it
+    (4, 9, 18, 4, None),    # 3, 3, 3, 0
+    (2, 5, 18, None, [5, 0]),
+    (3, 6, 13, None, None),
+])
+def test_split_ort_accepts_and_agrees(n, dim, opset, num_outputs, sizes):
+    m, feeds = _split(n, dim, opset, num_outputs, sizes)
+    got, want = _tensorc(m, feeds), _ort(m, feeds)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+
+
 # --- the CLI: one line, exit 2 --------------------------------------------------------
 
 def test_cli_reports_one_line(tmp_path, capsys):

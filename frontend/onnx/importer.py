@@ -577,13 +577,29 @@ def _concat(cx, n):
 def _split(cx, n):
     x, axis = n.x(0), n.attr("axis", 0)
     sizes = n.consts(1, "split sizes") if cx.opset >= 13 else n.attr("split")
-    if sizes is None:
-        dim = _shape(x)[axis]
-        parts = n.attr("num_outputs", len(n.outputs))
-        if not isinstance(dim, int):
-            raise n.unsupported(f"cannot split symbolic dim {dim} into {parts} parts")
-        step = -(-dim // parts)
-        sizes = [min(step, dim - i * step) for i in range(parts)]
+    if sizes is not None:
+        if any(isinstance(s, int) and s < 0 for s in sizes):
+            raise ShapeError(f"{n.where}: split sizes {sizes} must be >= 0")
+        return cx.op_multi("split", x, axis=axis, sizes=sizes)
+    parts = n.attr("num_outputs")
+    if cx.opset >= 18 and parts is None:
+        raise ShapeError(f"{n.where}: gives neither the split sizes (input 1) nor "
+                         "num_outputs; ONNX opset 18 needs one of them")
+    if parts is not None and parts != len(n.outputs):
+        raise ShapeError(f"{n.where}: num_outputs is {parts} but the node has "
+                         f"{len(n.outputs)} outputs")
+    parts = len(n.outputs)
+    dim = _shape(x)[_check_axes(n, [axis], len(_shape(x)))[0]]
+    if not isinstance(dim, int):
+        raise n.unsupported(f"cannot split symbolic dim {dim} into {parts} parts")
+    step = -(-dim // parts)
+    if cx.opset < 18 and dim % parts:
+        raise ShapeError(f"{n.where}: dim {dim} does not split evenly into {parts} parts "
+                         f"(before opset 18 ONNX needs equal parts)")
+    if step * (parts - 1) > dim:
+        raise ShapeError(f"{n.where}: {parts} parts of {step} (the size ONNX gives each "
+                         f"part but the last) overrun dim {dim}")
+    sizes = [step] * (parts - 1) + [dim - step * (parts - 1)]
     return cx.op_multi("split", x, axis=axis, sizes=sizes)
 
 
