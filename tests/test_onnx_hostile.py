@@ -217,6 +217,47 @@ def test_split_ort_accepts_and_agrees(n, dim, opset, num_outputs, sizes):
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
 
 
+# --- Pow ----------------------------------------------------------------------------
+
+def test_pow_integer_negative_constant_exponent():
+    m = _model(helper.make_node("Pow", ["x", "e"], ["y"], name="bad"),
+               [_vi("x", I64, [3])], [_vi("y", I64, None)], {"e": np.array(-1, np.int64)})
+    _rejects(m, {"x": np.array([1, 2, 3], np.int64)}, "negative constant exponent -1")
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_pow_integer_negative_runtime_exponent_matches_ort(dtype):
+    """A run-time negative exponent on an integer base is 1 / x**k truncated, as ORT
+    computes it (1, -1 or 1, and 0): never numpy's ValueError. For x = 0 ORT's value is
+    undefined (it casts inf: INT_MIN); tensorc gives 0, as for integer division by 0."""
+    code = {np.int64: I64, np.int32: I32}[dtype]
+    m = _model(helper.make_node("Pow", ["x", "e"], ["y"], name="p"),
+               [_vi("x", code, [7]), _vi("e", code, [7])], [_vi("y", code, None)])
+    feeds = {"x": np.array([1, -1, -1, 2, -3, 5, 7], dtype),
+             "e": np.array([-3, -3, -2, -1, -1, 2, 0], dtype)}
+    (got,), (want,) = _tensorc(m, feeds), _ort(m, feeds)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    zero = {"x": np.array([0, 0], dtype), "e": np.array([-1, -2], dtype)}
+    m0 = _model(helper.make_node("Pow", ["x", "e"], ["y"], name="p"),
+                [_vi("x", code, [2]), _vi("e", code, [2])], [_vi("y", code, None)])
+    np.testing.assert_array_equal(_tensorc(m0, zero)[0], [0, 0])
+
+
+@pytest.mark.parametrize("exponent, base", [(0.5, [4, 9, 10]), (-0.5, [1, 4, 9]),
+                                            (-1.0, [1, 2, 3]), (2.5, [2, 3, 4])])
+def test_pow_integer_base_float_exponent_matches_ort(exponent, base):
+    """Computed in double and truncated, as ORT does; casting the exponent to the base's
+    type first made 4 ** 0.5 equal 1."""
+    m = _model(helper.make_node("Pow", ["x", "e"], ["y"], name="p"),
+               [_vi("x", I64, [3])], [_vi("y", I64, None)],
+               {"e": np.array(exponent, np.float32)})
+    feeds = {"x": np.array(base, np.int64)}
+    (got,), (want,) = _tensorc(m, feeds), _ort(m, feeds)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
 # --- the CLI: one line, exit 2 --------------------------------------------------------
 
 def test_cli_reports_one_line(tmp_path, capsys):

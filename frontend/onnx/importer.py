@@ -712,8 +712,21 @@ def _dropout(cx, n):
 
 def _pow(cx, n):
     x, y = n.x(0), n.x(1)
-    if _dtype(y) != _dtype(x):  # ONNX allows another exponent type; the result is x's
-        y = cx.op("cast", y, dtype=_dtype(x))
+    xt, yt = _dtype(x), _dtype(y)
+    if xt not in FLOAT_DTYPES and yt in FLOAT_DTYPES:
+        # ONNX Runtime computes an integer base to a float power in double and truncates
+        # (4 ** 0.5 is 2): casting the exponent to the base's type would give 4 ** 0 = 1
+        p = cx.op("pow", cx.op("cast", x, dtype="f64"),
+                  cx.op("cast", y, dtype="f64") if yt != "f64" else y)
+        return [cx.op("cast", p, dtype=xt)]
+    if xt not in FLOAT_DTYPES and not isinstance(y, Value):
+        e = np.asarray(y.dims if isinstance(y, Sym) else y)
+        neg = [v for v in e.reshape(-1).tolist() if not isinstance(v, str) and v < 0]
+        if neg:
+            raise ShapeError(f"{n.where}: integer base ({xt}) to the negative constant "
+                             f"exponent {neg[0]}: the result is not an integer")
+    if yt != xt:  # ONNX allows another exponent type; the result is x's
+        y = cx.op("cast", y, dtype=xt)
     return [cx.op("pow", x, y)]
 
 
