@@ -258,6 +258,47 @@ def test_pow_integer_base_float_exponent_matches_ort(exponent, base):
     np.testing.assert_array_equal(got, want)
 
 
+# --- Div ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("divisor", [0, [1, 0, 2]])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_div_integer_by_constant_zero(divisor, dtype):
+    code = {np.int64: I64, np.int32: I32}[dtype]
+    m = _model(helper.make_node("Div", ["x", "d"], ["y"], name="bad"),
+               [_vi("x", code, [3])], [_vi("y", code, None)],
+               {"d": np.array(divisor, dtype)})
+    feeds = {"x": np.array([1, 2, 3], dtype)}
+    _rejects(m, feeds, "integer .* division by a constant divisor that holds 0")
+    _ort_rejects(m, feeds)   # at session creation: "Integer division by zero"
+
+
+def test_div_integer_constants_folded_by_zero():
+    m = _model(helper.make_node("Div", ["a", "d"], ["y"], name="bad"), [],
+               [_vi("y", I64, None)], {"a": np.array([4], np.int64),
+                                       "d": np.array([0], np.int64)})
+    _rejects(m, {}, "division by a constant divisor")
+    _ort_rejects(m, {})
+
+
+def test_div_integer_runtime_zero_is_documented_zero():
+    """A run-time zero divisor: ORT fails the run; tensorc gives 0 there (every backend
+    alike, docs/onnx.md), and the other elements are truncated quotients."""
+    m = _model(helper.make_node("Div", ["x", "d"], ["y"], name="dv"),
+               [_vi("x", I64, [3]), _vi("d", I64, [3])], [_vi("y", I64, None)])
+    feeds = {"x": np.array([7, 2, -7], np.int64), "d": np.array([2, 0, 2], np.int64)}
+    np.testing.assert_array_equal(_tensorc(m, feeds)[0], [3, 0, -3])
+    _ort_rejects(m, feeds)
+
+
+def test_div_float_by_constant_zero_is_inf_like_ort():
+    m = _model(helper.make_node("Div", ["x", "d"], ["y"], name="dv"),
+               [_vi("x", F, [2])], [_vi("y", F, None)], {"d": np.array(0, np.float32)})
+    feeds = {"x": np.array([1, -2], np.float32)}
+    with np.errstate(divide="ignore"):
+        got = _tensorc(m, feeds)[0]
+    np.testing.assert_array_equal(got, _ort(m, feeds)[0])
+
+
 # --- the CLI: one line, exit 2 --------------------------------------------------------
 
 def test_cli_reports_one_line(tmp_path, capsys):

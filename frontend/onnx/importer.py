@@ -730,6 +730,16 @@ def _pow(cx, n):
     return [cx.op("pow", x, y)]
 
 
+def _div(cx, n):
+    x, y = n.x(0), n.x(1)
+    if _dtype(x) not in FLOAT_DTYPES and not isinstance(y, Value):
+        e = np.asarray(y.dims if isinstance(y, Sym) else y)
+        if any(not isinstance(v, str) and v == 0 for v in e.reshape(-1).tolist()):
+            raise ShapeError(f"{n.where}: integer ({_dtype(x)}) division by a constant "
+                             "divisor that holds 0 (ONNX Runtime rejects it too)")
+    return [cx.op("div", x, y)]
+
+
 def _clip(cx, n):
     x = n.x(0)
     lo, hi = (n.attr("min"), n.attr("max")) if cx.opset < 11 else (n.x(1), n.x(2))
@@ -1002,11 +1012,11 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
         "Relu": "relu", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Not": "logical_not",
     }.items()},
     **{k: _binary(v) for k, v in {
-        "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Equal": "equal",
+        "Add": "add", "Sub": "sub", "Mul": "mul", "Equal": "equal",
         "Less": "less", "LessOrEqual": "less_equal", "Greater": "greater",
         "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or",
     }.items()},
-    "Pow": _pow, "Max": _variadic("maximum"), "Min": _variadic("minimum"),
+    "Pow": _pow, "Div": _div, "Max": _variadic("maximum"), "Min": _variadic("minimum"),
     "Sum": _variadic("add"), "Mean": _variadic("add", mean=True), "Clip": _clip,
     "Gelu": _gelu, "LeakyRelu": _leaky_relu,
     # contractions, normalisation, reductions
