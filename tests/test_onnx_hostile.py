@@ -177,6 +177,41 @@ def test_flatten_axis_in_range_matches_ort(axis):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+@pytest.mark.parametrize("op, axes", [("Squeeze", [0, 0]), ("Squeeze", [0, -3]),
+                                      ("ReduceSum", [1, 1]), ("ReduceMean", [0, -3, 2])])
+def test_axes_named_twice_where_ort_allows_them(op, axes, backend):
+    """ORT runs Squeeze and ReduceX with an axis named twice (each axis counts once);
+    the references raised numpy's 'duplicate value in axis' at the first run."""
+    m = _model(helper.make_node(op, ["x", "a"], ["y"], name="n"),
+               [_vi("x", F, [1, 2, 3])], [_vi("y", F, None)], {"a": np.array(axes, np.int64)})
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(1, 2, 3)}
+    got = get_backend(backend).compile(tx.from_model(m))(**feeds)
+    np.testing.assert_allclose(got, _ort(m, feeds)[0], rtol=1e-6)
+
+
+def test_reduce_and_squeeze_ops_refuse_an_axis_twice():
+    """The IR ops themselves: the llvm backend summed an axis named twice twice."""
+    from tensorc.errors import ShapeError
+    from tensorc.ir import TensorType
+    from tensorc.ops import get_op
+    t = TensorType((1, 2, 3), "f32")
+    with pytest.raises(ShapeError, match="name an axis twice"):
+        get_op("reduce_sum").infer(t, axes=(1, -2))
+    with pytest.raises(ShapeError, match="name an axis twice"):
+        get_op("squeeze").infer(t, axes=(0, 0))
+
+
+@pytest.mark.parametrize("axis", [2, -3])
+def test_gather_elements_axis_not_wrapped(axis):
+    m = _model(helper.make_node("GatherElements", ["x", "i"], ["y"], name="bad", axis=axis),
+               [_vi("x", F, [2, 3])], [_vi("y", F, None)],
+               {"i": np.zeros((1, 1), np.int64)})
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    _rejects(m, feeds, f"axis {axis} is out of range for rank 2")
+    _ort_rejects(m, feeds)
+
+
 # --- Split --------------------------------------------------------------------------
 
 def _split(n, dim, opset, num_outputs=None, sizes=None):

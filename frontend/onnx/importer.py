@@ -488,17 +488,19 @@ def _axes(n: OnnxNode, attr_until: int, k: int = 1) -> list[int] | None:
     return n.consts(k, "axes")
 
 
-def _check_axes(n: OnnxNode, axes: list, rank: int) -> list[int]:
-    """Axes as ONNX defines them: each in [-rank, rank), none twice; returned >= 0."""
+def _check_axes(n: OnnxNode, axes: list, rank: int, repeats: bool = False) -> list[int]:
+    """Axes as ONNX defines them: each in [-rank, rank), returned >= 0; none twice, or
+    with `repeats` (Squeeze, ReduceX: ONNX Runtime counts such an axis once) deduplicated."""
     out = []
     for a in axes:
         if isinstance(a, str) or not -rank <= a < rank:
             raise ShapeError(f"{n.where}: axis {a} is out of range for rank {rank} "
                              f"(ONNX allows {-rank} to {rank - 1})")
         a = a + rank if a < 0 else a
-        if a in out:
+        if a in out and not repeats:
             raise ShapeError(f"{n.where}: axes {list(axes)} name axis {a} twice")
-        out.append(a)
+        if a not in out:
+            out.append(a)
     return out
 
 
@@ -554,7 +556,8 @@ def _squeeze(cx, n):
     axes = _axes(n, 13)
     if axes is None:
         axes = [i for i, d in enumerate(_shape(n.x(0))) if d == 1]
-    return [cx.op("squeeze", n.x(0), axes=axes)]
+    return [cx.op("squeeze", n.x(0), axes=_check_axes(n, axes, len(_shape(n.x(0))),
+                                                      repeats=True))]
 
 
 def _unsqueeze(cx, n):
@@ -649,7 +652,7 @@ def _gather_elements(cx, n):
     data, idx = n.x(0), n.x(1)
     shape, ishape = _shape(data), _shape(idx)
     rank = len(shape)
-    axis = n.attr("axis", 0) % rank
+    axis = _check_axes(n, [n.attr("axis", 0)], rank)[0]
     lin = None
     for d in range(rank):
         if d == axis:
@@ -932,6 +935,8 @@ def _reduce(op, axes_input_from=18, pre=None, post=None):
     def h(cx, n):
         x = pre(cx, n.x(0)) if pre else n.x(0)
         axes = _axes(n, axes_input_from) or None
+        if axes is not None:
+            axes = _check_axes(n, axes, len(_shape(x)), repeats=True)
         if axes is None and n.attr("noop_with_empty_axes", 0):
             y = x
         else:

@@ -41,8 +41,12 @@ register(OpDef("matmul", infer=_matmul, reference=np.matmul, inputs=(2, 2),
 
 
 def _axes(t: TensorType, axes) -> tuple[int, ...]:
-    return tuple(range(t.rank)) if axes is None else tuple(sorted(
-        {norm_axis(a, t.rank) for a in axes}))
+    if axes is None:
+        return tuple(range(t.rank))
+    norm = [norm_axis(a, t.rank) for a in axes]
+    if len(set(norm)) != len(norm):  # backends would reduce such an axis twice
+        raise ShapeError(f"axes {list(axes)} name an axis twice (rank {t.rank})")
+    return tuple(sorted(norm))
 
 
 def _reduce(t: TensorType, axes=None, keepdims=False) -> TensorType:

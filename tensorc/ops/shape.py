@@ -148,6 +148,8 @@ register(OpDef("expand", infer=_expand, kind="shape",
 
 
 def _squeeze(t: TensorType, axes) -> TensorType:
+    if len({norm_axis(a, t.rank) for a in axes}) != len(axes):
+        raise ShapeError(f"squeeze axes {list(axes)} name an axis twice (rank {t.rank})")
     axes = {norm_axis(a, t.rank) for a in axes}
     if any(t.shape[a] != 1 for a in axes):
         raise ShapeError(f"cannot squeeze axes {sorted(axes)} of {t}: not all of size 1")
