@@ -347,3 +347,18 @@ def test_cli_reports_one_line(tmp_path, capsys):
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("tensorc: error: "), err
     assert "Range node 'bad': delta is 0" in err
+
+
+# --- more models ORT rejects: found beside item 8 ------------------------------------
+
+def test_unnamed_errors_get_the_node_name():
+    """Errors raised below the handler (a negative dim) used to lack the node's name."""
+    m = _model(helper.make_node("Tile", ["x", "r"], ["y"], name="bad"),
+               [_vi("x", F, [2, 3])], [_vi("y", F, None)], {"r": np.array([-1, 1], np.int64)})
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    _rejects(m, feeds, "bad dimension -1")
+    _ort_rejects(m, feeds)
+    m = _model(helper.make_node("ConstantOfShape", ["s"], ["y"], name="bad"), [],
+               [_vi("y", F, None)], {"s": np.array([-1, 2], np.int64)})
+    _rejects(m, {}, "bad dimension -1")
+    _ort_rejects(m, {})

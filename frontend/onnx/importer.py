@@ -338,6 +338,10 @@ class _Importer:
             except (ValueError, IndexError, KeyError, TypeError) as e:  # a malformed node
                 raise TensorcError(f"{self.loc}: cannot import it ({type(e).__name__}: "
                                    f"{e})") from None
+            except TensorcError as e:  # every import error names its node
+                if n.where not in str(e):
+                    e.args = (f"{self.loc}: {e}", *e.args[1:])
+                raise
             wanted = [k for k, name in enumerate(n.outputs) if name]
             if wanted and wanted[-1] >= len(outs):
                 raise n.unsupported(f"output {wanted[-1]} ({n.outputs[wanted[-1]]!r}) is not "
