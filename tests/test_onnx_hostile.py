@@ -362,3 +362,37 @@ def test_unnamed_errors_get_the_node_name():
                [_vi("y", F, None)], {"s": np.array([-1, 2], np.int64)})
     _rejects(m, {}, "bad dimension -1")
     _ort_rejects(m, {})
+
+
+def test_range_mixed_dtypes():
+    m = _model(helper.make_node("Range", ["s", "l", "d"], ["y"], name="bad"), [],
+               [_vi("y", I64, None)], {"s": np.int64(0), "l": np.int32(5), "d": np.int64(1)})
+    _rejects(m, {}, "ONNX needs one dtype")
+    _ort_rejects(m, {})
+
+
+def test_einsum_index_sizes_disagree():
+    m = _model(helper.make_node("Einsum", ["x", "x"], ["y"], name="bad", equation="ij,ji->i"),
+               [_vi("x", F, [2, 3])], [_vi("y", F, None)])
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    _rejects(m, feeds, "index 'j' of 'ij,ji->i' is 3 in one operand and 2 in another")
+    _ort_rejects(m, feeds)
+
+
+def test_conv_kernel_shape_differs_from_weight():
+    m = _model(helper.make_node("Conv", ["x", "w"], ["y"], name="bad", kernel_shape=[2, 2]),
+               [_vi("x", F, [1, 1, 5, 5])], [_vi("y", F, None)],
+               {"w": np.ones((1, 1, 3, 3), np.float32)})
+    feeds = {"x": np.ones((1, 1, 5, 5), np.float32)}
+    _rejects(m, feeds, r"kernel_shape \[2, 2\] differs from the weight's spatial shape")
+    _ort_rejects(m, feeds)
+
+
+def test_batch_norm_parameters_not_per_channel():
+    m = _model(helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"],
+                                name="bad"),
+               [_vi("x", F, [1, 1, 5, 5])], [_vi("y", F, None)],
+               {k: np.ones(2, np.float32) for k in "sbmv"})
+    feeds = {"x": np.ones((1, 1, 5, 5), np.float32)}
+    _rejects(m, feeds, r"scale has shape \[2\]; it should be \[C\]")
+    _ort_rejects(m, feeds)

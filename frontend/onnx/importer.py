@@ -680,6 +680,9 @@ def _expand(cx, n):
 def _range(cx, n):
     start, limit, delta = (n.const(k, w) for k, w in enumerate(("start", "limit", "delta")))
     dt = _dtype(n.x(0))
+    if {_dtype(n.x(1)), _dtype(n.x(2))} != {dt}:
+        raise ShapeError(f"{n.where}: start, limit and delta have dtypes "
+                         f"{[_dtype(n.x(k)) for k in range(3)]}; ONNX needs one dtype")
     if delta == 0:
         raise ShapeError(f"{n.where}: delta is 0; ONNX Range needs a non-zero delta")
     if all(isinstance(v, (int, float)) for v in (start, limit, delta)):
@@ -876,6 +879,9 @@ def _conv(cx, n):
     if rank not in (1, 2):
         raise n.unsupported(f"only 1-D and 2-D convolutions are supported, got {rank}-D")
     kernel = list(_shape(w)[2:])
+    if n.attr("kernel_shape") is not None and list(n.attr("kernel_shape")) != kernel:
+        raise ShapeError(f"{n.where}: kernel_shape {n.attr('kernel_shape')} differs from "
+                         f"the weight's spatial shape {kernel}")
     strides = n.attr("strides", [1] * rank)
     dil = n.attr("dilations", [1] * rank)
     pads = n.attr("pads", [0] * 2 * rank)
@@ -925,6 +931,11 @@ def _batch_norm(cx, n):
         raise n.unsupported("training_mode=1 is not supported (inference only)")
     x, scale, bias, mean, var = (n.x(k) for k in range(5))
     dt, rank = _dtype(x), len(_shape(x))
+    for what, p in zip(("scale", "B", "input_mean", "input_var"), (scale, bias, mean, var),
+                       strict=True):
+        if rank < 2 or list(_shape(p)) != [_shape(x)[1]]:
+            raise ShapeError(f"{n.where}: {what} has shape {list(_shape(p))}; it should be "
+                             f"[C] for input shape {list(_shape(x))}")
 
     def per_channel(p):
         return cx.op("unsqueeze", p, axes=list(range(1, rank - 1))) if rank > 2 else p
@@ -992,8 +1003,12 @@ def _einsum(cx, n):
     contr = [c for c in ta if c in tb and c not in out]
     left = [c for c in ta if c not in tb]
     right = [c for c in tb if c not in ta]
-    size = {c: d for t, x in zip(terms, xs, strict=True) for c, d in zip(t, _shape(x),
-                                                                         strict=True)}
+    size = {}
+    for t, x in zip(terms, xs, strict=True):
+        for c, d in zip(t, _shape(x), strict=True):
+            if size.setdefault(c, d) != d and isinstance(d, int) and isinstance(size[c], int):
+                raise ShapeError(f"{n.where}: index {c!r} of {eq!r} is {size[c]} in one "
+                                 f"operand and {d} in another")
     prod = [dim_product([size[c] for c in g]) for g in (left, contr, right)]
     a = cx.op("transpose", a, perm=[ta.index(c) for c in batch + left + contr])
     a = cx.op("reshape", a, shape=[size[c] for c in batch] + prod[:2])
