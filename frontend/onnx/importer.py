@@ -11,6 +11,7 @@ from a shape, ConstantOfShape) become plain attributes such as
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from tensorc.ops.shape import SLICE_END
 MIN_OPSET = 13
 MAX_OPSET = onnx.defs.onnx_opset_version()
 FOLD_LIMIT = 16  # fold constant results up to this size (shape-like); bigger ones are data
+RANGE_BYTES = 1 << 30  # a Range with known bounds may hold at most this much (1 GiB)
 
 ONNX_DTYPES = {
     TensorProto.FLOAT16: "f16", TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64",
@@ -336,6 +338,10 @@ class _Importer:
             except (ValueError, IndexError, KeyError, TypeError) as e:  # a malformed node
                 raise TensorcError(f"{self.loc}: cannot import it ({type(e).__name__}: "
                                    f"{e})") from None
+            except TensorcError as e:  # every import error names its node
+                if n.where not in str(e):
+                    e.args = (f"{self.loc}: {e}", *e.args[1:])
+                raise
             wanted = [k for k, name in enumerate(n.outputs) if name]
             if wanted and wanted[-1] >= len(outs):
                 raise n.unsupported(f"output {wanted[-1]} ({n.outputs[wanted[-1]]!r}) is not "
@@ -486,6 +492,22 @@ def _axes(n: OnnxNode, attr_until: int, k: int = 1) -> list[int] | None:
     return n.consts(k, "axes")
 
 
+def _check_axes(n: OnnxNode, axes: list, rank: int, repeats: bool = False) -> list[int]:
+    """Axes as ONNX defines them: each in [-rank, rank), returned >= 0; none twice, or
+    with `repeats` (Squeeze, ReduceX: ONNX Runtime counts such an axis once) deduplicated."""
+    out = []
+    for a in axes:
+        if isinstance(a, str) or not -rank <= a < rank:
+            raise ShapeError(f"{n.where}: axis {a} is out of range for rank {rank} "
+                             f"(ONNX allows {-rank} to {rank - 1})")
+        a = a + rank if a < 0 else a
+        if a in out and not repeats:
+            raise ShapeError(f"{n.where}: axes {list(axes)} name axis {a} twice")
+        if a not in out:
+            out.append(a)
+    return out
+
+
 def _constant(cx, n):
     for key, val in n.attrs.items():
         if key == "value":
@@ -526,6 +548,9 @@ def _reshape(cx, n):
 def _flatten(cx, n):
     shape = _shape(n.x(0))
     axis = n.attr("axis", 1)
+    if not -len(shape) <= axis <= len(shape):
+        raise ShapeError(f"{n.where}: axis {axis} is out of range for rank {len(shape)} "
+                         f"(ONNX allows {-len(shape)} to {len(shape)})")
     axis = axis + len(shape) if axis < 0 else axis
     return [cx.op("reshape", n.x(0), shape=[dim_product(shape[:axis]),
                                             dim_product(shape[axis:])])]
@@ -535,11 +560,16 @@ def _squeeze(cx, n):
     axes = _axes(n, 13)
     if axes is None:
         axes = [i for i, d in enumerate(_shape(n.x(0))) if d == 1]
-    return [cx.op("squeeze", n.x(0), axes=axes)]
+    return [cx.op("squeeze", n.x(0), axes=_check_axes(n, axes, len(_shape(n.x(0))),
+                                                      repeats=True))]
 
 
 def _unsqueeze(cx, n):
-    return [cx.op("unsqueeze", n.x(0), axes=_axes(n, 13))]
+    axes = _axes(n, 13)
+    if axes is None:
+        raise ShapeError(f"{n.where}: needs axes")
+    return [cx.op("unsqueeze", n.x(0), axes=_check_axes(n, axes, len(_shape(n.x(0))) +
+                                                        len(axes)))]
 
 
 def _transpose(cx, n):
@@ -554,13 +584,29 @@ def _concat(cx, n):
 def _split(cx, n):
     x, axis = n.x(0), n.attr("axis", 0)
     sizes = n.consts(1, "split sizes") if cx.opset >= 13 else n.attr("split")
-    if sizes is None:
-        dim = _shape(x)[axis]
-        parts = n.attr("num_outputs", len(n.outputs))
-        if not isinstance(dim, int):
-            raise n.unsupported(f"cannot split symbolic dim {dim} into {parts} parts")
-        step = -(-dim // parts)
-        sizes = [min(step, dim - i * step) for i in range(parts)]
+    if sizes is not None:
+        if any(isinstance(s, int) and s < 0 for s in sizes):
+            raise ShapeError(f"{n.where}: split sizes {sizes} must be >= 0")
+        return cx.op_multi("split", x, axis=axis, sizes=sizes)
+    parts = n.attr("num_outputs")
+    if cx.opset >= 18 and parts is None:
+        raise ShapeError(f"{n.where}: gives neither the split sizes (input 1) nor "
+                         "num_outputs; ONNX opset 18 needs one of them")
+    if parts is not None and parts != len(n.outputs):
+        raise ShapeError(f"{n.where}: num_outputs is {parts} but the node has "
+                         f"{len(n.outputs)} outputs")
+    parts = len(n.outputs)
+    dim = _shape(x)[_check_axes(n, [axis], len(_shape(x)))[0]]
+    if not isinstance(dim, int):
+        raise n.unsupported(f"cannot split symbolic dim {dim} into {parts} parts")
+    step = -(-dim // parts)
+    if cx.opset < 18 and dim % parts:
+        raise ShapeError(f"{n.where}: dim {dim} does not split evenly into {parts} parts "
+                         f"(before opset 18 ONNX needs equal parts)")
+    if step * (parts - 1) > dim:
+        raise ShapeError(f"{n.where}: {parts} parts of {step} (the size ONNX gives each "
+                         f"part but the last) overrun dim {dim}")
+    sizes = [step] * (parts - 1) + [dim - step * (parts - 1)]
     return cx.op_multi("split", x, axis=axis, sizes=sizes)
 
 
@@ -573,7 +619,7 @@ def _slice(cx, n):
     ends = [_clamp(v) for v in n.consts(2, "ends")]
     axes = n.consts(3, "axes")
     if axes is not None:
-        axes = [a % len(_shape(n.x(0))) for a in axes]
+        axes = _check_axes(n, axes, len(_shape(n.x(0))))
     return [cx.op("slice", n.x(0), starts=starts, ends=ends, axes=axes,
                   steps=n.consts(4, "steps"))]
 
@@ -610,7 +656,7 @@ def _gather_elements(cx, n):
     data, idx = n.x(0), n.x(1)
     shape, ishape = _shape(data), _shape(idx)
     rank = len(shape)
-    axis = n.attr("axis", 0) % rank
+    axis = _check_axes(n, [n.attr("axis", 0)], rank)[0]
     lin = None
     for d in range(rank):
         if d == axis:
@@ -634,9 +680,24 @@ def _expand(cx, n):
 def _range(cx, n):
     start, limit, delta = (n.const(k, w) for k, w in enumerate(("start", "limit", "delta")))
     dt = _dtype(n.x(0))
-    if all(isinstance(v, (int, float)) for v in (start, limit, delta)) and \
-            (dt in FLOAT_DTYPES or max(-(-(limit - start) // delta), 0) <= FOLD_LIMIT):
-        return [np.arange(start, limit, delta, dtype=TensorType((), dt).np_dtype)]
+    if {_dtype(n.x(1)), _dtype(n.x(2))} != {dt}:
+        raise ShapeError(f"{n.where}: start, limit and delta have dtypes "
+                         f"{[_dtype(n.x(k)) for k in range(3)]}; ONNX needs one dtype")
+    if delta == 0:
+        raise ShapeError(f"{n.where}: delta is 0; ONNX Range needs a non-zero delta")
+    if all(isinstance(v, (int, float)) for v in (start, limit, delta)):
+        if not all(math.isfinite(v) for v in (start, limit, delta)):
+            raise ShapeError(f"{n.where}: start {start}, limit {limit} and delta {delta} "
+                             "must be finite")
+        size = max(math.ceil((limit - start) / delta) if dt in FLOAT_DTYPES
+                   else -(-(limit - start) // delta), 0)
+        nbytes = size * TensorType((), dt).np_dtype.itemsize
+        if nbytes > RANGE_BYTES:
+            raise ShapeError(f"{n.where}: range({start}, {limit}, {delta}) has {size} "
+                             f"elements ({nbytes / 2**30:.3g} GiB of {dt}), more than the "
+                             f"{RANGE_BYTES / 2**30:.3g} GiB tensorc allows a Range")
+        if dt in FLOAT_DTYPES or size <= FOLD_LIMIT:
+            return [np.arange(start, limit, delta, dtype=TensorType((), dt).np_dtype)]
     return [cx.op("range", start=[start], limit=[limit], delta=delta, dtype=dt)]
 
 
@@ -661,9 +722,32 @@ def _dropout(cx, n):
 
 def _pow(cx, n):
     x, y = n.x(0), n.x(1)
-    if _dtype(y) != _dtype(x):  # ONNX allows another exponent type; the result is x's
-        y = cx.op("cast", y, dtype=_dtype(x))
+    xt, yt = _dtype(x), _dtype(y)
+    if xt not in FLOAT_DTYPES and yt in FLOAT_DTYPES:
+        # ONNX Runtime computes an integer base to a float power in double and truncates
+        # (4 ** 0.5 is 2): casting the exponent to the base's type would give 4 ** 0 = 1
+        p = cx.op("pow", cx.op("cast", x, dtype="f64"),
+                  cx.op("cast", y, dtype="f64") if yt != "f64" else y)
+        return [cx.op("cast", p, dtype=xt)]
+    if xt not in FLOAT_DTYPES and not isinstance(y, Value):
+        e = np.asarray(y.dims if isinstance(y, Sym) else y)
+        neg = [v for v in e.reshape(-1).tolist() if not isinstance(v, str) and v < 0]
+        if neg:
+            raise ShapeError(f"{n.where}: integer base ({xt}) to the negative constant "
+                             f"exponent {neg[0]}: the result is not an integer")
+    if yt != xt:  # ONNX allows another exponent type; the result is x's
+        y = cx.op("cast", y, dtype=xt)
     return [cx.op("pow", x, y)]
+
+
+def _div(cx, n):
+    x, y = n.x(0), n.x(1)
+    if _dtype(x) not in FLOAT_DTYPES and not isinstance(y, Value):
+        e = np.asarray(y.dims if isinstance(y, Sym) else y)
+        if any(not isinstance(v, str) and v == 0 for v in e.reshape(-1).tolist()):
+            raise ShapeError(f"{n.where}: integer ({_dtype(x)}) division by a constant "
+                             "divisor that holds 0 (ONNX Runtime rejects it too)")
+    return [cx.op("div", x, y)]
 
 
 def _clip(cx, n):
@@ -795,10 +879,21 @@ def _conv(cx, n):
     if rank not in (1, 2):
         raise n.unsupported(f"only 1-D and 2-D convolutions are supported, got {rank}-D")
     kernel = list(_shape(w)[2:])
+    if n.attr("kernel_shape") is not None and list(n.attr("kernel_shape")) != kernel:
+        raise ShapeError(f"{n.where}: kernel_shape {n.attr('kernel_shape')} differs from "
+                         f"the weight's spatial shape {kernel}")
     strides = n.attr("strides", [1] * rank)
     dil = n.attr("dilations", [1] * rank)
     pads = n.attr("pads", [0] * 2 * rank)
     auto = n.attr("auto_pad", "NOTSET")
+    for name, vals, size, least in (("strides", strides, rank, 1), ("dilations", dil, rank, 1),
+                                    ("pads", pads, 2 * rank, 0)):
+        if len(vals) != size:
+            raise ShapeError(f"{n.where}: {name} {vals} should have {size} values for a "
+                             f"{rank}-D convolution")
+        if any(v < least for v in vals):
+            raise ShapeError(f"{n.where}: {name} {vals} must be "
+                             f"{'positive' if least else '>= 0'} (ONNX)")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0] * 2 * rank
         for i, (d, k) in enumerate(zip(_shape(x)[2:], kernel, strict=True)):
@@ -836,6 +931,11 @@ def _batch_norm(cx, n):
         raise n.unsupported("training_mode=1 is not supported (inference only)")
     x, scale, bias, mean, var = (n.x(k) for k in range(5))
     dt, rank = _dtype(x), len(_shape(x))
+    for what, p in zip(("scale", "B", "input_mean", "input_var"), (scale, bias, mean, var),
+                       strict=True):
+        if rank < 2 or list(_shape(p)) != [_shape(x)[1]]:
+            raise ShapeError(f"{n.where}: {what} has shape {list(_shape(p))}; it should be "
+                             f"[C] for input shape {list(_shape(x))}")
 
     def per_channel(p):
         return cx.op("unsqueeze", p, axes=list(range(1, rank - 1))) if rank > 2 else p
@@ -850,6 +950,8 @@ def _reduce(op, axes_input_from=18, pre=None, post=None):
     def h(cx, n):
         x = pre(cx, n.x(0)) if pre else n.x(0)
         axes = _axes(n, axes_input_from) or None
+        if axes is not None:
+            axes = _check_axes(n, axes, len(_shape(x)), repeats=True)
         if axes is None and n.attr("noop_with_empty_axes", 0):
             y = x
         else:
@@ -901,8 +1003,12 @@ def _einsum(cx, n):
     contr = [c for c in ta if c in tb and c not in out]
     left = [c for c in ta if c not in tb]
     right = [c for c in tb if c not in ta]
-    size = {c: d for t, x in zip(terms, xs, strict=True) for c, d in zip(t, _shape(x),
-                                                                         strict=True)}
+    size = {}
+    for t, x in zip(terms, xs, strict=True):
+        for c, d in zip(t, _shape(x), strict=True):
+            if size.setdefault(c, d) != d and isinstance(d, int) and isinstance(size[c], int):
+                raise ShapeError(f"{n.where}: index {c!r} of {eq!r} is {size[c]} in one "
+                                 f"operand and {d} in another")
     prod = [dim_product([size[c] for c in g]) for g in (left, contr, right)]
     a = cx.op("transpose", a, perm=[ta.index(c) for c in batch + left + contr])
     a = cx.op("reshape", a, shape=[size[c] for c in batch] + prod[:2])
@@ -930,11 +1036,11 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
         "Relu": "relu", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Not": "logical_not",
     }.items()},
     **{k: _binary(v) for k, v in {
-        "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Equal": "equal",
+        "Add": "add", "Sub": "sub", "Mul": "mul", "Equal": "equal",
         "Less": "less", "LessOrEqual": "less_equal", "Greater": "greater",
         "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or",
     }.items()},
-    "Pow": _pow, "Max": _variadic("maximum"), "Min": _variadic("minimum"),
+    "Pow": _pow, "Div": _div, "Max": _variadic("maximum"), "Min": _variadic("minimum"),
     "Sum": _variadic("add"), "Mean": _variadic("add", mean=True), "Clip": _clip,
     "Gelu": _gelu, "LeakyRelu": _leaky_relu,
     # contractions, normalisation, reductions

@@ -89,6 +89,19 @@ def _div(a, b):
     return np.true_divide(a, b)
 
 
+def _pow(a, b):
+    if a.dtype.kind in "iub" and np.any(np.asarray(b) < 0):
+        # integers to a negative power, as ONNX Runtime gives them (1 / x**k truncated):
+        # 1 for x = 1, +-1 for x = -1, 0 for |x| > 1; and 0 for x = 0 (ORT's value there
+        # is undefined), like integer division by zero (numpy raises ValueError instead)
+        neg = np.asarray(b) < 0
+        q = np.power(a, np.where(neg, 0, b).astype(np.asarray(b).dtype))
+        odd = (np.abs(np.asarray(b)) % 2).astype(bool)
+        inv = np.where(a == 1, 1, np.where(a == -1, np.where(odd, -1, 1), 0))
+        return np.where(neg, inv, q).astype(a.dtype)
+    return np.power(a, b)
+
+
 def _binary(a: TensorType, b: TensorType) -> TensorType:
     return TensorType(broadcast_shapes(a, b), same_dtype(a, b))
 
@@ -109,7 +122,7 @@ BINARY = {
     "sub": (np.subtract, _binary, False),
     "mul": (np.multiply, _binary, True),
     "div": (_div, _binary, False),
-    "pow": (np.power, _binary, False),
+    "pow": (_pow, _binary, False),
     "maximum": (np.maximum, _binary, True),
     "minimum": (np.minimum, _binary, True),
     "equal": (np.equal, _compare, True),

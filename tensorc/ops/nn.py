@@ -41,8 +41,12 @@ register(OpDef("matmul", infer=_matmul, reference=np.matmul, inputs=(2, 2),
 
 
 def _axes(t: TensorType, axes) -> tuple[int, ...]:
-    return tuple(range(t.rank)) if axes is None else tuple(sorted(
-        {norm_axis(a, t.rank) for a in axes}))
+    if axes is None:
+        return tuple(range(t.rank))
+    norm = [norm_axis(a, t.rank) for a in axes]
+    if len(set(norm)) != len(norm):  # backends would reduce such an axis twice
+        raise ShapeError(f"axes {list(axes)} name an axis twice (rank {t.rank})")
+    return tuple(sorted(norm))
 
 
 def _reduce(t: TensorType, axes=None, keepdims=False) -> TensorType:
@@ -149,6 +153,11 @@ def _conv2d(x: TensorType, w: TensorType, *b: TensorType, strides=(1, 1), pads=(
         raise ShapeError(f"bias {b[0]} should be [{o}] for weight {w}")
     if not all(isinstance(d, int) for d in (h, wd)):
         raise ShapeError(f"conv2d needs static spatial dims, got {x}")
+    for name, vals, size, least in (("strides", strides, 2, 1), ("dilations", dilations, 2, 1),
+                                    ("pads", pads, 4, 0)):
+        if len(vals) != size or any(v < least for v in vals):
+            raise ShapeError(f"{name} {list(vals)} should be {size} values "
+                             f"{'> 0' if least else '>= 0'}")
     oh = _conv_out(h, kh, strides[0], pads[0], pads[2], dilations[0])
     ow = _conv_out(wd, kw, strides[1], pads[1], pads[3], dilations[1])
     if oh <= 0 or ow <= 0:

@@ -115,6 +115,8 @@ def _slice(t: TensorType, starts, ends, axes=None, steps=None) -> TensorType:
         raise ShapeError("starts, ends, axes and steps must have equal lengths")
     if 0 in steps:
         raise ShapeError("slice step cannot be 0")
+    if len({norm_axis(a, t.rank) for a in axes}) != len(axes):
+        raise ShapeError(f"slice axes {list(axes)} name an axis twice (rank {t.rank})")
     shape = list(t.shape)
     for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
         a = norm_axis(a, t.rank)
@@ -146,6 +148,8 @@ register(OpDef("expand", infer=_expand, kind="shape",
 
 
 def _squeeze(t: TensorType, axes) -> TensorType:
+    if len({norm_axis(a, t.rank) for a in axes}) != len(axes):
+        raise ShapeError(f"squeeze axes {list(axes)} name an axis twice (rank {t.rank})")
     axes = {norm_axis(a, t.rank) for a in axes}
     if any(t.shape[a] != 1 for a in axes):
         raise ShapeError(f"cannot squeeze axes {sorted(axes)} of {t}: not all of size 1")
@@ -155,6 +159,8 @@ def _squeeze(t: TensorType, axes) -> TensorType:
 def _unsqueeze(t: TensorType, axes) -> TensorType:
     rank = t.rank + len(axes)
     axes = sorted(norm_axis(a, rank) for a in axes)
+    if len(set(axes)) != len(axes):
+        raise ShapeError(f"unsqueeze axes name an axis twice (rank {rank}): {axes}")
     shape = list(t.shape)
     for a in axes:
         shape.insert(a, 1)
