@@ -481,3 +481,22 @@ def test_inspect_makes_no_inputs_it_does_not_need(tmp_path, capsys):
     assert time.perf_counter() - start < 10
     info = json.loads(capsys.readouterr().out)
     assert info["bindings"] == {"batch": 1, "seq": 1000000000} and info["flops"] > 10**12
+
+
+@pytest.mark.parametrize("field", ["graph", "node"])
+def test_onnx_text_fields_that_are_not_utf8_are_one_line(tmp_path, field):
+    """ONNX is proto2: protobuf does not check UTF-8 and hands such a string over as
+    bytes (found by the fuzzer: a TypeError deep in the importer)."""
+    from onnx import TensorProto, helper
+
+    from tensorc.frontend import onnx as onnx_io
+    node = helper.make_node("Relu", ["x"], ["y"], name="NODENAME" if field == "node" else "")
+    graph = helper.make_graph([node], "GRAPHNAME" if field == "graph" else "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    raw = helper.make_model(graph).SerializeToString()
+    marker = b"GRAPHNAME" if field == "graph" else b"NODENAME"
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(raw.replace(marker, b"\xff" * len(marker)))
+    with pytest.raises(TensorcError, match="is not UTF-8 text"):
+        onnx_io.load(str(path))

@@ -36,6 +36,9 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.output:
         raise TensorcError(f"{path} is not an ONNX model, or is truncated: it has no graph "
                            "outputs")
+    bad = _non_utf8_field(model)
+    if bad:
+        raise TensorcError(f"{path} is not a valid ONNX model: {bad} is not UTF-8 text")
     try:
         onnx.checker.check_model(model)
     except ValueError:  # over 2 GB in memory: the checker cannot take it; import checks
@@ -44,6 +47,24 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         first = str(e).strip().splitlines()[0]
         raise TensorcError(f"{path} is not a valid ONNX model (truncated?): {first}") from None
     return model
+
+
+def _non_utf8_field(msg, where: str = "model") -> str | None:
+    """The first string field that protobuf could not decode (ONNX is proto2, which does
+    not check UTF-8, so such a field reads as bytes), or None."""
+    for field, value in msg.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else \
+            field.label == field.LABEL_REPEATED   # protobuf before 6
+        values = value if repeated else [value]
+        if field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            return f"{where}.{field.name}"
+        if field.type == field.TYPE_MESSAGE:
+            for i, v in enumerate(values):
+                bad = _non_utf8_field(v, f"{where}.{field.name}[{i}]"
+                                      if len(values) > 1 else f"{where}.{field.name}")
+                if bad:
+                    return bad
+    return None
 
 
 def load(path: str | os.PathLike) -> Graph:
