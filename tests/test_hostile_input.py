@@ -500,3 +500,27 @@ def test_onnx_text_fields_that_are_not_utf8_are_one_line(tmp_path, field):
     path.write_bytes(raw.replace(marker, b"\xff" * len(marker)))
     with pytest.raises(TensorcError, match="is not UTF-8 text"):
         onnx_io.load(str(path))
+
+
+def test_integer_division_is_exact_past_two_to_the_53():
+    """The reference divided integers through float64: 9007199254740993 // 1 gave ...992."""
+    import tensorc
+    g = tensorc.Graph("div")
+    a = g.add_input("a", tensorc.TensorType((4,), "i64"))
+    b = g.add_input("b", tensorc.TensorType((4,), "i64"))
+    g.outputs = [g.add("div", a, b)]
+    x = np.array([2**53 + 1, -7, 7, 2**62 + 3], np.int64)
+    y = np.array([1, 2, -2, 3], np.int64)
+    want = np.array([2**53 + 1, -3, -3, (2**62 + 3) // 3], np.int64)
+    for backend in ("numpy", "llvm"):
+        np.testing.assert_array_equal(tensorc.compile(g, backend=backend)(x, y), want)
+
+
+def test_reference_errors_at_run_time_name_the_node():
+    import tensorc
+    g = tensorc.Graph("g")
+    x = g.add_input("x", tensorc.TensorType((2, 3), "f32"))
+    i = g.add_input("i", tensorc.TensorType((2,), "i64"))
+    g.outputs = [g.add("gather", x, i, axis=0)]
+    with pytest.raises(TensorcError, match=r"gather %\w+.*index 5 is out of range"):
+        tensorc.compile(g, "numpy")(np.ones((2, 3), np.float32), np.array([0, 5]))

@@ -26,7 +26,11 @@ class NumpyExecutable(Executable):
         vals = {v: v.data for v in self.graph.constants.values()}
         vals.update(zip(self.graph.inputs, arrays, strict=True))
         for i, (node, opdef) in enumerate(self._steps):
-            outs = opdef.evaluate([vals[v] for v in node.inputs], node.attrs, env)
+            try:
+                outs = opdef.evaluate([vals[v] for v in node.inputs], node.attrs, env)
+            except TensorcError as e:   # a bad index or size found while running: say where
+                raise type(e)(str(e) if node.where in str(e) else f"{node.where}: {e}") \
+                    from None
             for v, a in zip(node.outputs, outs, strict=True):
                 want = v.type.concrete(env)
                 if a.shape != want.shape or a.dtype != want.np_dtype:

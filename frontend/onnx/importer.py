@@ -114,7 +114,10 @@ def _sym_sub(a, b):
 
 def _sym_div(a, b):
     if isinstance(a, int) and isinstance(b, int):
-        return int(a / b)
+        if b == 0:
+            raise _CannotFold   # the op itself decides what x / 0 is
+        q = abs(a) // abs(b)   # exact: int(a / b) goes through a float
+        return q if (a < 0) == (b < 0) else -q
     q = dim_divide(a, b)
     if q is None:
         raise _CannotFold

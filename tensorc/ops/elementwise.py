@@ -83,8 +83,14 @@ register(OpDef(
 
 def _div(a, b):
     if a.dtype.kind in "iu":  # ONNX: integer Div truncates; x / 0 is 0 (as the backends)
-        zero = np.asarray(b) == 0
-        q = np.trunc(np.true_divide(a, np.where(zero, 1, b)))
+        # exact integer arithmetic (a float quotient is wrong past 2**53): floor, then
+        # one step toward zero where the signs differ and the division is inexact
+        b = np.asarray(b)
+        zero = b == 0
+        safe = np.where(zero, 1, b).astype(b.dtype)
+        with np.errstate(over="ignore"):   # INT_MIN / -1 wraps, as in C on two's complement
+            q = np.floor_divide(a, safe)
+            q = q + ((q < 0) & (q * safe != a))
         return np.where(zero, 0, q).astype(a.dtype)
     return np.true_divide(a, b)
 
