@@ -74,7 +74,7 @@ def test_inspect_json_fields(capsys):
 
 
 def test_inspect_reports_the_backends_memory_plan(capsys):
-    from tensorc.backends.lower import planned_memory
+    from tensorc.backends.lowering import planned_memory
     from tensorc.backends.plan import peak_memory_bytes
     graph, _ = traced()
     llvm = json.loads(ok(capsys, "inspect", "gpt", "--format", "json", "--backend", "llvm"))

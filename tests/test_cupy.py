@@ -19,7 +19,7 @@ import pytest
 
 import tensorc
 from tensorc.backends import get_backend
-from tensorc.backends import lower as L
+from tensorc.backends import lowering as L
 from tensorc.backends.cupy import CupyBackend, _flash_fits, unavailable_reason
 from tensorc.backends.cupy import kernels as lib
 from tensorc.backends.cupy.cuda_codegen import render_kernel

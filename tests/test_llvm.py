@@ -431,7 +431,7 @@ def test_emit_source_writes_parseable_ll(tmp_path):
 
 
 def test_memory_plan_reuses_buffers():
-    from tensorc.backends.lower import lower
+    from tensorc.backends.lowering import lower
     from tensorc.backends.plan import peak_memory_bytes
     model = tensorc.models.get("gpt", "tiny")
     g = tensorc.trace(model, **model.example_inputs(batch=1))

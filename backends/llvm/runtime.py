@@ -18,7 +18,7 @@ import numpy as np
 from tensorc.errors import TensorcError
 from tensorc.ops import get_op
 
-from ..lower import Call, IndexCheck, KernelStep, Program, View
+from ..lowering import Call, IndexCheck, KernelStep, Program, View
 from . import codegen, jit
 from .pool import num_threads
 

@@ -1,0 +1,296 @@
+"""The lowering walk and the buffer plan."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from tensorc.ir import DTYPES, Graph, TensorType
+from tensorc.ops import get_op
+
+from ..plan import pack_buffers
+from .kernels import write_kernel
+from .program import Buf, Call, NotLowerable, Program, View
+from .rules import RULES
+from .views import Access, Lazy, compute_count, contiguous, covers, is_contiguous, leaves
+
+log = logging.getLogger(__name__)
+
+class Lowering:
+    def __init__(self, graph: Graph, env: dict[str, int]):
+        self.graph, self.env = graph, env
+        self.steps: list = []
+        self.buffers: list[Buf] = []
+        self.notes: list[str] = []
+        # Value -> the GEMM Call whose whole output it is (through views), with nothing else
+        # reading that output yet: while so, the GEMM's epilogue can still grow.
+        self.pending: dict = {}
+        self.uses = {v: len(us) for v, us in graph.users().items()}
+        for v in graph.outputs:
+            self.uses[v] = self.uses.get(v, 0) + 1
+
+    # -- buffers --
+    def new_buf(self, shape, dtype, kind="arena", name="") -> Buf:
+        size = DTYPES[dtype].itemsize
+        b = Buf(max(math.prod(shape), 1) * size, dtype, kind, name=name, numel=math.prod(shape))
+        self.buffers.append(b)
+        return b
+
+    def materialize(self, lazy: Lazy, kind: str = "copy") -> Lazy:
+        """The value written to a fresh contiguous buffer (no-op for a plain buffer)."""
+        if is_contiguous(lazy.expr, lazy.shape):
+            return lazy
+        buf = self.new_buf(lazy.shape, lazy.dtype)
+        out = View(buf, 0, lazy.shape, contiguous(lazy.shape))
+        self.steps.append(write_kernel(kind, lazy, out))
+        return Lazy(lazy.shape, Access(buf, 0, out.strides))
+
+    def view(self, lazy: Lazy) -> View:
+        """A strided view for a library call, materialising computed values."""
+        if not isinstance(lazy.expr, Access):
+            lazy = self.materialize(lazy)
+        leaf = lazy.expr
+        return View(leaf.buf, leaf.offset, lazy.shape, leaf.coefs)
+
+    def out_view(self, t: TensorType, name="") -> View:
+        shape = tuple(t.shape)
+        return View(self.new_buf(shape, t.dtype, name=name), 0, shape, contiguous(shape))
+
+    @staticmethod
+    def of_view(v: View) -> Lazy:
+        return Lazy(v.shape, Access(v.buf, v.offset, v.strides))
+
+    # -- the walk --
+    def run(self) -> Program:
+        g, vals = self.graph, {}
+        inputs = []
+        for v in g.inputs:
+            t = v.type.concrete(self.env)
+            b = self.new_buf(t.shape, t.dtype, "input", v.name)
+            inputs.append(b)
+            vals[v] = Lazy(tuple(t.shape), Access(b, 0, contiguous(t.shape)))
+        for v in g.constants.values():
+            vals[v] = _constant(v)
+        self.lower_nodes(g.nodes, vals)
+        outputs = []
+        for v in g.outputs:
+            lazy = vals[v]
+            if is_contiguous(lazy.expr, lazy.shape) and lazy.expr.buf.kind == "arena" \
+                    and all(o.buf is not lazy.expr.buf for o in outputs):
+                outputs.append(View(lazy.expr.buf, 0, lazy.shape, contiguous(lazy.shape)))
+                continue  # already in a buffer of its own
+            buf = self.new_buf(lazy.shape, lazy.dtype, name=v.name)
+            out = View(buf, 0, lazy.shape, contiguous(lazy.shape))
+            self.steps.append(write_kernel("output", lazy, out))
+            outputs.append(out)
+        return self.plan(inputs, outputs)
+
+    def lower_nodes(self, nodes, vals):
+        merged = _sibling_matmuls(nodes)   # node -> its group of weight matmuls on one input
+        parts: dict = {}                   # node -> (its columns of the merged GEMM, consumed)
+        for node in nodes:
+            ins = [vals[v] for v in node.inputs]
+            if node in merged:
+                if node not in parts:
+                    parts.update(self.merged_matmul(merged[node], vals))
+                self.bind(node, self.merged_part(node, ins, *parts[node]), vals)
+                continue
+            opdef = get_op(node.op)
+            attrs = opdef.resolve_attrs(node.attrs, self.env)
+            outs = None
+            if node.op in RULES:
+                try:
+                    outs = RULES[node.op](self, node, ins, attrs)
+                except NotLowerable as e:
+                    self.notes.append(f"{node.where}: {e}")
+                else:
+                    self.follow_gemm(node, outs)
+            if outs is None and opdef.decompose is not None:
+                outs = self.lower_decomposed(node, ins, attrs)
+            if outs is None:
+                outs = self.fallback(node, ins, attrs)
+            self.bind(node, outs, vals)
+
+    def follow_gemm(self, node, outs):
+        """A rule's output that is all of a pending GEMM's output (a reshape, or the GEMM
+        with a grown epilogue), made from its only reader, is pending too."""
+        for v in node.inputs:
+            call = self.pending.get(v)
+            if call is None or self.uses.get(v) != 1:
+                continue
+            target = call.outputs[0]
+            readers = [o for o, lazy in zip(node.outputs, outs, strict=True)
+                       if any(getattr(leaf, "buf", None) is target.buf
+                              for leaf in leaves(lazy.expr))]
+            if len(readers) == 1 and covers(outs[node.outputs.index(readers[0])], target):
+                self.pending[readers[0]] = call
+
+    def bind(self, node, outs, vals):
+        for v, lazy in zip(node.outputs, outs, strict=True):
+            if self.uses.get(v, 0) > 1 and compute_count(lazy.expr) > 0:
+                lazy = self.materialize(lazy, "shared")
+            vals[v] = lazy
+
+    def merged_matmul(self, group, vals):
+        """x @ W1 (+ b1), x @ W2 (+ b2), ...: one GEMM with [W1 W2 ...] and [b1 b2 ...] (zeros
+        where a member has no bias) whose output columns are the members' results. A bigger
+        N keeps the GEMM efficient and packs x once (attention's q, k, v projections)."""
+        x = vals[group[0][1]]
+        w = np.ascontiguousarray(np.concatenate([m[2].data for m in group], axis=1))
+        n = w.shape[1]
+        out = self.out_view(TensorType(tuple(x.shape[:-1]) + (n,), "f32"))
+        call = Call("matmul", {}, [self.view(x), View(Buf(w.nbytes, "f32", "const", w),
+                                                      0, w.shape, (n, 1))],
+                    [out], where=" + ".join(m[0].where for m in group))
+        if any(m[3] is not None for m in group):
+            b = np.concatenate([m[3].data if m[3] is not None else
+                                np.zeros(m[2].type.shape[1], np.float32) for m in group])
+            call.epilogue["bias"] = View(Buf(b.nbytes, "f32", "const", b), 0, (n,), (1,))
+        self.steps.append(call)
+        parts, start = {}, 0
+        for node, _, wv, _, consumed in group:
+            width = wv.type.shape[1]
+            parts[node] = (Lazy(tuple(x.shape[:-1]) + (width,),
+                                Access(out.buf, start, out.strides[:-1] + (1,))), consumed)
+            start += width
+        return parts
+
+    def merged_part(self, node, ins, part: Lazy, consumed: int) -> list[Lazy]:
+        """A member's outputs from its columns of the merged GEMM: a matmul's are the
+        columns; a fused region lowers the rest of its body on them."""
+        if node.op == "matmul":
+            return [part]
+        body = node.attrs["body"]
+        return self.lower_decomposed(node, ins, node.attrs, start=consumed,
+                                     preset={body.nodes[consumed - 1].outputs[0]: part})
+
+    def lower_decomposed(self, node, ins, attrs, preset=None, start=0):
+        """Lower a composite op through its parts: a region's own `body` graph (symbols
+        bound from the inputs' shapes), or else what `decompose` builds. `preset` gives
+        values already computed, `start` the first body node still to lower."""
+        body = attrs.get("body")
+        if isinstance(body, Graph):
+            sub, sub_ins, env = body, body.inputs, dict(self.env)
+            for v, x in zip(body.inputs, ins, strict=True):
+                env.update((d, n) for d, n in zip(v.type.shape, x.shape, strict=True)
+                           if isinstance(d, str) and "*" not in d)
+        else:
+            sub, env = Graph(node.op), {}
+            sub_ins = [sub.add_input(f"x{i}", TensorType(x.shape, x.dtype))
+                       for i, x in enumerate(ins)]
+            sub.outputs = list(get_op(node.op).decompose(sub, sub_ins, **attrs))
+        inner = Lowering(sub, env)
+        inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
+        inner.pending = self.pending
+        for v, outer in zip(sub_ins, node.inputs, strict=True):   # a pending GEMM output
+            if outer in self.pending and self.uses.get(outer) == 1:  # stays pending inside
+                self.pending[v] = self.pending[outer]
+        vals = dict(zip(sub_ins, ins, strict=True))
+        for v in sub.constants.values():
+            vals[v] = _constant(v)
+        vals.update(preset or {})
+        inner.lower_nodes(sub.nodes[start:], vals)
+        for v, outer in zip(sub.outputs, node.outputs, strict=True):  # and comes back out
+            if v in self.pending and inner.uses.get(v) == 1:
+                self.pending[outer] = self.pending[v]
+        return [vals[v] for v in sub.outputs]
+
+    def fallback(self, node, ins, attrs):
+        log.info("no lowering for %s: running its numpy reference", node.where)
+        outs = [self.out_view(v.type.concrete(self.env)) for v in node.outputs]
+        self.steps.append(Call(node.op, attrs, [self.view(x) for x in ins], outs,
+                               fallback=True, where=node.where))
+        return [self.of_view(o) for o in outs]
+
+    # -- buffer plan --
+    def plan(self, inputs, outputs) -> Program:
+        first, last = {}, {}
+        for b in inputs:
+            first[b] = -1
+        for i, s in enumerate(self.steps):
+            for b in s.writes():
+                first.setdefault(b, i)
+                last[b] = max(last.get(b, i), i)
+            for b in s.reads():
+                last[b] = i
+        end = len(self.steps)
+        for o in outputs:
+            last[o.buf] = end
+        planned = [b for b in self.buffers if b.kind != "const" and b in first]
+        offsets, total = pack_buffers([(b.nbytes, first[b], last.get(b, first[b]))
+                                       for b in planned])
+        for b, off in zip(planned, offsets, strict=True):
+            b.offset = off
+        live = peak = 0
+        events = sorted([(first[b], b.nbytes) for b in planned]
+                        + [(last.get(b, first[b]) + 0.5, -b.nbytes) for b in planned])
+        for _, delta in events:
+            live += delta
+            peak = max(peak, live)
+        return Program(self.steps, inputs, outputs, planned, total, peak, self.notes)
+
+
+def _constant(v) -> Lazy:
+    """A graph constant as a lazy read of its data. np.require keeps a 0-d array 0-d
+    (np.ascontiguousarray would make it 1-d and change the value's rank)."""
+    data = np.require(v.data, requirements="C")
+    b = Buf(data.nbytes, v.type.dtype, "const", data, v.name)
+    return Lazy(data.shape, Access(b, 0, contiguous(data.shape)))
+
+
+def _weight_matmul(node):
+    """(input, weight, bias or None, body nodes consumed) when `node` computes x @ W with a
+    constant 2-D f32 W: a matmul (nothing consumed), or a fused region whose body starts
+    with the matmul, optionally followed by `+ b` with a constant b; else None."""
+    def const(v, rank):
+        return v is not None and v.is_constant and v.type.dtype == "f32" \
+            and v.type.rank == rank
+    if node.op == "matmul":
+        if const(node.inputs[1], 2) and node.inputs[0].type.rank >= 2:
+            return node.inputs[0], node.inputs[1], None, 0
+        return None
+    body = node.attrs.get("body") if node.op == "fused" else None
+    if body is None or not body.nodes or body.nodes[0].op != "matmul":
+        return None
+    outer = dict(zip(body.inputs, node.inputs, strict=True))
+
+    def resolve(v):
+        return outer.get(v, v if v.is_constant else None)
+    mm = body.nodes[0]
+    x, w = outer.get(mm.inputs[0]), resolve(mm.inputs[1])
+    if x is None or x.type.rank < 2 or not const(w, 2):
+        return None
+    prod = mm.outputs[0]
+    users = [n for n in body.nodes if prod in n.inputs]
+    if len(body.nodes) > 1 and body.nodes[1].op == "add" and users == [body.nodes[1]] \
+            and prod not in body.outputs:
+        add = body.nodes[1]
+        b = resolve(add.inputs[1] if add.inputs[0] is prod else add.inputs[0])
+        if const(b, 1) and b.type.shape == (w.type.shape[1],):
+            return x, w, b, 2
+    return x, w, None, 1
+
+
+def _sibling_matmuls(nodes) -> dict:
+    """Groups (two or more) of weight matmuls reading the same input:
+    node -> [(node, input, weight, bias or None, body nodes consumed), ...]."""
+    groups: dict = {}
+    for node in nodes:
+        m = _weight_matmul(node)
+        if m is not None:
+            groups.setdefault((m[0], m[1].type.shape[0]), []).append((node, *m))
+    return {node: g for g in groups.values() if len(g) > 1 for node, *_ in g}
+
+
+def lower(graph: Graph, env: dict[str, int] | None = None) -> Program:
+    """The Program for `graph` with its symbolic dims bound by `env`."""
+    return Lowering(graph, env or {}).run()
+
+
+def planned_memory(graph: Graph, env: dict[str, int] | None = None) -> dict:
+    """Arena size (planned, with buffer reuse) and the peak of live bytes, for inspect."""
+    p = lower(graph, env)
+    return {"arena_bytes": p.arena_bytes, "live_peak_bytes": p.live_peak_bytes}
+
