@@ -32,7 +32,9 @@ from llvmlite import ir
 
 from tensorc.errors import ShapeError, TensorcError
 
+from ..lowering.rules import elementwise as maths
 from . import pool
+from .codegen import LLVMMath
 from .jit import cfunc, compile_ir
 from .pool import num_threads
 
@@ -166,22 +168,8 @@ class FnBuilder:
                            list(args))
 
     def exp(self, x):
-        """exp on 16 lanes: 2^n * p(r), |r| <= ln2/2, degree-7 polynomial (~1 ulp).
-
-        Lanes below -87.3 (including -inf) give exactly 0, NaN lanes give NaN."""
-        b = self.b
-        xc = self.vcall("minnum", self.vcall("maxnum", x, vconst(-87.33654)), vconst(88.3))
-        n = self.vcall("rint", b.fmul(xc, vconst(1.4426950408889634)))
-        r = self.fma(n, vconst(-0.693359375), xc)
-        r = self.fma(n, vconst(2.12194440e-4), r)
-        p = vconst(1.0 / 5040)
-        for c in (1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0):
-            p = self.fma(p, r, vconst(c))
-        bits = b.shl(b.add(b.fptosi(n, VI32), ir.Constant(VI32, [127] * 16)),
-                     ir.Constant(VI32, [23] * 16))
-        y = b.fmul(p, b.bitcast(bits, V16))
-        y = b.select(b.fcmp_ordered("<", x, vconst(-87.33654)), vconst(0.0), y)
-        return b.select(b.fcmp_unordered("uno", x, x), x, y)    # NaN stays NaN
+        """exp on 16 lanes: the shared maths (`lowering/rules/elementwise.py`)."""
+        return maths.exp(LLVMMath(self.module, self.b, V16), x)
 
     def activation(self, name: str, x):
         b = self.b
@@ -189,26 +177,8 @@ class FnBuilder:
             return x
         if name == "relu":  # a select, not maxnum, so that NaN stays NaN as in numpy
             return b.select(b.fcmp_ordered("<", x, vconst(0.0)), vconst(0.0), x)
-        if name == "gelu_tanh":
-            # 0.5 x (1 + tanh(y)) == x * sigmoid(2y): no cancellation near 0
-            y = b.fmul(self.fma(b.fmul(x, x), vconst(0.044715), vconst(1.0)), x)
-            e = self.exp(b.fmul(y, vconst(-2.0 * math.sqrt(2.0 / math.pi))))
-            r = b.fdiv(x, b.fadd(vconst(1.0), e))
-            # exp is clamped finite, so -inf would give -inf; numpy's -inf * 0 is NaN
-            return b.select(b.fcmp_ordered("==", x, vconst(-math.inf)), vconst(math.nan), r)
-        # gelu_erf: x * Phi(x), Phi from erfc(|x|/sqrt2) (Numerical Recipes' erfcc,
-        # fractional error < 1.2e-7 everywhere), so the negative tail stays accurate.
-        z = b.fmul(x, vconst(1.0 / math.sqrt(2.0)))
-        a = self.vcall("fabs", z)
-        t = b.fdiv(vconst(1.0), self.fma(a, vconst(0.5), vconst(1.0)))
-        p = vconst(0.17087277)
-        for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
-                  0.09678418, 0.37409196, 1.00002368, -1.26551223):
-            p = self.fma(p, t, vconst(c))
-        half_erfc = b.fmul(b.fmul(t, self.exp(b.fsub(p, b.fmul(a, a)))), vconst(0.5))
-        phi = b.select(b.fcmp_ordered(">=", z, vconst(0.0)),
-                       b.fsub(vconst(1.0), half_erfc), half_erfc)
-        return b.fmul(x, phi)
+        return maths.gelu(LLVMMath(self.module, b, V16), x,
+                          "tanh" if name == "gelu_tanh" else "none")
 
 
 # -- kernel generation ----------------------------------------------------------------

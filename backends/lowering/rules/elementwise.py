@@ -11,43 +11,127 @@ from ..program import NotLowerable
 from ..views import Lazy, broadcast_to
 from .matmul import into_gemm_epilogue
 
+# --- the maths, one home for every target ---------------------------------------------
+#
+# Each function below builds its formula through `m`, a target's arithmetic: kernel IR
+# expressions here (`KernelMath`: gelu inside generated kernels, exp left to the code
+# generator), float32 scalars or 16-lane vectors of LLVM IR in backends/llvm (`codegen.py`
+# for kernels, the GEMM epilogue and flash attention). `m` offers c(value), add, sub, mul,
+# div, fma(a, b, c) = a*b + c, min, max, abs, floor, rint, copysign, lt, gt, isnan,
+# select, pow2 (2^n for an integral float n, |n| < 127) and exp.
+
+LOG2E = 1.4426950408889634
+_EXP_LO, _EXP_HI = -104.0, 89.0   # below: 0 (e^-104 is under the smallest subnormal)
+# Cephes expf: e^r = 1 + r + r^2 P(r) for |r| <= ln2/2, P's coefficients lowest first.
+_EXP_P = (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3,
+          1.3981999507e-3, 1.9875691500e-4)
 # Numerical Recipes' erfc(z) = t * exp(-z^2 + P(t)), t = 1 / (1 + z/2), z >= 0, with a
 # fractional error below 1.2e-7: P's coefficients, lowest power first.
 _ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
          -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+_TANH_TAYLOR = (1.0, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925)
+_ERF_TAYLOR = tuple(2 / math.sqrt(math.pi) * c
+                    for c in (1.0, -1 / 3, 1 / 10, -1 / 42, 1 / 216, -1 / 1320, 1 / 9360))
 
 
-def _estrin(x: K.Expr, coefs: list[K.Expr]) -> K.Expr:
+def poly(m, x, coefs):
     """sum(coefs[i] * x^i) by Estrin's scheme: independent pairs, so short dependency
     chains (Horner's serial chain left a degree-9 polynomial latency-bound)."""
-    while len(coefs) > 1:
-        pairs = [K.binary("add", a, K.binary("mul", b, x))
-                 for a, b in zip(coefs[::2], coefs[1::2], strict=False)]
-        coefs = pairs + coefs[len(pairs) * 2:]
-        x = K.binary("mul", x, x)
-    return coefs[0]
+    terms = [m.c(c) for c in coefs]
+    while len(terms) > 1:
+        pairs = [m.fma(b, x, a) for a, b in zip(terms[::2], terms[1::2], strict=False)]
+        terms = pairs + terms[len(pairs) * 2:]
+        x = m.mul(x, x)
+    return terms[0]
+
+
+def exp(m, x):
+    """Cephes expf, branch-free so loops using it vectorise: 2^n * e^r, |r| <= ln2/2
+    (a few ulp). 2^n is applied as two factors so results near overflow and in the
+    subnormal range stay exact; above 89 gives inf, NaN stays NaN."""
+    xc = m.min(m.max(x, m.c(_EXP_LO)), m.c(_EXP_HI))
+    n = m.rint(m.mul(xc, m.c(LOG2E)))
+    r = m.sub(xc, m.mul(n, m.c(0.693359375)))      # ln2 in two parts (Cody-Waite)
+    r = m.sub(r, m.mul(n, m.c(-2.12194440e-4)))
+    y = m.add(m.fma(m.mul(r, r), poly(m, r, _EXP_P), r), m.c(1.0))
+    n1 = m.floor(m.mul(n, m.c(0.5)))
+    y = m.mul(m.mul(y, m.pow2(n1)), m.pow2(m.sub(n, n1)))
+    y = m.select(m.lt(x, m.c(_EXP_LO)), m.c(0.0), y)
+    y = m.select(m.gt(x, m.c(_EXP_HI)), m.c(math.inf), y)
+    return m.select(m.isnan(x), x, y)
+
+
+def tanh(m, x):
+    """Taylor series near 0 (no cancellation), 1 - 2/(e^2|x| + 1) elsewhere."""
+    ax = m.abs(x)
+    small = m.mul(x, poly(m, m.mul(x, x), _TANH_TAYLOR))
+    big = m.sub(m.c(1.0), m.div(m.c(2.0), m.add(m.exp(m.mul(ax, m.c(2.0))), m.c(1.0))))
+    return m.select(m.lt(ax, m.c(0.4)), small, m.copysign(big, x))
+
+
+def erfc_pos(m, z):
+    """erfc(z) for z >= 0 (Numerical Recipes, above)."""
+    t = m.div(m.c(1.0), m.fma(z, m.c(0.5), m.c(1.0)))
+    return m.mul(t, m.exp(m.sub(poly(m, t, _ERFC), m.mul(z, z))))
+
+
+def erf(m, x):
+    """Taylor series for |x| < 0.5, 1 - erfc(|x|) beyond (no cancellation there)."""
+    ax = m.abs(x)
+    small = m.mul(x, poly(m, m.mul(x, x), _ERF_TAYLOR))
+    big = m.copysign(m.sub(m.c(1.0), erfc_pos(m, ax)), x)
+    return m.select(m.lt(ax, m.c(0.5)), small, big)
+
+
+def sigmoid(m, x):
+    return m.div(m.c(1.0), m.add(m.c(1.0), m.exp(m.sub(m.c(0.0), x))))
+
+
+def gelu(m, x, approximate="none"):
+    """x * Phi(x). In float32, 1 + erf(x/sqrt2) and 1 + tanh(u) cancel for negative x and
+    leave few correct digits below x = -3, so: 2 Phi(x) = erfc(-x/sqrt2) and
+    (1 + tanh(u)) / 2 = sigmoid(2u). At x = -inf both give NaN, like the reference."""
+    if approximate == "tanh":  # u = sqrt(2/pi) (x + 0.044715 x^3)
+        u = m.mul(m.fma(m.mul(x, x), m.c(0.044715), m.c(1.0)), x)
+        return m.div(x, m.add(m.c(1.0), m.exp(m.mul(u, m.c(-2 * math.sqrt(2 / math.pi))))))
+    tail = erfc_pos(m, m.mul(m.abs(x), m.c(1 / math.sqrt(2))))
+    twice_phi = m.select(m.lt(x, m.c(0.0)), tail, m.sub(m.c(2.0), tail))
+    return m.mul(m.mul(m.c(0.5), x), twice_phi)
+
+
+class KernelMath:
+    """The maths' arithmetic as kernel IR expressions of one float dtype; exp stays the
+    kernel IR's own op (each code generator renders it)."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+    def c(self, value):
+        return K.Const(value, self.dtype)
+
+    def fma(self, a, b, c):
+        return K.binary("add", K.binary("mul", a, b), c)
+
+    def select(self, cond, a, b):
+        return K.Select(cond, a, b)
+
+    def exp(self, x):
+        return K.Unary("exp", x)
+
+    def abs(self, x):
+        return K.Unary("abs", x)
+
+    def __getattr__(self, name):  # add, sub, mul, div, min, max, lt, gt
+        return lambda a, b: K.binary(name, a, b)
 
 
 def _gelu(x: K.Expr, approximate="none") -> K.Expr:
-    """x * Phi(x). In float32, 1 + erf(x/sqrt2) and 1 + tanh(u) cancel for negative x and
-    leave few correct digits below x = -3, so: 2 Phi(x) = erfc(-x/sqrt2), with erfc
-    written out above, and (1 + tanh(u)) / 2 = sigmoid(2u). float64 keeps libm's erf."""
-    t = x.dtype
-    if approximate == "tanh":  # u = sqrt(2/pi) (x + 0.044715 x^3)
-        two_u = K.binary("mul", K.binary("mul", _f(t, 2 * math.sqrt(2 / math.pi)), x),
-                         K.binary("add", _f(t, 1.0), K.binary(
-                             "mul", _f(t, 0.044715), K.binary("mul", x, x))))
-        return K.binary("mul", x, K.Unary("sigmoid", two_u))
-    half = K.binary("mul", _f(t, 0.5), x)
-    if t == "f64":
-        erf = K.Unary("erf", K.binary("mul", x, _f(t, 1 / math.sqrt(2))))
-        return K.binary("mul", half, K.binary("add", _f(t, 1.0), erf))
-    z = K.binary("mul", K.Unary("abs", x), _f(t, 1 / math.sqrt(2)))
-    s = K.binary("div", _f(t, 1.0), K.binary("add", _f(t, 1.0), K.binary("mul", _f(t, 0.5), z)))
-    poly = _estrin(s, [_f(t, c) for c in _ERFC])
-    tail = K.binary("mul", s, K.Unary("exp", K.binary("sub", poly, K.binary("mul", z, z))))
-    twice_phi = K.Select(K.binary("lt", x, _f(t, 0.0)), tail, K.binary("sub", _f(t, 2.0), tail))
-    return K.binary("mul", half, twice_phi)
+    """float64 keeps libm's erf (it has the digits); float32 the shared formula."""
+    if x.dtype == "f64" and approximate != "tanh":
+        erf_ = K.Unary("erf", K.binary("mul", x, _f("f64", 1 / math.sqrt(2))))
+        return K.binary("mul", K.binary("mul", _f("f64", 0.5), x),
+                        K.binary("add", _f("f64", 1.0), erf_))
+    return gelu(KernelMath(x.dtype), x, approximate)
 
 
 def _clip(x, min=None, max=None):
