@@ -818,3 +818,10 @@ def _fused(op, rng):
     x = rand(rng, (2, 17))
     body = _fused_body([x], lambda g, x: [g.add("softmax", g.add("neg", x))])
     yield [x], {"body": body}, map_rows(-x, -1, _softmax_row, "f32")
+
+
+def test_unknown_attribute_kind_is_refused_at_declaration():
+    from tensorc.ops.registry import Attr
+    with pytest.raises(ValueError, match="unknown attribute kind 'intz'"):
+        Attr("intz")
+    assert Attr("ints", ()).kind == "ints"

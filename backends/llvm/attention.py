@@ -223,7 +223,7 @@ def build_module() -> ir.Module:
     _pack_bt(module)
     for kind in MASKS:
         _job(module, f"tc_attention_job_{kind}", _kernel(module, kind),
-             [PTR] * 6 + [F32, F32, I64], 4, work_last=True)
+             [PTR] * 6 + [F32, F32, I64], 4, work="last")
     return module
 
 

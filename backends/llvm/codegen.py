@@ -39,8 +39,26 @@ def new_module(name: str = "tensorc") -> ir.Module:
 
 
 def add_kernel(module: ir.Module, kernel: K.Kernel) -> None:
-    """Add `kernel` (entry point plus its inlined body) to `module`."""
+    """Add `kernel` (entry point plus its inlined body) to `module`, and its job for the
+    native thread pool (`pool.py`): `NAME_job(block, item, tid)` with block = [args,
+    extent, parts] runs part `item` of the parallel loop's [0, extent)."""
     _FnGen(module, kernel).emit()
+    entry = module.globals[kernel.name]
+    job = ir.Function(module, ir.FunctionType(ir.VoidType(), [_I8P, _I64, _I64]),
+                      name=job_name(kernel.name))
+    job.attributes.add("nounwind")
+    b = ir.IRBuilder(job.append_basic_block("entry"))
+    words = b.bitcast(job.args[0], _I64.as_pointer())
+    args, extent, parts = (b.load(b.gep(words, [ir.Constant(_I64, i)])) for i in range(3))
+    item = job.args[1]
+    lo = b.sdiv(b.mul(extent, item), parts)
+    hi = b.sdiv(b.mul(extent, b.add(item, ir.Constant(_I64, 1))), parts)
+    b.call(entry, [b.inttoptr(args, _I8P.as_pointer()), lo, hi])
+    b.ret_void()
+
+
+def job_name(kernel_name: str) -> str:
+    return kernel_name + "_job"
 
 
 def render(kernels: list[K.Kernel]) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from ctypes import c_int64, c_void_p
 
@@ -329,12 +328,12 @@ def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
 
 
 def _job(module: ir.Module, name: str, target: ir.Function, fixed: list[ir.Type],
-         ranges: int, work_last: bool = False) -> None:
+         ranges: int, work: str | None = "first") -> None:
     """`name(block, item, tid)` for the native pool (see pool.py): calls `target` with
     the `fixed` arguments from block[0:len(fixed)] (f32 ones as bits), then the
     workspace of thread `tid` from block[len(fixed) + 1 + tid] (block[len(fixed)] says
-    how many there are), then `ranges` i64s of the item (or the workspace last): the
-    items follow the workspaces."""
+    how many there are), then `ranges` i64s of the item; `work` "last" passes the
+    workspace after them, None not at all. The items follow the workspaces."""
     f = FnBuilder(module, name, [("block", PTR), ("item", I64), ("tid", I64)])
     b, g = f.b, f.arg
 
@@ -346,15 +345,15 @@ def _job(module: ir.Module, name: str, target: ir.Function, fixed: list[ir.Type]
         args.append(b.inttoptr(w, PTR) if ty == PTR else
                     b.bitcast(b.trunc(w, I32), F32) if ty == F32 else w)
     nf = len(fixed)
-    work = b.inttoptr(word(b.add(c64(nf + 1), g["tid"])), PTR)
+    workspace = b.inttoptr(word(b.add(c64(nf + 1), g["tid"])), PTR)
     items = b.add(c64(nf + 1), word(c64(nf)))
-    args += [] if work_last else [work]
+    args += [workspace] if work == "first" else []
     args += [word(b.add(items, b.add(f.mul(g["item"], ranges), c64(r)))) for r in range(ranges)]
-    b.call(target, args + [work] if work_last else args)
+    b.call(target, args + [workspace] if work == "last" else args)
     f.finish()
 
 
-def _pack_b(module: ir.Module) -> None:
+def _pack_b(module: ir.Module) -> ir.Function:
     """Panels [jp0, jp1) of B (row-major K x N, row stride ldb) into Bp[jp][k][NR]."""
     f = FnBuilder(module, "tc_pack_b", [("b", PTR), ("ldb", I64), ("k", I64), ("n", I64),
                                         ("bp", PTR), ("jp0", I64), ("jp1", I64)])
@@ -367,10 +366,10 @@ def _pack_b(module: ir.Module) -> None:
             dst = f.at(g["bp"], f.mul(b.add(f.mul(jp, g["k"]), k), NR))
             for v in range(NR // 16):
                 f.vstore(f.mload(f.at(src, c64(16 * v)), masks[v]), f.at(dst, c64(16 * v)), 64)
-    f.finish()
+    return f.finish()
 
 
-def _pack_bt(module: ir.Module) -> None:
+def _pack_bt(module: ir.Module) -> ir.Function:
     """The same panels from B given transposed (N x K, row stride ldb)."""
     f = FnBuilder(module, "tc_pack_bt", [("b", PTR), ("ldb", I64), ("k", I64), ("n", I64),
                                          ("bp", PTR), ("jp0", I64), ("jp1", I64)])
@@ -387,13 +386,13 @@ def _pack_bt(module: ir.Module) -> None:
                 with outside:
                     with f.loop(0, g["k"]) as k:
                         b.store(ir.Constant(F32, 0.0), f.at(base, f.mul(k, NR), col))
-    f.finish()
+    return f.finish()
 
 
 def build_module() -> ir.Module:
     module = ir.Module(name="tensorc_gemm")
-    _pack_b(module)
-    _pack_bt(module)
+    for name, pack in (("tc_pack_b", _pack_b(module)), ("tc_pack_bt", _pack_bt(module))):
+        _job(module, name + "_job", pack, [PTR, I64, I64, I64, PTR], 2, work=None)
     _job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)  # ap: workspace
     fixed = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64]
     for act in ACTIVATIONS:
@@ -431,7 +430,7 @@ def kernels() -> dict:
     with _lib_lock:
         if _lib is None:
             jobs = [f"tc_gemm_{p}job_{a}" for a in ACTIVATIONS for p in ("", "pa_")]
-            jobs.append("tc_pack_a_job")
+            jobs += ["tc_pack_a_job", "tc_pack_b_job", "tc_pack_bt_job"]
             names = ["tc_pack_b", "tc_pack_bt"] + [f"tc_gemm_{a}" for a in ACTIVATIONS] + jobs
             addrs = compile_ir(build_module(), names)
             pack_args = [_P, _I, _I, _I, _P, _I, _I]
@@ -447,42 +446,15 @@ def kernels() -> dict:
 
 
 
-_tls = threading.local()   # per thread: scratch buffers, whether it is a pool worker
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pool_lock = threading.Lock()
-
-
-def parallel(fn, items, threads: int) -> None:
-    """Run fn(item) for each item on up to `threads` threads (this one included).
-
-    One caller uses the pool at a time: a call from a pool worker, from inside a task
-    or from a second thread while the pool is busy runs serially instead (no deadlock,
-    no two callers' tasks mixed)."""
-    items = list(items)
-    if threads > 1 and len(items) > 1 and not getattr(_tls, "in_pool", False) \
-            and _pool_lock.acquire(blocking=False):
-        try:
-            pool = _pools.get(threads)
-            if pool is None:
-                pool = _pools[threads] = ThreadPoolExecutor(
-                    threads - 1, "tensorc", initializer=setattr, initargs=(_tls, "in_pool", True))
-            futures = [pool.submit(fn, it) for it in items[1:]]
-            fn(items[0])
-            for fut in futures:
-                fut.result()
-        finally:
-            _pool_lock.release()
-        return
-    for it in items:
-        fn(it)
+_tls = threading.local()   # per thread: scratch buffers
 
 
 def run_jobs(steps: list, threads: int) -> None:
     """Native jobs (see pool.py), one after the other, on up to `threads` threads:
     steps are (job address, fixed arguments, items, workspace), workspace "ap" (every
     thread reads this thread's packed A) or (name, floats): a buffer per thread.
-    Serial, like `parallel`, when the pool is taken or called from a pool thread."""
-    if threads > 1 and not getattr(_tls, "in_pool", False):
+    Serial when the pool is taken (another caller is using it)."""
+    if threads > 1:
         workers = pool.get(threads)
         if workers.lock.acquire(blocking=False):
             try:
@@ -500,6 +472,8 @@ def run_jobs(steps: list, threads: int) -> None:
 def _workspaces(ws, workers: pool.Pool | None = None) -> list[int]:
     """Workspace addresses for this thread, then for each of the pool's workers."""
     n = workers.threads if workers else 1
+    if ws is None:
+        return [0] * n
     if ws == "ap":
         return [_prepacked_a()] * n
     name, size = ws
@@ -600,8 +574,20 @@ class PackedB:
         if fill:   # else the caller packs panels with fill_panels, e.g. in its threads
             threads = num_threads() if threads is None else threads
             many = threads > 1 and self.k * self.n >= 1 << 18
-            parallel(lambda r: self.fill_panels(*r),
-                     _split(self.panels, threads, 1) if many else [(0, self.panels)], threads)
+            self.fill_jobs(threads if many else 1)
+
+    def fill_jobs(self, threads: int) -> None:
+        """Pack every panel, split across the pool's threads."""
+        if self.k and self.panels:
+            run_jobs([self.pack_step(_split(self.panels, threads, 1))], threads)
+
+    def pack_step(self, ranges) -> tuple:
+        """The native job (see `run_jobs`) packing these panel ranges."""
+        b, pack = self._source
+        job = kernels()["jobs"]["tc_pack_bt_job" if pack is kernels()["pack_bt"]
+                                else "tc_pack_b_job"]
+        return (job, [b.ctypes.data, b.strides[0] // 4, self.k, self.n, self.ptr],
+                list(ranges), None)
 
     def fill_panels(self, jp0: int, jp1: int) -> None:
         """Pack column panels [jp0, jp1) (thread safe for disjoint ranges)."""
@@ -687,15 +673,10 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
     # caches). A packed weight: see _shares_a; else split rows when each thread gets a
     # few row tiles and B is small enough to share from L3 (no A packed twice), else
     # split the panels, so that each thread streams only its part of B.
-    if fill and panels >= threads:
-        def packed_block(r):
-            packed.fill_panels(*r)
-            block(0, M, *r)
-        parallel(packed_block, _split(panels, threads, 1), threads)
-        return out
+    steps = _schedule(a, packed, out, bias, act, residual, threads)
     if fill:
-        packed.fill_panels(0, panels)
-    run_jobs(_schedule(a, packed, out, bias, act, residual, threads), threads)
+        steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
+    run_jobs(steps, threads)
     return out
 
 
@@ -793,17 +774,10 @@ def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | No
     a_b = np.broadcast_to(a, batch + a.shape[-2:])
     b_b = np.broadcast_to(b, batch + b.shape[-2:])
     r_b = residual
-    items = list(np.ndindex(*batch))
-    inner = 1 if len(items) >= threads else threads
-
-    def one(idx):
-        packed = PackedB(b_b[idx], trans_b, 1, scratch=True)
+    for idx in np.ndindex(*batch):   # each product threads itself when big enough
+        packed = PackedB(b_b[idx], trans_b, 1, scratch=True, fill=False)
         r = None if r_b is None else _rows(r_b[idx])
-        target = out[idx]
-        _gemm2d(_rows(a_b[idx]), packed, target, bias, act, r, inner)
-    parallel(lambda chunk: [one(i) for i in chunk],
-             [items[s:e] for s, e in _split(len(items), threads if inner == 1 else 1, 1)],
-             threads if inner == 1 else 1)
+        _gemm2d(_rows(a_b[idx]), packed, out[idx], bias, act, r, threads, fill=True)
     return out
 
 
@@ -860,7 +834,7 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         key = (_prepacked_a(), _workspace())   # a call may come from another thread
         if key != state.get("key"):
             prepare(key)
-        if getattr(_tls, "in_pool", False) or not workers.lock.acquire(blocking=False):
+        if not workers.lock.acquire(blocking=False):
             general()
             return
         try:

@@ -31,6 +31,10 @@ class Attr:
     default: Any = REQUIRED
     choices: tuple | None = None
 
+    def __post_init__(self):   # a misspelt kind would otherwise accept any value
+        if self.kind not in ATTR_KINDS:
+            raise ValueError(f"unknown attribute kind {self.kind!r}; known: {ATTR_KINDS}")
+
     def check(self, name: str, value: Any) -> Any:
         """Validate and normalise one attribute value (lists become tuples)."""
         k = self.kind
