@@ -281,7 +281,8 @@ def test_fallback_is_listed():
     rng = np.random.default_rng(16)
     g = graph(((1, 4, 9, 9), "f32"), ((4, 2, 3, 3), "f32"), op="conv2d", group=2)
     exe = check(g, feeds_for(g, rng))
-    assert exe.stats()["fallbacks"] == [g.nodes[0].where]
+    assert exe.stats()["fallbacks"] == [{"node": g.nodes[0].where,
+                                         "reason": "conv2d with groups or non-f32 data"}]
 
 
 @pytest.mark.parametrize("attrs", [{}, {"pads": (1, 2, 0, 1), "strides": (2, 1)},

@@ -56,6 +56,7 @@ class Call:
     outputs: list[View]
     fallback: bool = False
     where: str = ""
+    reason: str = ""     # a fallback's: why no generated code runs it
     epilogue: dict = field(default_factory=dict)  # matmul: bias / activation / residual
 
     def reads(self):
@@ -103,7 +104,8 @@ class Program:
         return {"kernel_launches": sum(isinstance(s, KernelStep) for s in self.steps),
                 "unique_kernels": len(self.kernels),
                 "library_calls": sum(not c.fallback for c in calls),
-                "fallbacks": [c.where for c in calls if c.fallback],
+                "fallbacks": [{"node": c.where, "reason": c.reason}
+                              for c in calls if c.fallback],
                 "arena_bytes": self.arena_bytes, "live_peak_bytes": self.live_peak_bytes}
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from tensorc.errors import TensorcError
 
 from .. import kernel_ir as K
@@ -180,3 +182,11 @@ def covers(lazy: Lazy, view: View) -> bool:
     """Whether `lazy` is all of `view`'s (contiguous) buffer, in order."""
     return is_contiguous(lazy.expr, lazy.shape) and lazy.expr.buf is view.buf and \
         math.prod(lazy.shape) == math.prod(view.shape)
+
+
+def constant(data, dtype: str, name: str = "") -> Lazy:
+    """A lazy read of constant data (a graph weight, or values fixed per shape). np.require
+    keeps a 0-d array 0-d (np.ascontiguousarray would make it 1-d)."""
+    data = np.require(data, requirements="C")
+    b = Buf(data.nbytes, dtype, "const", data, name)
+    return Lazy(data.shape, Access(b, 0, contiguous(data.shape)))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 
+from tensorc.errors import FallbackError
 from tensorc.ir import DTYPES, Graph, TensorType
 from tensorc.ops import get_op
 
@@ -14,7 +16,7 @@ from ..plan import pack_buffers
 from .kernels import write_kernel
 from .program import Buf, Call, NotLowerable, Program, View
 from .rules import RULES
-from .views import Access, Lazy, compute_count, contiguous, covers, is_contiguous, leaves
+from .views import Access, Lazy, compute_count, constant, contiguous, covers, is_contiguous, leaves
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class Lowering:
             inputs.append(b)
             vals[v] = Lazy(tuple(t.shape), Access(b, 0, contiguous(t.shape)))
         for v in g.constants.values():
-            vals[v] = _constant(v)
+            vals[v] = constant(v.data, v.type.dtype, v.name)
         self.lower_nodes(g.nodes, vals)
         outputs = []
         for v in g.outputs:
@@ -99,18 +101,19 @@ class Lowering:
                 continue
             opdef = get_op(node.op)
             attrs = opdef.resolve_attrs(node.attrs, self.env)
-            outs = None
+            outs, reason = None, "no lowering rule"
             if node.op in RULES:
                 try:
                     outs = RULES[node.op](self, node, ins, attrs)
                 except NotLowerable as e:
+                    reason = str(e)
                     self.notes.append(f"{node.where}: {e}")
                 else:
                     self.follow_gemm(node, outs)
             if outs is None and opdef.decompose is not None:
                 outs = self.lower_decomposed(node, ins, attrs)
             if outs is None:
-                outs = self.fallback(node, ins, attrs)
+                outs = self.fallback(node, ins, attrs, reason)
             self.bind(node, outs, vals)
 
     def follow_gemm(self, node, outs):
@@ -189,7 +192,7 @@ class Lowering:
                 self.pending[v] = self.pending[outer]
         vals = dict(zip(sub_ins, ins, strict=True))
         for v in sub.constants.values():
-            vals[v] = _constant(v)
+            vals[v] = constant(v.data, v.type.dtype, v.name)
         vals.update(preset or {})
         inner.lower_nodes(sub.nodes[start:], vals)
         for v, outer in zip(sub.outputs, node.outputs, strict=True):  # and comes back out
@@ -197,11 +200,10 @@ class Lowering:
                 self.pending[outer] = self.pending[v]
         return [vals[v] for v in sub.outputs]
 
-    def fallback(self, node, ins, attrs):
-        log.info("no lowering for %s: running its numpy reference", node.where)
+    def fallback(self, node, ins, attrs, reason: str):
         outs = [self.out_view(v.type.concrete(self.env)) for v in node.outputs]
         self.steps.append(Call(node.op, attrs, [self.view(x) for x in ins], outs,
-                               fallback=True, where=node.where))
+                               fallback=True, where=node.where, reason=reason))
         return [self.of_view(o) for o in outs]
 
     # -- buffer plan --
@@ -230,14 +232,6 @@ class Lowering:
             live += delta
             peak = max(peak, live)
         return Program(self.steps, inputs, outputs, planned, total, peak, self.notes)
-
-
-def _constant(v) -> Lazy:
-    """A graph constant as a lazy read of its data. np.require keeps a 0-d array 0-d
-    (np.ascontiguousarray would make it 1-d and change the value's rank)."""
-    data = np.require(v.data, requirements="C")
-    b = Buf(data.nbytes, v.type.dtype, "const", data, v.name)
-    return Lazy(data.shape, Access(b, 0, contiguous(data.shape)))
 
 
 def _weight_matmul(node):
@@ -285,8 +279,23 @@ def _sibling_matmuls(nodes) -> dict:
 
 
 def lower(graph: Graph, env: dict[str, int] | None = None) -> Program:
-    """The Program for `graph` with its symbolic dims bound by `env`."""
-    return Lowering(graph, env or {}).run()
+    """The Program for `graph` with its symbolic dims bound by `env`. Reference fallbacks
+    are a warning (logged once per Program), or an error in strict mode."""
+    program = Lowering(graph, env or {}).run()
+    fallbacks = program.stats()["fallbacks"]
+    if fallbacks:
+        listed = "; ".join(f"{f['node']} ({f['reason']})" for f in fallbacks)
+        if strict():
+            raise FallbackError(f"strict mode: {len(fallbacks)} op(s) would run the numpy "
+                                f"reference instead of generated code: {listed}")
+        log.warning("%d op(s) run the numpy reference instead of generated code: %s",
+                    len(fallbacks), listed)
+    return program
+
+
+def strict() -> bool:
+    """TENSORC_STRICT=1 (the CLI's --strict sets it): reference fallbacks are errors."""
+    return os.environ.get("TENSORC_STRICT", "") not in ("", "0")
 
 
 def planned_memory(graph: Graph, env: dict[str, int] | None = None) -> dict:

@@ -6,24 +6,46 @@ import numpy as np
 
 from tensorc.ir import TensorType
 
-from ..program import Buf, Call, View
-from ..views import Access, Lazy, broadcast_to, reshape
+from ... import kernel_ir as K
+from ..program import Buf, Call, NotLowerable, View
+from ..views import Access, Lazy, broadcast_to, reshape, transpose
+from .reduction import reduce_into, widened
 
 
 def _matmul(lw, node, ins, attrs):
     """GEMMs take matrices: a vector operand is a [1, k] or [k, 1] view, as in np.matmul,
-    and the result drops that dim again."""
+    and the result drops that dim again. The target's GEMM is float32; other types get
+    a generated kernel."""
     t = node.outputs[0].type.concrete(lw.env)
     a, b = ins
     a = a if len(a.shape) > 1 else reshape(a, (1,) + a.shape)
     b = b if len(b.shape) > 1 else reshape(b, b.shape + (1,))
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if t.dtype != "f32":
+        return [reshape(_matmul_kernel(lw, a, b, batch, t.dtype, node.op), t.shape)]
     out = lw.out_view(TensorType(batch + (a.shape[-2], b.shape[-1]), t.dtype))
     call = Call("matmul", attrs, [lw.view(a), lw.view(b)], [out], where=node.where)
     lw.steps.append(call)
     lw.pending[node.outputs[0]] = call
     return [reshape(lw.of_view(out), t.shape)]
 
+def _matmul_kernel(lw, a: Lazy, b: Lazy, batch, dtype: str, name: str) -> Lazy:
+    """out[..., i, j] = sum_k a[..., i, k] * b[..., k, j] as a reduction over a lazy
+    [..., m, n, k] product. Integers wrap in their own type, as numpy's do; float16
+    multiplies and sums in float32 and rounds once."""
+    if dtype == "bool":
+        raise NotLowerable("matmul on bool")
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    full = tuple(batch) + (m, n, k)
+    ra = reshape(a, a.shape[:-1] + (1, k))                      # [..., m, 1, k]
+    rb = reshape(transpose(b, _swap_last(len(b.shape))), b.shape[:-2] + (1, n, k))
+    x, y = (widened(broadcast_to(v, full)) for v in (ra, rb))
+    prod = Lazy(full, K.binary("mul", x.expr, y.expr))
+    return reduce_into(lw, prod, [len(full) - 1], "add", dtype, prod.dtype, name=name)
+
+
+def _swap_last(rank: int) -> tuple[int, ...]:
+    return tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
 def into_gemm_epilogue(lw, node, ins, attrs) -> Lazy | None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from tensorc.ir import DTYPES
 from tensorc.ops.registry import norm_axis
 
 from ... import kernel_ir as K
 from ..kernels import KernelBuilder, write_kernel
 from ..program import IndexCheck, NotLowerable, View
-from ..views import Access, Index, Lazy, affine_map, broadcast_to, reshape, transpose
+from ..views import Access, Index, Lazy, affine_map, broadcast_to, constant, reshape, transpose
 
 
 def _transpose(lw, node, ins, attrs):
@@ -83,6 +86,12 @@ def _full(lw, node, ins, attrs):
     return [Lazy(tuple(t.shape), K.Const(value, t.dtype))]
 
 
+def _dims(lw, node, ins, attrs):
+    """Symbols are bound for the whole Program, so the values are its constants."""
+    t = node.outputs[0].type.concrete(lw.env)
+    return [constant(np.array(attrs["values"], DTYPES[t.dtype]).reshape(t.shape), t.dtype)]
+
+
 def _range(lw, node, ins, attrs):
     t = node.outputs[0].type.concrete(lw.env)
     if t.dtype not in ("i64", "i32"):
@@ -142,6 +151,7 @@ RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "concat": _concat,
     "full": _full,
     "range": _range,
+    "dims": _dims,
     "trilu": _trilu,
     "gather": _gather,
 }
