@@ -340,9 +340,6 @@ class LLVMMath:
     def lt(self, a, b):
         return self.b.fcmp_ordered("<", a, b)
 
-    def gt(self, a, b):
-        return self.b.fcmp_ordered(">", a, b)
-
     def isnan(self, x):
         return self.b.fcmp_unordered("uno", x, x)
 

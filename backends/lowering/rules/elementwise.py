@@ -17,11 +17,11 @@ from .matmul import into_gemm_epilogue
 # expressions here (`KernelMath`: gelu inside generated kernels, exp left to the code
 # generator), float32 scalars or 16-lane vectors of LLVM IR in backends/llvm (`codegen.py`
 # for kernels, the GEMM epilogue and flash attention). `m` offers c(value), add, sub, mul,
-# div, fma(a, b, c) = a*b + c, min, max, abs, floor, rint, copysign, lt, gt, isnan,
+# div, fma(a, b, c) = a*b + c, min, max, abs, floor, rint, copysign, lt, isnan,
 # select, pow2 (2^n for an integral float n, |n| < 127) and exp.
 
 LOG2E = 1.4426950408889634
-_EXP_LO, _EXP_HI = -104.0, 89.0   # below: 0 (e^-104 is under the smallest subnormal)
+_EXP_LO, _EXP_HI = -104.0, 89.0   # e^-104 rounds to 0, e^89 overflows to inf
 # Cephes expf: e^r = 1 + r + r^2 P(r) for |r| <= ln2/2, P's coefficients lowest first.
 _EXP_P = (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3,
           1.3981999507e-3, 1.9875691500e-4)
@@ -48,16 +48,15 @@ def poly(m, x, coefs):
 def exp(m, x):
     """Cephes expf, branch-free so loops using it vectorise: 2^n * e^r, |r| <= ln2/2
     (a few ulp). 2^n is applied as two factors so results near overflow and in the
-    subnormal range stay exact; above 89 gives inf, NaN stays NaN."""
+    subnormal range stay exact; the clamp then gives inf above 89 (e^89 overflows) and
+    0 below -104 (e^-104 rounds to 0) with no compare. NaN stays NaN."""
     xc = m.min(m.max(x, m.c(_EXP_LO)), m.c(_EXP_HI))
     n = m.rint(m.mul(xc, m.c(LOG2E)))
-    r = m.sub(xc, m.mul(n, m.c(0.693359375)))      # ln2 in two parts (Cody-Waite)
-    r = m.sub(r, m.mul(n, m.c(-2.12194440e-4)))
+    r = m.fma(n, m.c(-0.693359375), xc)      # ln2 in two parts (Cody-Waite); n * c exact
+    r = m.fma(n, m.c(2.12194440e-4), r)
     y = m.add(m.fma(m.mul(r, r), poly(m, r, _EXP_P), r), m.c(1.0))
     n1 = m.floor(m.mul(n, m.c(0.5)))
     y = m.mul(m.mul(y, m.pow2(n1)), m.pow2(m.sub(n, n1)))
-    y = m.select(m.lt(x, m.c(_EXP_LO)), m.c(0.0), y)
-    y = m.select(m.gt(x, m.c(_EXP_HI)), m.c(math.inf), y)
     return m.select(m.isnan(x), x, y)
 
 
@@ -121,7 +120,7 @@ class KernelMath:
     def abs(self, x):
         return K.Unary("abs", x)
 
-    def __getattr__(self, name):  # add, sub, mul, div, min, max, lt, gt
+    def __getattr__(self, name):  # add, sub, mul, div, min, max, lt
         return lambda a, b: K.binary(name, a, b)
 
 
