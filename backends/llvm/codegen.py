@@ -328,9 +328,6 @@ class LLVMMath:
     def abs(self, x):
         return self.call("fabs", x)
 
-    def floor(self, x):
-        return self.call("floor", x)
-
     def rint(self, x):
         return self.call("rint", x)
 
@@ -346,10 +343,11 @@ class LLVMMath:
     def select(self, cond, a, b):
         return self.b.select(cond, a, b)
 
-    def pow2(self, n):
-        """2^n for integral n in the normal range: the exponent bits, set directly."""
-        bits = self.b.shl(self.b.add(self.b.fptosi(n, self.ity), self._ci(127)), self._ci(23))
-        return self.b.bitcast(bits, self.ty)
+    def scale2(self, y, n):
+        """y * 2^n for integral n, the result normal: n added to y's exponent bits."""
+        b = self.b
+        bits = b.add(b.bitcast(y, self.ity), b.shl(b.fptosi(n, self.ity), self._ci(23)))
+        return b.bitcast(bits, self.ty)
 
     def exp(self, x):
         return maths.exp(self, x)
