@@ -79,8 +79,8 @@ def run_pipeline(graph: Graph, spec: str, *, verify: bool = False, disable=(),
 
 
 # The passes register themselves on import; pipelines name them in order.
-from . import attention, fusion, simplify  # noqa: E402, F401
+from . import attention, fusion, gemm, simplify  # noqa: E402, F401
 
 PIPELINES["O1"] = ["fold-constants", "simplify", "cse", "dce"]
 PIPELINES["O2"] = ["O1", "fuse-patterns", "fuse-attention", "fold-constants", "cse",
-                   "fuse-regions"]
+                   "merge-projections", "fuse-epilogues", "fuse-regions"]

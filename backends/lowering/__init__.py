@@ -20,10 +20,12 @@ Lowering runs once per set of concrete input shapes. Its parts, bottom up:
   conv, shape). `rules/elementwise.py` is also the one home of the exp/tanh/erf/gelu
   maths, which every target's code generator builds through it.
 
-Library calls: matmul (the target's GEMM, with bias/activation/residual epilogues),
-attention (flash attention), conv2d (an im2col kernel + GEMM). Fused regions are
-lowered through their body graph, composite ops without a rule through their
-`decompose`; an op with no rule runs its registry reference as a
+Library calls: matmul (the target's GEMM), attention (flash attention), conv2d (an
+im2col kernel + GEMM). Lowering makes no fusion decision of its own: fused regions
+are lowered through their body graph, and a GEMM takes the ops after it as its
+bias/activation/residual epilogue only inside a region (the `fuse-epilogues` pass
+made it); q/k/v merging is the `merge-projections` pass. Composite ops without a
+rule lower through their `decompose`; an op with no rule runs its registry reference as a
 `Call(fallback=True)`, listed with its reason in `Program.stats()["fallbacks"]`.
 
 The Program is target-neutral: `backends/llvm/` renders its kernels to LLVM IR,

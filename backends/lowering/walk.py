@@ -6,8 +6,6 @@ import logging
 import math
 import os
 
-import numpy as np
-
 from tensorc.errors import FallbackError
 from tensorc.ir import DTYPES, Graph, TensorType
 from tensorc.ops import get_op
@@ -21,8 +19,8 @@ from .views import Access, Lazy, compute_count, constant, contiguous, covers, is
 log = logging.getLogger(__name__)
 
 class Lowering:
-    def __init__(self, graph: Graph, env: dict[str, int]):
-        self.graph, self.env = graph, env
+    def __init__(self, graph: Graph, env: dict[str, int], region: bool = False):
+        self.graph, self.env, self.region = graph, env, region
         self.steps: list = []
         self.buffers: list[Buf] = []
         self.notes: list[str] = []
@@ -90,15 +88,8 @@ class Lowering:
         return self.plan(inputs, outputs)
 
     def lower_nodes(self, nodes, vals):
-        merged = _sibling_matmuls(nodes)   # node -> its group of weight matmuls on one input
-        parts: dict = {}                   # node -> (its columns of the merged GEMM, consumed)
         for node in nodes:
             ins = [vals[v] for v in node.inputs]
-            if node in merged:
-                if node not in parts:
-                    parts.update(self.merged_matmul(merged[node], vals))
-                self.bind(node, self.merged_part(node, ins, *parts[node]), vals)
-                continue
             opdef = get_op(node.op)
             attrs = opdef.resolve_attrs(node.attrs, self.env)
             outs, reason = None, "no lowering rule"
@@ -136,43 +127,11 @@ class Lowering:
                 lazy = self.materialize(lazy, "shared")
             vals[v] = lazy
 
-    def merged_matmul(self, group, vals):
-        """x @ W1 (+ b1), x @ W2 (+ b2), ...: one GEMM with [W1 W2 ...] and [b1 b2 ...] (zeros
-        where a member has no bias) whose output columns are the members' results. A bigger
-        N keeps the GEMM efficient and packs x once (attention's q, k, v projections)."""
-        x = vals[group[0][1]]
-        w = np.ascontiguousarray(np.concatenate([m[2].data for m in group], axis=1))
-        n = w.shape[1]
-        out = self.out_view(TensorType(tuple(x.shape[:-1]) + (n,), "f32"))
-        call = Call("matmul", {}, [self.view(x), View(Buf(w.nbytes, "f32", "const", w),
-                                                      0, w.shape, (n, 1))],
-                    [out], where=" + ".join(m[0].where for m in group))
-        if any(m[3] is not None for m in group):
-            b = np.concatenate([m[3].data if m[3] is not None else
-                                np.zeros(m[2].type.shape[1], np.float32) for m in group])
-            call.epilogue["bias"] = View(Buf(b.nbytes, "f32", "const", b), 0, (n,), (1,))
-        self.steps.append(call)
-        parts, start = {}, 0
-        for node, _, wv, _, consumed in group:
-            width = wv.type.shape[1]
-            parts[node] = (Lazy(tuple(x.shape[:-1]) + (width,),
-                                Access(out.buf, start, out.strides[:-1] + (1,))), consumed)
-            start += width
-        return parts
-
-    def merged_part(self, node, ins, part: Lazy, consumed: int) -> list[Lazy]:
-        """A member's outputs from its columns of the merged GEMM: a matmul's are the
-        columns; a fused region lowers the rest of its body on them."""
-        if node.op == "matmul":
-            return [part]
-        body = node.attrs["body"]
-        return self.lower_decomposed(node, ins, node.attrs, start=consumed,
-                                     preset={body.nodes[consumed - 1].outputs[0]: part})
-
-    def lower_decomposed(self, node, ins, attrs, preset=None, start=0):
+    def lower_decomposed(self, node, ins, attrs):
         """Lower a composite op through its parts: a region's own `body` graph (symbols
-        bound from the inputs' shapes), or else what `decompose` builds. `preset` gives
-        values already computed, `start` the first body node still to lower."""
+        bound from the inputs' shapes), or else what `decompose` builds. Only inside a
+        region may a GEMM take the ops after it as its epilogue: the `fuse-epilogues`
+        pass decided which (`rules/matmul.py` carries it out)."""
         body = attrs.get("body")
         if isinstance(body, Graph):
             sub, sub_ins, env = body, body.inputs, dict(self.env)
@@ -184,20 +143,12 @@ class Lowering:
             sub_ins = [sub.add_input(f"x{i}", TensorType(x.shape, x.dtype))
                        for i, x in enumerate(ins)]
             sub.outputs = list(get_op(node.op).decompose(sub, sub_ins, **attrs))
-        inner = Lowering(sub, env)
+        inner = Lowering(sub, env, region=isinstance(body, Graph))
         inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
-        inner.pending = self.pending
-        for v, outer in zip(sub_ins, node.inputs, strict=True):   # a pending GEMM output
-            if outer in self.pending and self.uses.get(outer) == 1:  # stays pending inside
-                self.pending[v] = self.pending[outer]
         vals = dict(zip(sub_ins, ins, strict=True))
         for v in sub.constants.values():
             vals[v] = constant(v.data, v.type.dtype, v.name)
-        vals.update(preset or {})
-        inner.lower_nodes(sub.nodes[start:], vals)
-        for v, outer in zip(sub.outputs, node.outputs, strict=True):  # and comes back out
-            if v in self.pending and inner.uses.get(v) == 1:
-                self.pending[outer] = self.pending[v]
+        inner.lower_nodes(sub.nodes, vals)
         return [vals[v] for v in sub.outputs]
 
     def fallback(self, node, ins, attrs, reason: str):
@@ -232,50 +183,6 @@ class Lowering:
             live += delta
             peak = max(peak, live)
         return Program(self.steps, inputs, outputs, planned, total, peak, self.notes)
-
-
-def _weight_matmul(node):
-    """(input, weight, bias or None, body nodes consumed) when `node` computes x @ W with a
-    constant 2-D f32 W: a matmul (nothing consumed), or a fused region whose body starts
-    with the matmul, optionally followed by `+ b` with a constant b; else None."""
-    def const(v, rank):
-        return v is not None and v.is_constant and v.type.dtype == "f32" \
-            and v.type.rank == rank
-    if node.op == "matmul":
-        if const(node.inputs[1], 2) and node.inputs[0].type.rank >= 2:
-            return node.inputs[0], node.inputs[1], None, 0
-        return None
-    body = node.attrs.get("body") if node.op == "fused" else None
-    if body is None or not body.nodes or body.nodes[0].op != "matmul":
-        return None
-    outer = dict(zip(body.inputs, node.inputs, strict=True))
-
-    def resolve(v):
-        return outer.get(v, v if v.is_constant else None)
-    mm = body.nodes[0]
-    x, w = outer.get(mm.inputs[0]), resolve(mm.inputs[1])
-    if x is None or x.type.rank < 2 or not const(w, 2):
-        return None
-    prod = mm.outputs[0]
-    users = [n for n in body.nodes if prod in n.inputs]
-    if len(body.nodes) > 1 and body.nodes[1].op == "add" and users == [body.nodes[1]] \
-            and prod not in body.outputs:
-        add = body.nodes[1]
-        b = resolve(add.inputs[1] if add.inputs[0] is prod else add.inputs[0])
-        if const(b, 1) and b.type.shape == (w.type.shape[1],):
-            return x, w, b, 2
-    return x, w, None, 1
-
-
-def _sibling_matmuls(nodes) -> dict:
-    """Groups (two or more) of weight matmuls reading the same input:
-    node -> [(node, input, weight, bias or None, body nodes consumed), ...]."""
-    groups: dict = {}
-    for node in nodes:
-        m = _weight_matmul(node)
-        if m is not None:
-            groups.setdefault((m[0], m[1].type.shape[0]), []).append((node, *m))
-    return {node: g for g in groups.values() if len(g) > 1 for node, *_ in g}
 
 
 def lower(graph: Graph, env: dict[str, int] | None = None) -> Program:

@@ -26,7 +26,8 @@ def _matmul(lw, node, ins, attrs):
     out = lw.out_view(TensorType(batch + (a.shape[-2], b.shape[-1]), t.dtype))
     call = Call("matmul", attrs, [lw.view(a), lw.view(b)], [out], where=node.where)
     lw.steps.append(call)
-    lw.pending[node.outputs[0]] = call
+    if lw.region:   # a fuse-epilogues region: the ops after it become its epilogue
+        lw.pending[node.outputs[0]] = call
     return [reshape(lw.of_view(out), t.shape)]
 
 def _matmul_kernel(lw, a: Lazy, b: Lazy, batch, dtype: str, name: str) -> Lazy:
