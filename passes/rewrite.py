@@ -16,7 +16,7 @@ import numpy as np
 from tensorc.errors import ShapeError, TensorcError
 from tensorc.ir import Graph, Value
 
-from . import register_pass
+from .manager import register_pass
 
 
 def copy_graph(g: Graph) -> Graph:
