@@ -19,10 +19,15 @@ Text form: the body prints as a nested graph, indented under its node::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir import Graph, TensorType
+from ..types import TensorType
+
+if TYPE_CHECKING:
+    from ..ir import Graph
 from .registry import Attr, OpDef, get_op, register
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir import FLOAT_DTYPES, TensorType
+from ..types import FLOAT_DTYPES, TensorType
 from .registry import (
     Attr,
     OpDef,
