@@ -10,8 +10,38 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from tensorc.errors import InputError, TensorcError
+from tensorc.errors import InputError, ShapeError, TensorcError
 from tensorc.ir import Graph, bind_shapes
+from tensorc.ops import get_op
+from tensorc.resources import check_fits
+
+
+def check_shapes(graph: Graph, env: dict[str, int]) -> None:
+    """Every node's type inference re-run on the bound sizes must give the types the
+    symbolic graph declares. Inference on symbols assumes facts the sizes may break
+    (`slice(%w: f32[8], ends=[seq])` is f32[seq] only while seq <= 8); a compiled
+    kernel trusts the declared sizes and would read past a buffer, so a broken fact
+    is an error here, naming the node."""
+    if not env:
+        return   # a static graph's types were inferred on these very sizes
+    bound = ", ".join(f"{k}={n}" for k, n in env.items())
+    for node in graph.nodes:
+        bodies = [a for a in node.attrs.values() if isinstance(a, Graph)]
+        if bodies:   # a fused region: its body's nodes carry the facts, on the same symbols
+            for body in bodies:
+                check_shapes(body, env)
+            continue
+        opdef = get_op(node.op)
+        try:
+            got = opdef.infer(*[v.type.concrete(env) for v in node.inputs],
+                              **opdef.resolve_attrs(node.attrs, env))
+        except ShapeError as e:
+            raise ShapeError(f"{node.where}: with {bound}: {e}") from None
+        got = list(got) if isinstance(got, list | tuple) else [got]
+        for v, t in zip(node.outputs, got, strict=True):
+            if t != v.type.concrete(env):
+                raise ShapeError(f"{node.where}: with {bound} it gives {t}, but the graph "
+                                 f"assumes {v.type} = {v.type.concrete(env)}")
 
 
 class Executable(ABC):
@@ -23,6 +53,7 @@ class Executable(ABC):
         self.graph = graph
         self.input_names = [v.name for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
+        self._sizes_checked: set[tuple] = set()   # symbol bindings that passed check_sizes
 
     def __call__(self, *args, **kwargs):
         if len(args) > len(self.input_names):
@@ -43,8 +74,22 @@ class Executable(ABC):
                 + f" (expected {self.input_names})")
         arrays = [np.asarray(feeds[n]) for n in self.input_names]
         env = bind_shapes([v.type for v in self.graph.inputs], arrays, self.input_names)
+        self.check_sizes(env)
         outs = self.execute(arrays, env)
         return dict(zip(self.output_names, outs, strict=True))
+
+    def check_sizes(self, env: dict[str, int]) -> None:
+        """Once per set of input sizes, before anything runs: the symbolic graph's
+        assumptions hold for them (`check_shapes`) and its intermediates fit in memory."""
+        key = tuple(sorted(env.items()))
+        if key in self._sizes_checked:
+            return
+        check_shapes(self.graph, env)
+        from .plan import peak_memory_bytes
+        check_fits(peak_memory_bytes(self.graph, env),
+                   f"running {self.graph.name} on "
+                   + ", ".join(f"{v.name} {v.type.concrete(env)}" for v in self.graph.inputs))
+        self._sizes_checked.add(key)
 
     @abstractmethod
     def execute(self, arrays: list[np.ndarray], env: dict[str, int]) -> list[np.ndarray]:

@@ -1,28 +1,35 @@
-"""Weight files: `.npz` and `.safetensors`, read and written without pickle.
+"""Weight and input files, `.npz` and `.safetensors`, read as untrusted data.
 
-safetensors is simple enough to do by hand (an 8-byte header length, a JSON header,
-raw little-endian data); the tests check it against the reference library.
+Nothing is ever unpickled, and a file cannot make the reader run past the memory it
+declares. `.safetensors` goes through the `safetensors` library, whose reader checks
+offsets, overlaps, shapes and trailing bytes (a hand-written reader accepted files it
+rejects). `.npz` members are read one at a time from the zip: encrypted members,
+unknown compression, npy headers that do not parse, object dtypes and arrays larger
+than this machine's memory are refused before any data is inflated, and a member
+never inflates past the size its header declares.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import zipfile
 
 import numpy as np
 
 from tensorc.errors import TensorcError
-
-_ST_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "i1", "I32": "<i4",
-              "I64": "<i8", "U8": "u1", "BOOL": "?"}
-_ST_CODES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+from tensorc.files import check_output_path
+from tensorc.resources import physical_memory
 
 
 def save(path: str, tensors: dict[str, np.ndarray]) -> None:
+    check_output_path(path)
     if path.endswith(".safetensors"):
-        _save_safetensors(path, tensors)
+        import safetensors.numpy
+        try:
+            safetensors.numpy.save_file({k: np.ascontiguousarray(v) if np.ndim(v) else
+                                         np.asarray(v) for k, v in tensors.items()}, path)
+        except Exception as e:  # SafetensorError, unsupported dtype
+            raise TensorcError(f"cannot write {path}: {_first_line(e)}") from None
     elif path.endswith(".npz"):
         np.savez(path, **tensors)
     else:
@@ -31,10 +38,19 @@ def save(path: str, tensors: dict[str, np.ndarray]) -> None:
 
 def load(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise TensorcError(f"weights file not found: {path}")
         return _load_safetensors(path)
     return read_npz(path, "an .npz weights file")
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise TensorcError(f"weights file not found: {path}")
+    import safetensors.numpy
+    try:
+        return safetensors.numpy.load_file(path)
+    except Exception as e:  # SafetensorError, or a dtype numpy has no type for
+        raise TensorcError(f"{path} is not a readable .safetensors file "
+                           f"({_first_line(e)})") from None
 
 
 def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
@@ -43,56 +59,70 @@ def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise TensorcError(f"file not found: {path}")
     try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-        data = None  # numpy's own message suggests unpickling: not advice to pass on
-    if not isinstance(data, np.lib.npyio.NpzFile):  # e.g. a bare .npy
-        raise TensorcError(f"{path} is not {what} (not an .npz zip of arrays)")
-    with data:
+        with zipfile.ZipFile(path) as zf:
+            budget = physical_memory()
+            out = {}
+            for info in zf.infolist():
+                out[info.filename.removesuffix(".npy")] = arr = _read_member(zf, info, budget)
+                budget -= arr.nbytes
+            return out
+    except _NpzError as e:
+        raise TensorcError(f"{path} is not {what} ({e})") from None
+    except MemoryError:
+        raise TensorcError(f"{path}: not enough free memory to read it") from None
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
+            ValueError) as e:
+        raise TensorcError(f"{path} is not {what} (not a readable .npz zip of arrays: "
+                           f"{_first_line(e)})") from None
+
+
+class _NpzError(Exception):
+    """A member that is not plain array data."""
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> np.ndarray:
+    name = info.filename
+    if not name.endswith(".npy"):
+        raise _NpzError(f"member {name!r} is not an .npy array")
+    if info.flag_bits & 0x1:
+        raise _NpzError(f"member {name!r} is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _NpzError(f"member {name!r} uses zip compression method {info.compress_type}")
+    with zf.open(info) as f:
         try:
-            return {k: data[k] for k in data.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-            raise TensorcError(f"{path} is not {what} (an entry is unreadable or holds "
-                               "pickled objects, which tensorc never loads)") from None
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, fortran_order, dtype = read_header(f)
+        except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError):
+            raise _NpzError(f"member {name!r} has no valid npy header") from None
+        if any(d < 0 for d in shape):
+            raise _NpzError(f"member {name!r} declares a negative shape {list(shape)}")
+        if dtype.hasobject:
+            raise _NpzError(f"member {name!r} holds pickled objects, which tensorc never "
+                            "loads")
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * dtype.itemsize
+        if nbytes > budget:
+            raise _NpzError(f"member {name!r} declares {list(shape)} {dtype} "
+                            f"({nbytes / 2**30:.3g} GiB), more than the "
+                            f"{max(budget, 0) / 2**30:.3g} GiB of memory left for it")
+        arr = np.empty(count, dtype)
+        view = memoryview(arr.view(np.uint8))
+        filled = 0
+        while filled < nbytes:
+            n = f.readinto(view[filled:])
+            if not n:
+                raise _NpzError(f"member {name!r} is truncated: {filled} of {nbytes} bytes")
+            filled += n
+        if f.read(1):   # a deflate bomb stops here, one read past the declared size
+            raise _NpzError(f"member {name!r} holds more data than its header declares")
+    arr = arr.reshape(shape, order="F" if fortran_order else "C")
+    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
 
 
-def _save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    header, offset, blobs = {}, 0, []
-    for name, arr in tensors.items():
-        arr = np.asarray(arr)  # not ascontiguousarray: it turns a scalar into shape [1]
-        if arr.dtype not in _ST_CODES:
-            raise TensorcError(f"safetensors cannot store {name!r} of dtype {arr.dtype}")
-        data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": _ST_CODES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for b in blobs:
-            f.write(b)
-
-
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        (n,) = struct.unpack("<Q", raw[:8])
-        if 8 + n > len(raw):
-            raise ValueError(f"the header length {n} runs past the end of the file")
-        header = json.loads(raw[8:8 + n])
-        base, out = 8 + n, {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            if base + end > len(raw):
-                raise ValueError(f"tensor {name!r} runs past the end of the file")
-            arr = np.frombuffer(raw, _ST_DTYPES[info["dtype"]], offset=base + begin,
-                                count=(end - begin) // np.dtype(_ST_DTYPES[info["dtype"]]).itemsize)
-            out[name] = arr.reshape(info["shape"]).astype(arr.dtype.newbyteorder("="))
-        return out
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise TensorcError(f"{path} is not a readable .safetensors file ({e})") from None
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

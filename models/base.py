@@ -8,6 +8,7 @@ import numpy as np
 
 from tensorc.errors import TensorcError
 from tensorc.frontend import Module
+from tensorc.resources import check_fits
 
 
 @dataclasses.dataclass
@@ -40,4 +41,5 @@ class ZooModel(Module):
         seq = self.default_seq if seq is None else seq
         if seq > self.config.max_seq_len:
             raise TensorcError(f"seq {seq} exceeds max_seq_len {self.config.max_seq_len}")
+        check_fits(8 * batch * seq, f"example token ids of batch {batch} x seq {seq}")
         return rng.integers(0, self.config.vocab_size, (batch, seq), dtype=np.int64)

@@ -5,6 +5,7 @@ The common `vocab_size` field is the number of classes."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from tensorc.frontend import (
     PatchEmbedding,
     normal,
 )
+from tensorc.resources import check_fits
 
 from .base import Config, ZooModel
 
@@ -66,4 +68,5 @@ class ViT(ZooModel):
                                "and patch_size instead")
         rng = np.random.default_rng(seed)
         shape = (batch, c.channels, c.image_size, c.image_size)
+        check_fits(8 * math.prod(shape), f"example images of shape {list(shape)}")
         return {"pixel_values": rng.standard_normal(shape).astype(np.float32)}

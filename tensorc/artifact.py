@@ -12,11 +12,11 @@ loading it never runs code:
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
 from .errors import TensorcError
+from .files import output_file
 from .frontend.weights import read_npz
 from .ir import Graph, TensorType
 from .text import INLINE_MAX, parse_graph
@@ -47,10 +47,8 @@ def save_artifact(path: str, graph: Graph, inputs: dict[str, np.ndarray], meta: 
             arrays[f"const/{name}"] = v.data
     for name, a in inputs.items():
         arrays[f"input/{name}"] = np.asarray(a)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
+    with output_file(path) as f:  # a file object, so numpy does not append ".npz"
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def load_artifact(path: str) -> tuple[Graph, dict[str, np.ndarray], dict]:
@@ -67,6 +65,12 @@ def load_artifact(path: str) -> tuple[Graph, dict[str, np.ndarray], dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TensorcError(f"{path} is not a tensorc artifact (format {meta.get('format')!r})"
                            if isinstance(meta, dict) else f"{path}: bad artifact metadata")
+    wrong = [k for k in ("name", "model", "preset", "passes", "backend")
+             if meta.get(k) is not None and not isinstance(meta[k], str)]
+    wrong += [k for k in ("config", "overrides") if not isinstance(meta.get(k), dict | None)]
+    if wrong:
+        raise TensorcError(f"{path}: bad artifact metadata: {wrong[0]!r} is a "
+                           f"{type(meta[wrong[0]]).__name__}")
     if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
         raise TensorcError(f"{path} is artifact version {meta.get('version')}; this tensorc "
                            f"reads versions up to {VERSION}")

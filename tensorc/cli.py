@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from .errors import FallbackError, InputError, TensorcError
+from .files import output_file
 from .frontend.weights import read_npz
 from .text import parse_scalar
 
@@ -36,6 +37,16 @@ class _UsageError(TensorcError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other user error
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _seed(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63-1, got {text!r}")
+    return n
 
 
 def _positive_int(text: str) -> int:
@@ -93,7 +104,7 @@ def _pipeline(args, graph, after=None):
 
 def _emit(text: str, path: str | None) -> None:
     if path:
-        with open(path, "w") as f:
+        with output_file(path, "w") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
@@ -254,7 +265,7 @@ def cmd_run(args) -> int:
     exe = get_backend(backend).compile(graph)
     outs = _run_checked(exe, loaded.inputs, args.input)
     if args.output:
-        with open(args.output, "wb") as f:  # a file object, so numpy adds no ".npz"
+        with output_file(args.output) as f:  # a file object, so numpy adds no ".npz"
             np.savez(f, **outs)
         print(f"wrote {len(outs)} output(s) to {args.output}")
     else:
@@ -409,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field of a built-in model (repeatable)")
     g.add_argument("--batch", type=_positive_int, help="batch size of the example inputs")
     g.add_argument("--seq", type=_positive_int, help="sequence length of the example inputs")
-    g.add_argument("--seed", type=int,
+    g.add_argument("--seed", type=_seed,
                    help="seed of the weights and example inputs (default: 0)")
     p = model.add_argument_group("passes")
     p.add_argument("--passes", default="O0", metavar="P",

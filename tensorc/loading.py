@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import numpy as np
 
 from .errors import InputError, TensorcError
 from .ir import DTYPES, Graph, TensorType, dim_symbols, dtype_name, resolve_dim
+from .resources import check_fits
 
 DEFAULT_SEQ = 16  # the sequence length a symbolic `seq` gets when none is given
 INT_INPUT_RANGE = 10  # random integer inputs are drawn from [0, 10): valid ids for any vocab
@@ -45,6 +47,10 @@ class Loaded:
     meta: dict = field(default_factory=dict)
     _inputs: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]] | None = \
         field(default=None, repr=False)
+
+    def __post_init__(self):
+        # The name comes from a file or its metadata and is printed: no terminal escapes.
+        self.name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in self.name)
 
     @property
     def inputs(self) -> dict[str, np.ndarray]:
@@ -192,6 +198,10 @@ def bind_symbols(graph: Graph, batch: int | None = None, seq: int | None = None,
                     raise TensorcError(f"cannot choose a size for dim {sym!r} of input "
                                        f"%{v.name}: {v.type}; only dims named like batch "
                                        "or seq are set (by --batch and --seq)")
+    for flag, value in (("batch", batch), ("seq", seq)):
+        if value is not None and not any(flag in s.lower() for s in env):
+            raise TensorcError(f"graph {graph.name} has no input dim named like {flag}, so "
+                               f"--{flag} does not apply (its input shapes are fixed)")
     return env
 
 
@@ -201,6 +211,8 @@ def random_inputs(graph: Graph, batch: int | None = None, seq: int | None = None
     """Seeded random inputs for the graph's input types: floats standard normal,
     integers in [0, 10), booleans fair coin flips."""
     env = bind_symbols(graph, batch, seq, bindings)
+    check_fits(sum(8 * math.prod(resolve_dim(d, env) for d in v.type.shape)
+                   for v in graph.inputs), f"random inputs for {graph.name}")
     rng = np.random.default_rng(seed)
     out = {}
     for v in graph.inputs:

@@ -87,6 +87,8 @@ def parse_scalar(tok: str):
     if tok in ("inf", "-inf", "nan"):
         return float(tok)
     if re.fullmatch(r"-?\d+", tok):
+        if len(tok) > 40:   # Python refuses to parse ints past 4300 digits; no dim needs 40
+            raise ParseError(f"the number {tok[:12]}... has {len(tok)} digits: too large")
         return int(tok)
     try:
         return float(tok)
@@ -108,7 +110,11 @@ def _literal(ts: _Tokens):
         return json.loads(tok)
     if tok == "graph":
         return _graph(ts)
-    return parse_scalar(ts.next("atom"))
+    line = ts.line()
+    try:
+        return parse_scalar(ts.next("atom"))
+    except ParseError as e:
+        raise ParseError(f"line {line}: {e}") from None
 
 
 def _type(ts: _Tokens) -> TensorType:
@@ -116,6 +122,10 @@ def _type(ts: _Tokens) -> TensorType:
     dims = _literal(ts)
     if not isinstance(dims, tuple):
         raise ParseError(f"line {ts.line()}: expected a shape after {dtype}")
+    bad = [d for d in dims if isinstance(d, bool) or not isinstance(d, int | str)]
+    if bad:
+        raise ParseError(f"line {ts.line()}: dim {bad[0]!r} of {dtype} is neither an "
+                         "integer nor a name")
     try:
         return TensorType(dims, dtype)
     except TensorcError as e:  # unknown dtype, negative dim
@@ -125,7 +135,10 @@ def _type(ts: _Tokens) -> TensorType:
 def parse_graph(text: str) -> Graph:
     """Parse the text form back into a `Graph` (large constants come without data)."""
     ts = _Tokens(text)
-    g = _graph(ts)
+    try:
+        g = _graph(ts)
+    except RecursionError:
+        raise ParseError(f"line {ts.line()}: brackets or graphs nested too deeply") from None
     if ts.peek() is not None:
         raise ParseError(f"line {ts.line()}: unexpected text after the graph")
     return g

@@ -152,23 +152,55 @@ class TensorType:
 
 def bind_shapes(types: list[TensorType], arrays: list[np.ndarray], names: list[str]
                 ) -> dict[str, int]:
-    """Check arrays against declared types and return the symbol bindings."""
+    """Check arrays against declared types and return the symbol bindings. Plain
+    symbols bind first; product dims (`2*seq`) are then checked against them, or bind
+    their one unknown symbol when the size divides evenly."""
     env: dict[str, int] = {}
     origin: dict[str, str] = {}  # symbol -> the input that bound it, for the error
-    for t, a, name in zip(types, arrays, names, strict=True):
-        a = np.asarray(a)
+    products = []                # (dim, size, index of the input)
+    arrays = [np.asarray(a) for a in arrays]
+
+    def mismatch(i: int) -> InputError:
+        t, a, name = types[i], arrays[i], names[i]
+        got = f"{dtype_name(a.dtype) if a.dtype in _NAME_OF_DTYPE else a.dtype}"
+        return InputError(f"input {name!r}: expected {t}, got {got}{list(a.shape)}"
+                          + (" (with " + ", ".join(f"{k}={v} from {origin[k]}"
+                                                   for k, v in env.items()) + ")"
+                             if env else ""))
+
+    for i, (t, a, name) in enumerate(zip(types, arrays, names, strict=True)):
         bad = a.ndim != t.rank or dtype_name(a.dtype) != t.dtype
         if not bad:
             for d, n in zip(t.shape, a.shape, strict=True):
                 if isinstance(d, int):
                     bad |= d != n
-                elif "*" not in d:
+                elif "*" in d:
+                    products.append((d, n, i))
+                else:
                     bad |= env.setdefault(d, n) != n
                     origin.setdefault(d, f"{name!r} {list(a.shape)}")
         if bad:
-            got = f"{dtype_name(a.dtype) if a.dtype in _NAME_OF_DTYPE else a.dtype}"
-            raise InputError(f"input {name!r}: expected {t}, got {got}{list(a.shape)}"
-                             + (" (with " + ", ".join(f"{k}={v} from {origin[k]}"
-                                                      for k, v in env.items()) + ")"
-                                if env else ""))
+            raise mismatch(i)
+    while products:
+        waiting = []
+        for d, n, i in products:
+            coef, syms = _split_dim(d)
+            unbound = [s for s in syms if s not in env]
+            known = coef * math.prod(env[s] ** k for s, k in syms.items() if s in env)
+            if not unbound:
+                if known != n:
+                    raise mismatch(i)
+            elif len(unbound) == 1 and syms[unbound[0]] == 1:
+                if known == 0 or n % known:
+                    raise mismatch(i)
+                env[unbound[0]] = n // known
+                origin[unbound[0]] = f"{names[i]!r} {list(arrays[i].shape)}"
+            else:
+                waiting.append((d, n, i))
+        if len(waiting) == len(products):   # nothing more can be bound: ambiguous
+            d, n, i = waiting[0]
+            raise InputError(f"input {names[i]!r}: dim {d} = {n} does not say what "
+                             f"{' and '.join(s for s in _split_dim(d)[1] if s not in env)} "
+                             "are; bind them through another input")
+        products = waiting
     return env

@@ -16,7 +16,7 @@ if host_compiler() is None:
     pytest.skip("g++ not installed: the CUDA emulator needs a C++20 host compiler",
                 allow_module_level=True)
 
-HEAD_DIMS = [(16, 16), (8, 24)]
+HEAD_DIMS = [(16, 16), (8, 24), (6, 80)]   # 8 and 4 warps; d not a multiple of 4
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ ATTENTION_CASES = {
     "plain": dict(b=1, h=2, t=37, s=45, d=16, dv=16, scale=0.25),
     "causal": dict(b=2, h=1, t=40, s=40, d=16, dv=16, scale=0.25, causal=True),
     "shared-kv-head": dict(b=1, h=3, t=9, s=33, d=8, dv=24, hk=1, scale=0.3),
+    "wide-value-odd-head-dim": dict(b=1, h=2, t=21, s=37, d=6, dv=80, scale=0.4, causal=True),
     "padding-bool": dict(b=2, h=1, t=20, s=35, d=16, dv=16, scale=0.25,
                          mask=np.arange(35)[None, None, None, :] < np.array([35, 17])[
                              :, None, None, None]),

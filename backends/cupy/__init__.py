@@ -7,8 +7,10 @@
 Per set of input shapes the graph is lowered once (`backends/lower.py`) to the same
 Program the LLVM backend runs: its loop-nest kernels are rendered to CUDA C by
 `cuda_codegen.py` and loaded with `cupy.RawModule` (one module per Program, cached
-by source hash); matmuls go to cuBLAS through `cupy.matmul`, their fused bias /
-activation / residual to a small epilogue kernel; `attention` calls run the
+by source hash); float32 matmuls are cuBLAS strided-batched GEMMs planned once per
+Program on the views as they lie (`gemm.py`; called through ctypes, since cupy's
+cuBLAS wrappers refuse to run during a CUDA-graph capture), their fused bias /
+activation / residual a small epilogue kernel; `attention` calls run the
 flash-attention kernel of `kernels.py`; the few steps without a GPU lowering run
 their numpy reference on the host. Device memory is one arena per Program from
 cupy's pool, laid out by the Program's liveness plan. Each Program's launch
@@ -16,11 +18,11 @@ sequence is captured once in a CUDA graph and replayed (unless it has host steps
 
 Precision: float32 matmuls use full fp32 (TF32 off) so results match numpy at
 1e-4. `precision="tf32"` lets cuBLAS use TF32 tensor cores (inputs rounded to 10
-mantissa bits); `precision="fp16"` multiplies fp16-rounded inputs with fp32
-accumulation and rounds the product to fp16. Their error budgets, max relative
-error on the built-in models, are 1e-2 (tf32) and 2e-2 (fp16): what the GPU tests
-assert; no GPU has measured them yet. cupy has no bfloat16 array type, so there
-is no bf16 mode.
+mantissa bits); `precision="fp16"` lets it round inputs to fp16 for the tensor
+cores (CUBLAS_COMPUTE_32F_FAST_16F: fp32 data, fp32 accumulation). Everything else
+stays float32. The GPU tests hold them to max relative errors of 1e-2 (tf32) and
+2e-2 (fp16) on the built-in models; benchmarks/README.md has the measured ones.
+cupy has no bfloat16 array type, so there is no bf16 mode.
 
 This module imports without cupy; `get_backend("cupy")` raises a TensorcError
 naming why the backend is unavailable.
@@ -37,8 +39,9 @@ from tensorc.errors import InputError, TensorcError
 from tensorc.ir import DTYPES, Graph, bind_shapes, dim_symbols
 from tensorc.ops import get_op
 
-from .. import Backend, Executable
+from .. import Backend, Executable, check_shapes
 from .. import lowering as L
+from . import gemm
 from . import kernels as lib
 from .cuda_codegen import render_kernel
 
@@ -50,7 +53,8 @@ def unavailable_reason() -> str | None:
     try:
         import cupy
     except ImportError:
-        return "cupy is not installed (pip install tensorc[gpu])"
+        return ("cupy is not installed (pip install tensorc[gpu] for CUDA 12, "
+                "tensorc[gpu-cuda13] for CUDA 13)")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CUDARuntimeError, or a driver that fails to load
@@ -131,12 +135,39 @@ class CupyRuntime:
     def to_host(self, a) -> np.ndarray:
         return self.cp.asnumpy(a)
 
-    def matmul(self, a, b, out, precision: str) -> None:
-        _set_compute_type(self.cp, precision)
-        if precision == "fp16" and a.dtype == np.float32:
-            out[...] = self.cp.matmul(a.astype(np.float16), b.astype(np.float16))
-        else:
-            self.cp.matmul(a, b, out=out)
+    def bind_matmul(self, a, b, out, precision: str):
+        """A function computing out = a @ b with cuBLAS, planned once for these views.
+        float32 goes through our own cuBLAS (cupy refuses cuBLAS calls while a CUDA
+        graph is being captured); other dtypes through cupy.matmul (never captured)."""
+        cp = self.cp
+        if not a.dtype == b.dtype == out.dtype == np.float32:
+            return lambda: cp.matmul(a, b, out=out)
+        copies = []   # operands cuBLAS cannot read in place, copied before each call
+
+        def operand(x):
+            if not gemm.needs_copy(x.shape, [st // x.itemsize for st in x.strides]):
+                return x
+            y = cp.empty(x.shape, x.dtype)
+            copies.append(lambda: y.__setitem__(Ellipsis, x))
+            return y
+
+        a2, b2 = operand(a), operand(b)
+        c2 = out if out.flags.c_contiguous else cp.empty(out.shape, out.dtype)
+        calls = gemm.plan_gemm(*(
+            v for x in (a2, b2, c2) for v in (x.shape, [st // x.itemsize for st in x.strides])))
+        blas = _cublas(cp)
+        args = [blas.gemm_args(g, a2.data.ptr, b2.data.ptr, c2.data.ptr, precision)
+                for g in calls]
+        copy_out = (lambda: None) if c2 is out else (lambda: out.__setitem__(Ellipsis, c2))
+
+        def run():
+            for f in copies:
+                f()
+            blas.set_stream(cp.cuda.get_current_stream().ptr)
+            for g in args:
+                blas.gemm(*g)
+            copy_out()
+        return run
 
     def synchronize(self) -> None:
         self.cp.cuda.get_current_stream().synchronize()
@@ -145,32 +176,110 @@ class CupyRuntime:
         """A CUDA graph of `run()`'s launches on a private stream, replayed by calling
         the returned function; raises if the stream cannot be captured."""
         stream = self.cp.cuda.Stream(non_blocking=True)
-        with stream:
-            run()                      # warm up: modules loaded, pool blocks cached
+        # Temporaries that cupy allocates while recording get addresses baked into
+        # the graph, so they come from a pool of the graph's own:
+        # freed into the shared pool they could be handed to an array the caller keeps,
+        # and the next replay would overwrite it. The warm-up fills this pool with the
+        # blocks the recording asks for, so nothing is cudaMalloc'ed while capturing.
+        pool = self.cp.cuda.MemoryPool()
+        with stream, self.cp.cuda.using_allocator(pool.malloc):
+            run()
             stream.synchronize()
             stream.begin_capture()
             try:
                 run()
             finally:
                 graph = stream.end_capture()
+
         def replay():
             # The inputs were copied in on the caller's stream: finish that first.
             self.cp.cuda.get_current_stream().synchronize()
             graph.launch(stream)
             stream.synchronize()
+        replay.pool = pool             # lives as long as the graph
         return replay
 
 
-# cuBLAS compute types as cupy numbers them (cupy/_core/_routines_linalg).
-_COMPUTE_FP32, _COMPUTE_TF32 = 4, 7
+class _Cublas:
+    """cuBLAS called directly (ctypes releases the GIL): cupy's wrappers refuse to run
+    while a stream is capturing, cuBLAS itself captures fine. One handle per process,
+    with a workspace of its own so that a capture never allocates; executables run
+    one call at a time (each replay and eager run ends synchronised), so they share
+    it safely."""
+
+    R_32F = 0                                   # cudaDataType
+    COMPUTE = {"fp32": 68, "tf32": 77, "fp16": 74}   # cublasComputeType_t: 32F, 32F_FAST_TF32,
+    GEMM_DEFAULT = -1                                # 32F_FAST_16F
+    WORKSPACE_BYTES = 32 << 20
+
+    def __init__(self, cp):
+        import ctypes as C
+        lib = _load_cublas(C)
+        self.handle = C.c_void_p()
+        _check(lib.cublasCreate_v2(C.byref(self.handle)), "cublasCreate")
+        self.workspace = cp.empty(self.WORKSPACE_BYTES, np.uint8)
+        lib.cublasSetWorkspace_v2.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t]
+        _check(lib.cublasSetWorkspace_v2(self.handle, self.workspace.data.ptr,
+                                         self.WORKSPACE_BYTES), "cublasSetWorkspace")
+        lib.cublasSetStream_v2.argtypes = [C.c_void_p, C.c_void_p]
+        i, ll, p = C.c_int, C.c_longlong, C.c_void_p
+        self._gemm = lib.cublasGemmStridedBatchedEx
+        self._gemm.argtypes = [p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i, i, ll,
+                               i, i, i]
+        self._set_stream = lib.cublasSetStream_v2
+        # alpha and beta: host memory, read by each call (and baked into a captured graph)
+        self.one, self.zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+    def gemm_args(self, g: gemm.GemmCall, pa: int, pb: int, pc: int, precision: str):
+        f32 = self.R_32F
+        return (self.handle, g.op_b, g.op_a, g.m, g.n, g.k, self.one.ctypes.data,
+                pb + 4 * g.offset_b, f32, g.ld_b, g.stride_b,
+                pa + 4 * g.offset_a, f32, g.ld_a, g.stride_a,
+                self.zero.ctypes.data, pc + 4 * g.offset_c, f32, g.ld_c, g.stride_c,
+                g.batch, self.COMPUTE[precision], self.GEMM_DEFAULT)
+
+    def gemm(self, *args) -> None:
+        _check(self._gemm(*args), "cublasGemmStridedBatchedEx")
+
+    def set_stream(self, stream_ptr: int) -> None:
+        _check(self._set_stream(self.handle, stream_ptr), "cublasSetStream")
 
 
-def _set_compute_type(cp, precision: str) -> None:
-    linalg = cp._core._routines_linalg
-    tf32 = getattr(linalg, "COMPUTE_TYPE_TF32", _COMPUTE_TF32)
-    fp32 = getattr(linalg, "COMPUTE_TYPE_FP32", _COMPUTE_FP32)
-    linalg.set_compute_type(np.float32, tf32 if precision == "tf32" else fp32)
-    linalg.set_compute_type(np.float16, fp32)   # fp16 inputs, fp32 accumulation
+def _load_cublas(ctypes):
+    """The libcublas cupy uses (found the way cupy finds it), else the system's."""
+    paths = []
+    try:   # cupy >= 14 finds its CUDA libraries with cuda.pathfinder
+        from cuda import pathfinder
+        paths.append(pathfinder.load_nvidia_dynamic_lib("cublas").abs_path)
+    except Exception:  # older cupy: the nvidia-cublas wheel, else the loader's search path
+        try:
+            import nvidia.cublas
+            lib_dir = Path(next(iter(nvidia.cublas.__path__))) / "lib"
+            paths += sorted(str(p) for p in lib_dir.glob("libcublas.so.*"))
+        except Exception:
+            pass
+    for path in [*filter(None, paths), "libcublas.so.13", "libcublas.so.12", "libcublas.so"]:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    raise TensorcError("the cupy backend cannot load libcublas")
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise TensorcError(f"{what} failed: cuBLAS status {status}")
+
+
+_CUBLAS: dict[int, _Cublas] = {}
+
+
+def _cublas(cp) -> _Cublas:
+    """This process's cuBLAS for the current device (made once, kept)."""
+    device = cp.cuda.runtime.getDevice()
+    if device not in _CUBLAS:
+        _CUBLAS[device] = _Cublas(cp)
+    return _CUBLAS[device]
 
 
 # --- the executable ---------------------------------------------------------------------
@@ -246,8 +355,10 @@ class _Prepared:
             e = _epilogue_launch(epi, outs[0], step.where)
             efn = self.fns[e.kernel.name] if e else None
 
+            gemm_call = rt.bind_matmul(*ins, outs[0], self.precision)
+
             def matmul():
-                rt.matmul(*ins, outs[0], self.precision)
+                gemm_call()
                 if e:
                     rt.launch(efn, e.kernel.params, e.grid, e.block, e.args)
             return matmul
@@ -361,6 +472,7 @@ class CupyExecutable(Executable):
     def prepared(self, env: dict[str, int]) -> _Prepared:
         key = tuple(sorted(env.items()))
         if key not in self._prepared:
+            check_shapes(self.graph, env)   # device memory is cupy's to refuse
             self._prepared[key] = _Prepared(self, L.lower(self.graph, env))
             self.stats["programs"] += 1
         return self._prepared[key]

@@ -25,6 +25,8 @@ import numpy as np
 
 from tensorc.errors import TensorcError
 
+from . import gemm
+
 HEADER = r"""
 #include <barrier>
 #include <cmath>
@@ -239,11 +241,27 @@ class EmulatedRuntime:
             raise RuntimeError("operation not permitted when stream is capturing")
         return np.array(a)
 
-    def matmul(self, a, b, out, precision: str) -> None:
-        if self._recording is not None:
-            self._recording.append(lambda: np.matmul(a, b, out=out))
-            return
-        np.matmul(a, b, out=out)
+    def bind_matmul(self, a, b, out, precision: str):
+        """float32: the GPU's cuBLAS plan, run by numpy; anything else: np.matmul."""
+        if not a.dtype == b.dtype == out.dtype == np.float32:
+            return self._recordable(lambda: np.matmul(a, b, out=out))
+        a2 = np.ascontiguousarray(a) if gemm.needs_copy(a.shape, _elem(a)) else a
+        b2 = np.ascontiguousarray(b) if gemm.needs_copy(b.shape, _elem(b)) else b
+        calls = gemm.plan_gemm(a2.shape, _elem(a2), b2.shape, _elem(b2), out.shape, _elem(out))
+
+        def run():
+            a3 = np.ascontiguousarray(a) if a2 is not a else a   # copies made per call
+            b3 = np.ascontiguousarray(b) if b2 is not b else b
+            gemm.run_plan_numpy(calls, _flat(a3), _flat(b3), _flat(out))
+        return self._recordable(run)
+
+    def _recordable(self, fn):
+        def call():
+            if self._recording is not None:
+                self._recording.append(fn)
+            else:
+                fn()
+        return call
 
     def capture(self, run):
         run()                                   # warm-up, as on the GPU
@@ -261,3 +279,13 @@ class EmulatedRuntime:
 
     def synchronize(self) -> None:
         pass
+
+
+def _elem(a: np.ndarray) -> list[int]:
+    return [s // a.itemsize for s in a.strides]
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A flat array over the memory `a` spans, from its first element on."""
+    span = 1 + sum((n - 1) * s for n, s in zip(a.shape, _elem(a), strict=True) if s > 0)
+    return np.lib.stride_tricks.as_strided(a, (span,), (a.itemsize,))

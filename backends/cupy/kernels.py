@@ -340,7 +340,8 @@ def flash_attention_kernel(head_dim: int, value_dim: int) -> LibraryKernel:
 def all_library_kernels() -> list[LibraryKernel]:
     """Every hand-written kernel, with the head dims the built-in models use and the
     edge cases (head dims that are not a multiple of 32, the largest supported)."""
-    dims = [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (64, 32)]
+    dims = [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (64, 32),
+            (6, 80)]
     return [softmax_kernel(), layer_norm_kernel(), gemm_epilogue_kernel()] + [
         flash_attention_kernel(d, dv) for d, dv in dims]
 

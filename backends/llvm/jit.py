@@ -6,9 +6,14 @@
 The module is optimised at O3 (loop and SLP vectorisation on) for the host CPU's
 name and features, turned into an object file, and loaded with MCJIT. Object
 files are cached under `$TENSORC_CACHE_DIR` (default `~/.cache/tensorc`), keyed
-by a hash of the IR text, the target and the llvmlite version. Each cache entry
-carries a checksum of its payload; an entry that fails the check or fails to
-load is rebuilt, never trusted. Engines are kept alive for the life of the
+by a hash of the IR text, the target and the llvmlite version. The cache is
+untrusted: LLVM crashes on a malformed object file, so only an object this user's
+tensorc wrote is loaded. Each entry carries its own key and an HMAC of key and
+payload under a secret kept in the cache folder (`key`, mode 0600, owned by this
+user; if it is anything else the disk cache is not used). Only a regular file
+(not a link, FIFO or device) of bounded size is read; an entry that fails a check
+is rebuilt. Each engine gets a target machine of its own (MCJIT takes ownership of
+it and frees it with the engine). Engines are kept alive for the life of the
 process, so the returned addresses stay valid.
 """
 
@@ -16,7 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import hmac
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -26,7 +33,8 @@ import llvmlite.binding as llvm
 
 from tensorc.errors import TensorcError
 
-_MAGIC = b"TCOBJ1\n"
+_MAGIC = b"TCOBJ2\n"
+_MAX_ENTRY = 256 << 20  # bytes; a kernel module's object is far smaller
 _lock = threading.Lock()
 _engines: list = []  # keep every engine (and so its code) alive
 _memo: dict[str, dict[str, int]] = {}  # key -> addresses, for this process
@@ -48,10 +56,13 @@ class _Target:
         self.triple = llvm.get_process_triple()
         self.cpu = llvm.get_host_cpu_name()
         self.features = llvm.get_host_cpu_features().flatten()
-        target = llvm.Target.from_triple(self.triple)
-        self.machine = target.create_target_machine(
-            cpu=self.cpu, features=self.features, opt=3, reloc="static", codemodel="jitdefault")
+        self.machine = self.new_machine()
         self.fingerprint = "|".join([self.triple, self.cpu, self.features, llvmlite.__version__])
+
+
+    def new_machine(self):
+        return llvm.Target.from_triple(self.triple).create_target_machine(
+            cpu=self.cpu, features=self.features, opt=3, reloc="static", codemodel="jitdefault")
 
 
 _target: _Target | None = None
@@ -107,28 +118,80 @@ def _build_object(ir_text: str) -> bytes:
     return target().machine.emit_object(mod)
 
 
-def _read_entry(path: Path) -> bytes | None:
-    """The payload of a cache entry, or None if it is missing or fails its checksum."""
+_SECRET_BYTES = 32
+_secrets: dict[Path, bytes | None] = {}   # cache folder -> its secret (None: unusable)
+
+
+def cache_secret(folder: Path) -> bytes | None:
+    """The HMAC secret of a cache folder, made on first use; None if the file there is
+    not a private regular file of this user (then nothing is read from or written to
+    the cache)."""
+    if folder not in _secrets:
+        _secrets[folder] = _read_or_make_secret(folder / "key")
+    return _secrets[folder]
+
+
+def _read_or_make_secret(path: Path) -> bytes | None:
     try:
-        blob = path.read_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(_SECRET_BYTES))
+    except FileExistsError:
+        pass
     except OSError:
         return None
-    head = len(_MAGIC) + 32
-    if len(blob) < head or not blob.startswith(_MAGIC):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
         return None
-    digest, payload = blob[len(_MAGIC):head], blob[head:]
-    if hashlib.sha256(payload).digest() != digest:
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None
+        secret = f.read(_SECRET_BYTES + 1)
+    return secret if len(secret) == _SECRET_BYTES else None
+
+
+def _mac(secret: bytes, key: str, payload: bytes) -> bytes:
+    return hmac.new(secret, key.encode() + b"\0" + payload, hashlib.sha256).digest()
+
+
+def entry_bytes(key: str, payload: bytes, secret: bytes) -> bytes:
+    """A cache entry: magic, its own key, the HMAC of key and payload, the payload."""
+    return _MAGIC + key.encode() + _mac(secret, key, payload) + payload
+
+
+def _read_entry(path: Path, key: str, secret: bytes) -> bytes | None:
+    """The payload of the cache entry for `key`, or None if there is none or it is not
+    a regular file of bounded size holding this key and a valid HMAC."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:   # missing, a symlink (O_NOFOLLOW), unreadable
         return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_ENTRY:
+        os.close(fd)
+        return None   # a directory, FIFO or device: unreadable, endless or hanging
+    with os.fdopen(fd, "rb") as f:
+        blob = f.read(_MAX_ENTRY + 1)
+    head = len(_MAGIC) + 64 + 32
+    if len(blob) <= head or not blob.startswith(_MAGIC):
+        return None
+    stored_key = blob[len(_MAGIC):len(_MAGIC) + 64]
+    mac, payload = blob[len(_MAGIC) + 64:head], blob[head:]
+    if stored_key != key.encode() or not hmac.compare_digest(mac, _mac(secret, key, payload)):
+        return None   # another key's entry copied here, damaged, or not written by us
     return payload
 
 
-def _write_entry(path: Path, payload: bytes) -> None:
+def _write_entry(path: Path, key: str, payload: bytes, secret: bytes) -> None:
     """Atomic write (temp file + rename) so a crash never leaves a half entry behind."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.write(entry_bytes(key, payload, secret))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only or full cache only costs a recompile next time
@@ -136,7 +199,7 @@ def _write_entry(path: Path, payload: bytes) -> None:
 
 def _load(obj: bytes, symbols: list[str]) -> dict[str, int]:
     # An empty module gives MCJIT its target; the object file brings the code.
-    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target().machine)
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target().new_machine())
     engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
     engine.finalize_object()
     addrs = {s: engine.get_function_address(s) for s in symbols}
@@ -158,8 +221,10 @@ def compile_ir(ir, symbols: list[str]) -> dict[str, int]:
         if key in _memo and all(s in _memo[key] for s in symbols):
             stats["memo_hits"] += 1
             return {s: _memo[key][s] for s in symbols}
-        path = cache_dir() / key[:2] / (key + ".o")
-        obj = _read_entry(path)
+        folder = cache_dir()
+        secret = cache_secret(folder)
+        path = folder / key[:2] / (key + ".o")
+        obj = _read_entry(path, key, secret) if secret else None
         addrs = None
         if obj is not None:
             try:
@@ -167,12 +232,13 @@ def compile_ir(ir, symbols: list[str]) -> dict[str, int]:
                 stats["disk_hits"] += 1
             except Exception:  # an entry that does not load: rebuild it below
                 stats["corrupt"] += 1
-        elif path.exists():
+        elif secret and os.path.lexists(path):
             stats["corrupt"] += 1
         if addrs is None:
             obj = _build_object(text)
             addrs = _load(obj, symbols)
-            _write_entry(path, obj)
+            if secret:
+                _write_entry(path, key, obj, secret)
         _memo[key] = addrs
         return dict(addrs)
 

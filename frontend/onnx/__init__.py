@@ -15,6 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from tensorc.errors import TensorcError
+from tensorc.files import check_output_path
 from tensorc.ir import Graph
 
 from .exporter import to_model
@@ -55,6 +56,9 @@ def save(graph: Graph, path: str | os.PathLike, external_data: bool = False) -> 
     `external_data`, as large models need)."""
     model = to_model(graph)
     path = os.fspath(path)
+    check_output_path(path)
+    if external_data:
+        check_output_path(path + ".data")
     try:
         onnx.save(model, path, save_as_external_data=external_data,
                   location=os.path.basename(path) + ".data" if external_data else None,
