@@ -43,9 +43,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "erf",
-             "sigmoid", "relu", "sin", "cos", "floor", "not")
-ARITH_OPS = ("add", "sub", "mul", "div", "pow", "max", "min", "mod", "floordiv")
 COMPARE_OPS = ("eq", "lt", "le", "gt", "ge")
 LOGIC_OPS = ("and", "or")
 FLOAT_DTYPES = ("f16", "f32", "f64")

@@ -218,7 +218,8 @@ def main() -> None:
     if tc is None:
         sys.exit("the tensorc worker failed")
     env_desc = ", ".join(f"{key}={here[key]}" for key in UNSET if key in here) or "none set"
-    print(f"threads: {tc['threads']} (every peer); this machine's OpenBLAS env: {env_desc}")
+    pinned = " (every peer)" if args.threads else " (tensorc; the others use their defaults)"
+    print(f"threads: {tc['threads']}{pinned}; this machine's OpenBLAS env: {env_desc}")
     for label, res in (("numpy (machine env)", np_here), ("numpy (env unset)", np_unset)):
         print(f"{label}: OpenBLAS core {res['core'] if res else 'n/a'}")
     if ort_res:

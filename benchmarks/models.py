@@ -1,6 +1,7 @@
 """Model latency: tensorc llvm vs tensorc numpy vs ONNX Runtime vs PyTorch CPU.
 
     .venv/bin/python benchmarks/models.py [--models gpt,bert,vit] [--rounds 10] [--runs 3]
+        [--threads N] [--baseline CHECKOUT]
 
 Small presets, batch 1, seq 128, same weights everywhere (ONNX Runtime runs
 tensorc's own ONNX export of the traced graph; PyTorch, eager and torch.compile,
@@ -9,7 +10,11 @@ it with `pip install torch==2.13.0`, a CPU wheel). Prints a markdown table of
 medians; ratios are against the llvm backend. Every engine runs in its own
 worker process and the engines take turns, a few runs per round, so changes in
 machine load hit all of them alike. numpy runs twice: with this machine's
-OPENBLAS_CORETYPE and with it unset.
+OPENBLAS_CORETYPE and with it unset. Every engine runs on `--threads` threads (default:
+the cores this process may use): TENSORC_NUM_THREADS, OPENBLAS_NUM_THREADS and
+OMP_NUM_THREADS, ONNX Runtime's intra-op pool, torch.set_num_threads.
+`--baseline CHECKOUT` adds an "llvm (baseline)" engine running tensorc from another
+source checkout (e.g. `git archive main | tar -x -C /tmp/main`), in the same rounds.
 Compile times (lowering, code generation, JIT or cache load, weight packing) are
 taken in fresh processes: "cold" with an empty disk cache, "cached" with it filled.
 """
@@ -54,7 +59,9 @@ def engine(peer: str, name: str, seq: int):
     import onnxruntime as ort
     path = os.path.join(tempfile.mkdtemp(), "model.onnx")
     save(g, path)
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = _threads()
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     ort_feeds = {i.name: feeds[i.name] for i in sess.get_inputs()}
     return lambda: sess.run(None, ort_feeds)
 
@@ -64,6 +71,7 @@ def torch_engine(peer: str, g, feeds):
         return "not installed"
     import torch
     from torch_peer import torch_runner  # beside this script
+    torch.set_num_threads(_threads())
 
     from tensorc.passes import run_pipeline
     fn = torch_runner(run_pipeline(g, "O1,fuse-attention"), torch)
@@ -124,7 +132,13 @@ def answer(proc: subprocess.Popen):
     return json.loads(line)
 
 
-def interleaved(name, seq, rounds: int, runs: int) -> dict[str, float | str]:
+def _threads() -> int:
+    """The thread count every engine uses (the parent sets it for the workers)."""
+    return int(os.environ["TENSORC_NUM_THREADS"])
+
+
+def interleaved(name, seq, rounds: int, runs: int, baseline: str | None = None
+                ) -> dict[str, float | str]:
     """Median ms per engine. Each engine lives in its own process (BLAS and ORT threads
     spin after a call and would slow the next engine in the same process); the engines
     take turns, a few runs each per round, so a change in machine load hits all alike.
@@ -134,6 +148,8 @@ def interleaved(name, seq, rounds: int, runs: int) -> dict[str, float | str]:
     configs = {"llvm": ("llvm", {}), "numpy": ("numpy", {}),
                "numpy_unset": ("numpy", {"OPENBLAS_CORETYPE": None}), "ort": ("ort", {}),
                "torch": ("torch", {}), "torch_compile": ("torch_compile", {})}
+    if baseline:
+        configs["llvm_baseline"] = ("llvm", {"PYTHONPATH": os.path.abspath(baseline)})
     procs, times, result = {}, {}, {}
     for key, (peer, env) in configs.items():  # start one at a time: no contention
         procs[key] = start(peer, name, seq, env)
@@ -163,13 +179,13 @@ def compile_times(name, seq) -> list:
                 for _ in range(2)]
 
 
-def bench_model(name: str, seq: int, rounds: int, runs: int) -> dict:
+def bench_model(name: str, seq: int, rounds: int, runs: int, baseline=None) -> dict:
     import tensorc
     from tensorc.backends.llvm import LLVMExecutable
     from tensorc.passes import run_pipeline
     row = {"model": name}
     row["compile_cold_s"], row["compile_cached_s"] = compile_times(name, seq)
-    for key, ms in interleaved(name, seq, rounds, runs).items():
+    for key, ms in interleaved(name, seq, rounds, runs, baseline).items():
         row[key + "_ms"] = ms
     _, feeds, g = build(name, seq)
     exe = LLVMExecutable(run_pipeline(g, "O2"))
@@ -194,7 +210,14 @@ def ratio(x, base) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | llvm ms | numpy ms (OPENBLAS_CORETYPE as set) | numpy ms (unset) | "
+    if "llvm_baseline_ms" in rows[0]:
+        lines = ["| model | llvm ms | llvm (baseline) ms |", "| --- | --- | --- |"]
+        lines += [f"| {r['model']} | {fmt(r['llvm_ms'])} | {fmt(r['llvm_baseline_ms'])} "
+                  f"({ratio(r['llvm_baseline_ms'], r['llvm_ms'])}) |" for r in rows]
+        lines.append("")
+    else:
+        lines = []
+    lines += ["| model | llvm ms | numpy ms (OPENBLAS_CORETYPE as set) | numpy ms (unset) | "
              "ONNX Runtime ms | PyTorch eager ms | torch.compile ms | "
              "llvm compile cold / cached s | llvm rel err |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -217,16 +240,22 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3, help="runs per engine per round")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="threads for every engine (default: the cores this process may use)")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also time llvm from this source checkout, in the same rounds")
     ap.add_argument("--worker", nargs=2, metavar=("PEER", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.seq)
         return
-    from tensorc.backends.llvm.runtime import num_threads
-    rows = [bench_model(m, args.seq, args.rounds, args.runs) for m in args.models.split(",")]
+    for key in ("TENSORC_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ[key] = str(args.threads)   # the workers inherit it
+    rows = [bench_model(m, args.seq, args.rounds, args.runs, args.baseline)
+            for m in args.models.split(",")]
     print(f"small presets, batch 1, seq {args.seq} (vit: 197 tokens), pipeline O2, "
-          f"{num_threads()} threads, medians of {args.rounds} interleaved rounds of {args.runs} "
-          f"runs (numpy: 1); "
+          f"{args.threads} threads for every engine, medians of {args.rounds} interleaved "
+          f"rounds of {args.runs} runs (numpy: 1); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}\n")
     print(table(rows))
     for r in rows:

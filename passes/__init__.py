@@ -2,85 +2,25 @@
 
 A pass is a named function ``Graph -> Graph``. A pipeline is text: comma-separated
 pass or pipeline names, each with optional arguments (``O2,my-pass:key=value``).
+The registry and runner live in `manager.py`; this package's import loads the pass
+modules (which register into it) and names the pipelines.
 """
 
-from __future__ import annotations
+from . import attention, fusion, gemm, simplify  # noqa: F401  (they register their passes)
+from .manager import (
+    EXPLAINERS,
+    PASSES,
+    PIPELINES,
+    explain,
+    parse_pipeline,
+    register_pass,
+    run_pipeline,
+)
 
-import inspect
-import time
-from collections.abc import Callable
+__all__ = ["EXPLAINERS", "PASSES", "PIPELINES", "explain", "parse_pipeline", "register_pass",
+           "run_pipeline"]
 
-from tensorc.errors import TensorcError
-from tensorc.ir import Graph
-from tensorc.text import parse_scalar
-
-PASSES: dict[str, Callable[..., Graph]] = {}
-PIPELINES: dict[str, list[str]] = {"O0": []}
-# Explainers say why a rewrite did not fire: explain(graph) -> lines, for `inspect --explain`.
-EXPLAINERS: dict[str, Callable[[Graph], list[str]]] = {}
-
-
-def explain(graph: Graph) -> list[str]:
-    """Every registered explainer's report on `graph`."""
-    return [line for fn in EXPLAINERS.values() for line in fn(graph)]
-
-
-def register_pass(name: str):
-    def deco(fn: Callable[..., Graph]) -> Callable[..., Graph]:
-        if name in PASSES:
-            raise TensorcError(f"pass {name!r} is registered twice")
-        PASSES[name] = fn
-        return fn
-    return deco
-
-
-def parse_pipeline(spec: str) -> list[tuple[str, dict]]:
-    """``"O1,foo:k=1:j=x"`` -> the flat list of (pass name, kwargs)."""
-    steps: list[tuple[str, dict]] = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, *args = item.split(":")
-        if name in PIPELINES:
-            if args:
-                raise TensorcError(f"pipeline {name} takes no arguments")
-            steps += parse_pipeline(",".join(PIPELINES[name]))
-            continue
-        if name not in PASSES:
-            known = ", ".join(list(PIPELINES) + sorted(PASSES))
-            raise TensorcError(f"unknown pass or pipeline {name!r} (known: {known})")
-        kwargs = {}
-        for a in args:
-            key, eq, val = a.partition("=")
-            if not eq:
-                raise TensorcError(f"pass argument {a!r} of {name} should be key=value")
-            kwargs[key.replace("-", "_")] = parse_scalar(val)
-        try:
-            inspect.signature(PASSES[name]).bind(None, **kwargs)
-        except TypeError as e:
-            raise TensorcError(f"pass {name}: {e}") from None
-        steps.append((name, kwargs))
-    return steps
-
-
-def run_pipeline(graph: Graph, spec: str, *, verify: bool = False, disable=(),
-                 after: Callable[[str, Graph, float], None] | None = None) -> Graph:
-    """Run the passes of `spec` in order. `verify` checks the graph after each pass;
-    `after(name, graph, seconds)` is called after each pass (for --print-after,
-    --time-passes and per-pass comparison)."""
-    for name, kwargs in parse_pipeline(spec):
-        if name in disable:
-            continue
-        t0 = time.perf_counter()
-        graph = PASSES[name](graph, **kwargs)
-        if verify:
-            graph.verify()
-        if after:
-            after(name, graph, time.perf_counter() - t0)
-    return graph
-
-
-# The passes register themselves on import; pipelines name them in order.
-from . import attention, fusion, simplify  # noqa: E402, F401
-
+# Pipelines name the passes in order.
 PIPELINES["O1"] = ["fold-constants", "simplify", "cse", "dce"]
 PIPELINES["O2"] = ["O1", "fuse-patterns", "fuse-attention", "fold-constants", "cse",
-                   "fuse-regions"]
+                   "merge-projections", "fuse-epilogues", "fuse-regions"]

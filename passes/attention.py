@@ -37,7 +37,7 @@ from tensorc.errors import ShapeError
 from tensorc.ir import Graph, TensorType, Value, dim_product
 from tensorc.ops import get_op
 
-from . import EXPLAINERS
+from .manager import EXPLAINERS
 from .pattern import Var, all_equal, op, rule
 from .rewrite import Context, apply_rules, dce, graph_pass, inline_regions
 

@@ -155,7 +155,7 @@ def _grow(root, index, users, taken) -> list:
     return sorted(region, key=index.__getitem__)
 
 
-def _region_node(g: Graph, nodes, users, outputs):
+def region_node(g: Graph, nodes, users, outputs):
     """The `fused` node computing `nodes`, and the values it replaces."""
     inside = set(nodes)
     body = Graph("region")
@@ -194,7 +194,7 @@ def fuse_regions(g: Graph) -> Graph:
         if len(nodes) < 2:
             continue
         taken.update(nodes)
-        fused, old, new = _region_node(g, nodes, users, outputs)
+        fused, old, new = region_node(g, nodes, users, outputs)
         before[root] = fused
         swaps += zip(old, new, strict=True)
     g.nodes = [m for n in g.nodes for m in ((before[n], n) if n in before else (n,))]

@@ -15,8 +15,9 @@ import numpy as np
 
 from tensorc.errors import ShapeError, TensorcError
 from tensorc.ir import Graph, Value
+from tensorc.ops import get_op
 
-from . import register_pass
+from .manager import register_pass
 
 
 def copy_graph(g: Graph) -> Graph:
@@ -45,15 +46,8 @@ def inline_regions(g: Graph) -> Graph:
         if n.op != "fused":
             new.nodes.append(n)
             continue
-        body = n.attrs["body"]
-        vals = dict(zip(body.inputs, n.inputs, strict=True))
-        for v in body.constants.values():
-            vals[v] = new.add_constant(new.fresh_name(v.name), v.data, v.type)
-        for b in body.nodes:
-            outs = new.add_node(b.op, [vals[v] for v in b.inputs], b.attrs,
-                                names=[new.fresh_name(v.name) for v in b.outputs], loc=b.loc)
-            vals.update(zip(b.outputs, outs, strict=True))
-        swaps += [(old, vals[v]) for old, v in zip(n.outputs, body.outputs, strict=True)]
+        outs = get_op("fused").decompose(new, n.inputs, body=n.attrs["body"])
+        swaps += list(zip(n.outputs, outs, strict=True))
     for old, v in swaps:
         replace_keeping_name(new, old, v)
     dce(new)

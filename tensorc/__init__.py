@@ -15,7 +15,6 @@ import os as _os
 if not _os.path.isdir(_os.path.join(__path__[0], "frontend")):
     __path__.append(_os.path.dirname(__path__[0]))
 
-from .api import compile, trace  # noqa: E402
 from .errors import TensorcError  # noqa: E402
 from .ir import Graph, Node, TensorType, Value  # noqa: E402
 from .text import parse_graph  # noqa: E402
@@ -28,8 +27,11 @@ __all__ = ["Graph", "Node", "TensorSpec", "TensorType", "TensorcError", "Value",
 
 
 def __getattr__(name):
-    # `tensorc.models`, `tensorc.frontend`, ... on first use, keeping `import tensorc` light.
+    # The shell and the layers above the core load on first use: importing the core
+    # (`tensorc.ir`, which runs this file first) must not pull them in.
     import importlib
+    if name in ("compile", "trace"):
+        return getattr(importlib.import_module("tensorc.api"), name)
     if name in ("models", "frontend", "passes", "backends"):
         return importlib.import_module(f"tensorc.{name}")
     raise AttributeError(f"module 'tensorc' has no attribute {name!r}")

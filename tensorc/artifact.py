@@ -19,7 +19,6 @@ from .errors import TensorcError
 from .files import output_file
 from .frontend.weights import read_npz
 from .ir import Graph, TensorType
-from .loading import Loaded
 from .text import INLINE_MAX, parse_graph
 
 FORMAT = "tensorc-artifact"
@@ -52,8 +51,9 @@ def save_artifact(path: str, graph: Graph, inputs: dict[str, np.ndarray], meta: 
         np.savez(f, **arrays)
 
 
-def load_artifact(path: str) -> Loaded:
-    """Read an artifact written by `save_artifact` (``tensorc compile``)."""
+def load_artifact(path: str) -> tuple[Graph, dict[str, np.ndarray], dict]:
+    """Read an artifact written by `save_artifact` (``tensorc compile``): its graph, inputs
+    and metadata (`loading.load_model` makes them a `Loaded`)."""
     arrays = read_npz(path, "a tensorc artifact")
     if "__graph__" not in arrays or "__meta__" not in arrays:
         raise TensorcError(f"{path} is not a tensorc artifact (it has no graph or metadata)")
@@ -104,6 +104,4 @@ def load_artifact(path: str) -> Loaded:
         graph.verify()
     except TensorcError as e:
         raise type(e)(f"{path}: {e}") from None
-    meta = {**meta, "source": "artifact", "path": path}
-    return Loaded(graph, meta.get("name") or graph.name, meta.get("config"), meta,
-                  {n: inputs[n] for n in want})
+    return graph, {n: inputs[n] for n in want}, {**meta, "source": "artifact", "path": path}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -15,7 +16,7 @@ import time
 
 import numpy as np
 
-from .errors import InputError, TensorcError
+from .errors import FallbackError, InputError, TensorcError
 from .files import output_file
 from .frontend.weights import read_npz
 from .text import parse_scalar
@@ -323,6 +324,8 @@ def cmd_compare(args) -> int:
                 exe.run(feeds)
                 times.append(time.perf_counter() - t0)
             row.update(errs, median_ms=statistics.median(times) * 1e3, unavailable=None)
+        except FallbackError:   # --strict: the command fails, not just this row
+            raise
         except TensorcError as e:  # not installed, no GPU, an op it cannot compile, ...
             row.update(max_abs_err=None, rel_err=None, median_ms=None, unavailable=str(e))
         results.append(row)
@@ -448,13 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--explain", action="store_true",
                     help="say why rewrites did not fire (to stderr; a key in JSON)")
 
-    sp = command("run", cmd_run, "run a model and print or save its outputs")
+    strict = _Parser(add_help=False)
+    strict.add_argument("--strict", action="store_true",
+                        help="fail if a compiled backend would run an op on the numpy "
+                             "reference (same as TENSORC_STRICT=1)")
+
+    sp = command("run", cmd_run, "run a model and print or save its outputs",
+                 parents=(common, model, strict))
     sp.add_argument("--backend", help="backend (default: numpy, or the artifact's)")
     sp.add_argument("--input", metavar="IN.npz", help="inputs by graph input name")
     sp.add_argument("--output", metavar="OUT.npz", help="save outputs by graph output name")
 
     sp = command("compare", cmd_compare,
-                 "compare backends and passes against the numpy reference")
+                 "compare backends and passes against the numpy reference",
+                 parents=(common, model, strict))
     sp.add_argument("--backends", metavar="B1,B2",
                     help="comma-separated backends (default: all known)")
     sp.add_argument("--json", action="store_true", help="print JSON")
@@ -481,11 +491,37 @@ def _message(e: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (tests and callers may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _warnings_to_stderr() -> None:
+    """Library warnings (a reference fallback, say) as `tensorc: warning: ...` lines."""
+    log = logging.getLogger("tensorc")
+    if not any(getattr(h, "tensorc_cli", False) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("tensorc: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler.tensorc_cli = True
+        log.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "strict", False):
+            os.environ["TENSORC_STRICT"] = "1"   # read where lowering decides (any backend)
+        _warnings_to_stderr()
         return args.func(args) or 0
     except (TensorcError, OSError) as e:
         if debug:

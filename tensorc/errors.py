@@ -32,3 +32,8 @@ class TraceError(TensorcError):
 
 class InputError(TensorcError):
     """Inputs given to an executable do not match the graph's declared inputs."""
+
+
+class FallbackError(TensorcError):
+    """Strict mode (`--strict`, TENSORC_STRICT=1): an op would run the numpy reference
+    on a compiled backend."""

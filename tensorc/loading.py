@@ -104,10 +104,9 @@ def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] |
         raise TensorcError(f"{spec} is a compiled artifact: its weights and inputs are "
                            "fixed, so --batch, --seq and --seed do not apply")
     from .artifact import load_artifact
-    loaded = load_artifact(spec)
-    if inputs is not None:
-        loaded._inputs = inputs
-    return loaded
+    graph, stored, meta = load_artifact(spec)
+    return Loaded(graph, meta.get("name") or graph.name, meta.get("config"), meta,
+                  stored if inputs is None else inputs)
 
 
 def _trace(model, batch, seq, seed, given):

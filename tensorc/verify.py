@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import ShapeError, VerifyError
-from .ir import Graph, TensorType
+from .types import TensorType
+
+if TYPE_CHECKING:
+    from .ir import Graph
 from .ops import get_op
 
 

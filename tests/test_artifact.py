@@ -76,7 +76,7 @@ def test_round_trip_symbolic_graph(capsys, tmp_path):
         "        x=tensorc.TensorSpec(('batch', 'seq', 4), 'f32'),\n"
         "        w=tensorc.TensorSpec((4, 3), 'f32'))\n")
     art = round_trip(capsys, tmp_path, f"{factory}:make", "--batch", "2", "--seq", "5")
-    loaded = load_artifact(str(art))
+    loaded = load_model(str(art))
     assert str(loaded.graph.inputs[0].type) == "f32[batch,seq,4]"  # stays symbolic
     assert loaded.inputs["x"].shape == (2, 5, 4)
 
@@ -85,7 +85,10 @@ def test_python_api_round_trip(tmp_path):
     m = load_model("bert", overrides={"n_layer": 1}, batch=2, seq=5, seed=1)
     path = str(tmp_path / "bert.tc")
     save_artifact(path, m.graph, m.inputs, {"name": m.name, "config": m.config})
-    back = load_artifact(path)
+    graph, inputs, meta = load_artifact(path)
+    assert str(graph) == str(m.graph) and meta["source"] == "artifact"
+    assert_bitwise_equal(inputs, m.inputs)
+    back = load_model(path)
     assert str(back.graph) == str(m.graph)
     assert back.name == "bert" and back.config["n_layer"] == 1
     assert back.meta["source"] == "artifact"
@@ -184,7 +187,7 @@ def test_artifact_inputs_are_fixed(capsys, tmp_path):
 def test_compile_records_metadata(capsys, tmp_path):
     out = ok(capsys, "compile", "gpt", "--set", "n_layer=1", "-o", tmp_path / "g.tc")
     assert out.startswith(f"wrote {tmp_path / 'g.tc'}: gpt, ")
-    meta = load_artifact(str(tmp_path / "g.tc")).meta
+    meta = load_artifact(str(tmp_path / "g.tc"))[2]
     assert meta["name"] == "gpt" and meta["passes"] == "O0" and meta["backend"] == "numpy"
     assert meta["overrides"] == {"n_layer": 1} and meta["config"]["n_layer"] == 1
     assert meta["preset"] == "tiny" and meta["tensorc_version"] == tensorc.__version__

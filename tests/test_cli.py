@@ -74,7 +74,7 @@ def test_inspect_json_fields(capsys):
 
 
 def test_inspect_reports_the_backends_memory_plan(capsys):
-    from tensorc.backends.lower import planned_memory
+    from tensorc.backends.lowering import planned_memory
     from tensorc.backends.plan import peak_memory_bytes
     graph, _ = traced()
     llvm = json.loads(ok(capsys, "inspect", "gpt", "--format", "json", "--backend", "llvm"))
@@ -471,3 +471,45 @@ def test_emit_source_with_a_code_generating_backend(capsys, tmp_path):
              "--emit-source", tmp_path / "src")
     written = [ln.removeprefix("wrote ") for ln in out.splitlines()[:-1]]
     assert written and all(Path(p).is_file() and Path(p).stat().st_size for p in written)
+
+
+FALLBACK = '''
+from tensorc.ir import Graph, TensorType
+
+
+def make():
+    g = Graph("grouped")
+    x = g.add_input("x", TensorType((1, 4, 9, 9), "f32"))
+    w = g.add_input("w", TensorType((4, 2, 3, 3), "f32"))
+    g.outputs = g.add_node("conv2d", [x, w], {"group": 2})  # no llvm rule: a fallback
+    return g
+'''
+
+
+@pytest.fixture
+def fallback_model(tmp_path):
+    path = tmp_path / "grouped.py"
+    path.write_text(FALLBACK)
+    return f"{path}:make"
+
+
+@pytest.mark.parametrize("command", [["run", "--backend", "llvm"],
+                                     ["compare", "--backends", "llvm", "--repeat", "1"]])
+def test_fallback_is_a_one_line_warning_or_with_strict_an_error(capsys, fallback_model,
+                                                                command, monkeypatch):
+    monkeypatch.setenv("TENSORC_STRICT", "0")   # restored after the test: --strict sets it
+    rc, _, err = run_cli(capsys, command[0], fallback_model, *command[1:])
+    assert rc == 0
+    (line,) = err.splitlines()
+    assert line.startswith("tensorc: warning: 1 op(s) run the numpy reference")
+    assert "conv2d" in line and "conv2d with groups" in line
+    rc, _, err = run_cli(capsys, command[0], fallback_model, *command[1:], "--strict")
+    assert rc == 2
+    (line,) = err.splitlines()
+    assert line.startswith("tensorc: error: strict mode: 1 op(s) would run the numpy")
+
+
+def test_strict_from_the_environment(capsys, fallback_model, monkeypatch):
+    monkeypatch.setenv("TENSORC_STRICT", "1")
+    rc, _, err = run_cli(capsys, "run", fallback_model, "--backend", "llvm")
+    assert rc == 2 and "strict mode" in err

@@ -19,7 +19,7 @@ import pytest
 
 import tensorc
 from tensorc.backends import get_backend
-from tensorc.backends import lower as L
+from tensorc.backends import lowering as L
 from tensorc.backends.cupy import CupyBackend, _flash_fits, unavailable_reason
 from tensorc.backends.cupy import kernels as lib
 from tensorc.backends.cupy.cuda_codegen import render_kernel
@@ -176,14 +176,17 @@ def test_cuda_graph_logic_on_emulator():
     bad["input_ids"][0, 0] = 10_000
     with pytest.raises(TensorcError, match="index 10000 is out of range"):
         graphed(**bad)
-    # A Program with a host step (an integer reduce_sum has no kernel lowering and runs
-    # its numpy reference): never captured, runs eagerly, still right.
+    # A Program with a host step (a grouped conv2d has no lowering and runs its numpy
+    # reference): never captured, runs eagerly, still right.
     x = tensorc.Graph("host")
-    a = x.add_input("a", tensorc.TensorType((4, 8), "i64"))
-    x.outputs = [x.add("reduce_sum", x.add("mul", a, a), axes=(0,))]
+    a = x.add_input("a", tensorc.TensorType((1, 4, 9, 9), "f32"))
+    w = x.add_input("w", tensorc.TensorType((4, 2, 3, 3), "f32"))
+    x.outputs = [x.add("conv2d", x.add("mul", a, a), w, group=2)]
     exe = CupyBackend().compile(x, runtime=EmulatedRuntime(can_capture=True))
-    arr = np.random.default_rng(0).integers(-50, 50, (4, 8))
-    np.testing.assert_array_equal(exe(arr), (arr * arr).sum(0))
+    rng = np.random.default_rng(0)
+    arr, wts = (rng.standard_normal(s).astype(np.float32) for s in ((1, 4, 9, 9), (4, 2, 3, 3)))
+    want = tensorc.compile(x, "numpy")(arr, wts)
+    assert _rel_err(exe(arr, wts), want) <= 1e-5
     assert exe.stats["graph_replays"] == 0 and exe.stats["eager_runs"] == 1
 
 

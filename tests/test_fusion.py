@@ -240,5 +240,22 @@ def test_o2_fused_statistics_on_gpt():
     _, _, g = model_o2("gpt")
     stats = fused_stats(g)
     assert stats.get("matmul+add+gelu") == 2     # each block's feed-forward up projection
-    assert stats.get("add+add+layer_norm", 0) >= 2  # bias + residual + next layer norm
+    assert stats.get("matmul+add") == 2          # each block's merged q/k/v projection
+    assert stats.get("matmul+add+add") == 4      # attention out and ff down: bias + residual
     assert g.op_counts()["fused"] == sum(stats.values())
+    assert g.op_counts()["split"] == 2           # the merged projection's q, k, v columns
+
+
+def test_gemm_fusion_decisions_are_passes_that_can_be_disabled():
+    """merge-projections and fuse-epilogues are O2 passes: disabled, the q/k/v matmuls stay
+    three and the bias/residual adds go to the layer-norm regions."""
+    m, ins, g = model_o2("gpt")
+    plain = run_pipeline(tensorc.trace(m, **ins), "O2", verify=True,
+                         disable=("merge-projections", "fuse-epilogues"))
+    assert "split" not in plain.op_counts()
+    stats = fused_stats(plain)
+    assert stats.get("add+add+layer_norm", 0) >= 2 and "matmul+add+add" not in stats
+    matmuls = lambda graph: sum(  # noqa: E731
+        b.op == "matmul" for n in graph.nodes
+        for b in (n.attrs["body"].nodes if n.op == "fused" else [n]))
+    assert matmuls(plain) - matmuls(g) == 2 * 2   # 2 layers, three GEMMs become one

@@ -152,10 +152,18 @@ def test_threads_give_identical_results(rng, m, n, k):
     assert_close(two, ref(a, b, bias, "gelu_tanh"))
 
 
-def test_nested_parallel_calls_do_not_deadlock(rng):
-    a, b = randn(rng, 200, 100), randn(rng, 100, 300)
+def test_concurrent_callers_share_the_pool_without_deadlock(rng):
+    """Two threads calling at once: one gets the pool, the other runs serially."""
+    import threading
+    a, b = randn(rng, 200, 300), randn(rng, 300, 300)   # big enough to use the pool
     results = []
-    G.parallel(lambda i: results.append(G.gemm(a, b, threads=2)), range(2), 2)
+    callers = [threading.Thread(target=lambda: results.extend(
+        G.gemm(a, b, threads=2) for _ in range(5))) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=60)
+    assert len(results) == 10
     for got in results:
         assert_close(got, ref(a, b))
 

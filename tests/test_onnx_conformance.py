@@ -1,32 +1,41 @@
-"""The official ONNX node conformance tests, for every op the importer claims.
+"""The official ONNX node conformance tests, for every op the importer claims, on the
+numpy reference backend and on llvm, from one case list.
 
 A test case is included when all its nodes are ops in the importer's table and its
 opset is in the supported range (the cases are generated in memory by the installed
-onnx package). Failures are bugs, or xfails below with their reason.
+onnx package). Failures are bugs, or xfails below with the exception they raise and
+their reason (strict: one that starts passing fails the run).
 """
 
 import re
 import warnings
 
 import onnx.backend.test
+import pytest
 from onnx import TensorProto
 from onnx.backend.test.loader import load_model_tests
 
+from tensorc.backends import available_backends
+from tensorc.errors import UnsupportedOpError
 from tensorc.frontend.onnx import HANDLERS, MAX_OPSET, MIN_OPSET
-from tensorc.frontend.onnx.backend import TensorcBackend
-from tensorc.frontend.onnx.importer import ONNX_DTYPES
+from tensorc.frontend.onnx.backend import TensorcBackend, TensorcLLVMBackend
+from tensorc.frontend.onnx.importer import ONNX_DTYPES, NeedsConstantError
 
-# pattern -> why tensorc does not pass it
+# pattern -> (the error tensorc raises, why it does not pass), on every backend
 XFAIL = {
-    r"test_training_dropout": "Dropout in training mode: tensorc imports inference graphs",
-    r"test_batchnorm_.*training_mode": "BatchNormalization in training mode (inference only)",
-    r"test_(blackman|hamming|hann)window.*_expanded": "Range bound computed from a run-time "
-        "value; tensorc needs sizes at import (shapes, constants or dim symbols)",
-    r"test_einsum_batch_diagonal": "Einsum with ellipsis and a repeated index (diagonal)",
-    r"test_gathernd_example_int32_batch_dim1": "GatherND with batch_dims > 0",
-    r"test_identity_(opt|sequence)": "optional and sequence values are not tensors",
-    r"test_reduce_(max|min)_empty_set": "reduce_max/min numpy reference (tensorc/ops/nn.py) "
-        "raises on an empty reduction instead of giving -inf/+inf",
+    r"test_training_dropout": (UnsupportedOpError, "Dropout in training mode: tensorc "
+                               "imports inference graphs"),
+    r"test_batchnorm_.*training_mode": (UnsupportedOpError, "BatchNormalization in training "
+                                        "mode (inference only)"),
+    r"test_(blackman|hamming|hann)window.*_expanded": (
+        NeedsConstantError, "Range bound computed from a run-time value; tensorc needs sizes "
+        "at import (shapes, constants or dim symbols)"),
+    r"test_einsum_batch_diagonal": (UnsupportedOpError, "Einsum with ellipsis and a repeated "
+                                    "index (diagonal)"),
+    r"test_gathernd_example_int32_batch_dim1": (UnsupportedOpError, "GatherND with "
+                                                "batch_dims > 0"),
+    r"test_identity_(opt|sequence)": (UnsupportedOpError, "optional and sequence values are "
+                                      "not tensors"),
 }
 
 
@@ -49,25 +58,36 @@ with warnings.catch_warnings():  # the generators warn about their own overflow 
     warnings.simplefilter("ignore")
     CASES = [c for c in load_model_tests(kind="node") if _claimed(c.model)]
 
-DTYPE_XFAIL = {}  # case -> the dtypes it uses that the IR lacks
+DTYPE_XFAIL = {}  # case -> the dtypes it uses that the IR lacks (import raises UnsupportedOpError)
 for c in CASES:
     bad = sorted(TensorProto.DataType.Name(d) for d in _dtypes(c.model) - set(ONNX_DTYPES))
     if bad:
         DTYPE_XFAIL[c.name] = f"dtype {', '.join(bad)} is not in tensorc's IR"
 
-backend_test = onnx.backend.test.BackendTest(TensorcBackend, __name__)
-backend_test.include("^(" + "|".join(re.escape(c.name) for c in CASES) + ")_cpu$")
-for pattern in XFAIL:
-    backend_test.xfail(f"^{pattern}")
-for name in DTYPE_XFAIL:
-    backend_test.xfail(f"^{re.escape(name)}_cpu$")
 
-# Only the included cases become tests (the runner would add the rest as skips).
+def expected_failure(case: str):
+    """(the error, the reason) when `case` is an xfail, else None."""
+    if case in DTYPE_XFAIL:
+        return UnsupportedOpError, DTYPE_XFAIL[case]
+    return next((why for pattern, why in XFAIL.items() if re.match(pattern, case)), None)
+
+
+BACKENDS = [TensorcBackend] + [TensorcLLVMBackend] * ("llvm" in available_backends())
 _included = {f"{c.name}_cpu" for c in CASES}
-for _cls in backend_test.test_cases.values():
-    for _name in [k for k in vars(_cls) if k.startswith("test_") and k not in _included]:
-        delattr(_cls, _name)
-    globals()[_cls.__name__] = _cls
+for _backend in BACKENDS:
+    _suite = onnx.backend.test.BackendTest(_backend, __name__)
+    _suite.include("^(" + "|".join(re.escape(c.name) for c in CASES) + ")_cpu$")
+    for _cls in _suite.test_cases.values():
+        for _name in [k for k in vars(_cls) if k.startswith("test_")]:
+            if _name not in _included:   # the runner would add the rest as skips
+                delattr(_cls, _name)
+                continue
+            _why = expected_failure(_name.removesuffix("_cpu"))
+            if _why:
+                setattr(_cls, _name, pytest.mark.xfail(raises=_why[0], reason=_why[1],
+                                                       strict=True)(getattr(_cls, _name)))
+        _cls.__name__ = _cls.__qualname__ = f"{_cls.__name__}_{_backend.name}"
+        globals()[_cls.__name__] = _cls
 
 
 def test_case_selection_is_broad():

@@ -818,3 +818,29 @@ def _fused(op, rng):
     x = rand(rng, (2, 17))
     body = _fused_body([x], lambda g, x: [g.add("softmax", g.add("neg", x))])
     yield [x], {"body": body}, map_rows(-x, -1, _softmax_row, "f32")
+
+
+def test_unknown_attribute_kind_is_refused_at_declaration():
+    from tensorc.ops.registry import Attr
+    with pytest.raises(ValueError, match="unknown attribute kind 'intz'"):
+        Attr("intz")
+    assert Attr("ints", ()).kind == "ints"
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64", "i32", "i64"])
+@pytest.mark.parametrize("op,want", [("reduce_max", "lowest"), ("reduce_min", "highest")])
+def test_empty_set_reductions_give_onnx_answer_on_every_backend(op, want, dtype):
+    """ONNX: max over nothing is -inf (an integer type's minimum), min is +inf (maximum);
+    numpy's own max raises there."""
+    from tensorc.backends import available_backends, get_backend
+    from tensorc.ir import DTYPES, Graph, TensorType
+    np_dtype = DTYPES[dtype]
+    lim = (np.inf if want == "highest" else -np.inf) if np_dtype.kind == "f" else \
+        (np.iinfo(np_dtype).max if want == "highest" else np.iinfo(np_dtype).min)
+    g = Graph("t")
+    x = g.add_input("x", TensorType((2, 0, 3), dtype))
+    g.outputs = list(g.add_node(op, [x], {"axes": (1,)}))
+    for name in [b for b in ("numpy", "llvm") if b in available_backends()]:
+        got = get_backend(name).compile(g)(np.zeros((2, 0, 3), np_dtype))
+        assert got.dtype == np_dtype and got.shape == (2, 3)
+        assert (got == lim).all(), (name, got)

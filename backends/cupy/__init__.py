@@ -40,7 +40,7 @@ from tensorc.ir import DTYPES, Graph, bind_shapes, dim_symbols
 from tensorc.ops import get_op
 
 from .. import Backend, Executable, check_shapes
-from .. import lower as L
+from .. import lowering as L
 from . import gemm
 from . import kernels as lib
 from .cuda_codegen import render_kernel
@@ -569,7 +569,7 @@ class CupyBackend(Backend):
 
     def planned_memory_bytes(self, graph: Graph, env: dict[str, int]) -> int:
         """The arena of the lowered Program: buffers packed by liveness."""
-        from ..lower import planned_memory
+        from ..lowering import planned_memory
         return planned_memory(graph, env)["arena_bytes"]
 
     def emit_source(self, graph: Graph, directory: str, env: dict[str, int] | None = None

@@ -1,7 +1,7 @@
 """The LLVM CPU backend: lowered kernels JIT-compiled for the host CPU.
 
 `BACKEND.compile(graph)` returns an executable that lowers and compiles the graph
-once per set of concrete input shapes (`backends/lower.py` -> kernel IR ->
+once per set of concrete input shapes (`backends/lowering/` -> kernel IR ->
 `codegen.py` -> `jit.py`), then runs it with `runtime.Runner`. Matmuls go to the
 scheduled GEMM (`gemm.py`), attention to the flash-attention kernel
 (`attention.py`); ops without a lowering run their numpy reference, listed in
@@ -16,7 +16,7 @@ import threading
 from tensorc.ir import Graph
 
 from .. import Backend, Executable, kernel_ir
-from ..lower import Program, lower
+from ..lowering import Program, lower
 
 
 class LLVMExecutable(Executable):
@@ -55,7 +55,7 @@ class LLVMBackend(Backend):
 
     def planned_memory_bytes(self, graph: Graph, env: dict[str, int]) -> int:
         """The arena of the lowered Program: buffers packed by liveness."""
-        from ..lower import planned_memory
+        from ..lowering import planned_memory
         return planned_memory(graph, env)["arena_bytes"]
 
     def emit_source(self, graph: Graph, directory: str, env: dict[str, int] | None = None

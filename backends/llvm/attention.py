@@ -30,24 +30,9 @@ from llvmlite import ir
 from tensorc.errors import ShapeError, TensorcError
 
 from . import pool
-from .gemm import (
-    F32,
-    I32,
-    I64,
-    M16,
-    PTR,
-    V16,
-    VI32,
-    FnBuilder,
-    _job,
-    _pack_bt,
-    _split,
-    aligned_empty,
-    c64,
-    num_threads,
-    run_jobs,
-    vconst,
-)
+from .gemm import _split, aligned_empty, num_threads, run_jobs
+from .gemm_ir import _pack_bt
+from .irbuild import F32, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_ir
 
 BR, BC = 8, 32   # query rows per block, keys per tile (the GEMM's 8 x 32 micro-tile)
@@ -222,8 +207,8 @@ def build_module() -> ir.Module:
     module = ir.Module(name="tensorc_attention")
     _pack_bt(module)
     for kind in MASKS:
-        _job(module, f"tc_attention_job_{kind}", _kernel(module, kind),
-             [PTR] * 6 + [F32, F32, I64], 4, work_last=True)
+        job(module, f"tc_attention_job_{kind}", _kernel(module, kind),
+             [PTR] * 6 + [F32, F32, I64], 4, work="last")
     return module
 
 

@@ -7,18 +7,18 @@ kernel the same way and split it across threads. The body lives in an inlined
 helper whose pointer arguments are `noalias` (the buffer plan never lets an
 output overlap an input), which is what lets LLVM vectorise.
 
-exp, tanh, erf and sigmoid on f32 are written out as branch-free polynomials so
-that loops using them vectorise (libm calls would not); their error is a few ulp
-(exp) and below 4e-7 relative (tanh, erf), far inside the 1e-4 budget.
+exp, tanh, erf and sigmoid on f32 are branch-free polynomials, so that loops using
+them vectorise (libm calls would not): the shared maths of
+`lowering/rules/elementwise.py`, built here through `LLVMMath`. Their error is a few
+ulp (exp) and below 4e-7 relative (tanh, erf), far inside the 1e-4 budget.
 """
 
 from __future__ import annotations
 
-import math
-
 from llvmlite import ir
 
 from .. import kernel_ir as K
+from ..lowering.rules import elementwise as maths
 
 _F32 = ir.FloatType()
 _I64 = ir.IntType(64)
@@ -39,8 +39,26 @@ def new_module(name: str = "tensorc") -> ir.Module:
 
 
 def add_kernel(module: ir.Module, kernel: K.Kernel) -> None:
-    """Add `kernel` (entry point plus its inlined body) to `module`."""
+    """Add `kernel` (entry point plus its inlined body) to `module`, and its job for the
+    native thread pool (`pool.py`): `NAME_job(block, item, tid)` with block = [args,
+    extent, parts] runs part `item` of the parallel loop's [0, extent)."""
     _FnGen(module, kernel).emit()
+    entry = module.globals[kernel.name]
+    job = ir.Function(module, ir.FunctionType(ir.VoidType(), [_I8P, _I64, _I64]),
+                      name=job_name(kernel.name))
+    job.attributes.add("nounwind")
+    b = ir.IRBuilder(job.append_basic_block("entry"))
+    words = b.bitcast(job.args[0], _I64.as_pointer())
+    args, extent, parts = (b.load(b.gep(words, [ir.Constant(_I64, i)])) for i in range(3))
+    item = job.args[1]
+    lo = b.sdiv(b.mul(extent, item), parts)
+    hi = b.sdiv(b.mul(extent, b.add(item, ir.Constant(_I64, 1))), parts)
+    b.call(entry, [b.inttoptr(args, _I8P.as_pointer()), lo, hi])
+    b.ret_void()
+
+
+def job_name(kernel_name: str) -> str:
+    return kernel_name + "_job"
 
 
 def render(kernels: list[K.Kernel]) -> str:
@@ -250,15 +268,10 @@ class _FnGen:
             return b.fdiv(one, x)
         if dtype == "f64" and op in ("exp", "tanh", "erf"):
             return self.libm(op, x)
-        if op == "exp":
-            return self.exp(x)
-        if op == "sigmoid":
-            e = self.libm("exp", b.fneg(x)) if dtype == "f64" else self.exp(b.fneg(x))
-            return b.fdiv(one, b.fadd(one, e))
-        if op == "tanh":
-            return self.tanh(x)
-        if op == "erf":
-            return self.erf(x)
+        if op == "sigmoid" and dtype == "f64":
+            return b.fdiv(one, b.fadd(one, self.libm("exp", b.fneg(x))))
+        if op in ("exp", "sigmoid", "tanh", "erf"):
+            return getattr(maths, op)(LLVMMath(self.module, b), x)
         raise TypeError(f"unary op {op} is not defined on {dtype}")
 
     def libm(self, name: str, x: ir.Value) -> ir.Value:
@@ -267,63 +280,74 @@ class _FnGen:
             fn = ir.Function(self.module, ir.FunctionType(x.type, [x.type]), name=name)
         return self.b.call(fn, [x])
 
-    def poly(self, x: ir.Value, coefs: list[float]) -> ir.Value:
-        """Horner: coefs[0] + x*(coefs[1] + x*(...))."""
-        b = self.b
-        acc = ir.Constant(x.type, coefs[-1])
-        for c in reversed(coefs[:-1]):
-            acc = b.fadd(b.fmul(acc, x, flags=_FAST), ir.Constant(x.type, c), flags=_FAST)
-        return acc
 
-    def f(self, v: float) -> ir.Constant:
-        return ir.Constant(_F32, v)
+class LLVMMath:
+    """The arithmetic the shared maths (`lowering/rules/elementwise.py`) is built with,
+    on float32 scalars or vectors (`ty`) at the builder's position."""
 
-    def exp(self, x: ir.Value) -> ir.Value:
-        """Cephes expf: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r.
-        2^n is applied as two factors so results near overflow and in the subnormal
-        range (x down to -104) stay exact."""
-        b = self.b
-        i32 = ir.IntType(32)
-        xc = self.call("minnum", self.call("maxnum", x, self.f(-104.0), nargs=2), self.f(89.0),
-                       nargs=2)
-        n = self.call("rint", b.fmul(xc, self.f(1.4426950408889634)))
-        r = b.fsub(xc, b.fmul(n, self.f(0.693359375)))
-        r = b.fsub(r, b.fmul(n, self.f(-2.12194440e-4)))
-        p = self.poly(r, [5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3,
-                          1.3981999507e-3, 1.9875691500e-4])
-        y = b.fadd(b.fadd(b.fmul(b.fmul(r, r), p), r), self.f(1.0))
-        ni = b.fptosi(n, i32)
-        n1 = b.ashr(ni, ir.Constant(i32, 1))
-        for part in (n1, b.sub(ni, n1)):
-            bits = b.shl(b.add(part, ir.Constant(i32, 127)), ir.Constant(i32, 23))
-            y = b.fmul(y, b.bitcast(bits, _F32))
-        y = b.select(b.fcmp_ordered("<", x, self.f(-104.0)), self.f(0.0), y)
-        y = b.select(b.fcmp_ordered(">", x, self.f(89.0)), self.f(math.inf), y)
-        return b.select(b.fcmp_unordered("uno", x, x), x, y)
+    def __init__(self, module: ir.Module, builder: ir.IRBuilder, ty: ir.Type = _F32):
+        self.module, self.b, self.ty = module, builder, ty
+        lanes = getattr(ty, "count", None)
+        self.suffix = f"v{lanes}f32" if lanes else "f32"
+        self.ity = ir.VectorType(ir.IntType(32), lanes) if lanes else ir.IntType(32)
 
-    def tanh(self, x: ir.Value) -> ir.Value:
-        """Taylor series near 0 (no cancellation), 1 - 2/(e^2|x| + 1) elsewhere."""
-        b = self.b
-        ax = self.call("fabs", x)
-        x2 = b.fmul(x, x)
-        small = b.fmul(x, self.poly(x2, [1.0, -1 / 3, 2 / 15, -17 / 315, 62 / 2835,
-                                         -1382 / 155925]))
-        big = b.fsub(self.f(1.0), b.fdiv(self.f(2.0), b.fadd(self.exp(b.fmul(ax, self.f(2.0))),
-                                                             self.f(1.0))))
-        big = self.call("copysign", big, x, nargs=2)
-        return b.select(b.fcmp_ordered("<", ax, self.f(0.4)), small, big)
+    def c(self, value: float) -> ir.Constant:
+        return ir.Constant(self.ty, [value] * self.ty.count if self.suffix != "f32" else value)
 
-    def erf(self, x: ir.Value) -> ir.Value:
-        """Taylor series for |x| < 0.5, Abramowitz-Stegun 7.1.26 beyond."""
+    def _ci(self, value: int) -> ir.Constant:
+        return ir.Constant(self.ity, [value] * self.ty.count if self.suffix != "f32" else value)
+
+    def call(self, name: str, *args):
+        full = f"llvm.{name}.{self.suffix}"
+        fn = self.module.globals.get(full) or ir.Function(
+            self.module, ir.FunctionType(self.ty, [self.ty] * len(args)), name=full)
+        return self.b.call(fn, list(args))
+
+    # No fast-math flags: reassociation would undo exp's two-part ln2 reduction.
+    def add(self, a, b):
+        return self.b.fadd(a, b)
+
+    def sub(self, a, b):
+        return self.b.fsub(a, b)
+
+    def mul(self, a, b):
+        return self.b.fmul(a, b)
+
+    def div(self, a, b):
+        return self.b.fdiv(a, b)
+
+    def fma(self, a, b, c):
+        return self.call("fma", a, b, c)
+
+    def min(self, a, b):
+        return self.call("minnum", a, b)
+
+    def max(self, a, b):
+        return self.call("maxnum", a, b)
+
+    def abs(self, x):
+        return self.call("fabs", x)
+
+    def rint(self, x):
+        return self.call("rint", x)
+
+    def copysign(self, a, b):
+        return self.call("copysign", a, b)
+
+    def lt(self, a, b):
+        return self.b.fcmp_ordered("<", a, b)
+
+    def isnan(self, x):
+        return self.b.fcmp_unordered("uno", x, x)
+
+    def select(self, cond, a, b):
+        return self.b.select(cond, a, b)
+
+    def scale2(self, y, n):
+        """y * 2^n for integral n, the result normal: n added to y's exponent bits."""
         b = self.b
-        ax = self.call("fabs", x)
-        x2 = b.fmul(x, x)
-        c = 2 / math.sqrt(math.pi)
-        small = b.fmul(x, self.poly(x2, [c, -c / 3, c / 10, -c / 42, c / 216, -c / 1320,
-                                         c / 9360]))
-        t = b.fdiv(self.f(1.0), b.fadd(self.f(1.0), b.fmul(ax, self.f(0.3275911))))
-        p = b.fmul(t, self.poly(t, [0.254829592, -0.284496736, 1.421413741, -1.453152027,
-                                    1.061405429]))
-        big = b.fsub(self.f(1.0), b.fmul(p, self.exp(b.fneg(b.fmul(ax, ax)))))
-        big = self.call("copysign", big, x, nargs=2)
-        return b.select(b.fcmp_ordered("<", ax, self.f(0.5)), small, big)
+        bits = b.add(b.bitcast(y, self.ity), b.shl(b.fptosi(n, self.ity), self._ci(23)))
+        return b.bitcast(bits, self.ty)
+
+    def exp(self, x):
+        return maths.exp(self, x)

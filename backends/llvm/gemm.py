@@ -23,496 +23,39 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from ctypes import c_int64, c_void_p
 
 import numpy as np
-from llvmlite import ir
 
 from tensorc.errors import ShapeError, TensorcError
 
 from . import pool
-from .jit import cfunc, compile_ir
+from .gemm_ir import (
+    _ALIASES,
+    ACTIVATIONS,
+    ALIGN,
+    ITEMS_PER_THREAD,
+    KC,
+    MC,
+    MR,
+    NR,
+    PREPACK_A,
+    kernels,
+)
 from .pool import num_threads
-
-MR, NR = 8, 32      # micro-tile: 8 rows x 2 zmm = 16 accumulators (14 x 32 measured no faster)
-KC, MC = 256, 160  # a 256 x 32 panel of B (32 KiB) stays in L1; a 160 x 256 block of A, in L2
-ALIGN = 64          # bytes; packed panels are cache-line aligned
-PREPACK_A = 1 << 17  # floats: A up to half an L2 (512 KiB) is packed once and shared
-ITEMS_PER_THREAD = 4  # work items per thread when threads claim column panels
-
-ACTIVATIONS = ("none", "relu", "gelu_erf", "gelu_tanh")
-_ALIASES = {None: "none", "gelu": "gelu_erf"}
-
-F32, I64, I32, I1 = ir.FloatType(), ir.IntType(64), ir.IntType(32), ir.IntType(1)
-PTR = ir.PointerType()
-V16, M16 = ir.VectorType(F32, 16), ir.VectorType(I1, 16)
-VI32 = ir.VectorType(I32, 16)
-
-
-def c64(x: int) -> ir.Constant:
-    return ir.Constant(I64, x)
-
-
-def vconst(x: float) -> ir.Constant:
-    return ir.Constant(V16, [x] * 16)
-
-
-class FnBuilder:
-    """Builds one function: an alloca block, counted loops, pointer and vector helpers.
-
-    Loop counters and accumulators live in allocas; mem2reg/SROA turn them into
-    registers at O3, which keeps this generator free of hand-written phi nodes.
-    """
-
-    def __init__(self, module: ir.Module, name: str, args: list[tuple[str, ir.Type]],
-                 internal: bool = False):
-        self.module = module
-        self.fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [t for _, t in args]), name)
-        if internal:
-            self.fn.linkage = "internal"
-        for arg, (n, _) in zip(self.fn.args, args, strict=True):
-            arg.name = n
-        self.arg = {n: a for a, (n, _) in zip(self.fn.args, args, strict=True)}
-        self._entry = self.fn.append_basic_block("entry")
-        self._allocas = ir.IRBuilder(self._entry)
-        self.b = ir.IRBuilder(self.fn.append_basic_block("body"))
-
-    def finish(self) -> ir.Function:
-        self.b.ret_void()
-        self._allocas.branch(self.fn.basic_blocks[1])
-        return self.fn
-
-    # -- scalars and control flow ------------------------------------------------
-    def var(self, ty: ir.Type, init=None):
-        slot = self._allocas.alloca(ty)
-        if init is not None:
-            self.b.store(init, slot)
-        return slot
-
-    @contextmanager
-    def loop(self, start, stop, step: int = 1):
-        """for i in range(start, stop, step); yields i (an i64)."""
-        b = self.b
-        slot = self.var(I64, start if isinstance(start, ir.Value) else c64(start))
-        cond, body, end = (self.fn.append_basic_block(s) for s in ("cond", "loop", "end"))
-        b.branch(cond)
-        b.position_at_end(cond)
-        i = b.load(slot, typ=I64)
-        b.cbranch(b.icmp_signed("<", i, stop if isinstance(stop, ir.Value) else c64(stop)),
-                  body, end)
-        b.position_at_end(body)
-        yield i
-        b.store(b.add(i, c64(step)), slot)
-        b.branch(cond)
-        b.position_at_end(end)
-
-    def min(self, x, y):
-        return self.b.select(self.b.icmp_signed("<", x, y), x, y)
-
-    def at(self, base, *offsets, ty=F32):
-        """Address base + sum(offsets) elements of `ty`."""
-        off = offsets[0]
-        for o in offsets[1:]:
-            off = self.b.add(off, o)
-        return self.b.gep(base, [off], source_etype=ty)
-
-    def mul(self, x, y):
-        return self.b.mul(x, y if isinstance(y, ir.Value) else c64(y))
-
-    # -- vectors -------------------------------------------------------------------
-    def intrinsic(self, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
-        try:
-            return self.module.get_global(name)
-        except KeyError:
-            return ir.Function(self.module, ir.FunctionType(ret, args), name)
-
-    def splat(self, x):
-        b = self.b
-        v = b.insert_element(ir.Constant(V16, ir.Undefined), x, ir.Constant(I32, 0))
-        return b.shuffle_vector(v, ir.Constant(V16, ir.Undefined), ir.Constant(VI32, [0] * 16))
-
-    def fma(self, a, b, c):
-        return self.b.call(self.intrinsic("llvm.fma.v16f32", V16, [V16] * 3), [a, b, c])
-
-    def vload(self, ptr, align=4):
-        return self.b.load(ptr, typ=V16, align=align)
-
-    def vstore(self, v, ptr, align=4):
-        self.b.store(v, ptr, align=align)
-
-    def lanes_below(self, n):
-        """Mask of lanes i with i < n (n an i64; any value, clamped by the compare)."""
-        n32 = self.b.trunc(self.min(self.b.select(self.b.icmp_signed("<", n, c64(0)), c64(0), n),
-                                    c64(16)), I32)
-        return self.b.icmp_signed("<", ir.Constant(VI32, list(range(16))),
-                                  self.b.shuffle_vector(
-                                      self.b.insert_element(ir.Constant(VI32, ir.Undefined), n32,
-                                                            ir.Constant(I32, 0)),
-                                      ir.Constant(VI32, ir.Undefined),
-                                      ir.Constant(VI32, [0] * 16)))
-
-    def mload(self, ptr, mask, passthru=None):
-        fn = self.intrinsic("llvm.masked.load.v16f32.p0", V16, [PTR, I32, M16, V16])
-        return self.b.call(fn, [ptr, ir.Constant(I32, 4), mask, passthru or vconst(0.0)])
-
-    def mstore(self, v, ptr, mask):
-        fn = self.intrinsic("llvm.masked.store.v16f32.p0", ir.VoidType(), [V16, PTR, I32, M16])
-        self.b.call(fn, [v, ptr, ir.Constant(I32, 4), mask])
-
-    def vcall(self, name, *args):
-        return self.b.call(self.intrinsic(f"llvm.{name}.v16f32", V16, [V16] * len(args)),
-                           list(args))
-
-    def exp(self, x):
-        """exp on 16 lanes: 2^n * p(r), |r| <= ln2/2, degree-7 polynomial (~1 ulp).
-
-        Lanes below -87.3 (including -inf) give exactly 0, NaN lanes give NaN."""
-        b = self.b
-        xc = self.vcall("minnum", self.vcall("maxnum", x, vconst(-87.33654)), vconst(88.3))
-        n = self.vcall("rint", b.fmul(xc, vconst(1.4426950408889634)))
-        r = self.fma(n, vconst(-0.693359375), xc)
-        r = self.fma(n, vconst(2.12194440e-4), r)
-        p = vconst(1.0 / 5040)
-        for c in (1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0):
-            p = self.fma(p, r, vconst(c))
-        bits = b.shl(b.add(b.fptosi(n, VI32), ir.Constant(VI32, [127] * 16)),
-                     ir.Constant(VI32, [23] * 16))
-        y = b.fmul(p, b.bitcast(bits, V16))
-        y = b.select(b.fcmp_ordered("<", x, vconst(-87.33654)), vconst(0.0), y)
-        return b.select(b.fcmp_unordered("uno", x, x), x, y)    # NaN stays NaN
-
-    def activation(self, name: str, x):
-        b = self.b
-        if name == "none":
-            return x
-        if name == "relu":  # a select, not maxnum, so that NaN stays NaN as in numpy
-            return b.select(b.fcmp_ordered("<", x, vconst(0.0)), vconst(0.0), x)
-        if name == "gelu_tanh":
-            # 0.5 x (1 + tanh(y)) == x * sigmoid(2y): no cancellation near 0
-            y = b.fmul(self.fma(b.fmul(x, x), vconst(0.044715), vconst(1.0)), x)
-            e = self.exp(b.fmul(y, vconst(-2.0 * math.sqrt(2.0 / math.pi))))
-            r = b.fdiv(x, b.fadd(vconst(1.0), e))
-            # exp is clamped finite, so -inf would give -inf; numpy's -inf * 0 is NaN
-            return b.select(b.fcmp_ordered("==", x, vconst(-math.inf)), vconst(math.nan), r)
-        # gelu_erf: x * Phi(x), Phi from erfc(|x|/sqrt2) (Numerical Recipes' erfcc,
-        # fractional error < 1.2e-7 everywhere), so the negative tail stays accurate.
-        z = b.fmul(x, vconst(1.0 / math.sqrt(2.0)))
-        a = self.vcall("fabs", z)
-        t = b.fdiv(vconst(1.0), self.fma(a, vconst(0.5), vconst(1.0)))
-        p = vconst(0.17087277)
-        for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
-                  0.09678418, 0.37409196, 1.00002368, -1.26551223):
-            p = self.fma(p, t, vconst(c))
-        half_erfc = b.fmul(b.fmul(t, self.exp(b.fsub(p, b.fmul(a, a)))), vconst(0.5))
-        phi = b.select(b.fcmp_ordered(">=", z, vconst(0.0)),
-                       b.fsub(vconst(1.0), half_erfc), half_erfc)
-        return b.fmul(x, phi)
-
-
-# -- kernel generation ----------------------------------------------------------------
-
-def _ukernel(module: ir.Module, act: str) -> ir.Function:
-    """C[mrem, nrem] (+)= Ap[kc, MR] @ Bp[kc, NR], epilogue on the last K block."""
-    f = FnBuilder(module, f"tc_ukernel_{act}", [
-        ("kc", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64), ("mrem", I64),
-        ("nrem", I64), ("first", I64), ("last", I64), ("bias", PTR), ("has_bias", I64),
-        ("res", PTR), ("ldr", I64), ("has_res", I64), ("pf", PTR)], internal=True)
-    b, g = f.b, f.arg
-    f.fn.attributes.add("alwaysinline")
-    acc = [[f.var(V16, vconst(0.0)) for _ in range(NR // 16)] for _ in range(MR)]
-    prefetch = f.intrinsic("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
-    with f.loop(0, g["kc"]) as k:
-        # the next panel of B towards L2, while this one is reused from L1: a model's
-        # weights come cold from memory
-        for v in range(NR // 16):
-            b.call(prefetch, [f.at(g["pf"], f.mul(k, NR), c64(16 * v)),
-                              ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
-        bk = f.at(g["bp"], f.mul(k, NR))
-        bv = [f.vload(f.at(bk, c64(16 * v)), align=64) for v in range(NR // 16)]
-        ak = f.at(g["ap"], f.mul(k, MR))
-        for r in range(MR):
-            s = f.splat(b.load(f.at(ak, c64(r)), typ=F32))
-            for v in range(NR // 16):
-                b.store(f.fma(s, bv[v], b.load(acc[r][v], typ=V16)), acc[r][v])
-
-    def flag(name):
-        return b.icmp_signed("!=", g[name], c64(0))
-
-    none = ir.Constant(M16, [0] * 16)
-    masks = [f.lanes_below(b.sub(g["nrem"], c64(16 * v))) for v in range(NR // 16)]
-    cmask = [b.select(flag("first"), none, m) for m in masks]  # first K block: C not read
-
-    def store_rows(epilogue):
-        for r in range(MR):
-            row_ok = b.icmp_signed("<", c64(r), g["mrem"])
-            with b.if_then(row_ok, likely=True):
-                crow = f.at(g["c"], f.mul(c64(r), g["ldc"]))
-                for v in range(NR // 16):
-                    ptr = f.at(crow, c64(16 * v))
-                    val = b.fadd(b.load(acc[r][v], typ=V16), f.mload(ptr, cmask[v]))
-                    f.mstore(epilogue(r, v, val), ptr, masks[v])
-
-    with b.if_else(flag("last")) as (then, otherwise):
-        with then:
-            bmask = [b.select(flag("has_bias"), m, none) for m in masks]
-            rmask = [b.select(flag("has_res"), m, none) for m in masks]
-            bias = [f.mload(f.at(g["bias"], c64(16 * v)), bmask[v]) for v in range(NR // 16)]
-
-            def epilogue(r, v, val):
-                val = f.activation(act, b.fadd(val, bias[v]))
-                rptr = f.at(g["res"], f.mul(c64(r), g["ldr"]), c64(16 * v))
-                return b.fadd(val, f.mload(rptr, rmask[v]))
-            store_rows(epilogue)
-        with otherwise:
-            store_rows(lambda r, v, val: val)
-    return f.finish()
-
-
-def _emit_pack_a(f: FnBuilder, a, lda, row0, row_end, col0, kc, dst, npan,
-                 stride=None) -> None:
-    """A[row0:row_end, col0:col0+kc] into npan MR-row panels Ap[ip][kk][MR] at dst,
-    `stride` (default kc * MR) floats apart; rows past row_end zero."""
-    b = f.b
-    with f.loop(0, npan) as ip:
-        first = b.add(row0, f.mul(ip, MR))
-        panel = f.at(dst, f.mul(ip, stride or f.mul(kc, MR)))
-        whole = b.icmp_signed("<=", b.add(first, c64(MR)), row_end)
-        # whole panels: 16 columns of the MR = 8 rows at a time, transposed in
-        # registers (a store per two columns instead of one per element: 2.5x faster)
-        whole16 = b.select(whole, f.mul(b.sdiv(kc, c64(16)), 16), c64(0))
-        srcs = [f.at(a, f.mul(b.add(first, c64(r)), lda), col0) for r in range(MR)]
-        with f.loop(0, whole16, 16) as kk:
-            rows = [f.vload(f.at(src, kk)) for src in srcs]
-            while len(rows) > 1:   # concatenate: lane r * 16 + c is A[first + r, kk + c]
-                n = rows[0].type.count
-                rows = [b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, 2 * n),
-                                                           list(range(2 * n))))
-                        for x, y in zip(rows[::2], rows[1::2], strict=True)]
-            lanes = rows[0]
-            for j in range(8):   # columns kk + 2j and kk + 2j + 1, MR rows each
-                idx = [(e % MR) * 16 + 2 * j + e // MR for e in range(16)]
-                f.vstore(b.shuffle_vector(lanes, ir.Constant(lanes.type, ir.Undefined),
-                                          ir.Constant(VI32, idx)),
-                         f.at(panel, f.mul(b.add(kk, c64(2 * j)), MR)))
-        with f.loop(0, MR) as r:   # the rest, and panels with rows past row_end
-            row = b.add(first, r)
-            out = f.at(panel, r)
-            with b.if_else(b.icmp_signed("<", row, row_end)) as (inside, outside):
-                with inside:
-                    src = f.at(a, f.mul(row, lda), col0)
-                    with f.loop(whole16, kc) as kk:
-                        b.store(b.load(f.at(src, kk), typ=F32), f.at(out, f.mul(kk, MR)))
-                with outside:
-                    with f.loop(0, kc) as kk:
-                        b.store(ir.Constant(F32, 0.0), f.at(out, f.mul(kk, MR)))
-
-
-def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
-                  prepacked: bool = False) -> ir.Function:
-    """Rows [m0, m1) x panels [jp0, jp1) of C = A @ Bp with the `act` epilogue.
-
-    `ap` is a workspace for packed blocks of A, or with `prepacked` all of A already
-    packed by `tc_pack_a` (shared by threads that split the panels; m0 = 0)."""
-    f = FnBuilder(module, f"tc_gemm_{'pa_' if prepacked else ''}{act}", [
-        ("a", PTR), ("lda", I64), ("bp", PTR), ("k", I64), ("c", PTR), ("ldc", I64),
-        ("n", I64), ("bias", PTR), ("has_bias", I64), ("res", PTR), ("ldr", I64),
-        ("has_res", I64), ("ap", PTR), ("m0", I64), ("m1", I64), ("jp0", I64), ("jp1", I64)])
-    b, g = f.b, f.arg
-    K = g["k"]
-    with f.loop(0, K, KC) as pc:
-        kc = f.min(c64(KC), b.sub(K, pc))
-        first = b.zext(b.icmp_signed("==", pc, c64(0)), I64)
-        last = b.zext(b.icmp_signed(">=", b.add(pc, kc), K), I64)
-        with f.loop(g["m0"], g["m1"], MC) as ic:
-            mc = f.min(c64(MC), b.sub(g["m1"], ic))
-            npan = b.sdiv(b.add(mc, c64(MR - 1)), c64(MR))
-            panel = c64(KC * MR) if prepacked else f.mul(kc, MR)
-            # prepacked: K block pc of row panel ip at ((pc / KC) * panels(m1) + ip) * KC * MR
-            mt = b.sdiv(b.add(g["m1"], c64(MR - 1)), c64(MR))
-            ap = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt),
-                                           b.sdiv(ic, c64(MR))), KC * MR)) \
-                if prepacked else g["ap"]
-            if not prepacked:
-                _emit_pack_a(f, g["a"], g["lda"], ic, b.add(ic, mc), pc, kc, g["ap"], npan)
-            with f.loop(g["jp0"], g["jp1"]) as jp:
-                n0 = f.mul(jp, NR)
-                nrem = f.min(c64(NR), b.sub(g["n"], n0))
-                bpan = f.at(g["bp"], f.mul(b.add(f.mul(jp, K), pc), NR))
-                # prefetch: the next panel, after the last one the first of the next
-                # K block
-                wrap = b.icmp_signed(">=", b.add(jp, c64(1)), g["jp1"])
-                pf_jp = b.select(wrap, g["jp0"], b.add(jp, c64(1)))
-                pf_pc = b.select(b.and_(wrap, b.icmp_signed("<", b.add(pc, c64(KC)), K)),
-                                 b.add(pc, c64(KC)), pc)
-                pf = f.at(g["bp"], f.mul(b.add(f.mul(pf_jp, K), pf_pc), NR))
-                with f.loop(0, npan) as ip:
-                    m = b.add(ic, f.mul(ip, MR))
-                    b.call(uk, [
-                        kc, f.at(ap, f.mul(ip, panel)), bpan,
-                        f.at(g["c"], f.mul(m, g["ldc"]), n0), g["ldc"],
-                        f.min(c64(MR), b.sub(b.add(ic, mc), m)), nrem, first, last,
-                        f.at(g["bias"], n0), g["has_bias"],
-                        f.at(g["res"], f.mul(m, g["ldr"]), n0), g["ldr"], g["has_res"], pf])
-    return f.finish()
-
-
-def _job(module: ir.Module, name: str, target: ir.Function, fixed: list[ir.Type],
-         ranges: int, work_last: bool = False) -> None:
-    """`name(block, item, tid)` for the native pool (see pool.py): calls `target` with
-    the `fixed` arguments from block[0:len(fixed)] (f32 ones as bits), then the
-    workspace of thread `tid` from block[len(fixed) + 1 + tid] (block[len(fixed)] says
-    how many there are), then `ranges` i64s of the item (or the workspace last): the
-    items follow the workspaces."""
-    f = FnBuilder(module, name, [("block", PTR), ("item", I64), ("tid", I64)])
-    b, g = f.b, f.arg
-
-    def word(i):
-        return b.load(f.at(g["block"], i, ty=I64), typ=I64)
-    args = []
-    for i, ty in enumerate(fixed):
-        w = word(c64(i))
-        args.append(b.inttoptr(w, PTR) if ty == PTR else
-                    b.bitcast(b.trunc(w, I32), F32) if ty == F32 else w)
-    nf = len(fixed)
-    work = b.inttoptr(word(b.add(c64(nf + 1), g["tid"])), PTR)
-    items = b.add(c64(nf + 1), word(c64(nf)))
-    args += [] if work_last else [work]
-    args += [word(b.add(items, b.add(f.mul(g["item"], ranges), c64(r)))) for r in range(ranges)]
-    b.call(target, args + [work] if work_last else args)
-    f.finish()
-
-
-def _pack_b(module: ir.Module) -> None:
-    """Panels [jp0, jp1) of B (row-major K x N, row stride ldb) into Bp[jp][k][NR]."""
-    f = FnBuilder(module, "tc_pack_b", [("b", PTR), ("ldb", I64), ("k", I64), ("n", I64),
-                                        ("bp", PTR), ("jp0", I64), ("jp1", I64)])
-    b, g = f.b, f.arg
-    with f.loop(g["jp0"], g["jp1"]) as jp:
-        n0 = f.mul(jp, NR)
-        masks = [f.lanes_below(b.sub(g["n"], b.add(n0, c64(16 * v)))) for v in range(NR // 16)]
-        with f.loop(0, g["k"]) as k:
-            src = f.at(g["b"], f.mul(k, g["ldb"]), n0)
-            dst = f.at(g["bp"], f.mul(b.add(f.mul(jp, g["k"]), k), NR))
-            for v in range(NR // 16):
-                f.vstore(f.mload(f.at(src, c64(16 * v)), masks[v]), f.at(dst, c64(16 * v)), 64)
-    f.finish()
-
-
-def _pack_bt(module: ir.Module) -> None:
-    """The same panels from B given transposed (N x K, row stride ldb)."""
-    f = FnBuilder(module, "tc_pack_bt", [("b", PTR), ("ldb", I64), ("k", I64), ("n", I64),
-                                         ("bp", PTR), ("jp0", I64), ("jp1", I64)])
-    b, g = f.b, f.arg
-    with f.loop(g["jp0"], g["jp1"]) as jp:
-        base = f.at(g["bp"], f.mul(f.mul(jp, g["k"]), NR))
-        with f.loop(0, NR) as col:
-            n = b.add(f.mul(jp, NR), col)
-            with b.if_else(b.icmp_signed("<", n, g["n"])) as (inside, outside):
-                with inside:
-                    src = f.at(g["b"], f.mul(n, g["ldb"]))
-                    with f.loop(0, g["k"]) as k:
-                        b.store(b.load(f.at(src, k), typ=F32), f.at(base, f.mul(k, NR), col))
-                with outside:
-                    with f.loop(0, g["k"]) as k:
-                        b.store(ir.Constant(F32, 0.0), f.at(base, f.mul(k, NR), col))
-    f.finish()
-
-
-def build_module() -> ir.Module:
-    module = ir.Module(name="tensorc_gemm")
-    _pack_b(module)
-    _pack_bt(module)
-    _job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)  # ap: workspace
-    fixed = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64]
-    for act in ACTIVATIONS:
-        uk = _ukernel(module, act)
-        _job(module, f"tc_gemm_job_{act}", _macro_kernel(module, act, uk), fixed, 4)
-        _job(module, f"tc_gemm_pa_job_{act}", _macro_kernel(module, act, uk, True), fixed, 4)
-    return module
-
-
-def _pack_a(module: ir.Module) -> ir.Function:
-    """Row panels [ip0, ip1) of A (M x K, row stride lda), rows past M zero, into the
-    layout `_macro_kernel(prepacked=True)` reads: Ap[pc / KC][ip][kk][MR], KC * MR
-    floats per panel, so that one K block's panels are contiguous (panels K * MR
-    apart would share cache sets when K is a large power of two)."""
-    f = FnBuilder(module, "tc_pack_a", [("a", PTR), ("lda", I64), ("k", I64), ("m", I64),
-                                        ("ap", PTR), ("ip0", I64), ("ip1", I64)])
-    b, g = f.b, f.arg
-    mt = b.sdiv(b.add(g["m"], c64(MR - 1)), c64(MR))
-    with f.loop(0, g["k"], KC) as pc:
-        dst = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt), g["ip0"]), KC * MR))
-        _emit_pack_a(f, g["a"], g["lda"], f.mul(g["ip0"], MR), g["m"], pc,
-                     f.min(c64(KC), b.sub(g["k"], pc)), dst, b.sub(g["ip1"], g["ip0"]),
-                     c64(KC * MR))
-    return f.finish()
-
-
-_P, _I = c_void_p, c_int64
-_lib_lock = threading.Lock()
-_lib: dict | None = None
-
-
-def kernels() -> dict:
-    """The compiled entry points (compiled once per process; object code cached on disk)."""
-    global _lib
-    with _lib_lock:
-        if _lib is None:
-            jobs = [f"tc_gemm_{p}job_{a}" for a in ACTIVATIONS for p in ("", "pa_")]
-            jobs.append("tc_pack_a_job")
-            names = ["tc_pack_b", "tc_pack_bt"] + [f"tc_gemm_{a}" for a in ACTIVATIONS] + jobs
-            addrs = compile_ir(build_module(), names)
-            pack_args = [_P, _I, _I, _I, _P, _I, _I]
-            gemm_args = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I]
-            _lib = {"pack_b": cfunc(addrs["tc_pack_b"], None, pack_args),
-                    "pack_bt": cfunc(addrs["tc_pack_bt"], None, pack_args)}
-            _lib.update({a: cfunc(addrs[f"tc_gemm_{a}"], None, gemm_args) for a in ACTIVATIONS})
-            _lib["jobs"] = {j: addrs[j] for j in jobs}
-        return _lib
-
 
 # -- numpy-level API ------------------------------------------------------------------
 
 
 
-_tls = threading.local()   # per thread: scratch buffers, whether it is a pool worker
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pool_lock = threading.Lock()
-
-
-def parallel(fn, items, threads: int) -> None:
-    """Run fn(item) for each item on up to `threads` threads (this one included).
-
-    One caller uses the pool at a time: a call from a pool worker, from inside a task
-    or from a second thread while the pool is busy runs serially instead (no deadlock,
-    no two callers' tasks mixed)."""
-    items = list(items)
-    if threads > 1 and len(items) > 1 and not getattr(_tls, "in_pool", False) \
-            and _pool_lock.acquire(blocking=False):
-        try:
-            pool = _pools.get(threads)
-            if pool is None:
-                pool = _pools[threads] = ThreadPoolExecutor(
-                    threads - 1, "tensorc", initializer=setattr, initargs=(_tls, "in_pool", True))
-            futures = [pool.submit(fn, it) for it in items[1:]]
-            fn(items[0])
-            for fut in futures:
-                fut.result()
-        finally:
-            _pool_lock.release()
-        return
-    for it in items:
-        fn(it)
+_tls = threading.local()   # per thread: scratch buffers
 
 
 def run_jobs(steps: list, threads: int) -> None:
     """Native jobs (see pool.py), one after the other, on up to `threads` threads:
     steps are (job address, fixed arguments, items, workspace), workspace "ap" (every
     thread reads this thread's packed A) or (name, floats): a buffer per thread.
-    Serial, like `parallel`, when the pool is taken or called from a pool thread."""
-    if threads > 1 and not getattr(_tls, "in_pool", False):
+    Serial when the pool is taken (another caller is using it)."""
+    if threads > 1:
         workers = pool.get(threads)
         if workers.lock.acquire(blocking=False):
             try:
@@ -530,6 +73,8 @@ def run_jobs(steps: list, threads: int) -> None:
 def _workspaces(ws, workers: pool.Pool | None = None) -> list[int]:
     """Workspace addresses for this thread, then for each of the pool's workers."""
     n = workers.threads if workers else 1
+    if ws is None:
+        return [0] * n
     if ws == "ap":
         return [_prepacked_a()] * n
     name, size = ws
@@ -630,8 +175,20 @@ class PackedB:
         if fill:   # else the caller packs panels with fill_panels, e.g. in its threads
             threads = num_threads() if threads is None else threads
             many = threads > 1 and self.k * self.n >= 1 << 18
-            parallel(lambda r: self.fill_panels(*r),
-                     _split(self.panels, threads, 1) if many else [(0, self.panels)], threads)
+            self.fill_jobs(threads if many else 1)
+
+    def fill_jobs(self, threads: int) -> None:
+        """Pack every panel, split across the pool's threads."""
+        if self.k and self.panels:
+            run_jobs([self.pack_step(_split(self.panels, threads, 1))], threads)
+
+    def pack_step(self, ranges) -> tuple:
+        """The native job (see `run_jobs`) packing these panel ranges."""
+        b, pack = self._source
+        job = kernels()["jobs"]["tc_pack_bt_job" if pack is kernels()["pack_bt"]
+                                else "tc_pack_b_job"]
+        return (job, [b.ctypes.data, b.strides[0] // 4, self.k, self.n, self.ptr],
+                list(ranges), None)
 
     def fill_panels(self, jp0: int, jp1: int) -> None:
         """Pack column panels [jp0, jp1) (thread safe for disjoint ranges)."""
@@ -717,15 +274,10 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
     # caches). A packed weight: see _shares_a; else split rows when each thread gets a
     # few row tiles and B is small enough to share from L3 (no A packed twice), else
     # split the panels, so that each thread streams only its part of B.
-    if fill and panels >= threads:
-        def packed_block(r):
-            packed.fill_panels(*r)
-            block(0, M, *r)
-        parallel(packed_block, _split(panels, threads, 1), threads)
-        return out
+    steps = _schedule(a, packed, out, bias, act, residual, threads)
     if fill:
-        packed.fill_panels(0, panels)
-    run_jobs(_schedule(a, packed, out, bias, act, residual, threads), threads)
+        steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
+    run_jobs(steps, threads)
     return out
 
 
@@ -823,17 +375,10 @@ def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | No
     a_b = np.broadcast_to(a, batch + a.shape[-2:])
     b_b = np.broadcast_to(b, batch + b.shape[-2:])
     r_b = residual
-    items = list(np.ndindex(*batch))
-    inner = 1 if len(items) >= threads else threads
-
-    def one(idx):
-        packed = PackedB(b_b[idx], trans_b, 1, scratch=True)
+    for idx in np.ndindex(*batch):   # each product threads itself when big enough
+        packed = PackedB(b_b[idx], trans_b, 1, scratch=True, fill=False)
         r = None if r_b is None else _rows(r_b[idx])
-        target = out[idx]
-        _gemm2d(_rows(a_b[idx]), packed, target, bias, act, r, inner)
-    parallel(lambda chunk: [one(i) for i in chunk],
-             [items[s:e] for s, e in _split(len(items), threads if inner == 1 else 1, 1)],
-             threads if inner == 1 else 1)
+        _gemm2d(_rows(a_b[idx]), packed, out[idx], bias, act, r, threads, fill=True)
     return out
 
 
@@ -890,7 +435,7 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         key = (_prepacked_a(), _workspace())   # a call may come from another thread
         if key != state.get("key"):
             prepare(key)
-        if getattr(_tls, "in_pool", False) or not workers.lock.acquire(blocking=False):
+        if not workers.lock.acquire(blocking=False):
             general()
             return
         try:
@@ -899,3 +444,4 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         finally:
             workers.lock.release()
     return run
+

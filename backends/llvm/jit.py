@@ -109,15 +109,6 @@ def parse(ir) -> llvm.ModuleRef:
     return mod
 
 
-def optimized_ir(ir) -> str:
-    """The IR after O3, for people who want to read what the vectoriser did."""
-    mod = parse(ir)
-    mod.triple = target().triple
-    mod.data_layout = str(target().machine.target_data)
-    optimize(mod)
-    return str(mod)
-
-
 def _build_object(ir_text: str) -> bytes:
     mod = parse(ir_text)
     mod.triple = target().triple

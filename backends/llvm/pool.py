@@ -1,4 +1,7 @@
-"""A native thread pool for the LLVM backend's library kernels: one hand-off per call.
+"""The LLVM backend's one thread pool (native): one hand-off per call.
+
+Generated kernels (each has a job entry, see `codegen.add_kernel`), the GEMM and flash
+attention all run their parallel parts here, through `run`.
 
 A Python pool thread sleeps between calls, and waking it costs tens of microseconds
 (a futex wake, then a core coming back from idle) for every GEMM; with ~0.3 ms of
@@ -305,3 +308,17 @@ def serial(fn: int, block: int, n: int) -> None:
     ctl[CLAIM] = (1 << 32) | (n << 16)
     ctl[FN], ctl[BLOCK] = fn, block
     _kernels()["work"](ctl.ctypes.data, 0, 1)
+
+
+def run(fn: int, block: int, n: int, threads: int) -> None:
+    """Items 0..n-1 of job `fn` on up to `threads` threads, this one included. One caller
+    uses a pool at a time: a second caller, while it is busy, runs serially instead."""
+    if threads > 1 and n > 1:
+        workers = get(threads)
+        if workers.lock.acquire(blocking=False):
+            try:
+                workers.run(fn, block, n)
+            finally:
+                workers.lock.release()
+            return
+    serial(fn, block, n)

@@ -3,64 +3,42 @@
 Per shape specialisation everything is fixed once: the arena (all intermediates,
 inputs copied in at each call), numpy views over it for library calls, and for
 each kernel launch a ctypes argument block of buffer pointers. A call is then a
-list of ctypes calls. ctypes releases the GIL, so a kernel whose parallel loop is
-big enough is split into ranges run by `TENSORC_NUM_THREADS` threads at once.
+list of ctypes calls. A kernel whose parallel loop is big enough is split into
+ranges run by the native pool's `TENSORC_NUM_THREADS` threads at once (`pool.py`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from tensorc.errors import TensorcError
 from tensorc.ops import get_op
 
-from ..lower import Call, IndexCheck, KernelStep, Program, View
-from . import codegen, jit
+from ..lowering import Call, IndexCheck, KernelStep, Program, View
+from . import codegen, jit, pool
 from .pool import num_threads
 
-# A thread pays off only with this much work (elements touched) to do: waking a pool
-# thread costs about 10-15 us, while one core streams ~65K floats x 3 passes (a
-# [128, 512] layer_norm) in under 10 us.
+# A thread pays off only with this much work (elements touched) to do: handing work
+# to a pool thread costs microseconds (tens if it slept), while one core streams ~65K
+# floats x 3 passes (a [128, 512] layer_norm) in under 10 us.
 MIN_WORK_PER_THREAD = 1 << 19
 
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pool_lock = threading.Lock()
-
-
-def pool(threads: int) -> ThreadPoolExecutor:
-    with _pool_lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(threads - 1, "tensorc-llvm")
-        return _pools[threads]
-
-
-def parallel_for(fn, extent: int, threads: int) -> None:
-    """fn(lo, hi) over [0, extent) in `threads` near-equal ranges, this thread included."""
-    threads = max(1, min(threads, extent))
-    if threads == 1:
-        fn(0, extent)
-        return
-    cuts = [extent * i // threads for i in range(threads + 1)]
-    futures = [pool(threads).submit(fn, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:],
-                                                                   strict=True)]
-    fn(cuts[0], cuts[1])
-    for f in futures:
-        f.result()
-
-
-def compile_kernels(kernels) -> dict[str, object]:
-    """{kernel name: ctypes function}, one LLVM module for all (cached on disk)."""
+def compile_kernels(kernels) -> dict[str, tuple[object, int]]:
+    """{kernel name: (ctypes function, its pool job's address)}, one LLVM module for all
+    (cached on disk)."""
     if not kernels:
         return {}
-    addrs = jit.compile_ir(codegen.render(kernels), [k.name for k in kernels])
-    return {name: jit.cfunc(a, None, _ARGTYPES) for name, a in addrs.items()}
+    names = [k.name for k in kernels]
+    addrs = jit.compile_ir(codegen.render(kernels),
+                           names + [codegen.job_name(n) for n in names])
+    return {n: (jit.cfunc(addrs[n], None, _ARGTYPES), addrs[codegen.job_name(n)])
+            for n in names}
 
 
 def _aligned_bytes(n: int) -> np.ndarray:
@@ -104,15 +82,17 @@ class Runner:
 
     def bind(self, step):
         if isinstance(step, KernelStep):
-            fn = self.fns[step.kernel.name]
+            fn, job = self.fns[step.kernel.name]
             args = (ctypes.c_void_p * max(len(step.args), 1))(*[self.pointer(b)
                                                                 for b in step.args])
             self._keep.append(args)
             address = ctypes.addressof(args)
             extent = step.kernel.parallel_extent
-            threads = min(self.threads, max(1, step.work // MIN_WORK_PER_THREAD))
-            if threads > 1 and extent > 1:
-                return lambda: parallel_for(lambda lo, hi: fn(address, lo, hi), extent, threads)
+            threads = min(self.threads, extent, max(1, step.work // MIN_WORK_PER_THREAD))
+            if threads > 1:
+                block = np.array([address, extent, threads], np.int64)
+                self._keep.append(block)
+                return lambda: pool.run(job, block.ctypes.data, threads, threads)
             return lambda: fn(address, 0, extent)
         if isinstance(step, IndexCheck):
             idx, n, where = self.array(step.view), step.n, step.where
@@ -158,11 +138,7 @@ def _np(dtype: str):
 # --- library calls: op -> bind(attrs, inputs, out, epilogue, threads) -> step ----------
 
 def _matmul(attrs, ins, out, epilogue, threads):
-    a, b = ins
-    if a.dtype != np.float32 or b.dtype != np.float32:
-        def numpy_matmul():  # the scheduled GEMM is float32 only
-            np.matmul(a, b, out=out)
-        return numpy_matmul
+    a, b = ins   # float32: lowering generates kernels for other types
     from .gemm import PackedB, bind
     if b.ndim == 2 and not b.flags.writeable:  # a weight: pack it once, here
         b = PackedB(b, threads=threads)

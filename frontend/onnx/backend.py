@@ -1,4 +1,5 @@
-"""tensorc as an `onnx.backend.base.Backend`, running the numpy reference backend.
+"""tensorc as an `onnx.backend.base.Backend`: `TensorcBackend` runs the numpy reference
+backend, `TensorcLLVMBackend` the llvm one.
 
 This is what the official ONNX node conformance tests drive (tests/test_onnx_conformance.py).
 Inputs that tensorc needs at import (a Reshape's target shape, Slice bounds) but that a
@@ -18,8 +19,8 @@ from .importer import NeedsConstantError, from_model
 
 
 class TensorcRep(BackendRep):
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, backend: str = "numpy"):
+        self.model, self.backend = model, backend
         inits = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in inits]
         self.cache: dict[tuple, object] = {}
@@ -34,7 +35,7 @@ class TensorcRep(BackendRep):
                 if not e.inputs or any(n in bind for n in e.inputs):
                     raise
                 bind.update({n: feeds[n] for n in e.inputs})
-        return get_backend("numpy").compile(graph), list(bind)
+        return get_backend(self.backend).compile(graph), list(bind)
 
     def run(self, inputs, **kwargs):
         arrays = [numpy_helper.to_array(x) if isinstance(x, onnx.TensorProto) else np.asarray(x)
@@ -47,11 +48,17 @@ class TensorcRep(BackendRep):
 
 
 class TensorcBackend(Backend):
+    name = "numpy"
+
     @classmethod
     def prepare(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs) -> TensorcRep:
         super().prepare(model, device, **kwargs)
-        return TensorcRep(model)
+        return TensorcRep(model, cls.name)
 
     @classmethod
     def supports_device(cls, device: str) -> bool:
         return device == "CPU"
+
+
+class TensorcLLVMBackend(TensorcBackend):
+    name = "llvm"

@@ -17,8 +17,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tensorc.errors import TensorcError, UnsupportedOpError
-from tensorc.ir import Dim, Graph, Node, TensorType, Value, _split_dim
+from tensorc.ir import Dim, Graph, Node, TensorType, Value
 from tensorc.ops import get_op
+from tensorc.types import _split_dim
 
 from .importer import ONNX_DTYPES
 

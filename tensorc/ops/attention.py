@@ -25,11 +25,15 @@ sum), so it never holds the [t, s] score matrix: extra memory is O(t * block).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir import FLOAT_DTYPES, Graph, TensorType
+from ..types import FLOAT_DTYPES, TensorType
+
+if TYPE_CHECKING:
+    from ..ir import Graph
 from .registry import Attr, OpDef, broadcast_shapes, numel, register
 
 KEY_BLOCK = 32

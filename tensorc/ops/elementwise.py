@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir import FLOAT_DTYPES, TensorType
+from ..types import FLOAT_DTYPES, TensorType
 from .registry import Attr, OpDef, broadcast_shapes, elementwise_flops, register, same_dtype
 
 _erf64 = np.frompyfunc(math.erf, 1, 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir import TensorType
+from ..types import TensorType
 from .registry import Attr, OpDef, register
 
 

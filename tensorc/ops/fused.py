@@ -19,10 +19,15 @@ Text form: the body prints as a nested graph, indented under its node::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir import Graph, TensorType
+from ..types import TensorType
+
+if TYPE_CHECKING:
+    from ..ir import Graph
 from .registry import Attr, OpDef, get_op, register
 
 
@@ -62,12 +67,16 @@ def _flops(outs, *ins: TensorType, body: Graph) -> int:
 
 
 def decompose(graph: Graph, inputs, body: Graph) -> list:
-    """Append the body's nodes to `graph`, reading `inputs`; returns the outputs."""
+    """Inline: append the body's nodes to `graph`, reading `inputs` (value names kept
+    where free, source lines kept); returns the outputs. The one inliner of regions:
+    ONNX export, lowering and `passes.rewrite.inline_regions` use it."""
     vals = dict(zip(body.inputs, inputs, strict=True))
     for v in body.constants.values():
         vals[v] = graph.add_constant(graph.fresh_name(v.name), v.data, v.type)
     for node in body.nodes:
-        outs = graph.add_node(node.op, [vals[v] for v in node.inputs], node.attrs)
+        outs = graph.add_node(node.op, [vals[v] for v in node.inputs], node.attrs,
+                              names=[graph.fresh_name(v.name) for v in node.outputs],
+                              loc=node.loc)
         vals.update(zip(node.outputs, outs, strict=True))
     return [vals[v] for v in body.outputs]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir import FLOAT_DTYPES, TensorType
+from ..types import FLOAT_DTYPES, TensorType
 from .registry import (
     Attr,
     OpDef,
@@ -63,9 +63,25 @@ def _reducer(fn):
     return ref
 
 
+def _extreme(fn, sign: int):
+    """max/min where an empty set gives ONNX's answer (numpy raises): -inf/+inf, or the
+    integer type's lowest/highest."""
+    def with_initial(x, axis, keepdims):
+        if x.dtype.kind == "f":
+            init = sign * np.inf
+        elif x.dtype.kind == "b":
+            init = sign > 0
+        else:
+            info = np.iinfo(x.dtype)
+            init = info.max if sign > 0 else info.min
+        return fn(x, axis=axis, keepdims=keepdims, initial=init)
+    return with_initial
+
+
 _REDUCE_ATTRS = {"axes": Attr("ints", None), "keepdims": Attr("bool", False)}
 for _name, _fn in {"reduce_sum": np.sum, "reduce_mean": np.mean,
-                   "reduce_max": np.max, "reduce_min": np.min}.items():
+                   "reduce_max": _extreme(np.max, -1),
+                   "reduce_min": _extreme(np.min, +1)}.items():
     register(OpDef(_name, infer=_reduce, reference=_reducer(_fn), attrs=_REDUCE_ATTRS,
                    kind="reduction",
                    flops=lambda outs, x, **attrs: numel(x)))

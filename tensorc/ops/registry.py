@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ShapeError, TensorcError, UnsupportedOpError
-from ..ir import DTYPES, Dim, Graph, Node, TensorType, resolve_dim
+from ..types import DTYPES, Dim, TensorType, resolve_dim
+
+if TYPE_CHECKING:
+    from ..ir import Node
 
 REQUIRED = object()
 
@@ -30,6 +33,10 @@ class Attr:
     kind: str
     default: Any = REQUIRED
     choices: tuple | None = None
+
+    def __post_init__(self):   # a misspelt kind would otherwise accept any value
+        if self.kind not in ATTR_KINDS:
+            raise ValueError(f"unknown attribute kind {self.kind!r}; known: {ATTR_KINDS}")
 
     def check(self, name: str, value: Any) -> Any:
         """Validate and normalise one attribute value (lists become tuples)."""
@@ -50,7 +57,8 @@ class Attr:
         elif k in ("str", "dtype"):
             ok = isinstance(value, str) and (k == "str" or value in DTYPES)
         elif k == "graph":
-            ok = isinstance(value, Graph)
+            # a Graph (the registry sits below the IR, so it checks the shape of one)
+            ok = all(hasattr(value, a) for a in ("inputs", "outputs", "nodes", "constants"))
         elif k == "scalar":
             ok = isinstance(value, (int, float, bool, np.generic))
             value = value.item() if isinstance(value, np.generic) else value

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError, TensorcError
-from ..ir import Dim, TensorType, dim_divide, dim_product
+from ..types import Dim, TensorType, dim_divide, dim_product
 from .registry import Attr, OpDef, broadcast_shapes, norm_axis, register, same_dtype
 
 # Slice ends at or beyond this mean "to the end" (ONNX exporters write INT64_MAX).

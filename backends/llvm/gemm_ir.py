@@ -1,0 +1,260 @@
+"""The GEMM's LLVM IR: the MR x NR micro-kernel with its epilogues, the macro-kernel
+over one K x MC block, the packing routines and their pool jobs (see `gemm.py` for the
+schedule)."""
+
+from __future__ import annotations
+
+import threading
+from ctypes import c_int64, c_void_p
+
+from llvmlite import ir
+
+from .irbuild import F32, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
+from .jit import cfunc, compile_ir
+
+MR, NR = 8, 32      # micro-tile: 8 rows x 2 zmm = 16 accumulators (14 x 32 measured no faster)
+KC, MC = 256, 160  # a 256 x 32 panel of B (32 KiB) stays in L1; a 160 x 256 block of A, in L2
+ALIGN = 64          # bytes; packed panels are cache-line aligned
+PREPACK_A = 1 << 17  # floats: A up to half an L2 (512 KiB) is packed once and shared
+ITEMS_PER_THREAD = 4  # work items per thread when threads claim column panels
+
+ACTIVATIONS = ("none", "relu", "gelu_erf", "gelu_tanh")
+_ALIASES = {None: "none", "gelu": "gelu_erf"}
+
+
+# -- kernel generation ----------------------------------------------------------------
+
+def _ukernel(module: ir.Module, act: str) -> ir.Function:
+    """C[mrem, nrem] (+)= Ap[kc, MR] @ Bp[kc, NR], epilogue on the last K block."""
+    f = FnBuilder(module, f"tc_ukernel_{act}", [
+        ("kc", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64), ("mrem", I64),
+        ("nrem", I64), ("first", I64), ("last", I64), ("bias", PTR), ("has_bias", I64),
+        ("res", PTR), ("ldr", I64), ("has_res", I64), ("pf", PTR)], internal=True)
+    b, g = f.b, f.arg
+    f.fn.attributes.add("alwaysinline")
+    acc = [[f.var(V16, vconst(0.0)) for _ in range(NR // 16)] for _ in range(MR)]
+    prefetch = f.intrinsic("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+    with f.loop(0, g["kc"]) as k:
+        # the next panel of B towards L2, while this one is reused from L1: a model's
+        # weights come cold from memory
+        for v in range(NR // 16):
+            b.call(prefetch, [f.at(g["pf"], f.mul(k, NR), c64(16 * v)),
+                              ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
+        bk = f.at(g["bp"], f.mul(k, NR))
+        bv = [f.vload(f.at(bk, c64(16 * v)), align=64) for v in range(NR // 16)]
+        ak = f.at(g["ap"], f.mul(k, MR))
+        for r in range(MR):
+            s = f.splat(b.load(f.at(ak, c64(r)), typ=F32))
+            for v in range(NR // 16):
+                b.store(f.fma(s, bv[v], b.load(acc[r][v], typ=V16)), acc[r][v])
+
+    def flag(name):
+        return b.icmp_signed("!=", g[name], c64(0))
+
+    none = ir.Constant(M16, [0] * 16)
+    masks = [f.lanes_below(b.sub(g["nrem"], c64(16 * v))) for v in range(NR // 16)]
+    cmask = [b.select(flag("first"), none, m) for m in masks]  # first K block: C not read
+
+    def store_rows(epilogue):
+        for r in range(MR):
+            row_ok = b.icmp_signed("<", c64(r), g["mrem"])
+            with b.if_then(row_ok, likely=True):
+                crow = f.at(g["c"], f.mul(c64(r), g["ldc"]))
+                for v in range(NR // 16):
+                    ptr = f.at(crow, c64(16 * v))
+                    val = b.fadd(b.load(acc[r][v], typ=V16), f.mload(ptr, cmask[v]))
+                    f.mstore(epilogue(r, v, val), ptr, masks[v])
+
+    with b.if_else(flag("last")) as (then, otherwise):
+        with then:
+            bmask = [b.select(flag("has_bias"), m, none) for m in masks]
+            rmask = [b.select(flag("has_res"), m, none) for m in masks]
+            bias = [f.mload(f.at(g["bias"], c64(16 * v)), bmask[v]) for v in range(NR // 16)]
+
+            def epilogue(r, v, val):
+                val = f.activation(act, b.fadd(val, bias[v]))
+                rptr = f.at(g["res"], f.mul(c64(r), g["ldr"]), c64(16 * v))
+                return b.fadd(val, f.mload(rptr, rmask[v]))
+            store_rows(epilogue)
+        with otherwise:
+            store_rows(lambda r, v, val: val)
+    return f.finish()
+
+
+def _emit_pack_a(f: FnBuilder, a, lda, row0, row_end, col0, kc, dst, npan,
+                 stride=None) -> None:
+    """A[row0:row_end, col0:col0+kc] into npan MR-row panels Ap[ip][kk][MR] at dst,
+    `stride` (default kc * MR) floats apart; rows past row_end zero."""
+    b = f.b
+    with f.loop(0, npan) as ip:
+        first = b.add(row0, f.mul(ip, MR))
+        panel = f.at(dst, f.mul(ip, stride or f.mul(kc, MR)))
+        whole = b.icmp_signed("<=", b.add(first, c64(MR)), row_end)
+        # whole panels: 16 columns of the MR = 8 rows at a time, transposed in
+        # registers (a store per two columns instead of one per element: 2.5x faster)
+        whole16 = b.select(whole, f.mul(b.sdiv(kc, c64(16)), 16), c64(0))
+        srcs = [f.at(a, f.mul(b.add(first, c64(r)), lda), col0) for r in range(MR)]
+        with f.loop(0, whole16, 16) as kk:
+            rows = [f.vload(f.at(src, kk)) for src in srcs]
+            while len(rows) > 1:   # concatenate: lane r * 16 + c is A[first + r, kk + c]
+                n = rows[0].type.count
+                rows = [b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, 2 * n),
+                                                           list(range(2 * n))))
+                        for x, y in zip(rows[::2], rows[1::2], strict=True)]
+            lanes = rows[0]
+            for j in range(8):   # columns kk + 2j and kk + 2j + 1, MR rows each
+                idx = [(e % MR) * 16 + 2 * j + e // MR for e in range(16)]
+                f.vstore(b.shuffle_vector(lanes, ir.Constant(lanes.type, ir.Undefined),
+                                          ir.Constant(VI32, idx)),
+                         f.at(panel, f.mul(b.add(kk, c64(2 * j)), MR)))
+        with f.loop(0, MR) as r:   # the rest, and panels with rows past row_end
+            row = b.add(first, r)
+            out = f.at(panel, r)
+            with b.if_else(b.icmp_signed("<", row, row_end)) as (inside, outside):
+                with inside:
+                    src = f.at(a, f.mul(row, lda), col0)
+                    with f.loop(whole16, kc) as kk:
+                        b.store(b.load(f.at(src, kk), typ=F32), f.at(out, f.mul(kk, MR)))
+                with outside:
+                    with f.loop(0, kc) as kk:
+                        b.store(ir.Constant(F32, 0.0), f.at(out, f.mul(kk, MR)))
+
+
+def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
+                  prepacked: bool = False) -> ir.Function:
+    """Rows [m0, m1) x panels [jp0, jp1) of C = A @ Bp with the `act` epilogue.
+
+    `ap` is a workspace for packed blocks of A, or with `prepacked` all of A already
+    packed by `tc_pack_a` (shared by threads that split the panels; m0 = 0)."""
+    f = FnBuilder(module, f"tc_gemm_{'pa_' if prepacked else ''}{act}", [
+        ("a", PTR), ("lda", I64), ("bp", PTR), ("k", I64), ("c", PTR), ("ldc", I64),
+        ("n", I64), ("bias", PTR), ("has_bias", I64), ("res", PTR), ("ldr", I64),
+        ("has_res", I64), ("ap", PTR), ("m0", I64), ("m1", I64), ("jp0", I64), ("jp1", I64)])
+    b, g = f.b, f.arg
+    K = g["k"]
+    with f.loop(0, K, KC) as pc:
+        kc = f.min(c64(KC), b.sub(K, pc))
+        first = b.zext(b.icmp_signed("==", pc, c64(0)), I64)
+        last = b.zext(b.icmp_signed(">=", b.add(pc, kc), K), I64)
+        with f.loop(g["m0"], g["m1"], MC) as ic:
+            mc = f.min(c64(MC), b.sub(g["m1"], ic))
+            npan = b.sdiv(b.add(mc, c64(MR - 1)), c64(MR))
+            panel = c64(KC * MR) if prepacked else f.mul(kc, MR)
+            # prepacked: K block pc of row panel ip at ((pc / KC) * panels(m1) + ip) * KC * MR
+            mt = b.sdiv(b.add(g["m1"], c64(MR - 1)), c64(MR))
+            ap = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt),
+                                           b.sdiv(ic, c64(MR))), KC * MR)) \
+                if prepacked else g["ap"]
+            if not prepacked:
+                _emit_pack_a(f, g["a"], g["lda"], ic, b.add(ic, mc), pc, kc, g["ap"], npan)
+            with f.loop(g["jp0"], g["jp1"]) as jp:
+                n0 = f.mul(jp, NR)
+                nrem = f.min(c64(NR), b.sub(g["n"], n0))
+                bpan = f.at(g["bp"], f.mul(b.add(f.mul(jp, K), pc), NR))
+                # prefetch: the next panel, after the last one the first of the next
+                # K block
+                wrap = b.icmp_signed(">=", b.add(jp, c64(1)), g["jp1"])
+                pf_jp = b.select(wrap, g["jp0"], b.add(jp, c64(1)))
+                pf_pc = b.select(b.and_(wrap, b.icmp_signed("<", b.add(pc, c64(KC)), K)),
+                                 b.add(pc, c64(KC)), pc)
+                pf = f.at(g["bp"], f.mul(b.add(f.mul(pf_jp, K), pf_pc), NR))
+                with f.loop(0, npan) as ip:
+                    m = b.add(ic, f.mul(ip, MR))
+                    b.call(uk, [
+                        kc, f.at(ap, f.mul(ip, panel)), bpan,
+                        f.at(g["c"], f.mul(m, g["ldc"]), n0), g["ldc"],
+                        f.min(c64(MR), b.sub(b.add(ic, mc), m)), nrem, first, last,
+                        f.at(g["bias"], n0), g["has_bias"],
+                        f.at(g["res"], f.mul(m, g["ldr"]), n0), g["ldr"], g["has_res"], pf])
+    return f.finish()
+
+
+def _pack_b(module: ir.Module) -> ir.Function:
+    """Panels [jp0, jp1) of B (row-major K x N, row stride ldb) into Bp[jp][k][NR]."""
+    f = FnBuilder(module, "tc_pack_b", [("b", PTR), ("ldb", I64), ("k", I64), ("n", I64),
+                                        ("bp", PTR), ("jp0", I64), ("jp1", I64)])
+    b, g = f.b, f.arg
+    with f.loop(g["jp0"], g["jp1"]) as jp:
+        n0 = f.mul(jp, NR)
+        masks = [f.lanes_below(b.sub(g["n"], b.add(n0, c64(16 * v)))) for v in range(NR // 16)]
+        with f.loop(0, g["k"]) as k:
+            src = f.at(g["b"], f.mul(k, g["ldb"]), n0)
+            dst = f.at(g["bp"], f.mul(b.add(f.mul(jp, g["k"]), k), NR))
+            for v in range(NR // 16):
+                f.vstore(f.mload(f.at(src, c64(16 * v)), masks[v]), f.at(dst, c64(16 * v)), 64)
+    return f.finish()
+
+
+def _pack_bt(module: ir.Module) -> ir.Function:
+    """The same panels from B given transposed (N x K, row stride ldb)."""
+    f = FnBuilder(module, "tc_pack_bt", [("b", PTR), ("ldb", I64), ("k", I64), ("n", I64),
+                                         ("bp", PTR), ("jp0", I64), ("jp1", I64)])
+    b, g = f.b, f.arg
+    with f.loop(g["jp0"], g["jp1"]) as jp:
+        base = f.at(g["bp"], f.mul(f.mul(jp, g["k"]), NR))
+        with f.loop(0, NR) as col:
+            n = b.add(f.mul(jp, NR), col)
+            with b.if_else(b.icmp_signed("<", n, g["n"])) as (inside, outside):
+                with inside:
+                    src = f.at(g["b"], f.mul(n, g["ldb"]))
+                    with f.loop(0, g["k"]) as k:
+                        b.store(b.load(f.at(src, k), typ=F32), f.at(base, f.mul(k, NR), col))
+                with outside:
+                    with f.loop(0, g["k"]) as k:
+                        b.store(ir.Constant(F32, 0.0), f.at(base, f.mul(k, NR), col))
+    return f.finish()
+
+
+def build_module() -> ir.Module:
+    module = ir.Module(name="tensorc_gemm")
+    for name, pack in (("tc_pack_b", _pack_b(module)), ("tc_pack_bt", _pack_bt(module))):
+        job(module, name + "_job", pack, [PTR, I64, I64, I64, PTR], 2, work=None)
+    job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)  # ap: workspace
+    fixed = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64]
+    for act in ACTIVATIONS:
+        uk = _ukernel(module, act)
+        job(module, f"tc_gemm_job_{act}", _macro_kernel(module, act, uk), fixed, 4)
+        job(module, f"tc_gemm_pa_job_{act}", _macro_kernel(module, act, uk, True), fixed, 4)
+    return module
+
+
+def _pack_a(module: ir.Module) -> ir.Function:
+    """Row panels [ip0, ip1) of A (M x K, row stride lda), rows past M zero, into the
+    layout `_macro_kernel(prepacked=True)` reads: Ap[pc / KC][ip][kk][MR], KC * MR
+    floats per panel, so that one K block's panels are contiguous (panels K * MR
+    apart would share cache sets when K is a large power of two)."""
+    f = FnBuilder(module, "tc_pack_a", [("a", PTR), ("lda", I64), ("k", I64), ("m", I64),
+                                        ("ap", PTR), ("ip0", I64), ("ip1", I64)])
+    b, g = f.b, f.arg
+    mt = b.sdiv(b.add(g["m"], c64(MR - 1)), c64(MR))
+    with f.loop(0, g["k"], KC) as pc:
+        dst = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt), g["ip0"]), KC * MR))
+        _emit_pack_a(f, g["a"], g["lda"], f.mul(g["ip0"], MR), g["m"], pc,
+                     f.min(c64(KC), b.sub(g["k"], pc)), dst, b.sub(g["ip1"], g["ip0"]),
+                     c64(KC * MR))
+    return f.finish()
+
+
+_P, _I = c_void_p, c_int64
+_lib_lock = threading.Lock()
+_lib: dict | None = None
+
+
+def kernels() -> dict:
+    """The compiled entry points (compiled once per process; object code cached on disk)."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            jobs = [f"tc_gemm_{p}job_{a}" for a in ACTIVATIONS for p in ("", "pa_")]
+            jobs += ["tc_pack_a_job", "tc_pack_b_job", "tc_pack_bt_job"]
+            names = ["tc_pack_b", "tc_pack_bt"] + [f"tc_gemm_{a}" for a in ACTIVATIONS] + jobs
+            addrs = compile_ir(build_module(), names)
+            pack_args = [_P, _I, _I, _I, _P, _I, _I]
+            gemm_args = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I]
+            _lib = {"pack_b": cfunc(addrs["tc_pack_b"], None, pack_args),
+                    "pack_bt": cfunc(addrs["tc_pack_bt"], None, pack_args)}
+            _lib.update({a: cfunc(addrs[f"tc_gemm_{a}"], None, gemm_args) for a in ACTIVATIONS})
+            _lib["jobs"] = {j: addrs[j] for j in jobs}
+        return _lib
+
+

@@ -1,0 +1,114 @@
+"""The Program a lowering produces: planned buffers, strided views, and the steps
+(generated kernels, library calls, index checks) a backend runs in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import kernel_ir as K
+
+
+@dataclass(eq=False)
+class Buf:
+    """One planned buffer. kind: "arena" (planned), "input" (copied in at each call, also
+    in the arena) or "const" (the graph's weight array, `data`)."""
+    nbytes: int
+    dtype: str
+    kind: str = "arena"
+    data: np.ndarray | None = None
+    name: str = ""
+    offset: int = 0  # in the arena, set by the plan
+    numel: int = 0
+
+
+
+@dataclass(frozen=True)
+class View:
+    """A strided window of a buffer (in elements), what library calls receive."""
+    buf: Buf
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+@dataclass(eq=False)
+class KernelStep:
+    kernel: K.Kernel
+    args: list[Buf]          # one per kernel.buffers entry
+    work: int = 0            # elements touched, for the threading decision
+
+    def reads(self):
+        return [b for b, kb in zip(self.args, self.kernel.buffers, strict=True) if kb.readonly]
+
+    def writes(self):
+        return [b for b, kb in zip(self.args, self.kernel.buffers, strict=True)
+                if not kb.readonly]
+
+
+@dataclass(eq=False)
+class Call:
+    """A library call (matmul, attention) or a reference fallback, on views."""
+    op: str
+    attrs: dict
+    inputs: list[View]
+    outputs: list[View]
+    fallback: bool = False
+    where: str = ""
+    reason: str = ""     # a fallback's: why no generated code runs it
+    epilogue: dict = field(default_factory=dict)  # matmul: bias / activation / residual
+
+    def reads(self):
+        return [v.buf for v in self.inputs] + [v.buf for v in self.epilogue.values()
+                                               if isinstance(v, View)]
+
+    def writes(self):
+        return [v.buf for v in self.outputs]
+
+
+@dataclass(eq=False)
+class IndexCheck:
+    """Raise a clear error if an index tensor holds values outside [-n, n)."""
+    view: View
+    n: int
+    where: str
+
+    def reads(self):
+        return [self.view.buf]
+
+    def writes(self):
+        return []
+
+
+@dataclass(eq=False)
+class Program:
+    steps: list
+    inputs: list[Buf]
+    outputs: list[View]
+    buffers: list[Buf]
+    arena_bytes: int = 0
+    live_peak_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kernels(self) -> list[K.Kernel]:
+        seen = {}
+        for s in self.steps:
+            if isinstance(s, KernelStep):
+                seen.setdefault(s.kernel.name, s.kernel)
+        return list(seen.values())
+
+    def stats(self) -> dict:
+        calls = [s for s in self.steps if isinstance(s, Call)]
+        return {"kernel_launches": sum(isinstance(s, KernelStep) for s in self.steps),
+                "unique_kernels": len(self.kernels),
+                "library_calls": sum(not c.fallback for c in calls),
+                "fallbacks": [{"node": c.where, "reason": c.reason}
+                              for c in calls if c.fallback],
+                "arena_bytes": self.arena_bytes, "live_peak_bytes": self.live_peak_bytes}
+
+
+class NotLowerable(Exception):
+    """Raised by a rule for inputs it does not handle; the node falls back."""
+

@@ -1,0 +1,98 @@
+"""Matmul: the target's GEMM as a library call, and the epilogue it can absorb."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tensorc.ir import TensorType
+
+from ... import kernel_ir as K
+from ..program import Buf, Call, NotLowerable, View
+from ..views import Access, Lazy, broadcast_to, reshape, transpose
+from .reduction import reduce_into, widened
+
+
+def _matmul(lw, node, ins, attrs):
+    """GEMMs take matrices: a vector operand is a [1, k] or [k, 1] view, as in np.matmul,
+    and the result drops that dim again. The target's GEMM is float32; other types get
+    a generated kernel."""
+    t = node.outputs[0].type.concrete(lw.env)
+    a, b = ins
+    a = a if len(a.shape) > 1 else reshape(a, (1,) + a.shape)
+    b = b if len(b.shape) > 1 else reshape(b, b.shape + (1,))
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if t.dtype != "f32":
+        return [reshape(_matmul_kernel(lw, a, b, batch, t.dtype, node.op), t.shape)]
+    out = lw.out_view(TensorType(batch + (a.shape[-2], b.shape[-1]), t.dtype))
+    call = Call("matmul", attrs, [lw.view(a), lw.view(b)], [out], where=node.where)
+    lw.steps.append(call)
+    if lw.region:   # a fuse-epilogues region: the ops after it become its epilogue
+        lw.pending[node.outputs[0]] = call
+    return [reshape(lw.of_view(out), t.shape)]
+
+def _matmul_kernel(lw, a: Lazy, b: Lazy, batch, dtype: str, name: str) -> Lazy:
+    """out[..., i, j] = sum_k a[..., i, k] * b[..., k, j] as a reduction over a lazy
+    [..., m, n, k] product. Integers wrap in their own type, as numpy's do; float16
+    multiplies and sums in float32 and rounds once."""
+    if dtype == "bool":
+        raise NotLowerable("matmul on bool")
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    full = tuple(batch) + (m, n, k)
+    ra = reshape(a, a.shape[:-1] + (1, k))                      # [..., m, 1, k]
+    rb = reshape(transpose(b, _swap_last(len(b.shape))), b.shape[:-2] + (1, n, k))
+    x, y = (widened(broadcast_to(v, full)) for v in (ra, rb))
+    prod = Lazy(full, K.binary("mul", x.expr, y.expr))
+    return reduce_into(lw, prod, [len(full) - 1], "add", dtype, prod.dtype, name=name)
+
+
+def _swap_last(rank: int) -> tuple[int, ...]:
+    return tuple(range(rank - 2)) + (rank - 1, rank - 2)
+
+
+def into_gemm_epilogue(lw, node, ins, attrs) -> Lazy | None:
+    """Fold `+ bias`, gelu/relu and `+ residual` into the matmul that produced an input:
+    the GEMM applies act(a @ b + bias) + residual to its accumulators, saving a pass.
+    The input must be the GEMM's whole output (perhaps reshaped) read by this node alone,
+    and the node's result must have that input's shape (no broadcasting it bigger)."""
+    shape = tuple(node.outputs[0].type.concrete(lw.env).shape)
+    for v, mm in zip(node.inputs, ins, strict=True):
+        call = lw.pending.get(v)
+        if call is not None and lw.uses.get(v) == 1 and mm.shape == shape \
+                and mm.dtype == "f32" and _grow_epilogue(lw, node, ins, attrs, mm, call):
+            return mm
+    return None
+
+
+def _grow_epilogue(lw, node, ins, attrs, mm: Lazy, call: Call) -> bool:
+    epi, out = call.epilogue, call.outputs[0]
+    if node.op in ("gelu", "relu") and not ({"activation", "residual"} & set(epi)):
+        epi["activation"] = "relu" if node.op == "relu" else \
+            ("gelu_tanh" if attrs["approximate"] == "tanh" else "gelu")
+        return True
+    if node.op != "add" or "residual" in epi or len(ins) != 2:
+        return False
+    other = ins[1] if ins[0] is mm else ins[0]
+    # The addend in the GEMM's own frame: `mm` may be a reshape of the GEMM's output.
+    framed = reshape(broadcast_to(other, mm.shape), out.shape)
+    e = framed.expr if framed is not None else None
+    if not isinstance(e, Access) or e.buf is out.buf or _written_after(lw, e.buf, call):
+        return False
+    n = out.shape[-1]
+    if n > 1 and e.coefs[-1] == 1 and not any(e.coefs[:-1]) and not epi:
+        epi["bias"] = View(e.buf, e.offset, (n,), (1,))
+        return True
+    if other.shape == mm.shape and e.coefs[-1] in (1, 0):
+        epi["residual"] = View(e.buf, e.offset, out.shape, e.coefs)
+        return True
+    return False
+
+
+def _written_after(lw, buf: Buf, call: Call) -> bool:
+    """Whether a step after `call` writes `buf` (then it is not ready when the GEMM runs)."""
+    after = lw.steps[lw.steps.index(call) + 1:]
+    return any(buf in s.writes() for s in after)
+
+
+RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
+    "matmul": _matmul,
+}

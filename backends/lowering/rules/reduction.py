@@ -1,0 +1,196 @@
+"""Reductions and normalisations: one kernel each, reading lazy inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tensorc.ir import DTYPES, TensorType
+from tensorc.ops.registry import norm_axis
+
+from ... import kernel_ir as K
+from ..kernels import Rows
+from ..kernels import const as _f
+from ..program import NotLowerable
+from ..views import Lazy, broadcast_to
+
+_NEG_INF = -math.inf
+_FLOATS = ("f16", "f32", "f64")
+
+
+def _float_input(node, x: Lazy):
+    if x.dtype not in ("f32", "f64"):
+        raise NotLowerable(f"{node.op} on {x.dtype}")
+
+
+def widened(x: Lazy) -> Lazy:
+    """float16 read as float32: the kernels compute in float32 (numpy's own f16 sums
+    and means accumulate in float32 too) and round once when they store."""
+    return Lazy(x.shape, K.Cast(x.expr, "f32")) if x.dtype == "f16" else x
+
+
+def in_f32(rule):
+    """A float rule that also takes float16: inputs widened, results rounded back."""
+    def wrapped(lw, node, ins, attrs):
+        if ins[0].dtype != "f16":
+            return rule(lw, node, ins, attrs)
+        outs = rule(lw, node, [widened(x) for x in ins], attrs)
+        return [Lazy(o.shape, K.Cast(o.expr, "f16")) for o in outs]
+    return wrapped
+
+
+def _lowest(dtype: str):
+    """The identity of max: -inf, or an integer type's minimum."""
+    return -math.inf if dtype in _FLOATS else int(np.iinfo(DTYPES[dtype]).min)
+
+
+def _highest(dtype: str):
+    return math.inf if dtype in _FLOATS else int(np.iinfo(DTYPES[dtype]).max)
+
+
+def _softmax(lw, node, ins, attrs):
+    x = ins[0]
+    _float_input(node, x)
+    ax = norm_axis(attrs["axis"], len(x.shape))
+    out = lw.out_view(TensorType(x.shape, x.dtype))
+    r = Rows(node.op, x.shape, [ax], [x], [out])
+    kb, t = r.kb, x.dtype
+    m, s = kb.var(t), kb.var(t)
+    body = [K.Decl(m, _f(t, _NEG_INF))]
+    body += r.over_reduced(lambda: [K.Assign(m, K.binary("max", m, r.at(x)))])
+    # A row of only -inf gives NaN (-inf - -inf), as in the reference.
+    body.append(K.Decl(s, _f(t, 0.0)))
+    if node.op == "softmax":
+        def second():
+            e = K.Unary("exp", K.binary("sub", r.at(x), m))
+            return [r.store(out, e, False), K.Assign(s, K.binary("add", s, e))]
+        body += r.over_reduced(second)
+        inv = kb.var(t)
+        body.append(K.Decl(inv, K.binary("div", _f(t, 1.0), s)))
+        kout = kb.buf(out.buf, readonly=False)
+
+        def third():
+            st = r.store(out, _f(t, 0.0), False)
+            return [K.Store(kout, st.index, K.binary("mul", K.Load(kout, st.index), inv))]
+        body += r.over_reduced(third)
+    else:
+        body += r.over_reduced(lambda: [K.Assign(s, K.binary("add", s, K.Unary(
+            "exp", K.binary("sub", r.at(x), m))))])
+        lse = kb.var(t)
+        body.append(K.Decl(lse, K.binary("add", m, K.Unary("log", s))))
+        body += r.over_reduced(lambda: [r.store(out, K.binary("sub", r.at(x), lse), False)])
+    lw.steps.append(r.kernel(body, 3))
+    return [lw.of_view(out)]
+
+
+def _layer_norm(lw, node, ins, attrs):
+    x, *params = ins
+    _float_input(node, x)
+    rank = len(x.shape)
+    ax = norm_axis(attrs["axis"], rank)
+    params = [broadcast_to(p, x.shape) for p in params]
+    out = lw.out_view(TensorType(x.shape, x.dtype))
+    r = Rows("layer_norm", x.shape, range(ax, rank), [x, *params], [out])
+    kb, t = r.kb, x.dtype
+    acc, mean, var, rstd = kb.var(t), kb.var(t), kb.var(t), kb.var(t)
+    inv_n = _f(t, 1.0 / max(r.n, 1))
+    body = [K.Decl(acc, _f(t, 0.0))]
+    body += r.over_reduced(lambda: [K.Assign(acc, K.binary("add", acc, r.at(x)))])
+    body.append(K.Decl(mean, K.binary("mul", acc, inv_n)))
+    body.append(K.Decl(var, _f(t, 0.0)))
+
+    def centred():
+        d = K.binary("sub", r.at(x), mean)
+        return [K.Assign(var, K.binary("add", var, K.binary("mul", d, d)))]
+    body += r.over_reduced(centred)
+    body.append(K.Decl(rstd, K.Unary("rsqrt", K.binary(
+        "add", K.binary("mul", var, inv_n), _f(t, attrs["eps"])))))
+
+    def normalise():
+        y = K.binary("mul", K.binary("sub", r.at(x), mean), rstd)
+        if len(params) > 0:
+            y = K.binary("mul", y, r.at(params[0]))
+        if len(params) > 1:
+            y = K.binary("add", y, r.at(params[1]))
+        return [r.store(out, y, False)]
+    body += r.over_reduced(normalise)
+    lw.steps.append(r.kernel(body, 3))
+    return [lw.of_view(out)]
+
+
+_REDUCE = {"reduce_sum": "add", "reduce_mean": "add", "reduce_max": "max",
+           "reduce_min": "min"}
+
+
+def reduce_into(lw, x: Lazy, axes, op: str, out_dtype: str, acc: str, keep=None,
+                mean=False, name="reduce") -> Lazy:
+    """A kernel folding `op` over `axes` of `x` (each element cast to `acc`), divided by
+    the count for a mean; the result, cast to `out_dtype`, has shape `keep` (default:
+    the kept dims)."""
+    kept = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    out = lw.out_view(TensorType(kept if keep is None else keep, out_dtype))
+    r = Rows(name, x.shape, axes, [x], [])
+    v = r.kb.var(acc)
+    init = {"add": 0, "max": _lowest(acc), "min": _highest(acc)}[op]
+    body = [K.Decl(v, _f(acc, float(init) if acc in _FLOATS else init))]
+
+    def step():
+        e = r.at(x)
+        return [K.Assign(v, K.binary(op, v, e if e.dtype == acc else K.Cast(e, acc)))]
+    body += r.over_reduced(step)
+    result = K.binary("mul", v, _f(acc, 1.0 / max(r.n, 1))) if mean else v
+    body.append(r.store(out, result if acc == out_dtype else K.Cast(result, out_dtype), True))
+    lw.steps.append(r.kernel(body, 1))
+    return lw.of_view(out)
+
+
+def _reduce(lw, node, ins, attrs):
+    """Floats accumulate in their own type (f16 in f32), integers in theirs (wrapping, as
+    numpy's sum cast back does); an integer mean sums in f64 and truncates, as numpy's
+    mean cast back does."""
+    x = ins[0]
+    t = node.outputs[0].type.concrete(lw.env)
+    if x.dtype == "bool":
+        raise NotLowerable(f"{node.op} on bool")
+    axes = range(len(x.shape)) if attrs["axes"] is None else \
+        [norm_axis(a, len(x.shape)) for a in attrs["axes"]]
+    mean = node.op == "reduce_mean"
+    acc = "f32" if x.dtype == "f16" else "f64" if mean and x.dtype not in _FLOATS \
+        else x.dtype
+    return [reduce_into(lw, x, sorted(axes), _REDUCE[node.op], t.dtype, acc, t.shape, mean,
+                        node.op)]
+
+
+def _argmax(lw, node, ins, attrs):
+    x = widened(ins[0])
+    if x.dtype == "bool" or not x.shape:
+        raise NotLowerable(f"argmax on {x.dtype}{list(x.shape)}")
+    ax = norm_axis(attrs["axis"], len(x.shape))
+    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+    r = Rows("argmax", x.shape, [ax], [x], [])
+    best, arg = r.kb.var(x.dtype), r.kb.var("i64")
+    body = [K.Decl(best, _f(x.dtype, _lowest(x.dtype))), K.Decl(arg, K.const_index(0))]
+
+    def step():
+        v = r.at(x)
+        # Strict, so the first maximum wins; the first NaN beats everything: numpy's rules
+        # (v == v always holds for integers).
+        first_nan = K.binary("and", K.Unary("not", K.binary("eq", v, v)),
+                             K.binary("eq", best, best))
+        better = K.binary("or", K.binary("gt", v, best), first_nan)
+        return [K.Assign(arg, K.Select(better, r.idx[ax], arg)),
+                K.Assign(best, K.Select(better, v, best))]
+    body += r.over_reduced(step)
+    body.append(r.store(out, arg, True))
+    lw.steps.append(r.kernel(body, 1))
+    return [lw.of_view(out)]
+
+
+RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
+    "softmax": in_f32(_softmax),
+    "log_softmax": in_f32(_softmax),
+    "layer_norm": in_f32(_layer_norm),
+    **dict.fromkeys(_REDUCE, _reduce),
+    "argmax": _argmax,
+}
