@@ -124,7 +124,7 @@ def profile_steps(name: str, batch: int, seq: int, precision: str, runs: int) ->
 
     import tensorc
     import tensorc.models
-    from tensorc.backends import lower as L
+    from tensorc.backends import lowering as L
     from tensorc.backends.cupy import CupyBackend
     from tensorc.passes import run_pipeline
     model = tensorc.models.get(name, "small")

@@ -4,7 +4,7 @@
     exe = CupyBackend(precision="tf32").compile(graph)
     CupyBackend().emit_source(graph, "out/")          # needs neither: writes .cu files
 
-Per set of input shapes the graph is lowered once (`backends/lower.py`) to the same
+Per set of input shapes the graph is lowered once (`backends/lowering/`) to the same
 Program the LLVM backend runs: its loop-nest kernels are rendered to CUDA C by
 `cuda_codegen.py` and loaded with `cupy.RawModule` (one module per Program, cached
 by source hash); float32 matmuls are cuBLAS strided-batched GEMMs planned once per
