@@ -524,3 +524,17 @@ def test_reference_errors_at_run_time_name_the_node():
     g.outputs = [g.add("gather", x, i, axis=0)]
     with pytest.raises(TensorcError, match=r"gather %\w+.*index 5 is out of range"):
         tensorc.compile(g, "numpy")(np.ones((2, 3), np.float32), np.array([0, 5]))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_an_empty_sequence_runs_to_an_empty_result(backend):
+    """seq 0 (an ONNX input dim of 0, found by the fuzzer): the numpy softmax raised
+    'zero-size array to reduction', the llvm GEMM a ValueError reshaping its operand."""
+    import tensorc
+    from tensorc.passes import run_pipeline
+    g = tensorc.trace(tensorc.models.get("gpt", "tiny"),
+                      input_ids=tensorc.TensorSpec(("batch", "seq"), "i64"))
+    for pipe in ("O0", "O2"):
+        exe = tensorc.compile(run_pipeline(g, pipe), backend=backend)
+        out = exe(np.zeros((2, 0), np.int64))
+        assert out.shape == (2, 0, 97)

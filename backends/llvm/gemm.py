@@ -408,7 +408,7 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             view = x.view()
             view.shape = (-1, x.shape[-1])   # raises where only a copy would do
             return view
-        except AttributeError:
+        except (AttributeError, ValueError):   # ValueError: -1 is ambiguous when empty
             return x
     a2, out2, res2 = flat(a), flat(out), flat(residual)   # `general` keeps the originals
     if not (isinstance(b, PackedB) and threads > 1 and rows(a2) and rows(out2)

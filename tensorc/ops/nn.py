@@ -108,13 +108,13 @@ def _softmax_axis(t: TensorType, axis=-1) -> TensorType:
     return _float_only(t)
 
 
-def softmax(x, axis=-1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
+def softmax(x, axis=-1):   # initial=-inf: an empty axis (seq 0) gives an empty result
+    e = np.exp(x - x.max(axis=axis, keepdims=True, initial=-np.inf))
     return e / e.sum(axis=axis, keepdims=True)
 
 
 def log_softmax(x, axis=-1):
-    s = x - x.max(axis=axis, keepdims=True)
+    s = x - x.max(axis=axis, keepdims=True, initial=-np.inf)
     return s - np.log(np.exp(s).sum(axis=axis, keepdims=True))
 
 
