@@ -9,8 +9,8 @@ Program the LLVM backend runs: its loop-nest kernels are rendered to CUDA C by
 `cuda_codegen.py` and loaded with `cupy.RawModule` (one module per Program, cached
 by source hash); float32 matmuls are cuBLAS strided-batched GEMMs planned once per
 Program on the views as they lie (`gemm.py`; called through ctypes, since cupy's
-cuBLAS wrappers refuse to run during a CUDA-graph capture), their fused bias /
-activation / residual a small epilogue kernel; `attention` calls run the
+cuBLAS wrappers refuse to run during a CUDA-graph capture), and the bias /
+activation / residual after one a generated kernel; `attention` calls run the
 flash-attention kernel of `kernels.py`; the few steps without a GPU lowering run
 their numpy reference on the host. Device memory is one arena per Program from
 cupy's pool, laid out by the Program's liveness plan. Each Program's launch
@@ -46,6 +46,9 @@ from . import kernels as lib
 from .cuda_codegen import render_kernel
 
 PRECISIONS = ("fp32", "tf32", "fp16")
+# cuBLAS cannot apply a bias, activation or residual: those stay generated kernels
+# (rendered from the same kernel IR, with the shared gelu maths) after the GEMM.
+LOWERING = {"gemm_epilogues": False}
 
 
 def unavailable_reason() -> str | None:
@@ -350,18 +353,9 @@ class _Prepared:
         ins = [self.array(v) for v in step.inputs]
         outs = [self.array(v) for v in step.outputs]
         if not _runs_on_host(step) and step.op == "matmul":
-            epi = {k: self.array(v) if isinstance(v, L.View) else v
-                   for k, v in step.epilogue.items()}
-            e = _epilogue_launch(epi, outs[0], step.where)
-            efn = self.fns[e.kernel.name] if e else None
-
-            gemm_call = rt.bind_matmul(*ins, outs[0], self.precision)
-
-            def matmul():
-                gemm_call()
-                if e:
-                    rt.launch(efn, e.kernel.params, e.grid, e.block, e.args)
-            return matmul
+            if step.epilogue:   # lowered with gemm_epilogues=False: never, unless a bug
+                raise TensorcError(f"{step.where}: a GEMM epilogue reached the cupy backend")
+            return rt.bind_matmul(*ins, outs[0], self.precision)
         if not _runs_on_host(step):   # attention
             launch = lib.attention_launch(*ins[:3], outs[0], ins[3] if len(ins) > 3 else None,
                                           **step.attrs)
@@ -415,18 +409,6 @@ def _check_indices(rt, idx, n: int, where: str) -> None:
             raise TensorcError(f"{where}: index {bad} is out of range for an axis of size {n}")
 
 
-def _epilogue_launch(epilogue: dict, out, where: str) -> lib.Launch | None:
-    """The epilogue kernel launch for act(out + bias) + residual, or None if empty."""
-    unknown = set(epilogue) - {"bias", "activation", "residual"}
-    act = epilogue.get("activation", "none")
-    if unknown or act not in lib.ACTIVATIONS or out.dtype != np.float32:
-        raise TensorcError(f"{where}: matmul epilogue {sorted(epilogue)} (activation "
-                           f"{act!r}, {out.dtype}) is not supported by the cupy backend")
-    if not epilogue:
-        return None
-    return lib.gemm_epilogue_launch(out, epilogue.get("bias"), epilogue.get("residual"), act)
-
-
 def library_kernels(program: L.Program) -> dict[str, lib.LibraryKernel]:
     """The hand-written kernels a Program's library calls launch."""
     out = {}
@@ -434,8 +416,6 @@ def library_kernels(program: L.Program) -> dict[str, lib.LibraryKernel]:
         if isinstance(s, L.Call) and s.op == "attention" and _flash_fits(s):
             k = lib.flash_attention_kernel(s.inputs[0].shape[3], s.inputs[2].shape[3])
             out[k.name] = k
-        elif isinstance(s, L.Call) and s.op == "matmul" and s.epilogue:
-            out["tc_gemm_epilogue_f32"] = lib.gemm_epilogue_kernel()
     return out
 
 
@@ -473,7 +453,7 @@ class CupyExecutable(Executable):
         key = tuple(sorted(env.items()))
         if key not in self._prepared:
             check_shapes(self.graph, env)   # device memory is cupy's to refuse
-            self._prepared[key] = _Prepared(self, L.lower(self.graph, env))
+            self._prepared[key] = _Prepared(self, L.lower(self.graph, env, **LOWERING))
             self.stats["programs"] += 1
         return self._prepared[key]
 
@@ -570,14 +550,14 @@ class CupyBackend(Backend):
     def planned_memory_bytes(self, graph: Graph, env: dict[str, int]) -> int:
         """The arena of the lowered Program: buffers packed by liveness."""
         from ..lowering import planned_memory
-        return planned_memory(graph, env)["arena_bytes"]
+        return planned_memory(graph, env, **LOWERING)["arena_bytes"]
 
     def emit_source(self, graph: Graph, directory: str, env: dict[str, int] | None = None
                     ) -> list[str]:
         """Write `<graph>.cu`: every kernel of the graph's Program (shapes bound by
         `env` where the graph has symbolic dims). Compiles standalone with
         `nvcc -ptx -arch=sm_80`; needs neither cupy nor a GPU."""
-        program = L.lower(graph, _static_env(graph, env))
+        program = L.lower(graph, _static_env(graph, env), **LOWERING)
         rendered = {k.name: render_kernel(k) for k in program.kernels}
         library = library_kernels(program)
         path = Path(directory)

@@ -1,13 +1,11 @@
-"""Hand-written CUDA library kernels: softmax, layer norm, flash attention.
+"""The hand-written CUDA library kernel: flash attention. Everything else the GPU runs
+is cuBLAS or generated from the kernel IR (`cuda_codegen.py`).
 
-Each kernel is CUDA C without any #include, so the same text compiles under NVRTC
-(what `cupy.RawModule` uses) and standalone under nvcc. Kernels that need compile-time
-sizes (the head dims of attention) are C++ templates behind small `extern "C"` entry
-points, one per instance, so every kernel has a plain, unmangled name to look up.
-
-All of them compute in float32 and accumulate in float32, like the numpy reference.
-Block-wide reductions assume blockDim.x is a multiple of 32 (at most 1024); the
-launch helpers below guarantee it.
+The kernel is CUDA C without any #include, so the same text compiles under NVRTC
+(what `cupy.RawModule` uses) and standalone under nvcc. It needs compile-time head
+dims, so it is a C++ template behind small `extern "C"` entry points, one per
+instance, each with a plain, unmangled name to look up. It computes and accumulates
+in float32, like the numpy reference.
 """
 
 from __future__ import annotations
@@ -33,113 +31,7 @@ __device__ __forceinline__ float tc_warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(TC_FULL_MASK, v, o));
     return v;
 }
-// Reduce over the whole block; every thread gets the result. `scratch` holds 32 floats.
-__device__ __forceinline__ float tc_block_sum(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-    v = tc_warp_sum(v);
-    __syncthreads();  // scratch may still be read by a previous reduction
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? scratch[lane] : 0.0f;
-    return tc_warp_sum(v);
-}
-__device__ __forceinline__ float tc_block_max(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-    v = tc_warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? scratch[lane] : -TC_INF;
-    return tc_warp_max(v);
-}
 #endif
-"""
-
-SOFTMAX = r"""
-// softmax (or log_softmax) over one axis. The tensor is viewed as [outer, n, inner]
-// and one block handles one (outer, inner) row of n elements, in three passes:
-// max, sum of exp, write. Same order of operations as the numpy reference.
-extern "C" __global__ void tc_softmax_f32(const float* __restrict__ x, float* __restrict__ y,
-                                          tc_i64 rows, tc_i64 n, tc_i64 inner, int log_out) {
-    __shared__ float scratch[32];
-    for (tc_i64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        tc_i64 base = (row / inner) * n * inner + row % inner;
-        float m = -TC_INF;
-        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, x[base + j * inner]);
-        m = tc_block_max(m, scratch);
-        float s = 0.0f;
-        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) s += expf(x[base + j * inner] - m);
-        s = tc_block_sum(s, scratch);
-        float log_s = logf(s), inv_s = 1.0f / s;
-        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float d = x[base + j * inner] - m;
-            y[base + j * inner] = log_out ? d - log_s : expf(d) * inv_s;
-        }
-    }
-}
-"""
-
-LAYER_NORM = r"""
-// layer_norm over the trailing n elements of each row: two-pass mean and variance
-// (as the reference: var = mean((x - mean)^2)), then scale and shift. `w` and `b`
-// hold n elements each (the backend expands broadcast weights once) or are null.
-extern "C" __global__ void tc_layer_norm_f32(const float* __restrict__ x,
-                                             const float* __restrict__ w,
-                                             const float* __restrict__ b,
-                                             float* __restrict__ y,
-                                             tc_i64 rows, tc_i64 n, float eps) {
-    __shared__ float scratch[32];
-    for (tc_i64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        const float* xr = x + row * n;
-        float* yr = y + row * n;
-        float s = 0.0f;
-        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) s += xr[j];
-        float mean = tc_block_sum(s, scratch) / (float)n;
-        float q = 0.0f;
-        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float d = xr[j] - mean;
-            q += d * d;
-        }
-        float inv = 1.0f / sqrtf(tc_block_sum(q, scratch) / (float)n + eps);
-        for (tc_i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float v = (xr[j] - mean) * inv;
-            if (w) v *= w[j];
-            if (b) v += b[j];
-            yr[j] = v;
-        }
-    }
-}
-"""
-
-GEMM_EPILOGUE = r"""
-// The epilogue of a GEMM whose output y (contiguous) cuBLAS just wrote:
-// y = act(y + bias) + residual, elementwise. bias (may be null) is indexed by the
-// last dim; residual (may be null) by its own element strides over y's dims (up to
-// 6, left-padded with 1). act: 0 none, 1 relu, 2 gelu (erf), 3 gelu (tanh form).
-extern "C" __global__ void tc_gemm_epilogue_f32(float* __restrict__ y,
-        const float* __restrict__ bias, const float* __restrict__ res, tc_i64 total,
-        tc_i64 d0, tc_i64 d1, tc_i64 d2, tc_i64 d3, tc_i64 d4, tc_i64 d5,
-        tc_i64 s0, tc_i64 s1, tc_i64 s2, tc_i64 s3, tc_i64 s4, tc_i64 s5, int act) {
-    const tc_i64 dims[6] = {d0, d1, d2, d3, d4, d5}, strides[6] = {s0, s1, s2, s3, s4, s5};
-    for (tc_i64 e = blockIdx.x * (tc_i64)blockDim.x + threadIdx.x; e < total;
-         e += (tc_i64)gridDim.x * blockDim.x) {
-        float v = y[e];
-        if (bias) v += bias[e % d5];
-        if (act == 1) v = v > 0.0f ? v : (v != v ? v : 0.0f);
-        else if (act == 2) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-        else if (act == 3) v = 0.5f * v * (1.0f + tanhf(0.79788456080286536f
-                                                        * (v * (1.0f + 0.044715f * v * v))));
-        if (res) {
-            tc_i64 r = 0, rest = e;
-            for (int d = 5; d >= 0; --d) {
-                r += (rest % dims[d]) * strides[d];
-                rest /= dims[d];
-            }
-            v += res[r];
-        }
-        y[e] = v;
-    }
-}
 """
 
 # Flash attention, float32. One block of WARPS warps owns FA_ROWS_PER_WARP query
@@ -309,25 +201,6 @@ class LibraryKernel:
     cooperative: bool = True             # threads of a block synchronise
 
 
-def softmax_kernel() -> LibraryKernel:
-    return LibraryKernel("tc_softmax_f32", PRELUDE + SOFTMAX, (
-        ("const float*", "x"), ("float*", "y"), ("tc_i64", "rows"), ("tc_i64", "n"),
-        ("tc_i64", "inner"), ("int", "log_out")))
-
-
-def layer_norm_kernel() -> LibraryKernel:
-    return LibraryKernel("tc_layer_norm_f32", PRELUDE + LAYER_NORM, (
-        ("const float*", "x"), ("const float*", "w"), ("const float*", "b"), ("float*", "y"),
-        ("tc_i64", "rows"), ("tc_i64", "n"), ("float", "eps")))
-
-
-def gemm_epilogue_kernel() -> LibraryKernel:
-    return LibraryKernel("tc_gemm_epilogue_f32", PRELUDE + GEMM_EPILOGUE, (
-        ("float*", "y"), ("const float*", "bias"), ("const float*", "res"), ("tc_i64", "total"),
-        *[("tc_i64", f"d{i}") for i in range(6)], *[("tc_i64", f"s{i}") for i in range(6)],
-        ("int", "act")), cooperative=False)
-
-
 def flash_attention_kernel(head_dim: int, value_dim: int) -> LibraryKernel:
     name = f"tc_flash_attention_d{head_dim}_v{value_dim}"
     entry = FLASH_ENTRY.format(
@@ -342,14 +215,7 @@ def all_library_kernels() -> list[LibraryKernel]:
     edge cases (head dims that are not a multiple of 32, the largest supported)."""
     dims = [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (64, 32),
             (6, 80)]
-    return [softmax_kernel(), layer_norm_kernel(), gemm_epilogue_kernel()] + [
-        flash_attention_kernel(d, dv) for d, dv in dims]
-
-
-def threads_for(n: int) -> int:
-    """Block size for a row of n elements: a multiple of 32, at most 1024, about four
-    elements per thread."""
-    return min(1024, 32 * max(1, -(-n // 128)))
+    return [flash_attention_kernel(d, dv) for d, dv in dims]
 
 
 # --- launch helpers ----------------------------------------------------------------
@@ -364,29 +230,6 @@ class Launch:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     args: tuple
-
-
-def _rows_grid(rows: int) -> tuple[int, int, int]:
-    return (max(1, min(rows, 65535 * 16)), 1, 1)   # grid-stride over rows beyond that
-
-
-def softmax_launch(x, y, axis: int, log: bool = False) -> Launch:
-    """x, y contiguous, same shape; softmax along `axis`."""
-    axis %= len(x.shape)
-    n = int(x.shape[axis])
-    inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
-    rows = int(np.prod(x.shape, dtype=np.int64)) // max(n, 1)
-    return Launch(softmax_kernel(), _rows_grid(rows), (threads_for(n), 1, 1),
-                  (x, y, rows, n, inner, int(log)))
-
-
-def layer_norm_launch(x, w, b, y, axis: int, eps: float) -> Launch:
-    """x, y contiguous; w and b None or holding the normalised size (x.shape[axis:])."""
-    axis %= len(x.shape)
-    n = int(np.prod(x.shape[axis:], dtype=np.int64))
-    rows = int(np.prod(x.shape[:axis], dtype=np.int64))
-    return Launch(layer_norm_kernel(), _rows_grid(rows), (threads_for(n), 1, 1),
-                  (x, w, b, y, rows, n, eps))
 
 
 def _elem_strides(a, rank: int = 4) -> list[int]:
@@ -418,22 +261,3 @@ def attention_launch(q, k, v, o, mask=None, *, scale: float = 1.0, causal: bool 
                   (q, k, v, o, mask if is_bool else None,
                    None if is_bool else mask, *strides, *m_strides,
                    h, t, s, int(causal), 0, scale, mask_value))
-
-
-ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_erf": 2, "gelu_tanh": 3}
-EPILOGUE_RANK = 6
-
-
-def gemm_epilogue_launch(y, bias=None, residual=None, activation: str = "none") -> Launch:
-    """y contiguous float32 (rank <= 6); bias [n] contiguous; residual y-shaped, strided."""
-    if len(y.shape) > EPILOGUE_RANK:
-        raise ValueError(f"GEMM epilogue supports up to {EPILOGUE_RANK} dims, got {y.shape}")
-    pad = EPILOGUE_RANK - len(y.shape)
-    dims = [1] * pad + [int(d) for d in y.shape]
-    strides = [0] * EPILOGUE_RANK if residual is None else \
-        [0] * pad + [st // residual.itemsize for st in residual.strides]
-    total = int(np.prod(dims, dtype=np.int64))
-    threads = min(256, 32 * max(1, -(-total // 32)))
-    return Launch(gemm_epilogue_kernel(), (max(1, min(-(-total // threads), 65535 * 32)), 1, 1),
-                  (threads, 1, 1), (y, bias, residual, total, *dims, *strides,
-                                    ACTIVATIONS[activation]))

@@ -19,8 +19,10 @@ from .views import Access, Lazy, compute_count, constant, contiguous, covers, is
 log = logging.getLogger(__name__)
 
 class Lowering:
-    def __init__(self, graph: Graph, env: dict[str, int], region: bool = False):
-        self.graph, self.env, self.region = graph, env, region
+    def __init__(self, graph: Graph, env: dict[str, int], region: bool = False,
+                 gemm_epilogues: bool = True):
+        self.graph, self.env, self.region = graph, env, region and gemm_epilogues
+        self.gemm_epilogues = gemm_epilogues
         self.steps: list = []
         self.buffers: list[Buf] = []
         self.notes: list[str] = []
@@ -143,7 +145,8 @@ class Lowering:
             sub_ins = [sub.add_input(f"x{i}", TensorType(x.shape, x.dtype))
                        for i, x in enumerate(ins)]
             sub.outputs = list(get_op(node.op).decompose(sub, sub_ins, **attrs))
-        inner = Lowering(sub, env, region=isinstance(body, Graph))
+        inner = Lowering(sub, env, region=isinstance(body, Graph),
+                         gemm_epilogues=self.gemm_epilogues)
         inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
         vals = dict(zip(sub_ins, ins, strict=True))
         for v in sub.constants.values():
@@ -185,10 +188,14 @@ class Lowering:
         return Program(self.steps, inputs, outputs, planned, total, peak, self.notes)
 
 
-def lower(graph: Graph, env: dict[str, int] | None = None) -> Program:
-    """The Program for `graph` with its symbolic dims bound by `env`. Reference fallbacks
-    are a warning (logged once per Program), or an error in strict mode."""
-    program = Lowering(graph, env or {}).run()
+def lower(graph: Graph, env: dict[str, int] | None = None, gemm_epilogues: bool = True
+          ) -> Program:
+    """The Program for `graph` with its symbolic dims bound by `env`. `gemm_epilogues`:
+    the target's GEMM applies a fuse-epilogues region's bias, activation and residual
+    itself (llvm); without, they are a generated kernel after it (cupy: cuBLAS cannot).
+    Reference fallbacks are a warning (logged once per Program), or an error in strict
+    mode."""
+    program = Lowering(graph, env or {}, gemm_epilogues=gemm_epilogues).run()
     fallbacks = program.stats()["fallbacks"]
     if fallbacks:
         listed = "; ".join(f"{f['node']} ({f['reason']})" for f in fallbacks)
@@ -205,8 +212,9 @@ def strict() -> bool:
     return os.environ.get("TENSORC_STRICT", "") not in ("", "0")
 
 
-def planned_memory(graph: Graph, env: dict[str, int] | None = None) -> dict:
+def planned_memory(graph: Graph, env: dict[str, int] | None = None,
+                   gemm_epilogues: bool = True) -> dict:
     """Arena size (planned, with buffer reuse) and the peak of live bytes, for inspect."""
-    p = lower(graph, env)
+    p = lower(graph, env, gemm_epilogues)
     return {"arena_bytes": p.arena_bytes, "live_peak_bytes": p.live_peak_bytes}
 
