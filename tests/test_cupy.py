@@ -150,7 +150,7 @@ def test_executable_on_emulator_matches_numpy(name, pipe):
     runtime = EmulatedRuntime()
     exe = CupyBackend().compile(g, runtime=runtime)
     got = exe(**feeds)
-    assert runtime.launches > 0
+    assert runtime.launches > 0 and exe.stats["fallbacks"] == []   # all on the device
     assert _rel_err(got, want) < 1e-4
     again = exe(**feeds)    # second call reuses the Program, arena and kernels
     assert exe.stats["programs"] == 1 and _rel_err(again, got) == 0
@@ -279,3 +279,25 @@ def test_f16_values_move_through_kernels_bit_exactly():
     out = exe(arr)
     assert runtime.launches == 1 and out.dtype == np.float16
     np.testing.assert_array_equal(out, np.exp(arr).T)
+
+
+def test_host_steps_are_counted_as_fallbacks_on_emulator(monkeypatch):
+    """An attention the flash kernel cannot take (head dim 160 > 128) runs its numpy
+    reference on the host: listed in stats["fallbacks"], an error in strict mode."""
+    from tensorc.backends.cupy.emulate import EmulatedRuntime, host_compiler
+    if host_compiler() is None:
+        pytest.skip("g++ not installed: the CUDA emulator needs a C++20 host compiler")
+    g = tensorc.Graph("wide")
+    q, k, v = (g.add_input(n, tensorc.TensorType((1, 1, 4, 160), "f32")) for n in "qkv")
+    g.outputs = [g.add("attention", q, k, v, scale=0.1)]
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((1, 1, 4, 160)).astype(np.float32) for _ in range(3)]
+    exe = CupyBackend().compile(g, runtime=EmulatedRuntime())
+    want = get_backend("numpy").compile(g)(*arrays)
+    assert _rel_err(exe(*arrays), want) < 1e-5
+    assert [f["reason"] for f in exe.stats["fallbacks"]] == [
+        "the flash-attention kernel takes float32 with head dims <= 128 and a contiguous "
+        "head dim"]
+    monkeypatch.setenv("TENSORC_STRICT", "1")
+    with pytest.raises(TensorcError, match="strict mode: 1 op"):
+        CupyBackend().compile(g, runtime=EmulatedRuntime())(*arrays)

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tensorc.errors import InputError, TensorcError
+from tensorc.errors import FallbackError, InputError, TensorcError
 from tensorc.ir import DTYPES, Graph, bind_shapes, dim_symbols
 from tensorc.ops import get_op
 
 from .. import Backend, Executable, check_shapes
 from .. import lowering as L
+from ..lowering.walk import strict
 from . import gemm
 from . import kernels as lib
 from .cuda_codegen import render_kernel
@@ -386,6 +387,21 @@ class _Prepared:
             s()
 
 
+def host_steps(program: L.Program) -> list[dict]:
+    """What runs the numpy reference on the host: the Program's fallbacks, and library
+    calls without a GPU kernel (an attention the flash kernel does not take)."""
+    out = program.stats()["fallbacks"]
+    for s in program.steps:
+        if _runs_on_host(s) and not s.fallback:
+            out.append({"node": s.where, "reason": "the flash-attention kernel takes float32 "
+                        f"with head dims <= {lib.MAX_HEAD_DIM} and a contiguous head dim"})
+    if out and strict():
+        raise FallbackError(f"strict mode: {len(out)} op(s) would run the numpy reference "
+                            "on the host: " + "; ".join(f"{f['node']} ({f['reason']})"
+                                                         for f in out))
+    return out
+
+
 def _runs_on_host(step) -> bool:
     """Steps done by the numpy reference on the host (they cannot be in a CUDA graph)."""
     if not isinstance(step, L.Call):
@@ -447,13 +463,15 @@ class CupyExecutable(Executable):
         self.device_constants: dict = {}   # id(weight array) -> (array, device copy)
         self._prepared: dict[tuple, _Prepared] = {}
         self.stats = {"programs": 0, "graph_replays": 0, "eager_runs": 0,
-                      "inputs_in_place": 0}
+                      "inputs_in_place": 0, "fallbacks": []}
 
     def prepared(self, env: dict[str, int]) -> _Prepared:
         key = tuple(sorted(env.items()))
         if key not in self._prepared:
             check_shapes(self.graph, env)   # device memory is cupy's to refuse
-            self._prepared[key] = _Prepared(self, L.lower(self.graph, env, **LOWERING))
+            program = L.lower(self.graph, env, **LOWERING)
+            self.stats["fallbacks"] += host_steps(program)
+            self._prepared[key] = _Prepared(self, program)
             self.stats["programs"] += 1
         return self._prepared[key]
 
