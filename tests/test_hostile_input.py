@@ -538,3 +538,27 @@ def test_an_empty_sequence_runs_to_an_empty_result(backend):
         exe = tensorc.compile(run_pipeline(g, pipe), backend=backend)
         out = exe(np.zeros((2, 0), np.int64))
         assert out.shape == (2, 0, 97)
+
+
+def test_int_min_divided_by_minus_one_does_not_trap():
+    """x86 traps (SIGFPE) on INT_MIN / -1 as on x / 0; the generated kernel divides by 1
+    there and wraps like the reference. In a child process: a trap would kill it."""
+    import subprocess
+    import sys
+    code = """
+import numpy as np, tensorc
+for dt, npdt in (("i64", np.int64), ("i32", np.int32), ("i8", np.int8)):
+    g = tensorc.Graph("d")
+    a = g.add_input("a", tensorc.TensorType((4,), dt))
+    b = g.add_input("b", tensorc.TensorType((4,), dt))
+    g.outputs = [g.add("div", a, b)]
+    lo = np.iinfo(npdt).min
+    x, y = np.array([lo, 7, lo, 5], npdt), np.array([-1, -1, 1, 0], npdt)
+    got = tensorc.compile(g, "llvm")(x, y)
+    assert (got == tensorc.compile(g, "numpy")(x, y)).all(), got
+    assert got.tolist() == [lo, -7, lo, 0], got
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-2000:])

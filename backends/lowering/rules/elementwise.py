@@ -152,12 +152,19 @@ def _clip(x, min=None, max=None):
 
 
 def _int_safe(op):
-    """Integer division by zero traps on x86: divide by 1 there (the reference gives 0)."""
+    """Integer division traps on x86 for x / 0 and for INT_MIN / -1: divide by 1 there
+    instead. x / 0 gives 0 (as the reference); x / -1 is -x, which wraps INT_MIN to
+    itself (as the reference and two's complement do)."""
     def fn(a, b):
         if a.dtype in ("f16", "f32", "f64"):
             return K.Binary(op, a, b)
         zero = K.binary("eq", b, _f(b.dtype, 0))
-        q = K.Binary(op, a, K.Select(zero, _f(b.dtype, 1), b))
+        if b.dtype not in ("i8", "i32", "i64"):
+            q = K.Binary(op, a, K.Select(zero, _f(b.dtype, 1), b))
+            return K.Select(zero, _f(a.dtype, 0), q)
+        minus_one = K.binary("eq", b, _f(b.dtype, -1))
+        safe = K.Select(K.binary("or", zero, minus_one), _f(b.dtype, 1), b)
+        q = K.Select(minus_one, K.Unary("neg", a), K.Binary(op, a, safe))
         return K.Select(zero, _f(a.dtype, 0), q)
     return fn
 
