@@ -27,7 +27,8 @@ def check_shapes(graph: Graph, env: dict[str, int]) -> None:
     bound = ", ".join(f"{k}={n}" for k, n in env.items())
     for node in graph.nodes:
         bodies = [a for a in node.attrs.values() if isinstance(a, Graph)]
-        if bodies:   # a fused region: its body's nodes carry the facts, on the same symbols
+        if bodies:   # a fused region: its body's nodes carry the facts; its inputs have
+            # the region's own types (fused's inference insists), so the same symbols
             for body in bodies:
                 check_shapes(body, env)
             continue
