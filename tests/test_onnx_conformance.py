@@ -19,7 +19,7 @@ from tensorc.backends import available_backends
 from tensorc.errors import UnsupportedOpError
 from tensorc.frontend.onnx import HANDLERS, MAX_OPSET, MIN_OPSET
 from tensorc.frontend.onnx.backend import TensorcBackend, TensorcLLVMBackend
-from tensorc.frontend.onnx.importer import ONNX_DTYPES, NeedsConstantError
+from tensorc.frontend.onnx.values import ONNX_DTYPES, NeedsConstantError
 
 # pattern -> (the error tensorc raises, why it does not pass), on every backend
 XFAIL = {

@@ -21,7 +21,7 @@ from tensorc.ir import Dim, Graph, Node, TensorType, Value
 from tensorc.ops import get_op
 from tensorc.types import _split_dim
 
-from .importer import ONNX_DTYPES
+from .values import ONNX_DTYPES
 
 OPSET = 20          # Gelu is standard from 20; LayerNormalization from 17
 IR_VERSION = 9      # the IR version that goes with opset 20
