@@ -19,12 +19,12 @@ process, so the returned addresses stay valid.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import hmac
 import os
 import stat
-import tempfile
 import threading
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import llvmlite
 import llvmlite.binding as llvm
 
 from tensorc.errors import TensorcError
+from tensorc.files import output_file
 
 _MAGIC = b"TCOBJ2\n"
 _MAX_ENTRY = 256 << 20  # bytes; a kernel module's object is far smaller
@@ -187,14 +188,12 @@ def _read_entry(path: Path, key: str, secret: bytes) -> bytes | None:
 
 def _write_entry(path: Path, key: str, payload: bytes, secret: bytes) -> None:
     """Atomic write (temp file + rename) so a crash never leaves a half entry behind."""
-    try:
+    # A read-only or full cache, or something not a file at the path, only costs a
+    # recompile next time.
+    with contextlib.suppress(OSError, TensorcError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
+        with output_file(str(path)) as f:
             f.write(entry_bytes(key, payload, secret))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only or full cache only costs a recompile next time
 
 
 def _load(obj: bytes, symbols: list[str]) -> dict[str, int]:

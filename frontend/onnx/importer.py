@@ -1,9 +1,10 @@
 """ONNX ModelProto -> Graph: the import loop (opset and dtype checks, value names,
 bindings, inputs and outputs); what each op does is its handler in `handlers.py`.
 
-Handlers build IR ops through `_Importer.op`, which folds an op at import when all its inputs are known: numbers
-(initializers, Constant nodes, small folded results) or *dims* (`Sym`: a 1-D int
-tensor whose entries may be symbols, from Shape of an input with a ``dim_param``).
+Handlers build IR ops through `_Importer.op`, which folds an op at import when all
+its inputs are known: numbers (initializers, Constant nodes, small folded results) or
+*dims* (`Sym`: a 1-D int tensor whose entries may be symbols, from Shape of an input
+with a ``dim_param``).
 That is how exporters' shape subgraphs (Shape -> Gather -> Concat -> Reshape, Range
 from a shape, ConstantOfShape) become plain attributes such as
 ``reshape(shape=[batch,seq,4,8])`` that still run at any batch and sequence length.
