@@ -7,6 +7,7 @@ tracing. They are defined in `tensor.py` beside `Tensor`, whose operators use th
 from .tensor import (  # noqa: F401  (re-exported: this module is the namespace)
     abs,
     add,
+    arange,
     argmax,
     cast,
     causal_mask,
@@ -62,6 +63,7 @@ from .tensor import (  # noqa: F401  (re-exported: this module is the namespace)
     sub,
     sum,
     tanh,
+    tensor_scatter,
     transpose,
     tril,
     triu,

@@ -80,11 +80,17 @@ class MultiHeadAttention(Module):
         b, t, _ = x.shape
         return x.reshape(b, t, self.n_head, self.d_head).transpose(1, 2)  # [b, h, t, d]
 
-    def forward(self, x, context=None, causal: bool = False, mask_bias=None):
+    def forward(self, x, context=None, causal: bool = False, mask_bias=None, cache=None):
+        """`cache` (a `frontend.cache.LayerCache`): this step's keys and values are written
+        into it, the queries attend over all of it, its mask replacing `causal`."""
         kv = x if context is None else context
         q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
+        if cache is not None:
+            k, v = cache.update(k, v)
         scores = (q @ k.transpose(2, 3)) * (1.0 / math.sqrt(self.d_head))
-        if causal:
+        if cache is not None:
+            scores = F.where(cache.mask, scores, float("-inf"))
+        elif causal:
             scores = F.where(F.causal_mask(x.shape[1], kv.shape[1]), scores, float("-inf"))
         if mask_bias is not None:
             scores = scores + mask_bias
@@ -117,11 +123,11 @@ class EncoderLayer(Module):
         self.ln1, self.ln2 = LayerNorm(d_model, eps), LayerNorm(d_model, eps)
         self.norm_first = norm_first
 
-    def forward(self, x, causal: bool = False, mask_bias=None):
+    def forward(self, x, causal: bool = False, mask_bias=None, cache=None):
         if self.norm_first:
-            x = x + self.attn(self.ln1(x), causal=causal, mask_bias=mask_bias)
+            x = x + self.attn(self.ln1(x), causal=causal, mask_bias=mask_bias, cache=cache)
             return x + self.ff(self.ln2(x))
-        x = self.ln1(x + self.attn(x, causal=causal, mask_bias=mask_bias))
+        x = self.ln1(x + self.attn(x, causal=causal, mask_bias=mask_bias, cache=cache))
         return self.ln2(x + self.ff(x))
 
 
@@ -168,13 +174,16 @@ class SinusoidalPositions(Module):
 
 
 class LearnedPositions(Module):
-    """Adds a learned embedding of positions 0 .. seq-1."""
+    """Adds a learned embedding of positions 0 .. seq-1, or of the i64 `positions` given
+    ([batch, seq]: a cached decode step's tokens sit further on)."""
 
     def __init__(self, max_len: int, d_model: int):
         super().__init__()
         self.weight = Parameter((max_len, d_model), normal(0.02))
 
-    def forward(self, x):
+    def forward(self, x, positions=None):
+        if positions is not None:
+            return x + F.embedding(positions, self.weight)
         return x + F.slice(self.weight, 0, 0, x.shape[1])
 
 

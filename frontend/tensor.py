@@ -412,6 +412,16 @@ def triu(x, k: int = 0):
     return apply("trilu", [x], upper=True, k=k)
 
 
+def arange(n: Dim, dtype="i64"):
+    """0, 1, ..., n-1 (n may be a symbol)."""
+    return apply("range", [], start=(0,), limit=(n,), delta=1, dtype=dtype_name(dtype))
+
+
+def tensor_scatter(cache, update, index, axis: int = -2):
+    """`cache` with `update`'s rows written at index[b].. along `axis` in batch row b."""
+    return apply("tensor_scatter", [cache, update, index], axis=axis)
+
+
 def causal_mask(t: Dim, s: Dim | None = None):
     """Bool [t, s]: query i may attend to key j <= i."""
     s = t if s is None else s

@@ -33,11 +33,17 @@ class GPT(ZooModel):
                                     eps=c.eps) for _ in range(c.n_layer)]
         self.ln_f = LayerNorm(c.d_model, c.eps)
 
-    def forward(self, input_ids):
-        x = self.wpe(self.wte(input_ids))
-        for block in self.blocks:
-            x = block(x, causal=True)
+    def forward(self, input_ids, cache=None):
+        """`cache`: a `frontend.cache.KVCache` when tracing a decode step."""
+        x = self.wpe(self.wte(input_ids), cache.positions if cache is not None else None)
+        for i, block in enumerate(self.blocks):
+            x = block(x, causal=True, cache=cache.layer(i) if cache is not None else None)
         return self.ln_f(x) @ self.wte.weight.T  # tied output embedding
+
+    def cache_layout(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim): the shape of its key/value cache."""
+        c = self.config
+        return c.n_layer, c.n_head, c.d_model // c.n_head
 
     def example_inputs(self, batch=1, seq=None, seed=0):
         return {"input_ids": self._token_ids(np.random.default_rng(seed), batch, seq)}

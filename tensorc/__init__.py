@@ -23,7 +23,7 @@ TensorSpec = TensorType  # what `trace` takes for an input given by shape and dt
 
 __version__ = "0.1.0"
 __all__ = ["Graph", "Node", "TensorSpec", "TensorType", "TensorcError", "Value", "compile",
-           "parse_graph", "trace"]
+           "generate", "parse_graph", "trace"]
 
 
 def __getattr__(name):
@@ -32,6 +32,8 @@ def __getattr__(name):
     import importlib
     if name in ("compile", "trace"):
         return getattr(importlib.import_module("tensorc.api"), name)
+    if name == "generate":
+        return importlib.import_module("tensorc.generation").generate
     if name in ("models", "frontend", "passes", "backends"):
         return importlib.import_module(f"tensorc.{name}")
     raise AttributeError(f"module 'tensorc' has no attribute {name!r}")

@@ -267,6 +267,73 @@ def cmd_run(args) -> int:
     return 0
 
 
+# --- generate -------------------------------------------------------------------------
+
+def _id_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}"
+                                         ) from None
+
+
+def cmd_generate(args) -> int:
+    from .generation import ByteTokenizer, Generator
+    if bool(args.prompt) == bool(args.ids):
+        raise TensorcError("give the prompt as --prompt TEXT or as --ids 1,2,3 (either may "
+                           "repeat, one per batch row)")
+    from tensorc.models import MODELS
+    if args.model in MODELS:   # a zoo decoder: cached steps
+        from tensorc.models import get
+        model = get(args.model, args.preset or "tiny", seed=args.seed or 0,
+                    **parse_overrides(args.set))
+        if not hasattr(model, "cache_layout"):
+            decoders = [n for n, (cls, _) in MODELS.items() if hasattr(cls, "cache_layout")]
+            raise TensorcError(f"{args.model} is not a decoder language model (built-in "
+                               f"ones: {', '.join(decoders)})")
+        gen = Generator(model, args.backend, args.passes)
+    else:   # any graph from token ids to logits: whole-sequence steps
+        gen = Generator(_pipeline(args, _load(args).graph), args.backend, "O0")
+    tokenizer = ByteTokenizer()
+    if args.prompt:
+        tokenizer.check(gen.vocab_size)
+        prompts = [tokenizer.encode(p) for p in args.prompt]
+    else:
+        prompts = args.ids
+    stream = args.format == "text" and len(prompts) == 1
+    if stream:
+        text = tokenizer.stream() if args.prompt else None
+        sys.stdout.write(text(prompts[0]) if text else " ".join(map(str, prompts[0])))
+        sys.stdout.flush()
+
+    def on_step(tokens):
+        if stream and tokens[0] >= 0:
+            sys.stdout.write(text([tokens[0]]) if text else f" {tokens[0]}")
+            sys.stdout.flush()
+    result = gen.generate(prompts, args.max_new_tokens, on_step=on_step,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed or 0,
+                          stop_ids=(tokenizer.eos,) if args.prompt else ())
+    if args.format == "json":
+        out = result.as_dict()
+        if args.prompt:
+            out["text"] = [tokenizer.decode(r) for r in result.ids]
+        print(json.dumps(out))
+        return 0
+    if stream:
+        sys.stdout.write((text.flush() if text else "") + "\n")
+    else:
+        for r, ids in enumerate(result.ids):
+            shown = tokenizer.decode(ids) if args.prompt else " ".join(map(str, ids))
+            print(f"[{r}] {shown}")
+    n = sum(len(r) for r in result.new_tokens)
+    print(f"{n} new tokens, {result.tokens_per_s:.1f} tokens/s (prefill "
+          f"{result.prefill_ms:.1f} ms, {result.ms_per_token:.2f} ms per decode step, "
+          f"{'KV cache' if result.cached else 'no KV cache: each step runs the whole sequence'}"
+          f"; {args.backend}, compiled in {result.compile_ms / 1e3:.1f} s)", file=sys.stderr)
+    return 0
+
+
 # --- compare --------------------------------------------------------------------------
 
 def output_errors(out: dict, ref: dict) -> dict:
@@ -472,6 +539,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed runs per backend (default: 5)")
     sp.add_argument("--per-pass", action="store_true",
                     help="also show the error after each pass (on numpy)")
+
+    sp = command("generate", cmd_generate, "generate tokens from a prompt, streaming them",
+                 parents=(common, model, strict))
+    sp.set_defaults(passes="O2")
+    sp.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                    help="prompt text (byte tokenizer); repeat for a batch")
+    sp.add_argument("--ids", action="append", default=[], type=_id_list, metavar="1,2,3",
+                    help="prompt token ids; repeat for a batch")
+    sp.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
+    sp.add_argument("--temperature", type=float, default=0.0,
+                    help="0 (default) is greedy; above 0 samples (seeded by --seed)")
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest")
+    sp.add_argument("--top-p", type=float, default=1.0,
+                    help="sample among the likeliest tokens holding probability p")
+    sp.add_argument("--backend", default="llvm", help="backend (default: llvm)")
+    sp.add_argument("--format", choices=("text", "json"), default="text")
 
     sp = command("compile", cmd_compile, "write a compiled artifact (graph, weights, inputs)")
     sp.add_argument("--backend", help="target backend (default: numpy)")

@@ -9,7 +9,7 @@ Layers, bottom to top (a module may import its own layer and those below):
     backends  backends/                      (Graph -> Program -> run)
     frontend  frontend/                      (DSL, tracer, ONNX; onnx.backend runs backends)
     models    models/                        (written in the DSL)
-    shell     tensorc/__init__, api, cli, loading, artifact
+    shell     tensorc/__init__, api, cli, loading, artifact, generation
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"tensorc": "tensorc", "passes": "tensorc.passes", "backends": "tensorc.backends",
             "frontend": "tensorc.frontend", "models": "tensorc.models"}
 LAYERS = ["core", "passes", "backends", "frontend", "models", "shell"]
-SHELL = {"tensorc", "tensorc.api", "tensorc.cli", "tensorc.loading", "tensorc.artifact"}
+SHELL = {"tensorc", "tensorc.api", "tensorc.cli", "tensorc.loading", "tensorc.artifact",
+         "tensorc.generation"}
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     mods = {}

@@ -627,6 +627,32 @@ def test_gather_out_of_range_is_an_error():
         OPS["gather"].evaluate([np.zeros((5, 2), np.float32), np.array([5])], {"axis": 0})
 
 
+@checks("tensor_scatter")
+def _tensor_scatter(op, rng):
+    for cs, us, axis, idx in [((2, 3, 7, 4), (2, 3, 2, 4), -2, [0, 5]),
+                              ((1, 2, 5, 3), (1, 2, 5, 3), 2, [0]),
+                              ((3, 6, 2), (3, 1, 2), 1, np.array([5, 0, 2], np.int32)),
+                              ((2, 4, 5), (2, 4, 1), -1, [4, 0])]:
+        cache, update = rand(rng, cs), rand(rng, us)
+        idx = np.asarray(idx, np.int64) if isinstance(idx, list) else idx
+        ax = axis % len(cs)
+        out = cache.copy()
+        for b in range(cs[0]):          # element by element: out[b, ..., idx[b] + i, ...]
+            for o in np.ndindex(*us[1:]):
+                dst = list(o)
+                dst[ax - 1] += int(idx[b])
+                out[(b, *dst)] = update[(b, *o)]
+        yield [cache, update, idx], {"axis": axis}, out
+
+
+def test_tensor_scatter_rows_must_fit():
+    cache, update = np.zeros((2, 8, 3), np.float32), np.ones((2, 2, 3), np.float32)
+    for idx in ([0, 7], [-1, 0]):
+        with pytest.raises(TensorcError, match="does not leave room for 2 rows in an axis "
+                                               "of 8"):
+            OPS["tensor_scatter"].evaluate([cache, update, np.array(idx)], {"axis": 1})
+
+
 @checks("full")
 def _full(op, rng):
     for shape, value, dtype in [((3, 17), 1.5, "f32"), ((), 7, "i64"), ((2, 1), True, "bool"),
@@ -723,6 +749,12 @@ def T(*shape, dtype="f32"):
     ("reshape", [T("batch", 4)], {"shape": ("seq", -1)}, ["f32[batch,4]", "[seq,-1]"]),
     ("transpose", [T(2, 3)], {"perm": (0, 0)}, ["f32[2,3]", "[0, 0]"]),
     ("gather", [T(5, 3), T(2)], {}, ["f32[5,3]", "f32[2]"]),
+    ("tensor_scatter", [T(2, 8, 3), T(2, 2, 4), T(2, dtype="i64")], {"axis": 1},
+     ["f32[2,8,3]", "f32[2,2,4]"]),
+    ("tensor_scatter", [T(2, 8, 3), T(2, 2, 3), T(3, dtype="i64")], {"axis": 1},
+     ["i64[3]", "one per batch row"]),
+    ("tensor_scatter", [T(2, 8, 3), T(2, 9, 3), T(2, dtype="i64")], {"axis": 1},
+     ["more rows"]),
     ("concat", [T(2, 3), T(2, 4)], {"axis": 0}, ["f32[2,3]", "f32[2,4]"]),
     ("reshape", [T(3)], {"shape": (3,), "foo": 1}, ["unknown attribute", "foo"]),
     ("reshape", [T(3)], {}, ["missing required attribute", "shape"]),

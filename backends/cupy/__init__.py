@@ -349,8 +349,8 @@ class _Prepared:
             grid, block = r.launch
             return lambda: rt.launch(fn, params, grid, block, args)
         if isinstance(step, L.IndexCheck):
-            view, n, where = self.array(step.view), step.n, step.where
-            return lambda: _check_indices(rt, view, n, where)
+            view = self.array(step.view)
+            return lambda: _check_indices(view, step)
         ins = [self.array(v) for v in step.inputs]
         outs = [self.array(v) for v in step.outputs]
         if not _runs_on_host(step) and step.op == "matmul":
@@ -417,12 +417,10 @@ def _flash_fits(call: L.Call) -> bool:
             and q.shape[0] * q.shape[1] <= lib.MAX_GRID_Y)
 
 
-def _check_indices(rt, idx, n: int, where: str) -> None:
-    if idx.size:
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < -n or hi >= n:
-            bad = hi if hi >= n else lo
-            raise TensorcError(f"{where}: index {bad} is out of range for an axis of size {n}")
+def _check_indices(idx, check: L.IndexCheck) -> None:
+    problem = idx.size and check.problem(int(idx.min()), int(idx.max()))
+    if problem:
+        raise TensorcError(problem)
 
 
 def library_kernels(program: L.Program) -> dict[str, lib.LibraryKernel]:
@@ -505,7 +503,7 @@ class CupyExecutable(Executable):
                 self._copy_in(prep, arrays)   # the warm-up run reused the input slots
         if prep.replay is not None:
             for c in prep.index_checks:   # checks read inputs only: before the replay
-                _check_indices(rt, prep.array(c.view), c.n, c.where)
+                _check_indices(prep.array(c.view), c)
             prep.replay()
             self.stats["graph_replays"] += 1
         else:   # eager: contiguous device inputs are read where they are, not copied
@@ -534,7 +532,7 @@ class CupyExecutable(Executable):
             prep.capture_note = "an index check reads an intermediate buffer"
             return
         for c in prep.index_checks:       # the warm-up run must not read out of bounds
-            _check_indices(self.runtime, prep.array(c.view), c.n, c.where)
+            _check_indices(prep.array(c.view), c)
         kernels = [s for s, st in zip(prep.steps, prep.program.steps, strict=True)
                    if not isinstance(st, L.IndexCheck)]
         try:

@@ -95,13 +95,12 @@ class Runner:
                 return lambda: pool.run(job, block.ctypes.data, threads, threads)
             return lambda: fn(address, 0, extent)
         if isinstance(step, IndexCheck):
-            idx, n, where = self.array(step.view), step.n, step.where
+            idx = self.array(step.view)
 
             def check():
-                if idx.size and (idx.min() < -n or idx.max() >= n):
-                    bad = idx.max() if idx.max() >= n else idx.min()
-                    raise TensorcError(f"{where}: index {bad} is out of range for an axis "
-                                       f"of size {n}")
+                problem = idx.size and step.problem(int(idx.min()), int(idx.max()))
+                if problem:
+                    raise TensorcError(problem)
             return check
         if isinstance(step, Call):
             ins = [self.array(v) for v in step.inputs]

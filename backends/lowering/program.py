@@ -69,10 +69,23 @@ class Call:
 
 @dataclass(eq=False)
 class IndexCheck:
-    """Raise a clear error if an index tensor holds values outside [-n, n)."""
+    """Raise a clear error if an index tensor holds values outside [lo, hi): by default
+    [-n, n), an axis of size n counted from either end."""
     view: View
     n: int
     where: str
+    lo: int | None = None
+    hi: int | None = None
+    what: str = "an axis of size {n}"
+
+    def problem(self, smallest: int, largest: int) -> str | None:
+        """The error message for an index tensor with these extremes, or None."""
+        lo = -self.n if self.lo is None else self.lo
+        hi = self.n if self.hi is None else self.hi
+        if lo <= smallest and largest < hi:
+            return None
+        bad = largest if largest >= hi else smallest
+        return f"{self.where}: index {bad} is out of range for {self.what.format(n=self.n)}"
 
     def reads(self):
         return [self.view.buf]

@@ -12,7 +12,7 @@ from tensorc.ops import get_op
 
 from ..plan import pack_buffers
 from .kernels import write_kernel
-from .program import Buf, Call, NotLowerable, Program, View
+from .program import Buf, Call, IndexCheck, NotLowerable, Program, View
 from .rules import RULES
 from .views import Access, Lazy, compute_count, constant, contiguous, covers, is_contiguous, leaves
 
@@ -26,6 +26,7 @@ class Lowering:
         self.steps: list = []
         self.buffers: list[Buf] = []
         self.notes: list[str] = []
+        self.checked: set = set()   # index checks made (see check_indices)
         # Value -> the GEMM Call whose whole output it is (through views), with nothing else
         # reading that output yet: while so, the GEMM's epilogue can still grow.
         self.pending: dict = {}
@@ -59,6 +60,14 @@ class Lowering:
     def out_view(self, t: TensorType, name="") -> View:
         shape = tuple(t.shape)
         return View(self.new_buf(shape, t.dtype, name=name), 0, shape, contiguous(shape))
+
+    def check_indices(self, check: IndexCheck) -> None:
+        """Add an index check, unless the same view was checked against the same bounds
+        already (the cache writes of every layer share one `start`)."""
+        key = (check.view, check.n, check.lo, check.hi)
+        if key not in self.checked:
+            self.checked.add(key)
+            self.steps.append(check)
 
     @staticmethod
     def of_view(v: View) -> Lazy:
@@ -148,6 +157,7 @@ class Lowering:
         inner = Lowering(sub, env, region=isinstance(body, Graph),
                          gemm_epilogues=self.gemm_epilogues)
         inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
+        inner.checked = self.checked
         vals = dict(zip(sub_ins, ins, strict=True))
         for v in sub.constants.values():
             vals[v] = constant(v.data, v.type.dtype, v.name)

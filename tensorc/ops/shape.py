@@ -211,3 +211,52 @@ register(OpDef("trilu", infer=_trilu, kind="shape",
                reference=lambda x, upper=False, k=0: np.triu(x, k) if upper else np.tril(x, k),
                attrs={"upper": Attr("bool", False), "k": Attr("int", 0)},
                doc="keep the lower (or upper) triangle of the last two axes"))
+
+
+def _tensor_scatter(cache: TensorType, update: TensorType, index: TensorType, axis=-2
+                    ) -> TensorType:
+    if cache.dtype != update.dtype or cache.rank != update.rank or cache.rank < 2:
+        raise ShapeError(f"cache {cache} and update {update} need one dtype and one rank >= 2")
+    ax = norm_axis(axis, cache.rank)
+    if ax == 0:
+        raise ShapeError("the write axis cannot be axis 0, the batch axis")
+    if any(c != u for i, (c, u) in enumerate(zip(cache.shape, update.shape, strict=True))
+           if i != ax):
+        raise ShapeError(f"update {update} must match cache {cache} on every axis but {ax}")
+    if index.dtype not in ("i32", "i64") or index.shape != cache.shape[:1]:
+        raise ShapeError(f"write indices must be i32/i64 [{cache.shape[0]}] (one per batch "
+                         f"row of {cache}), got {index}")
+    n, t = cache.shape[ax], update.shape[ax]
+    if isinstance(n, int) and isinstance(t, int) and t > n:
+        raise ShapeError(f"update {update} has more rows than cache {cache} on axis {ax}")
+    return cache
+
+
+def tensor_scatter_bounds(cache_rows: int, update_rows: int) -> tuple[int, int]:
+    """Write indices must lie in [lo, hi): the update's rows fit inside the cache."""
+    return 0, cache_rows - update_rows + 1
+
+
+def _tensor_scatter_ref(cache, update, index, axis=-2):
+    ax = norm_axis(axis, cache.ndim)
+    lo, hi = tensor_scatter_bounds(cache.shape[ax], update.shape[ax])
+    out = cache.copy()
+    for b, start in enumerate(np.asarray(index).tolist()):
+        if not lo <= start < hi:
+            raise TensorcError(f"tensor_scatter: write index {start} (batch row {b}) does not "
+                               f"leave room for {update.shape[ax]} rows in an axis of "
+                               f"{cache.shape[ax]}")
+        rows = [slice(None)] * cache.ndim
+        rows[0], rows[ax] = b, slice(start, start + update.shape[ax])
+        out[tuple(rows)] = update[b]
+    return out
+
+
+register(OpDef(
+    "tensor_scatter", infer=_tensor_scatter, reference=_tensor_scatter_ref, inputs=(3, 3),
+    attrs={"axis": Attr("int", -2)},
+    doc="the cache with `update` written at rows index[b].. of `axis` in each batch row b "
+        "(ONNX TensorScatter, linear mode): how a key/value cache takes a step's rows. "
+        "A compiled backend writes the rows into the cache operand's own buffer when it is "
+        "a graph input used nowhere else, instead of copying the cache first",
+))

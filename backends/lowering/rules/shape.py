@@ -9,11 +9,22 @@ import numpy as np
 
 from tensorc.ir import DTYPES
 from tensorc.ops.registry import norm_axis
+from tensorc.ops.shape import tensor_scatter_bounds
 
 from ... import kernel_ir as K
 from ..kernels import KernelBuilder, write_kernel
 from ..program import IndexCheck, NotLowerable, View
-from ..views import Access, Index, Lazy, affine_map, broadcast_to, constant, reshape, transpose
+from ..views import (
+    Access,
+    Index,
+    Lazy,
+    affine_map,
+    broadcast_to,
+    constant,
+    is_contiguous,
+    reshape,
+    transpose,
+)
 
 
 def _transpose(lw, node, ins, attrs):
@@ -117,7 +128,7 @@ def _gather(lw, node, ins, attrs):
     t = node.outputs[0].type.concrete(lw.env)
     dview, iview = lw.view(data), lw.view(idx)
     n = data.shape[ax]
-    lw.steps.append(IndexCheck(iview, n, node.where))
+    lw.check_indices(IndexCheck(iview, n, node.where))
     out = lw.out_view(t)
     kb = KernelBuilder("gather")
     kout, kdata = kb.buf(out.buf, readonly=False), kb.buf(dview.buf)
@@ -140,6 +151,39 @@ def _gather(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _tensor_scatter(lw, node, ins, attrs):
+    """The update's rows stored at index[b] + i. The cache is written where it lies when
+    it is a graph input read by nothing else (each call copies inputs in), else copied
+    to a buffer of its own first."""
+    cache, update, index = ins
+    ax = norm_axis(attrs["axis"], len(cache.shape))
+    leaf = cache.expr
+    if isinstance(leaf, Access) and leaf.buf.kind == "input" and lw.uses.get(node.inputs[0]) == 1 \
+            and is_contiguous(leaf, cache.shape):
+        out = View(leaf.buf, leaf.offset, cache.shape, leaf.coefs)
+    else:
+        out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+        lw.steps.append(write_kernel("copy", cache, out))
+    iview = lw.view(index)
+    lo, hi = tensor_scatter_bounds(cache.shape[ax], update.shape[ax])
+    lw.check_indices(IndexCheck(iview, cache.shape[ax], node.where, lo, hi,
+                               f"writing {update.shape[ax]} rows into an axis of {{n}}"))
+    kb = KernelBuilder("scatter")
+    kout = kb.buf(out.buf, readonly=False)
+    loop_vars = [kb.var() for _ in update.shape]
+    start = kb.at(Access(iview.buf, iview.offset, iview.strides), loop_vars[:1])
+    start = start if start.dtype == "i64" else K.Cast(start, "i64")
+    dst = list(loop_vars)
+    dst[ax] = K.binary("add", start, loop_vars[ax])
+    body = [K.Store(kout, K.affine(out.offset, list(zip(dst, out.strides, strict=True))),
+                    kb.at(update.expr, loop_vars))]
+    for v, ext in reversed(list(zip(loop_vars, update.shape, strict=True))):
+        body = [K.Loop(v, ext, body)]
+    body[0].parallel = True
+    lw.steps.append(kb.kernel(body, math.prod(update.shape)))
+    return [lw.of_view(out)]
+
+
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "transpose": _transpose,
     "reshape": _reshape,
@@ -154,4 +198,5 @@ RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "dims": _dims,
     "trilu": _trilu,
     "gather": _gather,
+    "tensor_scatter": _tensor_scatter,
 }

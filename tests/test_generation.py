@@ -1,0 +1,266 @@
+"""Text generation: cached decode steps against whole-sequence forwards, sampling,
+the byte tokenizer, `tensor_scatter`'s lowering, and `tensorc generate`."""
+
+import json
+
+import numpy as np
+import pytest
+
+import tensorc
+from tensorc import models
+from tensorc.cli import main
+from tensorc.errors import InputError, TensorcError
+from tensorc.frontend.cache import decoder_step, key_name
+from tensorc.generation import ByteTokenizer, Generator, sample
+
+DECODERS = ["gpt"]
+PROMPTS = {1: [[5, 1, 4, 1, 5, 9]], 3: [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7, 9]]}
+
+
+def full_graph(model):
+    return tensorc.trace(model, tensorc.TensorSpec(("batch", "seq"), "i64"))
+
+
+@pytest.fixture(scope="module", params=DECODERS)
+def decoder(request):
+    return models.get(request.param, "tiny")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cached_greedy_tokens_equal_whole_sequence_forwards(decoder, backend, batch):
+    """Every step of cached generation picks what a whole forward of the sequence so
+    far (no cache) picks, rows of different prompt lengths included."""
+    prompts = PROMPTS[batch]
+    cached = Generator(decoder, backend).generate(prompts, 12, warmup=False)
+    forward = tensorc.compile(full_graph(decoder), "numpy", "O0")
+    for prompt, new in zip(prompts, cached.new_tokens, strict=True):
+        seq = list(prompt)
+        for tok in new:
+            logits = forward(np.array([seq]))[0, -1]
+            assert tok == int(logits.argmax()), f"row {prompt}: step {len(seq)} differs"
+            seq.append(tok)
+    assert cached.cached and all(len(n) == 12 for n in cached.new_tokens)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_cached_step_logits_match_the_reference(decoder, backend):
+    """Prefill of right-padded rows, then decode steps at per-row positions: the logits
+    equal the un-optimised reference's whole-sequence logits (rel err <= 1e-4)."""
+    rng = np.random.default_rng(1)
+    step = tensorc.compile(decoder_step(decoder), backend, "O2")
+    forward = tensorc.compile(full_graph(decoder), "numpy", "O0")
+    layers, heads, d = decoder.cache_layout()
+    lengths, total = np.array([4, 2, 6]), 10
+    ids = rng.integers(0, decoder.config.vocab_size, (3, total))
+    feeds = {"input_ids": ids[:, :6], "start": np.zeros(3, np.int64)}
+    for name in step.input_names[2:]:
+        feeds[name] = rng.standard_normal((3, heads, total, d)).astype(np.float32)  # unread
+    before = {k: v.copy() for k, v in feeds.items()}
+    out = step.run(feeds)
+    for k, v in before.items():
+        np.testing.assert_array_equal(feeds[k], v)   # inputs are left as they were
+    for r, n in enumerate(lengths):
+        ref = forward(ids[r:r + 1, :n])[0]
+        np.testing.assert_allclose(out["logits"][r, :n], ref, rtol=1e-4, atol=1e-5)
+    for _ in range(3):
+        feeds = {"input_ids": ids[np.arange(3), lengths][:, None], "start": lengths.copy(),
+                 **{k.replace("present", "past"): v for k, v in out.items()
+                    if k.startswith("present")}}
+        out = step.run(feeds)
+        lengths = lengths + 1
+        for r, n in enumerate(lengths):
+            ref = forward(ids[r:r + 1, :n])[0, -1]
+            np.testing.assert_allclose(out["logits"][r, 0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_step_writes_the_cache_in_place_on_llvm(decoder):
+    """The cache inputs are written where they lie in the arena: no step copies a
+    whole cache, one scatter per cache writes the new rows, and `start` is checked
+    once for all layers."""
+    exe = tensorc.compile(decoder_step(decoder), "llvm", "O2")
+    program = exe.program({"batch": 2, "seq": 1, "cache_len": 16})
+    layers = decoder.cache_layout()[0]
+    kinds = [getattr(getattr(s, "kernel", None), "kind", None) for s in program.steps]
+    assert kinds.count("scatter") == 2 * layers
+    assert "copy" not in kinds and program.stats()["fallbacks"] == []
+    checks = [s for s in program.steps if type(s).__name__ == "IndexCheck"]
+    assert len([c for c in checks if c.lo == 0]) == 1
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_a_start_past_the_cache_is_an_error(decoder, backend):
+    step = tensorc.compile(decoder_step(decoder), backend, "O2")
+    layers, heads, d = decoder.cache_layout()
+    feeds = {"input_ids": np.zeros((1, 2), np.int64), "start": np.array([7])}
+    for name in step.input_names[2:]:
+        feeds[name] = np.zeros((1, heads, 8, d), np.float32)
+    with pytest.raises(TensorcError, match="(index 7 is out of range for writing 2 rows into "
+                                           "an axis of 8|write index 7 .* room for 2 rows)"):
+        step.run(feeds)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_tensor_scatter_lowering_with_a_shared_cache(backend):
+    """A cache read by another node too is copied before the write (and the input is
+    never changed)."""
+    def f(cache, update, index):
+        return tensorc.frontend.F.tensor_scatter(cache, update, index, axis=1) + cache * 2.0
+
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((3, 9, 5)).astype(np.float32)
+    update = rng.standard_normal((3, 2, 5)).astype(np.float32)
+    index = np.array([0, 7, 3], np.int32)
+    exe = tensorc.compile(tensorc.trace(f, cache, update, index), backend)
+    kept = cache.copy()
+    got = exe(cache, update, index)
+    want = cache.copy()
+    for b, i in enumerate(index):
+        want[b, i:i + 2] = update[b]
+    np.testing.assert_allclose(got, want + 2 * cache, rtol=1e-6)
+    np.testing.assert_array_equal(cache, kept)
+
+
+def test_sampling_is_seeded_and_its_cuts_work():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 50)).astype(np.float32)
+    greedy = logits.argmax(-1)
+    np.testing.assert_array_equal(sample(logits, rng), greedy)
+    np.testing.assert_array_equal(sample(logits, rng, 1.0, top_k=1), greedy)
+    np.testing.assert_array_equal(sample(logits, rng, 1.0, top_p=1e-6), greedy)
+    a = sample(logits, np.random.default_rng(5), 0.9, top_k=10, top_p=0.8)
+    b = sample(logits, np.random.default_rng(5), 0.9, top_k=10, top_p=0.8)
+    np.testing.assert_array_equal(a, b)
+    top3 = np.argsort(-logits, -1)[:, :3]
+    for _ in range(50):   # top-k keeps only the k likeliest
+        got = sample(logits, rng, 2.0, top_k=3)
+        assert all(g in t for g, t in zip(got, top3, strict=True))
+
+
+def test_sampling_draws_the_softmax_distribution():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    rng = np.random.default_rng(0)
+    draws = np.array([sample(logits, rng, 1.0)[0] for _ in range(20000)])
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    # top_p 0.7: 0.5 + 0.3 reach it, so only the first two remain, renormalised
+    draws = np.array([sample(logits, rng, 1.0, top_p=0.7)[0] for _ in range(5000)])
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_sampled_cached_and_full_generation_agree(decoder, backend):
+    options = dict(temperature=0.9, top_k=20, top_p=0.95, seed=7)
+    cached = Generator(decoder, backend).generate(PROMPTS[3], 8, warmup=False, **options)
+    full = Generator(full_graph(decoder), backend).generate(PROMPTS[3], 8, warmup=False,
+                                                            **options)
+    assert not full.cached and cached.new_tokens == full.new_tokens
+    again = Generator(decoder, backend).generate(PROMPTS[3], 8, warmup=False, **options)
+    assert again.new_tokens == cached.new_tokens
+
+
+def test_stop_ids_end_each_row():
+    m = models.get("gpt", "tiny")
+    first = Generator(m, "numpy").generate(PROMPTS[3], 6, warmup=False)
+    stop = first.new_tokens[1][2]   # row 1's third token
+    got = Generator(m, "numpy").generate(PROMPTS[3], 6, warmup=False, stop_ids=(stop,))
+    row = first.new_tokens[1]
+    assert got.new_tokens[1] == row[:row.index(stop) + 1]
+    for r in (0, 2):
+        want = first.new_tokens[r]
+        assert got.new_tokens[r] == (want[:want.index(stop) + 1] if stop in want else want)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda g: g.generate([[1, 2]], 100), "exceeds the model's max_seq_len 64"),
+    (lambda g: g.generate([[1, 200]], 3), "token id 200 is outside the vocabulary of 97"),
+    (lambda g: g.generate([[]], 3), "at least one token"),
+    (lambda g: g.generate([[1]], 0), "max_new_tokens must be at least 1"),
+    (lambda g: g.generate([[1]], 2, top_p=0), "0 < top_p <= 1"),
+])
+def test_bad_generation_requests(call, message):
+    with pytest.raises(InputError, match=message):
+        call(Generator(models.get("gpt", "tiny"), "numpy"))
+
+
+def test_a_graph_without_token_ids_cannot_generate():
+    g = tensorc.trace(lambda x: x * 2.0, np.zeros((2, 3), np.float32))
+    with pytest.raises(TensorcError, match="does not take token ids"):
+        Generator(g, "numpy")
+
+
+def test_byte_tokenizer_round_trip_and_streaming():
+    tok = ByteTokenizer()
+    text = "naïve café — 日本"
+    ids = tok.encode(text)
+    assert max(ids) < 256 and tok.decode(ids) == text
+    stream = tok.stream()
+    pieces = [stream([i]) for i in ids]    # one byte at a time: characters stay whole
+    assert "".join(pieces) + stream.flush() == text
+    assert "" in pieces                    # a multi-byte character waited for its bytes
+    assert tok.decode([104, 105, tok.eos]) == "hi<|endoftext|>"
+    with pytest.raises(InputError, match="at least 257"):
+        tok.check(97)
+
+
+def test_python_api_takes_text_ids_and_batches():
+    m = models.get("gpt", "tiny", vocab_size=300)
+    r = tensorc.generate(m, "hi", max_new_tokens=3, backend="numpy")
+    assert r.ids[0][:2] == [104, 105] and len(r.ids[0]) <= 5
+    r = tensorc.generate(m, [[1, 2], [3]], max_new_tokens=2, backend="numpy")
+    assert [len(n) for n in r.new_tokens] == [2, 2]
+    assert set(r.as_dict()) >= {"ids", "new_tokens", "tokens_per_s", "prefill_ms",
+                                "ms_per_token"}
+
+
+def test_cli_generate_streams_ids(capsys):
+    assert main(["generate", "gpt", "--ids", "1,2,3", "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    ids = [int(t) for t in out.split()]
+    want = Generator(models.get("gpt", "tiny"), "numpy").generate([[1, 2, 3]], 5)
+    assert ids == want.ids[0]
+    assert "tokens/s" in err and "KV cache" in err
+
+
+def test_cli_generate_json_batch_and_text(capsys):
+    assert main(["generate", "gpt", "--set", "vocab_size=300", "--prompt", "ab", "--prompt",
+                 "c", "--max-new-tokens", "3", "--format", "json", "--backend", "numpy"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"][0][:2] == [97, 98] and out["ids"][1][0] == 99
+    assert out["text"][0].startswith("ab") and out["kv_cache"] is True
+    assert out["tokens_per_s"] > 0 and out["ms_per_token"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "bert", "--ids", "1"], "bert is not a decoder language model"),
+    (["generate", "gpt", "--prompt", "hi"], "at least 257 ids, the model has 97"),
+    (["generate", "gpt"], "give the prompt as --prompt TEXT or as --ids"),
+    (["generate", "gpt", "--ids", "1,x"], "expected comma-separated token ids"),
+    (["generate", "gpt", "--ids", "1", "--max-new-tokens", "100"], "max_seq_len 64"),
+])
+def test_cli_generate_errors(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_generates_from_an_onnx_decoder_without_a_cache(tmp_path, capsys):
+    """An imported graph from ids to logits runs whole-sequence steps, and picks the
+    same tokens as the cached zoo model it was exported from."""
+    from tensorc.frontend import onnx as onnx_io
+    m = models.get("gpt", "tiny")
+    path = str(tmp_path / "gpt.onnx")
+    onnx_io.save(full_graph(m), path)
+    assert main(["generate", path, "--ids", "1,2,3", "--ids", "4", "--max-new-tokens", "4",
+                 "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_cache"] is False
+    want = Generator(m, "numpy").generate([[1, 2, 3], [4]], 4)
+    assert out["new_tokens"] == want.new_tokens
+
+
+def test_cache_names_follow_the_exporters():
+    g = decoder_step(models.get("gpt", "tiny"))
+    assert [v.name for v in g.inputs][:3] == ["input_ids", "start", key_name(0)]
+    assert g.outputs[1].name == "present.key.0" and g.outputs[2].name == "present.value.0"
