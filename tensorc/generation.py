@@ -178,7 +178,7 @@ class Generator:
         # a full step always runs the whole padded width: one shape, compiled once
         logits, caches = self._prefill(seq[:, :int(lengths.max())] if self.cached else seq,
                                        total)
-        logits = logits[np.arange(b), lengths - 1]
+        logits = _host(logits)[np.arange(b), lengths - 1]
         timings.update(prefill_s=time.perf_counter() - t0, decode_s=0.0, steps=0)
         for step in range(max_new_tokens):
             tokens = sample(logits, rng, temperature, top_k, top_p).astype(np.int64)
@@ -193,6 +193,7 @@ class Generator:
             lengths = lengths + 1
             t0 = time.perf_counter()
             logits, caches = self._decode(tokens, seq, lengths, caches)
+            logits = _host(logits)
             timings["decode_s"] += time.perf_counter() - t0
             timings["steps"] += 1
 
@@ -249,6 +250,11 @@ class Generator:
                              f"new tokens = {longest} exceeds the model's max_seq_len "
                              f"{self.max_seq_len}")
         return out
+
+
+def _host(a):
+    """A cupy array's numpy copy (sampling runs on the host); numpy arrays as they are."""
+    return a.get() if hasattr(a, "get") else a
 
 
 def _next_caches(out: dict) -> dict:

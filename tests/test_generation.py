@@ -264,3 +264,28 @@ def test_cache_names_follow_the_exporters():
     g = decoder_step(models.get("gpt", "tiny"))
     assert [v.name for v in g.inputs][:3] == ["input_ids", "start", key_name(0)]
     assert g.outputs[1].name == "present.key.0" and g.outputs[2].name == "present.value.0"
+
+
+def test_cupy_emulator_decode_step_leaves_device_caches_alone():
+    """The cupy backend reads contiguous device inputs where they lie, but never one a
+    step writes: the caches' new rows go to their arena copies."""
+    from tensorc.backends.cupy import CupyBackend
+    from tensorc.backends.cupy.emulate import EmulatedRuntime, host_compiler
+    if host_compiler() is None:
+        pytest.skip("g++ not installed: the CUDA emulator needs a C++20 host compiler")
+    m = models.get("gpt", "tiny")
+    g = tensorc.passes.run_pipeline(decoder_step(m), "O2")
+    layers, heads, d = m.cache_layout()
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 97, (2, 3)), "start": np.array([0, 2])}
+    for name in [v.name for v in g.inputs][2:]:
+        feeds[name] = rng.standard_normal((2, heads, 8, d)).astype(np.float32)
+    want = tensorc.compile(g, "numpy").run(feeds)
+    exe = CupyBackend(cuda_graph=False).compile(g, runtime=EmulatedRuntime(device_inputs=True))
+    kept = {k: v.copy() for k, v in feeds.items()}
+    got = exe.run(feeds)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-4, atol=1e-5)
+    for k, v in kept.items():
+        np.testing.assert_array_equal(feeds[k], v)
+    assert exe.stats["inputs_in_place"] == 2   # input_ids and start

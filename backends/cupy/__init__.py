@@ -310,7 +310,10 @@ class _Prepared:
         self.in_place: dict = {}   # input Buf -> the caller's device array, for one call
         self.steps = [self.bind(s, rendered) for s in program.steps]
         self.input_readers = [i for i, s in enumerate(program.steps)
-                              if any(b.kind == "input" for b in s.reads())]
+                              if any(b.kind == "input" for b in s.reads() + s.writes())]
+        # inputs a step writes (a cache's new rows) are written in their arena copy
+        self.written_inputs = {b for s in program.steps for b in s.writes()
+                               if b.kind == "input"}
         self.outputs = [self.array(v) for v in program.outputs]
         self.inputs = [self.array(L.View(b, 0, (b.nbytes // DTYPES[b.dtype].itemsize,), (1,)))
                        for b in program.inputs]
@@ -510,7 +513,7 @@ class CupyExecutable(Executable):
             in_place = {b: a.reshape(-1).view(np.uint8)
                         for b, a in zip(prep.program.inputs, arrays, strict=True)
                         if rt.is_device_array(a) and a.flags.c_contiguous
-                        and a.dtype == DTYPES[b.dtype]}
+                        and a.dtype == DTYPES[b.dtype] and b not in prep.written_inputs}
             self._copy_in(prep, arrays, skip=in_place)
             prep.run_steps(in_place)
             rt.synchronize()
