@@ -201,6 +201,16 @@ def _gather(cx, n):
     return [cx.op("gather", n.x(0), n.x(1), axis=n.attr("axis", 0))]
 
 
+def _tensor_scatter(cx, n):
+    """TensorScatter (opset 24, a key/value cache's write) in linear mode."""
+    if n.attr("mode", "linear") != "linear":
+        raise n.unsupported("only mode=linear is supported (circular buffers are not)")
+    cache, update = n.x(0), n.x(1)
+    index = n.x(2) if n.has(2) else cx.op("full", shape=[_shape(cache)[0]], value=0,
+                                            dtype="i64")
+    return [cx.op("tensor_scatter", cache, update, index, axis=n.attr("axis", -2))]
+
+
 def _gather_nd(cx, n):
     """GatherND (batch_dims=0) as gather on the flattened leading dims."""
     data, idx = n.x(0), n.x(1)
@@ -601,6 +611,7 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     "Reshape": _reshape, "Flatten": _flatten, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Transpose": _transpose, "Concat": _concat, "Split": _split, "Slice": _slice,
     "Gather": _gather, "GatherElements": _gather_elements, "GatherND": _gather_nd,
+    "TensorScatter": _tensor_scatter,
     "Expand": _expand, "Trilu": _trilu, "Where": _where,
     # elementwise
     **{k: _unary(v) for k, v in {
