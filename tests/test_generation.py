@@ -289,3 +289,32 @@ def test_cupy_emulator_decode_step_leaves_device_caches_alone():
     for k, v in kept.items():
         np.testing.assert_array_equal(feeds[k], v)
     assert exe.stats["inputs_in_place"] == 2   # input_ids and start
+
+
+@pytest.mark.parametrize("passes", ["O0", "O2"])
+def test_decode_step_exports_to_onnx_runtime(tmp_path, passes):
+    """The cached step exports (TensorScatter, opset 24) and ONNX Runtime runs a prefill
+    and a decode step to the reference's numbers."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra")
+    from tensorc.frontend import onnx as onnx_io
+    m = models.get("gpt", "tiny")
+    g = tensorc.passes.run_pipeline(decoder_step(m), passes)
+    path = str(tmp_path / "step.onnx")
+    onnx_io.save(g, path)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ref = tensorc.compile(g, "numpy")
+    layers, heads, d = m.cache_layout()
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 97, (2, 4)), "start": np.zeros(2, np.int64)}
+    for name in [v.name for v in g.inputs][2:]:
+        feeds[name] = np.zeros((2, heads, 6, d), np.float32)
+    for _ in range(2):
+        want = ref.run(feeds)
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds),
+                       strict=True))
+        for k, w in want.items():
+            np.testing.assert_allclose(got[k], w, rtol=1e-4, atol=1e-5)
+        feeds = {"input_ids": want["logits"][:, -1:].argmax(-1), "start": np.array([4, 3]),
+                 **{k.replace("present", "past"): v for k, v in want.items()
+                    if k.startswith("present")}}
+    assert onnx_io.load(path).nodes   # and it imports back

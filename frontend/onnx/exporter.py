@@ -25,6 +25,8 @@ from .values import ONNX_DTYPES
 
 OPSET = 20          # Gelu is standard from 20; LayerNormalization from 17
 IR_VERSION = 9      # the IR version that goes with opset 20
+# Ops newer than OPSET: a graph using one is written at its opset (with its IR version).
+NEWER = {"tensor_scatter": (24, 10)}
 DOMAIN = "tensorc"  # where composite ops' functions live
 ONNX_OF = {v: k for k, v in ONNX_DTYPES.items()}
 
@@ -141,18 +143,20 @@ class _Exporter:
                                      f"{', '.join(bad)} to ONNX: no ONNX mapping and no "
                                      "decompose in the registry")
         self.used.update(graph.values())
+        self.opset, self.ir_version = max([(OPSET, IR_VERSION)] + [
+            NEWER[n.op] for n in _all_nodes(graph) if n.op in NEWER])
         scope = _Scope(self, graph.inputs, is_function=False)
         scope.write(graph)
         g = helper.make_graph(scope.nodes, graph.name,
                               [_value_info(v) for v in graph.inputs],
                               [_value_info(v) for v in graph.outputs],
                               initializer=scope.initializers)
-        opsets = [helper.make_opsetid("", OPSET)]
+        opsets = [helper.make_opsetid("", self.opset)]
         if self.functions:
             opsets.append(helper.make_opsetid(DOMAIN, 1))
         model = helper.make_model(g, opset_imports=opsets, producer_name="tensorc",
                                   functions=list(self.functions.values()))
-        model.ir_version = IR_VERSION
+        model.ir_version = self.ir_version
         return model
 
     def function(self, node: Node) -> str:
@@ -174,7 +178,7 @@ class _Exporter:
                 else:
                     outs.append(v.name)
             name = self.fresh(node.op)
-            opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
+            opsets = [helper.make_opsetid("", self.opset), helper.make_opsetid(DOMAIN, 1)]
             self.functions[key] = helper.make_function(
                 DOMAIN, name, [p.name for p in params], outs, scope.nodes, opsets)
         return self.functions[key].name
@@ -193,7 +197,8 @@ def _value_info(v: Value) -> onnx.ValueInfoProto:
 
 
 def to_model(graph: Graph) -> onnx.ModelProto:
-    """The ONNX model of `graph`: opset 20, composite ops as local functions."""
+    """The ONNX model of `graph`: opset 20 (24 for a graph with a TensorScatter), composite
+    ops as local functions."""
     return _Exporter().run(graph)
 
 
@@ -291,6 +296,13 @@ def _trilu(sc, node, ins, outs):
     sc.node("Trilu", [ins[0], k], outputs=outs, upper=int(node.attrs["upper"]))
 
 
+def _tensor_scatter(sc, node, ins, outs):
+    cache, update, index = ins
+    if node.inputs[2].type.dtype != "i64":   # ONNX takes int64 write indices only
+        index = sc.node("Cast", [index], to=ONNX_OF["i64"])[0]
+    sc.node("TensorScatter", [cache, update, index], outputs=outs, axis=node.attrs["axis"])
+
+
 def _cast(sc, node, ins, outs):
     sc.node("Cast", ins, outputs=outs, to=ONNX_OF[node.attrs["dtype"]])
 
@@ -348,5 +360,5 @@ EXPORTERS: dict[str, Exporter] = {
     "reduce_sum": _axes_input("ReduceSum"), "reduce_mean": _axes_input("ReduceMean"),
     "reduce_max": _axes_input("ReduceMax"), "reduce_min": _axes_input("ReduceMin"),
     "argmax": _argmax, "softmax": _axis("Softmax"), "log_softmax": _axis("LogSoftmax"),
-    "layer_norm": _layer_norm, "conv2d": _conv2d,
+    "layer_norm": _layer_norm, "conv2d": _conv2d, "tensor_scatter": _tensor_scatter,
 }
