@@ -118,6 +118,17 @@ def decoder_step(model: Module, dtype: str = "f32") -> Graph:
     return graph
 
 
+def is_decoder_step(graph: Graph) -> bool:
+    """Whether `graph` has the interface `decoder_step` gives (traced here, or imported
+    from an ONNX file it was exported to)."""
+    names = [v.name for v in graph.inputs]
+    layers = (len(names) - 2) // 2
+    return (len(names) >= 4 and names[:2] == ["input_ids", START]
+            and names[2:] == [n for i in range(layers) for n in (key_name(i), value_name(i))]
+            and [v.name for v in graph.outputs[1:]]
+            == [n for i in range(layers) for n in (key_name(i, True), value_name(i, True))])
+
+
 class _Step(Module):
     """The model's forward with a cache, traced under the model's own weight names."""
 

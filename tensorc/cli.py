@@ -277,6 +277,17 @@ def _id_list(text: str) -> list[int]:
                                          ) from None
 
 
+def _decoder(args):
+    """The built-in decoder model MODEL names (one with a key/value cache)."""
+    from tensorc.models import MODELS, get
+    decoders = [n for n, (cls, _) in MODELS.items() if hasattr(cls, "cache_layout")]
+    if args.model not in decoders:
+        raise TensorcError(f"{args.model} is not a built-in decoder language model "
+                           f"({', '.join(decoders)})")
+    return get(args.model, args.preset or "tiny", seed=args.seed or 0,
+               **parse_overrides(args.set))
+
+
 def cmd_generate(args) -> int:
     from .generation import ByteTokenizer, Generator
     if bool(args.prompt) == bool(args.ids):
@@ -284,15 +295,8 @@ def cmd_generate(args) -> int:
                            "repeat, one per batch row)")
     from tensorc.models import MODELS
     if args.model in MODELS:   # a zoo decoder: cached steps
-        from tensorc.models import get
-        model = get(args.model, args.preset or "tiny", seed=args.seed or 0,
-                    **parse_overrides(args.set))
-        if not hasattr(model, "cache_layout"):
-            decoders = [n for n, (cls, _) in MODELS.items() if hasattr(cls, "cache_layout")]
-            raise TensorcError(f"{args.model} is not a decoder language model (built-in "
-                               f"ones: {', '.join(decoders)})")
-        gen = Generator(model, args.backend, args.passes)
-    else:   # any graph from token ids to logits: whole-sequence steps
+        gen = Generator(_decoder(args), args.backend, args.passes)
+    else:   # an exported cached step, or any graph from token ids to logits
         gen = Generator(_pipeline(args, _load(args).graph), args.backend, "O0")
     tokenizer = ByteTokenizer()
     if args.prompt:
@@ -458,10 +462,16 @@ def cmd_compile(args) -> int:
 
 def cmd_export(args) -> int:
     from tensorc.frontend import onnx as onnx_io
-    loaded = _load(args)
-    graph = _pipeline(args, loaded.graph)
+    if args.kv_cache:
+        from tensorc.frontend.cache import decoder_step
+        name, graph = args.model, decoder_step(_decoder(args))
+    else:
+        loaded = _load(args)
+        name, graph = loaded.name, loaded.graph
+    graph = _pipeline(args, graph)
     onnx_io.save(graph, args.output)
-    print(f"wrote {args.output}: {loaded.name}, {len(graph.nodes)} nodes")
+    print(f"wrote {args.output}: {name}{' (cached step)' if args.kv_cache else ''}, "
+          f"{len(graph.nodes)} nodes")
     return 0
 
 
@@ -483,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_seed,
                    help="seed of the weights and example inputs (default: 0)")
     p = model.add_argument_group("passes")
-    p.add_argument("--passes", default="O0", metavar="P",
-                   help="pipeline, e.g. O1 or O2,name:key=value (default: O0)")
+    p.add_argument("--passes", metavar="P", help="pipeline, e.g. O1 or O2,name:key=value "
+                   "(default: O0; for generate O2)")
     p.add_argument("--print-after", action="append", default=[], metavar="NAME",
                    help="print the IR after pass NAME, or after every pass with 'all', "
                         "to stderr (repeatable)")
@@ -542,7 +552,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("generate", cmd_generate, "generate tokens from a prompt, streaming them",
                  parents=(common, model, strict))
-    sp.set_defaults(passes="O2")
     sp.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                     help="prompt text (byte tokenizer); repeat for a batch")
     sp.add_argument("--ids", action="append", default=[], type=_id_list, metavar="1,2,3",
@@ -563,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("export", cmd_export, "write the (rewritten) graph as an ONNX file")
     sp.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
+    sp.add_argument("--kv-cache", action="store_true",
+                    help="export a built-in decoder's cached step (input_ids, start, past.* "
+                         "-> logits, present.*), which `tensorc generate` runs")
     return parser
 
 
@@ -602,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "passes", "") is None:
+            args.passes = "O2" if args.command == "generate" else "O0"
         if getattr(args, "strict", False):
             os.environ["TENSORC_STRICT"] = "1"   # read where lowering decides (any backend)
         _warnings_to_stderr()

@@ -6,8 +6,9 @@ Two ways to run a step:
   cached step (`frontend/cache.py`) is compiled once; the prompt runs as one call
   (prefill), then each new token is one call that reads and appends the key/value
   cache, so a token costs one pass over the weights.
-- **full** (any graph with token ids in and logits [batch, seq, vocab] out, such as an
-  imported ONNX decoder): every step runs the whole sequence again. Correct, and
+  An ONNX file of such a step (`tensorc export MODEL --kv-cache`) runs the same way.
+- **full** (any other graph with token ids in and logits [batch, seq, vocab] out, such
+  as an imported ONNX decoder): every step runs the whole sequence again. Correct, and
   quadratic in the length.
 
 Batch rows may have prompts of different lengths: rows are right-padded and each row
@@ -116,18 +117,20 @@ class Generation:
 
 
 class Generator:
-    """Generates with `model`: a zoo `Module` (cached steps when it defines
-    `cache_layout`) or a `Graph` taking token ids and returning logits (full steps)."""
+    """Generates with `model`: a zoo `Module` that defines `cache_layout`, or a `Graph`:
+    a cached step (`frontend.cache.is_decoder_step`, e.g. imported from an ONNX file
+    `tensorc export --kv-cache` wrote) or any graph from token ids to logits (full
+    steps)."""
 
     def __init__(self, model, backend: str = "llvm", passes: str = "O2",
                  max_seq_len: int | None = None):
         from .api import compile
+        from .frontend.cache import decoder_step, is_decoder_step
         self.backend = backend
         if isinstance(model, Graph):
-            graph, self.cached = model, False
+            graph, self.cached = model, is_decoder_step(model)
             self.vocab_size = _logits_vocab(graph)
         else:
-            from .frontend.cache import decoder_step
             graph, self.cached = decoder_step(model), True
             self.vocab_size = model.config.vocab_size
             max_seq_len = max_seq_len or model.config.max_seq_len

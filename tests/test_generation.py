@@ -233,7 +233,7 @@ def test_cli_generate_json_batch_and_text(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "bert", "--ids", "1"], "bert is not a decoder language model"),
+    (["generate", "bert", "--ids", "1"], "bert is not a built-in decoder language model"),
     (["generate", "gpt", "--prompt", "hi"], "at least 257 ids, the model has 97"),
     (["generate", "gpt"], "give the prompt as --prompt TEXT or as --ids"),
     (["generate", "gpt", "--ids", "1,x"], "expected comma-separated token ids"),
@@ -318,3 +318,15 @@ def test_decode_step_exports_to_onnx_runtime(tmp_path, passes):
                  **{k.replace("present", "past"): v for k, v in want.items()
                     if k.startswith("present")}}
     assert onnx_io.load(path).nodes   # and it imports back
+
+
+def test_cli_exports_a_cached_step_that_generates_with_its_cache(tmp_path, capsys):
+    path = str(tmp_path / "step.onnx")
+    assert main(["export", "gpt", "--kv-cache", "--passes", "O2", "-o", path]) == 0
+    assert "cached step" in capsys.readouterr().out
+    assert main(["generate", path, "--ids", "1,2,3", "--ids", "4", "--max-new-tokens", "4",
+                 "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = Generator(models.get("gpt", "tiny"), "numpy").generate([[1, 2, 3], [4]], 4)
+    assert out["kv_cache"] is True and out["new_tokens"] == want.new_tokens
+    assert main(["export", "bert", "--kv-cache", "-o", path]) == 2
