@@ -310,7 +310,7 @@ class _Prepared:
         self.in_place: dict = {}   # input Buf -> the caller's device array, for one call
         self.steps = [self.bind(s, rendered) for s in program.steps]
         self.input_readers = [i for i, s in enumerate(program.steps)
-                              if any(b.kind == "input" for b in s.reads() + s.writes())]
+                              if any(b.kind == "input" for b in s.reads())]
         # inputs a step writes (a cache's new rows) are written in their arena copy
         self.written_inputs = {b for s in program.steps for b in s.writes()
                                if b.kind == "input"}
