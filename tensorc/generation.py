@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError, TensorcError
-from .ir import Graph
+from .ir import DTYPES, Graph
 
 
 class ByteTokenizer:
@@ -136,15 +136,28 @@ class Generator:
             max_seq_len = max_seq_len or model.config.max_seq_len
         self.max_seq_len = max_seq_len
         self.exe = compile(graph, backend, passes)
-        if not self.cached:
-            self.ids_name = self.exe.input_names[0]
-        else:
+        if self.cached:
             self.cache_inputs = [v for v in graph.inputs if v.name.startswith("past.")]
+        else:
+            self.ids_name, *others = self.exe.input_names
+            self.mask = {v.name: v.type.dtype for v in graph.inputs[1:]}
+            if others != ["attention_mask"][:len(others)]:
+                raise TensorcError(f"{graph.name} takes inputs {others} besides the token ids; "
+                                   "a graph that generates takes token ids and, optionally, "
+                                   "an attention_mask")
 
     # -- steps --
-    def _prefill(self, padded: np.ndarray, length: int):
+    def _full(self, seq: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Logits of a whole-sequence step; padding masked where the graph takes a mask."""
+        feeds = {self.ids_name: seq}
+        for name, dtype in self.mask.items():
+            keep = np.arange(seq.shape[1]) < lengths[:, None]
+            feeds[name] = keep.astype(DTYPES[dtype])
+        return self.exe.run(feeds)[self.exe.output_names[0]]
+
+    def _prefill(self, padded: np.ndarray, length: int, lengths: np.ndarray):
         if not self.cached:
-            return self.exe.run({self.ids_name: padded})[self.exe.output_names[0]], None
+            return self._full(padded, lengths), None
         b = padded.shape[0]
         feeds = {"input_ids": padded, "start": np.zeros(b, np.int64)}
         for v in self.cache_inputs:
@@ -155,8 +168,7 @@ class Generator:
 
     def _decode(self, tokens: np.ndarray, seq: np.ndarray, lengths: np.ndarray, caches):
         if not self.cached:
-            logits = self.exe.run({self.ids_name: seq})[self.exe.output_names[0]]
-            return logits[np.arange(len(lengths)), lengths - 1], None
+            return self._full(seq, lengths)[np.arange(len(lengths)), lengths - 1], None
         out = self.exe.run({"input_ids": tokens[:, None], "start": lengths - 1, **caches})
         return out[self.exe.output_names[0]][:, -1], _next_caches(out)
 
@@ -180,7 +192,7 @@ class Generator:
         t0 = time.perf_counter()
         # a full step always runs the whole padded width: one shape, compiled once
         logits, caches = self._prefill(seq[:, :int(lengths.max())] if self.cached else seq,
-                                       total)
+                                       total, lengths)
         logits = _host(logits)[np.arange(b), lengths - 1]
         timings.update(prefill_s=time.perf_counter() - t0, decode_s=0.0, steps=0)
         for step in range(max_new_tokens):

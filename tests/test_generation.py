@@ -330,3 +330,24 @@ def test_cli_exports_a_cached_step_that_generates_with_its_cache(tmp_path, capsy
     want = Generator(models.get("gpt", "tiny"), "numpy").generate([[1, 2, 3], [4]], 4)
     assert out["kv_cache"] is True and out["new_tokens"] == want.new_tokens
     assert main(["export", "bert", "--kv-cache", "-o", path]) == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2_sdpa_dynamo", "gpt2_eager_legacy"])
+def test_a_real_gpt2_export_generates_like_onnx_runtime(name):
+    """Hugging Face GPT-2 exported by PyTorch (tests/data/hf): ids and an attention mask
+    in, logits out. Whole-sequence steps with padding masked pick, for rows of unequal
+    prompts, what ONNX Runtime's forward of each row alone picks."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra")
+    from tensorc.frontend import onnx as onnx_io
+    path = f"tests/data/hf/{name}.onnx"
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    prompts = [[5, 17, 3, 99, 42], [7, 8], [60, 61, 62]]
+    got = Generator(onnx_io.load(path), "llvm").generate(prompts, 6, warmup=False)
+    assert not got.cached
+    for prompt, new in zip(prompts, got.new_tokens, strict=True):
+        seq = list(prompt)
+        for tok in new:
+            ids = np.array([seq])
+            logits = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+            assert tok == int(logits[0, -1].argmax())
+            seq.append(tok)
