@@ -14,6 +14,10 @@ softmax inward, accepting the variants real exporters write:
   from the [b,s,h,d] head split (perm [0,2,3,1]), or transposed as 3-d between two
   reshapes (``[b,h,s,d] -> [b*h,s,d] -> [b*h,d,s] -> [b,h,d,s]``, PyTorch's dynamo
   exporter);
+- k and v repeated per group of query heads (grouped-query attention, Hugging Face's
+  `repeat_kv`: ``reshape(expand(unsqueeze(x, 2)), [b, h, s, d])`` from [b, hk, s, d],
+  the unsqueeze also written as a reshape): the op takes the un-repeated k and v,
+  which its kernels read in place (query head i reads kv head i // (h / hk));
 - the probabilities NaN-guarded, ``where(isnan(p), 0, p)`` (PyTorch's exported
   scaled_dot_product_attention): the guard moves to the output, where a row of NaN
   (every key masked with -inf) becomes a row of zeros, as ``0 @ v`` is for finite v.
@@ -191,6 +195,28 @@ def _as_transpose(v: Value) -> tuple[Value, tuple] | None:
     return None
 
 
+def _unrepeat(v: Value) -> tuple[Value, int] | None:
+    """v [b, h, s, d] as (x, g) with v == x [b', h/g, s, d] repeated g times per head
+    (reshape of an expand of x with a unit axis inserted after the heads)."""
+    r = v.producer
+    e = r.inputs[0].producer if r is not None and r.op == "reshape" else None
+    u = e.inputs[0].producer if e is not None and e.op == "expand" else None
+    if u is None or u.op not in ("unsqueeze", "reshape") or v.type.rank != 4:
+        return None
+    x = u.inputs[0]
+    b, h, s, d = v.type.shape
+    five = e.outputs[0].type.shape
+    if x.type.rank != 4 or len(five) != 5 or u.outputs[0].type.shape != \
+            (x.type.shape[0], x.type.shape[1], 1, *x.type.shape[2:]):
+        return None
+    hk, g = five[1], five[2]
+    if not (isinstance(h, int) and isinstance(hk, int) and isinstance(g, int)) \
+            or hk * g != h or five[0] != b or five[3:] != (s, d) \
+            or x.type.shape[0] not in (b, 1) or x.type.shape[1:] != (hk, s, d):
+        return None
+    return x, g
+
+
 def analyse(ctx: Context, softmax) -> Found:
     """Match the attention around `softmax`, or raise `Failure` saying why not."""
     p = softmax.outputs[0]
@@ -219,7 +245,12 @@ def analyse(ctx: Context, softmax) -> Found:
         sk2, k = _unscale(ctx, seen[0])
         sk *= sk2
         perm = tuple(inner[:2]) + (inner[3], inner[2])
-    found = Found(q, k, perm, pv.inputs[1], scale * sq * sk, masks, guarded is not None)
+    v = pv.inputs[1]
+    if perm == (0, 1, 2, 3):   # grouped-query attention: attend to k and v un-repeated
+        rk, rv = _unrepeat(k), _unrepeat(v)
+        if rk is not None and rv is not None and rk[1] == rv[1]:
+            k, v = rk[0], rv[0]
+    found = Found(q, k, perm, v, scale * sq * sk, masks, guarded is not None)
     _plan_masks(ctx, found, mm)
     return found
 
