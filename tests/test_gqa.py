@@ -194,3 +194,15 @@ def test_cupy_kernel_on_the_emulator(emulated, c):
     launch = K.attention_launch(q, k, v, o, m, scale=0.25, causal=causal)
     module.launch(launch.kernel.name, launch.grid, launch.block, launch.args)
     assert rel_err(o, repeated(q, k, v, m, 0.25, causal)) < 1e-5
+
+
+@pytest.mark.parametrize("hk", GROUPS)
+def test_cupy_backend_on_a_gpu(hk):
+    from tensorc.backends.cupy import unavailable_reason
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"GPU tests: {reason}")
+    q, k, v, m = case(8, hk, b=2, t=70, s=70, d=16, dv=16, mask="padding")
+    g = _graph(hk, m, True)
+    got = get_backend("cupy").compile(g)(q=q, k=k, v=v, mask=m)
+    assert rel_err(got, repeated(q, k, v, m, 0.25, True)) < 1e-4
