@@ -21,10 +21,14 @@ which only differs from -inf on rows where every key is masked (uniform weights
 instead of NaN), so the op keeps the exporter's value.
 
 Rotary position embedding (Llama) is not part of the op: it is applied to q and k
-before they reach it, as elementwise maths that `fuse-regions` fuses into the kernel
-that reads them. A key cache stores keys after rotation (each at its absolute
-position), so the rotation belongs before the cache write, and the op stays the
-plain softmax(q k^T) v that every backend and ONNX export already share.
+before they reach it (`frontend/layers.py`, `RotaryEmbedding`), as elementwise maths
+on the two halves of the head dim that `fuse-regions` makes two `fused` regions,
+evaluated inside the kernels that write the rotated q and k (a `concat` of the
+halves); the cos/sin tables fold to constants when the positions are static. A key
+cache stores keys after rotation (each at its absolute position), so the rotation
+belongs before the cache write: inside the op it would have to be undone or redone
+for every cached key, and the op stays the plain softmax(q k^T) v that every backend
+and ONNX export already share.
 
 The reference walks the keys in blocks with an online softmax (running max and
 sum), so it never holds the [t, s] score matrix: extra memory is O(t * block).
