@@ -206,3 +206,56 @@ def test_cupy_backend_on_a_gpu(hk):
     g = _graph(hk, m, True)
     got = get_backend("cupy").compile(g)(q=q, k=k, v=v, mask=m)
     assert rel_err(got, repeated(q, k, v, m, 0.25, True)) < 1e-4
+
+
+# --- fusion of the repeat idioms in hand-built graphs ---------------------------------------
+
+def _repeat_graph(k_style: str, v_style: str = "repeat_kv", b=2, hk=2, t=6, d=8):
+    """softmax(q @ k^T / sqrt(d)) @ v with k, v written [b, hk, t, d] and repeated to
+    H heads: "repeat_kv" (unsqueeze, expand, reshape), "reshape5" (the unit axis by a
+    reshape), "sandwich" (k^T reshaped to [b*H, t, d] from the expand, transposed as
+    3-d, reshaped back: the dynamo export of HF sdpa), "tile" (heads repeated as a
+    whole: head i reads kv head i % hk, which the op cannot express), or "none" (v
+    already has H heads)."""
+    g = Graph("rep")
+    q = g.add_input("q", TensorType((b, H, t, d)))
+    k = g.add_input("k", TensorType((b, hk, t, d)))
+    v = g.add_input("v", TensorType((b, hk if v_style != "none" else H, t, d)))
+    n = H // hk
+
+    def five(x):
+        if k_style == "tile":
+            return g.add("expand", g.add("unsqueeze", x, axes=(1,)), shape=(b, n, hk, t, d))
+        unit = g.add("reshape", x, shape=(b, hk, 1, t, d)) if k_style == "reshape5" \
+            else g.add("unsqueeze", x, axes=(2,))
+        return g.add("expand", unit, shape=(b, hk, n, t, d))
+
+    def repeat(x):
+        return g.add("reshape", five(x), shape=(b, H, t, d))
+    if k_style == "sandwich":
+        flat = g.add("reshape", five(k), shape=(b * H, t, d))
+        kt = g.add("reshape", g.add("transpose", flat, perm=(0, 2, 1)), shape=(b, H, d, t))
+    else:
+        kt = g.add("transpose", repeat(k), perm=(0, 1, 3, 2))
+    scores = g.add("mul", g.add("matmul", q, kt),
+                   g.add_constant("scale", np.array(1 / math.sqrt(d), np.float32)))
+    vv = v if v_style == "none" else repeat(v)
+    g.outputs = [g.add("matmul", g.add("softmax", scores, axis=-1), vv)]
+    return g.verify()
+
+
+@pytest.mark.parametrize("k_style,v_style,unrepeated", [
+    ("repeat_kv", "repeat_kv", True), ("reshape5", "repeat_kv", True),
+    ("sandwich", "repeat_kv", True), ("tile", "repeat_kv", False),
+    ("repeat_kv", "none", False)])
+def test_repeat_idioms_fuse(k_style, v_style, unrepeated):
+    g = _repeat_graph(k_style, v_style)
+    rng = np.random.default_rng(9)
+    feeds = {x.name: rng.standard_normal(x.type.shape).astype(np.float32) for x in g.inputs}
+    want = get_backend("numpy").compile(g)(**feeds)
+    out = run_pipeline(g, "O2", verify=True)
+    (att,) = [n for n in out.nodes if n.op == "attention"]
+    assert (att.inputs[1].type.shape[1] == 2) == unrepeated
+    assert ("expand" not in out.op_counts()) == unrepeated
+    for backend in ("numpy", "llvm"):
+        assert rel_err(get_backend(backend).compile(out)(**feeds), want) < 1e-5, backend
