@@ -36,8 +36,9 @@ def _torch_ops(torch, device: str):
             mask = mask & keep if mask.dtype == torch.bool else \
                 mask.masked_fill(~keep, mask_value)
             causal = False
+        gqa = k.shape[1] not in (1, q.shape[1])   # grouped kv heads (llama)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              scale=scale)
+                                              scale=scale, enable_gqa=gqa)
 
     def reduce(fn):
         return lambda x, axes=None, keepdims=False: fn(

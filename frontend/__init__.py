@@ -7,21 +7,29 @@ from .layers import (
     Embedding,
     EncoderLayer,
     FeedForward,
+    GroupedQueryAttention,
     LayerNorm,
     LearnedPositions,
     Linear,
+    LlamaBlock,
     MultiHeadAttention,
     PatchEmbedding,
+    RMSNorm,
+    RotaryEmbedding,
     SinusoidalPositions,
+    SwiGLU,
     padding_mask_bias,
+    positions_of,
+    repeat_kv,
 )
 from .module import Module, ModuleList, Parameter, constant, normal
 from .tensor import Tensor
 from .trace import trace
 
 __all__ = [
-    "F", "DecoderLayer", "Embedding", "EncoderLayer", "FeedForward", "LayerNorm",
-    "LearnedPositions", "Linear", "Module", "ModuleList", "MultiHeadAttention",
-    "PatchEmbedding", "Parameter", "SinusoidalPositions", "Tensor", "constant", "normal",
-    "padding_mask_bias", "trace",
+    "F", "DecoderLayer", "Embedding", "EncoderLayer", "FeedForward", "GroupedQueryAttention",
+    "LayerNorm", "LearnedPositions", "LlamaBlock", "Linear", "Module", "ModuleList",
+    "MultiHeadAttention", "PatchEmbedding", "Parameter", "RMSNorm", "RotaryEmbedding",
+    "SinusoidalPositions", "SwiGLU", "Tensor", "constant", "normal", "padding_mask_bias",
+    "positions_of", "repeat_kv", "trace",
 ]

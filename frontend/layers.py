@@ -12,7 +12,7 @@ import numpy as np
 
 from . import functional as F
 from .module import Module, Parameter, normal
-from .tensor import Tensor
+from .tensor import Tensor, apply
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -203,3 +203,159 @@ class PatchEmbedding(Module):
         y = F.conv2d(images, self.weight, self.bias, stride=self.patch_size)  # [b, d, h', w']
         b, d = y.shape[0], y.shape[1]
         return y.reshape(b, d, self.num_patches).transpose(1, 2)
+
+
+# --- Llama-family layers: RMSNorm, rotary positions, SwiGLU, grouped-query attention ---
+
+class RMSNorm(Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (no centring, no bias).
+
+    Composed from primitive ops (reduce_mean, rsqrt, mul) rather than a new op: each
+    backend already lowers them (one reduction kernel, the rest fused elementwise into
+    whatever reads the result), and ONNX export needs no function for it."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = Parameter((dim,), normal(0.02, mean=1.0))
+        self.eps = eps
+
+    def forward(self, x):
+        ms = F.mean(x * x, x.ndim - 1, keepdims=True)   # a positive axis, as ONNX import gives
+        return x * F.rsqrt(ms + self.eps) * self.weight
+
+
+def positions_of(t, positions=None):
+    """i64 positions of `t` tokens: `positions` as given ([batch, t] or [t]), else 0 .. t-1."""
+    if positions is not None:
+        return positions
+    return apply("range", [], start=(0,), limit=(t,), dtype="i64")
+
+
+class RotaryEmbedding(Module):
+    """Rotary position embedding, the Hugging Face Llama convention: frequencies
+    theta^(-2i/d) for i < d/2, angles position * frequency duplicated over both halves
+    of the head dim, and x * cos + rotate_half(x) * sin with
+    rotate_half(x) = concat(-x[d/2:], x[:d/2]).
+
+    The tables come from the positions (an i64 [batch, t] or [t] tensor), so cached
+    decoding can pass the absolute positions of its new tokens. The rotation is
+    written half by half, concat(x1 cos - x2 sin, x2 cos + x1 sin) (the same
+    operations as HF's formula, so the same roundings), which writes the rotated
+    tensor in one pass without materialising rotate_half(x)."""
+
+    def __init__(self, d_head: int, theta: float = 10000.0):
+        super().__init__()
+        if d_head % 2:
+            raise ValueError(f"rotary embedding needs an even head dim, got {d_head}")
+        self.d_head = d_head
+        inv = 1.0 / theta ** (np.arange(0, d_head, 2, dtype=np.int64).astype(np.float32)
+                              / d_head)
+        self.inv_freq = Tensor(inv.astype(np.float32))
+
+    def tables(self, positions):
+        """(cos, sin), each [.., t, d/2] for positions [.., t]; a [batch, t] position
+        tensor gives [batch, 1, t, d/2] so that the tables broadcast over heads."""
+        pos = F.cast(positions, "f32")
+        angles = F.unsqueeze(pos, pos.ndim) * self.inv_freq
+        if angles.ndim == 3:
+            angles = F.unsqueeze(angles, 1)
+        return F.cos(angles), F.sin(angles)
+
+    def rotate(self, x, cos, sin):
+        """x [b, heads, t, d] rotated by the tables of `tables`."""
+        half = self.d_head // 2
+        x1, x2 = F.slice(x, 3, 0, half), F.slice(x, 3, half, self.d_head)
+        return F.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=3)
+
+
+def repeat_kv(x, n_rep: int):
+    """[b, hk, s, d] -> [b, hk * n_rep, s, d], each head repeated n_rep times (Hugging
+    Face's `repeat_kv`). `fuse-attention` sees through it: the fused op reads the
+    hk heads in place."""
+    if n_rep == 1:
+        return x
+    b, hk, s, d = x.shape
+    return F.expand(F.unsqueeze(x, 2), (b, hk, n_rep, s, d)).reshape(b, hk * n_rep, s, d)
+
+
+class SwiGLU(Module):
+    """The gated feed-forward of Llama: down(silu(gate(x)) * up(x)), no biases;
+    silu(x) = x * sigmoid(x)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate = Linear(d_model, d_ff, bias=False)
+        self.up = Linear(d_model, d_ff, bias=False)
+        self.down = Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        g = self.gate(x)
+        return self.down(g * F.sigmoid(g) * self.up(x))
+
+
+class GroupedQueryAttention(Module):
+    """Causal self attention with `n_head` query heads sharing `n_kv_head` key/value
+    heads (n_kv_head divides n_head), rotary positions on q and k, no biases.
+
+    `project` computes q, k (rotated) and v in one place; `forward` then attends. It
+    takes an optional `cache` with `positions` (i64 [b, t], the absolute positions of
+    the new tokens), `update(k, v) -> (k_all, v_all)` ([b, hk, L, d] once this step's
+    rows are written) and `mask` (bool [b, 1, t, L], True = visible), which replaces
+    the causal mask. Keys are cached after rotation."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, theta: float = 10000.0):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head {n_head} is not divisible by n_kv_head {n_kv_head}")
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.d_head = d_model // n_head
+        self.q = Linear(d_model, n_head * self.d_head, bias=False)
+        self.k = Linear(d_model, n_kv_head * self.d_head, bias=False)
+        self.v = Linear(d_model, n_kv_head * self.d_head, bias=False)
+        self.o = Linear(n_head * self.d_head, d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.d_head, theta)
+
+    def _heads(self, x, n):
+        b, t, _ = x.shape
+        return x.reshape(b, t, n, self.d_head).transpose(1, 2)  # [b, n, t, d]
+
+    def project(self, x, positions=None):
+        """q [b, h, t, d] and k [b, hk, t, d] rotated to `positions`, v [b, hk, t, d]."""
+        q = self._heads(self.q(x), self.n_head)
+        k = self._heads(self.k(x), self.n_kv_head)
+        v = self._heads(self.v(x), self.n_kv_head)
+        cos, sin = self.rotary.tables(positions_of(x.shape[1], positions))
+        return self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin), v
+
+    def forward(self, x, positions=None, cache=None):
+        if cache is not None:
+            positions = cache.positions
+        q, k, v = self.project(x, positions)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        n_rep = self.n_head // self.n_kv_head
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        scores = (q @ k.transpose(2, 3)) * (1.0 / math.sqrt(self.d_head))
+        keep = cache.mask if cache is not None else F.causal_mask(q.shape[2], k.shape[2])
+        scores = F.where(keep, scores, float("-inf"))
+        out = F.softmax(scores, -1) @ v                     # [b, h, t, d]
+        b, _, t, _ = out.shape
+        return self.o(out.transpose(1, 2).reshape(b, t, self.n_head * self.d_head))
+
+
+class LlamaBlock(Module):
+    """Pre-norm decoder block: x + attn(rms(x)), then + swiglu(rms(x))."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, d_ff: int,
+                 eps: float = 1e-6, theta: float = 10000.0):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, eps)
+        self.attn = GroupedQueryAttention(d_model, n_head, n_kv_head, theta)
+        self.ff_norm = RMSNorm(d_model, eps)
+        self.ff = SwiGLU(d_model, d_ff)
+
+    def forward(self, x, positions=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), positions, cache)
+        return x + self.ff(self.ff_norm(x))

@@ -9,12 +9,13 @@ import math
 from tensorc.errors import TensorcError
 from tensorc.resources import check_fits
 
-from . import bert, gpt, transformer, vit
+from . import bert, gpt, llama, transformer, vit
 from .base import Config, ZooModel
 
 # name -> (model class, presets)
 MODELS = {
     "gpt": (gpt.GPT, gpt.PRESETS),
+    "llama": (llama.Llama, llama.PRESETS),
     "bert": (bert.Bert, bert.PRESETS),
     "transformer": (transformer.Transformer, transformer.PRESETS),
     "vit": (vit.ViT, vit.PRESETS),

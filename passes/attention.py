@@ -14,6 +14,12 @@ softmax inward, accepting the variants real exporters write:
   from the [b,s,h,d] head split (perm [0,2,3,1]), or transposed as 3-d between two
   reshapes (``[b,h,s,d] -> [b*h,s,d] -> [b*h,d,s] -> [b,h,d,s]``, PyTorch's dynamo
   exporter);
+- k and v repeated per group of query heads (grouped-query attention, Hugging Face's
+  `repeat_kv`: ``reshape(expand(unsqueeze(x, 2)), [b, h, s, d])`` from [b, hk, s, d],
+  the unsqueeze also written as a reshape; k also reshaped straight from the expand to
+  [b*h, s, d] and transposed as 3-d, as PyTorch's dynamo exporter writes Hugging Face's
+  sdpa attention): the op takes the un-repeated k and v,
+  which its kernels read in place (query head i reads kv head i // (h / hk));
 - the probabilities NaN-guarded, ``where(isnan(p), 0, p)`` (PyTorch's exported
   scaled_dot_product_attention): the guard moves to the output, where a row of NaN
   (every key masked with -inf) becomes a row of zeros, as ``0 @ v`` is for finite v.
@@ -191,6 +197,58 @@ def _as_transpose(v: Value) -> tuple[Value, tuple] | None:
     return None
 
 
+def _repeat_source(e: Value) -> tuple[Value, int] | None:
+    """e [b, hk, g, s, d] as (x, g) when e is x [b', hk, s, d] with a unit axis
+    inserted after the heads (unsqueeze or reshape) and expanded to g copies."""
+    n = e.producer
+    u = n.inputs[0].producer if n is not None and n.op == "expand" else None
+    if u is None or u.op not in ("unsqueeze", "reshape") or e.type.rank != 5:
+        return None
+    x = u.inputs[0]
+    b, hk, g, s, d = e.type.shape
+    if x.type.rank != 4 or u.outputs[0].type.shape != \
+            (x.type.shape[0], x.type.shape[1], 1, *x.type.shape[2:]) \
+            or x.type.shape[0] not in (b, 1) or x.type.shape[1:] != (hk, s, d) \
+            or not (isinstance(hk, int) and isinstance(g, int)):
+        return None
+    return x, g
+
+
+def _unrepeat(v: Value) -> tuple[Value, int] | None:
+    """v [b, h, s, d] as (x, g) with v == x [b', h/g, s, d] repeated g times per head
+    (Hugging Face's repeat_kv: a reshape of `_repeat_source`'s expand)."""
+    r = v.producer
+    if r is None or r.op != "reshape" or v.type.rank != 4:
+        return None
+    found = _repeat_source(r.inputs[0])
+    b, h, s, d = v.type.shape
+    five = r.inputs[0].type.shape
+    if found is None or not isinstance(h, int) or five[1] * five[2] != h \
+            or five[0] != b or five[3:] != (s, d):
+        return None
+    return found
+
+
+def _unrepeat_kt(kt: Value) -> tuple[Value, int] | None:
+    """k^T [b, h, d, s] as (x, g) with k == x repeated g times per head, transposed as
+    3-d between two reshapes straight from the expand (PyTorch's dynamo export of
+    repeat_kv then matmul: ``[b,hk,g,s,d] -> [b*h,s,d] -> [b*h,d,s] -> [b,h,d,s]``)."""
+    r2 = kt.producer
+    t = r2.inputs[0].producer if r2 is not None and r2.op == "reshape" else None
+    r1 = t.inputs[0].producer if t is not None and t.op == "transpose" else None
+    if r1 is None or r1.op != "reshape" or tuple(t.attrs["perm"] or ()) != (0, 2, 1):
+        return None
+    found = _repeat_source(r1.inputs[0])
+    if found is None or kt.type.rank != 4:
+        return None
+    b, hk, g, s, d = r1.inputs[0].type.shape
+    h = hk * g
+    if r1.outputs[0].type.shape != (dim_product((b, h)), s, d) \
+            or kt.type.shape != (b, h, d, s):
+        return None
+    return found
+
+
 def analyse(ctx: Context, softmax) -> Found:
     """Match the attention around `softmax`, or raise `Failure` saying why not."""
     p = softmax.outputs[0]
@@ -219,7 +277,14 @@ def analyse(ctx: Context, softmax) -> Found:
         sk2, k = _unscale(ctx, seen[0])
         sk *= sk2
         perm = tuple(inner[:2]) + (inner[3], inner[2])
-    found = Found(q, k, perm, pv.inputs[1], scale * sq * sk, masks, guarded is not None)
+    v = pv.inputs[1]
+    # grouped-query attention: attend to k and v un-repeated
+    rk = _unrepeat(k) if perm == (0, 1, 2, 3) else \
+        _unrepeat_kt(k) if perm == (0, 1, 3, 2) else None
+    rv = _unrepeat(v) if rk is not None else None
+    if rk is not None and rv is not None and rk[1] == rv[1]:
+        k, perm, v = rk[0], (0, 1, 2, 3), rv[0]
+    found = Found(q, k, perm, v, scale * sq * sk, masks, guarded is not None)
     _plan_masks(ctx, found, mm)
     return found
 

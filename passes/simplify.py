@@ -144,15 +144,22 @@ def unflatten_batched_matmul(m, b):
     return b.op("matmul", m["a"], m["b"])  # the driver checks it is the reshape's type
 
 
+@rule(op.reciprocal(op.sqrt(x)))
+def reciprocal_sqrt(m, b):
+    """1 / sqrt(x) -> rsqrt(x) (ONNX has no Rsqrt, so exporters write the pair; the
+    references are the same division, so numbers do not change)"""
+    return b.op("rsqrt", m["x"])
+
+
 IDENTITY_RULES = [mul_one, add_zero, sub_zero_div_one, double_neg, transpose_transpose,
                   transpose_identity, reshape_reshape, same_type_noop, squeeze_unsqueeze,
-                  unflatten_batched_matmul]
+                  unflatten_batched_matmul, reciprocal_sqrt]
 
 
 @graph_pass("simplify")
 def simplify(g: Graph) -> Graph:
     """Algebraic identities (x*1, x+0, x/1, double transpose, reshape chains, no-op
-    reshape/cast) to a fixed point."""
+    reshape/cast, 1/sqrt as rsqrt) to a fixed point."""
     apply_rules(g, IDENTITY_RULES)
     dce(g)
 

@@ -474,7 +474,7 @@ def test_rank3_scores_are_explained():
 
 # --- the built-in models ------------------------------------------------------------------
 
-BLOCKS = {"gpt": 2, "bert": 2, "transformer": 6, "vit": 2}  # tiny presets: 2 layers
+BLOCKS = {"gpt": 2, "bert": 2, "transformer": 6, "vit": 2, "llama": 2}  # tiny presets: 2 layers
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))

@@ -1,5 +1,6 @@
 """Real exporter output: tiny random Hugging Face GPT-2, BERT and ViT, each exported by
-both PyTorch ONNX exporters (TorchScript and dynamo), with eager and SDPA attention.
+both PyTorch ONNX exporters (TorchScript and dynamo), with eager and SDPA attention, and
+Llama (grouped-query attention, rotary positions) by the dynamo exporter.
 
 The files, their example inputs and ONNX Runtime's outputs are in tests/data/hf/ (made by
 tools/make_hf_exports.py; this test needs no torch). Each export must import, match ONNX
@@ -82,6 +83,7 @@ def test_all_exports_are_there():
     stems = {f"{m}_{a}_{e}" for m in ("gpt2", "bert", "vit") for a in ("sdpa", "eager")
              for e in ("legacy", "dynamo")}
     stems |= {"bert-no-types_eager_legacy", "bert-no-types_eager_dynamo"}
+    stems |= {"llama_sdpa_dynamo", "llama_eager_dynamo"}   # TorchScript cannot export it
     assert set(EXPORTS) == stems
     assert all((DATA / f"{s}.npz").is_file() for s in stems)
 
@@ -118,3 +120,13 @@ def test_o2_fuses_every_attention(stem):
     assert found == (LAYERS, 0), \
         f"{found[0]} attention ops and {found[1]} softmaxes left after O2; expected " \
         f"{LAYERS} and 0. explain:\n" + "\n".join(explain(graph))
+
+
+@pytest.mark.parametrize("stem", [s for s in EXPORTS if s.startswith("llama")])
+def test_llama_attention_reads_the_kv_heads_unrepeated(stem):
+    """Llama's 4 query heads share 2 key/value heads: fusion sees through repeat_kv
+    (and, for sdpa, the dynamo exporter's 3-d transpose of it) and the op reads the 2."""
+    graph = _optimized(stem)
+    kv_heads = [n.inputs[1].type.shape[1] for n in graph.nodes if n.op == "attention"]
+    assert kv_heads == [2] * LAYERS
+    assert not [n for n in graph.nodes if n.op == "expand" and n.outputs[0].type.rank == 5]

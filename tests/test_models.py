@@ -13,6 +13,7 @@ from tensorc.models import MODELS
 # name -> (symbolic input specs, two concrete (batch, seq) sizes to run them at)
 SYMBOLIC = {
     "gpt": {"input_ids": (("batch", "seq"), "i64")},
+    "llama": {"input_ids": (("batch", "seq"), "i64")},
     "bert": {"input_ids": (("batch", "seq"), "i64"), "attention_mask": (("batch", "seq"), "i64")},
     "transformer": {"src_ids": (("batch", "src"), "i64"), "tgt_ids": (("batch", "tgt"), "i64")},
     "vit": {"pixel_values": (("batch", 3, 32, 32), "f32")},
@@ -22,7 +23,7 @@ SIZES = [(1, 5), (3, 12)]
 
 def attention_blocks(name, cfg):
     return {"gpt": cfg.n_layer, "bert": cfg.n_layer, "transformer": 3 * cfg.n_layer,
-            "vit": cfg.n_layer}[name]
+            "vit": cfg.n_layer, "llama": cfg.n_layer}[name]
 
 
 def example(model, name, batch, seq):
@@ -81,7 +82,10 @@ def test_attention_structure(tiny):
     counts = g.op_counts()
     n = attention_blocks(name, model.config)
     assert counts.get("softmax", 0) == n
-    assert counts["layer_norm"] >= n
+    if name == "llama":   # RMSNorm is composed: a mean of squares, rsqrt, scale
+        assert counts["rsqrt"] == counts["reduce_mean"] == 2 * n + 1
+    else:
+        assert counts["layer_norm"] >= n
     # q, k, v, o projections plus the two feed-forward matmuls and one QK^T and one PV per
     # attention; cross attention reads k, v from memory but still has 4 projections
     assert counts["matmul"] >= 6 * n

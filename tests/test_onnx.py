@@ -16,7 +16,7 @@ from tensorc.errors import ShapeError, TensorcError, UnsupportedOpError
 from tensorc.frontend import onnx as tx
 
 RTOL = 1e-5
-MODELS = ["gpt", "bert", "transformer", "vit"]
+MODELS = ["gpt", "bert", "transformer", "vit", "llama"]
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -66,7 +66,7 @@ def test_export_builtin_model_runs_in_ort(name, tmp_path):
     _close(_numpy(back, feeds), want, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt", "bert", "transformer"])
+@pytest.mark.parametrize("name", ["gpt", "bert", "transformer", "llama"])
 def test_symbolic_export_runs_at_any_size(name):
     model = tensorc.models.get(name)
     names = model.example_inputs(batch=1)

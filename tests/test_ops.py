@@ -782,6 +782,8 @@ def test_type_inference_errors(op, types, attrs, must_name):
 def attention_loops(q, k, v, mask=None, scale=1.0, causal=False, mask_value=-math.inf):
     b, h, t, d = q.shape
     s, dv = k.shape[2], v.shape[3]
+    if k.shape[1] not in (1, h):  # grouped query heads: query head i reads kv head i // g
+        k, v = (np.repeat(x, h // k.shape[1], axis=1) for x in (k, v))
     K, V = np.broadcast_to(k, (b, h, s, d)), np.broadcast_to(v, (b, h, s, dv))
     M = None if mask is None else np.broadcast_to(mask, (b, h, t, s))
     out = np.empty((b, h, t, dv))
@@ -823,6 +825,13 @@ def _attention(op, rng):
     none = np.zeros((1, 1, 1, 40), bool)  # every key masked: finite fill -> uniform weights
     yield [q, k, v, none], {"mask_value": -1e9}, attention_loops(q, k, v, none,
                                                                  mask_value=-1e9)
+    q, k, v = qkv(2, 6, 4, 35, 3, 2, hk=2)  # grouped query heads: 3 share a kv head
+    yield [q, k, v], {"causal": True}, attention_loops(q, k, v, causal=True)
+    keep = rand(rng, (2, 6, 4, 35), "bool")  # a per-head mask
+    keep[..., 0] = True
+    yield [q, k, v, keep], {"scale": 0.5}, attention_loops(q, k, v, keep, scale=0.5)
+    bias = rand(rng, (4, 35), "f32", -2, 2)
+    yield [q, k[:1], v[:1], bias], {}, attention_loops(q, k[:1], v[:1], bias)
 
 
 def _fused_body(inputs, build):

@@ -115,7 +115,7 @@ def test_copy_graph_is_independent():
 
 # --- the models, every pipeline -----------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["gpt", "bert", "transformer", "vit"])
+@pytest.mark.parametrize("name", ["gpt", "bert", "transformer", "vit", "llama"])
 def test_every_model_every_pipeline_matches_o0(name):
     m = tensorc.models.get(name)
     ins = m.example_inputs(batch=2)

@@ -7,7 +7,7 @@ a second shape (`in2:<name>`), which `tests/test_hf_exports.py` uses without tor
 Needs torch, transformers, onnx, onnxscript and onnxruntime (never part of tensorc's own
 environment; see tests/data/hf/README.md):
 
-    /work/torchenv/bin/python tools/make_hf_exports.py [--out tests/data/hf]
+    /work/torchenv/bin/python tools/make_hf_exports.py [--out tests/data/hf] [--models llama]
 
 Models are built from small config objects (no hub download) with fixed seeds, so a
 rerun with the same versions writes the same files, byte for byte.
@@ -54,6 +54,14 @@ def _vit(attn: str):
     return transformers.ViTForImageClassification(cfg)
 
 
+def _llama(attn: str):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=MAX_POS,
+                                   use_cache=False, attn_implementation=attn)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 @torch.no_grad()
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
     """Every parameter random and of order 0.1 (norm scales about 1), so no bias is a zero
@@ -61,7 +69,7 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.normal_(0.0, 0.1)
     for m in model.modules():
-        if isinstance(m, torch.nn.LayerNorm):
+        if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm"):
             m.weight.add_(1.0)
     return model
 
@@ -104,13 +112,18 @@ MODELS = {
     # BERT called without token types reads them from a buffer (GatherElements).
     "bert-no-types": (_bert, _tokens, TOKEN_DIMS),
     "vit": (_vit, _image, {"pixel_values": {0: "batch"}}),
+    # grouped-query attention (2 kv heads for 4 query heads), rotary positions, RMSNorm
+    "llama": (_llama, _tokens, TOKEN_DIMS),
 }
 # The second shape each export is checked at (what a dynamic export must also get right).
 TOKENS2 = {"batch": 3, "seq": 12}
 OTHER_SHAPE = {"gpt2": TOKENS2, "bert": TOKENS2, "bert-no-types": TOKENS2,
-               "vit": {"batch": 3}}
+               "vit": {"batch": 3}, "llama": TOKENS2}
 ATTENTIONS_OF = {"bert-no-types": ("eager",)}   # the rest of its graph is bert's
 EXPORTERS = ("legacy", "dynamo")
+# The TorchScript exporter stops at transformers 5's mask code for Llama ("Exporting
+# the operator 'aten::diff' to ONNX opset version 17 is not supported").
+EXPORTERS_OF = {"llama": ("dynamo",)}
 
 
 def export(model: torch.nn.Module, inputs: dict, dyn: dict, exporter: str, path: Path):
@@ -151,14 +164,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=Path(__file__).resolve().parents[1] / "tests/data/hf",
                     type=Path)
-    out = ap.parse_args().out
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="comma-separated subset of " + ", ".join(MODELS))
+    args = ap.parse_args()
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")
     print("| export | size | ORT vs torch, example shape | ORT vs torch, second shape |")
     print("| --- | --- | --- | --- |")
-    for name, (build, make_inputs, dyn) in MODELS.items():
+    for name in args.models.split(","):
+        build, make_inputs, dyn = MODELS[name]
         for attn in ATTENTIONS_OF.get(name, ("sdpa", "eager")):
-            for exporter in EXPORTERS:
+            for exporter in EXPORTERS_OF.get(name, EXPORTERS):
                 gen = torch.Generator().manual_seed(SEED + 1)
                 inputs = make_inputs(gen)
                 other = make_inputs(gen, **OTHER_SHAPE[name])

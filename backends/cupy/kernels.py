@@ -50,7 +50,9 @@ __device__ __forceinline__ float tc_warp_max(float v) {
 #
 # Q, K, V, O are read through (batch, head, position) strides with the head dim
 # contiguous, so [B, H, S, D] and [B, S, H, D] layouts both work without a copy, and
-# a K/V batch or head of size 1 is broadcast by giving it stride 0.
+# a K/V batch or head of size 1 is broadcast by giving it stride 0. Grouped-query
+# attention reads K/V head h / group for query head h (group = heads / K/V heads), in
+# place: no repeated copy of K and V.
 FLASH_ATTENTION = r"""
 #ifndef TC_FLASH_ATTENTION
 #define TC_FLASH_ATTENTION
@@ -62,7 +64,7 @@ struct tc_attn_args {
     const unsigned char* keep; const float* bias;
     tc_i64 q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss;
     tc_i64 m_sb, m_sh, m_sq, m_sk;   // strides of keep/bias over [B, H, Sq, Sk]
-    int heads, sq, sk, causal, causal_offset;
+    int heads, group, sq, sk, causal, causal_offset;
     float scale, mask_value;
 };
 
@@ -78,8 +80,9 @@ __device__ __forceinline__ void tc_flash_attention(const tc_attn_args& a) {
     const int bh = blockIdx.y, b = bh / a.heads, h = bh % a.heads;
     const int m0 = blockIdx.x * FA_BLOCK_M;
     const float* qp = a.q + b * a.q_sb + h * a.q_sh;
-    const float* kp = a.k + b * a.k_sb + h * a.k_sh;
-    const float* vp = a.v + b * a.v_sb + h * a.v_sh;
+    const int hkv = h / a.group;                  // the K/V head this query head reads
+    const float* kp = a.k + b * a.k_sb + hkv * a.k_sh;
+    const float* vp = a.v + b * a.v_sb + hkv * a.v_sh;
     const tc_i64 m_base = b * a.m_sb + h * a.m_sh;
 
     for (int t = threadIdx.x; t < FA_BLOCK_M * D; t += blockDim.x) {
@@ -171,7 +174,7 @@ FLASH_PARAMS = (
      ("const unsigned char*", "keep"), ("const float*", "bias")]
     + [("tc_i64", f"{t}_s{x}") for t in "qkvo" for x in "bhs"]
     + [("tc_i64", f"m_s{x}") for x in ("b", "h", "q", "k")]
-    + [("int", n) for n in ("heads", "sq", "sk", "causal", "causal_offset")]
+    + [("int", n) for n in ("heads", "group", "sq", "sk", "causal", "causal_offset")]
     + [("float", "scale"), ("float", "mask_value")])
 
 FLASH_ENTRY = """
@@ -242,9 +245,12 @@ def _elem_strides(a, rank: int = 4) -> list[int]:
 def attention_launch(q, k, v, o, mask=None, *, scale: float = 1.0, causal: bool = False,
                      mask_value: float = float("-inf")) -> Launch:
     """q [b,h,t,d], k [bk,hk,s,d], v [bk,hk,s,dv], o [b,h,t,dv]: float32 with the last dim
-    contiguous; mask (bool keep or float bias) broadcasts to [b,h,t,s]."""
+    contiguous, hk dividing h; mask (bool keep or float bias) broadcasts to [b,h,t,s]."""
     b, h, t, d = (int(n) for n in q.shape)
-    s, dv = int(k.shape[2]), int(v.shape[3])
+    s, dv, hk = int(k.shape[2]), int(v.shape[3]), int(k.shape[1])
+    if hk == 0 or h % hk or int(v.shape[1]) != hk:
+        raise ValueError(f"attention kernel: k/v heads {k.shape[1]} do not divide "
+                         f"q heads {h}")
     if max(d, dv) > MAX_HEAD_DIM or b * h > MAX_GRID_Y:
         raise ValueError(f"attention kernel takes head dims <= {MAX_HEAD_DIM} and "
                          f"batch * heads <= {MAX_GRID_Y}, got q {q.shape}, v {v.shape}")
@@ -260,4 +266,4 @@ def attention_launch(q, k, v, o, mask=None, *, scale: float = 1.0, causal: bool 
                   (32 * warps, 1, 1),
                   (q, k, v, o, mask if is_bool else None,
                    None if is_bool else mask, *strides, *m_strides,
-                   h, t, s, int(causal), 0, scale, mask_value))
+                   h, h // hk, t, s, int(causal), 0, scale, mask_value))

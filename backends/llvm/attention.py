@@ -3,6 +3,9 @@
     out = softmax(scale * q @ k^T, causal / mask applied) @ v
     q [b, h, t, d], k [bk, hk, s, d], v [bk, hk, s, dv] -> [b, h, t, dv]
 
+(bk is b or 1; hk divides h: query head i reads key/value head i // (h / hk), so
+grouped-query attention reads each shared head in place, never a repeated copy.)
+
 See `tensorc/ops/attention.py` for the exact semantics (top-left causal, boolean
 keep-masks replace scores with `mask_value`, float masks add). The kernel never
 holds the t x s scores: per head it packs K^T into 32-key panels (the GEMM's
@@ -38,7 +41,7 @@ from .jit import cfunc, compile_ir
 BR, BC = 8, 32   # query rows per block, keys per tile (the GEMM's 8 x 32 micro-tile)
 MASKS = ("none", "add", "keep")
 META = ("heads", "t", "s", "d", "dv", "q_b", "q_h", "q_t", "k_b", "k_h", "k_t",
-        "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "m_t")
+        "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "m_t", "group")
 I8 = ir.IntType(8)
 V16I8 = ir.VectorType(I8, 16)
 NEG_INF = float("-inf")
@@ -92,8 +95,11 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
     with f.loop(g["h0"], g["h1"]) as hh:
         bi, hi = b.sdiv(hh, m["heads"]), b.srem(hh, m["heads"])
 
+        hkv = b.sdiv(hi, m["group"])      # the key/value head this query head reads
+
         def head(ptr, pre, ty=F32):
-            return f.at(ptr, f.mul(bi, m[pre + "_b"]), f.mul(hi, m[pre + "_h"]), ty=ty)
+            h_of = hkv if pre in "kv" else hi
+            return f.at(ptr, f.mul(bi, m[pre + "_b"]), f.mul(h_of, m[pre + "_h"]), ty=ty)
         qh, kh, vh, oh = (head(g[n], n) for n in "qkvo")
         mh = head(g["mask"], "m", I8 if mask_kind == "keep" else F32)
         b.call(pack_bt, [kh, m["k_t"], d, s, kt, c64(0), tiles])
@@ -245,7 +251,7 @@ def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
               out: np.ndarray | None = None) -> np.ndarray:
     """softmax(scale * q @ k^T, masked) @ v without materialising the scores.
 
-    q [b,h,t,d], k [bk,hk,s,d], v [bk,hk,s,dv] (bk, hk: equal to b, h or 1); mask
+    q [b,h,t,d], k [bk,hk,s,d], v [bk,hk,s,dv] (bk: b or 1; hk divides h); mask
     broadcasts to [b,h,t,s]: bool keeps True, float is added. float32 only. `out`, if
     given, is a float32 [b,h,t,dv] array with unit inner stride to write into."""
     arrays = [np.asarray(x) for x in (q, k, v)]
@@ -258,8 +264,8 @@ def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
                          f"got {q.shape}, {k.shape}, {v.shape}")
     B, H, T, D = q.shape
     S, DV = k.shape[2], v.shape[3]
-    if k.shape[3] != D or v.shape[:3] != k.shape[:3] or \
-            any(kd not in (1, qd) for kd, qd in zip(k.shape[:2], (B, H), strict=True)):
+    if k.shape[3] != D or v.shape[:3] != k.shape[:3] or k.shape[0] not in (1, B) \
+            or k.shape[1] == 0 or H % k.shape[1]:
         raise ShapeError(f"attention: k {k.shape} and v {v.shape} do not fit q {q.shape}")
     if out is None:
         out = np.empty((B, H, T, DV), np.float32)
@@ -286,9 +292,10 @@ def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
     size and the arrays that must stay alive while it runs (inputs already checked)."""
     B, H, T, D = q.shape
     S, DV = k.shape[2], v.shape[3]
+    HK = k.shape[1]
     q = _unit_last(q)
-    k = np.broadcast_to(_unit_last(k), (B, H, S, D))
-    v = np.broadcast_to(_unit_last(v), (B, H, S, DV))
+    k = np.broadcast_to(_unit_last(k), (B, HK, S, D))
+    v = np.broadcast_to(_unit_last(v), (B, HK, S, DV))
 
     kind, m = "none", out  # `out` stands in for an absent mask; never read then
     if mask is not None:
@@ -313,7 +320,7 @@ def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
         if kind == "keep":
             m = m.view(np.uint8)
     meta = np.array([H, T, S, D, DV, *_estrides(q), *_estrides(k), *_estrides(v),
-                     *_estrides(out), *_estrides(m)], np.int64)
+                     *_estrides(out), *_estrides(m), H // HK], np.int64)
     chunks = -(-DV // 16)
     work_size = -(-S // BC) * BC * D + -(-D // 2) * 2 * BR + BR * chunks * 16 + BR * BC
 

@@ -3,7 +3,9 @@
     attention(q, k, v, [mask], scale, causal, mask_value)
 
 Layout: q [b, h, t, d], k [bk, hk, s, d], v [bk, hk, s, dv] -> [b, h, t, dv], where
-bk and hk equal b and h or are 1 (broadcast, e.g. one shared key/value head).
+bk equals b or is 1 (broadcast) and hk divides h: grouped-query attention, query head
+i reads key/value head i // (h / hk). hk = h is plain multi-head attention, hk = 1
+one shared key/value head (multi-query); no backend repeats k and v in memory.
 
 Meaning, step by step (exactly what the unfused graph computes):
 
@@ -17,6 +19,16 @@ Meaning, step by step (exactly what the unfused graph computes):
 -inf by default; exporters often write a large finite negative number (finfo.min),
 which only differs from -inf on rows where every key is masked (uniform weights
 instead of NaN), so the op keeps the exporter's value.
+
+Rotary position embedding (Llama) is not part of the op: it is applied to q and k
+before they reach it (`frontend/layers.py`, `RotaryEmbedding`), as elementwise maths
+on the two halves of the head dim that `fuse-regions` makes two `fused` regions,
+evaluated inside the kernels that write the rotated q and k (a `concat` of the
+halves); the cos/sin tables fold to constants when the positions are static. A key
+cache stores keys after rotation (each at its absolute position), so the rotation
+belongs before the cache write: inside the op it would have to be undone or redone
+for every cached key, and the op stays the plain softmax(q k^T) v that every backend
+and ONNX export already share.
 
 The reference walks the keys in blocks with an online softmax (running max and
 sum), so it never holds the [t, s] score matrix: extra memory is O(t * block).
@@ -48,8 +60,10 @@ def _infer(q: TensorType, k: TensorType, v: TensorType, *mask: TensorType, scale
     b, h, t, d = q.shape
     if k.shape[3] != d or k.shape[2] != v.shape[2] or k.shape[:2] != v.shape[:2]:
         raise ShapeError(f"k {k} and v {v} do not fit q {q}")
-    if broadcast_shapes(TensorType((b, h)), TensorType(k.shape[:2])) != (b, h):
-        raise ShapeError(f"batch and head dims of k {k} do not broadcast to q {q}")
+    if broadcast_shapes(TensorType((b,)), TensorType(k.shape[:1])) != (b,) \
+            or kv_group(h, k.shape[1]) is None:
+        raise ShapeError(f"batch and head dims of k {k} do not fit q {q} (k heads must "
+                         "equal q's, be 1, or divide them)")
     full = TensorType((b, h, t, k.shape[2]))
     if mask:
         m = mask[0]
@@ -60,19 +74,44 @@ def _infer(q: TensorType, k: TensorType, v: TensorType, *mask: TensorType, scale
     return TensorType((b, h, t, v.shape[3]), q.dtype)
 
 
+def kv_group(h, hk):
+    """How many query heads share one key/value head: h for hk = 1, h // hk when hk
+    divides h; None when hk does not fit h (symbolic head counts must be equal)."""
+    if hk == 1 or hk == h:
+        return h if hk == 1 else 1
+    if isinstance(h, int) and isinstance(hk, int) and hk > 0 and h % hk == 0:
+        return h // hk
+    return None
+
+
 def attention(q, k, v, mask=None, scale=1.0, causal=False, mask_value=-math.inf,
               block=KEY_BLOCK):
     """Blockwise attention with an online softmax (see the module docstring)."""
-    t, s = q.shape[2], k.shape[2]
+    b, h, t = q.shape[0], q.shape[1], q.shape[-2]
+    hk = k.shape[1]
+    if q.ndim == 4 and hk not in (1, h):
+        # grouped query heads: q as [b, hk, g, t, d] against k, v as [bk, hk, 1, s, d]
+        g = h // hk
+        if mask is not None:
+            m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+            if m4.shape[1] != 1:
+                m4 = m4.reshape(m4.shape[0], hk, g, *m4.shape[2:])
+            else:
+                m4 = m4[:, :, None]
+            mask = m4
+        out = attention(q.reshape(b, hk, g, t, -1), k[:, :, None], v[:, :, None], mask,
+                        scale, causal, mask_value, block)
+        return out.reshape(b, h, t, -1)
+    s = k.shape[-2]
     dt = q.dtype
     qs = q * dt.type(scale)
-    m = np.full(q.shape[:3] + (1,), -np.inf, dt)              # running row max
-    den = np.zeros(q.shape[:3] + (1,), dt)                    # running sum of exp
-    acc = np.zeros(q.shape[:3] + (v.shape[3],), dt)           # running weighted sum
+    m = np.full(q.shape[:-1] + (1,), -np.inf, dt)             # running row max
+    den = np.zeros(q.shape[:-1] + (1,), dt)                   # running sum of exp
+    acc = np.zeros(q.shape[:-1] + (v.shape[-1],), dt)         # running weighted sum
     rows = np.arange(t)[:, None]
     for j0 in range(0, s, block):
         j1 = min(j0 + block, s)
-        sc = (qs @ np.swapaxes(k[:, :, j0:j1], -1, -2)).astype(dt)   # [b,h,t,blk]
+        sc = (qs @ np.swapaxes(k[..., j0:j1, :], -1, -2)).astype(dt)   # [b,h,t,blk]
         if causal:
             sc = np.where(np.arange(j0, j1)[None, :] > rows, dt.type(mask_value), sc)
         if mask is not None:
@@ -83,7 +122,7 @@ def attention(q, k, v, mask=None, scale=1.0, causal=False, mask_value=-math.inf,
         p = np.exp(sc - base)
         corr = np.exp(m - base)
         den = den * corr + p.sum(axis=-1, keepdims=True)
-        acc = acc * corr + p @ v[:, :, j0:j1]
+        acc = acc * corr + p @ v[..., j0:j1, :]
         m = m_new
     return (acc / den).astype(dt)
 
@@ -98,6 +137,7 @@ def decompose(graph: Graph, inputs, scale, causal, mask_value) -> list:
     """The unfused primitive ops (what ONNX export writes as the op's function)."""
     q, k, v, *mask = inputs
     dtype = q.type.np_dtype
+    k, v = repeat_kv(graph, k, q.type.shape[1]), repeat_kv(graph, v, q.type.shape[1])
     scores = graph.add("matmul", q, graph.add("transpose", k, perm=(0, 1, 3, 2)))
     scores = graph.add("mul", scores, graph.add_constant(graph.fresh_name("scale"),
                                                          np.array(scale, dtype)))
@@ -112,10 +152,23 @@ def decompose(graph: Graph, inputs, scale, causal, mask_value) -> list:
     return [graph.add("matmul", graph.add("softmax", scores, axis=-1), v)]
 
 
+def repeat_kv(graph: Graph, x, heads):
+    """x [bk, hk, s, d] with each head repeated h / hk times, the way Hugging Face's
+    `repeat_kv` writes it (unsqueeze, expand, reshape); x itself when hk is 1 or h
+    (broadcasting covers those). `fuse-attention` recognises this pattern."""
+    bk, hk, s, d = x.type.shape
+    g = kv_group(heads, hk)
+    if hk in (1, heads) or g is None:
+        return x
+    x5 = graph.add("expand", graph.add("unsqueeze", x, axes=(2,)), shape=(bk, hk, g, s, d))
+    return graph.add("reshape", x5, shape=(bk, heads, s, d))
+
+
 register(OpDef(
     "attention", infer=_infer, reference=attention, inputs=(3, 4), flops=_flops,
     attrs={"scale": Attr("float", 1.0), "causal": Attr("bool", False),
            "mask_value": Attr("float", -math.inf)},
     decompose=decompose,
-    doc="softmax(scale * q @ k^T, masked) @ v; q [b,h,t,d], k [b,h,s,d], v [b,h,s,dv]",
+    doc="softmax(scale * q @ k^T, masked) @ v; q [b,h,t,d], k [b,hk,s,d], v [b,hk,s,dv] "
+        "(hk divides h: grouped-query attention)",
 ))
