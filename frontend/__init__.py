@@ -19,7 +19,6 @@ from .layers import (
     SinusoidalPositions,
     SwiGLU,
     padding_mask_bias,
-    positions_of,
     repeat_kv,
 )
 from .module import Module, ModuleList, Parameter, constant, normal
@@ -31,5 +30,5 @@ __all__ = [
     "LayerNorm", "LearnedPositions", "LlamaBlock", "Linear", "Module", "ModuleList",
     "MultiHeadAttention", "PatchEmbedding", "Parameter", "RMSNorm", "RotaryEmbedding",
     "SinusoidalPositions", "SwiGLU", "Tensor", "constant", "normal", "padding_mask_bias",
-    "positions_of", "repeat_kv", "trace",
+    "repeat_kv", "trace",
 ]

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import functional as F
 from .module import Module, Parameter, normal
-from .tensor import Tensor, apply
+from .tensor import Tensor
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -224,13 +224,6 @@ class RMSNorm(Module):
         return x * F.rsqrt(ms + self.eps) * self.weight
 
 
-def positions_of(t, positions=None):
-    """i64 positions of `t` tokens: `positions` as given ([batch, t] or [t]), else 0 .. t-1."""
-    if positions is not None:
-        return positions
-    return apply("range", [], start=(0,), limit=(t,), dtype="i64")
-
-
 class RotaryEmbedding(Module):
     """Rotary position embedding, the Hugging Face Llama convention: frequencies
     theta^(-2i/d) for i < d/2, angles position * frequency duplicated over both halves
@@ -326,7 +319,7 @@ class GroupedQueryAttention(Module):
         q = self._heads(self.q(x), self.n_head)
         k = self._heads(self.k(x), self.n_kv_head)
         v = self._heads(self.v(x), self.n_kv_head)
-        cos, sin = self.rotary.tables(positions_of(x.shape[1], positions))
+        cos, sin = self.rotary.tables(F.arange(x.shape[1]) if positions is None else positions)
         return self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin), v
 
     def forward(self, x, positions=None, cache=None):

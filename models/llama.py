@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from tensorc.frontend import Embedding, Linear, LlamaBlock, RMSNorm, positions_of
+from tensorc.frontend import Embedding, F, Linear, LlamaBlock, RMSNorm
 
 from .base import Config, ZooModel
 
@@ -38,14 +38,18 @@ class Llama(ZooModel):
         self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
 
     def forward(self, input_ids, cache=None):
-        """Logits of every position. `cache` (added with cached decoding) holds one
-        per-layer cache object, `cache[i]`, each giving the positions of the new tokens,
-        the keys and values so far and the visibility mask (see GroupedQueryAttention)."""
+        """Logits of every position. `cache`: a `frontend.cache.KVCache` when tracing a
+        decode step (its positions rotate q and k; keys are cached rotated)."""
         x = self.embed(input_ids)
-        positions = None if cache is not None else positions_of(input_ids.shape[1])
+        positions = F.arange(input_ids.shape[1]) if cache is None else cache.positions
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if cache is None else cache[i])
+            x = layer(x, positions, None if cache is None else cache.layer(i))
         return self.lm_head(self.norm(x))
+
+    def cache_layout(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim): the shape of its key/value cache."""
+        c = self.config
+        return c.n_layer, c.n_kv_head, c.d_model // c.n_head
 
     def example_inputs(self, batch=1, seq=None, seed=0):
         return {"input_ids": self._token_ids(np.random.default_rng(seed), batch, seq)}
