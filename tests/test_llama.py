@@ -175,6 +175,48 @@ def test_cached_decoding_matches_the_full_sequence():
     assert rel_err(np.concatenate(rows, 1), full) < 1e-5
 
 
+class TracedCache:
+    """The cache interface over traced tensors: past keys/values and the mask are graph
+    inputs, as a decoding step's graph would have them."""
+
+    def __init__(self, past_k, past_v, positions, mask):
+        self.past_k, self.past_v, self.positions, self.mask = past_k, past_v, positions, mask
+
+    def update(self, k, v):
+        return F.concat([self.past_k, k], 2), F.concat([self.past_v, v], 2)
+
+
+def test_a_traced_decoding_step_fuses_to_one_attention_with_the_cache_mask():
+    """What cached decoding will trace: past k/v [b, hk, P, d], absolute positions and a
+    [b, 1, t, P + t] mask. It fuses into one attention op on the un-repeated k/v with the
+    mask as its input, and runs on llvm without fallbacks."""
+    from tensorc.frontend import Module
+    attn = GroupedQueryAttention(32, 4, 2).init_weights(0)
+
+    class Step(Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x, past_k, past_v, positions, mask):
+            return self.attn(x, cache=TracedCache(past_k, past_v, positions, mask))
+    rng = np.random.default_rng(6)
+    x = randn(rng, 2, 8, 32)
+    full = attn(Tensor(x)).numpy()
+    prefix = ListCache(t=6, batch=2)
+    attn(Tensor(x[:, :6]), cache=prefix)
+    step = ListCache(prefix.k, prefix.v, start=6, t=2, batch=2)
+    feeds = {"x": x[:, 6:], "past_k": prefix.k.numpy(), "past_v": prefix.v.numpy(),
+             "positions": step.positions.numpy(), "mask": step.mask.numpy()}
+    g = run_pipeline(tensorc.trace(Step(), **feeds), "O2", verify=True)
+    (node,) = [n for n in g.nodes if n.op == "attention"]
+    assert not node.attrs["causal"] and len(node.inputs) == 4
+    assert node.inputs[1].type.shape == (2, 2, 8, 8) and "softmax" not in g.op_counts()
+    exe = get_backend("llvm").compile(g)
+    assert rel_err(exe(**feeds), full[:, 6:]) < 1e-5
+    assert exe.stats()["fallbacks"] == []
+
+
 # --- the model ------------------------------------------------------------------------------
 
 def test_tiny_fuses_one_attention_per_layer_on_unrepeated_kv():
