@@ -153,7 +153,7 @@ class Generator:
         for name, dtype in self.mask.items():
             keep = np.arange(seq.shape[1]) < lengths[:, None]
             feeds[name] = keep.astype(DTYPES[dtype])
-        return self.exe.run(feeds)[self.exe.output_names[0]]
+        return _host(self.exe.run(feeds)[self.exe.output_names[0]])
 
     def _prefill(self, padded: np.ndarray, length: int, lengths: np.ndarray):
         if not self.cached:

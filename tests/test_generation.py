@@ -353,3 +353,17 @@ def test_a_real_gpt2_export_generates_like_onnx_runtime(name):
             logits = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
             assert tok == int(logits[0, -1].argmax())
             seq.append(tok)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_generation_on_a_gpu(name):
+    """Cached generation on the cupy backend (CUDA graphs, device caches fed back)
+    picks the numpy reference's tokens."""
+    from tensorc.backends.cupy import unavailable_reason
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"GPU tests: {reason}")
+    m = models.get(name, "tiny")
+    got = Generator(m, "cupy").generate(PROMPTS[3], 10, warmup=False)
+    want = Generator(m, "numpy").generate(PROMPTS[3], 10, warmup=False)
+    assert got.new_tokens == want.new_tokens

@@ -36,6 +36,7 @@ fi
 
 step "GPU tests"
 timeout "${TEST_S:-100}" $PY -m pytest -q -rs -p no:cacheprovider tests/test_cupy*.py \
+    tests/test_gqa.py tests/test_generation.py \
     -k "${TEST_K-gpu}" 2>&1 | tee "$OUT/test_gpu.log"
 
 step "benchmark: tensorc vs PyTorch eager"
