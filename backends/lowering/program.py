@@ -38,6 +38,9 @@ class KernelStep:
     kernel: K.Kernel
     args: list[Buf]          # one per kernel.buffers entry
     work: int = 0            # elements touched, for the threading decision
+    # (source, destination) of a whole-buffer copy that a runtime skips when it placed
+    # both buffers at one address: an output the caller aliased to its input (a cache)
+    skip_if_same: tuple[Buf, Buf] | None = None
 
     def reads(self):
         return [b for b, kb in zip(self.args, self.kernel.buffers, strict=True) if kb.readonly]
@@ -103,6 +106,10 @@ class Program:
     arena_bytes: int = 0
     live_peak_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    # output index -> the input Buf the caller may pass as that output's `out` array:
+    # the output is the input updated (a key/value cache), and its only copy is a
+    # `skip_if_same` step
+    aliases: dict[int, Buf] = field(default_factory=dict)
 
     @property
     def kernels(self) -> list[K.Kernel]:

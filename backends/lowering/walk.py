@@ -27,6 +27,7 @@ class Lowering:
         self.buffers: list[Buf] = []
         self.notes: list[str] = []
         self.checked: set = set()   # index checks made (see check_indices)
+        self.aliases: dict = {}     # Buf -> the input Buf it may share (Program.aliases)
         # Value -> the GEMM Call whose whole output it is (through views), with nothing else
         # reading that output yet: while so, the GEMM's epilogue can still grow.
         self.pending: dict = {}
@@ -96,7 +97,11 @@ class Lowering:
             out = View(buf, 0, lazy.shape, contiguous(lazy.shape))
             self.steps.append(write_kernel("output", lazy, out))
             outputs.append(out)
-        return self.plan(inputs, outputs)
+        program = self.plan(inputs, outputs)
+        program.aliases = {i: self.aliases[o.buf] for i, o in enumerate(outputs)
+                           if o.buf in self.aliases and o.offset == 0
+                           and o.buf.numel == math.prod(o.shape)}
+        return program
 
     def lower_nodes(self, nodes, vals):
         for node in nodes:
@@ -157,7 +162,7 @@ class Lowering:
         inner = Lowering(sub, env, region=isinstance(body, Graph),
                          gemm_epilogues=self.gemm_epilogues)
         inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
-        inner.checked = self.checked
+        inner.checked, inner.aliases = self.checked, self.aliases
         vals = dict(zip(sub_ins, ins, strict=True))
         for v in sub.constants.values():
             vals[v] = constant(v.data, v.type.dtype, v.name)

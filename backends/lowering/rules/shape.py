@@ -152,18 +152,20 @@ def _gather(lw, node, ins, attrs):
 
 
 def _tensor_scatter(lw, node, ins, attrs):
-    """The update's rows stored at index[b] + i. The cache is written where it lies when
-    it is a graph input read by nothing else (each call copies inputs in), else copied
-    to a buffer of its own first."""
+    """The cache copied, then the update's rows stored at index[b] + i. When the cache is
+    a graph input read by nothing else, a caller may hand the same array back as the
+    result's `out` (`Program.aliases`): the runtime then skips the copy, and a decode
+    step writes only its new rows."""
     cache, update, index = ins
     ax = norm_axis(attrs["axis"], len(cache.shape))
+    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+    copy = write_kernel("copy", cache, out)
     leaf = cache.expr
-    if isinstance(leaf, Access) and leaf.buf.kind == "input" and lw.uses.get(node.inputs[0]) == 1 \
-            and is_contiguous(leaf, cache.shape):
-        out = View(leaf.buf, leaf.offset, cache.shape, leaf.coefs)
-    else:
-        out = lw.out_view(node.outputs[0].type.concrete(lw.env))
-        lw.steps.append(write_kernel("copy", cache, out))
+    if isinstance(leaf, Access) and leaf.buf.kind == "input" and is_contiguous(leaf, cache.shape) \
+            and lw.uses.get(node.inputs[0]) == 1:
+        copy.skip_if_same = (leaf.buf, out.buf)
+        lw.aliases[out.buf] = leaf.buf
+    lw.steps.append(copy)
     iview = lw.view(index)
     lo, hi = tensor_scatter_bounds(cache.shape[ax], update.shape[ax])
     lw.check_indices(IndexCheck(iview, cache.shape[ax], node.where, lo, hi,
