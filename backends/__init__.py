@@ -71,14 +71,20 @@ class Executable(ABC):
                                  f"{len(self.input_names)}: {', '.join(self.input_names)}")
             feeds = dict(zip(self.input_names, args, strict=False))
             feeds.update(kwargs)
-            result = self.run(feeds)
-            outs = [result[n] for n in self.output_names]
+            if type(self).run is Executable.run:   # a list: names may repeat
+                outs = self._outputs(feeds, None)
+            else:
+                result = self.run(feeds)
+                outs = [result[n] for n in self.output_names]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def run(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None
             ) -> dict[str, np.ndarray]:
         """{output name: array}. `out` maps output names to arrays to write into (C-
         contiguous, writeable, the output's dtype and shape); those come back."""
+        return dict(zip(self.output_names, self._outputs(feeds, out), strict=True))
+
+    def _outputs(self, feeds: dict, out: dict | None) -> list[np.ndarray]:
         arrays = [feeds.get(n) for n in self.input_names]
         bound = self._bound.get(_signature(arrays)) if len(feeds) == len(arrays) else None
         if bound is None:
@@ -94,8 +100,7 @@ class Executable(ABC):
             self.check_sizes(env)
             bound = (self.bind(env), [v.type.concrete(env) for v in self.graph.outputs])
             self._bound[_signature(arrays)] = bound
-        outs = bound[0](arrays, None if out is None else self._out_arrays(out, bound[1]))
-        return dict(zip(self.output_names, outs, strict=True))
+        return bound[0](arrays, None if out is None else self._out_arrays(out, bound[1]))
 
     def _out_arrays(self, out: dict, types) -> list:
         """`out` as one array or None per output, checked."""
