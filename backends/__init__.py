@@ -62,9 +62,15 @@ class Executable(ABC):
         self._bound: dict[tuple, tuple] = {}   # signature -> (run, output types)
 
     def __call__(self, *args, **kwargs):
-        bound = None if kwargs else self._bound.get(_signature(args))
+        if not kwargs:
+            arrays = args
+        elif not args and len(kwargs) == len(self.input_names):
+            arrays = [kwargs.get(n) for n in self.input_names]   # by name: in input order
+        else:
+            arrays = None
+        bound = None if arrays is None else self._bound.get(_signature(arrays))
         if bound is not None:
-            outs = bound[0](args, None)
+            outs = bound[0](arrays, None)
         else:
             if len(args) > len(self.input_names):
                 raise InputError(f"{len(args)} inputs given, the graph takes "

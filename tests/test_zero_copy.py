@@ -360,3 +360,38 @@ def test_other_backends_still_run():
     feeds = {"x": np.ones((5, 7), np.float32), "s": np.ones((5, 9), np.float32)}
     want = tensorc.compile(g, "numpy")(**feeds)
     np.testing.assert_allclose(get_backend("llvm").compile(g)(**feeds), want, rtol=1e-5)
+
+
+def test_inputs_by_name_take_the_fast_path_and_keep_their_errors(rng):
+    exe = compiled(mlp())
+    x = rng.standard_normal((5, 7), np.float32)
+    s = rng.standard_normal((5, 9), np.float32)
+    want = exe(x, s)
+    np.testing.assert_array_equal(exe(s=s, x=x), want)
+    with pytest.raises(InputError, match="unknown"):
+        exe(x=x, t=s)
+    with pytest.raises(InputError, match="missing"):
+        exe(x=x)
+    g = Graph("noinput")
+    g.outputs = [g.add_constant("c", np.ones(3, np.float32))]
+    exe = compiled(g)
+    np.testing.assert_array_equal(exe(), np.ones(3, np.float32))
+    with pytest.raises(InputError, match="unknown"):
+        exe(c=np.ones(3, np.float32))
+
+
+def test_a_reference_fallback_follows_moving_inputs_and_outputs(rng):
+    """A grouped conv runs its numpy reference: its views are made again when the
+    input and output buffers move."""
+    g = Graph("t")
+    ins = [g.add_input("x", TensorType((1, 4, 9, 9), "f32")),
+           g.add_input("w", TensorType((4, 2, 3, 3), "f32"))]
+    g.outputs = g.add_node("conv2d", ins, {"group": 2})
+    exe, ref = get_backend("llvm").compile(g), tensorc.compile(g, "numpy")
+    outs = []
+    for _ in range(3):
+        x = rng.standard_normal((1, 4, 9, 9), np.float32)
+        w = rng.standard_normal((4, 2, 3, 3), np.float32)
+        outs.append(exe(x, w))
+        np.testing.assert_allclose(outs[-1], ref(x, w), rtol=1e-5, atol=1e-5)
+    assert not np.may_share_memory(outs[0], outs[1])

@@ -485,7 +485,9 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             call()
 
     def patch(role: str, address: int) -> None:
-        for si, fi in slots.get(role, ()):
+        if role not in ("a", "b", "out", "bias", "residual"):
+            raise KeyError(role)
+        for si, fi in slots.get(role, ()):   # none: not an operand here ("b" packed once)
             fixed_args[si][fi] = address
             if state["blocks"]:
                 state["blocks"][si][fi] = address

@@ -140,16 +140,19 @@ class Runner:
         if register and any(b in self._rebind for b in step.reads() + step.writes()):
             fn = self.bind(step, index, register=False)
             patch = getattr(fn, "patch", None)
+            roles = []
             if isinstance(step, Call) and patch is not None:
                 roles = list(zip(ROLES[step.op], step.inputs, strict=False))
                 roles += [("out", step.outputs[0])]
                 roles += [(k, v) for k, v in step.epilogue.items() if isinstance(v, View)]
+            moving = set(step.reads() + step.writes()) & self._rebind.keys()
+            if moving <= {v.buf for _, v in roles}:   # every use of them has a role
                 for role, v in roles:
                     if v.buf in self._patches:
                         self._patches[v.buf].append(
                             (patch, role, v.offset * np.dtype(_np(v.buf.dtype)).itemsize))
             else:   # numpy views of a moving buffer: made again when it moves
-                for b in set(step.reads() + step.writes()) & self._rebind.keys():
+                for b in moving:
                     self._rebind[b].append(index)
             return fn
         if isinstance(step, IndexCheck):
@@ -188,7 +191,9 @@ class Runner:
         address = memory.ctypes.data
         if address == self._addr[buf]:
             return
-        self._addr[buf], self._base[buf] = address, memory
+        self._addr[buf] = address
+        if self._rebind[buf]:   # only then: else the caller's array is not kept alive
+            self._base[buf] = memory
         for args, i in self._words[buf]:
             args[i] = address
         for patch, role, offset in self._patches[buf]:
