@@ -508,11 +508,13 @@ class CupyExecutable(Executable):
                 _check_indices(rt, prep.array(c.view), c.n, c.where)
             prep.replay()
             self.stats["graph_replays"] += 1
-        else:   # eager: contiguous device inputs are read where they are, not copied
+        else:   # eager: contiguous device inputs are read where they are, not copied,
+            # unless a step writes their buffer (Program.written)
+            written = prep.program.written()
             in_place = {b: a.reshape(-1).view(np.uint8)
                         for b, a in zip(prep.program.inputs, arrays, strict=True)
                         if rt.is_device_array(a) and a.flags.c_contiguous
-                        and a.dtype == DTYPES[b.dtype]}
+                        and a.dtype == DTYPES[b.dtype] and b not in written}
             self._copy_in(prep, arrays, skip=in_place)
             prep.run_steps(in_place)
             rt.synchronize()

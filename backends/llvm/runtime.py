@@ -75,7 +75,7 @@ class Runner:
         self._lock = threading.Lock()
         self._packed: dict[Call, object] = {}   # a weight's PackedB, made once
         # The zero-copy rule: an input buffer that any step writes is always copied.
-        written = {b for s in program.steps for b in s.writes()}
+        written = program.written()
         self.in_place = [b not in written for b in program.inputs]
         self.dtypes = [np.dtype(_np(b.dtype)) for b in program.inputs]
         self.homes = [self.array(View(b, 0, (b.numel,), (1,))) for b in program.inputs]
