@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from tensorc.errors import FallbackError, InputError, TensorcError
-from tensorc.ir import DTYPES, Graph, bind_shapes, dim_symbols
+from tensorc.ir import DTYPES, Graph, TensorType, bind_shapes, dim_symbols
 from tensorc.ops import get_op
 
 from .. import Backend, Executable, check_shapes
@@ -475,10 +475,18 @@ class CupyExecutable(Executable):
             self.stats["programs"] += 1
         return self._prepared[key]
 
-    def run(self, feeds: dict) -> dict:
-        if self.device_outputs:
+    def run(self, feeds: dict, out: dict | None = None) -> dict:
+        """As `Executable.run`; `out` (numpy arrays) gets a copy of the host results."""
+        if self.device_outputs and out is None:
             return self.run_device(feeds)
-        return {n: self.runtime.to_host(a) for n, a in self._run(feeds).items()}
+        res = {n: self.runtime.to_host(a) for n, a in self._run(feeds).items()}
+        if out is not None:
+            types = [TensorType(res[v.name].shape, v.type.dtype) for v in self.graph.outputs]
+            for name, o in zip(self.output_names, self._out_arrays(out, types), strict=True):
+                if o is not None:
+                    o[...] = res[name]
+                    res[name] = o
+        return res
 
     def run_device(self, feeds: dict) -> dict:
         """Like `run`, but the outputs stay on the device (cupy arrays)."""
