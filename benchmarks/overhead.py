@@ -2,7 +2,7 @@
 the cost of a call shows.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 20] [--runs 200] [--threads 2]
-        [--baseline CHECKOUT]
+        [--baseline CHECKOUT] [--cases gpt,matmul]
 
 Two cases: GPT tiny (`tensorc.models`, preset tiny) at batch 1, seq 16, and one
 matmul 128x512 @ 512x2048 with both operands graph inputs, called `exe(a, b)`
@@ -145,6 +145,7 @@ def main():
     ap.add_argument("--runs", type=int, default=200, help="calls per engine per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", metavar="CHECKOUT")
+    ap.add_argument("--cases", default="gpt,matmul", help="which cases (gpt, matmul)")
     ap.add_argument("--worker", nargs=2, metavar=("PEER", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -158,7 +159,7 @@ def main():
     m, k, n = MATMUL
     print("| case | engine | ms per call | vs llvm | GFLOP/s |")
     print("| --- | --- | --- | --- | --- |")
-    for case in CASES:
+    for case in [c for c in CASES if c.split()[0] in args.cases.split(",")]:
         res = interleaved(case, args.rounds, args.runs, args.baseline)
         for key, ms in res.items():
             if isinstance(ms, str):
