@@ -15,8 +15,9 @@ small items that the threads of the native pool (`pool.py`: one hand-off per cal
 workers that spin briefly instead of sleeping) claim; many rows split by rows.
 
 `gemm()` is the numpy-level API (batched, broadcasting, threaded); `bind()` does
-its checks once for arrays that never move and returns a call (the runtime's);
-`gemm_range()` computes a block of rows and panels on the calling thread.
+its checks once and returns a call (the runtime's) whose operands can be moved to
+other memory of the same layout (`patch`); `gemm_range()` computes a block of rows
+and panels on the calling thread.
 """
 
 from __future__ import annotations
