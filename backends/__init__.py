@@ -110,6 +110,9 @@ class Executable(ABC):
 
     def _out_arrays(self, out: dict, types) -> list:
         """`out` as one array or None per output, checked."""
+        if not isinstance(out, dict):
+            raise InputError(f"out must be a dict {{output name: array}}, got "
+                             f"{type(out).__name__}")
         unknown = [n for n in out if n not in self.output_names]
         if unknown:
             raise InputError(f"out: unknown outputs {unknown} (outputs: {self.output_names})")

@@ -176,6 +176,8 @@ def test_out_arrays_are_checked(rng, bad, message):
     assert "\n" not in str(e.value)
     with pytest.raises(InputError, match="unknown outputs"):
         exe.run(feeds, out={"nope": np.empty((5, 9), np.float32)})
+    with pytest.raises(InputError, match="out must be a dict"):
+        exe.run(feeds, out=[np.empty((5, 9), np.float32)])
 
 
 def test_an_out_array_that_is_also_an_input(rng):
