@@ -131,7 +131,7 @@ def interleaved(case: str, rounds: int, runs: int, baseline: str | None) -> dict
             proc.stdin.write(f"run {runs}\n")
             proc.stdin.flush()
             times[key] += answer(proc)
-            time.sleep(0.05)   # let spinning pool threads go idle before the next engine
+            time.sleep(0.3)   # let spinning pool threads go idle before the next engine
     for key, proc in procs.items():
         proc.stdin.close()
         proc.wait()
