@@ -163,14 +163,24 @@ class Generator:
         for v in self.cache_inputs:
             _, heads, _, d = v.type.shape
             feeds[v.name] = np.zeros((b, heads, length, d), np.float32)
-        out = self.exe.run(feeds)
-        return out[self.exe.output_names[0]], _next_caches(out)
+        return self._step(feeds)
 
     def _decode(self, tokens: np.ndarray, seq: np.ndarray, lengths: np.ndarray, caches):
         if not self.cached:
             return self._full(seq, lengths)[np.arange(len(lengths)), lengths - 1], None
-        out = self.exe.run({"input_ids": tokens[:, None], "start": lengths - 1, **caches})
-        return out[self.exe.output_names[0]][:, -1], _next_caches(out)
+        logits, caches = self._step({"input_ids": tokens[:, None], "start": lengths - 1,
+                                     **caches})
+        return logits[:, -1], caches
+
+    def _step(self, feeds: dict):
+        """A cached step. The caches are donated: each comes back as its updated self's
+        `out`, so on llvm a step writes only its new rows (on cupy they stay on the
+        device, returned as new arrays)."""
+        donate = None if self.backend == "cupy" else {
+            n.replace("past.", "present.", 1): a for n, a in feeds.items()
+            if n.startswith("past.")}
+        out = self.exe.run(feeds, out=donate)
+        return out[self.exe.output_names[0]], _next_caches(out)
 
     # -- the loop --
     def stream(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,

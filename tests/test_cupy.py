@@ -301,3 +301,20 @@ def test_host_steps_are_counted_as_fallbacks_on_emulator(monkeypatch):
     monkeypatch.setenv("TENSORC_STRICT", "1")
     with pytest.raises(TensorcError, match="strict mode: 1 op"):
         CupyBackend().compile(g, runtime=EmulatedRuntime())(*arrays)
+
+
+def test_run_writes_into_out_arrays_on_emulator():
+    """`run(feeds, out=...)` as on every backend: the caller's numpy arrays, checked."""
+    from tensorc.backends.cupy.emulate import EmulatedRuntime, host_compiler
+    from tensorc.errors import InputError
+    if host_compiler() is None:
+        pytest.skip("g++ not installed: the CUDA emulator needs a C++20 host compiler")
+    g, feeds = _traced("gpt", batch=1, seq=8)
+    exe = CupyBackend(cuda_graph=False).compile(g, runtime=EmulatedRuntime())
+    (name,) = exe.output_names
+    want = exe.run(feeds)[name]
+    out = np.empty_like(want)
+    assert exe.run(feeds, out={name: out})[name] is out
+    assert _rel_err(out, want) == 0
+    with pytest.raises(InputError, match="expected a writeable C-contiguous"):
+        exe.run(feeds, out={name: np.empty(want.shape, np.float64)})

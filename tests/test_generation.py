@@ -370,3 +370,37 @@ def test_generation_on_a_gpu(name):
     got = Generator(m, "cupy").generate(PROMPTS[3], 10, warmup=False)
     want = Generator(m, "numpy").generate(PROMPTS[3], 10, warmup=False)
     assert got.new_tokens == want.new_tokens
+
+
+def test_donated_caches_are_updated_in_place_on_llvm():
+    """A cache passed back as its own output's `out` is written where it lies: only the
+    new rows change, the returned array is the caller's, and the numbers are the
+    reference's. Without donation the input is left alone."""
+    m = models.get("gpt", "tiny")
+    step = tensorc.compile(decoder_step(m), "llvm", "O2")
+    ref = tensorc.compile(decoder_step(m), "numpy")
+    layers, heads, d = m.cache_layout()
+    rng = np.random.default_rng(3)
+    feeds = {"input_ids": rng.integers(0, 97, (2, 1)), "start": np.array([3, 5])}
+    for name in step.input_names[2:]:
+        feeds[name] = rng.standard_normal((2, heads, 8, d)).astype(np.float32)
+    want = ref.run({k: v.copy() for k, v in feeds.items()})
+    kept = {k: v.copy() for k, v in feeds.items()}
+    plain = step.run(feeds)
+    for k, v in kept.items():
+        np.testing.assert_array_equal(feeds[k], v)
+    donate = {n.replace("past", "present"): feeds[n] for n in step.input_names[2:]}
+    got = step.run(feeds, out=donate)
+    for name, w in want.items():
+        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(plain[name], w, rtol=1e-5, atol=1e-6)
+    for name, a in donate.items():
+        assert got[name] is a   # the caller's array, updated in place
+        past = kept[name.replace("present", "past")]
+        changed = np.argwhere((a != past).any(axis=(1, 3)))   # (batch row, position)
+        assert sorted(map(tuple, changed)) == [(0, 3), (1, 5)]
+    runner = step.specialise({"batch": 2, "seq": 1, "cache_len": 8})
+    for i, buf in runner.program.aliases.items():   # computed there, not aside and copied
+        a = donate[step.output_names[i]]
+        assert runner.pointer(runner.program.outputs[i].buf) == a.ctypes.data
+        assert runner.pointer(buf) == a.ctypes.data

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from tensorc.errors import FallbackError, InputError, TensorcError
-from tensorc.ir import DTYPES, Graph, bind_shapes, dim_symbols
+from tensorc.ir import DTYPES, Graph, TensorType, bind_shapes, dim_symbols
 from tensorc.ops import get_op
 
 from .. import Backend, Executable, check_shapes
@@ -311,9 +311,6 @@ class _Prepared:
         self.steps = [self.bind(s, rendered) for s in program.steps]
         self.input_readers = [i for i, s in enumerate(program.steps)
                               if any(b.kind == "input" for b in s.reads())]
-        # inputs a step writes (a cache's new rows) are written in their arena copy
-        self.written_inputs = {b for s in program.steps for b in s.writes()
-                               if b.kind == "input"}
         self.outputs = [self.array(v) for v in program.outputs]
         self.inputs = [self.array(L.View(b, 0, (b.nbytes // DTYPES[b.dtype].itemsize,), (1,)))
                        for b in program.inputs]
@@ -476,10 +473,18 @@ class CupyExecutable(Executable):
             self.stats["programs"] += 1
         return self._prepared[key]
 
-    def run(self, feeds: dict) -> dict:
-        if self.device_outputs:
+    def run(self, feeds: dict, out: dict | None = None) -> dict:
+        """As `Executable.run`; `out` (numpy arrays) gets a copy of the host results."""
+        if self.device_outputs and out is None:
             return self.run_device(feeds)
-        return {n: self.runtime.to_host(a) for n, a in self._run(feeds).items()}
+        res = {n: self.runtime.to_host(a) for n, a in self._run(feeds).items()}
+        if out is not None:
+            types = [TensorType(res[v.name].shape, v.type.dtype) for v in self.graph.outputs]
+            for name, o in zip(self.output_names, self._out_arrays(out, types), strict=True):
+                if o is not None:
+                    o[...] = res[name]
+                    res[name] = o
+        return res
 
     def run_device(self, feeds: dict) -> dict:
         """Like `run`, but the outputs stay on the device (cupy arrays)."""
@@ -509,11 +514,13 @@ class CupyExecutable(Executable):
                 _check_indices(prep.array(c.view), c)
             prep.replay()
             self.stats["graph_replays"] += 1
-        else:   # eager: contiguous device inputs are read where they are, not copied
+        else:   # eager: contiguous device inputs are read where they are, not copied,
+            # unless a step writes their buffer (Program.written)
+            written = prep.program.written()
             in_place = {b: a.reshape(-1).view(np.uint8)
                         for b, a in zip(prep.program.inputs, arrays, strict=True)
                         if rt.is_device_array(a) and a.flags.c_contiguous
-                        and a.dtype == DTYPES[b.dtype] and b not in prep.written_inputs}
+                        and a.dtype == DTYPES[b.dtype] and b not in written}
             self._copy_in(prep, arrays, skip=in_place)
             prep.run_steps(in_place)
             rt.synchronize()

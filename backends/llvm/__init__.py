@@ -39,6 +39,9 @@ class LLVMExecutable(Executable):
     def execute(self, arrays, env):
         return self.specialise(env).run(arrays)
 
+    def bind(self, env):
+        return self.specialise(env).run   # run(arrays, out)
+
     def program(self, env: dict[str, int] | None = None) -> Program:
         return self.specialise(env or {}).program
 

@@ -342,10 +342,13 @@ def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
 
 def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
          mask_value: float = -math.inf, threads: int | None = None, *, out: np.ndarray):
-    """A zero-argument function that computes attention(...) into `out`, for arrays
-    that never move (the runtime's): checks, the argument block and the workspaces
-    are made once, which leaves one native pool call per run. Any `out` works (one
-    the kernel cannot write to gets a copy of the result)."""
+    """A zero-argument function that computes attention(...) into `out`, for the
+    runtime: checks, the argument block and the workspaces are made once, which leaves
+    one native job per run (on the pool when threaded, else on this thread). Any
+    `out` works (one the kernel cannot write to gets a copy of the result). When the
+    kernel reads q, k, v and the mask where they are, the function has
+    `patch(role, address)` ("q", "k", "v", "mask", "out"): that operand moves to memory
+    of the same layout, without binding again. One caller at a time."""
     if out.dtype != np.float32 or not out.flags.writeable or out.strides[-1] != 4 \
             or any(st < 0 or st % 4 for st in out.strides):
         def copied():
@@ -363,22 +366,29 @@ def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
                                                         mask_value, threads, out)
     copied = [not np.may_share_memory(x, y) for x, y in zip(keep, (q, k, v, mask), strict=False)
               if y is not None]
-    if threads == 1 or len(items) == 1 or any(copied):   # a copy would go stale
+    if any(copied):   # a copy would go stale
         return general
-    workers = pool.get(threads)
-    works = [aligned_empty(work_size) for _ in range(workers.threads)]
+    workers = pool.get(threads) if threads > 1 and len(items) > 1 else None
+    works = [aligned_empty(work_size) for _ in range(workers.threads if workers else 1)]
     block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
                       *[x for it in items for x in it]], np.int64)
     args = (job, block.ctypes.data, len(items))
+    serial = pool.launcher(*args, 1)
 
     def run():
-        if not workers.lock.acquire(blocking=False):
-            general()
-            return
-        try:
-            workers.run(*args)
-        finally:
-            workers.lock.release()
+        if workers is not None and workers.lock.acquire(blocking=False):
+            try:
+                workers.run(*args)
+            finally:
+                workers.lock.release()
+        else:
+            serial()
+    slots = {"q": 0, "k": 1, "v": 2, "out": 3, "mask": 4 if mask is not None else None}
+
+    def patch(role: str, address: int) -> None:
+        if slots[role] is not None:
+            block[slots[role]] = address
+    run.patch = patch
     run.keep = (keep, works, block)
     return run
 

@@ -15,8 +15,9 @@ small items that the threads of the native pool (`pool.py`: one hand-off per cal
 workers that spin briefly instead of sleeping) claim; many rows split by rows.
 
 `gemm()` is the numpy-level API (batched, broadcasting, threaded); `bind()` does
-its checks once for arrays that never move and returns a call (the runtime's);
-`gemm_range()` computes a block of rows and panels on the calling thread.
+its checks once and returns a call (the runtime's) whose operands can be moved to
+other memory of the same layout (`patch`); `gemm_range()` computes a block of rows
+and panels on the calling thread.
 """
 
 from __future__ import annotations
@@ -387,9 +388,15 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
          residual=None, threads: int | None = None):
     """A zero-argument function that computes gemm(a, b, out=out, ...) into `out`.
 
-    For arrays that never move (the runtime's arena views): a threaded product with
-    a packed weight has its checks, schedule and argument blocks made here once,
-    which leaves one or two native pool calls per run; anything else runs `gemm`."""
+    The runtime's entry. A 2-D product (leading dims flattened) whose operands the
+    kernels read where they are (unit inner stride; B a `PackedB`, else packed on every
+    call into a buffer of its own) has its checks, schedule and argument blocks made
+    here once: a call is then one native job per step. Such a function has
+    `patch(role, address)`, which points operand `role` ("a", "b", "out", "bias",
+    "residual") at other memory of the same layout without binding again (the
+    runtime reads inputs and writes outputs where the caller keeps them); the caller
+    keeps out from overlapping the other operands. Anything else runs `gemm` on every
+    call and has no `patch`. One caller at a time."""
     threads = num_threads() if threads is None else max(1, int(threads))
     act = _activation_name(activation)
 
@@ -398,8 +405,8 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
              threads=threads)
 
     def rows(x):   # 2-D float32, unit inner stride, non-negative row stride
-        return x.ndim == 2 and x.dtype == np.float32 and x.strides[1] == 4 \
-            and x.strides[0] >= 0 and x.strides[0] % 4 == 0
+        return isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype == np.float32 \
+            and x.strides[1] == 4 and x.strides[0] >= 0 and x.strides[0] % 4 == 0
 
     def flat(x):   # [..., rows, n] as a 2-D view of the same memory, if there is one
         if x is None or x.ndim < 3:
@@ -411,37 +418,80 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         except (AttributeError, ValueError):   # ValueError: -1 is ambiguous when empty
             return x
     a2, out2, res2 = flat(a), flat(out), flat(residual)   # `general` keeps the originals
-    if not (isinstance(b, PackedB) and threads > 1 and rows(a2) and rows(out2)
-            and out2.flags.writeable and a2.shape == (out2.shape[0], b.k)
-            and out2.shape[1] == b.n and (bias is None or bias.dtype == np.float32 and
-                                          bias.shape == (b.n,) and bias.flags.c_contiguous)
+    packed = b if isinstance(b, PackedB) else None
+    if packed is None and isinstance(b, np.ndarray) and b.ndim == 2:
+        trans = not rows(b) and rows(b.T)   # a transposed view: packed from its rows
+        if (rows(b) or trans) and b.size and not np.may_share_memory(b, out):
+            packed = PackedB(b.T if trans else b, trans, fill=False)   # packed per call
+    if not (packed is not None and rows(a2) and rows(out2) and out2.flags.writeable
+            and a2.shape == (out2.shape[0], packed.k) and out2.shape[1] == packed.n
+            and a2.size and out2.size
+            and (bias is None or bias.dtype == np.float32 and
+                 bias.shape == (packed.n,) and bias.flags.c_contiguous)
             and (res2 is None or rows(res2) and res2.shape == out2.shape
                  and not np.may_share_memory(res2, out2))
             and not np.may_share_memory(a2, out2)):
         return general
-    if a2.shape[0] * b.n * b.k < 1 << 21:   # as gemm: one thread
-        return general
-    workers = pool.get(threads)
-    steps = _schedule(a2, b, out2, bias, act, res2, workers.threads)
-    state = {}
+    per_call = packed is not b
+    jobs = kernels()["jobs"]
+    if threads > 1 and a2.shape[0] * packed.n * packed.k >= 1 << 21:   # as gemm
+        workers = pool.get(threads)
+        steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads)
+        if per_call:
+            steps.insert(0, packed.pack_step(_split(packed.panels, workers.threads, 1)))
+    else:
+        workers = None
+        fixed = list(_call(a2, packed, out2, bias, act, res2)[1])
+        steps = [(jobs[f"tc_gemm_job_{act}"], fixed, [(0, a2.shape[0], 0, packed.panels)],
+                  ("a", MC * KC))]
+        if per_call:
+            steps.insert(0, packed.pack_step([(0, packed.panels)]))
+    # where each operand's address sits in the steps' fixed arguments (see `_call`)
+    slots: dict[str, list] = {}
+    for si, (job, _, _, _) in enumerate(steps):
+        if job in (jobs["tc_pack_b_job"], jobs["tc_pack_bt_job"]):
+            where = {"b": 0}
+        elif job == jobs["tc_pack_a_job"]:
+            where = {"a": 0}
+        else:
+            where = {"a": 0, "out": 4, "bias": 7 if bias is not None else None,
+                     "residual": 9 if res2 is not None else None}
+        for role, fi in where.items():
+            if fi is not None:
+                slots.setdefault(role, []).append((si, fi))
+    fixed_args = [list(fixed) for _, fixed, _, _ in steps]   # patched in place
+    state = {"key": None, "blocks": []}
 
     def prepare(key):   # argument blocks with this thread's workspaces
-        blocks = [(job, _block(fixed, _workspaces(ws, workers), items), len(items))
-                  for job, fixed, items, ws in steps]
+        blocks = [_block(fx, _workspaces(ws, workers), items)
+                  for fx, (_, _, items, ws) in zip(fixed_args, steps, strict=True)]
         state.update(key=key, blocks=blocks,
-                     launch=[(job, blk.ctypes.data, n) for job, blk, n in blocks])
+                     launch=[(job, blk.ctypes.data, len(items))
+                             for blk, (job, _, items, _) in zip(blocks, steps, strict=True)],
+                     serial=[pool.launcher(job, blk.ctypes.data, len(items), 1)
+                             for blk, (job, _, items, _) in zip(blocks, steps, strict=True)])
 
     def run():
         key = (_prepacked_a(), _workspace())   # a call may come from another thread
-        if key != state.get("key"):
+        if key != state["key"]:
             prepare(key)
-        if not workers.lock.acquire(blocking=False):
-            general()
+        if workers is not None and workers.lock.acquire(blocking=False):
+            try:
+                for launch in state["launch"]:
+                    workers.run(*launch)
+            finally:
+                workers.lock.release()
             return
-        try:
-            for launch in state["launch"]:
-                workers.run(*launch)
-        finally:
-            workers.lock.release()
-    return run
+        for call in state["serial"]:   # small, or the pool is taken: on this thread
+            call()
 
+    def patch(role: str, address: int) -> None:
+        if role not in ("a", "b", "out", "bias", "residual"):
+            raise KeyError(role)
+        for si, fi in slots.get(role, ()):   # none: not an operand here ("b" packed once)
+            fixed_args[si][fi] = address
+            if state["blocks"]:
+                state["blocks"][si][fi] = address
+    run.patch = patch
+    run.keep = packed   # a per-call B's packing buffer
+    return run

@@ -322,3 +322,25 @@ def run(fn: int, block: int, n: int, threads: int) -> None:
                 workers.lock.release()
             return
     serial(fn, block, n)
+
+
+def launcher(fn: int, block: int, n: int, threads: int):
+    """A zero-argument function doing `run(fn, block, n, threads)` with everything but
+    the hand-off looked up once (the runtime's per-call cost for a small graph is
+    mostly such Python). A single item calls the job directly, on this thread."""
+    if n == 1:
+        call = cfunc(fn, None, [c_void_p, c_int64, c_int64])
+        return lambda: call(block, 0, 0)
+    if threads > 1:
+        workers = get(threads)
+
+        def threaded():
+            if workers.lock.acquire(blocking=False):
+                try:
+                    workers.run(fn, block, n)
+                finally:
+                    workers.lock.release()
+            else:   # another caller has the pool
+                serial(fn, block, n)
+        return threaded
+    return lambda: serial(fn, block, n)

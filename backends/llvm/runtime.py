@@ -1,15 +1,18 @@
 """Run a lowered Program on the CPU: one arena, JIT-compiled kernels, a thread pool.
 
-Per shape specialisation everything is fixed once: the arena (all intermediates,
-inputs copied in at each call), numpy views over it for library calls, and for
-each kernel launch a ctypes argument block of buffer pointers. A call is then a
-list of ctypes calls. A kernel whose parallel loop is big enough is split into
-ranges run by the native pool's `TENSORC_NUM_THREADS` threads at once (`pool.py`).
+Per shape specialisation everything is bound once: the arena (intermediates), numpy
+views over it for library calls, for each kernel launch a ctypes argument block of
+buffer pointers, for each library call its native argument blocks. A call then
+points the buffers that move (inputs read in place, outputs) at the caller's
+memory by rewriting the words that hold their addresses, and runs a list of ctypes
+calls. A kernel whose parallel loop is big enough is split into ranges run by the
+native pool's `TENSORC_NUM_THREADS` threads at once (`pool.py`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 
 import numpy as np
@@ -27,6 +30,9 @@ from .pool import num_threads
 MIN_WORK_PER_THREAD = 1 << 19
 
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+
+# A library call's operands by role: what its `patch` calls them (see LIBRARY).
+ROLES = {"matmul": ("a", "b"), "attention": ("q", "k", "v", "mask")}
 
 
 def compile_kernels(kernels) -> dict[str, tuple[object, int]]:
@@ -48,7 +54,20 @@ def _aligned_bytes(n: int) -> np.ndarray:
 
 
 class Runner:
-    """A Program bound to memory: call `run(arrays)` to get the output arrays."""
+    """A Program bound to memory: `run(arrays, out)` returns the output arrays.
+
+    Inputs are read where the caller keeps them (zero-copy) when the array has the
+    buffer's dtype, is C-contiguous and aligned to its item size, and no step writes
+    into its buffer; otherwise they are copied into the arena first. The last rule
+    is a promise to lowerings: a step may update a graph input's buffer in place, and
+    the caller's array is never written. Outputs are computed straight into fresh
+    arrays the caller then owns (or into the caller's `out` arrays): an output's
+    buffer moves there, later steps that read it included. Only an output that is a
+    part of a larger buffer (a slice) is copied out of the arena. The one way a
+    caller's input is written: an `out` that is the very input array the Program
+    lists as that output's alias (a donated key/value cache, `Program.aliases`); the
+    copy between them is then skipped (`KernelStep.skip_if_same`).
+    """
 
     def __init__(self, program: Program, threads: int | None = None):
         self.program = program
@@ -57,43 +76,98 @@ class Runner:
         self.fns = compile_kernels(program.kernels)
         self._keep = []
         self._lock = threading.Lock()
-        self.inputs = [self.array(View(b, 0, (b.numel,), (1,))) for b in program.inputs]
-        self.outputs = [self.array(v) for v in program.outputs]
-        self.steps = [self.bind(s) for s in program.steps]
+        self._packed: dict[Call, object] = {}   # a weight's PackedB, made once
+        # The zero-copy rule: an input buffer that any step writes is always copied.
+        written = program.written()
+        self.in_place = [b not in written for b in program.inputs]
+        self.dtypes = [np.dtype(_np(b.dtype)) for b in program.inputs]
+        self.homes = [self.array(View(b, 0, (b.numel,), (1,))) for b in program.inputs]
+        self.out_dtypes = [np.dtype(_np(v.buf.dtype)) for v in program.outputs]
+        # an output view that is all of its buffer: the buffer itself moves to the result
+        self.direct = [v.buf.numel == math.prod(v.shape) for v in program.outputs]
+        moving = [b for b, ok in zip(program.inputs, self.in_place, strict=True) if ok]
+        moving += [v.buf for v, ok in zip(program.outputs, self.direct, strict=True) if ok]
+        # per moving buffer: its memory now (an array, its address; the arena at first)
+        # and what holds its address: argument-block words, library `patch`es, and
+        # steps that hold numpy views of it (bound again when it moves)
+        self._base = {b: self.array(View(b, 0, (b.numel,), (1,))) for b in moving}
+        self._addr = {b: self.pointer(b) for b in moving}
+        self._words: dict = {b: [] for b in moving}
+        self._patches: dict = {b: [] for b in moving}
+        self._rebind: dict = {b: [] for b in moving}
+        self.steps = [self.bind(s, i) for i, s in enumerate(program.steps)]
+        self.outputs = [self.array(v) for v in program.outputs]   # for `copied` outputs
 
     def array(self, v: View) -> np.ndarray:
-        """A numpy view of a planned view (over the arena, or a constant's data)."""
+        """A numpy view of a planned view (over the arena, a constant's data, or the
+        memory a moving buffer is in now)."""
         dtype = np.dtype(_np(v.buf.dtype))
         if v.buf.kind == "const":
-            base, start = v.buf.data.reshape(-1).view(dtype), v.offset
+            base = v.buf.data.reshape(-1).view(dtype)
+        elif v.buf in getattr(self, "_base", ()):
+            base = self._base[v.buf].reshape(-1).view(dtype)
         else:
-            base, start = self.arena[v.buf.offset:v.buf.offset + v.buf.nbytes].view(dtype), \
-                v.offset
+            base = self.arena[v.buf.offset:v.buf.offset + v.buf.nbytes].view(dtype)
         arr = np.lib.stride_tricks.as_strided(
-            base[start:], v.shape, tuple(s * dtype.itemsize for s in v.strides))
+            base[v.offset:], v.shape, tuple(s * dtype.itemsize for s in v.strides))
         if v.buf.kind == "const":
-            arr.flags.writeable = False  # marks weights (GEMM packs them once)
+            arr.flags.writeable = False
         return arr
 
     def pointer(self, buf) -> int:
         if buf.kind == "const":
             return buf.data.ctypes.data
+        if buf in getattr(self, "_addr", ()):
+            return self._addr[buf]
         return self.arena.ctypes.data + buf.offset
 
-    def bind(self, step):
+    def bind(self, step, index: int, register: bool = True):
+        """A zero-argument function running `step`; `register`: note, for each moving
+        buffer it uses, how to follow that buffer when it moves."""
         if isinstance(step, KernelStep):
             fn, job = self.fns[step.kernel.name]
             args = (ctypes.c_void_p * max(len(step.args), 1))(*[self.pointer(b)
                                                                 for b in step.args])
             self._keep.append(args)
+            for i, b in enumerate(step.args):
+                if b in self._words:
+                    self._words[b].append((args, i))
             address = ctypes.addressof(args)
             extent = step.kernel.parallel_extent
             threads = min(self.threads, extent, max(1, step.work // MIN_WORK_PER_THREAD))
             if threads > 1:
                 block = np.array([address, extent, threads], np.int64)
                 self._keep.append(block)
-                return lambda: pool.run(job, block.ctypes.data, threads, threads)
-            return lambda: fn(address, 0, extent)
+                run = pool.launcher(job, block.ctypes.data, threads, threads)
+            else:
+                def run():
+                    fn(address, 0, extent)
+            if step.skip_if_same is None:
+                return run
+            src, dst = step.skip_if_same
+
+            def copy():   # nothing to do where the caller donated the input as the output
+                if self.pointer(src) != self.pointer(dst):
+                    run()
+            return copy
+        if register and any(b in self._rebind for b in step.reads() + step.writes()):
+            fn = self.bind(step, index, register=False)
+            patch = getattr(fn, "patch", None)
+            roles = []
+            if isinstance(step, Call) and patch is not None:
+                roles = list(zip(ROLES[step.op], step.inputs, strict=False))
+                roles += [("out", step.outputs[0])]
+                roles += [(k, v) for k, v in step.epilogue.items() if isinstance(v, View)]
+            moving = set(step.reads() + step.writes()) & self._rebind.keys()
+            if moving <= {v.buf for _, v in roles}:   # every use of them has a role
+                for role, v in roles:
+                    if v.buf in self._patches:
+                        self._patches[v.buf].append(
+                            (patch, role, v.offset * np.dtype(_np(v.buf.dtype)).itemsize))
+            else:   # numpy views of a moving buffer: made again when it moves
+                for b in moving:
+                    self._rebind[b].append(index)
+            return fn
         if isinstance(step, IndexCheck):
             idx = self.array(step.view)
 
@@ -112,21 +186,83 @@ class Runner:
                     for o, r in zip(outs, opdef.evaluate(ins, step.attrs), strict=True):
                         np.copyto(o, r, casting="unsafe")
                 return reference
+            if step.op == "matmul" and step.inputs[1].buf.kind == "const" \
+                    and len(step.inputs[1].shape) == 2:   # a weight: packed once, here
+                if step not in self._packed:
+                    from .gemm import PackedB
+                    self._packed[step] = PackedB(ins[1], threads=self.threads)
+                ins[1] = self._packed[step]
             epilogue = {k: self.array(v) if isinstance(v, View) else v
                         for k, v in step.epilogue.items()}
             return LIBRARY[step.op](step.attrs, ins, outs[0], epilogue, self.threads)
         raise TypeError(f"unknown step {step!r}")
 
-    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        with self._lock:  # one arena: calls on one executable take turns
-            return self._run(arrays)
+    def move(self, buf, memory: np.ndarray, rebind: set) -> None:
+        """Point `buf`'s users at `memory` (an array with buf's layout)."""
+        address = memory.ctypes.data
+        if address == self._addr[buf]:
+            return
+        self._addr[buf] = address
+        if self._rebind[buf]:   # only then: else the caller's array is not kept alive
+            self._base[buf] = memory
+        for args, i in self._words[buf]:
+            args[i] = address
+        for patch, role, offset in self._patches[buf]:
+            patch(role, address + offset)
+        rebind.update(self._rebind[buf])
 
-    def _run(self, arrays):
-        for dst, a in zip(self.inputs, arrays, strict=True):
-            dst[...] = np.asarray(a).reshape(-1)
+    def _donated(self, i: int, o, arrays):
+        """The input array the caller passed again as output i's `out`, where the Program
+        lets output i share that input's memory (`Program.aliases`: a cache updated in
+        place) and the input is read in place; else None."""
+        buf = self.program.aliases.get(i)
+        if o is None or buf is None:
+            return None
+        a = arrays[self.program.inputs.index(buf)]
+        if a.ctypes.data == o.ctypes.data and a.nbytes == o.nbytes \
+                and self.pointer(buf) == a.ctypes.data:
+            return a
+        return None
+
+    def run(self, arrays: list[np.ndarray], out: list | None = None) -> list[np.ndarray]:
+        """The outputs for these inputs (checked by the caller: shapes and dtype names);
+        `out`: per output, an array to write it into (C-contiguous, its dtype and shape),
+        or None."""
+        with self._lock:  # one arena: calls on one executable take turns
+            return self._run(arrays, out)
+
+    def _run(self, arrays, out):
+        rebind: set = set()
+        for buf, a, home, dtype, ok in zip(self.program.inputs, arrays, self.homes,
+                                           self.dtypes, self.in_place, strict=True):
+            if ok and a.dtype == dtype and a.flags.c_contiguous and a.flags.aligned:
+                self.move(buf, a, rebind)
+            else:
+                home[...] = np.asarray(a).reshape(-1)
+                if ok:
+                    self.move(buf, home, rebind)
+        results = []
+        for i, (v, dtype, direct) in enumerate(zip(self.program.outputs, self.out_dtypes,
+                                                   self.direct, strict=True)):
+            o = out[i] if out is not None else None
+            donated = self._donated(i, o, arrays)
+            if o is None or not o.flags.aligned or any(
+                    np.may_share_memory(o, x) for x in [*arrays, *results] if x is not donated):
+                o = np.empty(v.shape, dtype)   # else the caller's array, checked
+            if direct:
+                self.move(v.buf, o, rebind)
+            results.append(o)
+        for i in rebind:
+            self.steps[i] = self.bind(self.program.steps[i], i, register=False)
         for step in self.steps:
             step()
-        return [np.array(o) for o in self.outputs]
+        for i, (o, direct) in enumerate(zip(results, self.direct, strict=True)):
+            if not direct:
+                o[...] = self.outputs[i]
+            elif out is not None and out[i] is not None and o is not out[i]:
+                out[i][...] = o   # the caller's `out` overlapped an input: computed aside
+                results[i] = out[i]
+        return results
 
 
 def _np(dtype: str):
@@ -137,17 +273,17 @@ def _np(dtype: str):
 # --- library calls: op -> bind(attrs, inputs, out, epilogue, threads) -> step ----------
 
 def _matmul(attrs, ins, out, epilogue, threads):
-    a, b = ins   # float32: lowering generates kernels for other types
-    from .gemm import PackedB, bind
-    if b.ndim == 2 and not b.flags.writeable:  # a weight: pack it once, here
-        b = PackedB(b, threads=threads)
+    # float32: lowering generates kernels for other types; a weight's B comes packed
+    # (Runner.bind)
+    from .gemm import bind
+    a, b = ins
     kwargs = {k: epilogue[k] for k in ("bias", "activation", "residual") if k in epilogue}
     return bind(a, b, out, threads=threads, **kwargs)  # checks and arguments made once
 
 
 def _attention(attrs, ins, out, epilogue, threads):
     from .attention import bind
-    return bind(*ins, **attrs, threads=threads, out=out)  # writes into the arena
+    return bind(*ins, **attrs, threads=threads, out=out)
 
 
 LIBRARY = {"matmul": _matmul, "attention": _attention}

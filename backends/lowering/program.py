@@ -12,8 +12,9 @@ from .. import kernel_ir as K
 
 @dataclass(eq=False)
 class Buf:
-    """One planned buffer. kind: "arena" (planned), "input" (copied in at each call, also
-    in the arena) or "const" (the graph's weight array, `data`)."""
+    """One planned buffer. kind: "arena" (planned), "input" (a graph input: planned in the
+    arena too, where it is copied unless the runtime reads the caller's array in place:
+    see `Program.written`) or "const" (the graph's weight array, `data`)."""
     nbytes: int
     dtype: str
     kind: str = "arena"
@@ -110,6 +111,15 @@ class Program:
     # the output is the input updated (a key/value cache), and its only copy is a
     # `skip_if_same` step
     aliases: dict[int, Buf] = field(default_factory=dict)
+    _written: set | None = field(default=None, init=False, repr=False)
+
+    def written(self) -> set[Buf]:
+        """The buffers some step writes. The zero-copy rule: a graph input's buffer in
+        this set is always a copy of the caller's array (a step may update its operand
+        in place); a runtime may read the other inputs where the caller keeps them."""
+        if self._written is None:   # steps are final once a Program is made
+            self._written = {b for s in self.steps for b in s.writes()}
+        return self._written
 
     @property
     def kernels(self) -> list[K.Kernel]:
