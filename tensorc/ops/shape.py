@@ -257,6 +257,6 @@ register(OpDef(
     attrs={"axis": Attr("int", -2)},
     doc="the cache with `update` written at rows index[b].. of `axis` in each batch row b "
         "(ONNX TensorScatter, linear mode): how a key/value cache takes a step's rows. "
-        "A compiled backend writes the rows into the cache operand's own buffer when it is "
-        "a graph input used nowhere else, instead of copying the cache first",
+        "On llvm a caller may donate a cache that is a graph input (pass it back as the "
+        "result's out): the rows are then written in place, with no copy of the cache",
 ))
