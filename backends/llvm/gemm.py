@@ -28,6 +28,7 @@ import numpy as np
 
 from tensorc.errors import ShapeError, TensorcError
 
+from . import gemv as _gemv
 from . import pool
 from .gemm_ir import (
     _ALIASES,
@@ -259,6 +260,13 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
         out[...] = _numpy_epilogue(np.zeros((M, N), np.float32), bias, act, residual)
         return out
     panels = packed.panels
+    if M <= _gemv.GEMV_MAX_M:   # decode-shaped: stream B once, see gemv.py
+        b, trans = packed._source[0], packed._source[1] is kernels()["pack_bt"]
+        if fill and trans:   # B^T per call: pack it, then stream the panels
+            packed.fill_jobs(threads)
+        run_jobs(_gemv_steps(a, b if fill and not trans else packed, out, bias, act,
+                             residual, threads), threads)
+        return out
 
     fn, args = _call(a, packed, out, bias, act, residual)
 
@@ -279,6 +287,31 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
         steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
     run_jobs(steps, threads)
     return out
+
+
+def _gemv_steps(a, b, out, bias, act, residual, threads) -> list:
+    """The native job of a GEMM with at most GEMV_MAX_M rows (see gemv.py): b is a
+    PackedB, or a row-major [K, N] array (unit inner stride) used as it is. Threads
+    claim items of a few column panels each when B is big enough to share."""
+    m = a.shape[0]
+    if isinstance(b, PackedB):
+        ptr, k, n, kstride, pstride = b.ptr, b.k, b.n, NR, b.k * NR
+    else:
+        ptr, (k, n), kstride, pstride = b.ctypes.data, b.shape, b.strides[0] // 4, NR
+    res = residual if residual is not None else out
+    fixed = [a.ctypes.data, a.strides[0] // 4, ptr, kstride, pstride, k, out.ctypes.data,
+             out.strides[0] // 4, n, m, (bias if bias is not None else out).ctypes.data,
+             int(bias is not None), res.ctypes.data, res.strides[0] // 4,
+             int(residual is not None)]
+    panels = -(-n // NR)
+    parts = ITEMS_PER_THREAD * threads if threads > 1 and k * n >= GEMV_THREADED else 1
+    items = _split(panels, parts, 1)
+    return [(_gemv.kernels()[f"tc_gemv_job_{act}"], fixed, items, None)]
+
+
+# a B of this many floats (256 KiB) is streamed by all threads in the GEMV path: below
+# it the hand-off costs more than the second core saves
+GEMV_THREADED = 1 << 16
 
 
 def _schedule(a, packed, out, bias, act, residual, threads) -> list:
@@ -419,10 +452,12 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
                  and not np.may_share_memory(res2, out2))
             and not np.may_share_memory(a2, out2)):
         return general
-    if a2.shape[0] * b.n * b.k < 1 << 21:   # as gemm: one thread
+    small = 0 < a2.shape[0] <= _gemv.GEMV_MAX_M and b.k > 0 and b.n > 0
+    if a2.shape[0] * b.n * b.k < 1 << 21 and not small:   # as gemm: one thread
         return general
     workers = pool.get(threads)
-    steps = _schedule(a2, b, out2, bias, act, res2, workers.threads)
+    steps = _gemv_steps(a2, b, out2, bias, act, res2, workers.threads) if small else \
+        _schedule(a2, b, out2, bias, act, res2, workers.threads)
     state = {}
 
     def prepare(key):   # argument blocks with this thread's workspaces
@@ -439,8 +474,8 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             general()
             return
         try:
-            for launch in state["launch"]:
-                workers.run(*launch)
+            for job, block, n in state["launch"]:
+                workers.run(job, block, n) if n > 1 else pool.serial(job, block, n)
         finally:
             workers.lock.release()
     return run
