@@ -12,7 +12,9 @@ fused `matmul + bias + gelu + residual` touches C once.
 Threads: with a few rows (a transformer's tokens) and a packed weight, A is packed
 once into a buffer both threads read from L2, and the column panels are cut into
 small items that the threads of the native pool (`pool.py`: one hand-off per call,
-workers that spin briefly instead of sleeping) claim; many rows split by rows.
+workers that spin briefly instead of sleeping) claim; many rows split by rows. With
+at most 8 rows (a decode step's tokens) none of that: `gemv.py` streams each panel of B
+once with all the rows multiplied into it (`_gemv_steps`), A unpacked.
 
 `gemm()` is the numpy-level API (batched, broadcasting, threaded); `bind()` does
 its checks once for arrays that never move and returns a call (the runtime's);
