@@ -179,6 +179,9 @@ class PackedB:
             threads = num_threads() if threads is None else threads
             many = threads > 1 and self.k * self.n >= 1 << 18
             self.fill_jobs(threads if many else 1)
+            # packed: let go of B, which for a transposed view (a tied embedding's E.T)
+            # is a contiguous copy as big as the panels
+            self._source = None
 
     def fill_jobs(self, threads: int) -> None:
         """Pack every panel, split across the pool's threads."""
@@ -263,11 +266,13 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
         return out
     panels = packed.panels
     if M <= _gemv.GEMV_MAX_M:   # decode-shaped: stream B once, see gemv.py
-        b, trans = packed._source[0], packed._source[1] is kernels()["pack_bt"]
-        if fill and trans:   # B^T per call: pack it, then stream the panels
-            packed.fill_jobs(threads)
-        run_jobs(_gemv_steps(a, b if fill and not trans else packed, out, bias, act,
-                             residual, threads), threads)
+        b = packed
+        if fill:   # B per call: streamed as it is, or B^T packed first
+            b, pack = packed._source
+            if pack is kernels()["pack_bt"]:
+                b = packed
+                packed.fill_jobs(threads)
+        run_jobs(_gemv_steps(a, b, out, bias, act, residual, threads), threads)
         return out
 
     fn, args = _call(a, packed, out, bias, act, residual)
