@@ -106,13 +106,19 @@ def test_broadcast_kv_heads_and_strided_views():
                             np.broadcast_to(v, (2, 4, 50, 64)), None, 0.125))
 
 
-def test_bind_runs_the_decode_plan(used):
+@pytest.mark.parametrize("threads,s", [(2, 256), (1, 256), (2, 3)])
+def test_bind_runs_the_decode_plan(used, threads, s):
+    """Bound once (threaded, or planned once for this thread alone), then reading the
+    arrays' contents at each run."""
     rng = np.random.default_rng(2)
-    q, k, v = randn(rng, 1, 8, 1, 64), randn(rng, 1, 8, 256, 64), randn(rng, 1, 8, 256, 64)
-    mask = rng.random((1, 1, 1, 256)) > 0.2
+    q, k, v = randn(rng, 1, 8, 1, 64), randn(rng, 1, 8, s, 64), randn(rng, 1, 8, s, 64)
+    mask = rng.random((1, 1, 1, s)) > 0.2
+    mask[..., 0] = True
     out = np.empty((1, 8, 1, 64), np.float32)
-    run = A.bind(q, k, v, mask, 0.125, threads=2, out=out)
-    k[...] = randn(rng, *k.shape)   # bound to the arrays, read at each run
-    run()
-    assert_close(out, naive(q, k, v, mask, 0.125))
+    run = A.bind(q, k, v, mask, 0.125, threads=threads, out=out)
+    for _ in range(2):
+        k[...] = randn(rng, *k.shape)
+        q[...] = randn(rng, *q.shape)
+        run()
+        assert_close(out, naive(q, k, v, mask, 0.125))
     assert used

@@ -486,8 +486,17 @@ def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
                                                         mask_value, threads, out)
     copied = [not np.may_share_memory(x, y) for x, y in zip(keep, (q, k, v, mask), strict=False)
               if y is not None]
-    if threads == 1 or len(items) == 1 or any(copied):   # a copy would go stale
+    if any(copied):   # a copy would go stale
         return general
+    if threads == 1 or len(items) == 1:   # on this thread, planned once (a decode step's
+        work = aligned_empty(work_size)   # few keys: the plan cost more than the kernel)
+        block1 = np.array([*fixed, 1, work.ctypes.data, *[x for it in items for x in it]],
+                          np.int64)
+
+        def alone():
+            pool.serial(job, block1.ctypes.data, len(items))
+        alone.keep = (keep, work, block1)
+        return alone
     workers = pool.get(threads)
     works = [aligned_empty(work_size) for _ in range(workers.threads)]
     block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
