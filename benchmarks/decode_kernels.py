@@ -17,6 +17,9 @@ weight once, so its floor is weight bytes / memory bandwidth. This prints:
 - the whole decode step's matmuls in one graph (6 layers of qkv, out-proj, mlp up
   with gelu, mlp down with the residual, then the logits: 92 MB of weights, more than
   the L2s hold), the figure a token's latency is bounded by;
+- the decode step's matmuls and GPT small's forward at seq 1, compiled twice in one
+  process with the GEMV path and the decode attention kernel off and on, calls taking
+  turns (the fairest comparison on a shared machine);
 - flash attention (`backends/llvm/attention.py`, bound once as the runtime runs it)
   with t = 1 query row, 8 heads of 64, s cached keys, batch 1 and 4, without and with
   a bool keep-mask [b, 1, 1, s], against numpy's unfused softmax(q k^T) v; GB/s counts
@@ -128,7 +131,7 @@ def worker_tensorc(repeat: int) -> dict:
     for m in ROWS:
         fn, x, _ = chain(m)
         exe = tensorc.compile(tensorc.trace(fn, x=x), "llvm", passes="O2")
-        out["chain"].append(median_seconds(max(5, repeat // 5), lambda exe=exe, x=x: exe(x)))
+        out["chain"].append(median_seconds(max(5, repeat // 2), lambda exe=exe, x=x: exe(x)))
     for shape in ATTN:
         q, k, v, mask = attn_operands(*shape)
         for m in (None, mask):
@@ -155,7 +158,41 @@ def worker_numpy(repeat: int) -> dict:
     return out
 
 
-WORKERS = {"tensorc": worker_tensorc, "numpy": worker_numpy}
+def worker_paths(repeat: int) -> dict:
+    """The decode step's matmuls and GPT small at batch 1, seq 1 (a decode step without
+    the cache: 92 MB of weights, attention over one key), each compiled twice in this
+    process, with the GEMV path and the decode attention kernel switched off (the
+    packed GEMM, the flash blocks) and on; the two take turns call by call, so that
+    the machine's load hits both alike. Medians."""
+    import tensorc
+    import tensorc.models
+    from tensorc.backends.llvm import attention, gemv
+
+    def compiled(g, on: bool):
+        gemv.GEMV_MAX_M, attention.DECODE_T = (8, 4) if on else (0, 0)
+        try:
+            return tensorc.compile(g, "llvm", passes="O2")
+        finally:
+            gemv.GEMV_MAX_M, attention.DECODE_T = 8, 4
+    fn, x, _ = chain(1)
+    model = tensorc.models.get("gpt", "small")
+    feeds = model.example_inputs(batch=1, seq=1)
+    out = {}
+    for name, g, call in (("chain", tensorc.trace(fn, x=x), lambda e: e(x)),
+                          ("gpt", tensorc.trace(model, **feeds), lambda e: e.run(feeds))):
+        exes = [compiled(g, False), compiled(g, True)]
+        times = [[], []]
+        for i in range(3 + repeat):
+            for j, exe in enumerate(exes):
+                t0 = time.perf_counter()
+                call(exe)
+                if i >= 3:
+                    times[j].append(time.perf_counter() - t0)
+        out[name] = [float(np.median(t)) for t in times]
+    return out
+
+
+WORKERS = {"tensorc": worker_tensorc, "numpy": worker_numpy, "paths": worker_paths}
 
 
 def run_worker(kind: str, repeat: int, env: dict) -> dict | None:
@@ -209,18 +246,21 @@ def main() -> None:
     from bandwidth import read_bandwidth
 
     env = dict(os.environ)
-    runs = {"tc": ("tensorc", env), "np": ("numpy", env)}
+    runs = {"tc": ("tensorc", env), "np": ("numpy", env), "paths": ("paths", env)}
     if args.baseline:
         runs["base"] = ("tensorc", {**env, "PYTHONPATH": os.path.abspath(args.baseline)})
     rounds = {key: [] for key in runs}
     bws = []
-    for _ in range(args.rounds):
+    order = list(runs)
+    for r in range(args.rounds):   # each round starts with the next engine
         bws.append(read_bandwidth(512, args.threads))
-        for key, (kind, e) in runs.items():
+        for key in order[r % len(order):] + order[:r % len(order)]:
+            kind, e = runs[key]
             res = run_worker(kind, args.repeat, e)
             if res is not None:
                 rounds[key].append(res)
     tc, npy, base = best(rounds["tc"]), best(rounds["np"]), best(rounds.get("base", []))
+    paths = best(rounds["paths"])
     if tc is None or npy is None:
         sys.exit("a worker failed")
     bw = max(bws)
@@ -259,6 +299,17 @@ def main() -> None:
             if base else ""
         print(f"| {m} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} | {nbytes / t / 1e9 / bw:.0%}"
               f"{extra} |")
+    if paths:
+        print()
+        print("the same process, compiled twice, calls taking turns: GEMV path and decode "
+              "attention off (packed GEMM, flash blocks) and on; GPT small is batch 1, seq 1")
+        print()
+        print("| graph | off ms | on ms | on / off |")
+        print("| --- | ---: | ---: | ---: |")
+        for key, label in (("chain", "decode step's matmuls, M = 1"),
+                           ("gpt", "GPT small forward, seq 1")):
+            off, on = paths[key]
+            print(f"| {label} | {off * 1e3:.2f} | {on * 1e3:.2f} | {on / off:.2f} |")
     print()
     print("attention, one query row (t = 1), scale 1/8; GB/s of K and V read")
     print()
