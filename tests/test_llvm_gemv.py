@@ -100,13 +100,15 @@ def test_strided_rows_and_broadcast_residual(rng, used):
     assert np.isnan(out[:, :10]).all() and np.isnan(out[:, 80:]).all()
 
 
-def test_bind_takes_the_gemv_path(rng, used):
-    """The runtime's bound call of a packed weight with a few rows streams it."""
+@pytest.mark.parametrize("threads,n", [(2, 1536), (1, 1536), (2, 40)])
+def test_bind_takes_the_gemv_path(rng, used, threads, n):
+    """The runtime's bound call of a packed weight with a few rows streams it: on the
+    pool, or (one thread, or a B too small to share) as a direct call."""
     for m in (1, 4, 8):
-        a, b, bias, res = operands(rng, m, 512, 1536)
-        out = np.empty((m, 1536), np.float32)
+        a, b, bias, res = operands(rng, m, 512, n)
+        out = np.empty((m, n), np.float32)
         run = G.bind(a, G.PackedB(b), out, bias=bias, activation="gelu_tanh", residual=res,
-                     threads=2)
+                     threads=threads)
         run()
         assert_close(out, ref(a, b, bias, "gelu_tanh", res))
         a[...] = rng.standard_normal(a.shape, np.float32)   # bound to the arrays

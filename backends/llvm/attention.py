@@ -495,7 +495,7 @@ def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
 
         def alone():
             pool.serial(job, block1.ctypes.data, len(items))
-        alone.keep = (keep, work, block1)
+        alone.keep = (keep, work, block1, out)   # what the block's pointers point into
         return alone
     workers = pool.get(threads)
     works = [aligned_empty(work_size) for _ in range(workers.threads)]

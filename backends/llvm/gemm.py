@@ -429,7 +429,8 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
 
     For arrays that never move (the runtime's arena views): a threaded product with
     a packed weight has its checks, schedule and argument blocks made here once,
-    which leaves one or two native pool calls per run; anything else runs `gemm`."""
+    which leaves one or two native pool calls per run (with at most 8 rows, on any
+    thread count, one pool call or one direct call); anything else runs `gemm`."""
     threads = num_threads() if threads is None else max(1, int(threads))
     act = _activation_name(activation)
 
@@ -451,7 +452,8 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         except (AttributeError, ValueError):   # ValueError: -1 is ambiguous when empty
             return x
     a2, out2, res2 = flat(a), flat(out), flat(residual)   # `general` keeps the originals
-    if not (isinstance(b, PackedB) and threads > 1 and rows(a2) and rows(out2)
+    few = a2.ndim == 2 and 0 < a2.shape[0] <= _gemv.GEMV_MAX_M   # a decode step's rows
+    if not (isinstance(b, PackedB) and (threads > 1 or few) and rows(a2) and rows(out2)
             and out2.flags.writeable and a2.shape == (out2.shape[0], b.k)
             and out2.shape[1] == b.n and (bias is None or bias.dtype == np.float32 and
                                           bias.shape == (b.n,) and bias.flags.c_contiguous)
@@ -459,12 +461,22 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
                  and not np.may_share_memory(res2, out2))
             and not np.may_share_memory(a2, out2)):
         return general
-    small = 0 < a2.shape[0] <= _gemv.GEMV_MAX_M and b.k > 0 and b.n > 0
+    small = few and b.k > 0 and b.n > 0
     if a2.shape[0] * b.n * b.k < 1 << 21 and not small:   # as gemm: one thread
         return general
+    if small:   # (the pool's thread count: see pool.Pool)
+        steps = _gemv_steps(a2, b, out2, bias, act, res2, min(threads, pool.MAX_WORKERS + 1))
+        _, fixed, items, _ = steps[0]
+        if len(items) == 1:   # this thread alone: a direct call, no pool, no checks
+            fn, args = _gemv.driver(act), (*fixed, *items[0])
+
+            def direct():
+                fn(*args)
+            direct.keep = (a2, b, out2, bias, res2)   # what the pointers point into
+            return direct
     workers = pool.get(threads)
-    steps = _gemv_steps(a2, b, out2, bias, act, res2, workers.threads) if small else \
-        _schedule(a2, b, out2, bias, act, res2, workers.threads)
+    if not small:
+        steps = _schedule(a2, b, out2, bias, act, res2, workers.threads)
     state = {}
 
     def prepare(key):   # argument blocks with this thread's workspaces

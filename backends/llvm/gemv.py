@@ -22,12 +22,13 @@ one row do not wait on each other), and live in a module of their own.
 from __future__ import annotations
 
 import threading
+from ctypes import c_int64, c_void_p
 
 from llvmlite import ir
 
 from .gemm_ir import ACTIVATIONS, NR
 from .irbuild import F32, I32, I64, M16, PTR, V16, FnBuilder, c64, job, vconst
-from .jit import compile_ir
+from .jit import cfunc, compile_ir
 
 GEMV_MAX_M = 8
 # driver arguments: a, lda, b, kstride, pstride, k, c, ldc, n, m, bias, has_bias, res,
@@ -168,3 +169,15 @@ def kernels() -> dict:
             names = [f"tc_gemv_{p}{a}" for a in ACTIVATIONS for p in ("", "job_")]
             _lib = compile_ir(build_module(), names)
         return _lib
+
+
+_drivers: dict = {}
+
+
+def driver(act: str):
+    """The ctypes function of tc_gemv_<act> (FIXED's arguments, then jp0, jp1)."""
+    fn = _drivers.get(act)
+    if fn is None:
+        types = [c_void_p if t == PTR else c_int64 for t in FIXED] + [c_int64, c_int64]
+        fn = _drivers[act] = cfunc(kernels()[f"tc_gemv_{act}"], None, types)
+    return fn
