@@ -1,12 +1,15 @@
 """Flash attention's path for a decode step's few query rows (`_decode_kernel` in
 backends/llvm/attention.py) against the float64 definition and the op's reference."""
 
+import ctypes
 import math
 
+import llvmlite.binding as llvm
 import numpy as np
 import pytest
 
 from tensorc.backends.llvm import attention as A
+from tensorc.backends.llvm import jit
 from tensorc.ops.attention import attention as op_reference
 
 
@@ -122,3 +125,37 @@ def test_bind_runs_the_decode_plan(used, threads, s):
         run()
         assert_close(out, naive(q, k, v, mask, 0.125))
     assert used
+
+
+@pytest.mark.skipif(not jit.target().triple.startswith("x86_64"), reason="x86-64 only")
+def test_portable_path_without_avx512():
+    """The attention module compiled for this CPU with AVX-512 switched off (16-lane
+    vectors become pairs of 8-lane ones), its decode kernel run directly."""
+    t = jit.target()
+    feats = ",".join("-" + f[1:] if f[1:].startswith("avx512") else f
+                     for f in t.features.split(",") if f)
+    machine = llvm.Target.from_triple(t.triple).create_target_machine(
+        cpu="x86-64-v3", features=feats, opt=3, reloc="static", codemodel="jitdefault")
+    mod = jit.parse(A.build_module())
+    mod.triple, mod.data_layout = t.triple, str(machine.target_data)
+    pb = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
+    pb.getModulePassManager().run(mod, pb)
+    assert "zmm" not in machine.emit_assembly(mod)
+    engine = llvm.create_mcjit_compiler(mod, machine)
+    engine.finalize_object()
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    fn = jit.cfunc(engine.get_function_address("tc_attention_decode_keep"), None,
+                   [P] * 6 + [ctypes.c_float] * 2 + [I] * 5 + [P])
+    rng = np.random.default_rng(4)
+    for b, h, t_, s, d in [(1, 2, 1, 37, 64), (2, 3, 3, 100, 20)]:
+        q, k, v = randn(rng, b, h, t_, d), randn(rng, b, h, s, d), randn(rng, b, h, s, d)
+        mask = rng.random((b, 1, t_, s)) > 0.3
+        mask[..., 0] = True
+        out = np.empty((b, h, t_, d), np.float32)
+        _, fixed, _, _, work_size, keep = A._plan(q, k, v, mask, 0.2, False, -math.inf, 1,
+                                                  out)
+        work = A.aligned_empty(work_size)
+        fn(*fixed[:6], 0.2, -math.inf, 0, 0, b * h, 0, t_, work.ctypes.data)
+        assert_close(out, naive(q, k, v, mask, 0.2))
+        del keep
+    del engine
