@@ -47,6 +47,20 @@ V16I8 = ir.VectorType(I8, 16)
 NEG_INF = float("-inf")
 
 
+def _heads(f, g, m, hh, mask_kind):
+    """Pointers to item hh's (batch, head) of q, k, v, out and the mask; a query head
+    reads key/value head hi // group (grouped-query attention, in place)."""
+    b = f.b
+    bi, hi = b.sdiv(hh, m["heads"]), b.srem(hh, m["heads"])
+    hkv = b.sdiv(hi, m["group"])
+
+    def head(ptr, pre, ty=F32):
+        h_of = hkv if pre in "kv" else hi
+        return f.at(ptr, f.mul(bi, m[pre + "_b"]), f.mul(h_of, m[pre + "_h"]), ty=ty)
+    return (*(head(g[n], n) for n in "qkvo"),
+            head(g["mask"], "m", I8 if mask_kind == "keep" else F32))
+
+
 def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
     """tc_attention_<mask_kind>: heads [h0, h1) x query rows [i0, i1)."""
     f = FnBuilder(module, f"tc_attention_{mask_kind}", [
@@ -93,15 +107,7 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
         return b.call(fn, [ir.Constant(F32, 0.0), vec], fastmath=("reassoc",))
 
     with f.loop(g["h0"], g["h1"]) as hh:
-        bi, hi = b.sdiv(hh, m["heads"]), b.srem(hh, m["heads"])
-
-        hkv = b.sdiv(hi, m["group"])      # the key/value head this query head reads
-
-        def head(ptr, pre, ty=F32):
-            h_of = hkv if pre in "kv" else hi
-            return f.at(ptr, f.mul(bi, m[pre + "_b"]), f.mul(h_of, m[pre + "_h"]), ty=ty)
-        qh, kh, vh, oh = (head(g[n], n) for n in "qkvo")
-        mh = head(g["mask"], "m", I8 if mask_kind == "keep" else F32)
+        qh, kh, vh, oh, mh = _heads(f, g, m, hh, mask_kind)
         b.call(pack_bt, [kh, m["k_t"], d, s, kt, c64(0), tiles])
 
         with f.loop(g["i0"], g["i1"], BR) as i:
@@ -199,6 +205,105 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
     return f.finish()
 
 
+DECODE_T = 4   # query rows up to which `_decode_kernel` runs instead of the flash blocks
+GROUP = 4      # 16-lane chunks of a row of Q / K / V / O held in registers at once
+
+
+def _decode_kernel(module: ir.Module, mask_kind: str) -> ir.Function:
+    """tc_attention_decode_<mask_kind>: heads [h0, h1) x query rows [i0, i1), one row
+    at a time, for a decode step's few rows (t <= DECODE_T) over s cached keys.
+
+    The flash blocks above pack K^T per head and compute BR = 8 rows whatever t is;
+    here each row reads K and V once, straight from their rows: scores[j] = q . k_j
+    (scaled q in registers, a horizontal sum per key) into the workspace with the
+    row's max, then p = exp(scores - max) 16 keys at a time, then O = sum_j p_j v_j
+    with GROUP chunks of the row of V per pass, and O / sum p. Same arguments and
+    meaning as `_kernel`; the workspace holds the scaled row of Q and the s scores."""
+    f = FnBuilder(module, f"tc_attention_decode_{mask_kind}", [
+        ("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("mask", PTR), ("meta", PTR),
+        ("scale", F32), ("mask_value", F32), ("causal", I64),
+        ("h0", I64), ("h1", I64), ("i0", I64), ("i1", I64), ("work", PTR)])
+    b, g = f.b, f.arg
+    m = {n: b.load(f.at(g["meta"], c64(i), ty=I64), typ=I64) for i, n in enumerate(META)}
+    s, d, dv = m["s"], m["d"], m["dv"]
+    def up(x, n):   # x rounded up to a multiple of n
+        return f.mul(b.sdiv(b.add(x, c64(n - 1)), c64(n)), n)
+    qbuf = g["work"]                       # scaled row of Q, zero up to a whole group
+    sbuf = f.at(qbuf, up(d, 16 * GROUP))   # scores, then weights, [s]
+    mv = g["mask_value"]
+    causal = b.icmp_signed("!=", g["causal"], c64(0))
+    skip_tail = b.and_(causal, b.fcmp_ordered("==", mv, ir.Constant(F32, NEG_INF)))
+    neg_inf = ir.Constant(F32, NEG_INF)
+
+    def reduce_sum(vec):
+        fn = f.intrinsic("llvm.vector.reduce.fadd.v16f32", F32, [F32, V16])
+        return b.call(fn, [ir.Constant(F32, 0.0), vec], fastmath=("reassoc",))
+
+    def lanes(n, c):   # lanes of 16-lane chunk c below n
+        return f.lanes_below(b.sub(n, f.mul(c, 16)))
+
+    with f.loop(g["h0"], g["h1"]) as hh:
+        qh, kh, vh, oh, mh = _heads(f, g, m, hh, mask_kind)
+
+        with f.loop(g["i0"], g["i1"]) as i:
+            qrow = f.at(qh, f.mul(i, m["q_t"]))
+            with f.loop(0, up(d, 16 * GROUP), 16) as c:   # zero past d
+                x = f.mload(f.at(qrow, c), f.lanes_below(b.sub(d, c)))
+                f.vstore(b.fmul(x, f.splat(g["scale"])), f.at(qbuf, c), 64)
+            jend = b.select(skip_tail, f.min(s, b.add(i, c64(1))), s)
+            mrow = f.at(mh, f.mul(i, m["m_t"]), ty=I8 if mask_kind == "keep" else F32)
+            mx = f.var(F32, neg_inf)
+            with f.loop(0, jend) as j:   # scores and their max
+                krow = f.at(kh, f.mul(j, m["k_t"]))
+                acc = f.var(V16, vconst(0.0))
+                with f.loop(0, d, 16 * GROUP) as c0:
+                    parts = []
+                    for u in range(GROUP):
+                        c = b.add(c0, c64(16 * u))
+                        kv = f.mload(f.at(krow, c), f.lanes_below(b.sub(d, c)))
+                        parts.append(b.fmul(f.vload(f.at(qbuf, c), 64), kv))
+                    while len(parts) > 1:
+                        parts = [b.fadd(x, y) for x, y in zip(parts[::2], parts[1::2],
+                                                             strict=True)]
+                    b.store(b.fadd(b.load(acc, typ=V16), parts[0]), acc)
+                sc = reduce_sum(b.load(acc, typ=V16))
+                sc = b.select(b.and_(causal, b.icmp_signed(">", j, i)), mv, sc)
+                if mask_kind == "keep":
+                    keep = b.icmp_unsigned("!=", b.load(f.at(mrow, j, ty=I8), typ=I8),
+                                           ir.Constant(I8, 0))
+                    sc = b.select(keep, sc, mv)
+                elif mask_kind == "add":
+                    sc = b.fadd(sc, b.load(f.at(mrow, j), typ=F32))
+                b.store(sc, f.at(sbuf, j))
+                old = b.load(mx, typ=F32)
+                b.store(b.select(b.fcmp_ordered(">", sc, old), sc, old), mx)
+            mxv = b.load(mx, typ=F32)
+            base = f.splat(b.select(b.fcmp_ordered("==", mxv, neg_inf),
+                                    ir.Constant(F32, 0.0), mxv))
+            lsum = f.var(V16, vconst(0.0))
+            with f.loop(0, jend, 16) as j:   # weights p = exp(scores - max), their sum
+                ok = f.lanes_below(b.sub(jend, j))
+                p = f.exp(b.fsub(f.mload(f.at(sbuf, j), ok), base))
+                p = b.select(ok, p, vconst(0.0))
+                f.mstore(p, f.at(sbuf, j), ok)
+                b.store(b.fadd(b.load(lsum, typ=V16), p), lsum)
+            inv = f.splat(b.fdiv(ir.Constant(F32, 1.0), reduce_sum(b.load(lsum, typ=V16))))
+            orow = f.at(oh, f.mul(i, m["o_t"]))
+            with f.loop(0, dv, 16 * GROUP) as c0:   # O = sum_j p_j v_j, / sum p
+                cs = [b.add(c0, c64(16 * u)) for u in range(GROUP)]
+                masks = [f.lanes_below(b.sub(dv, c)) for c in cs]
+                o = [f.var(V16, vconst(0.0)) for _ in range(GROUP)]
+                with f.loop(0, jend) as j:
+                    pj = f.splat(b.load(f.at(sbuf, j), typ=F32))
+                    vrow = f.at(vh, f.mul(j, m["v_t"]))
+                    for u in range(GROUP):
+                        vv = f.mload(f.at(vrow, cs[u]), masks[u])
+                        b.store(f.fma(pj, vv, b.load(o[u], typ=V16)), o[u])
+                for u in range(GROUP):
+                    f.mstore(b.fmul(b.load(o[u], typ=V16), inv), f.at(orow, cs[u]), masks[u])
+    return f.finish()
+
+
 def _splat_i1(b: ir.IRBuilder, flag):
     v = b.insert_element(ir.Constant(M16, ir.Undefined), flag, ir.Constant(I32, 0))
     return b.shuffle_vector(v, ir.Constant(M16, ir.Undefined), ir.Constant(VI32, [0] * 16))
@@ -215,6 +320,8 @@ def build_module() -> ir.Module:
     for kind in MASKS:
         job(module, f"tc_attention_job_{kind}", _kernel(module, kind),
              [PTR] * 6 + [F32, F32, I64], 4, work="last")
+        job(module, f"tc_attention_decode_job_{kind}", _decode_kernel(module, kind),
+            [PTR] * 6 + [F32, F32, I64], 4, work="last")
     return module
 
 
@@ -227,11 +334,13 @@ def kernels() -> dict:
     with _lock:
         if _lib is None:
             names = [f"tc_attention_{kind}" for kind in MASKS]
-            jobs = [f"tc_attention_job_{kind}" for kind in MASKS]
+            jobs = [f"tc_attention_{p}job_{kind}" for kind in MASKS for p in ("", "decode_")]
             addrs = compile_ir(build_module(), names + jobs)
             args = [c_void_p] * 6 + [c_float, c_float] + [c_int64] * 5 + [c_void_p]
             _lib = {kind: cfunc(addrs[f"tc_attention_{kind}"], None, args) for kind in MASKS}
             _lib["jobs"] = {kind: addrs[f"tc_attention_job_{kind}"] for kind in MASKS}
+            _lib["decode_jobs"] = {kind: addrs[f"tc_attention_decode_job_{kind}"]
+                                   for kind in MASKS}
         return _lib
 
 
@@ -325,6 +434,8 @@ def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
     work_size = -(-S // BC) * BC * D + -(-D // 2) * 2 * BR + BR * chunks * 16 + BR * BC
 
     threads = num_threads() if threads is None else max(1, int(threads))
+    if T <= DECODE_T:   # a decode step's few rows: `_decode_kernel`
+        return _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads)
     if B * H * T * S * (D + DV) < 1 << 20:
         threads = 1
     if B * H >= threads:   # a head per item: threads claim them as they finish
@@ -338,6 +449,26 @@ def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
     fixed = [q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, m.ctypes.data,
              meta.ctypes.data, _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
     return kernels()["jobs"][kind], fixed, items, threads, work_size, (q, k, v, m, meta)
+
+
+def _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads):
+    """`_plan` for at most DECODE_T query rows: a (batch, head) per item (the rows of
+    one head read its K and V, which then stay in cache), or a row per item when
+    there are fewer heads than threads; threads once K and V reach 64 KiB."""
+    B, H, T, _ = q.shape
+    S, D, DV = k.shape[2], k.shape[3], v.shape[3]
+    work_size = -(-D // (16 * GROUP)) * 16 * GROUP + -(-S // 16) * 16
+    if B * H * T * S * (D + DV) < 1 << 14:
+        threads = 1
+    if threads == 1:
+        items = [(0, B * H, 0, T)]
+    elif B * H >= threads or T == 1:
+        items = [(h, h + 1, 0, T) for h in range(B * H)]
+    else:
+        items = [(0, B * H, i, i + 1) for i in range(T)]
+    fixed = [q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, m.ctypes.data,
+             meta.ctypes.data, _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
+    return kernels()["decode_jobs"][kind], fixed, items, threads, work_size, (q, k, v, m, meta)
 
 
 def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,

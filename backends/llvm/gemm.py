@@ -12,7 +12,9 @@ fused `matmul + bias + gelu + residual` touches C once.
 Threads: with a few rows (a transformer's tokens) and a packed weight, A is packed
 once into a buffer both threads read from L2, and the column panels are cut into
 small items that the threads of the native pool (`pool.py`: one hand-off per call,
-workers that spin briefly instead of sleeping) claim; many rows split by rows.
+workers that spin briefly instead of sleeping) claim; many rows split by rows. With
+at most 8 rows (a decode step's tokens) none of that: `gemv.py` streams each panel of B
+once with all the rows multiplied into it (`_gemv_steps`), A unpacked.
 
 `gemm()` is the numpy-level API (batched, broadcasting, threaded); `bind()` does
 its checks once and returns a call (the runtime's) whose operands can be moved to
@@ -29,6 +31,7 @@ import numpy as np
 
 from tensorc.errors import ShapeError, TensorcError
 
+from . import gemv as _gemv
 from . import pool
 from .gemm_ir import (
     _ALIASES,
@@ -177,6 +180,9 @@ class PackedB:
             threads = num_threads() if threads is None else threads
             many = threads > 1 and self.k * self.n >= 1 << 18
             self.fill_jobs(threads if many else 1)
+            # packed: let go of B, which for a transposed view (a tied embedding's E.T)
+            # is a contiguous copy as big as the panels
+            self._source = None
 
     def fill_jobs(self, threads: int) -> None:
         """Pack every panel, split across the pool's threads."""
@@ -260,6 +266,15 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
         out[...] = _numpy_epilogue(np.zeros((M, N), np.float32), bias, act, residual)
         return out
     panels = packed.panels
+    if M <= _gemv.GEMV_MAX_M:   # decode-shaped: stream B once, see gemv.py
+        b = packed
+        if fill:   # B per call: streamed as it is, or B^T packed first
+            b, pack = packed._source
+            if pack is kernels()["pack_bt"]:
+                b = packed
+                packed.fill_jobs(threads)
+        run_jobs(_gemv_steps(a, b, out, bias, act, residual, threads), threads)
+        return out
 
     fn, args = _call(a, packed, out, bias, act, residual)
 
@@ -280,6 +295,31 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
         steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
     run_jobs(steps, threads)
     return out
+
+
+def _gemv_steps(a, b, out, bias, act, residual, threads) -> list:
+    """The native job of a GEMM with at most GEMV_MAX_M rows (see gemv.py): b is a
+    PackedB, or a row-major [K, N] array (unit inner stride) used as it is. Threads
+    claim items of a few column panels each when B is big enough to share."""
+    m = a.shape[0]
+    if isinstance(b, PackedB):
+        ptr, k, n, kstride, pstride = b.ptr, b.k, b.n, NR, b.k * NR
+    else:
+        ptr, (k, n), kstride, pstride = b.ctypes.data, b.shape, b.strides[0] // 4, NR
+    res = residual if residual is not None else out
+    fixed = [a.ctypes.data, a.strides[0] // 4, ptr, kstride, pstride, k, out.ctypes.data,
+             out.strides[0] // 4, n, m, (bias if bias is not None else out).ctypes.data,
+             int(bias is not None), res.ctypes.data, res.strides[0] // 4,
+             int(residual is not None)]
+    panels = -(-n // NR)
+    parts = ITEMS_PER_THREAD * threads if threads > 1 and k * n >= GEMV_THREADED else 1
+    items = _split(panels, parts, 1)
+    return [(_gemv.kernels()[f"tc_gemv_job_{act}"], fixed, items, None)]
+
+
+# a B of this many floats (256 KiB) is streamed by all threads in the GEMV path: below
+# it the hand-off costs more than the second core saves
+GEMV_THREADED = 1 << 16
 
 
 def _schedule(a, packed, out, bias, act, residual, threads) -> list:
@@ -395,7 +435,8 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     `patch(role, address)`, which points operand `role` ("a", "b", "out", "bias",
     "residual") at other memory of the same layout without binding again (the
     runtime reads inputs and writes outputs where the caller keeps them); the caller
-    keeps out from overlapping the other operands. Anything else runs `gemm` on every
+    keeps out from overlapping the other operands. A weight times at most 8 rows (a
+    decode step) runs the GEMV job (`gemv.py`). Anything else runs `gemm` on every
     call and has no `patch`. One caller at a time."""
     threads = num_threads() if threads is None else max(1, int(threads))
     act = _activation_name(activation)
@@ -434,7 +475,12 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         return general
     per_call = packed is not b
     jobs = kernels()["jobs"]
-    if threads > 1 and a2.shape[0] * packed.n * packed.k >= 1 << 21:   # as gemm
+    gemv = not per_call and a2.shape[0] <= _gemv.GEMV_MAX_M
+    if gemv:   # a decode step: see gemv.py
+        steps = _gemv_steps(a2, packed, out2, bias, act, res2,
+                            min(threads, pool.MAX_WORKERS + 1))
+        workers = pool.get(threads) if threads > 1 and len(steps[0][2]) > 1 else None
+    elif threads > 1 and a2.shape[0] * packed.n * packed.k >= 1 << 21:   # as gemm
         workers = pool.get(threads)
         steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads)
         if per_call:
@@ -453,6 +499,9 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             where = {"b": 0}
         elif job == jobs["tc_pack_a_job"]:
             where = {"a": 0}
+        elif gemv:   # see _gemv_steps
+            where = {"a": 0, "out": 6, "bias": 10 if bias is not None else None,
+                     "residual": 12 if res2 is not None else None}
         else:
             where = {"a": 0, "out": 4, "bias": 7 if bias is not None else None,
                      "residual": 9 if res2 is not None else None}
