@@ -33,7 +33,7 @@ from . import pool
 from .gemm import _split, aligned_empty, num_threads, run_jobs
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
-from .jit import cfunc, compile_ir
+from .jit import cfunc, compile_library
 
 BR, BC = 8, 32   # query rows per block, keys per tile (the GEMM's 8 x 32 micro-tile)
 MASKS = ("none", "add", "keep")
@@ -203,30 +203,44 @@ def _mload_i8(f: FnBuilder, ptr, mask):
     return f.b.call(fn, [ptr, ir.Constant(I32, 1), mask, ir.Constant(V16I8, [0] * 16)])
 
 
-def build_module() -> ir.Module:
-    module = ir.Module(name="tensorc_attention")
+def build_module(kinds=MASKS) -> ir.Module:
+    module = ir.Module(name="tensorc_attention_" + "_".join(kinds))
     _pack_bt(module)
-    for kind in MASKS:
+    for kind in kinds:
         job(module, f"tc_attention_job_{kind}", _kernel(module, kind),
              [PTR] * 6 + [F32, F32, I64], 4, work="last")
     return module
 
 
 _lock = threading.Lock()
-_lib: dict | None = None
+_ARGS = [c_void_p] * 6 + [c_float, c_float] + [c_int64] * 5 + [c_void_p]
+
+
+class _Lazy(dict):
+    """Mask kind -> entry point, each kind its own module compiled on first use."""
+
+    def __missing__(self, kind):
+        if kind not in MASKS:
+            raise KeyError(kind)
+        with _lock:
+            if not dict.__contains__(_lib["jobs"], kind):
+                names = [f"tc_attention_{kind}", f"tc_attention_job_{kind}"]
+                addrs = compile_library(f"attention/{kind}", lambda: build_module((kind,)),
+                                        names, loops=LOOPS)
+                dict.__setitem__(_lib, kind, cfunc(addrs[names[0]], None, _ARGS))
+                dict.__setitem__(_lib["jobs"], kind, addrs[names[1]])
+        return dict.__getitem__(self, kind)
+
+
+LOOPS = True
+_lib = _Lazy()
+_lib["jobs"] = _Lazy()
 
 
 def kernels() -> dict:
-    global _lib
-    with _lock:
-        if _lib is None:
-            names = [f"tc_attention_{kind}" for kind in MASKS]
-            jobs = [f"tc_attention_job_{kind}" for kind in MASKS]
-            addrs = compile_ir(build_module(), names + jobs)
-            args = [c_void_p] * 6 + [c_float, c_float] + [c_int64] * 5 + [c_void_p]
-            _lib = {kind: cfunc(addrs[f"tc_attention_{kind}"], None, args) for kind in MASKS}
-            _lib["jobs"] = {kind: addrs[f"tc_attention_job_{kind}"] for kind in MASKS}
-        return _lib
+    """mask kind -> the kernel (ctypes), "jobs": mask kind -> its pool job's address;
+    each kind compiled on first use (object code cached on disk)."""
+    return _lib
 
 
 def _unit_last(x: np.ndarray) -> np.ndarray:

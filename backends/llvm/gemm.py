@@ -216,11 +216,16 @@ def gemm_range(a: np.ndarray, packed: PackedB, out: np.ndarray, m0: int, m1: int
 def _call(a, packed, out, bias, activation, residual):
     """The kernel and its arguments but for the ranges and the workspace, so that
     threads only add their ranges (the GIL is held for as short as possible)."""
+    return kernels()[activation], _args(a, packed, out, bias, residual)
+
+
+def _args(a, packed, out, bias, residual) -> tuple:
+    """The kernels' and jobs' fixed arguments (a job needs no compiled `tc_gemm_<act>`)."""
     res = residual if residual is not None else out
-    return kernels()[activation], (
-        a.ctypes.data, a.strides[0] // 4, packed.ptr, packed.k, out.ctypes.data,
-        out.strides[0] // 4, packed.n, (bias if bias is not None else out).ctypes.data,
-        int(bias is not None), res.ctypes.data, res.strides[0] // 4, int(residual is not None))
+    return (a.ctypes.data, a.strides[0] // 4, packed.ptr, packed.k, out.ctypes.data,
+            out.strides[0] // 4, packed.n, (bias if bias is not None else out).ctypes.data,
+            int(bias is not None), res.ctypes.data, res.strides[0] // 4,
+            int(residual is not None))
 
 
 def _activation_name(activation) -> str:
@@ -286,7 +291,7 @@ def _schedule(a, packed, out, bias, act, residual, threads) -> list:
     M, K, panels = a.shape[0], packed.k, packed.panels
     mt = -(-M // MR)
     jobs = kernels()["jobs"]
-    fixed = list(_call(a, packed, out, bias, act, residual)[1])
+    fixed = list(_args(a, packed, out, bias, residual))
     if _shares_a(M, K, panels, threads):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
         return [(jobs["tc_pack_a_job"], [a.ctypes.data, a.strides[0] // 4, K, M],

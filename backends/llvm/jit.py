@@ -80,20 +80,55 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TENSORC_CACHE_DIR") or Path.home() / ".cache" / "tensorc")
 
 
-def cache_key(ir_text: str) -> str:
+def _options(loops: bool) -> bytes:
+    return b"\0O3\0" if loops else b"\0O3-noloops\0"
+
+
+def cache_key(ir_text: str, loops: bool = True) -> str:
     h = hashlib.sha256()
     h.update(target().fingerprint.encode())
-    h.update(b"\0O3\0")
+    h.update(_options(loops))
     h.update(ir_text.encode())
     return h.hexdigest()
 
 
-def optimize(mod: llvm.ModuleRef) -> None:
-    """O3 with loop and SLP vectorisation, for the host target (new pass manager)."""
+_digest: str | None = None
+
+
+def source_digest() -> str:
+    """A hash of the source of the layers a library kernel's IR can depend on: the
+    backends and the core (`tests/test_layers.py` keeps backends from importing
+    anything else), so that a library's cache key needs no IR built."""
+    global _digest
+    if _digest is None:
+        import tensorc
+        import tensorc.backends
+        h = hashlib.sha256()
+        for root in (Path(tensorc.backends.__file__).parent, Path(tensorc.__file__).parent):
+            for path in sorted(root.rglob("*.py")):
+                h.update(str(path.relative_to(root)).encode() + b"\0")
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+        _digest = h.hexdigest()
+    return _digest
+
+
+def library_key(name: str, loops: bool = True) -> str:
+    """The cache key of library module `name` (see `compile_library`)."""
+    h = hashlib.sha256()
+    h.update(target().fingerprint.encode())
+    h.update(_options(loops))
+    h.update(b"library\0" + name.encode() + b"\0" + source_digest().encode())
+    return h.hexdigest()
+
+
+def optimize(mod: llvm.ModuleRef, loops: bool = True) -> None:
+    """O3 for the host target (new pass manager), with loop and SLP vectorisation and
+    loop unrolling unless `loops` is False: hand-vectorised library kernels compile
+    several times faster without them, into the same or as fast code."""
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
-    pto.loop_vectorization = True
-    pto.slp_vectorization = True
-    pto.loop_unrolling = True
+    pto.loop_vectorization = loops
+    pto.slp_vectorization = loops
+    pto.loop_unrolling = loops
     pb = llvm.create_pass_builder(target().machine, pto)
     pb.getModulePassManager().run(mod, pb)
 
@@ -110,11 +145,11 @@ def parse(ir) -> llvm.ModuleRef:
     return mod
 
 
-def _build_object(ir_text: str) -> bytes:
+def _build_object(ir_text: str, loops: bool = True) -> bytes:
     mod = parse(ir_text)
     mod.triple = target().triple
     mod.data_layout = str(target().machine.target_data)
-    optimize(mod)
+    optimize(mod, loops)
     stats["compiled"] += 1
     return target().machine.emit_object(mod)
 
@@ -209,13 +244,26 @@ def _load(obj: bytes, symbols: list[str]) -> dict[str, int]:
     return addrs
 
 
-def compile_ir(ir, symbols: list[str]) -> dict[str, int]:
+def compile_ir(ir, symbols: list[str], loops: bool = True) -> dict[str, int]:
     """Compile LLVM IR (text or llvmlite.ir.Module) and return {symbol: address}.
 
     Uses the in-process memo, then the disk cache, then compiles. Thread safe.
+    `loops`: see `optimize`.
     """
     text = str(ir)
-    key = cache_key(text)
+    return _compile(cache_key(text, loops), lambda: text, symbols, loops)
+
+
+def compile_library(name: str, build, symbols: list[str], loops: bool = True
+                    ) -> dict[str, int]:
+    """`compile_ir(build(), symbols, loops)` for a library module (GEMM, attention, the
+    pool): keyed by `name` and the source that generates it (`source_digest`) instead
+    of its IR text, so that a cache hit builds no IR. `name` must say everything the
+    module depends on besides that source (which variant it is)."""
+    return _compile(library_key(name, loops), lambda: str(build()), symbols, loops)
+
+
+def _compile(key: str, text, symbols: list[str], loops: bool) -> dict[str, int]:
     with _lock:
         if key in _memo and all(s in _memo[key] for s in symbols):
             stats["memo_hits"] += 1
@@ -234,7 +282,7 @@ def compile_ir(ir, symbols: list[str]) -> dict[str, int]:
         elif secret and os.path.lexists(path):
             stats["corrupt"] += 1
         if addrs is None:
-            obj = _build_object(text)
+            obj = _build_object(text(), loops)
             addrs = _load(obj, symbols)
             if secret:
                 _write_entry(path, key, obj, secret)
