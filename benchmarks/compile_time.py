@@ -1,7 +1,7 @@
 """Compile time of the LLVM backend: cold (empty JIT cache) and warm (cache filled).
 
     .venv/bin/python benchmarks/compile_time.py [--model gpt] [--seq 128] [--seq2 16]
-        [--repeat 3] [--profile]
+        [--repeat 3] [--profile] [--baseline CHECKOUT]
 
 Each figure is taken in a fresh process with its own cache folder
 (`TENSORC_CACHE_DIR`): "cold" starts from an empty folder, "warm" reuses the folder a
@@ -11,7 +11,9 @@ region is `tensorc.compile(graph, "llvm", passes="O2")` plus the first call (whi
 lowers, generates and JIT-compiles or loads the kernels, packs the weights, and runs),
 after the model is traced (the trace is reported apart). The small preset, batch 1.
 With `--repeat N` each figure is the median of N fresh processes. `--profile` prints,
-for one cold run, where the time goes (passes, lowering, LLVM per module, the rest).
+for one cold run, what each LLVM module build cost. `--baseline CHECKOUT` also times
+tensorc from another source checkout (e.g. `git archive main | tar -x -C /tmp/main`),
+its runs taking turns with this checkout's, so that changes in machine load hit both.
 """
 
 from __future__ import annotations
@@ -58,14 +60,42 @@ def worker(model_name: str, seq: int, profile: bool) -> None:
                       "llvm_builds": llvm_modules}), flush=True)
 
 
-def run(model: str, seq: int, cache: str, profile: bool = False) -> dict:
+def run(model: str, seq: int, cache: str, profile: bool = False,
+        checkout: str | None = None) -> dict:
     env = dict(os.environ, TENSORC_CACHE_DIR=cache)
+    if checkout:
+        env["PYTHONPATH"] = os.path.abspath(checkout)
     cmd = [sys.executable, __file__, "--worker", model, "--seq", str(seq)]
     out = subprocess.run(cmd + (["--profile"] if profile else []), env=env,
                          capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"worker failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def figures(args, checkout: str | None, into: dict) -> None:
+    """One cold, warm and second-shape run each, in a fresh cache folder."""
+    with tempfile.TemporaryDirectory() as cache:
+        runs = [("cold", args.seq), ("warm", args.seq)] + \
+            ([("second", args.seq2)] if args.seq2 else [])
+        for what, seq in runs:
+            r = run(args.model, seq, cache, checkout=checkout)
+            into.setdefault(what, []).append(r["compile_s"])
+            into[what + "_jit"] = r["jit"]
+            into["trace_s"], into["passes_s"] = r["trace_s"], r["passes_s"]
+
+
+def report(label: str, args, got: dict) -> None:
+    print(f"\n{label}: trace (not in the figures) {got['trace_s']:.2f} s, passes O2 "
+          f"{got['passes_s']:.2f} s")
+    names = {"cold": f"cold  (seq {args.seq}, empty cache)",
+             "warm": f"warm  (seq {args.seq}, cache filled)",
+             "second": f"second shape (seq {args.seq2}, after seq {args.seq})"}
+    for what, name in names.items():
+        if what in got:
+            runs = ", ".join(f"{x:.2f}" for x in got[what])
+            print(f"  {name}: {statistics.median(got[what]):.2f} s  (runs: {runs})  "
+                  f"jit {got[what + '_jit']}")
 
 
 def cpu_name() -> str:
@@ -86,6 +116,8 @@ def main():
     ap.add_argument("--seq2", type=int, default=16, help="the second shape (0: none)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also time tensorc from this source checkout, taking turns")
     ap.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -93,29 +125,16 @@ def main():
         return
     print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; "
           f"TENSORC_NUM_THREADS={os.environ.get('TENSORC_NUM_THREADS', '(unset)')}; "
-          f"{args.model} small, batch 1, pipeline O2, llvm backend")
-    cold, warm, second, jits = [], [], [], {}
+          f"{args.model} small, batch 1, pipeline O2, llvm backend; load average at start "
+          f"{os.getloadavg()[0]:.1f}")
+    ours, base = {}, {}
     for _ in range(args.repeat):
-        with tempfile.TemporaryDirectory() as cache:
-            c = run(args.model, args.seq, cache)
-            w = run(args.model, args.seq, cache)
-            cold.append(c["compile_s"])
-            warm.append(w["compile_s"])
-            jits.update(cold=c["jit"], warm=w["jit"])
-            if args.seq2:
-                s = run(args.model, args.seq2, cache)
-                second.append(s["compile_s"])
-                jits["second"] = s["jit"]
-    print(f"trace (not in the figures): {c['trace_s']:.2f} s; passes O2: "
-          f"{c['passes_s']:.2f} s")
-    print(f"cold  (seq {args.seq}, empty cache):  {statistics.median(cold):.2f} s  "
-          f"(runs: {', '.join(f'{x:.2f}' for x in cold)})  jit {jits['cold']}")
-    print(f"warm  (seq {args.seq}, cache filled): {statistics.median(warm):.2f} s  "
-          f"(runs: {', '.join(f'{x:.2f}' for x in warm)})  jit {jits['warm']}")
-    if second:
-        print(f"second shape (seq {args.seq2}, after seq {args.seq}): "
-              f"{statistics.median(second):.2f} s  (runs: "
-              f"{', '.join(f'{x:.2f}' for x in second)})  jit {jits['second']}")
+        figures(args, None, ours)
+        if args.baseline:
+            figures(args, args.baseline, base)
+    report("this checkout", args, ours)
+    if args.baseline:
+        report(f"baseline {args.baseline}", args, base)
     if args.profile:
         with tempfile.TemporaryDirectory() as cache:
             p = run(args.model, args.seq, cache, profile=True)

@@ -171,12 +171,21 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
                     o = [f.var(V16, b.fmul(f.vload(optr[r], 64),
                                            f.splat(b.load(corr[r], typ=F32))))
                          for r in range(BR)]
-                    with f.loop(0, jn) as j:
+
+                    def pv(j):
                         vrow = f.at(vh, f.mul(b.add(j0, j), m["v_t"]), f.mul(c, 16))
                         vv = f.mload(vrow, lanes)
                         for r in range(BR):
                             pj = f.splat(b.load(f.at(pb, c64(r * BC), j), typ=F32))
                             b.store(f.fma(pj, vv, b.load(o[r], typ=V16)), o[r])
+                    # two keys a step (unrolled here: the module is built without LLVM's
+                    # loop unrolling, which costs far more compile time than it gains)
+                    jn2 = b.and_(jn, c64(-2))
+                    with f.loop(0, jn2, 2) as j:
+                        pv(j)
+                        pv(b.add(j, c64(1)))
+                    with f.loop(jn2, jn) as j:
+                        pv(j)
                     for r in range(BR):
                         f.vstore(b.load(o[r], typ=V16), optr[r], 64)
 
@@ -226,13 +235,12 @@ class _Lazy(dict):
             if not dict.__contains__(_lib["jobs"], kind):
                 names = [f"tc_attention_{kind}", f"tc_attention_job_{kind}"]
                 addrs = compile_library(f"attention/{kind}", lambda: build_module((kind,)),
-                                        names, loops=LOOPS)
+                                        names, unroll=False)   # see compile_library
                 dict.__setitem__(_lib, kind, cfunc(addrs[names[0]], None, _ARGS))
                 dict.__setitem__(_lib["jobs"], kind, addrs[names[1]])
         return dict.__getitem__(self, kind)
 
 
-LOOPS = True
 _lib = _Lazy()
 _lib["jobs"] = _Lazy()
 

@@ -258,7 +258,6 @@ for _a in ACTIVATIONS:
     GROUPS[f"plain:{_a}"] = {_a: (f"tc_gemm_{_a}", _GEMM_ARGS),
                              f"tc_gemm_job_{_a}": (f"tc_gemm_job_{_a}", None)}
     GROUPS[f"pa:{_a}"] = {f"tc_gemm_pa_job_{_a}": (f"tc_gemm_pa_job_{_a}", None)}
-LOOPS = {g: False for g in GROUPS}
 
 
 class _Lazy(dict):
@@ -289,7 +288,8 @@ def compile_group(group: str) -> None:
         if all(e in _lib or e in _lib["jobs"] for e in entries):
             return
         addrs = compile_library(f"gemm/{group}", lambda: build_module(group),
-                                [sym for sym, _ in entries.values()], loops=LOOPS[group])
+                                [sym for sym, _ in entries.values()], vectorize=False,
+                                unroll=False)   # see compile_library
         for entry, (sym, argtypes) in entries.items():
             if argtypes is None:
                 dict.__setitem__(_lib["jobs"], entry, addrs[sym])

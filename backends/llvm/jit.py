@@ -5,8 +5,12 @@
 
 The module is optimised at O3 (loop and SLP vectorisation on) for the host CPU's
 name and features, turned into an object file, and loaded with MCJIT. Object
-files are cached under `$TENSORC_CACHE_DIR` (default `~/.cache/tensorc`), keyed
-by a hash of the IR text, the target and the llvmlite version. The cache is
+files are cached under `$TENSORC_CACHE_DIR` (default `~/.cache/tensorc`), one entry
+per module. A generated module's key is a hash of its IR text, the target, the
+llvmlite version and the optimisation options. A library module (`compile_library`:
+each group of GEMM entry points, each attention mask kind, the pool) is keyed by its
+name and a hash of the source it is generated from (`source_digest`) instead, so
+that a hit builds no IR: every model and shape shares these entries. The cache is
 untrusted: LLVM crashes on a malformed object file, so only an object this user's
 tensorc wrote is loaded. Each entry carries its own key and an HMAC of key and
 payload under a secret kept in the cache folder (`key`, mode 0600, owned by this
@@ -14,7 +18,8 @@ user; if it is anything else the disk cache is not used). Only a regular file
 (not a link, FIFO or device) of bounded size is read; an entry that fails a check
 is rebuilt. Each engine gets a target machine of its own (MCJIT takes ownership of
 it and frees it with the engine). Engines are kept alive for the life of the
-process, so the returned addresses stay valid.
+process, so the returned addresses stay valid. llvmlite runs one LLVM call at a
+time (a process-wide lock), so modules compile one after the other.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 import llvmlite
 import llvmlite.binding as llvm
 
+import tensorc.errors
 from tensorc.errors import TensorcError
 from tensorc.files import output_file
 
@@ -80,14 +86,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TENSORC_CACHE_DIR") or Path.home() / ".cache" / "tensorc")
 
 
-def _options(loops: bool) -> bytes:
-    return b"\0O3\0" if loops else b"\0O3-noloops\0"
+def _options(vectorize: bool, unroll: bool) -> bytes:
+    return b"\0O3\0" if vectorize and unroll else \
+        f"\0O3 vectorize={vectorize:d} unroll={unroll:d}\0".encode()
 
 
-def cache_key(ir_text: str, loops: bool = True) -> str:
+def cache_key(ir_text: str, vectorize: bool = True, unroll: bool = True) -> str:
     h = hashlib.sha256()
     h.update(target().fingerprint.encode())
-    h.update(_options(loops))
+    h.update(_options(vectorize, unroll))
     h.update(ir_text.encode())
     return h.hexdigest()
 
@@ -101,34 +108,38 @@ def source_digest() -> str:
     anything else), so that a library's cache key needs no IR built."""
     global _digest
     if _digest is None:
-        import tensorc
-        import tensorc.backends
         h = hashlib.sha256()
-        for root in (Path(tensorc.backends.__file__).parent, Path(tensorc.__file__).parent):
-            for path in sorted(root.rglob("*.py")):
-                h.update(str(path.relative_to(root)).encode() + b"\0")
-                h.update(hashlib.sha256(path.read_bytes()).digest())
+        for root, path in _source_files():
+            h.update(str(path.relative_to(root)).encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
         _digest = h.hexdigest()
     return _digest
 
 
-def library_key(name: str, loops: bool = True) -> str:
+def _source_files() -> list[tuple[Path, Path]]:
+    """(root, file) for every .py file of the backends and the core (in an installed
+    tensorc the core's folder holds the other layers too: hashed as well)."""
+    backends, core = Path(__file__).parent.parent, Path(tensorc.errors.__file__).parent
+    return [(root, path) for root in (backends, core) for path in sorted(root.rglob("*.py"))]
+
+
+def library_key(name: str, vectorize: bool = True, unroll: bool = True) -> str:
     """The cache key of library module `name` (see `compile_library`)."""
     h = hashlib.sha256()
     h.update(target().fingerprint.encode())
-    h.update(_options(loops))
+    h.update(_options(vectorize, unroll))
     h.update(b"library\0" + name.encode() + b"\0" + source_digest().encode())
     return h.hexdigest()
 
 
-def optimize(mod: llvm.ModuleRef, loops: bool = True) -> None:
+def optimize(mod: llvm.ModuleRef, vectorize: bool = True, unroll: bool = True) -> None:
     """O3 for the host target (new pass manager), with loop and SLP vectorisation and
-    loop unrolling unless `loops` is False: hand-vectorised library kernels compile
-    several times faster without them, into the same or as fast code."""
+    loop unrolling unless switched off: hand-vectorised library kernels compile several
+    times faster without them (into the same inner loops: see `compile_library`)."""
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
-    pto.loop_vectorization = loops
-    pto.slp_vectorization = loops
-    pto.loop_unrolling = loops
+    pto.loop_vectorization = vectorize
+    pto.slp_vectorization = vectorize
+    pto.loop_unrolling = unroll
     pb = llvm.create_pass_builder(target().machine, pto)
     pb.getModulePassManager().run(mod, pb)
 
@@ -145,11 +156,11 @@ def parse(ir) -> llvm.ModuleRef:
     return mod
 
 
-def _build_object(ir_text: str, loops: bool = True) -> bytes:
+def _build_object(ir_text: str, vectorize: bool = True, unroll: bool = True) -> bytes:
     mod = parse(ir_text)
     mod.triple = target().triple
     mod.data_layout = str(target().machine.target_data)
-    optimize(mod, loops)
+    optimize(mod, vectorize, unroll)
     stats["compiled"] += 1
     return target().machine.emit_object(mod)
 
@@ -244,26 +255,35 @@ def _load(obj: bytes, symbols: list[str]) -> dict[str, int]:
     return addrs
 
 
-def compile_ir(ir, symbols: list[str], loops: bool = True) -> dict[str, int]:
+def compile_ir(ir, symbols: list[str], vectorize: bool = True, unroll: bool = True
+               ) -> dict[str, int]:
     """Compile LLVM IR (text or llvmlite.ir.Module) and return {symbol: address}.
 
     Uses the in-process memo, then the disk cache, then compiles. Thread safe.
-    `loops`: see `optimize`.
+    `vectorize`, `unroll`: see `optimize`.
     """
     text = str(ir)
-    return _compile(cache_key(text, loops), lambda: text, symbols, loops)
+    return _compile(cache_key(text, vectorize, unroll), lambda: text, symbols,
+                    (vectorize, unroll))
 
 
-def compile_library(name: str, build, symbols: list[str], loops: bool = True
-                    ) -> dict[str, int]:
-    """`compile_ir(build(), symbols, loops)` for a library module (GEMM, attention, the
+def compile_library(name: str, build, symbols: list[str], vectorize: bool = True,
+                    unroll: bool = True) -> dict[str, int]:
+    """`compile_ir(build(), symbols, ...)` for a library module (GEMM, attention, the
     pool): keyed by `name` and the source that generates it (`source_digest`) instead
-    of its IR text, so that a cache hit builds no IR. `name` must say everything the
-    module depends on besides that source (which variant it is)."""
-    return _compile(library_key(name, loops), lambda: str(build()), symbols, loops)
+    of its IR text, so that a cache hit builds no IR. `name` must tell apart every
+    module one source can build (the variant: activation, mask kind).
+
+    The GEMM is built without LLVM's vectorisers and unroller, attention without the
+    unroller: both are vectorised by hand (16-lane vectors, unrolled where it pays), so
+    that their inner loops compile to the same instructions (`tests/test_jit_cache.py`
+    checks the GEMM's micro-kernel), and those passes cost most of their compile time
+    (GEMM 5-15x, attention 1.5x)."""
+    return _compile(library_key(name, vectorize, unroll), lambda: str(build()), symbols,
+                    (vectorize, unroll))
 
 
-def _compile(key: str, text, symbols: list[str], loops: bool) -> dict[str, int]:
+def _compile(key: str, text, symbols: list[str], options: tuple) -> dict[str, int]:
     with _lock:
         if key in _memo and all(s in _memo[key] for s in symbols):
             stats["memo_hits"] += 1
@@ -282,7 +302,7 @@ def _compile(key: str, text, symbols: list[str], loops: bool) -> dict[str, int]:
         elif secret and os.path.lexists(path):
             stats["corrupt"] += 1
         if addrs is None:
-            obj = _build_object(text(), loops)
+            obj = _build_object(text(), *options)
             addrs = _load(obj, symbols)
             if secret:
                 _write_entry(path, key, obj, secret)
