@@ -198,3 +198,21 @@ def test_gemm_groups_compile_without_loop_passes_to_the_same_inner_loops():
     plain = str(gemm_ir.build_module("plain:none"))
     loops = _fma_loops(_assembly(plain, True, True))
     assert loops and loops == _fma_loops(_assembly(plain, False, False))
+
+
+def test_a_constant_loop_around_loops_is_not_unrolled():
+    """The [16, 512] embedding gather of GPT at seq 16: its row loop carries
+    llvm.loop.unroll.disable (fully unrolled it took the instruction scheduler 0.8 s
+    and made 21 KB of code); the parallel loop and innermost loops do not."""
+    import tensorc
+    import tensorc.models
+    from tensorc.backends.llvm import codegen
+    from tensorc.backends.lowering import lower
+    from tensorc.passes import run_pipeline
+    model = tensorc.models.get("gpt", "small")
+    feeds = model.example_inputs(batch=1, seq=16)
+    program = lower(run_pipeline(tensorc.trace(model, **feeds), "O2"), {})
+    (gather,) = [k for k in program.kernels if k.name.startswith("gather")]
+    text = codegen.render([gather])
+    assert text.count("!llvm.loop") == 1 and '!"llvm.loop.unroll.disable"' in text
+    assert len(jit._build_object(text)) < 8000   # 21624 bytes unrolled
