@@ -10,7 +10,9 @@ cold run filled, and "second shape" compiles batch 1 seq `--seq2` into the folde
 region is `tensorc.compile(graph, "llvm", passes="O2")` plus the first call (which
 lowers, generates and JIT-compiles or loads the kernels, packs the weights, and runs),
 after the model is traced (the trace is reported apart). The small preset, batch 1.
-With `--repeat N` each figure is the median of N fresh processes. `--profile` prints,
+With `--repeat N` each figure is the median of N fresh processes; the CPU time of the
+process in the same region (all its threads) is printed beside it, since on a busy
+machine it moves less than the wall-clock time. `--profile` prints,
 for one cold run, what each LLVM module build cost. `--baseline CHECKOUT` also times
 tensorc from another source checkout (e.g. `git archive main | tar -x -C /tmp/main`),
 its runs taking turns with this checkout's, so that changes in machine load hit both.
@@ -50,13 +52,13 @@ def worker(model_name: str, seq: int, profile: bool) -> None:
             llvm_modules.append([round(time.perf_counter() - t, 3), len(text)])
             return obj
         jit._build_object = timed
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     exe = tensorc.compile(graph, "llvm", passes="O2")
     t_passes = time.perf_counter() - t
     exe.run(feeds)
-    total = time.perf_counter() - t
+    total, cpu = time.perf_counter() - t, time.process_time() - cpu
     print(json.dumps({"import_s": t_import, "trace_s": t_trace, "passes_s": t_passes,
-                      "compile_s": total, "jit": dict(jit.stats),
+                      "compile_s": total, "cpu_s": cpu, "jit": dict(jit.stats),
                       "llvm_builds": llvm_modules}), flush=True)
 
 
@@ -81,6 +83,7 @@ def figures(args, checkout: str | None, into: dict) -> None:
         for what, seq in runs:
             r = run(args.model, seq, cache, checkout=checkout)
             into.setdefault(what, []).append(r["compile_s"])
+            into.setdefault(what + "_cpu", []).append(r["cpu_s"])
             into[what + "_jit"] = r["jit"]
             into["trace_s"], into["passes_s"] = r["trace_s"], r["passes_s"]
 
@@ -94,8 +97,8 @@ def report(label: str, args, got: dict) -> None:
     for what, name in names.items():
         if what in got:
             runs = ", ".join(f"{x:.2f}" for x in got[what])
-            print(f"  {name}: {statistics.median(got[what]):.2f} s  (runs: {runs})  "
-                  f"jit {got[what + '_jit']}")
+            print(f"  {name}: {statistics.median(got[what]):.2f} s  (runs: {runs}; CPU "
+                  f"{statistics.median(got[what + '_cpu']):.2f} s)  jit {got[what + '_jit']}")
 
 
 def cpu_name() -> str:
