@@ -216,3 +216,51 @@ def test_a_constant_loop_around_loops_is_not_unrolled():
     text = codegen.render([gather])
     assert text.count("!llvm.loop") == 1 and '!"llvm.loop.unroll.disable"' in text
     assert len(jit._build_object(text)) < 8000   # 21624 bytes unrolled
+
+
+_AHEAD = """
+import numpy as np
+import tensorc, tensorc.models
+from tensorc.backends.llvm import jit
+model = tensorc.models.get("gpt", "tiny")
+feeds = model.example_inputs(batch=1, seq=8)
+graph = tensorc.trace(model, **feeds)
+got = tensorc.compile(graph, "llvm", passes="O2").run(feeds)
+want = tensorc.compile(graph, "numpy").run(feeds)
+for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
+print("ahead", jit.stats["ahead"], "compiled", jit.stats["compiled"])
+"""
+
+
+def test_attention_compiles_in_a_second_process_on_a_cold_cache(tmp_path):
+    """A fresh process compiling GPT hands attention to a child process (the first
+    run: 1 module ahead) and finds its entry; the next process compiles nothing."""
+    env = {**os.environ, "TENSORC_CACHE_DIR": str(tmp_path / "c")}
+    outs = [subprocess.run([sys.executable, "-c", _AHEAD], capture_output=True, text=True,
+                           timeout=300, env=env) for _ in range(2)]
+    for out in outs:
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert outs[0].stdout.split()[:2] == ["ahead", "1"], outs[0].stdout
+    assert outs[1].stdout.split() == ["ahead", "0", "compiled", "0"], outs[1].stdout
+
+
+_AHEAD_FAILS = """
+import sys
+sys.path.insert(0, "tests")
+from test_llvm import ELEMENTWISE_IR, _run_twice
+from tensorc.backends.llvm import jit
+def broken():
+    raise RuntimeError("the child fails")
+assert jit.compile_ahead([("test/twice", broken, True, True)]) is not None
+assert jit.compile_ahead([("test/twice", broken, True, True)]) is None   # pending
+_run_twice(jit.compile_library("test/twice", lambda: ELEMENTWISE_IR, ["twice"]))
+print("compiled", jit.stats["compiled"], "disk_hits", jit.stats["disk_hits"])
+"""
+
+
+def test_a_failed_compile_ahead_is_compiled_here(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _AHEAD_FAILS], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "TENSORC_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compiled 1 disk_hits 0" in out.stdout, out.stdout

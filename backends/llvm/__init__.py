@@ -33,7 +33,9 @@ class LLVMExecutable(Executable):
             runner = self._runners.get(key)
             if runner is None:
                 from .runtime import Runner
-                runner = self._runners[key] = Runner(lower(self.graph, env), self.threads)
+                program = lower(self.graph, env)
+                _compile_ahead(program)
+                runner = self._runners[key] = Runner(program, self.threads)
             return runner
 
     def execute(self, arrays, env):
@@ -45,6 +47,19 @@ class LLVMExecutable(Executable):
     def stats(self, env: dict[str, int] | None = None) -> dict:
         """Kernel launches, library calls, reference fallbacks, arena bytes."""
         return self.program(env).stats()
+
+
+def _compile_ahead(program: Program) -> None:
+    """Have a second process compile the attention kernels `program` calls (the
+    largest library module, one per mask kind) while this one compiles the rest: on
+    a cold cache, the two cores share the JIT work (`jit.compile_ahead`)."""
+    from . import attention, jit
+    kinds = set()
+    for step in program.steps:
+        if getattr(step, "op", None) == "attention" and not step.fallback:
+            mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 else None
+            kinds.add({None: "none", "bool": "keep", "f32": "add"}.get(mask))
+    jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})])
 
 
 class LLVMBackend(Backend):

@@ -234,8 +234,8 @@ class _Lazy(dict):
         with _lock:
             if not dict.__contains__(_lib["jobs"], kind):
                 names = [f"tc_attention_{kind}", f"tc_attention_job_{kind}"]
-                addrs = compile_library(f"attention/{kind}", lambda: build_module((kind,)),
-                                        names, unroll=False)   # see compile_library
+                name, build, vectorize, unroll = ahead(kind)   # see compile_library
+                addrs = compile_library(name, build, names, vectorize, unroll)
                 dict.__setitem__(_lib, kind, cfunc(addrs[names[0]], None, _ARGS))
                 dict.__setitem__(_lib["jobs"], kind, addrs[names[1]])
         return dict.__getitem__(self, kind)
@@ -243,6 +243,11 @@ class _Lazy(dict):
 
 _lib = _Lazy()
 _lib["jobs"] = _Lazy()
+
+
+def ahead(kind: str) -> tuple:
+    """The `jit.compile_ahead` job of a mask kind's module."""
+    return (f"attention/{kind}", lambda: build_module((kind,)), True, False)
 
 
 def kernels() -> dict:

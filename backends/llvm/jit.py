@@ -45,7 +45,7 @@ _MAX_ENTRY = 256 << 20  # bytes; a kernel module's object is far smaller
 _lock = threading.Lock()
 _engines: list = []  # keep every engine (and so its code) alive
 _memo: dict[str, dict[str, int]] = {}  # key -> addresses, for this process
-stats = {"compiled": 0, "disk_hits": 0, "memo_hits": 0, "corrupt": 0}
+stats = {"compiled": 0, "disk_hits": 0, "memo_hits": 0, "corrupt": 0, "ahead": 0}
 
 
 def _init():
@@ -283,11 +283,64 @@ def compile_library(name: str, build, symbols: list[str], vectorize: bool = True
                     (vectorize, unroll))
 
 
+_pending: dict[str, int] = {}   # library key -> the child process compiling it
+
+
+def compile_ahead(jobs: list[tuple]) -> int | None:
+    """Start compiling library modules in a child process, while this one goes on to
+    the rest of its work: jobs are `(name, build, vectorize, unroll)` as for
+    `compile_library`. The child writes their cache entries and exits; asked for one
+    of them, `compile_library` first waits for the child, then reads the entry (or
+    compiles it itself if the child failed). llvmlite runs one LLVM call at a time
+    per process, so threads would not overlap. Nothing is started (None) unless the
+    disk cache is usable, some entry is missing, and this process has one thread
+    (fork copies only the calling thread: a lock another one holds, in LLVM or
+    Python, would stay held in the child). Returns the child's pid."""
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        return None
+    folder = cache_dir()
+    secret = cache_secret(folder)
+    if not secret:
+        return None
+    with _lock:
+        todo = []
+        for name, build, vectorize, unroll in jobs:
+            key = library_key(name, vectorize, unroll)
+            path = folder / key[:2] / (key + ".o")
+            if key not in _memo and key not in _pending and not os.path.lexists(path):
+                todo.append((key, path, build, (vectorize, unroll)))
+        if not todo:
+            return None
+        pid = os.fork()
+        if pid == 0:   # the child: build, write, leave without running any exit handler
+            code = 0
+            try:
+                for key, path, build, options in todo:
+                    _write_entry(path, key, _build_object(str(build()), *options), secret)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        for key, *_ in todo:
+            _pending[key] = pid
+        stats["ahead"] += len(todo)
+        return pid
+
+
+def _wait(pid: int) -> None:
+    """Wait for a compile_ahead child (under _lock); forget what it was compiling."""
+    with contextlib.suppress(ChildProcessError, InterruptedError):
+        os.waitpid(pid, 0)
+    for key in [k for k, p in _pending.items() if p == pid]:
+        del _pending[key]
+
+
 def _compile(key: str, text, symbols: list[str], options: tuple) -> dict[str, int]:
     with _lock:
         if key in _memo and all(s in _memo[key] for s in symbols):
             stats["memo_hits"] += 1
             return {s: _memo[key][s] for s in symbols}
+        if key in _pending:
+            _wait(_pending[key])
         folder = cache_dir()
         secret = cache_secret(folder)
         path = folder / key[:2] / (key + ".o")
