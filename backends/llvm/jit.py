@@ -19,7 +19,8 @@ user; if it is anything else the disk cache is not used). Only a regular file
 is rebuilt. Each engine gets a target machine of its own (MCJIT takes ownership of
 it and frees it with the engine). Engines are kept alive for the life of the
 process, so the returned addresses stay valid. llvmlite runs one LLVM call at a
-time (a process-wide lock), so modules compile one after the other.
+time (a process-wide lock), so threads cannot compile modules side by side; a
+forked child can (`compile_ahead`: the backend hands it attention on a cold cache).
 """
 
 from __future__ import annotations
