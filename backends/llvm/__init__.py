@@ -34,7 +34,7 @@ class LLVMExecutable(Executable):
             if runner is None:
                 from .runtime import Runner
                 program = lower(self.graph, env)
-                _compile_ahead(program)
+                _compile_ahead(program, self.threads)
                 runner = self._runners[key] = Runner(program, self.threads)
             return runner
 
@@ -49,17 +49,29 @@ class LLVMExecutable(Executable):
         return self.program(env).stats()
 
 
-def _compile_ahead(program: Program) -> None:
-    """Have a second process compile the attention kernels `program` calls (the
-    largest library module, one per mask kind) while this one compiles the rest: on
-    a cold cache, the two cores share the JIT work (`jit.compile_ahead`)."""
-    from . import attention, jit
-    kinds = set()
+def _compile_ahead(program: Program, threads: int | None) -> None:
+    """Have a second process compile, while this one compiles the rest, the attention
+    kernels `program` calls (the largest library modules, one per mask kind) and its
+    GEMMs' activation epilogues (`jit.compile_ahead`): on a cold cache the two cores
+    share the JIT work."""
+    import math
+
+    from . import attention, gemm, gemm_ir, jit
+    kinds, groups = set(), set()
     for step in program.steps:
-        if getattr(step, "op", None) == "attention" and not step.fallback:
+        if getattr(step, "fallback", True):
+            continue
+        if step.op == "attention":
             mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 else None
             kinds.add({None: "none", "bool": "keep", "f32": "add"}.get(mask))
-    jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})])
+        elif step.op == "matmul" and step.epilogue.get("activation") not in (None, "none"):
+            a, b = step.inputs
+            if len(b.shape) == 2 and b.buf.kind == "const":
+                groups.update(g for g in gemm.library_groups(
+                    math.prod(a.shape[:-1]), b.shape[0], b.shape[1],
+                    step.epilogue["activation"], threads) if g != "pack_a")
+    jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})]
+                      + [gemm_ir.ahead(g) for g in sorted(groups)])
 
 
 class LLVMBackend(Backend):

@@ -450,3 +450,15 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             workers.lock.release()
     return run
 
+
+
+def library_groups(m: int, k: int, n: int, activation: str | None = None,
+                   threads: int | None = None) -> list[str]:
+    """The `gemm_ir` groups a bound product of m rows with a packed [k, n] weight runs
+    (as `bind` and `_schedule` choose), besides `pack_b`: for compiling them ahead."""
+    act = _activation_name(activation)
+    threads = num_threads() if threads is None else max(1, int(threads))
+    threads = min(threads - 1, pool.MAX_WORKERS) + 1   # what pool.get(threads) has
+    if threads > 1 and m * n * k >= 1 << 21 and _shares_a(m, k, -(-n // NR), threads):
+        return ["pack_a", f"pa:{act}"]
+    return [f"plain:{act}"]

@@ -287,14 +287,20 @@ def compile_group(group: str) -> None:
         entries = GROUPS[group]
         if all(e in _lib or e in _lib["jobs"] for e in entries):
             return
-        addrs = compile_library(f"gemm/{group}", lambda: build_module(group),
-                                [sym for sym, _ in entries.values()], vectorize=False,
-                                unroll=False)   # see compile_library
+        name, build, vectorize, unroll = ahead(group)
+        addrs = compile_library(name, build, [sym for sym, _ in entries.values()],
+                                vectorize, unroll)
         for entry, (sym, argtypes) in entries.items():
             if argtypes is None:
                 dict.__setitem__(_lib["jobs"], entry, addrs[sym])
             else:
                 dict.__setitem__(_lib, entry, cfunc(addrs[sym], None, argtypes))
+
+
+def ahead(group: str) -> tuple:
+    """The `jit.compile_ahead` job of a group (built without LLVM's loop passes: see
+    `jit.compile_library`)."""
+    return (f"gemm/{group}", lambda: build_module(group), False, False)
 
 
 def kernels() -> dict:

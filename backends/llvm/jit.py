@@ -20,7 +20,8 @@ is rebuilt. Each engine gets a target machine of its own (MCJIT takes ownership 
 it and frees it with the engine). Engines are kept alive for the life of the
 process, so the returned addresses stay valid. llvmlite runs one LLVM call at a
 time (a process-wide lock), so threads cannot compile modules side by side; a
-forked child can (`compile_ahead`: the backend hands it attention on a cold cache).
+forked child can (`compile_ahead`: the backend hands it attention and the GEMM's
+activation epilogues on a cold cache).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import hmac
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import llvmlite
@@ -291,8 +293,8 @@ def compile_ahead(jobs: list[tuple]) -> int | None:
     """Start compiling library modules in a child process, while this one goes on to
     the rest of its work: jobs are `(name, build, vectorize, unroll)` as for
     `compile_library`. The child writes their cache entries and exits; asked for one
-    of them, `compile_library` first waits for the child, then reads the entry (or
-    compiles it itself if the child failed). llvmlite runs one LLVM call at a time
+    of them, `compile_library` first waits for its entry (or for the child to exit:
+    then it compiles the module itself if the child failed). llvmlite runs one LLVM call at a time
     per process, so threads would not overlap. Nothing is started (None) unless the
     disk cache is usable, some entry is missing, and this process has one thread
     (fork copies only the calling thread: a lock another one holds, in LLVM or
@@ -327,12 +329,20 @@ def compile_ahead(jobs: list[tuple]) -> int | None:
         return pid
 
 
-def _wait(pid: int) -> None:
-    """Wait for a compile_ahead child (under _lock); forget what it was compiling."""
-    with contextlib.suppress(ChildProcessError, InterruptedError):
-        os.waitpid(pid, 0)
-    for key in [k for k, p in _pending.items() if p == pid]:
-        del _pending[key]
+def _await(key: str, path: Path) -> None:
+    """Wait (under _lock) until the compile_ahead child compiling `key` has written its
+    entry (renamed into place whole) or has exited."""
+    pid = _pending.pop(key)
+    while not os.path.lexists(path):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:   # already reaped
+            done = pid
+        if done:
+            for k in [k for k, p in _pending.items() if p == pid]:
+                del _pending[k]
+            return
+        time.sleep(0.002)
 
 
 def _compile(key: str, text, symbols: list[str], options: tuple) -> dict[str, int]:
@@ -340,11 +350,11 @@ def _compile(key: str, text, symbols: list[str], options: tuple) -> dict[str, in
         if key in _memo and all(s in _memo[key] for s in symbols):
             stats["memo_hits"] += 1
             return {s: _memo[key][s] for s in symbols}
-        if key in _pending:
-            _wait(_pending[key])
         folder = cache_dir()
         secret = cache_secret(folder)
         path = folder / key[:2] / (key + ".o")
+        if key in _pending:
+            _await(key, path)
         obj = _read_entry(path, key, secret) if secret else None
         addrs = None
         if obj is not None:
