@@ -294,11 +294,11 @@ def compile_ahead(jobs: list[tuple]) -> int | None:
     the rest of its work: jobs are `(name, build, vectorize, unroll)` as for
     `compile_library`. The child writes their cache entries and exits; asked for one
     of them, `compile_library` first waits for its entry (or for the child to exit:
-    then it compiles the module itself if the child failed). llvmlite runs one LLVM call at a time
-    per process, so threads would not overlap. Nothing is started (None) unless the
-    disk cache is usable, some entry is missing, and this process has one thread
-    (fork copies only the calling thread: a lock another one holds, in LLVM or
-    Python, would stay held in the child). Returns the child's pid."""
+    then it compiles the module itself if the child failed). llvmlite runs one LLVM
+    call at a time per process, so threads would not overlap. Nothing is started
+    (None) unless the disk cache is usable, some entry is missing, and this process
+    has one thread (fork copies only the calling thread: a lock another one holds, in
+    LLVM or Python, would stay held in the child). Returns the child's pid."""
     if not hasattr(os, "fork") or threading.active_count() > 1:
         return None
     folder = cache_dir()
@@ -343,6 +343,9 @@ def _await(key: str, path: Path) -> None:
                 del _pending[k]
             return
         time.sleep(0.002)
+    if pid not in _pending.values():   # its last entry: reap it (it is exiting)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def _compile(key: str, text, symbols: list[str], options: tuple) -> dict[str, int]:
