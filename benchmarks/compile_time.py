@@ -10,12 +10,13 @@ cold run filled, and "second shape" compiles batch 1 seq `--seq2` into the folde
 region is `tensorc.compile(graph, "llvm", passes="O2")` plus the first call (which
 lowers, generates and JIT-compiles or loads the kernels, packs the weights, and runs),
 after the model is traced (the trace is reported apart). The small preset, batch 1.
-With `--repeat N` each figure is the median of N fresh processes; the CPU time of the
-process in the same region (all its threads) is printed beside it, since on a busy
-machine it moves less than the wall-clock time. `--profile` prints,
-for one cold run, what each LLVM module build cost. `--baseline CHECKOUT` also times
-tensorc from another source checkout (e.g. `git archive main | tar -x -C /tmp/main`),
-its runs taking turns with this checkout's, so that changes in machine load hit both.
+With `--repeat N` each figure is the median of N fresh processes; the CPU time spent
+in the same region (all threads of the process, and its compile-ahead child) is
+printed beside it, since on a busy machine it moves less than the wall-clock time.
+`--profile` prints, for one cold run, what each LLVM module build cost. `--baseline
+CHECKOUT` also times tensorc from another source checkout (e.g. `git archive main |
+tar -x -C /tmp/main`), its runs taking turns with this checkout's, so that changes in
+machine load hit both.
 """
 
 from __future__ import annotations
@@ -52,14 +53,21 @@ def worker(model_name: str, seq: int, profile: bool) -> None:
             llvm_modules.append([round(time.perf_counter() - t, 3), len(text)])
             return obj
         jit._build_object = timed
-    t, cpu = time.perf_counter(), time.process_time()
+    t, cpu = time.perf_counter(), _cpu()
     exe = tensorc.compile(graph, "llvm", passes="O2")
     t_passes = time.perf_counter() - t
     exe.run(feeds)
-    total, cpu = time.perf_counter() - t, time.process_time() - cpu
+    total, cpu = time.perf_counter() - t, _cpu() - cpu
     print(json.dumps({"import_s": t_import, "trace_s": t_trace, "passes_s": t_passes,
                       "compile_s": total, "cpu_s": cpu, "jit": dict(jit.stats),
                       "llvm_builds": llvm_modules}), flush=True)
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of its children that have ended (the JIT's
+    compile-ahead child, once reaped)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def run(model: str, seq: int, cache: str, profile: bool = False,
