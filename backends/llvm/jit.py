@@ -121,9 +121,11 @@ def source_digest() -> str:
 
 def _source_files() -> list[tuple[Path, Path]]:
     """(root, file) for every .py file of the backends and the core (in an installed
-    tensorc the core's folder holds the other layers too: hashed as well)."""
+    tensorc the core's folder holds the other layers too: hashed as well); where a
+    folder has no source (a bytecode-only install), its .pyc files."""
     backends, core = Path(__file__).parent.parent, Path(tensorc.errors.__file__).parent
-    return [(root, path) for root in (backends, core) for path in sorted(root.rglob("*.py"))]
+    return [(root, path) for root in (backends, core)
+            for path in sorted(root.rglob("*.py")) or sorted(root.rglob("*.pyc"))]
 
 
 def library_key(name: str, vectorize: bool = True, unroll: bool = True) -> str:
