@@ -451,7 +451,6 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     return run
 
 
-
 def library_groups(m: int, k: int, n: int, activation: str | None = None,
                    threads: int | None = None) -> list[str]:
     """The `gemm_ir` groups a bound product of m rows with a packed [k, n] weight runs

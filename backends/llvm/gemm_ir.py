@@ -208,21 +208,19 @@ def _pack_bt(module: ir.Module) -> ir.Function:
 FIXED = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64]  # see gemm._call
 
 
-def build_module(group: str | None = None) -> ir.Module:
-    """The module of one group of entry points (see `GROUPS`), or of all of them."""
-    module = ir.Module(name=f"tensorc_gemm_{group or 'all'}")
-    for g in [group] if group else GROUPS:
-        if g == "pack_b":
-            for name, pack in (("tc_pack_b", _pack_b(module)),
-                               ("tc_pack_bt", _pack_bt(module))):
-                job(module, name + "_job", pack, [PTR, I64, I64, I64, PTR], 2, work=None)
-        elif g == "pack_a":   # ap: the workspace
-            job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)
-        else:
-            kind, act = g.split(":")
-            uk = _ukernel(module, act)
-            job(module, f"tc_gemm_{'pa_' if kind == 'pa' else ''}job_{act}",
-                _macro_kernel(module, act, uk, kind == "pa"), FIXED, 4)
+def build_module(group: str) -> ir.Module:
+    """The module of one group of entry points (see `GROUPS`)."""
+    module = ir.Module(name=f"tensorc_gemm_{group}")
+    if group == "pack_b":
+        for name, pack in (("tc_pack_b", _pack_b(module)), ("tc_pack_bt", _pack_bt(module))):
+            job(module, name + "_job", pack, [PTR, I64, I64, I64, PTR], 2, work=None)
+    elif group == "pack_a":   # ap: the workspace
+        job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)
+    else:
+        kind, act = group.split(":")
+        uk = _ukernel(module, act)
+        job(module, f"tc_gemm_{'pa_' if kind == 'pa' else ''}job_{act}",
+            _macro_kernel(module, act, uk, kind == "pa"), FIXED, 4)
     return module
 
 
@@ -265,7 +263,6 @@ class _Lazy(dict):
 
     def __init__(self, groups: dict, jobs: bool):
         super().__init__()
-        self._groups, self._jobs = groups, jobs
         self._where = {e: g for g, entries in groups.items() for e, (_, argt) in entries.items()
                        if (argt is None) == jobs}
 
