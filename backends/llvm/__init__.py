@@ -33,7 +33,9 @@ class LLVMExecutable(Executable):
             runner = self._runners.get(key)
             if runner is None:
                 from .runtime import Runner
-                runner = self._runners[key] = Runner(lower(self.graph, env), self.threads)
+                program = lower(self.graph, env)
+                _compile_ahead(program, self.threads)
+                runner = self._runners[key] = Runner(program, self.threads)
             return runner
 
     def execute(self, arrays, env):
@@ -48,6 +50,34 @@ class LLVMExecutable(Executable):
     def stats(self, env: dict[str, int] | None = None) -> dict:
         """Kernel launches, library calls, reference fallbacks, arena bytes."""
         return self.program(env).stats()
+
+
+def _compile_ahead(program: Program, threads: int | None) -> None:
+    """Have a second process compile, while this one compiles the rest, the attention
+    kernels `program` calls (the largest library modules, one per mask kind) and its
+    GEMMs' activation epilogues (`jit.compile_ahead`): on a cold cache the two cores
+    share the JIT work (a decode step's GEMV module too)."""
+    import math
+
+    from . import attention, gemm, gemm_ir, gemv, jit
+    kinds, groups, rows = set(), set(), False
+    for step in program.steps:
+        if getattr(step, "fallback", True):
+            continue
+        if step.op == "matmul" and step.inputs[1].buf.kind == "const":
+            rows |= math.prod(step.inputs[0].shape[:-1]) <= gemv.GEMV_MAX_M
+        if step.op == "attention":
+            mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 else None
+            kinds.add({None: "none", "bool": "keep", "f32": "add"}.get(mask))
+        elif step.op == "matmul" and step.epilogue.get("activation") not in (None, "none"):
+            a, b = step.inputs
+            if len(b.shape) == 2 and b.buf.kind == "const":
+                groups.update(g for g in gemm.library_groups(
+                    math.prod(a.shape[:-1]), b.shape[0], b.shape[1],
+                    step.epilogue["activation"], threads) if g != "pack_a")
+    jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})]
+                      + [gemm_ir.ahead(g) for g in sorted(groups)]
+                      + [gemv.ahead()] * rows)
 
 
 class LLVMBackend(Backend):

@@ -36,7 +36,7 @@ from . import pool
 from .gemm import _split, aligned_empty, num_threads, run_jobs
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
-from .jit import cfunc, compile_ir
+from .jit import cfunc, compile_library
 
 BR, BC = 8, 32   # query rows per block, keys per tile (the GEMM's 8 x 32 micro-tile)
 MASKS = ("none", "add", "keep")
@@ -183,12 +183,21 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
                     o = [f.var(V16, b.fmul(f.vload(optr[r], 64),
                                            f.splat(b.load(corr[r], typ=F32))))
                          for r in range(BR)]
-                    with f.loop(0, jn) as j:
+
+                    def pv(j):
                         vrow = f.at(vh, f.mul(b.add(j0, j), m["v_t"]), f.mul(c, 16))
                         vv = f.mload(vrow, lanes)
                         for r in range(BR):
                             pj = f.splat(b.load(f.at(pb, c64(r * BC), j), typ=F32))
                             b.store(f.fma(pj, vv, b.load(o[r], typ=V16)), o[r])
+                    # two keys a step (unrolled here: the module is built without LLVM's
+                    # loop unrolling, which costs far more compile time than it gains)
+                    jn2 = b.and_(jn, c64(-2))
+                    with f.loop(0, jn2, 2) as j:
+                        pv(j)
+                        pv(b.add(j, c64(1)))
+                    with f.loop(jn2, jn) as j:
+                        pv(j)
                     for r in range(BR):
                         f.vstore(b.load(o[r], typ=V16), optr[r], 64)
 
@@ -314,10 +323,10 @@ def _mload_i8(f: FnBuilder, ptr, mask):
     return f.b.call(fn, [ptr, ir.Constant(I32, 1), mask, ir.Constant(V16I8, [0] * 16)])
 
 
-def build_module() -> ir.Module:
-    module = ir.Module(name="tensorc_attention")
+def build_module(kinds=MASKS) -> ir.Module:
+    module = ir.Module(name="tensorc_attention_" + "_".join(kinds))
     _pack_bt(module)
-    for kind in MASKS:
+    for kind in kinds:
         job(module, f"tc_attention_job_{kind}", _kernel(module, kind),
              [PTR] * 6 + [F32, F32, I64], 4, work="last")
         job(module, f"tc_attention_decode_job_{kind}", _decode_kernel(module, kind),
@@ -326,22 +335,42 @@ def build_module() -> ir.Module:
 
 
 _lock = threading.Lock()
-_lib: dict | None = None
+_ARGS = [c_void_p] * 6 + [c_float, c_float] + [c_int64] * 5 + [c_void_p]
+
+
+class _Lazy(dict):
+    """Mask kind -> entry point, each kind its own module compiled on first use."""
+
+    def __missing__(self, kind):
+        if kind not in MASKS:
+            raise KeyError(kind)
+        with _lock:
+            if not dict.__contains__(_lib["jobs"], kind):
+                names = [f"tc_attention_{kind}", f"tc_attention_job_{kind}",
+                         f"tc_attention_decode_job_{kind}"]
+                name, build, vectorize, unroll = ahead(kind)   # see compile_library
+                addrs = compile_library(name, build, names, vectorize, unroll)
+                dict.__setitem__(_lib, kind, cfunc(addrs[names[0]], None, _ARGS))
+                dict.__setitem__(_lib["jobs"], kind, addrs[names[1]])
+                dict.__setitem__(_lib["decode_jobs"], kind, addrs[names[2]])
+        return dict.__getitem__(self, kind)
+
+
+_lib = _Lazy()
+_lib["jobs"] = _Lazy()
+_lib["decode_jobs"] = _Lazy()
+
+
+def ahead(kind: str) -> tuple:
+    """The `jit.compile_ahead` job of a mask kind's module."""
+    return (f"attention/{kind}", lambda: build_module((kind,)), True, False)
 
 
 def kernels() -> dict:
-    global _lib
-    with _lock:
-        if _lib is None:
-            names = [f"tc_attention_{kind}" for kind in MASKS]
-            jobs = [f"tc_attention_{p}job_{kind}" for kind in MASKS for p in ("", "decode_")]
-            addrs = compile_ir(build_module(), names + jobs)
-            args = [c_void_p] * 6 + [c_float, c_float] + [c_int64] * 5 + [c_void_p]
-            _lib = {kind: cfunc(addrs[f"tc_attention_{kind}"], None, args) for kind in MASKS}
-            _lib["jobs"] = {kind: addrs[f"tc_attention_job_{kind}"] for kind in MASKS}
-            _lib["decode_jobs"] = {kind: addrs[f"tc_attention_decode_job_{kind}"]
-                                   for kind in MASKS}
-        return _lib
+    """mask kind -> the kernel (ctypes), "jobs" / "decode_jobs": mask kind -> the pool
+    job of the flash / the few-query-rows kernel; each kind compiled on first use
+    (object code cached on disk)."""
+    return _lib
 
 
 def _unit_last(x: np.ndarray) -> np.ndarray:

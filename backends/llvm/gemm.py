@@ -223,11 +223,16 @@ def gemm_range(a: np.ndarray, packed: PackedB, out: np.ndarray, m0: int, m1: int
 def _call(a, packed, out, bias, activation, residual):
     """The kernel and its arguments but for the ranges and the workspace, so that
     threads only add their ranges (the GIL is held for as short as possible)."""
+    return kernels()[activation], _args(a, packed, out, bias, residual)
+
+
+def _args(a, packed, out, bias, residual) -> tuple:
+    """The kernels' and jobs' fixed arguments (a job needs no compiled `tc_gemm_<act>`)."""
     res = residual if residual is not None else out
-    return kernels()[activation], (
-        a.ctypes.data, a.strides[0] // 4, packed.ptr, packed.k, out.ctypes.data,
-        out.strides[0] // 4, packed.n, (bias if bias is not None else out).ctypes.data,
-        int(bias is not None), res.ctypes.data, res.strides[0] // 4, int(residual is not None))
+    return (a.ctypes.data, a.strides[0] // 4, packed.ptr, packed.k, out.ctypes.data,
+            out.strides[0] // 4, packed.n, (bias if bias is not None else out).ctypes.data,
+            int(bias is not None), res.ctypes.data, res.strides[0] // 4,
+            int(residual is not None))
 
 
 def _activation_name(activation) -> str:
@@ -327,7 +332,7 @@ def _schedule(a, packed, out, bias, act, residual, threads) -> list:
     M, K, panels = a.shape[0], packed.k, packed.panels
     mt = -(-M // MR)
     jobs = kernels()["jobs"]
-    fixed = list(_call(a, packed, out, bias, act, residual)[1])
+    fixed = list(_args(a, packed, out, bias, residual))
     if _shares_a(M, K, panels, threads):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
         return [(jobs["tc_pack_a_job"], [a.ctypes.data, a.strides[0] // 4, K, M],
@@ -544,3 +549,16 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     run.patch = patch
     run.keep = packed   # a per-call B's packing buffer
     return run
+
+def library_groups(m: int, k: int, n: int, activation: str | None = None,
+                   threads: int | None = None) -> list[str]:
+    """The `gemm_ir` groups a bound product of m rows with a packed [k, n] weight runs
+    (as `bind` and `_schedule` choose), besides `pack_b`: for compiling them ahead."""
+    act = _activation_name(activation)
+    if m <= _gemv.GEMV_MAX_M:   # the GEMV module's (gemv.ahead), no group of gemm_ir's
+        return []
+    threads = num_threads() if threads is None else max(1, int(threads))
+    threads = min(threads - 1, pool.MAX_WORKERS) + 1   # what pool.get(threads) has
+    if threads > 1 and m * n * k >= 1 << 21 and _shares_a(m, k, -(-n // NR), threads):
+        return ["pack_a", f"pa:{act}"]
+    return [f"plain:{act}"]

@@ -10,7 +10,7 @@ from ctypes import c_int64, c_void_p
 from llvmlite import ir
 
 from .irbuild import F32, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
-from .jit import cfunc, compile_ir
+from .jit import cfunc, compile_library
 
 MR, NR = 8, 32      # micro-tile: 8 rows x 2 zmm = 16 accumulators (14 x 32 measured no faster)
 KC, MC = 256, 160  # a 256 x 32 panel of B (32 KiB) stays in L1; a 160 x 256 block of A, in L2
@@ -205,16 +205,22 @@ def _pack_bt(module: ir.Module) -> ir.Function:
     return f.finish()
 
 
-def build_module() -> ir.Module:
-    module = ir.Module(name="tensorc_gemm")
-    for name, pack in (("tc_pack_b", _pack_b(module)), ("tc_pack_bt", _pack_bt(module))):
-        job(module, name + "_job", pack, [PTR, I64, I64, I64, PTR], 2, work=None)
-    job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)  # ap: workspace
-    fixed = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64]
-    for act in ACTIVATIONS:
+FIXED = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64]  # see gemm._call
+
+
+def build_module(group: str) -> ir.Module:
+    """The module of one group of entry points (see `GROUPS`)."""
+    module = ir.Module(name=f"tensorc_gemm_{group}")
+    if group == "pack_b":
+        for name, pack in (("tc_pack_b", _pack_b(module)), ("tc_pack_bt", _pack_bt(module))):
+            job(module, name + "_job", pack, [PTR, I64, I64, I64, PTR], 2, work=None)
+    elif group == "pack_a":   # ap: the workspace
+        job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)
+    else:
+        kind, act = group.split(":")
         uk = _ukernel(module, act)
-        job(module, f"tc_gemm_job_{act}", _macro_kernel(module, act, uk), fixed, 4)
-        job(module, f"tc_gemm_pa_job_{act}", _macro_kernel(module, act, uk, True), fixed, 4)
+        job(module, f"tc_gemm_{'pa_' if kind == 'pa' else ''}job_{act}",
+            _macro_kernel(module, act, uk, kind == "pa"), FIXED, 4)
     return module
 
 
@@ -236,25 +242,66 @@ def _pack_a(module: ir.Module) -> ir.Function:
 
 
 _P, _I = c_void_p, c_int64
+_PACK_ARGS = [_P, _I, _I, _I, _P, _I, _I]
+_GEMM_ARGS = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I]
+
+# Entry points come in groups, one LLVM module (and cache entry) each, compiled on
+# first use: a model compiles the activations and paths it runs, not all of them.
+# group -> {entry: (symbol, ctypes argument types, or None for a pool job's address)}
+GROUPS = {"pack_b": {"pack_b": ("tc_pack_b", _PACK_ARGS), "pack_bt": ("tc_pack_bt", _PACK_ARGS),
+                     "tc_pack_b_job": ("tc_pack_b_job", None),
+                     "tc_pack_bt_job": ("tc_pack_bt_job", None)},
+          "pack_a": {"tc_pack_a_job": ("tc_pack_a_job", None)}}
+for _a in ACTIVATIONS:
+    GROUPS[f"plain:{_a}"] = {_a: (f"tc_gemm_{_a}", _GEMM_ARGS),
+                             f"tc_gemm_job_{_a}": (f"tc_gemm_job_{_a}", None)}
+    GROUPS[f"pa:{_a}"] = {f"tc_gemm_pa_job_{_a}": (f"tc_gemm_pa_job_{_a}", None)}
+
+
+class _Lazy(dict):
+    """A dict of entry points whose missing keys are compiled (with their group)."""
+
+    def __init__(self, groups: dict, jobs: bool):
+        super().__init__()
+        self._where = {e: g for g, entries in groups.items() for e, (_, argt) in entries.items()
+                       if (argt is None) == jobs}
+
+    def __missing__(self, entry):
+        if entry not in self._where:
+            raise KeyError(entry)
+        compile_group(self._where[entry])
+        return dict.__getitem__(self, entry)
+
+
 _lib_lock = threading.Lock()
-_lib: dict | None = None
+_lib = _Lazy(GROUPS, jobs=False)
+_lib["jobs"] = _Lazy(GROUPS, jobs=True)
+
+
+def compile_group(group: str) -> None:
+    """Compile one group (object code cached on disk) and add its entry points."""
+    with _lib_lock:
+        entries = GROUPS[group]
+        if all(e in _lib or e in _lib["jobs"] for e in entries):
+            return
+        name, build, vectorize, unroll = ahead(group)
+        addrs = compile_library(name, build, [sym for sym, _ in entries.values()],
+                                vectorize, unroll)
+        for entry, (sym, argtypes) in entries.items():
+            if argtypes is None:
+                dict.__setitem__(_lib["jobs"], entry, addrs[sym])
+            else:
+                dict.__setitem__(_lib, entry, cfunc(addrs[sym], None, argtypes))
+
+
+def ahead(group: str) -> tuple:
+    """The `jit.compile_ahead` job of a group (built without LLVM's loop passes: see
+    `jit.compile_library`)."""
+    return (f"gemm/{group}", lambda: build_module(group), False, False)
 
 
 def kernels() -> dict:
-    """The compiled entry points (compiled once per process; object code cached on disk)."""
-    global _lib
-    with _lib_lock:
-        if _lib is None:
-            jobs = [f"tc_gemm_{p}job_{a}" for a in ACTIVATIONS for p in ("", "pa_")]
-            jobs += ["tc_pack_a_job", "tc_pack_b_job", "tc_pack_bt_job"]
-            names = ["tc_pack_b", "tc_pack_bt"] + [f"tc_gemm_{a}" for a in ACTIVATIONS] + jobs
-            addrs = compile_ir(build_module(), names)
-            pack_args = [_P, _I, _I, _I, _P, _I, _I]
-            gemm_args = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I]
-            _lib = {"pack_b": cfunc(addrs["tc_pack_b"], None, pack_args),
-                    "pack_bt": cfunc(addrs["tc_pack_bt"], None, pack_args)}
-            _lib.update({a: cfunc(addrs[f"tc_gemm_{a}"], None, gemm_args) for a in ACTIVATIONS})
-            _lib["jobs"] = {j: addrs[j] for j in jobs}
-        return _lib
-
-
+    """The entry points: "pack_b", "pack_bt" and each activation's `tc_gemm_<act>` as
+    ctypes functions, "jobs" the pool jobs' addresses; each compiled on first use
+    (object code cached on disk)."""
+    return _lib

@@ -28,7 +28,7 @@ from llvmlite import ir
 
 from .gemm_ir import ACTIVATIONS, NR
 from .irbuild import F32, I32, I64, M16, PTR, V16, FnBuilder, c64, job, vconst
-from .jit import cfunc, compile_ir
+from .jit import cfunc, compile_library
 
 GEMV_MAX_M = 8
 PF_AHEAD = 1 << 14   # prefetch distance in a packed B, floats (64 KiB)
@@ -172,9 +172,16 @@ def kernels() -> dict:
     global _lib
     with _lib_lock:
         if _lib is None:
-            names = [f"tc_gemv_{p}{a}" for a in ACTIVATIONS for p in ("", "job_")]
-            _lib = compile_ir(build_module(), names)
+            _lib = compile_library(*ahead()[:2], NAMES)
         return _lib
+
+
+NAMES = [f"tc_gemv_{p}{a}" for a in ACTIVATIONS for p in ("", "job_")]
+
+
+def ahead() -> tuple:
+    """The `jit.compile_ahead` job of the GEMV module (see `jit.compile_library`)."""
+    return ("gemv", build_module, True, True)
 
 
 _drivers: dict = {}

@@ -5,8 +5,12 @@
 
 The module is optimised at O3 (loop and SLP vectorisation on) for the host CPU's
 name and features, turned into an object file, and loaded with MCJIT. Object
-files are cached under `$TENSORC_CACHE_DIR` (default `~/.cache/tensorc`), keyed
-by a hash of the IR text, the target and the llvmlite version. The cache is
+files are cached under `$TENSORC_CACHE_DIR` (default `~/.cache/tensorc`), one entry
+per module. A generated module's key is a hash of its IR text, the target, the
+llvmlite version and the optimisation options. A library module (`compile_library`:
+each group of GEMM entry points, each attention mask kind, the pool) is keyed by its
+name and a hash of the source it is generated from (`source_digest`) instead, so
+that a hit builds no IR: every model and shape shares these entries. The cache is
 untrusted: LLVM crashes on a malformed object file, so only an object this user's
 tensorc wrote is loaded. Each entry carries its own key and an HMAC of key and
 payload under a secret kept in the cache folder (`key`, mode 0600, owned by this
@@ -14,7 +18,10 @@ user; if it is anything else the disk cache is not used). Only a regular file
 (not a link, FIFO or device) of bounded size is read; an entry that fails a check
 is rebuilt. Each engine gets a target machine of its own (MCJIT takes ownership of
 it and frees it with the engine). Engines are kept alive for the life of the
-process, so the returned addresses stay valid.
+process, so the returned addresses stay valid. llvmlite runs one LLVM call at a
+time (a process-wide lock), so threads cannot compile modules side by side; a
+forked child can (`compile_ahead`: the backend hands it attention and the GEMM's
+activation epilogues on a cold cache).
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ import hmac
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import llvmlite
 import llvmlite.binding as llvm
 
+import tensorc.errors
 from tensorc.errors import TensorcError
 from tensorc.files import output_file
 
@@ -39,7 +48,7 @@ _MAX_ENTRY = 256 << 20  # bytes; a kernel module's object is far smaller
 _lock = threading.Lock()
 _engines: list = []  # keep every engine (and so its code) alive
 _memo: dict[str, dict[str, int]] = {}  # key -> addresses, for this process
-stats = {"compiled": 0, "disk_hits": 0, "memo_hits": 0, "corrupt": 0}
+stats = {"compiled": 0, "disk_hits": 0, "memo_hits": 0, "corrupt": 0, "ahead": 0}
 
 
 def _init():
@@ -80,20 +89,62 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TENSORC_CACHE_DIR") or Path.home() / ".cache" / "tensorc")
 
 
-def cache_key(ir_text: str) -> str:
+def _options(vectorize: bool, unroll: bool) -> bytes:
+    return b"\0O3\0" if vectorize and unroll else \
+        f"\0O3 vectorize={vectorize:d} unroll={unroll:d}\0".encode()
+
+
+def cache_key(ir_text: str, vectorize: bool = True, unroll: bool = True) -> str:
     h = hashlib.sha256()
     h.update(target().fingerprint.encode())
-    h.update(b"\0O3\0")
+    h.update(_options(vectorize, unroll))
     h.update(ir_text.encode())
     return h.hexdigest()
 
 
-def optimize(mod: llvm.ModuleRef) -> None:
-    """O3 with loop and SLP vectorisation, for the host target (new pass manager)."""
+_digest: str | None = None
+
+
+def source_digest() -> str:
+    """A hash of the source of the layers a library kernel's IR can depend on: the
+    backends and the core (`tests/test_layers.py` keeps backends from importing
+    anything else), so that a library's cache key needs no IR built."""
+    global _digest
+    if _digest is None:
+        h = hashlib.sha256()
+        for root, path in _source_files():
+            h.update(str(path.relative_to(root)).encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        _digest = h.hexdigest()
+    return _digest
+
+
+def _source_files() -> list[tuple[Path, Path]]:
+    """(root, file) for every .py file of the backends and the core (in an installed
+    tensorc the core's folder holds the other layers too: hashed as well); where a
+    folder has no source (a bytecode-only install), its .pyc files."""
+    backends, core = Path(__file__).parent.parent, Path(tensorc.errors.__file__).parent
+    return [(root, path) for root in (backends, core)
+            for path in sorted(root.rglob("*.py")) or sorted(root.rglob("*.pyc"))]
+
+
+def library_key(name: str, vectorize: bool = True, unroll: bool = True) -> str:
+    """The cache key of library module `name` (see `compile_library`)."""
+    h = hashlib.sha256()
+    h.update(target().fingerprint.encode())
+    h.update(_options(vectorize, unroll))
+    h.update(b"library\0" + name.encode() + b"\0" + source_digest().encode())
+    return h.hexdigest()
+
+
+def optimize(mod: llvm.ModuleRef, vectorize: bool = True, unroll: bool = True) -> None:
+    """O3 for the host target (new pass manager), with loop and SLP vectorisation and
+    loop unrolling unless switched off: hand-vectorised library kernels compile several
+    times faster without them (into the same inner loops: see `compile_library`)."""
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
-    pto.loop_vectorization = True
-    pto.slp_vectorization = True
-    pto.loop_unrolling = True
+    pto.loop_vectorization = vectorize
+    pto.slp_vectorization = vectorize
+    pto.loop_unrolling = unroll
     pb = llvm.create_pass_builder(target().machine, pto)
     pb.getModulePassManager().run(mod, pb)
 
@@ -110,11 +161,11 @@ def parse(ir) -> llvm.ModuleRef:
     return mod
 
 
-def _build_object(ir_text: str) -> bytes:
+def _build_object(ir_text: str, vectorize: bool = True, unroll: bool = True) -> bytes:
     mod = parse(ir_text)
     mod.triple = target().triple
     mod.data_layout = str(target().machine.target_data)
-    optimize(mod)
+    optimize(mod, vectorize, unroll)
     stats["compiled"] += 1
     return target().machine.emit_object(mod)
 
@@ -209,13 +260,97 @@ def _load(obj: bytes, symbols: list[str]) -> dict[str, int]:
     return addrs
 
 
-def compile_ir(ir, symbols: list[str]) -> dict[str, int]:
+def compile_ir(ir, symbols: list[str], vectorize: bool = True, unroll: bool = True
+               ) -> dict[str, int]:
     """Compile LLVM IR (text or llvmlite.ir.Module) and return {symbol: address}.
 
     Uses the in-process memo, then the disk cache, then compiles. Thread safe.
+    `vectorize`, `unroll`: see `optimize`.
     """
     text = str(ir)
-    key = cache_key(text)
+    return _compile(cache_key(text, vectorize, unroll), lambda: text, symbols,
+                    (vectorize, unroll))
+
+
+def compile_library(name: str, build, symbols: list[str], vectorize: bool = True,
+                    unroll: bool = True) -> dict[str, int]:
+    """`compile_ir(build(), symbols, ...)` for a library module (GEMM, attention, the
+    pool): keyed by `name` and the source that generates it (`source_digest`) instead
+    of its IR text, so that a cache hit builds no IR. `name` must tell apart every
+    module one source can build (the variant: activation, mask kind).
+
+    The GEMM is built without LLVM's vectorisers and unroller, attention without the
+    unroller: both are vectorised by hand (16-lane vectors, unrolled where it pays), so
+    that their inner loops compile to the same instructions (`tests/test_jit_cache.py`
+    checks the GEMM's micro-kernel), and those passes cost most of their compile time
+    (GEMM 5-15x, attention 1.5x)."""
+    return _compile(library_key(name, vectorize, unroll), lambda: str(build()), symbols,
+                    (vectorize, unroll))
+
+
+_pending: dict[str, int] = {}   # library key -> the child process compiling it
+
+
+def compile_ahead(jobs: list[tuple]) -> int | None:
+    """Start compiling library modules in a child process, while this one goes on to
+    the rest of its work: jobs are `(name, build, vectorize, unroll)` as for
+    `compile_library`. The child writes their cache entries and exits; asked for one
+    of them, `compile_library` first waits for its entry (or for the child to exit:
+    then it compiles the module itself if the child failed). llvmlite runs one LLVM
+    call at a time per process, so threads would not overlap. Nothing is started
+    (None) unless the disk cache is usable, some entry is missing, and this process
+    has one thread (fork copies only the calling thread: a lock another one holds, in
+    LLVM or Python, would stay held in the child). Returns the child's pid."""
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        return None
+    folder = cache_dir()
+    secret = cache_secret(folder)
+    if not secret:
+        return None
+    with _lock:
+        todo = []
+        for name, build, vectorize, unroll in jobs:
+            key = library_key(name, vectorize, unroll)
+            path = folder / key[:2] / (key + ".o")
+            if key not in _memo and key not in _pending and not os.path.lexists(path):
+                todo.append((key, path, build, (vectorize, unroll)))
+        if not todo:
+            return None
+        pid = os.fork()
+        if pid == 0:   # the child: build, write, leave without running any exit handler
+            code = 0
+            try:
+                for key, path, build, options in todo:
+                    _write_entry(path, key, _build_object(str(build()), *options), secret)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        for key, *_ in todo:
+            _pending[key] = pid
+        stats["ahead"] += len(todo)
+        return pid
+
+
+def _await(key: str, path: Path) -> None:
+    """Wait (under _lock) until the compile_ahead child compiling `key` has written its
+    entry (renamed into place whole) or has exited."""
+    pid = _pending.pop(key)
+    while not os.path.lexists(path):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:   # already reaped
+            done = pid
+        if done:
+            for k in [k for k, p in _pending.items() if p == pid]:
+                del _pending[k]
+            return
+        time.sleep(0.002)
+    if pid not in _pending.values():   # its last entry: reap it (it is exiting)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _compile(key: str, text, symbols: list[str], options: tuple) -> dict[str, int]:
     with _lock:
         if key in _memo and all(s in _memo[key] for s in symbols):
             stats["memo_hits"] += 1
@@ -223,6 +358,8 @@ def compile_ir(ir, symbols: list[str]) -> dict[str, int]:
         folder = cache_dir()
         secret = cache_secret(folder)
         path = folder / key[:2] / (key + ".o")
+        if key in _pending:
+            _await(key, path)
         obj = _read_entry(path, key, secret) if secret else None
         addrs = None
         if obj is not None:
@@ -234,7 +371,7 @@ def compile_ir(ir, symbols: list[str]) -> dict[str, int]:
         elif secret and os.path.lexists(path):
             stats["corrupt"] += 1
         if addrs is None:
-            obj = _build_object(text)
+            obj = _build_object(text(), *options)
             addrs = _load(obj, symbols)
             if secret:
                 _write_entry(path, key, obj, secret)

@@ -31,7 +31,7 @@ from llvmlite import ir
 
 from tensorc.errors import TensorcError
 
-from .jit import cfunc, compile_ir, target
+from .jit import cfunc, compile_ir, compile_library, target
 
 I64, PTR = ir.IntType(64), ir.PointerType()
 # control block words (int64), hot fields on separate cache lines
@@ -227,8 +227,8 @@ def _kernels() -> dict:
     global _lib
     with _lib_lock:
         if _lib is None:
-            addrs = compile_ir(build_module(),
-                               ["tc_pool_post", "tc_pool_join", "tc_pool_worker", "tc_pool_work"])
+            addrs = compile_library("pool", build_module, ["tc_pool_post", "tc_pool_join",
+                                                           "tc_pool_worker", "tc_pool_work"])
             _lib = {"post": cfunc(addrs["tc_pool_post"], c_int64,
                                   [c_void_p, c_int64, c_void_p, c_int64]),
                     "join": cfunc(addrs["tc_pool_join"], None, [c_void_p]),
