@@ -8,7 +8,7 @@
 #
 # The machine needs Python with cupy, numpy, onnx, llvmlite, networkx, pytest and
 # hypothesis (torch for the peers); nothing is downloaded: the project is installed
-# without its dependencies. Limits (seconds): TEST_S, BENCH_S, COMPILE_S, CLI_S.
+# without its dependencies. Limits (seconds): TEST_S, BENCH_S, COMPILE_S, GEN_S, CLI_S.
 # TEST_K selects tests (default: the ones that need the GPU; TEST_K= runs them all,
 # the CPU emulator's and nvcc's too).
 set -u
@@ -46,6 +46,13 @@ timeout "${BENCH_S:-130}" $PY benchmarks/gpu.py --runs "${RUNS:-20}" --compile-m
 step "benchmark: torch.compile peer (fp32)"
 timeout "${COMPILE_S:-80}" $PY benchmarks/gpu.py --runs "${RUNS:-20}" --models gpt \
     --precisions fp32 --no-attention 2>&1 | tee "$OUT/bench_compile.log"
+
+step "generate (KV cache on the GPU)"
+for model in gpt llama; do
+    timeout "${GEN_S:-40}" $PY -c "import sys; from tensorc.cli import main; sys.exit(main())" \
+        generate $model --preset small --backend cupy --ids 1,2,3,4,5,6,7,8 \
+        --max-new-tokens 64 --format json 2>&1 | tail -c 400 | tee -a "$OUT/generate.log"
+done
 
 step "CLI"
 timeout "${CLI_S:-40}" $PY -c "import sys; from tensorc.cli import main; sys.exit(main())" \
