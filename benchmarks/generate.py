@@ -7,7 +7,7 @@ GPT small, greedy, a KV cache everywhere, the same weights: tensorc's `Generator
 (the model's cached step compiled once: prefill, then one call per token) and
 `transformers.GPT2LMHeadModel.generate` with tensorc's weights copied in (the same
 GPT-2 arrangement: pre-norm, tanh gelu, tied embeddings; install the bench extras:
-`pip install -e ".[bench]" transformers`). Each engine runs in its own process and the
+`pip install -e ".[bench]"`). Each engine runs in its own process and the
 engines take turns, one generation each per round, every engine on `--threads`
 threads (TENSORC_NUM_THREADS, OMP/OPENBLAS_NUM_THREADS, torch.set_num_threads).
 Prints medians: tokens/s (new tokens / (prefill + decode)), prefill ms and ms per
