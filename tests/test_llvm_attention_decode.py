@@ -7,24 +7,11 @@ import math
 import llvmlite.binding as llvm
 import numpy as np
 import pytest
+from test_llvm_attention import naive  # the float64 definition, one home
 
 from tensorc.backends.llvm import attention as A
 from tensorc.backends.llvm import jit
 from tensorc.ops.attention import attention as op_reference
-
-
-def naive(q, k, v, mask=None, scale=1.0, causal=False, mask_value=-math.inf):
-    q, k, v = (x.astype(np.float64) for x in (q, k, v))
-    scores = scale * q @ np.swapaxes(k, -1, -2)
-    t, s = scores.shape[-2:]
-    if causal:
-        scores = np.where(np.tri(t, s, dtype=bool), scores, mask_value)
-    if mask is not None:
-        scores = np.where(mask, scores, mask_value) if mask.dtype == np.bool_ \
-            else scores + mask
-    with np.errstate(invalid="ignore"):
-        w = np.exp(scores - scores.max(-1, keepdims=True))
-        return (w / w.sum(-1, keepdims=True)) @ v
 
 
 def assert_close(got, want, tol=1e-4):

@@ -61,14 +61,21 @@ def _heads(f, g, m, hh, mask_kind):
             head(g["mask"], "m", I8 if mask_kind == "keep" else F32))
 
 
-def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
-    """tc_attention_<mask_kind>: heads [h0, h1) x query rows [i0, i1)."""
-    f = FnBuilder(module, f"tc_attention_{mask_kind}", [
+def _entry(module: ir.Module, name: str):
+    """A kernel's function (both kernels take the same arguments) and its META values."""
+    f = FnBuilder(module, name, [
         ("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("mask", PTR), ("meta", PTR),
         ("scale", F32), ("mask_value", F32), ("causal", I64),
         ("h0", I64), ("h1", I64), ("i0", I64), ("i1", I64), ("work", PTR)])
+    b = f.b
+    return f, {n: b.load(f.at(f.arg["meta"], c64(i), ty=I64), typ=I64)
+               for i, n in enumerate(META)}
+
+
+def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
+    """tc_attention_<mask_kind>: heads [h0, h1) x query rows [i0, i1)."""
+    f, m = _entry(module, f"tc_attention_{mask_kind}")
     b, g = f.b, f.arg
-    m = {n: b.load(f.at(g["meta"], c64(i), ty=I64), typ=I64) for i, n in enumerate(META)}
     s, d, dv = m["s"], m["d"], m["dv"]
     tiles = b.sdiv(b.add(s, c64(BC - 1)), c64(BC))
     chunks = b.sdiv(b.add(dv, c64(15)), c64(16))       # 16-lane chunks of a row of V / O
@@ -228,12 +235,8 @@ def _decode_kernel(module: ir.Module, mask_kind: str) -> ir.Function:
     row's max, then p = exp(scores - max) 16 keys at a time, then O = sum_j p_j v_j
     with GROUP chunks of the row of V per pass, and O / sum p. Same arguments and
     meaning as `_kernel`; the workspace holds the scaled row of Q and the s scores."""
-    f = FnBuilder(module, f"tc_attention_decode_{mask_kind}", [
-        ("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("mask", PTR), ("meta", PTR),
-        ("scale", F32), ("mask_value", F32), ("causal", I64),
-        ("h0", I64), ("h1", I64), ("i0", I64), ("i1", I64), ("work", PTR)])
+    f, m = _entry(module, f"tc_attention_decode_{mask_kind}")
     b, g = f.b, f.arg
-    m = {n: b.load(f.at(g["meta"], c64(i), ty=I64), typ=I64) for i, n in enumerate(META)}
     s, d, dv = m["s"], m["d"], m["dv"]
     def up(x, n):   # x rounded up to a multiple of n
         return f.mul(b.sdiv(b.add(x, c64(n - 1)), c64(n)), n)
