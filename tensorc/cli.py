@@ -23,7 +23,7 @@ from .text import parse_scalar
 
 MODEL_HELP = """\
 MODEL is one of:
-  a built-in name        gpt, bert, transformer, vit (see `tensorc models`)
+  a built-in name        gpt, bert, transformer, vit, llama (see `tensorc models`)
   FILE.py:FACTORY        a function returning a Module with example_inputs(), or a Graph
   FILE.onnx              an ONNX model
   FILE                   an artifact written by `tensorc compile`
