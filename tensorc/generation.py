@@ -187,7 +187,8 @@ class Generator:
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=(),
                timings: dict | None = None) -> Iterator[np.ndarray]:
         """Yields, per step, the new token of every row ([batch] i64; -1 for a row that
-        has stopped). `timings` (a dict) receives prefill_s, decode_s and steps."""
+        has stopped). `timings` (a dict) receives prefill_s, decode_s (the steps and
+        their sampling) and steps."""
         prompts = self._check(prompts, max_new_tokens, temperature, top_k, top_p)
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int64)
@@ -206,7 +207,9 @@ class Generator:
         logits = _host(logits)[np.arange(b), lengths - 1]
         timings.update(prefill_s=time.perf_counter() - t0, decode_s=0.0, steps=0)
         for step in range(max_new_tokens):
+            t0 = time.perf_counter()
             tokens = sample(logits, rng, temperature, top_k, top_p).astype(np.int64)
+            timings["decode_s" if step else "prefill_s"] += time.perf_counter() - t0
             tokens[done] = -1
             done |= np.isin(tokens, stop)
             yield tokens
