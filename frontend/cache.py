@@ -6,8 +6,9 @@ one traced graph, `decoder_step(model)`: its inputs are the new tokens, `start` 
 many tokens each batch row has cached already) and, per attention layer, a key and a
 value cache of a fixed length L; its outputs are the logits of the new tokens and the
 caches with the new rows written (`tensor_scatter`). The current length is data
-(`start`), not a shape, so one compiled program serves every step of a generation:
-attention reads all L cache rows and a mask hides those not written yet.
+(`start`), not a shape, so a generation compiles two programs whatever its length,
+prefill and decode: attention reads all L cache rows and a mask hides those not
+written yet.
 
 Batch rows may hold prompts of different lengths: prompts are right-padded, every row
 starts at 0, and a row's padding writes rows its later tokens overwrite before any
@@ -15,7 +16,7 @@ query can see them (query i of row b sees keys j <= start[b] + i).
 
 A model supports caching when its forward takes `cache=None` and, given a `KVCache`,
 passes `cache.positions` to its position encoding and `cache.layer(i)` to attention
-layer i (see `models/gpt.py` and `MultiHeadAttention`).
+layer i (see `models/gpt.py` and `models/llama.py`).
 """
 
 from __future__ import annotations
