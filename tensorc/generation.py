@@ -259,9 +259,9 @@ class Generator:
             raise InputError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-            raise InputError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= "
-                             f"1; got {temperature}, {top_k}, {top_p}")
+        if not 0 <= temperature < np.inf or top_k < 0 or not 0 < top_p <= 1:
+            raise InputError(f"sampling needs a finite temperature >= 0, top_k >= 0 and "
+                             f"0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
         out = []
         for r, p in enumerate(prompts):
             p = np.asarray(p)

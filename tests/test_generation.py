@@ -183,6 +183,8 @@ def test_stop_ids_end_each_row():
     (lambda g: g.generate([[]], 3), "at least one token"),
     (lambda g: g.generate([[1]], 0), "max_new_tokens must be at least 1"),
     (lambda g: g.generate([[1]], 2, top_p=0), "0 < top_p <= 1"),
+    (lambda g: g.generate([[1]], 2, temperature=float("nan")), "finite temperature"),
+    (lambda g: g.generate([[1]], 2, temperature=float("inf")), "finite temperature"),
 ])
 def test_bad_generation_requests(call, message):
     with pytest.raises(InputError, match=message):
