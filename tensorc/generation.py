@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import InputError, TensorcError
 from .ir import DTYPES, Graph
+from .resources import check_fits
 
 
 class ByteTokenizer:
@@ -273,6 +274,10 @@ class Generator:
                                  f"vocabulary of {self.vocab_size}")
             out.append(p.astype(np.int64))
         longest = max(len(p) for p in out) + max_new_tokens
+        per_token = 8 + sum(4 * v.type.shape[1] * v.type.shape[3] for v in self.cache_inputs) \
+            if self.cached else 8   # an id, and each cache's row
+        check_fits(per_token * len(out) * longest,
+                   f"generating {max_new_tokens} tokens for {len(out)} prompt(s)")
         if self.max_seq_len is not None and longest > self.max_seq_len:
             raise InputError(f"prompt of {longest - max_new_tokens} tokens + {max_new_tokens} "
                              f"new tokens = {longest} exceeds the model's max_seq_len "

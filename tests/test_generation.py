@@ -191,6 +191,12 @@ def test_bad_generation_requests(call, message):
         call(Generator(models.get("gpt", "tiny"), "numpy"))
 
 
+def test_a_generation_too_big_for_memory_is_refused_before_allocating():
+    g = Generator(full_graph(models.get("gpt", "tiny")), "numpy")   # no max_seq_len
+    with pytest.raises(TensorcError, match="generating 1000000000000 tokens for 1 prompt"):
+        g.generate([[1, 2]], 10**12)
+
+
 def test_a_graph_without_token_ids_cannot_generate():
     g = tensorc.trace(lambda x: x * 2.0, np.zeros((2, 3), np.float32))
     with pytest.raises(TensorcError, match="does not take token ids"):
