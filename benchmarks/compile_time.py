@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from engines import cpu_model  # beside this script
+
 
 def worker(model_name: str, seq: int, profile: bool) -> None:
     """Subprocess entry: trace, then compile + first call; prints JSON timings."""
@@ -109,17 +111,6 @@ def report(label: str, args, got: dict) -> None:
                   f"{statistics.median(got[what + '_cpu']):.2f} s)  jit {got[what + '_jit']}")
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown (no lscpu)"
-    for line in out.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gpt")
@@ -134,7 +125,7 @@ def main():
     if args.worker:
         worker(args.worker, args.seq, args.profile)
         return
-    print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; "
+    print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; "
           f"TENSORC_NUM_THREADS={os.environ.get('TENSORC_NUM_THREADS', '(unset)')}; "
           f"{args.model} small, batch 1, pipeline O2, llvm backend; load average at start "
           f"{os.getloadavg()[0]:.1f}")

@@ -42,6 +42,7 @@ import sys
 import time
 
 import numpy as np
+from engines import cpu_model  # beside this script
 
 D, DFF, VOCAB, LAYERS = 512, 2048, 8192, 6
 # (name, K, N): the decode step's matmuls; "logits" is x @ E.T with E [VOCAB, D]
@@ -216,17 +217,6 @@ def best(results: list[dict]) -> dict | None:
             out[key] = [min(cells) for cells in zip(*(r[key] for r in results), strict=True)]
     out["err"] = max(r.get("err", 0.0) for r in results)
     return out
-
-
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown (no lscpu)"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = fields.get("Flags", "")
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{fields.get('Model name', 'unknown').strip()} ({isa})"
 
 
 def main() -> None:

@@ -27,8 +27,9 @@ import time
 
 import numpy as np
 from bandwidth import read_bandwidth  # beside this script
+from engines import has, start_engines, take_turns  # beside this script
 
-from models import _has, _threads, answer  # beside this script
+from models import _threads  # beside this script
 
 
 def build(args):
@@ -53,7 +54,7 @@ def tensorc_engine(backend: str, args):
 
 
 def hf_engine(args):
-    if not (_has("torch") and _has("transformers")):
+    if not (has("torch") and has("transformers")):
         return "torch or transformers not installed"
     import torch
     import transformers
@@ -135,30 +136,16 @@ def main():
         os.environ[key] = str(args.threads)
     flags = ["--preset", args.preset, "--batch", str(args.batch), "--prompt", str(args.prompt),
              "--new-tokens", str(args.new_tokens)]
-    procs, runs, result = {}, {}, {}
-    for peer in args.engines.split(","):   # started one at a time: no contention
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", peer, *flags],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        status = answer(proc)
-        if status == "ready":
-            procs[peer], runs[peer] = proc, []
-        else:
-            result[peer] = status
-            proc.kill()
-    for _ in range(args.rounds):
-        for peer, proc in procs.items():
-            proc.stdin.write("run\n")
-            proc.stdin.flush()
-            runs[peer].append(answer(proc))
-            time.sleep(1.0)   # spinning BLAS or pool threads go idle first
-    for proc in procs.values():
-        proc.stdin.close()
-        proc.wait()
+    def starter(peer):
+        return lambda: subprocess.Popen([sys.executable, __file__, "--worker", peer, *flags],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+    procs, result = start_engines({peer: starter(peer) for peer in args.engines.split(",")})
+    runs = take_turns(procs, args.rounds, lambda peer: "run", pause=1.0)
 
     model, _ = build(args)
     weight_bytes = 4 * (model.num_parameters() - model.wpe.weight.data.size)
-    hot = read_bandwidth(weight_bytes >> 20, args.threads)   # GB/s
+    hot = read_bandwidth(max(weight_bytes >> 20, 1), args.threads)   # GB/s
     dram = read_bandwidth(1024, args.threads)
     new = args.batch * args.new_tokens
     print(f"gpt {args.preset}, batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new "

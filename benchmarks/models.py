@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import numpy as np
+from engines import answer, has, start_engines, take_turns  # beside this script
 
 
 def build(name: str, seq: int):
@@ -50,7 +51,7 @@ def engine(peer: str, name: str, seq: int):
         return lambda: exe.run(feeds)
     if peer in ("torch", "torch_compile"):
         return torch_engine(peer, g, feeds)
-    if not _has("onnxruntime"):
+    if not has("onnxruntime"):
         return "onnxruntime not installed"
     try:
         from tensorc.frontend.onnx import save
@@ -67,7 +68,7 @@ def engine(peer: str, name: str, seq: int):
 
 
 def torch_engine(peer: str, g, feeds):
-    if not _has("torch"):
+    if not has("torch"):
         return "not installed"
     import torch
     from torch_peer import torch_runner  # beside this script
@@ -125,13 +126,6 @@ def start(peer, name, seq, env_changes: dict) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def answer(proc: subprocess.Popen):
-    line = proc.stdout.readline()
-    if not line:
-        return "failed: " + (proc.stderr.read().strip().splitlines() or ["?"])[-1]
-    return json.loads(line)
-
-
 def _threads() -> int:
     """The thread count every engine uses (the parent sets it for the workers)."""
     return int(os.environ["TENSORC_NUM_THREADS"])
@@ -150,26 +144,12 @@ def interleaved(name, seq, rounds: int, runs: int, baseline: str | None = None
                "torch": ("torch", {}), "torch_compile": ("torch_compile", {})}
     if baseline:
         configs["llvm_baseline"] = ("llvm", {"PYTHONPATH": os.path.abspath(baseline)})
-    procs, times, result = {}, {}, {}
-    for key, (peer, env) in configs.items():  # start one at a time: no contention
-        procs[key] = start(peer, name, seq, env)
-        status = answer(procs[key])
-        if status != "ready":
-            result[key] = status
-            procs.pop(key).kill()
-        else:
-            times[key] = []
-    for _ in range(rounds):
-        for key, proc in procs.items():
-            n, warm = (1, 0) if key.startswith("numpy") else (runs, 2)
-            proc.stdin.write(f"run {n} {warm}\n")
-            proc.stdin.flush()
-            times[key] += answer(proc)
-            time.sleep(0.3)  # let spinning pool threads go idle before the next engine
-    for key, proc in procs.items():
-        proc.stdin.close()
-        proc.wait()
-        result[key] = 1000 * float(np.median(times[key]))
+    procs, result = start_engines({key: lambda peer=peer, env=env: start(peer, name, seq, env)
+                                   for key, (peer, env) in configs.items()})
+    times = take_turns(procs, rounds, lambda key: "run 1 0" if key.startswith("numpy")
+                       else f"run {runs} 2")
+    for key, answers in times.items():
+        result[key] = 1000 * float(np.median(sum(answers, [])))
     return result
 
 
@@ -194,11 +174,6 @@ def bench_model(name: str, seq: int, rounds: int, runs: int, baseline=None) -> d
                          for k in want)
     row["stats"] = exe.stats()
     return row
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
 
 
 def fmt(x) -> str:

@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+from engines import start_engines, take_turns  # beside this script
 
 CASES = {"gpt tiny b1 s16": ("llvm", "ort"),
          "matmul 128x512x2048": ("llvm", "numpy", "ort")}
@@ -105,37 +106,15 @@ def start(peer: str, case: str, env_changes: dict) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def answer(proc: subprocess.Popen):
-    line = proc.stdout.readline()
-    if not line:
-        return "failed: " + (proc.stderr.read().strip().splitlines() or ["?"])[-1]
-    return json.loads(line)
-
-
 def interleaved(case: str, rounds: int, runs: int, baseline: str | None) -> dict:
     """Median ms per engine, the engines taking turns (see the module docstring)."""
     configs = {p: (p, {}) for p in CASES[case]}
     if baseline:
         configs["llvm (baseline)"] = ("llvm", {"PYTHONPATH": os.path.abspath(baseline)})
-    procs, times, result = {}, {}, {}
-    for key, (peer, env) in configs.items():
-        procs[key] = start(peer, case, env)
-        status = answer(procs[key])
-        if status != "ready":
-            result[key] = status
-            procs.pop(key).kill()
-        else:
-            times[key] = []
-    for _ in range(rounds):
-        for key, proc in procs.items():
-            proc.stdin.write(f"run {runs}\n")
-            proc.stdin.flush()
-            times[key] += answer(proc)
-            time.sleep(0.3)   # let spinning pool threads go idle before the next engine
-    for key, proc in procs.items():
-        proc.stdin.close()
-        proc.wait()
-        result[key] = 1000 * float(np.median(times[key]))
+    procs, result = start_engines({key: lambda peer=peer, env=env: start(peer, case, env)
+                                   for key, (peer, env) in configs.items()})
+    for key, answers in take_turns(procs, rounds, lambda key: f"run {runs}").items():
+        result[key] = 1000 * float(np.median(sum(answers, [])))
     return result
 
 
