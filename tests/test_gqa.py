@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from test_llvm_attention import naive  # the float64 definition, one home
 
 import tensorc
 from tensorc.backends import get_backend
@@ -21,18 +22,10 @@ GROUPS = [1, 2, 4, 8]   # kv heads
 
 
 def repeated(q, k, v, mask=None, scale=1.0, causal=False, mask_value=-math.inf):
-    """softmax(scale q k^T, masked) v in float64 with k and v repeated per group."""
+    """The float64 definition with k and v repeated per group."""
     g = q.shape[1] // k.shape[1]
-    k, v = (np.repeat(x.astype(np.float64), g, axis=1) for x in (k, v))
-    scores = scale * q.astype(np.float64) @ np.swapaxes(k, -1, -2)
-    t, s = scores.shape[-2:]
-    if causal:
-        scores = np.where(np.tri(t, s, dtype=bool), scores, mask_value)
-    if mask is not None:
-        scores = np.where(mask, scores, mask_value) if mask.dtype == np.bool_ \
-            else scores + mask
-    w = np.exp(scores - scores.max(-1, keepdims=True))
-    return (w / w.sum(-1, keepdims=True)) @ v
+    return naive(q, np.repeat(k, g, axis=1), np.repeat(v, g, axis=1), mask, scale, causal,
+                 mask_value)
 
 
 def rel_err(got, want):
