@@ -81,6 +81,8 @@ class Runner:
         written = program.written()
         self.in_place = [b not in written for b in program.inputs]
         self.dtypes = [np.dtype(_np(b.dtype)) for b in program.inputs]
+        # output index -> the index of the input it may be donated from (Program.aliases)
+        self._alias_of = {i: program.inputs.index(b) for i, b in program.aliases.items()}
         self.homes = [self.array(View(b, 0, (b.numel,), (1,))) for b in program.inputs]
         self.out_dtypes = [np.dtype(_np(v.buf.dtype)) for v in program.outputs]
         # an output view that is all of its buffer: the buffer itself moves to the result
@@ -215,10 +217,10 @@ class Runner:
         """The input array the caller passed again as output i's `out`, where the Program
         lets output i share that input's memory (`Program.aliases`: a cache updated in
         place) and the input is read in place; else None."""
-        buf = self.program.aliases.get(i)
-        if o is None or buf is None:
+        j = self._alias_of.get(i)
+        if o is None or j is None:
             return None
-        a = arrays[self.program.inputs.index(buf)]
+        buf, a = self.program.inputs[j], arrays[j]
         if a.ctypes.data == o.ctypes.data and a.nbytes == o.nbytes \
                 and self.pointer(buf) == a.ctypes.data:
             return a
