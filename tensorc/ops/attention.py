@@ -46,6 +46,7 @@ from ..types import FLOAT_DTYPES, TensorType
 
 if TYPE_CHECKING:
     from ..ir import Graph
+from . import vjp
 from .registry import Attr, OpDef, broadcast_shapes, numel, register
 
 KEY_BLOCK = 32
@@ -136,19 +137,8 @@ def _flops(outs, q, k, v, *mask, **attrs):
 def decompose(graph: Graph, inputs, scale, causal, mask_value) -> list:
     """The unfused primitive ops (what ONNX export writes as the op's function)."""
     q, k, v, *mask = inputs
-    dtype = q.type.np_dtype
     k, v = repeat_kv(graph, k, q.type.shape[1]), repeat_kv(graph, v, q.type.shape[1])
-    scores = graph.add("matmul", q, graph.add("transpose", k, perm=(0, 1, 3, 2)))
-    scores = graph.add("mul", scores, graph.add_constant(graph.fresh_name("scale"),
-                                                         np.array(scale, dtype)))
-    fill = graph.add_constant(graph.fresh_name("mask_value"), np.array(mask_value, dtype))
-    if causal:
-        t, s = q.type.shape[2], k.type.shape[2]
-        keep = graph.add("trilu", graph.add("full", shape=(t, s), value=True, dtype="bool"))
-        scores = graph.add("where", keep, scores, fill)
-    if mask:
-        scores = graph.add("where", mask[0], scores, fill) if mask[0].type.dtype == "bool" \
-            else graph.add("add", scores, mask[0])
+    scores = _scores(graph, q, k, mask, scale, causal, mask_value)
     return [graph.add("matmul", graph.add("softmax", scores, axis=-1), v)]
 
 
@@ -164,11 +154,108 @@ def repeat_kv(graph: Graph, x, heads):
     return graph.add("reshape", x5, shape=(bk, heads, s, d))
 
 
+def _scores(graph: Graph, q, k, mask, scale, causal, mask_value):
+    """The masked, scaled scores [b, h, t, s] (k already repeated to q's heads)."""
+    dtype = q.type.np_dtype
+    scores = graph.add("matmul", q, graph.add("transpose", k, perm=(0, 1, 3, 2)))
+    scores = graph.add("mul", scores, graph.add_constant(graph.fresh_name("scale"),
+                                                         np.array(scale, dtype)))
+    fill = graph.add_constant(graph.fresh_name("mask_value"), np.array(mask_value, dtype))
+    if causal:
+        t, s = q.type.shape[2], k.type.shape[2]
+        keep = graph.add("trilu", graph.add("full", shape=(t, s), value=True, dtype="bool"))
+        scores = graph.add("where", keep, scores, fill)
+    if mask:
+        scores = graph.add("where", mask[0], scores, fill) if mask[0].type.dtype == "bool" \
+            else graph.add("add", scores, mask[0])
+    return scores
+
+
+def _group_sum(graph: Graph, dx, like):
+    """A gradient taken per query head [b, h, s, d], summed onto the key/value heads
+    (and batch) of `like` that each served several."""
+    b, h, s, d = dx.type.shape
+    bk, hk = like.type.shape[:2]
+    if hk not in (1, h):
+        dx = graph.add("reduce_sum", graph.add("reshape", dx, shape=(b, hk, h // hk, s, d)),
+                       axes=(2,))
+    return vjp.sum_to(graph, dx, like.type)
+
+
+def _repeat_np(x, heads):
+    hk = x.shape[1]
+    return np.repeat(x, heads // hk, axis=1) if hk not in (1, heads) else x
+
+
+def attention_grad(q, k, v, *rest, scale=1.0, causal=False, mask_value=-math.inf):
+    """(dq, dk, dv) of attention given the output's gradient (the last input), computed
+    from scratch in float64: softmax's Jacobian on the recomputed weights."""
+    *mask, dy = rest
+    dt, h = q.dtype, q.shape[1]
+    q64, dy64 = q.astype(np.float64), dy.astype(np.float64)
+    kr, vr = (_repeat_np(x, h).astype(np.float64) for x in (k, v))
+    sc = scale * q64 @ np.swapaxes(kr, -1, -2)
+    if causal:
+        t, s = sc.shape[-2:]
+        sc = np.where(np.arange(s)[None, :] > np.arange(t)[:, None], mask_value, sc)
+    if mask:
+        m = mask[0]
+        sc = np.where(m, sc, mask_value) if m.dtype == np.bool_ else sc + m
+    p = np.exp(sc - sc.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    dp = dy64 @ np.swapaxes(vr, -1, -2)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    dq = scale * ds @ kr
+    dk, dv = scale * np.swapaxes(ds, -1, -2) @ q64, np.swapaxes(p, -1, -2) @ dy64
+
+    def onto(dx, like):   # per-query-head gradient summed onto shared key/value heads
+        b, hh, s, d = dx.shape
+        if like.shape[1] not in (1, hh):
+            dx = dx.reshape(b, like.shape[1], hh // like.shape[1], s, d).sum(axis=2)
+        axes = tuple(i for i in range(4) if like.shape[i] == 1 and dx.shape[i] != 1)
+        return dx.sum(axis=axes, keepdims=True) if axes else dx
+    return dq.astype(dt), onto(dk, k).astype(dt), onto(dv, v).astype(dt)
+
+
+def decompose_grad(graph: Graph, inputs, scale, causal, mask_value) -> list:
+    """attention_grad in primitive ops: the scores recomputed, then softmax's backward."""
+    q, k, v, *mask, dy = inputs
+    kr, vr = repeat_kv(graph, k, q.type.shape[1]), repeat_kv(graph, v, q.type.shape[1])
+    p = graph.add("softmax", _scores(graph, q, kr, mask, scale, causal, mask_value), axis=-1)
+    dp = graph.add("matmul", dy, vjp.swap_last(graph, vr))
+    dot = graph.add("reduce_sum", graph.add("mul", dp, p), axes=(-1,), keepdims=True)
+    ds = vjp.scale(graph, graph.add("mul", p, graph.add("sub", dp, dot)), scale)
+    dq = graph.add("matmul", ds, kr)
+    dk = graph.add("matmul", vjp.swap_last(graph, ds), q)
+    dv = graph.add("matmul", vjp.swap_last(graph, p), dy)
+    return [dq, _group_sum(graph, dk, k), _group_sum(graph, dv, v)]
+
+
+def _vjp(graph: Graph, node, dys):
+    (dy,), mask = dys, node.inputs[3:]
+    grads = graph.add_node("attention_grad", node.inputs + [dy], node.attrs)
+    if mask and mask[0].type.dtype != "bool":
+        return grads + [vjp.NoGradient("an additive attention mask")]
+    return grads + [None] * len(mask)
+
+
+def _grad_flops(outs, q, k, v, *rest, **attrs):
+    return 2 * _flops([outs[0]], q, k, v)   # the scores again, and four products, not two
+
+
 register(OpDef(
     "attention", infer=_infer, reference=attention, inputs=(3, 4), flops=_flops,
     attrs={"scale": Attr("float", 1.0), "causal": Attr("bool", False),
            "mask_value": Attr("float", -math.inf)},
-    decompose=decompose,
+    decompose=decompose, vjp=_vjp,
     doc="softmax(scale * q @ k^T, masked) @ v; q [b,h,t,d], k [b,hk,s,d], v [b,hk,s,dv] "
         "(hk divides h: grouped-query attention)",
+))
+register(OpDef(
+    "attention_grad", infer=lambda q, k, v, *rest, **attrs: [q, k, v], inputs=(4, 5),
+    reference=attention_grad, flops=_grad_flops, decompose=decompose_grad,
+    attrs={"scale": Attr("float", 1.0), "causal": Attr("bool", False),
+           "mask_value": Attr("float", -math.inf)},
+    doc="(dq, dk, dv) of attention(q, k, v, [mask]) given the output's gradient, the last "
+        "input: the fused backward, which recomputes the weights instead of keeping them",
 ))

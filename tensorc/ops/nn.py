@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError
-from ..types import FLOAT_DTYPES, TensorType
+from ..types import FLOAT_DTYPES, TensorType, dim_product
+from . import vjp
 from .registry import (
     Attr,
     OpDef,
@@ -36,8 +37,31 @@ def _matmul_flops(outs, a, b):
     return 2 * numel(outs[0]) * a.shape[-1]
 
 
+def _matmul_vjp(g, node, dys):
+    (a, b), (dy,) = node.inputs, dys
+    # vectors as matrices: a [k] -> [1, k], b [k] -> [k, 1], dy alike
+    a2 = a if a.type.rank > 1 else g.add("unsqueeze", a, axes=(0,))
+    b2 = b if b.type.rank > 1 else g.add("unsqueeze", b, axes=(1,))
+    if a.type.rank == 1 or b.type.rank == 1:
+        r = dy.type.rank
+        axes = (0, 1) if a.type.rank == b.type.rank else (r - 1,) if a.type.rank == 1 else (r,)
+        dy = g.add("unsqueeze", dy, axes=axes)
+    da = vjp.sum_to(g, g.add("matmul", dy, vjp.swap_last(g, b2)), a2.type)
+    if b2.type.rank == 2 and a2.type.rank > 2:
+        # a weight shared by every row: one GEMM over the flattened rows, not one per batch
+        k, n = a2.type.shape[-1], dy.type.shape[-1]
+        rows = tuple(a2.type.shape[:-1])
+        a_rows = g.add("reshape", a2, shape=(dim_product(rows), k))
+        dy_rows = g.add("reshape", dy, shape=(dim_product(tuple(dy.type.shape[:-1])), n))
+        db = g.add("matmul", vjp.swap_last(g, a_rows), dy_rows)
+    else:
+        db = vjp.sum_to(g, g.add("matmul", vjp.swap_last(g, a2), dy), b2.type)
+    return [g.add("reshape", d, shape=x.type.shape) if d.type.shape != x.type.shape else d
+            for d, x in ((da, a), (db, b))]
+
+
 register(OpDef("matmul", infer=_matmul, reference=np.matmul, inputs=(2, 2),
-               flops=_matmul_flops, doc="numpy matmul: batched, broadcasting"))
+               flops=_matmul_flops, vjp=_matmul_vjp, doc="numpy matmul: batched, broadcasting"))
 
 
 def _axes(t: TensorType, axes) -> tuple[int, ...]:
@@ -78,12 +102,29 @@ def _extreme(fn, sign: int):
     return with_initial
 
 
+def _reduce_vjp(g, node, dys):
+    (x,), (y,), (dy,) = node.inputs, node.outputs, dys
+    axes, keep = node.attrs["axes"], node.attrs["keepdims"]
+    back = vjp.unreduce(g, dy, x.type, axes, keep)
+    if node.op == "reduce_sum":
+        return [back]
+    red = range(x.type.rank) if axes is None else {a % x.type.rank for a in axes}
+    if node.op == "reduce_mean":
+        return [g.add("div", back, vjp.count(g, [x.type.shape[i] for i in red],
+                                             x.type.dtype))]
+    # max/min: the gradient is shared by the elements equal to the result
+    hit = vjp.as_float(g, g.add("equal", x, vjp.unreduce(g, y, x.type, axes, keep)),
+                       x.type.dtype)
+    ties = g.add("reduce_sum", hit, axes=tuple(sorted(red)), keepdims=True)
+    return [g.add("mul", back, g.add("div", hit, ties))]
+
+
 _REDUCE_ATTRS = {"axes": Attr("ints", None), "keepdims": Attr("bool", False)}
 for _name, _fn in {"reduce_sum": np.sum, "reduce_mean": np.mean,
                    "reduce_max": _extreme(np.max, -1),
                    "reduce_min": _extreme(np.min, +1)}.items():
     register(OpDef(_name, infer=_reduce, reference=_reducer(_fn), attrs=_REDUCE_ATTRS,
-                   kind="reduction",
+                   kind="reduction", vjp=_reduce_vjp,
                    flops=lambda outs, x, **attrs: numel(x)))
 
 
@@ -118,10 +159,23 @@ def log_softmax(x, axis=-1):
     return s - np.log(np.exp(s).sum(axis=axis, keepdims=True))
 
 
+def _softmax_vjp(g, node, dys):   # y (dy - sum(dy y))
+    (y,), (dy,), axis = node.outputs, dys, node.attrs["axis"]
+    dot = g.add("reduce_sum", g.add("mul", dy, y), axes=(axis,), keepdims=True)
+    return [g.add("mul", y, g.add("sub", dy, dot))]
+
+
+def _log_softmax_vjp(g, node, dys):   # dy - exp(y) sum(dy)
+    (y,), (dy,), axis = node.outputs, dys, node.attrs["axis"]
+    total = g.add("reduce_sum", dy, axes=(axis,), keepdims=True)
+    return [g.add("sub", dy, g.add("mul", g.add("exp", y), total))]
+
+
 register(OpDef("softmax", infer=_softmax_axis, reference=softmax, kind="reduction",
-               attrs={"axis": Attr("int", -1)}, flops=elementwise_flops(5)))
+               attrs={"axis": Attr("int", -1)}, flops=elementwise_flops(5), vjp=_softmax_vjp))
 register(OpDef("log_softmax", infer=_softmax_axis, reference=log_softmax, kind="reduction",
-               attrs={"axis": Attr("int", -1)}, flops=elementwise_flops(5)))
+               attrs={"axis": Attr("int", -1)}, flops=elementwise_flops(5),
+               vjp=_log_softmax_vjp))
 
 
 def _layer_norm(x: TensorType, *params: TensorType, axis=-1, eps=1e-5) -> TensorType:
@@ -146,9 +200,34 @@ def layer_norm(x, weight=None, bias=None, axis=-1, eps=1e-5):
     return y.astype(x.dtype)
 
 
+def _layer_norm_vjp(g, node, dys):
+    """dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy * weight; the statistics
+    are recomputed, not kept from the forward."""
+    (x, *params), (dy,) = node.inputs, dys
+    w, b = (params + [None, None])[:2]
+    axes = tuple(range(node.attrs["axis"] % x.type.rank, x.type.rank))
+    dt = x.type.dtype
+
+    def mean(v):
+        return g.add("reduce_mean", v, axes=axes, keepdims=True)
+    xc = g.add("sub", x, mean(x))
+    rstd = g.add("rsqrt", g.add("add", mean(g.add("mul", xc, xc)),
+                                vjp.const(g, node.attrs["eps"], dt)))
+    xhat = g.add("mul", xc, rstd)
+    gx = dy if w is None else g.add("mul", dy, w)
+    inner = g.add("sub", g.add("sub", gx, mean(gx)), g.add("mul", xhat, mean(g.add("mul", gx,
+                                                                                  xhat))))
+    grads = [g.add("mul", rstd, inner)]
+    if w is not None:
+        grads.append(vjp.sum_to(g, g.add("mul", dy, xhat), w.type))
+    if b is not None:
+        grads.append(vjp.sum_to(g, dy, b.type))
+    return grads
+
+
 register(OpDef("layer_norm", infer=_layer_norm, reference=layer_norm, inputs=(1, 3),
                kind="reduction", attrs={"axis": Attr("int", -1), "eps": Attr("float", 1e-5)},
-               flops=elementwise_flops(8),
+               flops=elementwise_flops(8), vjp=_layer_norm_vjp,
                doc="normalise over axes [axis, rank), then scale and shift (ONNX semantics)"))
 
 
@@ -181,13 +260,18 @@ def _conv2d(x: TensorType, w: TensorType, *b: TensorType, strides=(1, 1), pads=(
     return TensorType((n, o, oh, ow), x.dtype)
 
 
-def conv2d(x, w, b=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1):
-    """Direct convolution by gathering windows (im2col) and one einsum per group."""
+def _windows(x, kh, kw, strides, pads, dilations):
+    """x padded, and its sliding windows [n, c, oh, ow, kh, kw] (a view)."""
     x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    o, ci, kh, kw = w.shape
     span_h, span_w = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1
     win = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
-    win = win[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
+    return x, win[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
+
+
+def conv2d(x, w, b=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1):
+    """Direct convolution by gathering windows (im2col) and one einsum per group."""
+    o, ci, kh, kw = w.shape
+    _, win = _windows(x, kh, kw, strides, pads, dilations)
     og = o // group
     outs = [np.einsum("nchwij,ocij->nohw", win[:, g * ci:(g + 1) * ci],
                       w[g * og:(g + 1) * og], optimize=True) for g in range(group)]
@@ -201,7 +285,42 @@ def _conv_flops(outs, x, w, *b, **attrs):
     return 2 * numel(outs[0]) * int(np.prod(w.shape[1:]))
 
 
+_CONV_ATTRS = {"strides": Attr("ints", (1, 1)), "pads": Attr("ints", (0, 0, 0, 0)),
+               "dilations": Attr("ints", (1, 1)), "group": Attr("int", 1)}
+
+
+def conv2d_grad(x, w, dy, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1):
+    """(dx, dw) of conv2d: dw correlates the input windows with dy; dx adds each window's
+    share back where the window came from."""
+    o, ci, kh, kw = w.shape
+    xp, win = _windows(x, kh, kw, strides, pads, dilations)
+    og, oh, ow = o // group, dy.shape[2], dy.shape[3]
+    dw = np.concatenate([np.einsum("nchwij,nohw->ocij", win[:, g * ci:(g + 1) * ci],
+                                   dy[:, g * og:(g + 1) * og], optimize=True)
+                         for g in range(group)], axis=0)
+    dwin = np.concatenate([np.einsum("nohw,ocij->nchwij", dy[:, g * og:(g + 1) * og],
+                                     w[g * og:(g + 1) * og], optimize=True)
+                           for g in range(group)], axis=1)
+    dxp = np.zeros_like(xp)
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dilations[0], j * dilations[1]
+            dxp[:, :, r0:r0 + strides[0] * oh:strides[0],
+                c0:c0 + strides[1] * ow:strides[1]] += dwin[..., i, j]
+    dx = dxp[:, :, pads[0]:pads[0] + x.shape[2], pads[1]:pads[1] + x.shape[3]]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def _conv2d_vjp(g, node, dys):
+    (x, w, *b), (dy,) = node.inputs, dys
+    dx, dw = g.add_node("conv2d_grad", [x, w, dy], node.attrs)
+    return [dx, dw] + [g.add("reduce_sum", dy, axes=(0, 2, 3))] * len(b)
+
+
 register(OpDef("conv2d", infer=_conv2d, reference=conv2d, inputs=(2, 3), flops=_conv_flops,
-               attrs={"strides": Attr("ints", (1, 1)), "pads": Attr("ints", (0, 0, 0, 0)),
-                      "dilations": Attr("ints", (1, 1)), "group": Attr("int", 1)},
+               attrs=_CONV_ATTRS, vjp=_conv2d_vjp,
                doc="2-D convolution, NCHW input, OIHW weight, pads (top, left, bottom, right)"))
+register(OpDef("conv2d_grad", inputs=(3, 3), reference=conv2d_grad, attrs=_CONV_ATTRS,
+               infer=lambda x, w, dy, **attrs: [x, w],
+               flops=lambda outs, x, w, dy, **attrs: 2 * _conv_flops([dy], x, w),
+               doc="the gradients (dx, dw) of conv2d(x, w) given the output's gradient dy"))

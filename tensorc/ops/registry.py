@@ -93,6 +93,11 @@ class OpDef:
     # appends primitive nodes computing the op to `graph` and returns their outputs.
     # ONNX export uses it to write the op as a model-local function.
     decompose: Callable[..., list] | None = None
+    # Reverse mode: vjp(graph, node, grads) appends the nodes computing the gradient of
+    # each input from `grads` (one Value or None per output; None: no gradient reaches
+    # it) and returns one Value or None (no gradient) per input. `tensorc.passes.autodiff`
+    # calls it; `vjp.py` holds what the rules share.
+    vjp: Callable[..., list] | None = None
 
     def complete_attrs(self, attrs: dict[str, Any], loc: str | None = None) -> dict[str, Any]:
         """Check attribute names and values, fill in defaults."""

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import ShapeError, TensorcError
 from ..types import Dim, TensorType, dim_divide, dim_product
+from . import vjp
 from .registry import Attr, OpDef, broadcast_shapes, norm_axis, register, same_dtype
 
 # Slice ends at or beyond this mean "to the end" (ONNX exporters write INT64_MAX).
@@ -31,8 +32,14 @@ def _reshape(t: TensorType, shape) -> TensorType:
     return TensorType(tuple(shape), t.dtype)
 
 
+def _reshape_back(g, node, dys):
+    """reshape, squeeze, unsqueeze: the gradient takes the input's shape back."""
+    (x,), (dy,) = node.inputs, dys
+    return [g.add("reshape", dy, shape=x.type.shape)]
+
+
 register(OpDef("reshape", infer=_reshape, reference=lambda x, shape: x.reshape(shape),
-               attrs={"shape": Attr("dims")}, kind="shape"))
+               attrs={"shape": Attr("dims")}, kind="shape", vjp=_reshape_back))
 
 
 def _transpose(t: TensorType, perm=None) -> TensorType:
@@ -42,9 +49,15 @@ def _transpose(t: TensorType, perm=None) -> TensorType:
     return TensorType(tuple(t.shape[p] for p in perm), t.dtype)
 
 
+def _transpose_vjp(g, node, dys):
+    (dy,), rank = dys, node.inputs[0].type.rank
+    perm = node.attrs["perm"] or tuple(reversed(range(rank)))
+    return [g.add("transpose", dy, perm=tuple(int(i) for i in np.argsort(perm)))]
+
+
 register(OpDef("transpose", infer=_transpose,
                reference=lambda x, perm=None: np.transpose(x, perm),
-               attrs={"perm": Attr("ints", None)}, kind="shape"))
+               attrs={"perm": Attr("ints", None)}, kind="shape", vjp=_transpose_vjp))
 
 
 def _concat(*ts: TensorType, axis: int) -> TensorType:
@@ -69,7 +82,19 @@ def _concat(*ts: TensorType, axis: int) -> TensorType:
     return TensorType(tuple(shape), ts[0].dtype)
 
 
-register(OpDef("concat", infer=_concat, inputs=(1, None), kind="shape",
+def _concat_vjp(g, node, dys):
+    (dy,), xs = dys, node.inputs
+    ax = norm_axis(node.attrs["axis"], dy.type.rank)
+    parts = [x.type.shape[ax] for x in xs]
+    if len(xs) == 1:
+        return [dy]
+    if all(isinstance(p, int) for p in parts):
+        return g.add_node("split", [dy], {"axis": ax, "sizes": parts})
+    # one symbolic part, the others empty (what concat's inference allows)
+    return [dy if p != 0 else vjp.zeros(g, x.type) for x, p in zip(xs, parts, strict=True)]
+
+
+register(OpDef("concat", infer=_concat, inputs=(1, None), kind="shape", vjp=_concat_vjp,
                reference=lambda *xs, axis: np.concatenate(xs, axis=axis),
                attrs={"axis": Attr("int")}))
 
@@ -90,7 +115,13 @@ def _split_ref(x, axis, sizes):
     return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
 
 
-register(OpDef("split", infer=_split, reference=_split_ref, kind="shape",
+def _split_vjp(g, node, dys):
+    parts = [dy if dy is not None else vjp.zeros(g, y.type)
+             for dy, y in zip(dys, node.outputs, strict=True)]
+    return [g.add("concat", *parts, axis=node.attrs["axis"])]
+
+
+register(OpDef("split", infer=_split, reference=_split_ref, kind="shape", vjp=_split_vjp,
                attrs={"axis": Attr("int"), "sizes": Attr("ints")}))
 
 
@@ -133,7 +164,45 @@ def _slice_ref(x, starts, ends, axes=None, steps=None):
     return x[tuple(index)]
 
 
-register(OpDef("slice", infer=_slice, reference=_slice_ref, kind="shape",
+def _unslice_axis(g, dy, ax: int, n: Dim, start: int, step: int):
+    """The transpose of taking [start::step] (length dy's dim) of an axis of size n:
+    position i of the result reads dy[(i - start) / step] where that is a whole
+    in-range index, else 0 (gather and where, so every backend runs it natively)."""
+    i64 = "i64"
+    rel = g.add("sub", g.add("range", start=(0,), limit=(n,), dtype=i64),
+                vjp.const(g, start, i64))
+    if step < 0:
+        rel = g.add("neg", rel)
+    q = g.add("div", rel, vjp.const(g, abs(step), i64))
+    length = g.add("dims", values=(dy.type.shape[ax],), shape=(), dtype=i64)
+    valid = g.add("logical_and", g.add("greater_equal", rel, vjp.const(g, 0, i64)),
+                  g.add("less", q, length))
+    if abs(step) != 1:
+        valid = g.add("logical_and", valid,
+                      g.add("equal", g.add("mul", q, vjp.const(g, abs(step), i64)), rel))
+    picked = g.add("gather", dy, g.add("where", valid, q, vjp.const(g, 0, i64)), axis=ax)
+    rank = dy.type.rank
+    valid = g.add("reshape", valid, shape=(1,) * ax + (n,) + (1,) * (rank - ax - 1))
+    return vjp.mask(g, valid, picked)
+
+
+def _slice_vjp(g, node, dys):
+    (x,), (dy,), a = node.inputs, dys, node.attrs
+    axes = a["axes"] if a["axes"] is not None else tuple(range(len(a["starts"])))
+    steps = a["steps"] or (1,) * len(axes)
+    for start, end, ax, step in zip(a["starts"], a["ends"], axes, steps, strict=True):
+        ax = norm_axis(ax, x.type.rank)
+        n = x.type.shape[ax]
+        if isinstance(n, int) and isinstance(start, int) and isinstance(end, int):
+            start, _, step = slice(start, min(end, SLICE_END), step).indices(n)
+        elif not isinstance(start, int):
+            raise ShapeError(f"{node.where}: no gradient for a slice starting at {start}")
+        if dy.type.shape[ax] != n:
+            dy = _unslice_axis(g, dy, ax, n, start, step)
+    return [dy]
+
+
+register(OpDef("slice", infer=_slice, reference=_slice_ref, kind="shape", vjp=_slice_vjp,
                attrs={"starts": Attr("dims"), "ends": Attr("dims"),
                       "axes": Attr("ints", None), "steps": Attr("ints", None)}))
 
@@ -144,7 +213,8 @@ def _expand(t: TensorType, shape) -> TensorType:
 
 register(OpDef("expand", infer=_expand, kind="shape",
                reference=lambda x, shape: np.broadcast_to(x, np.broadcast_shapes(x.shape, shape)),
-               attrs={"shape": Attr("dims")}, doc="numpy-style broadcast to a shape"))
+               attrs={"shape": Attr("dims")}, doc="numpy-style broadcast to a shape",
+               vjp=lambda g, node, dys: [vjp.sum_to(g, dys[0], node.inputs[0].type)]))
 
 
 def _squeeze(t: TensorType, axes) -> TensorType:
@@ -168,8 +238,9 @@ def _unsqueeze(t: TensorType, axes) -> TensorType:
 
 
 register(OpDef("squeeze", infer=_squeeze, kind="shape", attrs={"axes": Attr("ints")},
-               reference=lambda x, axes: np.squeeze(x, tuple(axes))))
+               reference=lambda x, axes: np.squeeze(x, tuple(axes)), vjp=_reshape_back))
 register(OpDef("unsqueeze", infer=_unsqueeze, kind="shape", attrs={"axes": Attr("ints")},
+               vjp=_reshape_back,
                reference=lambda x, axes: np.expand_dims(
                    x, tuple(sorted(a % (x.ndim + len(axes)) for a in axes)))))
 
@@ -189,8 +260,48 @@ def _gather_ref(data, idx, axis=0):
     return np.take(data, idx, axis=axis)
 
 
+def _gather_vjp(g, node, dys):
+    (data, idx), (dy,) = node.inputs, dys
+    return [g.add("scatter_add", vjp.zeros(g, data.type), idx, dy, axis=node.attrs["axis"]),
+            None]
+
+
 register(OpDef("gather", infer=_gather, reference=_gather_ref, inputs=(2, 2), kind="opaque",
-               attrs={"axis": Attr("int", 0)}, doc="np.take(data, indices, axis)"))
+               attrs={"axis": Attr("int", 0)}, doc="np.take(data, indices, axis)",
+               vjp=_gather_vjp))
+
+
+def _scatter_add(data: TensorType, idx: TensorType, updates: TensorType, axis: int = 0
+                 ) -> TensorType:
+    want = _gather(data, idx, axis)
+    if updates != want:
+        raise ShapeError(f"updates {updates} should be {want}: what gather({data}, {idx}, "
+                         f"axis={axis}) gives")
+    return data
+
+
+def _scatter_add_ref(data, idx, updates, axis=0):
+    _gather_ref(data, idx, axis)   # the same index check
+    ax = axis % data.ndim
+    out = np.array(data, copy=True)
+    moved = np.moveaxis(out, ax, 0)   # a view: adds land in out
+    upd = np.moveaxis(updates.reshape(data.shape[:ax] + (-1,) + data.shape[ax + 1:]), ax, 0)
+    np.add.at(moved, np.asarray(idx).reshape(-1), upd)
+    return out
+
+
+def _scatter_add_vjp(g, node, dys):
+    idx, (dy,) = node.inputs[1], dys
+    return [dy, None, g.add("gather", dy, idx, axis=node.attrs["axis"])]
+
+
+register(OpDef(
+    "scatter_add", infer=_scatter_add, reference=_scatter_add_ref, inputs=(3, 3),
+    attrs={"axis": Attr("int", 0)}, vjp=_scatter_add_vjp,
+    flops=lambda outs, data, idx, updates, **attrs: int(np.prod(updates.shape)),
+    doc="data with each slice of `updates` added at its index along `axis` (repeated "
+        "indices add up): the transpose of gather, how an embedding's gradient is formed",
+))
 
 register(OpDef(
     "full", inputs=(0, 0), kind="shape",
@@ -208,6 +319,7 @@ def _trilu(t: TensorType, upper=False, k=0) -> TensorType:
 
 
 register(OpDef("trilu", infer=_trilu, kind="shape",
+               vjp=lambda g, node, dys: [g.add("trilu", dys[0], **node.attrs)],
                reference=lambda x, upper=False, k=0: np.triu(x, k) if upper else np.tril(x, k),
                attrs={"upper": Attr("bool", False), "k": Attr("int", 0)},
                doc="keep the lower (or upper) triangle of the last two axes"))
@@ -252,8 +364,34 @@ def _tensor_scatter_ref(cache, update, index, axis=-2):
     return out
 
 
+def _tensor_scatter_vjp(g, node, dys):
+    """Row j of the result came from update row j - index[b] where that is in range, else
+    from the cache: a one-hot [b, t, n] of the written rows routes the gradient."""
+    (cache, update, index), (dy,) = node.inputs, dys
+    rank, dt = cache.type.rank, cache.type.dtype
+    ax = norm_axis(node.attrs["axis"], rank)
+    t, n = update.type.shape[ax], cache.type.shape[ax]
+    rows = g.add("add", g.add("unsqueeze", g.add("cast", index, dtype="i64"), axes=(1,)),
+                 g.add("range", start=(0,), limit=(t,)))
+    hot = vjp.as_float(g, g.add("equal", g.add("unsqueeze", rows, axes=(2,)),
+                                g.add("range", start=(0,), limit=(n,))), dt)   # [b, t, n]
+    b = cache.type.shape[0]
+    written = g.add("reshape", g.add("reduce_sum", hot, axes=(1,)),
+                    shape=(b,) + (1,) * (ax - 1) + (n,) + (1,) * (rank - ax - 1))
+    dcache = g.add("mul", dy, g.add("sub", vjp.const(g, 1, dt), written))
+    perm = [i for i in range(rank) if i != ax]
+    perm.insert(rank - 2, ax)                        # the written axis next to last
+    moved = g.add("transpose", dy, perm=tuple(perm)) if ax != rank - 2 else dy
+    hot = g.add("reshape", hot, shape=(b,) + (1,) * (rank - 3) + (t, n))
+    dupdate = g.add("matmul", hot, moved)
+    if ax != rank - 2:
+        dupdate = g.add("transpose", dupdate, perm=tuple(int(i) for i in np.argsort(perm)))
+    return [dcache, dupdate, None]
+
+
 register(OpDef(
     "tensor_scatter", infer=_tensor_scatter, reference=_tensor_scatter_ref, inputs=(3, 3),
+    vjp=_tensor_scatter_vjp,
     attrs={"axis": Attr("int", -2)},
     doc="the cache with `update` written at rows index[b].. of `axis` in each batch row b "
         "(ONNX TensorScatter, linear mode): how a key/value cache takes a step's rows. "

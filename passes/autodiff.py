@@ -1,0 +1,144 @@
+"""Reverse-mode automatic differentiation on the IR (what `jax.grad` does on a jaxpr).
+
+`grad(graph, loss, wrt)` returns a graph that computes everything `graph` did and,
+after it, the gradient of the scalar output `loss` with respect to each name in
+`wrt` (graph inputs or weights; weights named there become inputs, so a training loop
+feeds new values without recompiling). The backward is built from each op's rule,
+`OpDef.vjp`, walking the forward nodes in reverse; gradients reaching a value from
+several readers add up. Fused regions are inlined first, so they differentiate
+through their bodies; the result is an ordinary graph that the usual passes (fusion,
+CSE, DCE) and buffer planning treat like any other, so what the backward keeps from
+the forward shows in the planned memory.
+
+`convert_float` re-types a graph's floats (f64 for finite-difference checks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tensorc.errors import TensorcError
+from tensorc.ir import FLOAT_DTYPES, Graph, TensorType, Value
+from tensorc.ops import get_op
+from tensorc.ops.vjp import NoGradient
+
+from .manager import register_pass
+from .rewrite import dce, inline_regions
+
+GRAD_PREFIX = "grad."
+
+
+def trainable(graph: Graph) -> list[str]:
+    """The weights a training run updates by default: float constants of rank >= 1."""
+    return [n for n, v in graph.constants.items()
+            if v.type.dtype in FLOAT_DTYPES and v.type.rank >= 1]
+
+
+def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None) -> Graph:
+    """`graph` plus outputs ``grad.<name>`` = d loss / d name for each name in `wrt`
+    (default: `trainable(graph)`), after its own outputs. `loss` names a rank-0 float
+    output (default: the output called ``loss``, else the first)."""
+    g = inline_regions(graph)
+    names = [v.name for v in g.outputs]
+    loss = loss or ("loss" if "loss" in names else names[0])
+    if loss not in names:
+        raise TensorcError(f"grad: no output named {loss!r} (outputs: {', '.join(names)})")
+    target = g.outputs[names.index(loss)]
+    if target.type.rank != 0 or target.type.dtype not in FLOAT_DTYPES:
+        raise TensorcError(f"grad: the loss must be a float scalar; %{loss} is {target.type}")
+    wrt = trainable(g) if wrt is None else list(wrt)
+    params = [_as_input(g, name, graph) for name in wrt]
+
+    needs = _depends_on(g, params)
+    grads: dict[Value, Value] = {target: g.add_constant(
+        g.fresh_name("grad.seed"), np.ones((), target.type.np_dtype))}
+    for node in reversed(list(g.nodes)):
+        dys = [grads.get(v) for v in node.outputs]
+        if all(d is None for d in dys) or not any(v in needs for v in node.inputs):
+            continue
+        rule = get_op(node.op).vjp
+        if rule is None:
+            raise TensorcError(f"grad: {node.where}: op {node.op} has no gradient rule")
+        results = rule(g, node, dys)
+        for x, dx in zip(node.inputs, results, strict=True):
+            if x not in needs or dx is None:
+                continue
+            if isinstance(dx, NoGradient):
+                raise TensorcError(f"grad: {node.where}: no gradient for {dx.what} "
+                                   f"(%{x.name})")
+            if dx.type != x.type:   # a rule's bug, caught where it happens
+                raise TensorcError(f"grad: {node.where}: the rule gives {dx.type} for "
+                                   f"%{x.name}: {x.type}")
+            grads[x] = dx if x not in grads else g.add("add", grads[x], dx)
+
+    for p in params:
+        d = grads.get(p)
+        if d is None:   # the loss does not depend on it
+            d = g.add("full", shape=p.type.shape, value=0, dtype=p.type.dtype)
+        elif d.producer is None or d in g.outputs or d in params:
+            d = g.add("reshape", d, shape=p.type.shape)   # an output needs its own node
+        g.rename(d, g.fresh_name(GRAD_PREFIX + p.name))
+        g.outputs.append(d)
+    dce(g)
+    return g.verify()
+
+
+def _as_input(g: Graph, name: str, original: Graph) -> Value:
+    """The graph input `name`, or the weight `name` made an input (appended; one that
+    nothing reads any more, as an input of its own)."""
+    for v in g.inputs:
+        if v.name == name:
+            return v
+    v = g.constants.pop(name, None)
+    if v is None and name in original.constants:   # dropped by DCE; its name is still held
+        v = Value(name, original.constants[name].type)
+        g.inputs.append(v)
+        return v
+    if v is None:
+        raise TensorcError(f"grad: no input or weight named {name!r}")
+    if v.type.dtype not in FLOAT_DTYPES:
+        raise TensorcError(f"grad: %{name} is {v.type}; only floats have gradients")
+    v.data = None
+    g.inputs.append(v)
+    return v
+
+
+def _depends_on(g: Graph, sources: list[Value]) -> set[Value]:
+    """Float values computed from `sources` (the ones a gradient can reach)."""
+    reach = set(sources)
+    for node in g.nodes:
+        if any(v in reach for v in node.inputs):
+            reach.update(v for v in node.outputs if v.type.dtype in FLOAT_DTYPES)
+    return reach
+
+
+@register_pass("grad")
+def grad_pass(graph: Graph, loss: str | None = None) -> Graph:
+    """`grad` as a pipeline step: every weight, the default loss output."""
+    return grad(graph, loss)
+
+
+@register_pass("convert-float")
+def convert_float(graph: Graph, dtype: str = "f64") -> Graph:
+    """The same computation in another float type: float inputs, weights and every
+    float dtype attribute (cast targets, filled tensors) become `dtype`."""
+    if dtype not in FLOAT_DTYPES:
+        raise TensorcError(f"convert-float: {dtype!r} is not a float type ({FLOAT_DTYPES})")
+    src = inline_regions(graph)
+
+    def retype(t: TensorType) -> TensorType:
+        return TensorType(t.shape, dtype) if t.dtype in FLOAT_DTYPES else t
+    new = Graph(src.name)
+    vals = {v: new.add_input(v.name, retype(v.type)) for v in src.inputs}
+    unread = [v for n, v in graph.constants.items() if n not in src.constants]
+    for v in list(src.constants.values()) + unread:   # weights nothing reads kept too
+        data = v.data.astype(retype(v.type).np_dtype) if v.data is not None else None
+        vals[v] = new.add_constant(v.name, data, retype(v.type))
+    for n in src.nodes:
+        attrs = {k: dtype if k == "dtype" and a in FLOAT_DTYPES else a
+                 for k, a in n.attrs.items()}
+        outs = new.add_node(n.op, [vals[v] for v in n.inputs], attrs,
+                            names=[v.name for v in n.outputs], loc=n.loc)
+        vals.update(zip(n.outputs, outs, strict=True))
+    new.outputs = [vals[v] for v in src.outputs]
+    return new.verify()
