@@ -834,6 +834,68 @@ def _attention(op, rng):
     yield [q, k[:1], v[:1], bias], {}, attention_loops(q, k[:1], v[:1], bias)
 
 
+# --- gradient ops: checked against central differences of the forward's loop formula ---
+
+def numeric_vjp(forward, inputs, dy, wrt, eps=1e-6):
+    """d sum(forward(*inputs) * dy) / d inputs[i] for i in wrt, in float64."""
+    xs = [np.asarray(a, np.float64) if a.dtype.kind == "f" else a for a in inputs]
+    dy = np.asarray(dy, np.float64)
+    out = []
+    for i in wrt:
+        d = np.zeros(xs[i].shape)
+        for j in np.ndindex(*xs[i].shape):
+            up, dn = [list(xs), list(xs)]
+            up[i], dn[i] = xs[i].copy(), xs[i].copy()
+            up[i][j] += eps
+            dn[i][j] -= eps
+            d[j] = np.sum((forward(*up) - forward(*dn)) * dy) / (2 * eps)
+        out.append(d.astype(inputs[i].dtype))
+    return out
+
+
+@checks("attention_grad")
+def _attention_grad(op, rng):
+    for (qs, ks, vs), mask, attrs in [
+            (((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 3)), None, {"scale": 0.5}),
+            (((2, 4, 3, 2), (1, 2, 3, 2), (1, 2, 3, 2)), None, {"causal": True}),
+            (((1, 2, 3, 4), (1, 1, 4, 4), (1, 1, 4, 2)), (1, 1, 3, 4), {})]:
+        q, k, v = (rand(rng, s, "f32", -1, 1) for s in (qs, ks, vs))
+        extra = [rand(rng, mask, "bool")] if mask else []
+        if extra:
+            extra[0][..., 0] = True
+        dy = rand(rng, qs[:3] + vs[3:], "f32", -1, 1)
+
+        def fwd(q, k, v, extra=extra, attrs=attrs):
+            return attention_loops(q, k, v, *extra, **attrs)
+        yield [q, k, v, *extra, dy], attrs, numeric_vjp(fwd, [q, k, v], dy, (0, 1, 2))
+
+
+@checks("conv2d_grad")
+def _conv2d_grad(op, rng):
+    for xs, ws, attrs in [((1, 2, 5, 5), (3, 2, 3, 3), {}),
+                          ((2, 3, 7, 6), (4, 3, 3, 2), {"strides": (2, 1), "pads": (1, 0, 2, 1)}),
+                          ((1, 4, 5, 5), (2, 2, 2, 2), {"group": 2, "dilations": (2, 1)})]:
+        x, w = rand(rng, xs), rand(rng, ws)
+        dy = rand(rng, conv2d_im2col(x, w, **attrs).shape)
+        yield [x, w, dy], attrs, numeric_vjp(lambda x, w, a=attrs: conv2d_im2col(x, w, **a),
+                                             [x, w], dy, (0, 1))
+
+
+@checks("scatter_add")
+def _scatter_add(op, rng):
+    for ds, axis, idx in [((5, 3), 0, np.array([4, 0, -1, 4], np.int64)),
+                          ((3, 6), 1, np.array([[5, 0], [5, 5]], np.int32)),
+                          ((2, 3, 4), -1, np.array(2, np.int64))]:
+        data = rand(rng, ds)
+        ax = axis % data.ndim
+        upd = rand(rng, ds[:ax] + idx.shape + ds[ax + 1:])
+        out = data.astype(np.float64)
+        for o in np.ndindex(*upd.shape):   # element by element: repeated indices add up
+            pick = int(idx[o[ax:ax + idx.ndim]]) % ds[ax]
+            out[o[:ax] + (pick,) + o[ax + idx.ndim:]] += upd[o]
+        yield [data, idx, upd], {"axis": axis}, out.astype(np.float32)
+
+
 def _fused_body(inputs, build):
     body = Graph("region")
     vals = [body.add_input(f"in{i}", TensorType.of(a)) for i, a in enumerate(inputs)]
