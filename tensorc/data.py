@@ -75,18 +75,11 @@ class CleanReport:
         reasons = REASONS + (("undecodable",) if self.undecodable else ())
         total = sum(getattr(self, r) for r in reasons)
         total_bytes = sum(getattr(self, r + "_bytes") for r in reasons)
-        out = [f"cleaning: {total} texts, {_mb(total_bytes)} in"]
+        out = [f"cleaning: {total} texts, {total_bytes:,} bytes in"]
         for r in reasons:
             out.append(f"  {r.replace('_', ' '):<16}{getattr(self, r):>6} texts "
-                       f"{_mb(getattr(self, r + '_bytes')):>10}")
+                       f"{getattr(self, r + '_bytes'):>13,} bytes")
         return out
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
-
-
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -168,6 +161,8 @@ class _Cleaner:
 
     def __init__(self, min_bytes: int, max_bytes: int, near_dup_threshold: float,
                  num_perm: int, seed: int):
+        if not 0 < near_dup_threshold <= 1:
+            raise TensorcError(f"near_dup_threshold must be in (0, 1], got {near_dup_threshold}")
         self.min_bytes, self.max_bytes = min_bytes, max_bytes
         self.threshold = near_dup_threshold
         self.minhash = MinHash(num_perm, seed=seed)
@@ -225,8 +220,6 @@ def clean_texts(texts: list[tuple[str, str]], min_bytes: int = 128, max_bytes: i
     `near_dup_threshold` to a kept text, found by MinHash (`num_perm` hashes, LSH bands)
     and confirmed by the exact Jaccard of the two sets. The first seen of duplicates is
     kept. Returns (kept, report)."""
-    if not 0 < near_dup_threshold <= 1:
-        raise TensorcError(f"near_dup_threshold must be in (0, 1], got {near_dup_threshold}")
     cleaner = _Cleaner(min_bytes, max_bytes, near_dup_threshold, num_perm, seed)
     kept = [(name, text) for name, text in texts if cleaner.add(name, text) == "kept"]
     return kept, cleaner.report
@@ -309,7 +302,7 @@ def stdlib_corpus(max_bytes: int | None = None, val_fraction: float = 0.05, seed
         raise TensorcError(f"val_fraction must be in [0, 1), got {val_fraction}")
     cleaner = _Cleaner(clean_kwargs.pop("min_bytes", 128), max_file_bytes,
                        clean_kwargs.pop("near_dup_threshold", 0.8),
-                       clean_kwargs.pop("num_perm", 64), clean_kwargs.pop("seed", seed))
+                       clean_kwargs.pop("num_perm", 64), seed)
     if clean_kwargs:
         raise TensorcError(f"stdlib_corpus got unknown options: {', '.join(clean_kwargs)}")
     kept: list[tuple[str, str]] = []
