@@ -4,6 +4,13 @@ Every function builds on `apply`, so it runs eagerly on arrays and records a nod
 tracing. They are defined in `tensor.py` beside `Tensor`, whose operators use them.
 """
 
+from .losses import (  # noqa: F401  (re-exported)
+    IGNORE_INDEX,
+    contrastive_loss,
+    cross_entropy,
+    mse_loss,
+    soft_cross_entropy,
+)
 from .tensor import (  # noqa: F401  (re-exported: this module is the namespace)
     abs,
     add,

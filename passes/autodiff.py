@@ -23,7 +23,7 @@ from tensorc.ops import get_op
 from tensorc.ops.vjp import NoGradient
 
 from .manager import register_pass
-from .rewrite import dce, inline_regions
+from .rewrite import copy_graph, dce, inline_regions
 
 GRAD_PREFIX = "grad."
 
@@ -81,6 +81,15 @@ def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None) ->
         g.outputs.append(d)
     dce(g)
     return g.verify()
+
+
+def as_inputs(graph: Graph, names: list[str]) -> Graph:
+    """A copy of `graph` whose weights `names` are inputs (after its own), so passes
+    cannot fold them and one compiled graph serves every new value of them."""
+    g = copy_graph(graph)
+    for name in names:
+        _as_input(g, name, graph)
+    return g
 
 
 def _as_input(g: Graph, name: str, original: Graph) -> Value:
