@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -174,3 +175,218 @@ def train_steps(step: TrainStep, optimizer, schedule: Callable[[int], float],
             raise TensorcError(f"step {i}: the loss is {loss}; lower --lr or check the data")
         yield {"step": i + 1, "loss": loss, "lr": lr, "grad_norm": norm,
                "step_ms": (time.perf_counter() - t0) * 1e3}
+
+
+# --- data per task -----------------------------------------------------------------------
+
+class TaskData:
+    """Batches for training and a held-out evaluation, per task: `batch(rng)`,
+    `evaluate(model, backend)` -> metrics, and the vocabulary the model needs."""
+
+    def __init__(self, task: str, batch: int, seq: int, data_bytes: int | None, seed: int = 0):
+        from . import data
+        self.task, self.size, self.seq = task, batch, seq
+        self.report: list[str] = []
+        if task in ("clm", "mlm"):
+            corpus = data.stdlib_corpus(max_bytes=data_bytes, seed=seed)
+            self.train, self.val = corpus.train, corpus.val
+            self.report = corpus.report.lines()
+            self.vocab = data.EOS_ID + 1 if task == "clm" else data.MLM_VOCAB
+        elif task == "classify":
+            d = data.digits(seed=seed)
+            self.train, self.val = (d["train_images"], d["train_labels"]), \
+                (d["val_images"], d["val_labels"])
+            self.vocab = 10
+        else:
+            self.pairs = data.translation_pairs(4000, seed=seed)
+            self.val_pairs = data.translation_pairs(200, seed=seed + 10_000)
+            self.vocab = data.TRANSLATION_VOCAB
+            self.src_len, self.tgt_len = 12, 28
+
+    def model_settings(self) -> dict:
+        """--set values the task needs (vocabulary, image shape, lengths)."""
+        if self.task == "classify":
+            return {"vocab_size": 10, "image_size": 8, "patch_size": 2, "channels": 1}
+        return {"vocab_size": self.vocab}
+
+    def batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        from . import data
+        if self.task == "clm":
+            return data.clm_batch(self.train, self.size, self.seq, rng)
+        if self.task == "mlm":
+            return data.mlm_batch(self.train, self.size, self.seq, rng)
+        if self.task == "classify":
+            return data.image_batch(*self.train, self.size, rng)
+        return data.translation_batch(self.pairs, self.size, self.src_len, self.tgt_len, rng)
+
+    def evaluate(self, model: Module, backend: str, max_batches: int = 8) -> dict[str, float]:
+        from . import data
+        from .api import compile as compile_graph
+        if self.task in ("clm", "mlm"):
+            rng = np.random.default_rng(1234)   # the same held-out batches every time
+            batches = list(data.clm_eval_batches(self.val, self.size, self.seq))[:max_batches] \
+                if self.task == "clm" else \
+                [data.mlm_batch(self.val, self.size, self.seq, rng) for _ in range(max_batches)]
+            exe, _ = _loss_exe(model, self.task, batches[0], backend)
+            loss = float(np.mean([exe.run(b)["loss"] for b in batches]))
+            out = {"val_loss": loss}
+            if self.task == "clm":
+                out["bits_per_byte"] = loss / math.log(2)
+            return out
+        if self.task == "classify":
+            images, labels = self.val
+            exe = compile_graph(trace(model, pixel_values=images), backend=backend)
+            return {"val_accuracy": float(np.mean(np.argmax(exe(images), -1) == labels))}
+        return {"bleu": translation_bleu(model, self.val_pairs, self.src_len, self.tgt_len,
+                                         backend)}
+
+
+def _loss_exe(model, task, batch, backend):
+    from .backends import get_backend
+    graph, _ = loss_graph(model, get_task(task), batch)
+    return get_backend(backend).compile(run_pipeline(graph, "O2")), graph
+
+
+def translation_bleu(model: Module, pairs, src_len: int, tgt_len: int, backend: str) -> float:
+    """Greedy decoding of every source (the decoder is causal, so one fixed-length
+    forward per generated position), scored against the references."""
+    from . import data
+    from .api import compile as compile_graph
+    src = data.encode_sources([s for s, _ in pairs], src_len)
+    tgt = np.full((len(pairs), tgt_len), data.PAD_ID, np.int64)
+    tgt[:, 0] = data.BOS_ID
+    exe = compile_graph(trace(model, src_ids=src, tgt_ids=tgt), backend=backend, passes="O2")
+    for i in range(tgt_len - 1):
+        tgt[:, i + 1] = np.argmax(exe(src, tgt)[:, i], -1)
+    hyps = [data.decode_target(row[1:]) for row in tgt]
+    return data.bleu(hyps, [t for _, t in pairs])
+
+
+# --- the run: steps, evaluation, checkpoints ----------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """What `fit` needs beyond the step settings."""
+
+    model: str                      # a built-in name
+    preset: str = "tiny"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    task: str = "clm"
+    batch: int = 8
+    seq: int = 64
+    data_bytes: int | None = 2_000_000
+    backend: str = "llvm"
+    out: str | None = None          # checkpoint directory
+    eval_every: int = 0
+    teacher: str | None = None      # a checkpoint directory: distil from it
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+
+def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
+        on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train; returns the last record, with the evaluation's metrics. With `resume` the
+    weights, optimizer state, schedule position and data RNG continue from that
+    checkpoint, so the run continues as if never stopped."""
+    from . import optim
+    from .models import get
+    task = get_task(run.task)
+    td = TaskData(run.task, run.batch, run.seq, run.data_bytes, cfg.seed)
+    overrides = {**td.model_settings(), **run.overrides}
+    model = get(run.model, run.preset, seed=cfg.seed, **overrides)
+    rng = np.random.default_rng(cfg.seed)
+    schedule = optim.WarmupCosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+    teacher = _teacher(run, td) if run.teacher else None
+    first = td.batch(np.random.default_rng(cfg.seed))
+    if teacher:
+        first["teacher_logits"] = teacher(first)
+    distill = {"temperature": run.temperature, "alpha": run.alpha} if teacher else None
+    step = TrainStep(model, task, first, run.backend, distill)
+    opt = make_optimizer(step.params, cfg, run.backend)
+    start = 0
+    if resume:
+        ck = optim.load_checkpoint(resume)
+        ck.restore(step.params, opt, rng)
+        start = ck.step
+    meta = {"model": run.model, "preset": run.preset, "overrides": overrides,
+            "task": run.task, "config": dataclasses.asdict(cfg)}
+
+    def batches():
+        while True:
+            b = td.batch(rng)
+            if teacher:
+                b["teacher_logits"] = teacher(b)
+            yield b
+    record: dict = {"step": start}
+    for record in train_steps(step, opt, schedule, batches(), cfg, start):
+        record["tokens_per_s"] = run.batch * (run.seq if run.task != "classify" else 1) \
+            * cfg.accumulate / (record["step_ms"] / 1e3)
+        last = record["step"] == cfg.steps
+        if (run.eval_every and record["step"] % run.eval_every == 0) or last:
+            record.update(td.evaluate(model, run.backend))
+        if run.out and (last or (run.eval_every and record["step"] % run.eval_every == 0)):
+            optim.save_checkpoint(run.out, step.params, opt, record["step"],
+                                  {**meta, "metrics": {k: v for k, v in record.items()
+                                                       if isinstance(v, float)}},
+                                  schedule=schedule, rng=rng)
+        if on_step:
+            on_step(record)
+    return record
+
+
+def _teacher(run: Run, td: TaskData):
+    """The teacher's logits for a batch: its checkpoint loaded and compiled once."""
+    from .backends import get_backend
+    model = load_checkpoint_model(run.teacher)
+    task = get_task(run.task)
+    exe = None
+
+    def logits(batch):
+        nonlocal exe
+        inputs = {k: batch[k] for k in task.inputs}
+        if exe is None:
+            graph = trace(model, **inputs)
+            exe = get_backend(run.backend).compile(run_pipeline(graph, "O2"))
+        return exe.run(inputs)[exe.output_names[0]]
+    return logits
+
+
+def is_checkpoint(path: str) -> bool:
+    """A directory `tensorc train -o` wrote."""
+    from .optim import TRAINER_FILE
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, TRAINER_FILE))
+
+
+def load_checkpoint_model(directory: str) -> Module:
+    """The built-in model a `tensorc train` checkpoint holds, with its trained weights."""
+    from . import optim
+    from .models import get
+    ck = optim.load_checkpoint(directory)
+    meta = ck.extra
+    if "model" not in meta:
+        raise TensorcError(f"{directory}: trainer.json names no model; not a tensorc train "
+                           "checkpoint")
+    model = get(meta["model"], meta.get("preset", "tiny"), **meta.get("overrides", {}))
+    return model.load_state_dict(ck.params)
+
+
+def plot_losses(records: list[dict], path: str) -> None:
+    """Training loss per step (and validation where measured) as a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TensorcError("the loss plot needs matplotlib: pip install 'tensorc[train]'") \
+            from None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
