@@ -24,6 +24,7 @@ from .passes.autodiff import GRAD_PREFIX, grad
 
 # Before grad: what makes a good forward (attention fused, so its backward is the fused
 # attention_grad); after: the usual fusion over forward and backward together.
+DROPOUT_SEED = "dropout_seed"   # the step's input that seeds its dropout masks, when it has one
 FORWARD_PASSES = "O1,fuse-patterns,fuse-attention"
 STEP_PASSES = "O2"
 
@@ -75,7 +76,12 @@ class _WithLoss(Module):
 
     def forward(self, **batch):
         teacher = batch.pop("teacher_logits", None)
-        return {"loss": self._task.loss(self._model, batch, teacher, **(self._distill or {}))}
+        seed = batch.pop(DROPOUT_SEED, None)
+        if seed is None:
+            return {"loss": self._task.loss(self._model, batch, teacher, **(self._distill or {}))}
+        with F.dropout_seed(seed):   # dropout drops while this step is traced
+            return {"loss": self._task.loss(self._model, batch, teacher,
+                                            **(self._distill or {}))}
 
 
 def loss_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
@@ -298,6 +304,8 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     schedule = optim.WarmupCosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
     teacher = _teacher(run, td) if run.teacher else None
     first = td.batch(np.random.default_rng(cfg.seed))
+    if model.config.dropout:
+        first[DROPOUT_SEED] = np.array(0, np.int64)
     if teacher:
         first["teacher_logits"] = teacher(first)
     distill = {"temperature": run.temperature, "alpha": run.alpha} if teacher else None
@@ -314,6 +322,8 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     def batches():
         while True:
             b = td.batch(rng)
+            if model.config.dropout:   # a new mask every step, from the run's one RNG
+                b[DROPOUT_SEED] = np.array(rng.integers(0, 2**31 - 1), np.int64)
             if teacher:
                 b["teacher_logits"] = teacher(b)
             yield b
