@@ -20,10 +20,11 @@ import numpy as np
 from tensorc.errors import TensorcError
 from tensorc.ir import FLOAT_DTYPES, Graph, TensorType, Value
 from tensorc.ops import get_op
-from tensorc.ops.vjp import NoGradient
+from tensorc.ops.vjp import NoGradient, swap_last
 
 from .manager import register_pass
-from .rewrite import copy_graph, dce, inline_regions
+from .pattern import Var, op, rule
+from .rewrite import apply_rules, copy_graph, dce, inline_regions
 
 GRAD_PREFIX = "grad."
 
@@ -79,8 +80,26 @@ def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None) ->
             d = g.add("reshape", d, shape=p.type.shape)   # an output needs its own node
         g.rename(d, g.fresh_name(GRAD_PREFIX + p.name))
         g.outputs.append(d)
+    apply_rules(g, [transposed_product])
     dce(g)
     return g.verify()
+
+
+def _swaps_last(perm, rank) -> bool:
+    return rank >= 2 and tuple(perm or ()) == tuple(range(rank - 2)) + (rank - 1, rank - 2)
+
+
+@rule(op.transpose(op.matmul(Var("a"), Var("b"), name="ab", one_use=True), name="t"))
+def transposed_product(m, b):
+    """(a b)^T -> b^T a^T. The gradient of a weight used transposed (a tied embedding
+    as the LM head) is a product that is then transposed; written the other way round
+    it is one GEMM storing rows, not a GEMM and a strided copy (compiled backends
+    read transposed operands where they lie). Grad's own rewrite: the sum is the same
+    dot products, but a library may order them differently, so O1 does not do it."""
+    a, bt = m["a"].type, m["b"].type
+    if a.rank < 2 or bt.rank < 2 or not _swaps_last(m.attr("t", "perm"), m["t"].type.rank):
+        return None
+    return b.op("matmul", swap_last(b.graph, m["b"]), swap_last(b.graph, m["a"]))
 
 
 def as_inputs(graph: Graph, names: list[str]) -> Graph:

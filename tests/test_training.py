@@ -113,3 +113,16 @@ def test_dropout_drops_in_training_only_and_the_same_on_every_backend():
     from tensorc import trace
     inference = trace(model, input_ids=batch["input_ids"])
     assert "dropout" not in inference.op_counts()          # inference never drops
+
+
+def test_a_tied_embeddings_gradient_is_one_product_not_a_transposed_copy():
+    """GPT's LM head reads wte transposed; grad writes its gradient as dlogits^T x."""
+    rng = np.random.default_rng(4)
+    model = get("gpt", "tiny", seed=0)
+    batch = batch_for("clm", model, rng)
+    graph, names = loss_graph(model, get_task("clm"), batch)
+    g = grad(as_inputs(graph, names), "loss", names)
+    for n in g.nodes:
+        if n.op == "transpose":
+            src = n.inputs[0].producer
+            assert src is None or src.op != "matmul", f"{n} transposes a product"
