@@ -7,6 +7,7 @@ traceback). Anything else that escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -204,13 +205,37 @@ def to_dot(graph) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_step_graph(args):
+    """`inspect --train TASK`: the training step (loss and every weight's gradient) of a
+    built-in model, with the weights as inputs; its memory figure includes what the
+    backward keeps of the forward."""
+    from tensorc.models import MODELS, get
+    from tensorc.training import example_batch, get_task, step_graph
+    if args.model not in MODELS:
+        raise TensorcError(f"--train takes a built-in model ({', '.join(MODELS)})")
+    model = get(args.model, args.preset or "tiny", seed=args.seed or 0,
+                **parse_overrides(args.set))
+    batch = example_batch(model, args.train, args.batch or 1, args.seq)
+    graph, names = step_graph(model, get_task(args.train), batch, passes=args.passes or "O2",
+                              recompute=args.recompute)
+    return graph, dataclasses.asdict(model.config), sum(p.data.size
+                                                         for _, p in model.named_parameters())
+
+
 def cmd_inspect(args) -> int:
     from tensorc.passes import explain
-    loaded = _load(args)
-    graph = _pipeline(args, loaded.graph)
+    if args.train:
+        graph, config, params = _train_step_graph(args)
+        env, loaded = {}, None
+    else:
+        loaded = _load(args)
+        graph = _pipeline(args, loaded.graph)
+        env, config, params = loaded.symbol_sizes(), loaded.config, None
     notes = explain(graph) if args.explain else []
     if args.format == "json":
-        info = graph_summary(graph, loaded.symbol_sizes(), loaded.config, args.backend)
+        info = graph_summary(graph, env, config, args.backend)
+        if params is not None:
+            info["params"] = params   # the weights are the step's inputs
         info["passes"] = args.passes
         if args.explain:
             info["explain"] = notes
@@ -532,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="whose memory plan peak_memory_bytes reports (default: numpy)")
     sp.add_argument("--explain", action="store_true",
                     help="say why rewrites did not fire (to stderr; a key in JSON)")
+    sp.add_argument("--train", metavar="TASK", choices=("clm", "mlm", "classify", "translate"),
+                    help="show the training step of a built-in model instead: loss and the "
+                         "gradient of every weight (--passes default O2)")
+    sp.add_argument("--recompute", action="store_true",
+                    help="with --train: recompute cheap activations in the backward")
 
     strict = _Parser(add_help=False)
     strict.add_argument("--strict", action="store_true",
@@ -605,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metrics", metavar="FILE.jsonl", help="append one JSON object per step")
     t.add_argument("--plot", metavar="FILE.png", help="write the loss curve (matplotlib)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--recompute", action="store_true",
+                   help="recompute cheap activations (gelu, layer norm) in the backward "
+                        "instead of keeping them: less memory")
 
     command("train", cmd_train, "train a built-in model on bundled data",
             parents=(common, model, train_args))
@@ -632,7 +665,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(steps=args.steps, lr=args.lr, optimizer=args.optimizer,
                       warmup=args.steps // 10 if args.warmup is None else args.warmup,
                       weight_decay=args.weight_decay, clip=args.clip or None,
-                      accumulate=args.accumulate, seed=args.seed or 0)
+                      accumulate=args.accumulate, seed=args.seed or 0,
+                      recompute=args.recompute)
     run = Run(args.model, args.preset or "tiny", parse_overrides(args.set), task,
               batch=args.batch or 8, seq=args.seq or 64, data_bytes=args.data_bytes,
               backend=args.backend, out=args.output, eval_every=args.eval_every,

@@ -64,6 +64,20 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def example_batch(model: Module, task: str, batch: int = 1, seq: int | None = None,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """The model's example inputs plus random labels the task's loss reads."""
+    inputs = model.example_inputs(batch=batch, seq=seq, seed=seed)
+    rng = np.random.default_rng(seed)
+    n = model.config.vocab_size
+    if task == "classify":
+        labels = rng.integers(0, n, batch)
+    else:
+        labels = rng.integers(0, n, inputs["tgt_ids" if task == "translate" else "input_ids"]
+                              .shape)
+    return {**{k: inputs[k] for k in get_task(task).inputs}, "labels": labels}
+
+
 class _WithLoss(Module):
     """The model's forward plus its loss, its weights under their own names."""
 
@@ -93,11 +107,15 @@ def loss_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
 
 
 def step_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
-               distill: dict | None = None, passes: str = STEP_PASSES):
-    """The training step graph: loss and ``grad.<weight>`` for every parameter."""
+               distill: dict | None = None, passes: str = STEP_PASSES,
+               recompute: bool = False):
+    """The training step graph: loss and ``grad.<weight>`` for every parameter;
+    `recompute`: cheap activations computed again in the backward, not kept."""
     graph, names = loss_graph(model, task, batch, distill)
-    graph = grad(run_pipeline(lift_weights(graph, names), FORWARD_PASSES), "loss", names)
-    return run_pipeline(graph, passes), names
+    graph = grad(run_pipeline(lift_weights(graph, names), FORWARD_PASSES), "loss", names,
+                 recompute=recompute)
+    # CSE would merge each recomputed activation back into the one it repeats
+    return run_pipeline(graph, passes, disable=("cse",) if recompute else ()), names
 
 
 def lift_weights(graph, names):
@@ -112,9 +130,10 @@ class TrainStep:
     reading the model's parameter arrays (which the optimizer updates in place)."""
 
     def __init__(self, model: Module, task: Task, batch: dict[str, np.ndarray],
-                 backend: str = "llvm", distill: dict | None = None):
+                 backend: str = "llvm", distill: dict | None = None,
+                 recompute: bool = False):
         from .backends import get_backend
-        self.graph, self.names = step_graph(model, task, batch, distill)
+        self.graph, self.names = step_graph(model, task, batch, distill, recompute=recompute)
         self.exe = get_backend(backend).compile(self.graph)
         self.params = {n: p.data for n, p in model.named_parameters()}
         for n, a in self.params.items():
@@ -142,6 +161,7 @@ class TrainConfig:
     clip: float | None = 1.0
     accumulate: int = 1
     seed: int = 0
+    recompute: bool = False
 
 
 def make_optimizer(params, cfg: TrainConfig, backend: str):
@@ -309,7 +329,7 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     if teacher:
         first["teacher_logits"] = teacher(first)
     distill = {"temperature": run.temperature, "alpha": run.alpha} if teacher else None
-    step = TrainStep(model, task, first, run.backend, distill)
+    step = TrainStep(model, task, first, run.backend, distill, cfg.recompute)
     opt = make_optimizer(step.params, cfg, run.backend)
     start = 0
     if resume:

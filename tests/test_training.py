@@ -127,3 +127,18 @@ def test_a_tied_embeddings_gradient_is_one_product_not_a_transposed_copy():
     for n in swaps:
         src = n.inputs[0].producer
         assert src is None or src.op != "matmul", f"{n} transposes a product"
+
+
+def test_recompute_lowers_peak_memory_and_keeps_the_gradients():
+    from tensorc.backends.plan import peak_memory_bytes
+    from tensorc.training import example_batch, step_graph
+    model = get("gpt", "tiny", seed=0, n_layer=4, vocab_size=17, d_ff=256)
+    batch = example_batch(model, "clm", batch=4, seq=32)
+    kept, _ = step_graph(model, get_task("clm"), batch)
+    again, _ = step_graph(model, get_task("clm"), batch, recompute=True)
+    assert peak_memory_bytes(again, {}) < 0.9 * peak_memory_bytes(kept, {})
+    feeds = {**batch, **{n: p.data for n, p in model.named_parameters()}}
+    a = get_backend("numpy").compile(kept).run(feeds)
+    b = get_backend("numpy").compile(again).run(feeds)
+    for n in a:
+        np.testing.assert_array_equal(a[n], b[n], err_msg=n)
