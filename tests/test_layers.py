@@ -9,7 +9,7 @@ Layers, bottom to top (a module may import its own layer and those below):
     backends  backends/                      (Graph -> Program -> run)
     frontend  frontend/                      (DSL, tracer, ONNX; onnx.backend runs backends)
     models    models/                        (written in the DSL)
-    shell     tensorc/__init__, api, cli, loading, artifact, generation
+    shell     tensorc/__init__, api, cli, loading, artifact, generation, optim
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ PACKAGES = {"tensorc": "tensorc", "passes": "tensorc.passes", "backends": "tenso
             "frontend": "tensorc.frontend", "models": "tensorc.models"}
 LAYERS = ["core", "passes", "backends", "frontend", "models", "shell"]
 SHELL = {"tensorc", "tensorc.api", "tensorc.cli", "tensorc.loading", "tensorc.artifact",
-         "tensorc.generation"}
+         "tensorc.generation", "tensorc.optim"}
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     mods = {}
