@@ -1,0 +1,154 @@
+"""One AdamW step over GPT-small-shaped parameters (the zoo's `gpt` preset `small`: 23.6 M
+parameters in ~80 tensors): tensorc's generated update (llvm; numpy, the reference),
+a plain numpy AdamW, and torch.optim.AdamW (if torch is importable).
+
+    python benchmarks/optim.py [--threads 2] [--steps 10]
+
+Each engine runs in a process of its own, one after another (pool threads that spin
+after a call would slow the next engine). Prints the median step time in ms.
+
+The llvm engines: `llvm` is `tensorc.optim.AdamW` as shipped (the update writes spare
+buffers; the state swaps with them, the parameters are copied back); `llvm-overlap`
+passes the parameter and state arrays themselves as `out` (the runtime then computes
+each into a fresh array and copies it over: the alternative the optimizer does not take).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ENGINES = ["llvm", "llvm-overlap", "numpy-backend", "numpy-plain", "torch", "torch-foreach"]
+
+
+def gpt_small_shapes() -> dict[str, tuple]:
+    import tensorc
+    model = tensorc.models.get("gpt", preset="small")
+    return {n: tuple(p.init_shape) for n, p in model.named_parameters()}
+
+
+def make(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {n: (rng.standard_normal(s, dtype=np.float32) * 0.02) for n, s in shapes.items()}
+    grads = {n: rng.standard_normal(s, dtype=np.float32) * 1e-3 for n, s in shapes.items()}
+    return params, grads
+
+
+def numpy_adamw(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, wd=0.01):
+    """A plain numpy AdamW (in-place ufuncs, one temporary per tensor)."""
+    m = {n: np.zeros_like(p) for n, p in params.items()}
+    v = {n: np.zeros_like(p) for n, p in params.items()}
+    tmp = {n: np.empty_like(p) for n, p in params.items()}
+    t = [0]
+    b1, b2 = betas
+
+    def step(grads):
+        t[0] += 1
+        bc1, bc2 = 1 - b1 ** t[0], 1 - b2 ** t[0]
+        for n, p in params.items():
+            g, mm, vv, d = grads[n], m[n], v[n], tmp[n]
+            p *= np.float32(1 - lr * wd)
+            mm += np.float32(1 - b1) * (g - mm)
+            vv *= np.float32(b2)
+            np.multiply(g, g, out=d)
+            d *= np.float32(1 - b2)
+            vv += d
+            np.sqrt(vv, out=d)
+            d /= np.float32(bc2 ** 0.5)
+            d += np.float32(eps)
+            np.divide(mm, d, out=d)
+            d *= np.float32(-lr / bc1)
+            p += d
+    return step
+
+
+def worker(engine: str, threads: int, steps: int) -> dict:
+    shapes = gpt_small_shapes()
+    params, grads = make(shapes)
+    if engine.startswith("torch"):
+        import torch
+        torch.set_num_threads(threads)
+        tp = [torch.from_numpy(p) for p in params.values()]
+        for p, g in zip(tp, grads.values(), strict=True):
+            p.grad = torch.from_numpy(g)
+        opt = torch.optim.AdamW(tp, lr=1e-3, foreach=engine == "torch-foreach")
+
+        def step():
+            opt.step()
+    elif engine == "numpy-plain":
+        fn = numpy_adamw(params)
+
+        def step():
+            fn(grads)
+    else:
+        from tensorc.optim import AdamW
+        backend = "numpy" if engine == "numpy-backend" else "llvm"
+        opt = AdamW(params, lr=1e-3, backend=backend)
+        if engine == "llvm-overlap":
+            def step():
+                opt.step_count += 1
+                for s, value in opt._scalars().items():
+                    opt._scalar[s][...] = value
+                feeds, out = dict(opt._scalar), {}
+                for i, n in enumerate(opt.names):
+                    feeds[f"p{i}"] = out[f"p{i}_new"] = opt.params[n].reshape(-1)
+                    feeds[f"g{i}"] = grads[n].reshape(-1)
+                    for k in opt.STATE:
+                        feeds[f"{k}{i}"] = out[f"{k}{i}_new"] = opt.state[k][n].reshape(-1)
+                opt._compiled().run(feeds, out=out)
+        else:
+            def step():
+                opt.step(grads)
+    t0 = time.perf_counter()
+    step()   # compiles
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps if engine != "numpy-backend" else max(3, steps // 3)):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"engine": engine, "ms": statistics.median(times) * 1e3,
+            "min_ms": min(times) * 1e3, "first_ms": first * 1e3,
+            "params": int(sum(np.prod(s) for s in shapes.values())), "tensors": len(shapes)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.threads, a.steps)))
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from engines import cpu_model, has
+    env = {**os.environ, "TENSORC_NUM_THREADS": str(a.threads),
+           "OMP_NUM_THREADS": str(a.threads), "OPENBLAS_NUM_THREADS": str(a.threads)}
+    print(f"AdamW step, GPT-small parameters, {a.threads} threads, {cpu_model()}")
+    for engine in a.engines.split(","):
+        if engine.startswith("torch") and not has("torch"):
+            print(f"{engine:14s} skipped: torch is not importable")
+            continue
+        r = subprocess.run([sys.executable, __file__, "--worker", engine,
+                            "--threads", str(a.threads), "--steps", str(a.steps)],
+                           capture_output=True, text=True, env=env)
+        if r.returncode:
+            print(f"{engine:14s} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            continue
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{engine:14s} {d['ms']:8.1f} ms median (min {d['min_ms']:.1f}, first call "
+              f"{d['first_ms']:.0f} ms)  {d['params'] / 1e6:.1f} M params in "
+              f"{d['tensors']} tensors")
+
+
+if __name__ == "__main__":
+    main()
