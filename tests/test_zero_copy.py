@@ -192,6 +192,47 @@ def test_an_out_array_that_is_also_an_input(rng):
     np.testing.assert_allclose(s, want, rtol=1e-6)
 
 
+def test_the_out_overlap_test_is_may_share_memorys(rng):
+    """`_Spans` (the runtime's overlap test for `out` arrays, O(log n) a test) answers as
+    np.may_share_memory's bounds test over the inputs and the `out` arrays taken before,
+    on views of one base: strided, reversed, empty, overlapping, disjoint."""
+    from tensorc.backends.llvm.runtime import _Spans
+    base = np.zeros(400, np.float32)
+    for _ in range(200):
+        views = []
+        for _ in range(rng.integers(1, 8)):
+            lo, n = int(rng.integers(0, 400)), int(rng.integers(0, 40))
+            step = int(rng.choice([1, 1, 2, -1]))
+            views.append(base[lo:lo + n:step] if step > 0 else base[lo:max(lo - n, 0):step])
+        arrays, outs = views[:len(views) // 2 + 1], views[len(views) // 2 + 1:]
+        donated = arrays[0] if rng.random() < 0.5 else None
+        spans, taken = _Spans(arrays), []
+        for o in outs:
+            want = any(np.may_share_memory(o, x) for x in [*arrays, *taken]
+                       if x is not donated)
+            assert spans.overlaps(o, donated) == want
+            if not want:
+                spans.add(o)
+                taken.append(o)
+
+
+def test_many_out_arrays_one_call(rng):
+    """Hundreds of outputs written into the caller's arrays, one of them an input (computed
+    aside), others fresh: the overlap test per output is not a pass over every array."""
+    g = Graph("many")
+    xs = [g.add_input(f"x{i}", TensorType((3,), "f32")) for i in range(300)]
+    g.outputs = [g.add("mul", x, x) for x in xs]
+    exe = compiled(g)
+    feeds = {f"x{i}": rng.standard_normal(3, np.float32) for i in range(300)}
+    want = {f"x{i}": feeds[f"x{i}"] ** 2 for i in range(300)}
+    out = {n: np.empty(3, np.float32) for n in exe.output_names}
+    out[exe.output_names[7]] = feeds["x7"]
+    got = exe.run(feeds, out=out)
+    for i, n in enumerate(exe.output_names):
+        assert got[n] is out[n]
+        np.testing.assert_allclose(got[n], want[f"x{i}"], rtol=1e-6)
+
+
 def aliasing_graph():
     """Outputs that alias an input, a constant, views, each other, a part of a buffer,
     and a buffer later steps read."""

@@ -11,6 +11,7 @@ native pool's `TENSORC_NUM_THREADS` threads at once (`pool.py`).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import math
 import threading
@@ -243,13 +244,19 @@ class Runner:
                 home[...] = np.asarray(a).reshape(-1)
                 if ok:
                     self.move(buf, home, rebind)
-        results = []
+        results, spans = [], None
         for i, (v, dtype, direct) in enumerate(zip(self.program.outputs, self.out_dtypes,
                                                    self.direct, strict=True)):
             o = out[i] if out is not None else None
-            donated = self._donated(i, o, arrays)
-            if o is None or not o.flags.aligned or any(
-                    np.may_share_memory(o, x) for x in [*arrays, *results] if x is not donated):
+            if o is not None:
+                if spans is None:
+                    spans = _Spans(arrays)
+                donated = self._donated(i, o, arrays)
+                if not o.flags.aligned or spans.overlaps(o, donated):
+                    o = None
+                else:
+                    spans.add(o)
+            if o is None:
                 o = np.empty(v.shape, dtype)   # else the caller's array, checked
             if direct:
                 self.move(v.buf, o, rebind)
@@ -265,6 +272,63 @@ class Runner:
                 out[i][...] = o   # the caller's `out` overlapped an input: computed aside
                 results[i] = out[i]
         return results
+
+
+class _Spans:
+    """Which memory a call's arrays hold, for the `out` overlap test: the inputs' and the
+    `out` arrays taken so far. np.may_share_memory's bounds test, in O(log n) per array
+    instead of a pass over all of them (a graph with hundreds of inputs and outputs, an
+    optimizer's update, paid milliseconds per call for the pairs)."""
+
+    def __init__(self, arrays):
+        spans = sorted((lo, hi, k) for k, a in enumerate(arrays)
+                       for lo, hi in [_bounds(a)] if hi > lo)
+        self.arrays = arrays
+        self.starts = [lo for lo, _, _ in spans]
+        self.spans = spans
+        self.reach, top = [], -1   # the furthest end among spans[:j + 1]
+        for _, hi, _ in spans:
+            top = max(top, hi)
+            self.reach.append(top)
+        self.taken_starts: list[int] = []   # `out` arrays taken: disjoint, sorted
+        self.taken_ends: list[int] = []
+
+    def overlaps(self, o: np.ndarray, donated) -> bool:
+        """Whether `o` overlaps an input other than `donated` or an `out` taken before."""
+        lo, hi = _bounds(o)
+        if hi <= lo:
+            return False
+        j = bisect.bisect_left(self.taken_starts, hi)
+        if j and self.taken_ends[j - 1] > lo:
+            return True
+        j = bisect.bisect_left(self.starts, hi) - 1
+        while j >= 0 and self.reach[j] > lo:   # spans[j] may end past lo
+            _, s_hi, k = self.spans[j]
+            if s_hi > lo and self.arrays[k] is not donated:
+                return True
+            j -= 1
+        return False
+
+    def add(self, o: np.ndarray) -> None:
+        lo, hi = _bounds(o)
+        if hi > lo:
+            j = bisect.bisect_left(self.taken_starts, lo)
+            self.taken_starts.insert(j, lo)
+            self.taken_ends.insert(j, hi)
+
+
+def _bounds(a: np.ndarray) -> tuple[int, int]:
+    """[first byte, past the last byte) of an array's memory (np.byte_bounds)."""
+    if a.flags.c_contiguous:
+        lo = a.ctypes.data
+        return lo, lo + a.nbytes
+    return _byte_bounds(a)
+
+
+try:
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:   # numpy < 2
+    _byte_bounds = np.byte_bounds
 
 
 def _np(dtype: str):
