@@ -233,6 +233,71 @@ def test_many_out_arrays_one_call(rng):
         np.testing.assert_allclose(got[n], want[f"x{i}"], rtol=1e-6)
 
 
+def in_place_cases():
+    """name -> (graph, the outputs' in-place inputs by name, as `Program.in_place` lists)."""
+    cases = {}
+    g = Graph("axpy")   # elementwise: y may be written over x or over a
+    x = g.add_input("x", TensorType((33, 17), "f32"))
+    a = g.add_input("a", TensorType((33, 17), "f32"))
+    g.outputs = [g.add("add", g.add("mul", x, x), a)]
+    cases["elementwise"] = (g, {0: ["x", "a"]})
+    g = Graph("transposed")   # y[i, j] reads x[j, i]: not element for element
+    x = g.add_input("x", TensorType((16, 16), "f32"))
+    g.outputs = [g.add("add", x, g.add("transpose", x, perm=(1, 0)))]
+    cases["transposed"] = (g, {})
+    g = Graph("later")   # x is read again after the first output's kernel
+    x = g.add_input("x", TensorType((40,), "f32"))
+    y1 = g.add("mul", x, x)
+    g.outputs = [y1, g.add("add", g.add("exp", x), y1)]
+    cases["read later"] = (g, {1: ["x"]})
+    g = Graph("centred")   # a reduction reads x first; the last kernel is elementwise
+    x = g.add_input("x", TensorType((8, 50), "f32"))
+    mean = g.add("reduce_mean", x, axes=(1,), keepdims=True)
+    g.outputs = [g.add("sub", x, mean)]
+    cases["after a reduction"] = (g, {0: ["x"]})
+    g = Graph("broadcast")   # b is smaller: read at another index than written
+    x = g.add_input("x", TensorType((6, 10), "f32"))
+    b = g.add_input("b", TensorType((10,), "f32"))
+    g.outputs = [g.add("mul", x, b)]
+    cases["broadcast"] = (g, {0: ["x"]})
+    return cases
+
+
+@pytest.mark.parametrize("case", list(in_place_cases()))
+def test_in_place_updates(rng, monkeypatch, case):
+    """`Program.in_place`: an output whose one kernel reads an input only at the element it
+    writes, and nothing reads that input later, may be given that input as its `out`; it
+    is then updated in place (no fresh array); any other input given as `out` is
+    computed aside. Results equal the reference either way."""
+    from tensorc.backends.llvm import runtime
+    g, want = in_place_cases()[case]
+    exe = compiled(g)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32)
+             for v in g.inputs}
+    ref = get_backend("numpy").compile(g).run(feeds)
+    program = exe.program()
+    assert {i: [b.name for b in bufs] for i, bufs in program.in_place.items()} == want
+    for i, name in enumerate(exe.output_names):
+        for inp, arr in feeds.items():
+            if arr.shape != ref[name].shape:
+                continue
+            fresh = {k: v.copy() for k, v in feeds.items()}
+            target = fresh[inp]
+            donated = inp in want.get(i, [])
+            if donated:   # computed straight into the input: no array of its own
+                monkeypatch.setattr(runtime.np, "empty", None)
+            out = {o: np.empty_like(ref[o]) for o in ref}   # every output given one
+            out[name] = target
+            got = exe.run(fresh, out=out)
+            monkeypatch.undo()
+            assert got[name] is target
+            np.testing.assert_allclose(target, ref[name], rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{name} over {inp}")
+            for other in ref:
+                if other != name:
+                    np.testing.assert_allclose(got[other], ref[other], rtol=1e-6, atol=1e-6)
+
+
 def aliasing_graph():
     """Outputs that alias an input, a constant, views, each other, a part of a buffer,
     and a buffer later steps read."""

@@ -66,8 +66,9 @@ class Runner:
     buffer moves there, later steps that read it included. Only an output that is a
     part of a larger buffer (a slice) is copied out of the arena. The one way a
     caller's input is written: an `out` that is the very input array the Program
-    lists as that output's alias (a donated key/value cache, `Program.aliases`); the
-    copy between them is then skipped (`KernelStep.skip_if_same`).
+    lists as that output's alias (a donated key/value cache, `Program.aliases`: the
+    copy between them is then skipped, `KernelStep.skip_if_same`) or as an input its
+    kernel may overwrite (`Program.in_place`: an elementwise update, an optimizer's).
     """
 
     def __init__(self, program: Program, threads: int | None = None):
@@ -82,8 +83,13 @@ class Runner:
         written = program.written()
         self.in_place = [b not in written for b in program.inputs]
         self.dtypes = [np.dtype(_np(b.dtype)) for b in program.inputs]
-        # output index -> the index of the input it may be donated from (Program.aliases)
-        self._alias_of = {i: program.inputs.index(b) for i, b in program.aliases.items()}
+        # output index -> the indices of the inputs it may be donated from
+        # (Program.aliases, Program.in_place)
+        self._alias_of: dict[int, list[int]] = {}
+        for i, b in program.aliases.items():
+            self._alias_of.setdefault(i, []).append(program.inputs.index(b))
+        for i, bufs in program.in_place.items():
+            self._alias_of.setdefault(i, []).extend(program.inputs.index(b) for b in bufs)
         self.homes = [self.array(View(b, 0, (b.numel,), (1,))) for b in program.inputs]
         self.out_dtypes = [np.dtype(_np(v.buf.dtype)) for v in program.outputs]
         # an output view that is all of its buffer: the buffer itself moves to the result
@@ -217,14 +223,15 @@ class Runner:
     def _donated(self, i: int, o, arrays):
         """The input array the caller passed again as output i's `out`, where the Program
         lets output i share that input's memory (`Program.aliases`: a cache updated in
-        place) and the input is read in place; else None."""
-        j = self._alias_of.get(i)
-        if o is None or j is None:
+        place; `Program.in_place`: an elementwise update) and the input is read in
+        place; else None."""
+        if o is None:
             return None
-        buf, a = self.program.inputs[j], arrays[j]
-        if a.ctypes.data == o.ctypes.data and a.nbytes == o.nbytes \
-                and self.pointer(buf) == a.ctypes.data:
-            return a
+        for j in self._alias_of.get(i, ()):
+            buf, a = self.program.inputs[j], arrays[j]
+            if a.ctypes.data == o.ctypes.data and a.nbytes == o.nbytes \
+                    and self.pointer(buf) == a.ctypes.data:
+                return a
         return None
 
     def run(self, arrays: list[np.ndarray], out: list | None = None) -> list[np.ndarray]:
