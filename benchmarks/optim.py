@@ -7,10 +7,10 @@ a plain numpy AdamW, and torch.optim.AdamW (if torch is importable).
 Each engine runs in a process of its own, one after another (pool threads that spin
 after a call would slow the next engine). Prints the median step time in ms.
 
-The llvm engines: `llvm` is `tensorc.optim.AdamW` as shipped (the update writes spare
-buffers; the state swaps with them, the parameters are copied back); `llvm-overlap`
-passes the parameter and state arrays themselves as `out` (the runtime then computes
-each into a fresh array and copies it over: the alternative the optimizer does not take).
+The llvm engines: `llvm` is `tensorc.optim.AdamW` as shipped (the parameter and state
+arrays are their own updates' `out`, updated in place: `Program.in_place`); `llvm-spare`
+writes the updates into second buffers instead, swaps the state with them and copies the
+parameters back (what it did before the runtime could update in place).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-ENGINES = ["llvm", "llvm-overlap", "numpy-backend", "numpy-plain", "torch", "torch-foreach"]
+ENGINES = ["llvm", "llvm-spare", "numpy-backend", "numpy-plain", "torch", "torch-foreach"]
 
 
 def gpt_small_shapes() -> dict[str, tuple]:
@@ -91,18 +91,27 @@ def worker(engine: str, threads: int, steps: int) -> dict:
         from tensorc.optim import AdamW
         backend = "numpy" if engine == "numpy-backend" else "llvm"
         opt = AdamW(params, lr=1e-3, backend=backend)
-        if engine == "llvm-overlap":
+        if engine == "llvm-spare":
+            spare = {k: {n: np.empty_like(p) for n, p in params.items()}
+                     for k in ("p", *opt.STATE)}
+
             def step():
                 opt.step_count += 1
                 for s, value in opt._scalars().items():
                     opt._scalar[s][...] = value
                 feeds, out = dict(opt._scalar), {}
                 for i, n in enumerate(opt.names):
-                    feeds[f"p{i}"] = out[f"p{i}_new"] = opt.params[n].reshape(-1)
+                    feeds[f"p{i}"] = opt.params[n].reshape(-1)
+                    out[f"p{i}_new"] = spare["p"][n].reshape(-1)
                     feeds[f"g{i}"] = grads[n].reshape(-1)
                     for k in opt.STATE:
-                        feeds[f"{k}{i}"] = out[f"{k}{i}_new"] = opt.state[k][n].reshape(-1)
+                        feeds[f"{k}{i}"] = opt.state[k][n].reshape(-1)
+                        out[f"{k}{i}_new"] = spare[k][n].reshape(-1)
                 opt._compiled().run(feeds, out=out)
+                for n in opt.names:
+                    np.copyto(opt.params[n], spare["p"][n])
+                for k in opt.STATE:
+                    opt.state[k], spare[k] = spare[k], opt.state[k]
         else:
             def step():
                 opt.step(grads)

@@ -160,6 +160,26 @@ def test_the_update_is_one_fused_graph_compiled_once():
     assert len(exe.graph.nodes) == len(SHAPES)
     stats = exe.stats()
     assert stats["fallbacks"] == [] and stats["library_calls"] == 0
+    # every output may be written over the input it updates: the step is in place
+    program = exe.program()
+    for i, name in enumerate(exe.output_names):
+        assert name.removesuffix("_new") in [b.name for b in program.in_place.get(i, ())]
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: AdamW(ps, backend="llvm"),
+    lambda ps: SGD(ps, momentum=0.9, nesterov=True, weight_decay=0.1, backend="llvm"),
+    lambda ps: SGD(ps, backend="llvm")], ids=["adamw", "sgd-nesterov", "sgd"])
+def test_llvm_steps_allocate_no_arrays(make, monkeypatch):
+    """The update is written straight into the parameters and state (no array is made
+    for a result computed aside, which the runtime does for an `out` it cannot donate)."""
+    from tensorc.backends.llvm import runtime
+    p = params_()
+    opt = make(p)
+    opt.step(grads_(0))
+    g = grads_(1)
+    monkeypatch.setattr(runtime.np, "empty", None)
+    opt.step(g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
