@@ -333,10 +333,18 @@ def test_checkpoint_round_trip(tmp_path):
     again = ck.make_rng()
     np.testing.assert_array_equal(again.standard_normal(4), rng.standard_normal(4))
     json.load(open(os.path.join(path, "trainer.json")))   # plain JSON
+    # another bit generator (its state holds an array): restored into a live Generator
+    mt = np.random.Generator(np.random.MT19937(5))
+    mt.random(3)
+    save_checkpoint(tmp_path / "mt", p, opt, step=2, rng=mt)
+    target = np.random.Generator(np.random.MT19937(0))
+    load_checkpoint(tmp_path / "mt").restore(params_(), rng=target)
+    np.testing.assert_array_equal(target.random(5), mt.random(5))
+    os.rename(tmp_path / "mt", tmp_path / "mt-done")
     # writing again replaces the old checkpoint whole
     save_checkpoint(path, p, opt, step=3, extra={})
     assert load_checkpoint(path).step == 3 and load_checkpoint(path).rng_state is None
-    assert os.listdir(tmp_path) == ["ck"]
+    assert sorted(os.listdir(tmp_path)) == ["ck", "mt-done"]
 
 
 def _run(backend, kind, steps, start=None, stop=None, directory=None):
