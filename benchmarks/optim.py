@@ -2,10 +2,11 @@
 parameters in ~80 tensors): tensorc's generated update (llvm; numpy, the reference),
 a plain numpy AdamW, and torch.optim.AdamW (if torch is importable).
 
-    python benchmarks/optim.py [--threads 2] [--steps 10]
+    python benchmarks/optim.py [--threads 2] [--rounds 5] [--steps 3]
 
-Each engine runs in a process of its own, one after another (pool threads that spin
-after a call would slow the next engine). Prints the median step time in ms.
+Each engine runs in a process of its own (pool threads that spin after a call would
+slow the next engine); they take turns, a few steps each per round, so a change in the
+machine's load hits all alike (`engines.py`). Prints each one's median and best step.
 
 The llvm engines: `llvm` is `tensorc.optim.AdamW` as shipped (the parameter and state
 arrays are their own updates' `out`, updated in place: `Program.in_place`); `llvm-spare`
@@ -69,7 +70,7 @@ def numpy_adamw(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, wd=0.01):
     return step
 
 
-def worker(engine: str, threads: int, steps: int) -> dict:
+def worker(engine: str, threads: int) -> None:
     shapes = gpt_small_shapes()
     params, grads = make(shapes)
     if engine.startswith("torch"):
@@ -118,44 +119,56 @@ def worker(engine: str, threads: int, steps: int) -> dict:
     t0 = time.perf_counter()
     step()   # compiles
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps if engine != "numpy-backend" else max(3, steps // 3)):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"engine": engine, "ms": statistics.median(times) * 1e3,
-            "min_ms": min(times) * 1e3, "first_ms": first * 1e3,
-            "params": int(sum(np.prod(s) for s in shapes.values())), "tensors": len(shapes)}
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:   # "run N": N steps, their times in ms
+        times = []
+        for _ in range(int(line.split()[1])):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        print(json.dumps({"times": times, "first_ms": first * 1e3,
+                          "params": int(sum(np.prod(s) for s in shapes.values())),
+                          "tensors": len(shapes)}), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="steps per engine per round")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.threads, a.steps)))
+        worker(a.worker, a.threads)
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from engines import cpu_model, has
+    from engines import cpu_model, has, start_engines, take_turns
     env = {**os.environ, "TENSORC_NUM_THREADS": str(a.threads),
            "OMP_NUM_THREADS": str(a.threads), "OPENBLAS_NUM_THREADS": str(a.threads)}
-    print(f"AdamW step, GPT-small parameters, {a.threads} threads, {cpu_model()}")
-    for engine in a.engines.split(","):
-        if engine.startswith("torch") and not has("torch"):
-            print(f"{engine:14s} skipped: torch is not importable")
+    print(f"AdamW step, GPT-small parameters, {a.threads} threads, {cpu_model()}; "
+          f"{a.rounds} rounds of {a.steps} steps, the engines taking turns")
+    engines = [e for e in a.engines.split(",") if not e.startswith("torch") or has("torch")]
+    for e in sorted(set(a.engines.split(",")) - set(engines)):
+        print(f"{e:14s} skipped: torch is not importable")
+
+    def start(engine):
+        return subprocess.Popen([sys.executable, __file__, "--worker", engine, "--threads",
+                                 str(a.threads)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+    procs, failed = start_engines({e: lambda e=e: start(e) for e in engines})
+    for e, why in failed.items():
+        print(f"{e:14s} {why}")
+    for e, answers in take_turns(procs, a.rounds, lambda e: f"run {a.steps}").items():
+        ok = [d for d in answers if isinstance(d, dict)]
+        if not ok:
+            print(f"{e:14s} {answers[-1]}")
             continue
-        r = subprocess.run([sys.executable, __file__, "--worker", engine,
-                            "--threads", str(a.threads), "--steps", str(a.steps)],
-                           capture_output=True, text=True, env=env)
-        if r.returncode:
-            print(f"{engine:14s} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-            continue
-        d = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"{engine:14s} {d['ms']:8.1f} ms median (min {d['min_ms']:.1f}, first call "
-              f"{d['first_ms']:.0f} ms)  {d['params'] / 1e6:.1f} M params in "
+        times = [t for d in ok for t in d["times"]]
+        d = ok[0]
+        print(f"{e:14s} {statistics.median(times):8.1f} ms median (min {min(times):.1f}; "
+              f"first call {d['first_ms']:.0f} ms)  {d['params'] / 1e6:.1f} M params in "
               f"{d['tensors']} tensors")
 
 
