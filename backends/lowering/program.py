@@ -198,7 +198,8 @@ def in_place_reads(kernel: K.Kernel) -> list[int]:
     def stmts(body, loops):
         for s in body:
             if isinstance(s, K.Loop):
-                stmts(s.body, loops + [s])
+                if not stmts(s.body, loops + [s]):
+                    return False
             elif isinstance(s, K.Store):
                 expr(s.index)
                 expr(s.value)
