@@ -68,6 +68,14 @@ class Optimizer:
                 raise TensorcError(f"parameter {name!r}: expected a writeable C-contiguous "
                                    f"float32 numpy array, got {what}")
             self.params[name] = p
+        reach, last = -1, None   # updated in place, one at a time: no two may overlap
+        for lo, hi, name in sorted((p.ctypes.data, p.ctypes.data + p.nbytes, n)
+                                   for n, p in self.params.items() if p.nbytes):
+            if lo < reach:
+                raise TensorcError(f"parameters {last!r} and {name!r} share memory (tied "
+                                   "weights: give the optimizer one of them)")
+            if hi > reach:
+                reach, last = hi, name
         self.names = list(self.params)
         self.lr = float(lr)
         self.step_count = 0

@@ -216,6 +216,11 @@ def test_bad_inputs_are_one_line_errors():
         AdamW({"x": np.zeros(3)})
     with pytest.raises(TensorcError, match="float32"):
         SGD({"x": np.zeros((4, 4), np.float32)[:, ::2]})
+    tied = np.zeros((4, 4), np.float32)
+    with pytest.raises(TensorcError, match="share memory"):
+        AdamW({"wte": tied, "head": tied, "other": np.zeros(2, np.float32)})
+    with pytest.raises(TensorcError, match="'whole' and 'row' share memory"):
+        AdamW({"whole": tied, "row": tied[1]})
     with pytest.raises(TensorcError, match="no parameters"):
         SGD({})
     with pytest.raises(TensorcError, match="nesterov"):
