@@ -101,6 +101,7 @@ class Lowering:
         program.aliases = {i: self.aliases[o.buf] for i, o in enumerate(outputs)
                            if o.buf in self.aliases and o.offset == 0
                            and o.buf.numel == math.prod(o.shape)}
+        program.in_place = program.find_in_place()
         return program
 
     def lower_nodes(self, nodes, vals):
