@@ -129,3 +129,70 @@ def test_scatter_add_index_out_of_range_is_an_error(bad):
     g = _graph("scatter_add", [data, idx, upd], axis=0)
     with pytest.raises(TensorcError, match=f"index {bad} is out of range"):
         get_backend("llvm").compile(g).run({"x0": data, "x1": idx, "x2": upd})
+
+
+# --- conv2d_grad: native for patch embeddings, an honest fallback otherwise ---------------
+
+PATCH_CASES = [   # x shape, w shape (stride = kernel)
+    ((1, 3, 32, 32), (24, 3, 8, 8)),      # a ViT's patch embedding, small
+    ((2, 3, 12, 20), (5, 3, 4, 4)),       # a batch, non-square image
+    ((3, 2, 10, 11), (4, 2, 3, 2)),       # kernels that do not divide the image: dx is 0 there
+    ((2, 4, 6, 6), (7, 4, 1, 1)),         # 1x1
+]
+
+
+@pytest.mark.parametrize("xs,ws", PATCH_CASES, ids=str)
+def test_conv2d_grad_patch_embedding_matches_numpy(xs, ws):
+    rng = np.random.default_rng(sum(xs) + sum(ws))
+    kh, kw = ws[2:]
+    oh, ow = xs[2] // kh, xs[3] // kw
+    x, w = _rand(rng, xs), _rand(rng, ws)
+    dy = _rand(rng, (xs[0], ws[0], oh, ow))
+    got, want, fallbacks = _run_both("conv2d_grad", [x, w, dy], strides=(kh, kw))
+    assert fallbacks == []
+    for g_, w_ in zip(got, want, strict=True):
+        assert np.abs(w_).max() > 0
+        _close(g_, w_, 1e-5)
+    if xs[2] % kh:   # rows no window reaches get no gradient
+        assert not got[0][:, :, oh * kh:].any()
+
+
+@pytest.mark.parametrize("attrs", [{}, {"strides": (2, 2), "pads": (1, 1, 1, 1)},
+                                   {"strides": (3, 3), "dilations": (2, 1)}], ids=str)
+def test_conv2d_grad_other_convolutions_are_listed_fallbacks(attrs):
+    """Overlapping or padded windows have no native rule yet: the reference runs, and says
+    so, and the answer is still the reference's."""
+    rng = np.random.default_rng(11)
+    x, w = _rand(rng, (1, 2, 9, 9)), _rand(rng, (3, 2, 3, 3))
+    from tensorc.ops.nn import conv2d
+    dy = _rand(rng, conv2d(x, w, **attrs).shape)
+    got, want, fallbacks = _run_both("conv2d_grad", [x, w, dy], **attrs)
+    assert [f["reason"] for f in fallbacks] == [
+        "conv2d_grad is native only for patch embeddings (stride = kernel, no padding, "
+        "dilation 1, one group)"]
+    for g_, w_ in zip(got, want, strict=True):
+        _close(g_, w_, 1e-6)
+
+
+def test_patch_embedding_gradient_through_the_grad_pass():
+    """conv2d -> loss, differentiated by the grad pass, runs on llvm without fallbacks."""
+    from tensorc.passes.autodiff import grad
+    rng = np.random.default_rng(12)
+    g = Graph("patch")
+    x = g.add_input("x", TensorType((2, 3, 16, 16), "f32"))
+    w = g.add_input("w", TensorType((8, 3, 4, 4), "f32"))
+    b = g.add_input("b", TensorType((8,), "f32"))
+    (y,) = g.add_node("conv2d", [x, w, b], {"strides": (4, 4)})
+    (t,) = g.add_node("tanh", [y])
+    (loss,) = g.add_node("reduce_sum", [t], {"axes": None})
+    g.rename(loss, "loss")
+    g.outputs = [loss]
+    dg = grad(g, "loss", ["x", "w", "b"])
+    feeds = {"x": _rand(rng, (2, 3, 16, 16)), "w": _rand(rng, (8, 3, 4, 4)),
+             "b": _rand(rng, (8,))}
+    want = get_backend("numpy").compile(dg).run(feeds)
+    exe = get_backend("llvm").compile(dg)
+    got = exe.run(feeds)
+    assert _fallbacks(exe) == []
+    for name, w_ in want.items():
+        _close(got[name], w_, 1e-5)

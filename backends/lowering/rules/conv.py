@@ -48,6 +48,53 @@ def _conv2d(lw, node, ins, attrs):
     return [transpose(reshape(y, (n, oh, ow, o)), (0, 3, 1, 2))]
 
 
+def _conv2d_grad(lw, node, ins, attrs):
+    """(dx, dw) of a patch embedding (a ViT's: stride = kernel, no padding, no dilation,
+    one group) as two GEMMs over the patches: each input element lies in at most one
+    window, so im2col is a permutation of x and col2im one of dx. With P = n*oh*ow
+    patches of K = c*kh*kw values and dy as [P, o]:
+        dw[o, K] = dy^T @ patches        dpatches[P, K] = dy @ w[o, K]
+    and dx is dpatches written back to where each patch came from (zero where the
+    windows do not reach: the last rows/columns when kh/kw do not divide h/w). Other
+    convolutions overlap windows or skip pixels: they raise NotLowerable."""
+    x, w, dy = ins
+    if x.dtype != "f32":
+        raise NotLowerable("conv2d_grad of non-f32 data")
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    if attrs["group"] != 1 or any(attrs["pads"]) or tuple(attrs["dilations"]) != (1, 1) \
+            or tuple(attrs["strides"]) != (kh, kw):
+        raise NotLowerable("conv2d_grad is native only for patch embeddings (stride = "
+                           "kernel, no padding, dilation 1, one group)")
+    _, _, oh, ow = dy.shape
+    p, k = n * oh * ow, c * kh * kw
+    xt, wt = node.outputs[0].type.concrete(lw.env), node.outputs[1].type.concrete(lw.env)
+    if p == 0 or k == 0 or o == 0:
+        raise NotLowerable("conv2d_grad of an empty tensor")
+    rows = [(0, [1, 0, 0, 0, 0, 0]), (0, [0, 0, 0, 1, 0, 0]),
+            (0, [0, kh, 0, 0, 1, 0]), (0, [0, 0, kw, 0, 0, 1])]
+    patches = lw.materialize(affine_map(x, (n, oh, ow, c, kh, kw), rows), "im2col")
+    dy_po = lw.materialize(transpose(dy, (0, 2, 3, 1)))          # [n, oh, ow, o]
+    dy_op = lw.materialize(transpose(dy, (1, 0, 2, 3)))          # [o, n, oh, ow]
+    w2 = reshape(lw.materialize(w), (o, k))
+    dw = lw.out_view(TensorType((o, k), wt.dtype))
+    lw.steps.append(Call("matmul", {}, [lw.view(reshape(dy_op, (o, p))),
+                                        lw.view(reshape(patches, (p, k)))], [dw],
+                         where=node.where))
+    dpatch = lw.out_view(TensorType((p, k), xt.dtype))
+    lw.steps.append(Call("matmul", {}, [lw.view(reshape(dy_po, (p, o))), lw.view(w2)],
+                         [dpatch], where=node.where))
+    dx = lw.out_view(xt)
+    if oh * kh != h or ow * kw != wd:
+        lw.steps.append(write_kernel("fill", Lazy(dx.shape, K.Const(0.0, xt.dtype)), dx))
+    sn, sc, sh, sw = dx.strides
+    windows = View(dx.buf, 0, (n, oh, ow, c, kh, kw), (sn, kh * sh, kw * sw, sc, sh, sw))
+    lw.steps.append(write_kernel("col2im", reshape(lw.of_view(dpatch),
+                                                   (n, oh, ow, c, kh, kw)), windows))
+    return [lw.of_view(dx), reshape(lw.of_view(dw), tuple(wt.shape))]
+
+
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "conv2d": _conv2d,
+    "conv2d_grad": _conv2d_grad,
 }
