@@ -196,3 +196,116 @@ def test_patch_embedding_gradient_through_the_grad_pass():
     assert _fallbacks(exe) == []
     for name, w_ in want.items():
         _close(got[name], w_, 1e-5)
+
+
+# --- attention_grad: the fused flash backward (f32, no mask) ------------------------------
+
+ATTN_CASES = [   # b, h, bk, hk, t, s, d, dv
+    (2, 4, 2, 4, 16, 16, 16, 16),     # plain multi-head, one block of rows
+    (1, 2, 1, 2, 37, 70, 20, 33),     # t != s, neither a multiple of the tiles; d != dv
+    (2, 8, 2, 2, 29, 29, 64, 64),     # grouped-query heads (4 per key/value head)
+    (3, 4, 1, 1, 19, 45, 8, 24),      # one key/value head broadcast over batch and heads
+    (2, 2, 1, 2, 70, 23, 17, 5),      # t > s, k and v broadcast over the batch
+]
+
+
+def _attn_inputs(rng, b, h, bk, hk, t, s, d, dv):
+    return [_rand(rng, sh) for sh in ((b, h, t, d), (bk, hk, s, d), (bk, hk, s, dv),
+                                      (b, h, t, dv))]
+
+
+def _attn_check(arrays, threads=None, tol=1e-4, native=True, **attrs):
+    g = _graph("attention_grad", arrays, **attrs)
+    feeds = {f"x{i}": a for i, a in enumerate(arrays)}
+    want = get_backend("numpy").compile(g).run(feeds)
+    exe = get_backend("llvm").compile(g, threads=threads)
+    got = exe.run(feeds)
+    assert _fallbacks(exe) == []
+    calls = [s for r in exe._runners.values() for s in r.program.steps
+             if getattr(s, "op", None) == "attention_grad"]
+    assert bool(calls) == native   # the fused kernel, or else the decomposition
+    for v in g.outputs:
+        assert np.abs(want[v.name]).max() > 0
+        _close(got[v.name], want[v.name], tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", ATTN_CASES, ids=str)
+def test_attention_grad_kernel_matches_numpy(shape, causal, threads):
+    rng = np.random.default_rng(sum(shape) + causal)
+    _attn_check(_attn_inputs(rng, *shape), threads, scale=0.125 + 0.1 * causal,
+                causal=causal)
+
+
+def test_attention_grad_kernel_with_a_finite_mask_value():
+    """An exporter's finfo.min instead of -inf: no tile is skipped, the filled scores
+    get (essentially) no weight and no gradient."""
+    rng = np.random.default_rng(21)
+    _attn_check(_attn_inputs(rng, 1, 2, 1, 2, 40, 40, 16, 16), causal=True,
+                mask_value=float(np.finfo(np.float32).min), scale=0.25)
+
+
+def test_attention_grad_kernel_reads_strided_heads():
+    """q, k, v, dy as transposed views of [b, t, h, d] tensors, as a model's
+    projections give them: the kernel follows their strides."""
+    rng = np.random.default_rng(22)
+    g = Graph("t")
+    names = ("q", "k", "v", "dy")
+    shapes = [(2, 21, 4, 16), (2, 33, 2, 16), (2, 33, 2, 16), (2, 21, 4, 16)]
+    ins = [g.add_input(n, TensorType(sh, "f32")) for n, sh in zip(names, shapes, strict=True)]
+    views = [g.add("transpose", x, perm=(0, 2, 1, 3)) for x in ins]
+    g.outputs = list(g.add_node("attention_grad", views, {"scale": 0.25, "causal": True}))
+    feeds = {n: _rand(rng, sh) for n, sh in zip(names, shapes, strict=True)}
+    want = get_backend("numpy").compile(g).run(feeds)
+    exe = get_backend("llvm").compile(g, threads=2)
+    got = exe.run(feeds)
+    assert _fallbacks(exe) == [] and exe.stats()["library_calls"] == 1
+    for name, w in want.items():
+        _close(got[name], w, 1e-4)
+    feeds = {n: _rand(rng, sh) for n, sh in zip(names, shapes, strict=True)}   # new arrays
+    want, got = get_backend("numpy").compile(g).run(feeds), exe.run(feeds)
+    for name, w in want.items():
+        _close(got[name], w, 1e-4)
+
+
+@pytest.mark.parametrize("mask_dtype", ["bool", "f32"])
+def test_attention_grad_with_a_mask_runs_the_decomposition(mask_dtype):
+    rng = np.random.default_rng(23)
+    q, k, v, dy = _attn_inputs(rng, 2, 2, 2, 2, 12, 20, 8, 8)
+    mask = rng.random((2, 1, 12, 20)) > 0.3 if mask_dtype == "bool" else \
+        _rand(rng, (12, 20))
+    if mask_dtype == "bool":
+        mask[..., 0] = True   # every row keeps a key
+    _attn_check([q, k, v, mask, dy], native=False, scale=0.3)
+
+
+def test_attention_grad_in_f64_runs_the_decomposition():
+    rng = np.random.default_rng(24)
+    arrays = [a.astype(np.float64) for a in _attn_inputs(rng, 1, 2, 1, 2, 10, 10, 8, 8)]
+    _attn_check(arrays, native=False, tol=1e-10, causal=True)
+
+
+def test_gpt_training_step_runs_natively():
+    """The gradient of a GPT (O2: fused attention, so attention_grad) on llvm: no
+    fallback, the fused backward in use, numpy's answer."""
+    from tensorc.loading import load_model
+    from tensorc.passes import run_pipeline
+    from tensorc.passes.autodiff import grad
+    loaded = load_model("gpt", "tiny")
+    g = run_pipeline(loaded.graph, "O2")
+    (loss,) = g.add_node("reduce_mean", [g.outputs[0]], {"axes": None})
+    g.rename(loss, "loss")
+    g.outputs = [loss]
+    dg = grad(g, "loss")
+    feeds = dict(loaded.inputs)
+    feeds.update({v.name: g.constants[v.name].data for v in dg.inputs if v.name not in feeds})
+    exe = get_backend("llvm").compile(dg)
+    got = exe.run(feeds)
+    assert _fallbacks(exe) == []
+    ops = [getattr(s, "op", None) for r in exe._runners.values() for s in r.program.steps]
+    assert "attention_grad" in ops
+    want = get_backend("numpy").compile(dg).run(feeds)
+    for name, w in want.items():
+        if np.abs(w).max() > 1e-6:   # a key bias's gradient is 0 up to rounding
+            _close(got[name], w, 1e-4)
