@@ -7,7 +7,8 @@ without the [t, s] weights in memory.
 (bk is b or 1, hk divides h: see `attention.py`). The op's inputs hold no forward
 output, so per block of BR = 8 query rows the kernel makes two passes over the key
 tiles of BC = 32 keys (K^T and V^T packed once per key/value head into panels, the
-forward's layout), the scores S = scale Q K^T and dP = dO V^T recomputed in each:
+forward's layout); the first computes the scores S = scale Q K^T and dP = dO V^T
+and keeps the block's rows of both (2 x 8 x s floats) for the second:
 
     pass 1 (the row statistics, an online softmax):
         m' = max(m, rowmax S);  c = exp(m - m');  P~ = exp(S - m')
@@ -59,7 +60,7 @@ def work_floats(s: int, d: int, dv: int) -> int:
     """The workspace a thread needs (see `_kernel`), each part 16-float aligned."""
     tiles = -(-s // BC)
     return tiles * BC * (d + dv) + (_even(d) + _even(dv)) * BR + 2 * BR * BC \
-        + BR * -(-d // 16) * 16
+        + BR * -(-d // 16) * 16 + 2 * BR * tiles * BC
 
 
 def _kernel(module: ir.Module) -> ir.Function:
@@ -81,6 +82,8 @@ def _kernel(module: ir.Module) -> ir.Function:
     sb = f.at(yp, f.mul(up(dv, 2), BR))                  # P tile [BR][BC]
     pb = f.at(sb, c64(BR * BC))                          # dS tile [BR][BC]
     dqa = f.at(pb, c64(BR * BC))                         # dQ accumulators [BR][cd][16]
+    sall = f.at(dqa, f.mul(f.mul(cd, 16), BR))           # the block's S [BR][tiles * BC]
+    dall = f.at(sall, f.mul(f.mul(tiles, BC), BR))       # and its dP, the same
     scale, mv = g["scale"], g["mask_value"]
     mv_vec = f.splat(mv)
     causal = b.icmp_signed("!=", g["causal"], c64(0))
@@ -124,21 +127,30 @@ def _kernel(module: ir.Module) -> ir.Function:
                     b.store(f.fma(x, kv[u], b.load(acc[r][u], typ=V16)), acc[r][u])
         return [[b.load(acc[r][u], typ=V16) for u in range(2)] for r in range(BR)]
 
-    def scores(j0, row):
+    def scores(j0, row, computed):
         """S and dP of the tile, masked: (S with -inf past s and the causal fill, dP with
-        0 past s, whether each score is a constant fill) per row and half."""
-        st, dpt = tile(qp, kt, d, j0), tile(yp, vt, dv, j0)
+        0 past s, whether each score is a constant fill) per row and half. Computed (and
+        kept in the block's rows of S and dP), or else read back from there."""
+        if computed:
+            st, dpt = tile(qp, kt, d, j0), tile(yp, vt, dv, j0)
         valid = [f.lanes_below(b.sub(s, b.add(j0, c64(16 * u)))) for u in range(2)]
         cols = [b.add(splat_i32(b.add(j0, c64(16 * u))), iota) for u in range(2)]
         out = []
         for r in range(BR):
             per = []
             for u in range(2):
+                at = (f.mul(f.mul(tiles, BC), r), j0, c64(16 * u))
+                keep = [f.at(sall, *at), f.at(dall, *at)]
                 filled = b.and_(b.icmp_signed(">", cols[u], splat_i32(row[r])), causal_v)
-                x = b.select(filled, mv_vec, st[r][u])
-                per.append((b.select(valid[u], x, vconst(NEG_INF)),
-                            b.select(valid[u], dpt[r][u], zero),
-                            b.or_(filled, b.not_(valid[u]))))
+                if computed:
+                    x = b.select(filled, mv_vec, st[r][u])
+                    x = b.select(valid[u], x, vconst(NEG_INF))
+                    dp = b.select(valid[u], dpt[r][u], zero)
+                    f.vstore(x, keep[0], 64)
+                    f.vstore(dp, keep[1], 64)
+                else:
+                    x, dp = f.vload(keep[0], 64), f.vload(keep[1], 64)
+                per.append((x, dp, b.or_(filled, b.not_(valid[u]))))
             out.append(per)
         return out
 
@@ -165,7 +177,7 @@ def _kernel(module: ir.Module) -> ir.Function:
             l_run = [f.var(V16, zero) for _ in range(BR)]
             a_run = [f.var(V16, zero) for _ in range(BR)]
             with f.loop(0, jend, BC) as j0:
-                tile = scores(j0, row)
+                tile = scores(j0, row, True)
                 bases, delta = [], zero
                 for r in range(BR):
                     sv = [x for x, _, _ in tile[r]]
@@ -198,7 +210,7 @@ def _kernel(module: ir.Module) -> ir.Function:
             with f.loop(0, b.mul(cd, c64(BR))) as c:
                 f.vstore(zero, f.at(dqa, f.mul(c, 16)), 64)
             with f.loop(0, jend, BC) as j0:
-                tile = scores(j0, row)
+                tile = scores(j0, row, False)
                 for r in range(BR):
                     for u in range(2):
                         x, dp, filled = tile[r][u]
