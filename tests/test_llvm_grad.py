@@ -131,7 +131,7 @@ def test_scatter_add_index_out_of_range_is_an_error(bad):
         get_backend("llvm").compile(g).run({"x0": data, "x1": idx, "x2": upd})
 
 
-# --- conv2d_grad: native for patch embeddings, an honest fallback otherwise ---------------
+# --- conv2d_grad: im2col GEMMs; a patch embedding's col2im is a permutation ---------------
 
 PATCH_CASES = [   # x shape, w shape (stride = kernel)
     ((1, 3, 32, 32), (24, 3, 8, 8)),      # a ViT's patch embedding, small
@@ -157,21 +157,39 @@ def test_conv2d_grad_patch_embedding_matches_numpy(xs, ws):
         assert not got[0][:, :, oh * kh:].any()
 
 
-@pytest.mark.parametrize("attrs", [{}, {"strides": (2, 2), "pads": (1, 1, 1, 1)},
-                                   {"strides": (3, 3), "dilations": (2, 1)}], ids=str)
-def test_conv2d_grad_other_convolutions_are_listed_fallbacks(attrs):
-    """Overlapping or padded windows have no native rule yet: the reference runs, and says
-    so, and the answer is still the reference's."""
-    rng = np.random.default_rng(11)
-    x, w = _rand(rng, (1, 2, 9, 9)), _rand(rng, (3, 2, 3, 3))
+GENERAL_CONV = [   # x shape, w shape, attrs: overlapping, padded, dilated, grouped windows
+    ((1, 2, 9, 9), (3, 2, 3, 3), {}),
+    ((2, 3, 11, 10), (4, 3, 3, 3), {"strides": (2, 2), "pads": (1, 1, 1, 1)}),
+    ((1, 2, 12, 12), (3, 2, 3, 2), {"strides": (3, 2), "dilations": (2, 1),
+                                    "pads": (0, 2, 1, 0)}),
+    ((2, 4, 7, 8), (6, 2, 3, 3), {"group": 2, "pads": (1, 1, 1, 1)}),
+    ((1, 4, 6, 6), (4, 1, 3, 3), {"group": 4, "strides": (2, 1), "pads": (2, 0, 0, 1)}),
+    ((1, 2, 9, 9), (3, 2, 2, 2), {"strides": (3, 3)}),   # windows skip pixels
+]
+
+
+@pytest.mark.parametrize("xs,ws,attrs", GENERAL_CONV, ids=str)
+def test_conv2d_grad_general_matches_numpy(xs, ws, attrs):
     from tensorc.ops.nn import conv2d
+    rng = np.random.default_rng(sum(xs) + sum(ws))
+    x, w = _rand(rng, xs), _rand(rng, ws)
     dy = _rand(rng, conv2d(x, w, **attrs).shape)
     got, want, fallbacks = _run_both("conv2d_grad", [x, w, dy], **attrs)
-    assert [f["reason"] for f in fallbacks] == [
-        "conv2d_grad is native only for patch embeddings (stride = kernel, no padding, "
-        "dilation 1, one group)"]
+    assert fallbacks == []
     for g_, w_ in zip(got, want, strict=True):
-        _close(g_, w_, 1e-6)
+        assert np.abs(w_).max() > 0
+        _close(g_, w_, 1e-5)
+
+
+def test_conv2d_grad_in_f64_is_a_listed_fallback():
+    """The GEMMs are float32: other dtypes run the reference, and say so."""
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal((1, 2, 9, 9)), rng.standard_normal((3, 2, 3, 3))
+    dy = rng.standard_normal((1, 3, 7, 7))
+    got, want, fallbacks = _run_both("conv2d_grad", [x, w, dy])
+    assert [f["reason"] for f in fallbacks] == ["conv2d_grad of non-f32 data"]
+    for g_, w_ in zip(got, want, strict=True):
+        _close(g_, w_, 1e-12)
 
 
 def test_patch_embedding_gradient_through_the_grad_pass():
