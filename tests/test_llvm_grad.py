@@ -287,15 +287,28 @@ def test_attention_grad_kernel_reads_strided_heads():
         _close(got[name], w, 1e-4)
 
 
-@pytest.mark.parametrize("mask_dtype", ["bool", "f32"])
-def test_attention_grad_with_a_mask_runs_the_decomposition(mask_dtype):
-    rng = np.random.default_rng(23)
-    q, k, v, dy = _attn_inputs(rng, 2, 2, 2, 2, 12, 20, 8, 8)
-    mask = rng.random((2, 1, 12, 20)) > 0.3 if mask_dtype == "bool" else \
-        _rand(rng, (12, 20))
-    if mask_dtype == "bool":
-        mask[..., 0] = True   # every row keeps a key
-    _attn_check([q, k, v, mask, dy], native=False, scale=0.3)
+MASK_CASES = {   # name: (b, h, hk, t, s, mask maker, attrs)
+    "padding-bool": (2, 2, 2, 12, 20, lambda rng: np.arange(20)[None, None, None, :]
+                     < np.array([20, 9])[:, None, None, None], {}),
+    "random-bool-causal-gqa": (2, 4, 2, 33, 33, lambda rng: np.tril(
+        rng.random((2, 1, 33, 33)) > 0.3) | np.eye(33, dtype=bool), {"causal": True}),
+    "additive-2d": (1, 2, 2, 17, 40, lambda rng: rng.standard_normal((17, 40))
+                    .astype(np.float32), {}),
+    "additive-with-inf": (2, 2, 1, 20, 20, lambda rng: np.where(
+        (rng.random((2, 1, 20, 20)) > 0.4) | np.eye(20, dtype=bool), 0.0, -np.inf)
+        .astype(np.float32), {"causal": True}),
+    "additive-row-bias": (1, 2, 2, 9, 14, lambda rng: rng.standard_normal((9, 1))
+                          .astype(np.float32), {}),   # copied to a key axis per call
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", sorted(MASK_CASES))
+def test_attention_grad_kernel_with_masks(case, threads):
+    b, h, hk, t, s, make, attrs = MASK_CASES[case]
+    rng = np.random.default_rng(len(case))
+    q, k, v, dy = _attn_inputs(rng, b, h, b, hk, t, s, 16, 16)
+    _attn_check([q, k, v, make(rng), dy], threads, scale=0.3, **attrs)
 
 
 def test_attention_grad_in_f64_runs_the_decomposition():
@@ -304,20 +317,33 @@ def test_attention_grad_in_f64_runs_the_decomposition():
     _attn_check(arrays, native=False, tol=1e-10, causal=True)
 
 
-def test_gpt_training_step_runs_natively():
-    """The gradient of a GPT (O2: fused attention, so attention_grad) on llvm: no
-    fallback, the fused backward in use, numpy's answer."""
+def _constants(graph: Graph, out: dict) -> dict:
+    """Every constant's data, those of fused regions' bodies included."""
+    out.update({k: v.data for k, v in graph.constants.items()})
+    for node in graph.nodes:
+        for a in node.attrs.values():
+            if isinstance(a, Graph):
+                _constants(a, out)
+    return out
+
+
+@pytest.mark.parametrize("model", ["gpt", "bert", "vit", "llama"])
+def test_zoo_training_step_runs_natively(model):
+    """The gradient of each zoo model (O2: fused attention, so attention_grad; BERT's
+    with its padding mask) on llvm: no fallback, the fused backward in use, numpy's
+    answer."""
     from tensorc.loading import load_model
     from tensorc.passes import run_pipeline
     from tensorc.passes.autodiff import grad
-    loaded = load_model("gpt", "tiny")
+    loaded = load_model(model, "tiny")
     g = run_pipeline(loaded.graph, "O2")
     (loss,) = g.add_node("reduce_mean", [g.outputs[0]], {"axes": None})
     g.rename(loss, "loss")
     g.outputs = [loss]
     dg = grad(g, "loss")
+    weights = _constants(g, {})
     feeds = dict(loaded.inputs)
-    feeds.update({v.name: g.constants[v.name].data for v in dg.inputs if v.name not in feeds})
+    feeds.update({v.name: weights[v.name] for v in dg.inputs if v.name not in feeds})
     exe = get_backend("llvm").compile(dg)
     got = exe.run(feeds)
     assert _fallbacks(exe) == []
@@ -327,3 +353,22 @@ def test_gpt_training_step_runs_natively():
     for name, w in want.items():
         if np.abs(w).max() > 1e-6:   # a key bias's gradient is 0 up to rounding
             _close(got[name], w, 1e-4)
+
+
+def test_attention_grad_library_copies_what_it_cannot_read_in_place():
+    """Operands without a unit inner stride, and `out` arrays the kernel cannot write
+    (a non-unit stride), are copied on every call: still the reference's answer."""
+    from tensorc.backends.llvm.attention_grad import attention_grad as fused
+    from tensorc.ops.attention import attention_grad as reference
+    rng = np.random.default_rng(31)
+    q = _rand(rng, (1, 2, 9, 32))[..., ::2]          # inner stride 2
+    k, v, dy = _rand(rng, (1, 2, 11, 16)), _rand(rng, (1, 2, 11, 8)), _rand(rng, (1, 2, 9, 8))
+    mask = rng.random((1, 1, 9, 1)) > -1             # broadcast over keys: copied
+    outs = [np.zeros((1, 2, 9, 32), np.float32)[..., ::2], np.zeros((1, 2, 11, 16), np.float32),
+            np.zeros((1, 2, 11, 8), np.float32)]
+    for _ in range(2):
+        got = fused(q, k, v, dy, mask, scale=0.5, causal=True, out=outs)
+        want = reference(q, k, v, mask, dy, scale=0.5, causal=True)
+        for g_, o, w_ in zip(got, outs, want, strict=True):
+            assert g_ is o
+            _close(g_, w_, 1e-4)

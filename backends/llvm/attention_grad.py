@@ -1,4 +1,4 @@
-"""Flash attention's backward for the LLVM CPU backend (float32, no mask): the
+"""Flash attention's backward for the LLVM CPU backend (float32): the
 `attention_grad` op, (dq, dk, dv) of attention(q, k, v) given dO, the output's gradient,
 without the [t, s] weights in memory.
 
@@ -21,7 +21,9 @@ and keeps the block's rows of both (2 x 8 x s floats) for the second:
 One work item is one (batch, head) of k and v: it owns dK and dV of that head and walks
 every query head of its group (and every batch, when k and v are broadcast over the
 batch), so the sums over shared heads need no atomics. Causal key tiles above the
-diagonal are skipped when the masked value is -inf (they add nothing).
+diagonal are skipped when the masked value is -inf (they add nothing). Masks are the
+forward's (one module per kind: none, "add" a float bias, "keep" a bool): a score
+replaced by the fill (causal, or a key a keep-mask drops) gets no gradient.
 """
 
 from __future__ import annotations
@@ -36,20 +38,21 @@ from llvmlite import ir
 from tensorc.errors import ShapeError, TensorcError
 
 from . import pool
-from .attention import _splat_i1, _unit_last
+from .attention import I8, V16I8, _mload_i8, _splat_i1, _unit_last
 from .gemm import aligned_empty, num_threads
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I32, I64, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_library
 
 BR, BC = 8, 32
-META = ("h", "t", "s", "d", "dv", "group", "hk", "nb",
+MASKS = ("none", "add", "keep")
+META = ("h", "t", "s", "d", "dv", "group", "hk", "nb", "m_b", "m_h", "m_t",
         "q_b", "q_h", "q_t", "k_b", "k_h", "k_t", "v_b", "v_h", "v_t", "y_b", "y_h", "y_t",
         "dq_b", "dq_h", "dq_t", "dk_b", "dk_h", "dk_t", "dv_b", "dv_h", "dv_t")
 NEG_INF = float("-inf")
-NAME = "attention_grad/none"
 ARGS = [("q", PTR), ("k", PTR), ("v", PTR), ("dy", PTR), ("dq", PTR), ("dk", PTR),
-        ("dv", PTR), ("meta", PTR), ("scale", F32), ("mask_value", F32), ("causal", I64)]
+        ("dv", PTR), ("mask", PTR), ("meta", PTR), ("scale", F32), ("mask_value", F32),
+        ("causal", I64)]
 
 
 def _even(n: int) -> int:
@@ -63,9 +66,11 @@ def work_floats(s: int, d: int, dv: int) -> int:
         + BR * -(-d // 16) * 16 + 2 * BR * tiles * BC
 
 
-def _kernel(module: ir.Module) -> ir.Function:
-    """tc_attention_grad: key/value items [i0, i1) (item = batch * hk + head of k)."""
-    f = FnBuilder(module, "tc_attention_grad",
+def _kernel(module: ir.Module, kind: str) -> ir.Function:
+    """tc_attention_grad_<kind>: key/value items [i0, i1) (item = batch * hk + head of
+    k); the mask (kind "add": float, added; "keep": bool, False fills) as in the
+    forward kernel, its key axis contiguous."""
+    f = FnBuilder(module, f"tc_attention_grad_{kind}",
                   ARGS + [("i0", I64), ("i1", I64), ("work", PTR)])
     b, g = f.b, f.arg
     m = {n: b.load(f.at(g["meta"], c64(i), ty=I64), typ=I64) for i, n in enumerate(META)}
@@ -127,7 +132,7 @@ def _kernel(module: ir.Module) -> ir.Function:
                     b.store(f.fma(x, kv[u], b.load(acc[r][u], typ=V16)), acc[r][u])
         return [[b.load(acc[r][u], typ=V16) for u in range(2)] for r in range(BR)]
 
-    def scores(j0, row, computed):
+    def scores(j0, row, computed, mh):
         """S and dP of the tile, masked: (S with -inf past s and the causal fill, dP with
         0 past s, whether each score is a constant fill) per row and half. Computed (and
         kept in the block's rows of S and dP), or else read back from there."""
@@ -142,8 +147,16 @@ def _kernel(module: ir.Module) -> ir.Function:
                 at = (f.mul(f.mul(tiles, BC), r), j0, c64(16 * u))
                 keep = [f.at(sall, *at), f.at(dall, *at)]
                 filled = b.and_(b.icmp_signed(">", cols[u], splat_i32(row[r])), causal_v)
+                mp = f.at(mh, f.mul(row[r], m["m_t"]), j0, c64(16 * u),
+                          ty=I8 if kind == "keep" else F32)
+                if kind == "keep":   # a dropped key's score is the fill: no gradient
+                    kept = b.icmp_unsigned("!=", _mload_i8(f, mp, valid[u]),
+                                           ir.Constant(V16I8, [0] * 16))
+                    filled = b.or_(filled, b.not_(kept))
                 if computed:
                     x = b.select(filled, mv_vec, st[r][u])
+                    if kind == "add":
+                        x = b.fadd(x, f.mload(mp, valid[u]))
                     x = b.select(valid[u], x, vconst(NEG_INF))
                     dp = b.select(valid[u], dpt[r][u], zero)
                     f.vstore(x, keep[0], 64)
@@ -154,7 +167,7 @@ def _kernel(module: ir.Module) -> ir.Function:
             out.append(per)
         return out
 
-    def row_blocks(qh, yh, dqh, kh, dkh, dvh):
+    def row_blocks(qh, yh, dqh, kh, dkh, dvh, mh):
         """The query row blocks of one (batch, query head): both passes, the stores."""
         with f.loop(0, t, BR) as i:
             rows = f.min(c64(BR), b.sub(t, i))
@@ -177,7 +190,7 @@ def _kernel(module: ir.Module) -> ir.Function:
             l_run = [f.var(V16, zero) for _ in range(BR)]
             a_run = [f.var(V16, zero) for _ in range(BR)]
             with f.loop(0, jend, BC) as j0:
-                tile = scores(j0, row, True)
+                tile = scores(j0, row, True, mh)
                 bases, delta = [], zero
                 for r in range(BR):
                     sv = [x for x, _, _ in tile[r]]
@@ -210,7 +223,7 @@ def _kernel(module: ir.Module) -> ir.Function:
             with f.loop(0, b.mul(cd, c64(BR))) as c:
                 f.vstore(zero, f.at(dqa, f.mul(c, 16)), 64)
             with f.loop(0, jend, BC) as j0:
-                tile = scores(j0, row, False)
+                tile = scores(j0, row, False, mh)
                 for r in range(BR):
                     for u in range(2):
                         x, dp, filled = tile[r][u]
@@ -277,15 +290,17 @@ def _kernel(module: ir.Module) -> ir.Function:
                 qh = f.at(g["q"], f.mul(bi, m["q_b"]), f.mul(hi, m["q_h"]))
                 yh = f.at(g["dy"], f.mul(bi, m["y_b"]), f.mul(hi, m["y_h"]))
                 dqh = f.at(g["dq"], f.mul(bi, m["dq_b"]), f.mul(hi, m["dq_h"]))
-                row_blocks(qh, yh, dqh, kh, dkh, dvh)
+                mh = f.at(g["mask"], f.mul(bi, m["m_b"]), f.mul(hi, m["m_h"]),
+                          ty=I8 if kind == "keep" else F32)
+                row_blocks(qh, yh, dqh, kh, dkh, dvh, mh)
     return f.finish()
 
 
-def build_module() -> ir.Module:
-    module = ir.Module(name="tensorc_attention_grad")
+def build_module(kind: str) -> ir.Module:
+    module = ir.Module(name=f"tensorc_attention_grad_{kind}")
     _pack_bt(module)
-    job(module, "tc_attention_grad_job", _kernel(module), [PTR] * 8 + [F32, F32, I64], 2,
-        work="last")
+    job(module, f"tc_attention_grad_job_{kind}", _kernel(module, kind),
+        [PTR] * 9 + [F32, F32, I64], 2, work="last")
     return module
 
 
@@ -293,22 +308,24 @@ _lock = threading.Lock()
 _lib: dict = {}
 
 
-def ahead() -> tuple:
-    """The `jit.compile_ahead` job of the module."""
-    return (NAME, build_module, True, False)
+def ahead(kind: str) -> tuple:
+    """The `jit.compile_ahead` job of a mask kind's module."""
+    return (f"attention_grad/{kind}", lambda: build_module(kind), True, False)
 
 
-def kernels() -> dict:
-    """"kernel" (ctypes) and "job" (the pool's entry), compiled on first use."""
+def kernels(kind: str) -> dict:
+    """The mask kind's "kernel" (ctypes) and "job" (the pool's entry), each kind its own
+    module, compiled on first use."""
+    if kind not in MASKS:
+        raise KeyError(kind)
     with _lock:
-        if not _lib:
-            names = ["tc_attention_grad", "tc_attention_grad_job"]
-            name, build, vectorize, unroll = ahead()
+        if kind not in _lib:
+            names = [f"tc_attention_grad_{kind}", f"tc_attention_grad_job_{kind}"]
+            name, build, vectorize, unroll = ahead(kind)
             addrs = compile_library(name, build, names, vectorize, unroll)
-            _lib["kernel"] = cfunc(addrs[names[0]], None, [c_void_p] * 8 + [c_float, c_float]
-                                   + [c_int64] * 3 + [c_void_p])
-            _lib["job"] = addrs[names[1]]
-    return _lib
+            _lib[kind] = {"kernel": cfunc(addrs[names[0]], None, [c_void_p] * 9 + [
+                c_float, c_float] + [c_int64] * 3 + [c_void_p]), "job": addrs[names[1]]}
+    return _lib[kind]
 
 
 def _estrides(x: np.ndarray) -> list[int]:
@@ -336,14 +353,38 @@ def _writable(x: np.ndarray, shape) -> bool:
         and x.strides[-1] == 4 and all(st >= 0 and st % 4 == 0 for st in x.strides)
 
 
-def attention_grad(q, k, v, dy, scale: float = 1.0, causal: bool = False,
+def attention_grad(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = False,
                    mask_value: float = -math.inf, threads: int | None = None, out=None):
-    """(dq, dk, dv) of attention(q, k, v) (no mask) given dy; `out`: three float32
-    arrays to write them into."""
-    return bind(q, k, v, dy, scale, causal, mask_value, threads, out=out)()
+    """(dq, dk, dv) of attention(q, k, v, mask) given dy; `out`: three float32 arrays
+    to write them into."""
+    return bind(q, k, v, dy, mask, scale, causal, mask_value, threads, out=out)()
 
 
-def bind(q, k, v, dy, scale: float = 1.0, causal: bool = False,
+def _mask(mask, shape):
+    """(kind, the mask as [b, h, t, s] with a contiguous key axis)."""
+    B, H, T, S = shape
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        kind = "keep"
+    elif mask.dtype == np.float32:
+        kind = "add"
+    else:
+        raise TensorcError(f"attention_grad: mask must be bool (keep) or float32 "
+                           f"(additive), got {mask.dtype}")
+    if mask.ndim > 4:
+        raise ShapeError(f"attention_grad: mask {mask.shape} has more than 4 dims")
+    m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    try:   # the kernel reads 16 keys at once: make the key axis contiguous
+        m4 = np.ascontiguousarray(np.broadcast_to(m4, m4.shape[:3] + (S,))) \
+            if m4.shape[3] != S or m4.strides[3] != m4.itemsize else _unit_last(m4)
+        m = np.broadcast_to(m4, (B, H, T, S))
+    except ValueError:
+        raise ShapeError(f"attention_grad: mask {mask.shape} does not broadcast to the "
+                         f"scores {shape}") from None
+    return kind, m
+
+
+def bind(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = False,
          mask_value: float = -math.inf, threads: int | None = None, *, out=None):
     """A zero-argument function computing (dq, dk, dv) into `out` (made if None) and
     returning them: checks, argument block and workspaces made once."""
@@ -366,11 +407,20 @@ def bind(q, k, v, dy, scale: float = 1.0, causal: bool = False,
     q, k, v, dy = (_unit_last(x) for x in given)
     if any(x is not y for x, y in zip((q, k, v, dy), given, strict=True)):
         def general():   # an operand the kernel cannot read in place: copied every call
-            return bind(*given, scale, causal, mask_value, threads, out=out)()
+            return bind(*(_unit_last(x) for x in given), mask, scale, causal, mask_value,
+                        threads, out=out)()
         return general
     dq, dk, dv = targets
+    kind, m = ("none", dq) if mask is None else _mask(mask, (B, H, T, S))
+    if mask is not None and not np.may_share_memory(m, mask):
+        def fresh():   # the mask was copied to be readable: again on every call
+            return bind(q, k, v, dy, _mask(mask, (B, H, T, S))[1], scale, causal,
+                        mask_value, threads, out=out)()
+        return fresh
+    m = m.view(np.uint8) if kind == "keep" else m
     nb = B if BK == 1 and B > 1 else 1
-    meta = np.array([H, T, S, D, DV, H // HK, HK, nb, *_estrides(q), *_estrides(k),
+    meta = np.array([H, T, S, D, DV, H // HK, HK, nb, *_estrides(m),
+                     *_estrides(q), *_estrides(k),
                      *_estrides(v), *_estrides(dy), *_estrides(dq), *_estrides(dk),
                      *_estrides(dv)], np.int64)
     threads = num_threads() if threads is None else max(1, int(threads))
@@ -382,13 +432,13 @@ def bind(q, k, v, dy, scale: float = 1.0, causal: bool = False,
     workers = pool.get(threads) if threads > 1 else None
     works = [aligned_empty(work_floats(S, D, DV))
              for _ in range(workers.threads if workers else 1)]
-    fixed = [x.ctypes.data for x in (q, k, v, dy, dq, dk, dv, meta)] + [
+    fixed = [x.ctypes.data for x in (q, k, v, dy, dq, dk, dv, m, meta)] + [
         _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
     block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
                       *[x for r in ranges for x in r]], np.int64)
-    args = (kernels()["job"], block.ctypes.data, len(ranges))
+    args = (kernels(kind)["job"], block.ctypes.data, len(ranges))
     serial = pool.launcher(*args, 1)
-    keep = (q, k, v, dy, targets, meta, works, block)
+    keep = (q, k, v, dy, m, targets, meta, works, block)
 
     def run():
         if workers is not None and workers.lock.acquire(blocking=False):

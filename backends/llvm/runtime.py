@@ -291,7 +291,8 @@ def _attention(attrs, ins, outs, epilogue, threads):
 def _attention_grad(attrs, ins, outs, epilogue, threads):
     # no `patch`: the runner binds it again when an operand's buffer moves
     from .attention_grad import bind
-    return bind(*ins, **attrs, threads=threads, out=outs)
+    q, k, v, *mask, dy = ins
+    return bind(q, k, v, dy, *mask, **attrs, threads=threads, out=outs)
 
 
 LIBRARY = {"matmul": _matmul, "attention": _attention, "attention_grad": _attention_grad}
