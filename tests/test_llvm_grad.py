@@ -256,6 +256,15 @@ def test_attention_grad_kernel_matches_numpy(shape, causal, threads):
                 causal=causal)
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1, 128, 96, 64, 64), (2, 4, 2, 2, 100, 128, 64, 32),
+                                   (2, 2, 1, 1, 64, 64, 64, 64)], ids=str)
+def test_attention_grad_kernel_threaded(shape):
+    """Shapes big enough to use threads: one key/value head per item, or fewer heads
+    than threads (the query heads split in parts that sum their dK, dV after)."""
+    rng = np.random.default_rng(sum(shape))
+    _attn_check(_attn_inputs(rng, *shape), 2, scale=0.125, causal=True)
+
+
 def test_attention_grad_kernel_with_a_finite_mask_value():
     """An exporter's finfo.min instead of -inf: no tile is skipped, the filled scores
     get (essentially) no weight and no gradient."""

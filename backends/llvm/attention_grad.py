@@ -20,7 +20,9 @@ and keeps the block's rows of both (2 x 8 x s floats) for the second:
 
 One work item is one (batch, head) of k and v: it owns dK and dV of that head and walks
 every query head of its group (and every batch, when k and v are broadcast over the
-batch), so the sums over shared heads need no atomics. Causal key tiles above the
+batch), so the sums over shared heads need no atomics. With fewer such heads than
+threads, each one's query heads are split in parts, each part summing into dK and dV
+buffers of its own, added up after the kernel. Causal key tiles above the
 diagonal are skipped when the masked value is -inf (they add nothing). Masks are the
 forward's (one module per kind: none, "add" a float bias, "keep" a bool): a score
 replaced by the fill (causal, or a key a keep-mask drops) gets no gradient.
@@ -46,7 +48,8 @@ from .jit import cfunc, compile_library
 
 BR, BC = 8, 32
 MASKS = ("none", "add", "keep")
-META = ("h", "t", "s", "d", "dv", "group", "hk", "nb", "m_b", "m_h", "m_t",
+META = ("h", "t", "s", "d", "dv", "group", "hk", "nb", "parts", "per", "dk_p", "dv_p",
+        "m_b", "m_h", "m_t",
         "q_b", "q_h", "q_t", "k_b", "k_h", "k_t", "v_b", "v_h", "v_t", "y_b", "y_h", "y_t",
         "dq_b", "dq_h", "dq_t", "dk_b", "dk_h", "dk_t", "dv_b", "dv_h", "dv_t")
 NEG_INF = float("-inf")
@@ -270,11 +273,14 @@ def _kernel(module: ir.Module, kind: str) -> ir.Function:
                                                         f.mul(c, 16)), lanes(d, c))
 
     with f.loop(g["i0"], g["i1"]) as item:
-        bki, hki = b.sdiv(item, m["hk"]), b.srem(item, m["hk"])
+        part, kvi = b.srem(item, m["parts"]), b.sdiv(item, m["parts"])
+        bki, hki = b.sdiv(kvi, m["hk"]), b.srem(kvi, m["hk"])
         kh = f.at(g["k"], f.mul(bki, m["k_b"]), f.mul(hki, m["k_h"]))
         vh = f.at(g["v"], f.mul(bki, m["v_b"]), f.mul(hki, m["v_h"]))
-        dkh = f.at(g["dk"], f.mul(bki, m["dk_b"]), f.mul(hki, m["dk_h"]))
-        dvh = f.at(g["dv"], f.mul(bki, m["dv_b"]), f.mul(hki, m["dv_h"]))
+        dkh = f.at(g["dk"], f.mul(part, m["dk_p"]), f.mul(bki, m["dk_b"]),
+                   f.mul(hki, m["dk_h"]))
+        dvh = f.at(g["dv"], f.mul(part, m["dv_p"]), f.mul(bki, m["dv_b"]),
+                   f.mul(hki, m["dv_h"]))
         b.call(pack_bt, [kh, m["k_t"], d, s, kt, c64(0), tiles])
         b.call(pack_bt, [vh, m["v_t"], dv, s, vt, c64(0), tiles])
         with f.loop(0, s) as j:   # dK, dV of this head start at 0
@@ -283,16 +289,20 @@ def _kernel(module: ir.Module, kind: str) -> ir.Function:
             with f.loop(0, cv) as c:
                 f.mstore(zero, f.at(dvh, f.mul(j, m["dv_t"]), f.mul(c, 16)), lanes(dv, c))
 
-        with f.loop(0, m["nb"]) as bb:   # the batches (all of them when k is broadcast)
+        # the query heads reading this head (of every batch when k is broadcast), nb x
+        # group of them: this part's share
+        first = f.mul(part, m["per"])
+        last = f.min(b.add(first, m["per"]), f.mul(m["nb"], m["group"]))
+        with f.loop(first, last) as served:
+            bb, gi = b.sdiv(served, m["group"]), b.srem(served, m["group"])
             bi = b.select(b.icmp_signed("==", m["nb"], c64(1)), bki, bb)
-            with f.loop(0, m["group"]) as gi:   # the query heads reading this head
-                hi = b.add(f.mul(hki, m["group"]), gi)
-                qh = f.at(g["q"], f.mul(bi, m["q_b"]), f.mul(hi, m["q_h"]))
-                yh = f.at(g["dy"], f.mul(bi, m["y_b"]), f.mul(hi, m["y_h"]))
-                dqh = f.at(g["dq"], f.mul(bi, m["dq_b"]), f.mul(hi, m["dq_h"]))
-                mh = f.at(g["mask"], f.mul(bi, m["m_b"]), f.mul(hi, m["m_h"]),
-                          ty=I8 if kind == "keep" else F32)
-                row_blocks(qh, yh, dqh, kh, dkh, dvh, mh)
+            hi = b.add(f.mul(hki, m["group"]), gi)
+            qh = f.at(g["q"], f.mul(bi, m["q_b"]), f.mul(hi, m["q_h"]))
+            yh = f.at(g["dy"], f.mul(bi, m["y_b"]), f.mul(hi, m["y_h"]))
+            dqh = f.at(g["dq"], f.mul(bi, m["dq_b"]), f.mul(hi, m["dq_h"]))
+            mh = f.at(g["mask"], f.mul(bi, m["m_b"]), f.mul(hi, m["m_h"]),
+                      ty=I8 if kind == "keep" else F32)
+            row_blocks(qh, yh, dqh, kh, dkh, dvh, mh)
     return f.finish()
 
 
@@ -419,14 +429,25 @@ def bind(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = False,
         return fresh
     m = m.view(np.uint8) if kind == "keep" else m
     nb = B if BK == 1 and B > 1 else 1
-    meta = np.array([H, T, S, D, DV, H // HK, HK, nb, *_estrides(m),
-                     *_estrides(q), *_estrides(k),
-                     *_estrides(v), *_estrides(dy), *_estrides(dq), *_estrides(dk),
-                     *_estrides(dv)], np.int64)
     threads = num_threads() if threads is None else max(1, int(threads))
-    items = BK * HK
     if B * H * T * S * (D + DV) < 1 << 20:
         threads = 1
+    # Fewer key/value heads than threads: each head's query heads are split in `parts`,
+    # each part summing its dK, dV into a buffer of its own, added up after.
+    served = nb * (H // HK)
+    parts = min(served, -(-threads // (BK * HK)))
+    per = -(-served // parts)
+    parts = -(-served // per)
+    if parts > 1:
+        dk = np.empty((parts,) + shapes[1], np.float32)
+        dv = np.empty((parts,) + shapes[2], np.float32)
+    part_strides = [x.strides[0] // 4 if parts > 1 else 0 for x in (dk, dv)]
+    dk1, dv1 = (x[0] if parts > 1 else x for x in (dk, dv))
+    meta = np.array([H, T, S, D, DV, H // HK, HK, nb, parts, per, *part_strides,
+                     *_estrides(m), *_estrides(q), *_estrides(k), *_estrides(v),
+                     *_estrides(dy), *_estrides(dq), *_estrides(dk1), *_estrides(dv1)],
+                    np.int64)
+    items = BK * HK * parts
     threads = min(threads, items)
     ranges = [(i, i + 1) for i in range(items)] if threads > 1 else [(0, items)]
     workers = pool.get(threads) if threads > 1 else None
@@ -438,7 +459,7 @@ def bind(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = False,
                       *[x for r in ranges for x in r]], np.int64)
     args = (kernels(kind)["job"], block.ctypes.data, len(ranges))
     serial = pool.launcher(*args, 1)
-    keep = (q, k, v, dy, m, targets, meta, works, block)
+    keep = (q, k, v, dy, m, targets, dk, dv, meta, works, block)
 
     def run():
         if workers is not None and workers.lock.acquire(blocking=False):
@@ -448,6 +469,9 @@ def bind(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = False,
                 workers.lock.release()
         else:
             serial()
+        if parts > 1:
+            np.sum(dk, axis=0, out=targets[1])
+            np.sum(dv, axis=0, out=targets[2])
         for o, tg in copies:
             o[...] = tg
         return tuple(out)
