@@ -67,7 +67,7 @@ SCATTER_CASES = [   # data shape, axis, index shape
 
 
 @pytest.mark.parametrize("idx_dtype", ["i32", "i64"])
-@pytest.mark.parametrize("dtype,tol", [("f32", 1e-6), ("f64", 1e-12), ("i32", 0)])
+@pytest.mark.parametrize("dtype,tol", [("f32", 1e-6), ("f64", 1e-12), ("f16", 1e-3), ("i32", 0)])
 @pytest.mark.parametrize("ds,axis,ishape", SCATTER_CASES, ids=str)
 def test_scatter_add_matches_numpy(ds, axis, ishape, dtype, tol, idx_dtype):
     rng = np.random.default_rng(len(ds) * 100 + sum(ishape))
