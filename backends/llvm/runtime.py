@@ -203,7 +203,7 @@ class Runner:
                 ins[1] = self._packed[step]
             epilogue = {k: self.array(v) if isinstance(v, View) else v
                         for k, v in step.epilogue.items()}
-            return LIBRARY[step.op](step.attrs, ins, outs[0], epilogue, self.threads)
+            return LIBRARY[step.op](step.attrs, ins, outs, epilogue, self.threads)
         raise TypeError(f"unknown step {step!r}")
 
     def move(self, buf, memory: np.ndarray, rebind: set) -> None:
@@ -343,20 +343,27 @@ def _np(dtype: str):
     return DTYPES[dtype]
 
 
-# --- library calls: op -> bind(attrs, inputs, out, epilogue, threads) -> step ----------
+# --- library calls: op -> bind(attrs, inputs, outputs, epilogue, threads) -> step ------
 
-def _matmul(attrs, ins, out, epilogue, threads):
+def _matmul(attrs, ins, outs, epilogue, threads):
     # float32: lowering generates kernels for other types; a weight's B comes packed
     # (Runner.bind)
     from .gemm import bind
     a, b = ins
     kwargs = {k: epilogue[k] for k in ("bias", "activation", "residual") if k in epilogue}
-    return bind(a, b, out, threads=threads, **kwargs)  # checks and arguments made once
+    return bind(a, b, outs[0], threads=threads, **kwargs)  # checks and arguments made once
 
 
-def _attention(attrs, ins, out, epilogue, threads):
+def _attention(attrs, ins, outs, epilogue, threads):
     from .attention import bind
-    return bind(*ins, **attrs, threads=threads, out=out)
+    return bind(*ins, **attrs, threads=threads, out=outs[0])
 
 
-LIBRARY = {"matmul": _matmul, "attention": _attention}
+def _attention_grad(attrs, ins, outs, epilogue, threads):
+    # no `patch`: the runner binds it again when an operand's buffer moves
+    from .attention_grad import bind
+    q, k, v, *mask, dy = ins
+    return bind(q, k, v, dy, *mask, **attrs, threads=threads, out=outs)
+
+
+LIBRARY = {"matmul": _matmul, "attention": _attention, "attention_grad": _attention_grad}
