@@ -645,7 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "targets", parents=(common, model, train_args))
     sp.add_argument("--teacher", metavar="DIR", required=True,
                     help="checkpoint of the teacher (`tensorc train -o DIR`)")
-    sp.add_argument("--temperature", type=float, default=2.0)
+    sp.add_argument("--temperature", type=float, default=1.0,
+                    help="softens both distributions (default 1: on stdlib bytes, 2 did worse "
+                         "than no teacher; see docs/training.md)")
     sp.add_argument("--alpha", type=float, default=0.5,
                     help="weight of the soft (teacher) loss; 1 - alpha on the labels")
     return parser
@@ -671,7 +673,7 @@ def cmd_train(args) -> int:
               batch=args.batch or 8, seq=args.seq or 64, data_bytes=args.data_bytes,
               backend=args.backend, out=args.output, eval_every=args.eval_every,
               teacher=getattr(args, "teacher", None),
-              temperature=getattr(args, "temperature", 2.0), alpha=getattr(args, "alpha", 0.5))
+              temperature=getattr(args, "temperature", 1.0), alpha=getattr(args, "alpha", 0.5))
     records: list[dict] = []
     bar = None
     if not args.quiet:

@@ -44,7 +44,7 @@ class Task:
     def logits(self, model, batch):
         return model(*[batch[k] for k in self.inputs])
 
-    def loss(self, model, batch, teacher_logits=None, temperature=2.0, alpha=0.5):
+    def loss(self, model, batch, teacher_logits=None, temperature=1.0, alpha=0.5):
         logits = self.logits(model, batch)
         hard = F.cross_entropy(logits, batch["labels"])
         if teacher_logits is None:
@@ -324,7 +324,7 @@ class Run:
     out: str | None = None          # checkpoint directory
     eval_every: int = 0
     teacher: str | None = None      # a checkpoint directory: distil from it
-    temperature: float = 2.0
+    temperature: float = 1.0
     alpha: float = 0.5
 
 
