@@ -590,6 +590,11 @@ def save_checkpoint(directory: str, params: Mapping[str, np.ndarray],
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's folder is private; a checkpoint is not
+        for name in (MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         old = None
         if os.path.isdir(directory):
             old = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".old-", dir=parent)
