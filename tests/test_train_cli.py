@@ -93,3 +93,17 @@ def test_every_task_trains_and_evaluates(model, task, sets, metric, tmp_path):
     assert [r["step"] for r in records if metric in r] == [2, 4]
     assert np.isfinite(last[metric]) and records[-1]["loss"] < records[0]["loss"] + 0.5
     assert bool(lines) == (task in ("mlm", "clm"))     # the text cleaning report
+
+
+def test_shipped_tiny_checkpoints_still_reach_their_quality():
+    """tests/data/trained: what tests/data/trained/README.md says they reach."""
+    from pathlib import Path
+
+    from tensorc.training import TaskData, load_checkpoint_model
+    root = Path(__file__).parent / "data" / "trained"
+    gpt = load_checkpoint_model(str(root / "gpt-tiny"))
+    bpb = TaskData("clm", 16, 64, 4_000_000).evaluate(gpt, "llvm")["bits_per_byte"]
+    assert bpb < 3.9     # untrained: 8
+    pytest.importorskip("sklearn", reason="the digits come with scikit-learn")
+    vit = load_checkpoint_model(str(root / "vit-tiny"))
+    assert TaskData("classify", 64, 0, None).evaluate(vit, "llvm")["val_accuracy"] > 0.93
