@@ -512,16 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show a traceback on errors")
 
-    model = _Parser(add_help=False)
-    model.add_argument("model", metavar="MODEL", help="the model to load (forms below)")
-    g = model.add_argument_group("model")
-    g.add_argument("--preset", help="preset of a built-in model (default: tiny)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field of a built-in model (repeatable)")
-    g.add_argument("--batch", type=_positive_int, help="batch size of the example inputs")
-    g.add_argument("--seq", type=_positive_int, help="sequence length of the example inputs")
-    g.add_argument("--seed", type=_seed,
-                   help="seed of the weights and example inputs (default: 0)")
+    def model_parser(inputs: str):
+        parser = _Parser(add_help=False)
+        parser.add_argument("model", metavar="MODEL", help="the model to load (forms below)")
+        g = parser.add_argument_group("model")
+        g.add_argument("--preset", help="preset of a built-in model (default: tiny)")
+        g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field of a built-in model (repeatable)")
+        g.add_argument("--batch", type=_positive_int, help=f"batch size of the {inputs}")
+        g.add_argument("--seq", type=_positive_int, help=f"sequence length of the {inputs}")
+        g.add_argument("--seed", type=_seed,
+                       help=f"seed of the weights and {inputs} (default: 0)")
+        return parser
+
+    trained = model_parser("training batches")   # train/distill build their own pipeline
+    model = model_parser("example inputs")
     p = model.add_argument_group("passes")
     p.add_argument("--passes", metavar="P", help="pipeline, e.g. O1 or O2,name:key=value "
                    "(default: O0; for generate O2)")
@@ -542,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name, fn, help, parents=(common, model)):
         sp = sub.add_parser(name, parents=list(parents), help=help, description=help,
-                            epilog=MODEL_HELP if model in parents else None,
+                            epilog=MODEL_HELP if model in parents or trained in parents else None,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(func=fn)
         return sp
@@ -640,9 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of keeping them: less memory")
 
     command("train", cmd_train, "train a built-in model on bundled data",
-            parents=(common, model, train_args))
+            parents=(common, trained, train_args))
     sp = command("distill", cmd_train, "train a student from a teacher checkpoint's soft "
-                 "targets", parents=(common, model, train_args))
+                 "targets", parents=(common, trained, train_args))
     sp.add_argument("--teacher", metavar="DIR", required=True,
                     help="checkpoint of the teacher (`tensorc train -o DIR`)")
     sp.add_argument("--temperature", type=float, default=1.0,
