@@ -226,13 +226,22 @@ def _call(a, packed, out, bias, activation, residual):
     return kernels()[activation], _args(a, packed, out, bias, residual)
 
 
+def _a_strides(a) -> tuple[int, int]:
+    """(lda, ldka): A[i, k] at a + i * lda + k * ldka (in floats), for A in rows
+    (ldka 1) or transposed (lda 1: a weight gradient's x^T, packed as it is read)."""
+    if a.strides[1] == 4:
+        return a.strides[0] // 4, 1
+    return 1, a.strides[1] // 4
+
+
 def _args(a, packed, out, bias, residual) -> tuple:
     """The kernels' and jobs' fixed arguments (a job needs no compiled `tc_gemm_<act>`)."""
     res = residual if residual is not None else out
-    return (a.ctypes.data, a.strides[0] // 4, packed.ptr, packed.k, out.ctypes.data,
+    lda, ldka = _a_strides(a)
+    return (a.ctypes.data, lda, packed.ptr, packed.k, out.ctypes.data,
             out.strides[0] // 4, packed.n, (bias if bias is not None else out).ctypes.data,
             int(bias is not None), res.ctypes.data, res.strides[0] // 4,
-            int(residual is not None))
+            int(residual is not None), ldka)
 
 
 def _activation_name(activation) -> str:
@@ -335,7 +344,8 @@ def _schedule(a, packed, out, bias, act, residual, threads) -> list:
     fixed = list(_args(a, packed, out, bias, residual))
     if _shares_a(M, K, panels, threads):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
-        return [(jobs["tc_pack_a_job"], [a.ctypes.data, a.strides[0] // 4, K, M],
+        lda, ldka = _a_strides(a)
+        return [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka],
                  _split(mt, threads, 1), "ap"),
                 (jobs[f"tc_gemm_pa_job_{act}"], fixed, items, "ap")]
     if mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
@@ -469,7 +479,10 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         trans = not rows(b) and rows(b.T)   # a transposed view: packed from its rows
         if (rows(b) or trans) and b.size and not np.may_share_memory(b, out):
             packed = PackedB(b.T if trans else b, trans, fill=False)   # packed per call
-    if not (packed is not None and rows(a2) and rows(out2) and out2.flags.writeable
+    # A transposed (x^T of a weight gradient): packed from its columns as they are
+    trans_a = isinstance(a2, np.ndarray) and a2.ndim == 2 and rows(a2.T) and not rows(a2)
+    if not (packed is not None and (rows(a2) or trans_a) and rows(out2)
+            and out2.flags.writeable
             and a2.shape == (out2.shape[0], packed.k) and out2.shape[1] == packed.n
             and a2.size and out2.size
             and (bias is None or bias.dtype == np.float32 and
@@ -480,7 +493,7 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         return general
     per_call = packed is not b
     jobs = kernels()["jobs"]
-    gemv = not per_call and a2.shape[0] <= _gemv.GEMV_MAX_M
+    gemv = not per_call and not trans_a and a2.shape[0] <= _gemv.GEMV_MAX_M
     if gemv:   # a decode step: see gemv.py
         steps = _gemv_steps(a2, packed, out2, bias, act, res2,
                             min(threads, pool.MAX_WORKERS + 1))
