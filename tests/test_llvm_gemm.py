@@ -356,3 +356,23 @@ def test_transposed_a_patch_moves_it(rng):
     run.patch("a", x2.ctypes.data)
     run()
     assert_close(out, ref(x2.T, dy))
+
+
+@pytest.mark.parametrize("in_blocks", [True, False])
+@pytest.mark.parametrize("m,k,n,trans_b", [(128, 300, 1100, True), (100, 513, 300, False),
+                                           (300, 70, 900, True), (1000, 40, 200, False)])
+def test_per_call_b_packed_in_blocks_or_first(rng, monkeypatch, m, k, n, trans_b, in_blocks):
+    """Both schedules of a per-call B on two threads (tc_gemm_pb packing it per K block
+    while multiplying, or all panels packed first) match numpy, across K blocks, NCP
+    panel chunks and edges."""
+    monkeypatch.setattr(G, "PACK_IN_BLOCKS", in_blocks)
+    a, b = randn(rng, m, k), _layout(rng, k, n, trans_b)
+    bias, res = randn(rng, n), randn(rng, m, n)
+    out = np.full((m, n), np.nan, np.float32)
+    run = G.bind(a, b, out, bias=bias, activation="relu", residual=res, threads=2)
+    run()
+    assert_close(out, ref(a, b, bias, "relu", res))
+    b2 = _layout(rng, k, n, trans_b)
+    run.patch("b", b2.ctypes.data)   # a transposed view starts where its W does
+    run()
+    assert_close(out, ref(a, b2, bias, "relu", res))

@@ -37,11 +37,13 @@ from .gemm_ir import (
     _ALIASES,
     ACTIVATIONS,
     ALIGN,
+    FIXED,
     ITEMS_PER_THREAD,
     KC,
     MC,
     MR,
     NR,
+    PB_WORKSPACE,
     PREPACK_A,
     kernels,
 )
@@ -304,10 +306,7 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
     # caches). A packed weight: see _shares_a; else split rows when each thread gets a
     # few row tiles and B is small enough to share from L3 (no A packed twice), else
     # split the panels, so that each thread streams only its part of B.
-    steps = _schedule(a, packed, out, bias, act, residual, threads)
-    if fill:
-        steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
-    run_jobs(steps, threads)
+    run_jobs(_schedule(a, packed, out, bias, act, residual, threads, fill), threads)
     return out
 
 
@@ -336,23 +335,47 @@ def _gemv_steps(a, b, out, bias, act, residual, threads) -> list:
 GEMV_THREADED = 1 << 16
 
 
-def _schedule(a, packed, out, bias, act, residual, threads) -> list:
-    """The native jobs (see `run_jobs`) of a threaded GEMM with a packed B."""
+def _schedule(a, packed, out, bias, act, residual, threads, per_call=False) -> list:
+    """The native jobs (see `run_jobs`) of a threaded GEMM; per_call: B still needs
+    packing (an activation, or in training a weight or W^T)."""
     M, K, panels = a.shape[0], packed.k, packed.panels
     mt = -(-M // MR)
     jobs = kernels()["jobs"]
     fixed = list(_args(a, packed, out, bias, residual))
+    if per_call and _packs_in_blocks(M, packed.n, threads):
+        src, pack = packed._source
+        fixed += [src.ctypes.data, src.strides[0] // 4, int(pack is kernels()["pack_bt"])]
+        items = [(0, M, *r) for r in _split(panels, threads, 1)]
+        return [(jobs[f"tc_gemm_pb_job_{act}"], fixed, items, ("pb", PB_WORKSPACE))]
     if _shares_a(M, K, panels, threads):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
         lda, ldka = _a_strides(a)
-        return [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka],
-                 _split(mt, threads, 1), "ap"),
-                (jobs[f"tc_gemm_pa_job_{act}"], fixed, items, "ap")]
-    if mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
+        steps = [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka],
+                  _split(mt, threads, 1), "ap"),
+                 (jobs[f"tc_gemm_pa_job_{act}"], fixed, items, "ap")]
+    elif mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
         items = [(m0, m1, 0, panels) for m0, m1 in _split(M, threads, MR)]
+        steps = [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
     else:
         items = [(0, M, *r) for r in _split(panels, threads, 1)]
-    return [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
+        steps = [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
+    if per_call:
+        steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
+    return steps
+
+
+def _packs_in_blocks(m: int, n: int, threads: int) -> bool:
+    """Whether a per-call B is packed by `tc_gemm_pb` (per K block, into L2, by the
+    thread that multiplies it: B read from memory once instead of read, written
+    packed, read again) rather than all at once before the product. Threads then
+    split the panels and each packs all of A, so only where A is the smaller part:
+    few rows (128 tokens: 5-12% faster on 2 threads), or half as many rows as columns
+    (1024 x 512 x 2048: 4%); with more rows (1024 x 2048 x 512) it lost 8%."""
+    return PACK_IN_BLOCKS and m <= max(PB_MAX_M, n // 2) and n >= 2 * threads * NR
+
+
+PB_MAX_M = 256
+PACK_IN_BLOCKS = True   # False: always pack a per-call B first (for comparisons)
 
 
 def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | None = None,
@@ -500,9 +523,7 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         workers = pool.get(threads) if threads > 1 and len(steps[0][2]) > 1 else None
     elif threads > 1 and a2.shape[0] * packed.n * packed.k >= 1 << 21:   # as gemm
         workers = pool.get(threads)
-        steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads)
-        if per_call:
-            steps.insert(0, packed.pack_step(_split(packed.panels, workers.threads, 1)))
+        steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads, per_call)
     else:
         workers = None
         fixed = list(_call(a2, packed, out2, bias, act, res2)[1])
@@ -512,9 +533,12 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             steps.insert(0, packed.pack_step([(0, packed.panels)]))
     # where each operand's address sits in the steps' fixed arguments (see `_call`)
     slots: dict[str, list] = {}
-    for si, (job, _, _, _) in enumerate(steps):
+    for si, (job, fixed, _, _) in enumerate(steps):
         if job in (jobs["tc_pack_b_job"], jobs["tc_pack_bt_job"]):
             where = {"b": 0}
+        elif not gemv and len(fixed) > len(FIXED):   # tc_gemm_pb: B's source too
+            where = {"a": 0, "out": 4, "bias": 7 if bias is not None else None,
+                     "residual": 9 if res2 is not None else None, "b": len(FIXED)}
         elif job == jobs["tc_pack_a_job"]:
             where = {"a": 0}
         elif gemv:   # see _gemv_steps
