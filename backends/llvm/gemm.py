@@ -16,6 +16,13 @@ workers that spin briefly instead of sleeping) claim; many rows split by rows. W
 at most 8 rows (a decode step's tokens) none of that: `gemv.py` streams each panel of B
 once with all the rows multiplied into it (`_gemv_steps`), A unpacked.
 
+Operands that change every call (training: the weights are graph inputs, the backward
+multiplies by W^T and forms x^T @ dy): B in rows or transposed (W^T, packed from W's
+rows, 16 x 16 blocks transposed in registers), A in rows or transposed (x^T: a panel's
+8 floats of one k are contiguous in x). With few rows such a B is packed the BLIS
+way, per K block and NCP panels, by the thread that multiplies it (`tc_gemm_pb`);
+otherwise all of it first, split across the threads.
+
 `gemm()` is the numpy-level API (batched, broadcasting, threaded); `bind()` does
 its checks once and returns a call (the runtime's) whose operands can be moved to
 other memory of the same layout (`patch`); `gemm_range()` computes a block of rows
@@ -302,10 +309,11 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
             packed.fill_panels(0, panels)
         block(0, M, 0, panels)
         return out
-    # A per-call B: each thread packs the panels it then multiplies (they stay in its
-    # caches). A packed weight: see _shares_a; else split rows when each thread gets a
-    # few row tiles and B is small enough to share from L3 (no A packed twice), else
-    # split the panels, so that each thread streams only its part of B.
+    # A per-call B with few rows: each thread packs the panels it then multiplies, a K
+    # block at a time (see _packs_in_blocks); else it is packed first. Then, as for a
+    # packed weight: see _shares_a; else split rows when each thread gets a few row
+    # tiles and B is small enough to share from L3 (no A packed twice), else split the
+    # panels, so that each thread streams only its part of B.
     run_jobs(_schedule(a, packed, out, bias, act, residual, threads, fill), threads)
     return out
 
