@@ -266,7 +266,7 @@ def test_pool_workers_sleep_and_wake(rng, monkeypatch):
         ap = G.aligned_empty(G._prepacked_size(m, k))
         ap.fill(np.nan)
         items = [x for i in range(mt) for x in (i, i + 1)]
-        block = np.array([a.ctypes.data, k, k, m, workers.threads,
+        block = np.array([a.ctypes.data, k, k, m, 1, workers.threads,   # lda k, ldka 1
                           *[ap.ctypes.data] * workers.threads, *items], np.int64)
         with workers.lock:
             workers.run(job, block.ctypes.data, mt)
@@ -291,3 +291,88 @@ def test_bind_batched_b_uses_the_arrays_as_given(rng):
     out = np.full((2, 3, 40, 30), np.nan, np.float32)
     G.bind(a, w, out, threads=2)()
     assert_close(out, ref(a, w))
+
+
+# -- operands that change every call (training): B an activation or a transposed view
+# (W^T), A transposed (x^T of a weight gradient); bound as the runtime binds them
+
+def _layout(rng, rows, cols, transposed):
+    """A [rows, cols] float32 operand: row-major, or a transposed view of [cols, rows]."""
+    return randn(rng, cols, rows).T if transposed else randn(rng, rows, cols)
+
+
+BOUND_SHAPES = [(1, 1, 1), (3, 17, 5), (9, 33, 17), (13, 70, 300), (130, 33, 70),
+                (128, 512, 2048), (128, 2048, 512), (512, 128, 2048), (200, 300, 257),
+                (64, 8192, 128), (700, 40, 129)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False),
+                                             (True, True)])
+@pytest.mark.parametrize("m,k,n", BOUND_SHAPES)
+def test_bound_per_call_operands(rng, m, k, n, trans_a, trans_b, threads):
+    """B packed on every call (rows, or W^T read from W's rows), A in rows or x^T read
+    from x's rows: the same numbers as numpy, on one and two threads, with epilogues,
+    and the next call sees new contents of the same memory."""
+    a, b = _layout(rng, m, k, trans_a), _layout(rng, k, n, trans_b)
+    assert a.flags.c_contiguous != trans_a or m == 1 or k == 1
+    bias, res = randn(rng, n), randn(rng, m, n)
+    out = np.full((m, n), np.nan, np.float32)
+    run = G.bind(a, b, out, bias=bias, activation="gelu", residual=res, threads=threads)
+    assert hasattr(run, "patch")   # the bound path, not gemm() on every call
+    run()
+    assert_close(out, ref(a, b, bias, "gelu", res))
+    a[...] = randn(rng, *a.shape)
+    b[...] = randn(rng, *b.shape)
+    run()
+    assert_close(out, ref(a, b, bias, "gelu", res))
+    plain = np.full((m, n), np.nan, np.float32)
+    G.bind(a, b, plain, threads=threads)()
+    assert_close(plain, ref(a, b))
+
+
+@pytest.mark.parametrize("k,n", [(1, 1), (5, 3), (16, 32), (17, 33), (300, 70), (512, 2048)])
+def test_pack_kernels_give_the_panels(rng, k, n):
+    """tc_pack_b and tc_pack_bt lay B (or W with B = W^T) out as Bp[jp][k][NR], columns
+    past N zero, whatever the K and N tails."""
+    b = randn(rng, k, n)
+    panels = -(-n // G.NR)
+    want = np.zeros((panels, k, G.NR), np.float32)
+    padded = np.zeros((k, panels * G.NR), np.float32)
+    padded[:, :n] = b
+    want[...] = padded.reshape(k, panels, G.NR).transpose(1, 0, 2)
+    for src, trans in ((b, False), (np.ascontiguousarray(b.T), True)):
+        p = G.PackedB(src, trans_b=trans, threads=1)
+        assert np.array_equal(p.data.reshape(panels, k, G.NR), want)
+
+
+def test_transposed_a_patch_moves_it(rng):
+    """patch("a", ...) points a bound x^T product at another array of the same layout."""
+    x, x2, dy = randn(rng, 128, 300), randn(rng, 128, 300), randn(rng, 128, 200)
+    out = np.empty((300, 200), np.float32)
+    run = G.bind(x.T, dy, out, threads=2)
+    run()
+    assert_close(out, ref(x.T, dy))
+    run.patch("a", x2.ctypes.data)
+    run()
+    assert_close(out, ref(x2.T, dy))
+
+
+@pytest.mark.parametrize("in_blocks", [True, False])
+@pytest.mark.parametrize("m,k,n,trans_b", [(128, 300, 1100, True), (100, 513, 300, False),
+                                           (300, 70, 900, True), (1000, 40, 200, False)])
+def test_per_call_b_packed_in_blocks_or_first(rng, monkeypatch, m, k, n, trans_b, in_blocks):
+    """Both schedules of a per-call B on two threads (tc_gemm_pb packing it per K block
+    while multiplying, or all panels packed first) match numpy, across K blocks, NCP
+    panel chunks and edges."""
+    monkeypatch.setattr(G, "PACK_IN_BLOCKS", in_blocks)
+    a, b = randn(rng, m, k), _layout(rng, k, n, trans_b)
+    bias, res = randn(rng, n), randn(rng, m, n)
+    out = np.full((m, n), np.nan, np.float32)
+    run = G.bind(a, b, out, bias=bias, activation="relu", residual=res, threads=2)
+    run()
+    assert_close(out, ref(a, b, bias, "relu", res))
+    b2 = _layout(rng, k, n, trans_b)
+    run.patch("b", b2.ctypes.data)   # a transposed view starts where its W does
+    run()
+    assert_close(out, ref(a, b2, bias, "relu", res))

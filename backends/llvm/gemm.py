@@ -16,6 +16,13 @@ workers that spin briefly instead of sleeping) claim; many rows split by rows. W
 at most 8 rows (a decode step's tokens) none of that: `gemv.py` streams each panel of B
 once with all the rows multiplied into it (`_gemv_steps`), A unpacked.
 
+Operands that change every call (training: the weights are graph inputs, the backward
+multiplies by W^T and forms x^T @ dy): B in rows or transposed (W^T, packed from W's
+rows, 16 x 16 blocks transposed in registers), A in rows or transposed (x^T: a panel's
+8 floats of one k are contiguous in x). With few rows such a B is packed the BLIS
+way, per K block and NCP panels, by the thread that multiplies it (`tc_gemm_pb`);
+otherwise all of it first, split across the threads.
+
 `gemm()` is the numpy-level API (batched, broadcasting, threaded); `bind()` does
 its checks once and returns a call (the runtime's) whose operands can be moved to
 other memory of the same layout (`patch`); `gemm_range()` computes a block of rows
@@ -37,11 +44,13 @@ from .gemm_ir import (
     _ALIASES,
     ACTIVATIONS,
     ALIGN,
+    FIXED,
     ITEMS_PER_THREAD,
     KC,
     MC,
     MR,
     NR,
+    PB_WORKSPACE,
     PREPACK_A,
     kernels,
 )
@@ -226,13 +235,22 @@ def _call(a, packed, out, bias, activation, residual):
     return kernels()[activation], _args(a, packed, out, bias, residual)
 
 
+def _a_strides(a) -> tuple[int, int]:
+    """(lda, ldka): A[i, k] at a + i * lda + k * ldka (in floats), for A in rows
+    (ldka 1) or transposed (lda 1: a weight gradient's x^T, packed as it is read)."""
+    if a.strides[1] == 4:
+        return a.strides[0] // 4, 1
+    return 1, a.strides[1] // 4
+
+
 def _args(a, packed, out, bias, residual) -> tuple:
     """The kernels' and jobs' fixed arguments (a job needs no compiled `tc_gemm_<act>`)."""
     res = residual if residual is not None else out
-    return (a.ctypes.data, a.strides[0] // 4, packed.ptr, packed.k, out.ctypes.data,
+    lda, ldka = _a_strides(a)
+    return (a.ctypes.data, lda, packed.ptr, packed.k, out.ctypes.data,
             out.strides[0] // 4, packed.n, (bias if bias is not None else out).ctypes.data,
             int(bias is not None), res.ctypes.data, res.strides[0] // 4,
-            int(residual is not None))
+            int(residual is not None), ldka)
 
 
 def _activation_name(activation) -> str:
@@ -291,14 +309,12 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
             packed.fill_panels(0, panels)
         block(0, M, 0, panels)
         return out
-    # A per-call B: each thread packs the panels it then multiplies (they stay in its
-    # caches). A packed weight: see _shares_a; else split rows when each thread gets a
-    # few row tiles and B is small enough to share from L3 (no A packed twice), else
-    # split the panels, so that each thread streams only its part of B.
-    steps = _schedule(a, packed, out, bias, act, residual, threads)
-    if fill:
-        steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
-    run_jobs(steps, threads)
+    # A per-call B with few rows: each thread packs the panels it then multiplies, a K
+    # block at a time (see _packs_in_blocks); else it is packed first. Then, as for a
+    # packed weight: see _shares_a; else split rows when each thread gets a few row
+    # tiles and B is small enough to share from L3 (no A packed twice), else split the
+    # panels, so that each thread streams only its part of B.
+    run_jobs(_schedule(a, packed, out, bias, act, residual, threads, fill), threads)
     return out
 
 
@@ -327,22 +343,47 @@ def _gemv_steps(a, b, out, bias, act, residual, threads) -> list:
 GEMV_THREADED = 1 << 16
 
 
-def _schedule(a, packed, out, bias, act, residual, threads) -> list:
-    """The native jobs (see `run_jobs`) of a threaded GEMM with a packed B."""
+def _schedule(a, packed, out, bias, act, residual, threads, per_call=False) -> list:
+    """The native jobs (see `run_jobs`) of a threaded GEMM; per_call: B still needs
+    packing (an activation, or in training a weight or W^T)."""
     M, K, panels = a.shape[0], packed.k, packed.panels
     mt = -(-M // MR)
     jobs = kernels()["jobs"]
     fixed = list(_args(a, packed, out, bias, residual))
+    if per_call and _packs_in_blocks(M, packed.n, threads):
+        src, pack = packed._source
+        fixed += [src.ctypes.data, src.strides[0] // 4, int(pack is kernels()["pack_bt"])]
+        items = [(0, M, *r) for r in _split(panels, threads, 1)]
+        return [(jobs[f"tc_gemm_pb_job_{act}"], fixed, items, ("pb", PB_WORKSPACE))]
     if _shares_a(M, K, panels, threads):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
-        return [(jobs["tc_pack_a_job"], [a.ctypes.data, a.strides[0] // 4, K, M],
-                 _split(mt, threads, 1), "ap"),
-                (jobs[f"tc_gemm_pa_job_{act}"], fixed, items, "ap")]
-    if mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
+        lda, ldka = _a_strides(a)
+        steps = [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka],
+                  _split(mt, threads, 1), "ap"),
+                 (jobs[f"tc_gemm_pa_job_{act}"], fixed, items, "ap")]
+    elif mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
         items = [(m0, m1, 0, panels) for m0, m1 in _split(M, threads, MR)]
+        steps = [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
     else:
         items = [(0, M, *r) for r in _split(panels, threads, 1)]
-    return [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
+        steps = [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
+    if per_call:
+        steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
+    return steps
+
+
+def _packs_in_blocks(m: int, n: int, threads: int) -> bool:
+    """Whether a per-call B is packed by `tc_gemm_pb` (per K block, into L2, by the
+    thread that multiplies it: B read from memory once instead of read, written
+    packed, read again) rather than all at once before the product. Threads then
+    split the panels and each packs all of A, so only where A is the smaller part:
+    few rows (128 tokens: 5-12% faster on 2 threads), or half as many rows as columns
+    (1024 x 512 x 2048: 4%); with more rows (1024 x 2048 x 512) it lost 8%."""
+    return PACK_IN_BLOCKS and m <= max(PB_MAX_M, n // 2) and n >= 2 * threads * NR
+
+
+PB_MAX_M = 256
+PACK_IN_BLOCKS = True   # False: always pack a per-call B first (for comparisons)
 
 
 def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | None = None,
@@ -469,7 +510,10 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         trans = not rows(b) and rows(b.T)   # a transposed view: packed from its rows
         if (rows(b) or trans) and b.size and not np.may_share_memory(b, out):
             packed = PackedB(b.T if trans else b, trans, fill=False)   # packed per call
-    if not (packed is not None and rows(a2) and rows(out2) and out2.flags.writeable
+    # A transposed (x^T of a weight gradient): packed from its columns as they are
+    trans_a = isinstance(a2, np.ndarray) and a2.ndim == 2 and rows(a2.T) and not rows(a2)
+    if not (packed is not None and (rows(a2) or trans_a) and rows(out2)
+            and out2.flags.writeable
             and a2.shape == (out2.shape[0], packed.k) and out2.shape[1] == packed.n
             and a2.size and out2.size
             and (bias is None or bias.dtype == np.float32 and
@@ -480,16 +524,14 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         return general
     per_call = packed is not b
     jobs = kernels()["jobs"]
-    gemv = not per_call and a2.shape[0] <= _gemv.GEMV_MAX_M
+    gemv = not per_call and not trans_a and a2.shape[0] <= _gemv.GEMV_MAX_M
     if gemv:   # a decode step: see gemv.py
         steps = _gemv_steps(a2, packed, out2, bias, act, res2,
                             min(threads, pool.MAX_WORKERS + 1))
         workers = pool.get(threads) if threads > 1 and len(steps[0][2]) > 1 else None
     elif threads > 1 and a2.shape[0] * packed.n * packed.k >= 1 << 21:   # as gemm
         workers = pool.get(threads)
-        steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads)
-        if per_call:
-            steps.insert(0, packed.pack_step(_split(packed.panels, workers.threads, 1)))
+        steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads, per_call)
     else:
         workers = None
         fixed = list(_call(a2, packed, out2, bias, act, res2)[1])
@@ -499,9 +541,12 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             steps.insert(0, packed.pack_step([(0, packed.panels)]))
     # where each operand's address sits in the steps' fixed arguments (see `_call`)
     slots: dict[str, list] = {}
-    for si, (job, _, _, _) in enumerate(steps):
+    for si, (job, fixed, _, _) in enumerate(steps):
         if job in (jobs["tc_pack_b_job"], jobs["tc_pack_bt_job"]):
             where = {"b": 0}
+        elif not gemv and len(fixed) > len(FIXED):   # tc_gemm_pb: B's source too
+            where = {"a": 0, "out": 4, "bias": 7 if bias is not None else None,
+                     "residual": 9 if res2 is not None else None, "b": len(FIXED)}
         elif job == jobs["tc_pack_a_job"]:
             where = {"a": 0}
         elif gemv:   # see _gemv_steps

@@ -82,9 +82,45 @@ def _ukernel(module: ir.Module, act: str) -> ir.Function:
 
 
 def _emit_pack_a(f: FnBuilder, a, lda, row0, row_end, col0, kc, dst, npan,
-                 stride=None) -> None:
+                 stride=None, ldka=None) -> None:
     """A[row0:row_end, col0:col0+kc] into npan MR-row panels Ap[ip][kk][MR] at dst,
-    `stride` (default kc * MR) floats apart; rows past row_end zero."""
+    `stride` (default kc * MR) floats apart; rows past row_end zero. A[i, k] is at
+    a + i * lda + k * ldka: ldka 1 (rows), or lda 1 (A transposed, a weight
+    gradient's x^T: a panel's MR floats of one k are then contiguous in memory)."""
+    b = f.b
+    if ldka is None:
+        _emit_pack_a_rows(f, a, lda, row0, row_end, col0, kc, dst, npan, stride)
+        return
+    with b.if_else(b.icmp_signed("==", ldka, c64(1))) as (plain, trans):
+        with plain:
+            _emit_pack_a_rows(f, a, lda, row0, row_end, col0, kc, dst, npan, stride)
+        with trans:
+            _emit_pack_at(f, a, ldka, row0, row_end, col0, kc, dst, npan, stride)
+
+
+def _emit_pack_at(f: FnBuilder, a, ldka, row0, row_end, col0, kc, dst, npan,
+                  stride=None) -> None:
+    """`_emit_pack_a` for A given transposed (A[i, k] at a + k * ldka + i): two k's
+    per 16-lane store, masked loads for the rows past row_end."""
+    b = f.b
+    none = ir.Constant(M16, [0] * 16)
+    cat = ir.Constant(VI32, list(range(8)) + list(range(16, 24)))
+    with f.loop(0, npan) as ip:
+        first = b.add(row0, f.mul(ip, MR))
+        panel = f.at(dst, f.mul(ip, stride or f.mul(kc, MR)))
+        rmask = f.lanes_below(f.min(c64(MR), b.sub(row_end, first)))
+        with f.loop(0, kc, 2) as kk:
+            src = f.at(a, f.mul(b.add(col0, kk), ldka), first)
+            x = f.mload(src, rmask)
+            more = b.icmp_signed("<", b.add(kk, c64(1)), kc)
+            y = f.mload(f.at(src, ldka), b.select(more, rmask, none))
+            f.mstore(b.shuffle_vector(x, y, cat), f.at(panel, f.mul(kk, MR)),
+                     f.lanes_below(f.mul(b.sub(kc, kk), MR)))
+
+
+def _emit_pack_a_rows(f: FnBuilder, a, lda, row0, row_end, col0, kc, dst, npan,
+                      stride=None) -> None:
+    """`_emit_pack_a` for A in rows (unit stride along k)."""
     b = f.b
     with f.loop(0, npan) as ip:
         first = b.add(row0, f.mul(ip, MR))
@@ -129,7 +165,8 @@ def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
     f = FnBuilder(module, f"tc_gemm_{'pa_' if prepacked else ''}{act}", [
         ("a", PTR), ("lda", I64), ("bp", PTR), ("k", I64), ("c", PTR), ("ldc", I64),
         ("n", I64), ("bias", PTR), ("has_bias", I64), ("res", PTR), ("ldr", I64),
-        ("has_res", I64), ("ap", PTR), ("m0", I64), ("m1", I64), ("jp0", I64), ("jp1", I64)])
+        ("has_res", I64), ("ldka", I64), ("ap", PTR), ("m0", I64), ("m1", I64),
+        ("jp0", I64), ("jp1", I64)])
     b, g = f.b, f.arg
     K = g["k"]
     with f.loop(0, K, KC) as pc:
@@ -146,7 +183,8 @@ def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
                                            b.sdiv(ic, c64(MR))), KC * MR)) \
                 if prepacked else g["ap"]
             if not prepacked:
-                _emit_pack_a(f, g["a"], g["lda"], ic, b.add(ic, mc), pc, kc, g["ap"], npan)
+                _emit_pack_a(f, g["a"], g["lda"], ic, b.add(ic, mc), pc, kc, g["ap"], npan,
+                             ldka=g["ldka"])
             with f.loop(g["jp0"], g["jp1"]) as jp:
                 n0 = f.mul(jp, NR)
                 nrem = f.min(c64(NR), b.sub(g["n"], n0))
@@ -169,81 +207,204 @@ def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
     return f.finish()
 
 
-def _pack_b(module: ir.Module) -> ir.Function:
-    """Panels [jp0, jp1) of B (row-major K x N, row stride ldb) into Bp[jp][k][NR]."""
-    f = FnBuilder(module, "tc_pack_b", [("b", PTR), ("ldb", I64), ("k", I64), ("n", I64),
-                                        ("bp", PTR), ("jp0", I64), ("jp1", I64)])
-    b, g = f.b, f.arg
-    with f.loop(g["jp0"], g["jp1"]) as jp:
-        n0 = f.mul(jp, NR)
-        masks = [f.lanes_below(b.sub(g["n"], b.add(n0, c64(16 * v)))) for v in range(NR // 16)]
-        with f.loop(0, g["k"]) as k:
-            src = f.at(g["b"], f.mul(k, g["ldb"]), n0)
-            dst = f.at(g["bp"], f.mul(b.add(f.mul(jp, g["k"]), k), NR))
-            for v in range(NR // 16):
-                f.vstore(f.mload(f.at(src, c64(16 * v)), masks[v]), f.at(dst, c64(16 * v)), 64)
+PACK_KB = 16   # rows of B per block when packing (see _pack_b, _pack_bt)
+NCP = 16       # panels of a per-call B packed per K block by `tc_gemm_pb`: 512 KiB
+
+
+def _emit_pack_b(f: FnBuilder, src, ldb, k0, kc, n, jp0, jp1, dst, pstride,
+                 trans) -> None:
+    """Rows [k0, k0 + kc) of column panels [jp0, jp1) of B (row-major K x N with row
+    stride ldb; `trans` (an i1): B given transposed, N x K) into dst + (jp - jp0) *
+    pstride + kk * NR, columns past n zero."""
+    b = f.b
+    with b.if_else(trans) as (t, plain):
+        with t:
+            _emit_pack_bt(f, src, ldb, k0, kc, n, jp0, jp1, dst, pstride)
+        with plain:
+            _emit_pack_b_rows(f, src, ldb, k0, kc, n, jp0, jp1, dst, pstride)
+
+
+def _emit_pack_b_rows(f: FnBuilder, src, ldb, k0, kc, n, jp0, jp1, dst, pstride) -> None:
+    """`_emit_pack_b` from rows: PACK_KB rows at a time across all the panels, so each
+    row of B is read contiguously (panel by panel down the whole K, the rows' stride
+    of a wide B is a new page and the same cache set every row: 3x slower for N =
+    2048)."""
+    b = f.b
+    with f.loop(0, kc, PACK_KB) as kb:
+        kend = f.min(b.add(kb, c64(PACK_KB)), kc)
+        with f.loop(jp0, jp1) as jp:
+            n0 = f.mul(jp, NR)
+            masks = [f.lanes_below(b.sub(n, b.add(n0, c64(16 * v))))
+                     for v in range(NR // 16)]
+            panel = f.at(dst, f.mul(b.sub(jp, jp0), pstride))
+            with f.loop(kb, kend) as k:
+                row = f.at(src, f.mul(b.add(k0, k), ldb), n0)
+                out = f.at(panel, f.mul(k, NR))
+                for v in range(NR // 16):
+                    f.vstore(f.mload(f.at(row, c64(16 * v)), masks[v]),
+                             f.at(out, c64(16 * v)), 64)
+
+
+def _transpose16(f: FnBuilder, rows: list) -> list:
+    """16 vectors of 16 lanes transposed (lane c of vector r -> lane r of vector c): the
+    off-diagonal blocks swapped at each scale, 64 two-source shuffles."""
+    b = f.b
+    for d in (8, 4, 2, 1):
+        new = list(rows)
+        for i in range(16):
+            if i & d:
+                continue
+            j = i + d
+            lo = [(16 + c - d) if c & d else c for c in range(16)]
+            hi = [(16 + c) if c & d else c + d for c in range(16)]
+            new[i] = b.shuffle_vector(rows[i], rows[j], ir.Constant(VI32, lo))
+            new[j] = b.shuffle_vector(rows[i], rows[j], ir.Constant(VI32, hi))
+        rows = new
+    return rows
+
+
+def _emit_pack_bt(f: FnBuilder, src, ldb, k0, kc, n, jp0, jp1, dst, pstride) -> None:
+    """`_emit_pack_b` from B given transposed (N x K): a panel's NR columns are NR rows
+    of the source, read 16 floats of K at a time and transposed in registers (16 x 16
+    blocks), so that loads and stores are whole vectors."""
+    b = f.b
+    none = ir.Constant(M16, [0] * 16)
+    with f.loop(jp0, jp1) as jp:
+        base = f.at(dst, f.mul(b.sub(jp, jp0), pstride))
+        with f.loop(0, kc, 16) as kb:
+            krem = b.sub(kc, kb)
+            kmask = f.lanes_below(krem)
+            for h in range(NR // 16):
+                rows = []
+                for r in range(16):
+                    col = b.add(f.mul(jp, NR), c64(16 * h + r))
+                    mask = b.select(b.icmp_signed("<", col, n), kmask, none)
+                    rows.append(f.mload(f.at(src, f.mul(col, ldb), b.add(k0, kb)), mask))
+                cols = _transpose16(f, rows)
+                for c in range(16):
+                    out = f.at(base, f.mul(b.add(kb, c64(c)), NR), c64(16 * h))
+                    if c == 0:
+                        f.vstore(cols[c], out, 64)
+                        continue
+                    with b.if_then(b.icmp_signed("<", c64(c), krem), likely=True):
+                        f.vstore(cols[c], out, 64)
+
+
+def _pack_b(module: ir.Module, trans: bool) -> ir.Function:
+    """Panels [jp0, jp1) of B (row-major K x N, row stride ldb; `trans`: given as N x K)
+    into Bp[jp][k][NR]."""
+    f = FnBuilder(module, "tc_pack_bt" if trans else "tc_pack_b", [
+        ("b", PTR), ("ldb", I64), ("k", I64), ("n", I64), ("bp", PTR), ("jp0", I64),
+        ("jp1", I64)])
+    g = f.arg
+    emit = _emit_pack_bt if trans else _emit_pack_b_rows
+    emit(f, g["b"], g["ldb"], c64(0), g["k"], g["n"], g["jp0"], g["jp1"],
+         f.at(g["bp"], f.mul(f.mul(g["jp0"], g["k"]), NR)), f.mul(g["k"], NR))
     return f.finish()
 
 
 def _pack_bt(module: ir.Module) -> ir.Function:
-    """The same panels from B given transposed (N x K, row stride ldb)."""
-    f = FnBuilder(module, "tc_pack_bt", [("b", PTR), ("ldb", I64), ("k", I64), ("n", I64),
-                                         ("bp", PTR), ("jp0", I64), ("jp1", I64)])
+    """`tc_pack_bt` (attention's modules pack K^T panels with it too)."""
+    return _pack_b(module, True)
+
+
+def _macro_kernel_pb(module: ir.Module, act: str, uk: ir.Function) -> ir.Function:
+    """`_macro_kernel` for a B that changes every call (an activation; in training a
+    weight, or W^T), packed here as BLIS does: per K block, NCP panels at a time into
+    the thread's workspace (after its MC x KC block of A), multiplied while they are
+    in its L2. B is read from memory once, not read, written packed and read again.
+    Threads split the panels (each packs its own A blocks)."""
+    f = FnBuilder(module, f"tc_gemm_pb_{act}", [
+        ("a", PTR), ("lda", I64), ("bp", PTR), ("k", I64), ("c", PTR), ("ldc", I64),
+        ("n", I64), ("bias", PTR), ("has_bias", I64), ("res", PTR), ("ldr", I64),
+        ("has_res", I64), ("ldka", I64), ("bsrc", PTR), ("ldb", I64), ("btrans", I64),
+        ("ws", PTR), ("m0", I64), ("m1", I64), ("jp0", I64), ("jp1", I64)])
     b, g = f.b, f.arg
-    with f.loop(g["jp0"], g["jp1"]) as jp:
-        base = f.at(g["bp"], f.mul(f.mul(jp, g["k"]), NR))
-        with f.loop(0, NR) as col:
-            n = b.add(f.mul(jp, NR), col)
-            with b.if_else(b.icmp_signed("<", n, g["n"])) as (inside, outside):
-                with inside:
-                    src = f.at(g["b"], f.mul(n, g["ldb"]))
-                    with f.loop(0, g["k"]) as k:
-                        b.store(b.load(f.at(src, k), typ=F32), f.at(base, f.mul(k, NR), col))
-                with outside:
-                    with f.loop(0, g["k"]) as k:
-                        b.store(ir.Constant(F32, 0.0), f.at(base, f.mul(k, NR), col))
+    K = g["k"]
+    ap = g["ws"]
+    bbuf = f.at(g["ws"], c64(MC * KC))
+    trans = b.icmp_signed("!=", g["btrans"], c64(0))
+    with f.loop(g["jp0"], g["jp1"], NCP) as jc:
+        jce = f.min(b.add(jc, c64(NCP)), g["jp1"])
+        with f.loop(0, K, KC) as pc:
+            kc = f.min(c64(KC), b.sub(K, pc))
+            first = b.zext(b.icmp_signed("==", pc, c64(0)), I64)
+            last = b.zext(b.icmp_signed(">=", b.add(pc, kc), K), I64)
+            pstride = f.mul(kc, NR)
+            _emit_pack_b(f, g["bsrc"], g["ldb"], pc, kc, g["n"], jc, jce, bbuf, pstride,
+                         trans)
+            with f.loop(g["m0"], g["m1"], MC) as ic:
+                mc = f.min(c64(MC), b.sub(g["m1"], ic))
+                npan = b.sdiv(b.add(mc, c64(MR - 1)), c64(MR))
+                _emit_pack_a(f, g["a"], g["lda"], ic, b.add(ic, mc), pc, kc, ap, npan,
+                             ldka=g["ldka"])
+                with f.loop(jc, jce) as jp:
+                    n0 = f.mul(jp, NR)
+                    nrem = f.min(c64(NR), b.sub(g["n"], n0))
+                    bpan = f.at(bbuf, f.mul(b.sub(jp, jc), pstride))
+                    nxt = b.add(jp, c64(1))
+                    pf = f.at(bbuf, f.mul(b.sub(b.select(
+                        b.icmp_signed("<", nxt, jce), nxt, jp), jc), pstride))
+                    with f.loop(0, npan) as ip:
+                        m = b.add(ic, f.mul(ip, MR))
+                        b.call(uk, [
+                            kc, f.at(ap, f.mul(ip, f.mul(kc, MR))), bpan,
+                            f.at(g["c"], f.mul(m, g["ldc"]), n0), g["ldc"],
+                            f.min(c64(MR), b.sub(b.add(ic, mc), m)), nrem, first, last,
+                            f.at(g["bias"], n0), g["has_bias"],
+                            f.at(g["res"], f.mul(m, g["ldr"]), n0), g["ldr"], g["has_res"],
+                            pf])
     return f.finish()
 
 
-FIXED = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64]  # see gemm._call
+FIXED = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64, I64]  # gemm._args
+PB_FIXED = [PTR, I64, I64]   # tc_gemm_pb's: B's source, its row stride, 1 if transposed
+PB_WORKSPACE = MC * KC + KC * NCP * NR   # floats: its blocks of A and of B
 
 
 def build_module(group: str) -> ir.Module:
     """The module of one group of entry points (see `GROUPS`)."""
     module = ir.Module(name=f"tensorc_gemm_{group}")
     if group == "pack_b":
-        for name, pack in (("tc_pack_b", _pack_b(module)), ("tc_pack_bt", _pack_bt(module))):
+        for name, pack in (("tc_pack_b", _pack_b(module, False)),
+                           ("tc_pack_bt", _pack_b(module, True))):
             job(module, name + "_job", pack, [PTR, I64, I64, I64, PTR], 2, work=None)
     elif group == "pack_a":   # ap: the workspace
-        job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64], 2)
+        job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64, I64], 2)
     else:
         kind, act = group.split(":")
         uk = _ukernel(module, act)
-        job(module, f"tc_gemm_{'pa_' if kind == 'pa' else ''}job_{act}",
-            _macro_kernel(module, act, uk, kind == "pa"), FIXED, 4)
+        if kind == "pb":
+            job(module, f"tc_gemm_pb_job_{act}", _macro_kernel_pb(module, act, uk),
+                FIXED + PB_FIXED, 4)
+        else:
+            job(module, f"tc_gemm_{'pa_' if kind == 'pa' else ''}job_{act}",
+                _macro_kernel(module, act, uk, kind == "pa"), FIXED, 4)
     return module
 
 
 def _pack_a(module: ir.Module) -> ir.Function:
-    """Row panels [ip0, ip1) of A (M x K, row stride lda), rows past M zero, into the
+    """Row panels [ip0, ip1) of A (M x K, A[i, k] at a + i * lda + k * ldka: one of
+    them 1, see `_emit_pack_a`), rows past M zero, into the
     layout `_macro_kernel(prepacked=True)` reads: Ap[pc / KC][ip][kk][MR], KC * MR
     floats per panel, so that one K block's panels are contiguous (panels K * MR
     apart would share cache sets when K is a large power of two)."""
     f = FnBuilder(module, "tc_pack_a", [("a", PTR), ("lda", I64), ("k", I64), ("m", I64),
-                                        ("ap", PTR), ("ip0", I64), ("ip1", I64)])
+                                        ("ldka", I64), ("ap", PTR), ("ip0", I64),
+                                        ("ip1", I64)])
     b, g = f.b, f.arg
     mt = b.sdiv(b.add(g["m"], c64(MR - 1)), c64(MR))
     with f.loop(0, g["k"], KC) as pc:
         dst = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt), g["ip0"]), KC * MR))
         _emit_pack_a(f, g["a"], g["lda"], f.mul(g["ip0"], MR), g["m"], pc,
                      f.min(c64(KC), b.sub(g["k"], pc)), dst, b.sub(g["ip1"], g["ip0"]),
-                     c64(KC * MR))
+                     c64(KC * MR), ldka=g["ldka"])
     return f.finish()
 
 
 _P, _I = c_void_p, c_int64
 _PACK_ARGS = [_P, _I, _I, _I, _P, _I, _I]
-_GEMM_ARGS = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I]
+_GEMM_ARGS = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _I, _P, _I, _I, _I, _I]
 
 # Entry points come in groups, one LLVM module (and cache entry) each, compiled on
 # first use: a model compiles the activations and paths it runs, not all of them.
@@ -256,6 +417,7 @@ for _a in ACTIVATIONS:
     GROUPS[f"plain:{_a}"] = {_a: (f"tc_gemm_{_a}", _GEMM_ARGS),
                              f"tc_gemm_job_{_a}": (f"tc_gemm_job_{_a}", None)}
     GROUPS[f"pa:{_a}"] = {f"tc_gemm_pa_job_{_a}": (f"tc_gemm_pa_job_{_a}", None)}
+    GROUPS[f"pb:{_a}"] = {f"tc_gemm_pb_job_{_a}": (f"tc_gemm_pb_job_{_a}", None)}
 
 
 class _Lazy(dict):
