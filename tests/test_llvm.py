@@ -235,6 +235,19 @@ def test_reductions_over_leading_axes(op, shape, axes, keepdims):
     assert kinds.count(op) == 2
 
 
+@pytest.mark.parametrize("shape,perm", [((96, 64), (1, 0)), ((2, 3, 32, 48), (0, 1, 3, 2)),
+                                        ((64, 5, 32), (2, 1, 0)), ((64, 4, 64), (1, 2, 0))])
+def test_transposing_writes(shape, perm):
+    """Writes that read their last loop with a large stride run in tiles (a weight
+    gradient's x^T copied into rows for the GEMM); computed, and into an output."""
+    rng = np.random.default_rng(14)
+    g = Graph("t")
+    x = g.add_input("x", TensorType(shape, "f32"))
+    t = g.add("transpose", x, perm=perm)
+    g.outputs = [g.add("exp", t), g.add("neg", t)]
+    check(g, feeds_for(g, rng))
+
+
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_argmax(axis):
     g = graph(((3, 17, 129), "f32"), op="argmax", axis=axis)
