@@ -24,6 +24,7 @@ from .tensor import (  # noqa: F401  (re-exported: this module is the namespace)
     cos,
     div,
     dropout,
+    dropout_seed,
     embedding,
     equal,
     erf,

@@ -116,41 +116,55 @@ class EncoderLayer(Module):
     Transformer)."""
 
     def __init__(self, d_model: int, n_head: int, d_ff: int, activation: str = "gelu",
-                 norm_first: bool = True, eps: float = 1e-5):
+                 norm_first: bool = True, eps: float = 1e-5, dropout: float = 0.0):
         super().__init__()
         self.attn = MultiHeadAttention(d_model, n_head)
         self.ff = FeedForward(d_model, d_ff, activation)
         self.ln1, self.ln2 = LayerNorm(d_model, eps), LayerNorm(d_model, eps)
-        self.norm_first = norm_first
+        self.norm_first, self.p = norm_first, dropout
 
     def forward(self, x, causal: bool = False, mask_bias=None, cache=None):
+        def attn(h):   # dropout on each residual branch, as GPT-2 and BERT train
+            return F.dropout(self.attn(h, causal=causal, mask_bias=mask_bias, cache=cache),
+                             self.p)
+
+        def ff(h):
+            return F.dropout(self.ff(h), self.p)
         if self.norm_first:
-            x = x + self.attn(self.ln1(x), causal=causal, mask_bias=mask_bias, cache=cache)
-            return x + self.ff(self.ln2(x))
-        x = self.ln1(x + self.attn(x, causal=causal, mask_bias=mask_bias, cache=cache))
-        return self.ln2(x + self.ff(x))
+            x = x + attn(self.ln1(x))
+            return x + ff(self.ln2(x))
+        x = self.ln1(x + attn(x))
+        return self.ln2(x + ff(x))
 
 
 class DecoderLayer(Module):
     """Causal self attention, cross attention over the encoder output, feed-forward."""
 
     def __init__(self, d_model: int, n_head: int, d_ff: int, activation: str = "relu",
-                 norm_first: bool = False, eps: float = 1e-5):
+                 norm_first: bool = False, eps: float = 1e-5, dropout: float = 0.0):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, n_head)
         self.cross_attn = MultiHeadAttention(d_model, n_head)
         self.ff = FeedForward(d_model, d_ff, activation)
         self.ln1, self.ln2, self.ln3 = (LayerNorm(d_model, eps) for _ in range(3))
-        self.norm_first = norm_first
+        self.norm_first, self.p = norm_first, dropout
 
     def forward(self, x, memory, memory_bias=None):
+        def sa(h):
+            return F.dropout(self.self_attn(h, causal=True), self.p)
+
+        def ca(h):
+            return F.dropout(self.cross_attn(h, context=memory, mask_bias=memory_bias), self.p)
+
+        def ff(h):
+            return F.dropout(self.ff(h), self.p)
         if self.norm_first:
-            x = x + self.self_attn(self.ln1(x), causal=True)
-            x = x + self.cross_attn(self.ln2(x), context=memory, mask_bias=memory_bias)
-            return x + self.ff(self.ln3(x))
-        x = self.ln1(x + self.self_attn(x, causal=True))
-        x = self.ln2(x + self.cross_attn(x, context=memory, mask_bias=memory_bias))
-        return self.ln3(x + self.ff(x))
+            x = x + sa(self.ln1(x))
+            x = x + ca(self.ln2(x))
+            return x + ff(self.ln3(x))
+        x = self.ln1(x + sa(x))
+        x = self.ln2(x + ca(x))
+        return self.ln3(x + ff(x))
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:

@@ -14,6 +14,9 @@ the builtins only before their definitions run, or not at all.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import itertools
 import linecache
 import os
 import sys
@@ -428,9 +431,29 @@ def causal_mask(t: Dim, s: Dim | None = None):
     return tril(full((t, s), True, "bool"))
 
 
+_DROPOUT: contextvars.ContextVar = contextvars.ContextVar("dropout", default=None)
+
+
+@contextlib.contextmanager
+def dropout_seed(seed):
+    """Inside, `dropout(x, p)` drops with masks drawn from `seed` (an i64 scalar: a graph
+    input while tracing a training step), each call with its own salt; outside, dropout
+    is the identity (inference)."""
+    token = _DROPOUT.set((seed, itertools.count()))
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
+
+
 def dropout(x, p: float = 0.0):
-    """Inference only: dropout is the identity."""
-    return x
+    """Zero elements with probability p and scale the rest by 1 / (1 - p) while training
+    (inside `dropout_seed`); the identity otherwise."""
+    state = _DROPOUT.get()
+    if state is None or p == 0.0:
+        return x
+    seed, salts = state
+    return apply("dropout", [x, seed], p=p, salt=next(salts))
 
 
 def index(x, index):

@@ -21,6 +21,7 @@ class Config:
     n_head: int = 4
     d_ff: int = 256
     max_seq_len: int = 128
+    dropout: float = 0.0    # while training (tensorc train); inference never drops
 
 
 class ZooModel(Module):

@@ -40,7 +40,7 @@ class Bert(ZooModel):
         self.pos = LearnedPositions(c.max_seq_len, c.d_model)
         self.emb_ln = LayerNorm(c.d_model, c.eps)
         self.layers = [EncoderLayer(c.d_model, c.n_head, c.d_ff, "gelu", norm_first=False,
-                                    eps=c.eps) for _ in range(c.n_layer)]
+                                    eps=c.eps, dropout=c.dropout) for _ in range(c.n_layer)]
         self.mlm_dense = Linear(c.d_model, c.d_model)
         self.mlm_ln = LayerNorm(c.d_model, c.eps)
         self.mlm_bias = Parameter((c.vocab_size,), normal(0.02))

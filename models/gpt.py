@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from tensorc.frontend import Embedding, EncoderLayer, LayerNorm, LearnedPositions
+from tensorc.frontend import Embedding, EncoderLayer, F, LayerNorm, LearnedPositions
 
 from .base import Config, ZooModel
 
@@ -30,12 +30,13 @@ class GPT(ZooModel):
         self.wte = Embedding(c.vocab_size, c.d_model)
         self.wpe = LearnedPositions(c.max_seq_len, c.d_model)
         self.blocks = [EncoderLayer(c.d_model, c.n_head, c.d_ff, "gelu_tanh", norm_first=True,
-                                    eps=c.eps) for _ in range(c.n_layer)]
+                                    eps=c.eps, dropout=c.dropout) for _ in range(c.n_layer)]
         self.ln_f = LayerNorm(c.d_model, c.eps)
 
     def forward(self, input_ids, cache=None):
         """`cache`: a `frontend.cache.KVCache` when tracing a decode step."""
         x = self.wpe(self.wte(input_ids), cache.positions if cache is not None else None)
+        x = F.dropout(x, self.config.dropout)
         for i, block in enumerate(self.blocks):
             x = block(x, causal=True, cache=cache.layer(i) if cache is not None else None)
         return self.ln_f(x) @ self.wte.weight.T  # tied output embedding

@@ -33,8 +33,9 @@ class Transformer(ZooModel):
         self.emb = Embedding(c.vocab_size, c.d_model)
         self.pos = SinusoidalPositions(c.max_seq_len, c.d_model)
         self.encoder = [EncoderLayer(c.d_model, c.n_head, c.d_ff, "relu", norm_first=False,
-                                     eps=c.eps) for _ in range(c.n_layer)]
-        self.decoder = [DecoderLayer(c.d_model, c.n_head, c.d_ff, "relu", eps=c.eps)
+                                     eps=c.eps, dropout=c.dropout) for _ in range(c.n_layer)]
+        self.decoder = [DecoderLayer(c.d_model, c.n_head, c.d_ff, "relu", eps=c.eps,
+                                     dropout=c.dropout)
                         for _ in range(c.n_layer)]
         self.scale = math.sqrt(c.d_model)
 

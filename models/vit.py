@@ -49,7 +49,7 @@ class ViT(ZooModel):
         self.cls_token = Parameter((1, 1, c.d_model), normal(0.02))
         self.pos = Parameter((1, n, c.d_model), normal(0.02))
         self.layers = [EncoderLayer(c.d_model, c.n_head, c.d_ff, "gelu", norm_first=True,
-                                    eps=c.eps) for _ in range(c.n_layer)]
+                                    eps=c.eps, dropout=c.dropout) for _ in range(c.n_layer)]
         self.ln = LayerNorm(c.d_model, c.eps)
         self.head = Linear(c.d_model, c.vocab_size)
 

@@ -20,10 +20,11 @@ import numpy as np
 from tensorc.errors import TensorcError
 from tensorc.ir import FLOAT_DTYPES, Graph, TensorType, Value
 from tensorc.ops import get_op
-from tensorc.ops.vjp import NoGradient
+from tensorc.ops.vjp import NoGradient, swap_last
 
 from .manager import register_pass
-from .rewrite import copy_graph, dce, inline_regions
+from .pattern import Var, op, rule
+from .rewrite import apply_rules, copy_graph, dce, inline_regions
 
 GRAD_PREFIX = "grad."
 
@@ -34,10 +35,13 @@ def trainable(graph: Graph) -> list[str]:
             if v.type.dtype in FLOAT_DTYPES and v.type.rank >= 1]
 
 
-def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None) -> Graph:
+def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None,
+         recompute: bool = False) -> Graph:
     """`graph` plus outputs ``grad.<name>`` = d loss / d name for each name in `wrt`
     (default: `trainable(graph)`), after its own outputs. `loss` names a rank-0 float
-    output (default: the output called ``loss``, else the first)."""
+    output (default: the output called ``loss``, else the first). `recompute`: cheap
+    activations the backward reads are computed again there instead of kept
+    (`recompute_cheap`)."""
     g = inline_regions(graph)
     names = [v.name for v in g.outputs]
     loss = loss or ("loss" if "loss" in names else names[0])
@@ -50,6 +54,7 @@ def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None) ->
     params = [_as_input(g, name, graph) for name in wrt]
 
     needs = _depends_on(g, params)
+    forward = list(g.nodes)
     grads: dict[Value, Value] = {target: g.add_constant(
         g.fresh_name("grad.seed"), np.ones((), target.type.np_dtype))}
     for node in reversed(list(g.nodes)):
@@ -79,8 +84,66 @@ def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None) ->
             d = g.add("reshape", d, shape=p.type.shape)   # an output needs its own node
         g.rename(d, g.fresh_name(GRAD_PREFIX + p.name))
         g.outputs.append(d)
+    if recompute:
+        recompute_cheap(g, forward)
+    apply_rules(g, [transposed_product])
     dce(g)
     return g.verify()
+
+
+# Ops cheap enough to run twice rather than keep their result from forward to backward.
+CHEAP = {"layer_norm", "softmax", "log_softmax"}
+
+
+def recompute_cheap(g: Graph, forward: list) -> int:
+    """For each cheap forward node (elementwise, or a normalisation) whose result the
+    backward reads and whose inputs the backward keeps anyway (or are graph inputs or
+    weights): compute it again just before its first backward reader, which reads the
+    copy. The forward's result then dies inside the forward, and nothing lives longer
+    than before (gelu(h) and layer_norm(x) are recomputed from h and x, which their
+    own gradients keep). CSE undoes this (the copy repeats its original), so a pipeline
+    after it leaves `cse` out. Returns how many were recomputed."""
+    fwd = set(map(id, forward))
+    order = {id(n): i for i, n in enumerate(g.nodes)}
+    users = g.users()
+
+    def kept(v):   # read by the backward already, or no activation at all
+        return v.producer is None or any(id(u) not in fwd for u in users.get(v, ()))
+    copies = []
+    for node in forward:
+        if len(node.outputs) != 1 or not (get_op(node.op).kind == "elementwise"
+                                          or node.op in CHEAP):
+            continue
+        out = node.outputs[0]
+        late = [u for u in users.get(out, ()) if id(u) not in fwd]
+        if not late or out in g.outputs or not all(kept(v) for v in node.inputs):
+            continue
+        (copy,) = g.add_node(node.op, node.inputs, node.attrs, loc=node.loc)
+        g.nodes.pop()
+        first = min(late, key=lambda u: order[id(u)])
+        copies.append((order[id(first)], copy.producer))
+        for u in late:
+            u.inputs = [copy if v is out else v for v in u.inputs]
+    for pos, node in sorted(copies, key=lambda c: -c[0]):   # from the back: indices hold
+        g.nodes.insert(pos, node)
+    return len(copies)
+
+
+def _swaps_last(perm, rank) -> bool:
+    return rank >= 2 and tuple(perm or ()) == tuple(range(rank - 2)) + (rank - 1, rank - 2)
+
+
+@rule(op.transpose(op.matmul(Var("a"), Var("b"), name="ab", one_use=True), name="t"))
+def transposed_product(m, b):
+    """(a b)^T -> b^T a^T. The gradient of a weight used transposed (a tied embedding
+    as the LM head) is a product that is then transposed; written the other way round
+    it is one GEMM storing rows, not a GEMM and a strided copy (compiled backends
+    read transposed operands where they lie). Grad's own rewrite: the sum is the same
+    dot products, but a library may order them differently, so O1 does not do it."""
+    a, bt = m["a"].type, m["b"].type
+    if a.rank < 2 or bt.rank < 2 or not _swaps_last(m.attr("t", "perm"), m["t"].type.rank):
+        return None
+    return b.op("matmul", swap_last(b.graph, m["b"]), swap_last(b.graph, m["a"]))
 
 
 def as_inputs(graph: Graph, names: list[str]) -> Graph:
@@ -122,9 +185,9 @@ def _depends_on(g: Graph, sources: list[Value]) -> set[Value]:
 
 
 @register_pass("grad")
-def grad_pass(graph: Graph, loss: str | None = None) -> Graph:
+def grad_pass(graph: Graph, loss: str | None = None, recompute: bool = False) -> Graph:
     """`grad` as a pipeline step: every weight, the default loss output."""
-    return grad(graph, loss)
+    return grad(graph, loss, recompute=recompute)
 
 
 @register_pass("convert-float")

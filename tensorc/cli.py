@@ -7,6 +7,7 @@ traceback). Anything else that escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ MODEL is one of:
   FILE.py:FACTORY        a function returning a Module with example_inputs(), or a Graph
   FILE.onnx              an ONNX model
   FILE                   an artifact written by `tensorc compile`
+  DIR                    a checkpoint written by `tensorc train` (the model, trained weights)
 """
 
 
@@ -203,13 +205,37 @@ def to_dot(graph) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_step_graph(args):
+    """`inspect --train TASK`: the training step (loss and every weight's gradient) of a
+    built-in model, with the weights as inputs; its memory figure includes what the
+    backward keeps of the forward."""
+    from tensorc.models import MODELS, get
+    from tensorc.training import example_batch, get_task, step_graph
+    if args.model not in MODELS:
+        raise TensorcError(f"--train takes a built-in model ({', '.join(MODELS)})")
+    model = get(args.model, args.preset or "tiny", seed=args.seed or 0,
+                **parse_overrides(args.set))
+    batch = example_batch(model, args.train, args.batch or 1, args.seq)
+    graph, names = step_graph(model, get_task(args.train), batch, passes=args.passes or "O2",
+                              recompute=args.recompute)
+    return graph, dataclasses.asdict(model.config), sum(p.data.size
+                                                         for _, p in model.named_parameters())
+
+
 def cmd_inspect(args) -> int:
     from tensorc.passes import explain
-    loaded = _load(args)
-    graph = _pipeline(args, loaded.graph)
+    if args.train:
+        graph, config, params = _train_step_graph(args)
+        env, loaded = {}, None
+    else:
+        loaded = _load(args)
+        graph = _pipeline(args, loaded.graph)
+        env, config, params = loaded.symbol_sizes(), loaded.config, None
     notes = explain(graph) if args.explain else []
     if args.format == "json":
-        info = graph_summary(graph, loaded.symbol_sizes(), loaded.config, args.backend)
+        info = graph_summary(graph, env, config, args.backend)
+        if params is not None:
+            info["params"] = params   # the weights are the step's inputs
         info["passes"] = args.passes
         if args.explain:
             info["explain"] = notes
@@ -280,6 +306,9 @@ def _id_list(text: str) -> list[int]:
 def _decoder(args):
     """The built-in decoder model MODEL names (one with a key/value cache)."""
     from tensorc.models import MODELS, get
+    from tensorc.training import is_checkpoint, load_checkpoint_model
+    if is_checkpoint(args.model):
+        return load_checkpoint_model(args.model)
     decoders = [n for n, (cls, _) in MODELS.items() if hasattr(cls, "cache_layout")]
     if args.model not in decoders:
         raise TensorcError(f"{args.model} is not a built-in decoder language model "
@@ -294,7 +323,8 @@ def cmd_generate(args) -> int:
         raise TensorcError("give the prompt as --prompt TEXT or as --ids 1,2,3 (either may "
                            "repeat, one per batch row)")
     from tensorc.models import MODELS
-    if args.model in MODELS:   # a zoo decoder: cached steps
+    from tensorc.training import is_checkpoint
+    if args.model in MODELS or is_checkpoint(args.model):   # a zoo decoder: cached steps
         gen = Generator(_decoder(args), args.backend, args.passes)
     else:   # an exported cached step, or any graph from token ids to logits
         gen = Generator(_pipeline(args, _load(args).graph), args.backend, "O0")
@@ -527,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="whose memory plan peak_memory_bytes reports (default: numpy)")
     sp.add_argument("--explain", action="store_true",
                     help="say why rewrites did not fire (to stderr; a key in JSON)")
+    sp.add_argument("--train", metavar="TASK", choices=("clm", "mlm", "classify", "translate"),
+                    help="show the training step of a built-in model instead: loss and the "
+                         "gradient of every weight (--passes default O2)")
+    sp.add_argument("--recompute", action="store_true",
+                    help="with --train: recompute cheap activations in the backward")
 
     strict = _Parser(add_help=False)
     strict.add_argument("--strict", action="store_true",
@@ -575,7 +610,105 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kv-cache", action="store_true",
                     help="export a built-in decoder's cached step (input_ids, start, past.* "
                          "-> logits, present.*), which `tensorc generate` runs")
+    train_args = _Parser(add_help=False)
+    t = train_args.add_argument_group("training")
+    t.add_argument("--task", choices=("clm", "mlm", "classify", "translate"),
+                   help="what to learn (default: clm for gpt/llama, mlm for bert, classify "
+                        "for vit, translate for transformer)")
+    t.add_argument("--steps", type=_positive_int, default=200)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps before the cosine decay (default: steps / 10)")
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--clip", type=float, default=1.0, help="global gradient norm (0: none)")
+    t.add_argument("--accumulate", type=_positive_int, default=1,
+                   help="micro-batches per optimizer step")
+    t.add_argument("--data-bytes", type=_positive_int, default=2_000_000,
+                   help="how much standard-library text clm/mlm read (default 2 MB)")
+    t.add_argument("--backend", default="llvm", help="backend (default: llvm)")
+    t.add_argument("-o", "--output", metavar="DIR", help="checkpoint directory (written at "
+                   "every evaluation and at the end)")
+    t.add_argument("--resume", metavar="DIR", help="continue from a checkpoint")
+    t.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="evaluate on held-out data every N steps (always at the end)")
+    t.add_argument("--metrics", metavar="FILE.jsonl", help="append one JSON object per step")
+    t.add_argument("--plot", metavar="FILE.png", help="write the loss curve (matplotlib)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--recompute", action="store_true",
+                   help="recompute cheap activations (gelu, layer norm) in the backward "
+                        "instead of keeping them: less memory")
+
+    command("train", cmd_train, "train a built-in model on bundled data",
+            parents=(common, model, train_args))
+    sp = command("distill", cmd_train, "train a student from a teacher checkpoint's soft "
+                 "targets", parents=(common, model, train_args))
+    sp.add_argument("--teacher", metavar="DIR", required=True,
+                    help="checkpoint of the teacher (`tensorc train -o DIR`)")
+    sp.add_argument("--temperature", type=float, default=2.0)
+    sp.add_argument("--alpha", type=float, default=0.5,
+                    help="weight of the soft (teacher) loss; 1 - alpha on the labels")
     return parser
+
+
+DEFAULT_TASK = {"gpt": "clm", "llama": "clm", "bert": "mlm", "vit": "classify",
+                "transformer": "translate"}
+
+
+def cmd_train(args) -> int:
+    from tensorc.models import MODELS
+    from tensorc.training import Run, TrainConfig, fit, plot_losses
+    if args.model not in MODELS:
+        raise TensorcError(f"{args.command} takes a built-in model ({', '.join(MODELS)}); "
+                           f"got {args.model}")
+    task = args.task or DEFAULT_TASK[args.model]
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+                      warmup=args.steps // 10 if args.warmup is None else args.warmup,
+                      weight_decay=args.weight_decay, clip=args.clip or None,
+                      accumulate=args.accumulate, seed=args.seed or 0,
+                      recompute=args.recompute)
+    run = Run(args.model, args.preset or "tiny", parse_overrides(args.set), task,
+              batch=args.batch or 8, seq=args.seq or 64, data_bytes=args.data_bytes,
+              backend=args.backend, out=args.output, eval_every=args.eval_every,
+              teacher=getattr(args, "teacher", None),
+              temperature=getattr(args, "temperature", 2.0), alpha=getattr(args, "alpha", 0.5))
+    records: list[dict] = []
+    bar = None
+    if not args.quiet:
+        try:   # tqdm: a progress bar with loss, tokens/s and the ETA (the train extra)
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            pass
+    metrics = open(args.metrics, "a") if args.metrics else None   # noqa: SIM115
+
+    def on_step(r):
+        records.append(r)
+        if metrics:
+            metrics.write(json.dumps(r) + "\n")
+            metrics.flush()
+        if bar is not None:
+            if bar.n == 0 and r["step"] > 1:
+                bar.update(r["step"] - 1)   # resumed
+            bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{r['tokens_per_s']:.0f}")
+            bar.update(1)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in r.items()
+                          if k in ("val_loss", "bits_per_byte", "val_accuracy", "bleu"))
+        if shown:
+            (bar.write if bar is not None else print)(f"step {r['step']}: {shown}")
+    try:
+        last = fit(run, cfg, args.resume, on_step)
+    finally:
+        if metrics:
+            metrics.close()
+        if bar is not None:
+            bar.close()
+    if args.plot and records:
+        plot_losses(records, args.plot)
+    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+    print(json.dumps({"model": args.model, "task": task, "steps": last["step"], **shown,
+                      "checkpoint": args.output}))
+    return 0
 
 
 def _message(e: BaseException) -> str:

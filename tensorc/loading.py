@@ -89,6 +89,13 @@ def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] |
                            f"(built in: {', '.join(MODELS)})")
     if ".py:" in spec or spec.endswith(".py"):
         return _load_factory(spec, batch, seq, seed or 0, inputs)
+    from .training import is_checkpoint, load_checkpoint_model
+    if is_checkpoint(spec):   # trained weights of a built-in model
+        model = load_checkpoint_model(spec)
+        graph, example = _trace(model, batch, seq, seed or 0, inputs)
+        return Loaded(graph, os.path.basename(os.path.normpath(spec)),
+                      dataclasses.asdict(model.config), {"source": "checkpoint", "path": spec},
+                      example)
     if not os.path.exists(spec):
         if os.sep in spec or "." in spec:
             raise TensorcError(f"file not found: {spec}")

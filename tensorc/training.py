@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,6 +24,7 @@ from .passes.autodiff import GRAD_PREFIX, grad
 
 # Before grad: what makes a good forward (attention fused, so its backward is the fused
 # attention_grad); after: the usual fusion over forward and backward together.
+DROPOUT_SEED = "dropout_seed"   # the step's input that seeds its dropout masks, when it has one
 FORWARD_PASSES = "O1,fuse-patterns,fuse-attention"
 STEP_PASSES = "O2"
 
@@ -62,6 +64,20 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def example_batch(model: Module, task: str, batch: int = 1, seq: int | None = None,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """The model's example inputs plus random labels the task's loss reads."""
+    inputs = model.example_inputs(batch=batch, seq=seq, seed=seed)
+    rng = np.random.default_rng(seed)
+    n = model.config.vocab_size
+    if task == "classify":
+        labels = rng.integers(0, n, batch)
+    else:
+        labels = rng.integers(0, n, inputs["tgt_ids" if task == "translate" else "input_ids"]
+                              .shape)
+    return {**{k: inputs[k] for k in get_task(task).inputs}, "labels": labels}
+
+
 class _WithLoss(Module):
     """The model's forward plus its loss, its weights under their own names."""
 
@@ -74,7 +90,12 @@ class _WithLoss(Module):
 
     def forward(self, **batch):
         teacher = batch.pop("teacher_logits", None)
-        return {"loss": self._task.loss(self._model, batch, teacher, **(self._distill or {}))}
+        seed = batch.pop(DROPOUT_SEED, None)
+        if seed is None:
+            return {"loss": self._task.loss(self._model, batch, teacher, **(self._distill or {}))}
+        with F.dropout_seed(seed):   # dropout drops while this step is traced
+            return {"loss": self._task.loss(self._model, batch, teacher,
+                                            **(self._distill or {}))}
 
 
 def loss_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
@@ -86,11 +107,15 @@ def loss_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
 
 
 def step_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
-               distill: dict | None = None, passes: str = STEP_PASSES):
-    """The training step graph: loss and ``grad.<weight>`` for every parameter."""
+               distill: dict | None = None, passes: str = STEP_PASSES,
+               recompute: bool = False):
+    """The training step graph: loss and ``grad.<weight>`` for every parameter;
+    `recompute`: cheap activations computed again in the backward, not kept."""
     graph, names = loss_graph(model, task, batch, distill)
-    graph = grad(run_pipeline(lift_weights(graph, names), FORWARD_PASSES), "loss", names)
-    return run_pipeline(graph, passes), names
+    graph = grad(run_pipeline(lift_weights(graph, names), FORWARD_PASSES), "loss", names,
+                 recompute=recompute)
+    # CSE would merge each recomputed activation back into the one it repeats
+    return run_pipeline(graph, passes, disable=("cse",) if recompute else ()), names
 
 
 def lift_weights(graph, names):
@@ -105,9 +130,10 @@ class TrainStep:
     reading the model's parameter arrays (which the optimizer updates in place)."""
 
     def __init__(self, model: Module, task: Task, batch: dict[str, np.ndarray],
-                 backend: str = "llvm", distill: dict | None = None):
+                 backend: str = "llvm", distill: dict | None = None,
+                 recompute: bool = False):
         from .backends import get_backend
-        self.graph, self.names = step_graph(model, task, batch, distill)
+        self.graph, self.names = step_graph(model, task, batch, distill, recompute=recompute)
         self.exe = get_backend(backend).compile(self.graph)
         self.params = {n: p.data for n, p in model.named_parameters()}
         for n, a in self.params.items():
@@ -135,6 +161,7 @@ class TrainConfig:
     clip: float | None = 1.0
     accumulate: int = 1
     seed: int = 0
+    recompute: bool = False
 
 
 def make_optimizer(params, cfg: TrainConfig, backend: str):
@@ -174,3 +201,222 @@ def train_steps(step: TrainStep, optimizer, schedule: Callable[[int], float],
             raise TensorcError(f"step {i}: the loss is {loss}; lower --lr or check the data")
         yield {"step": i + 1, "loss": loss, "lr": lr, "grad_norm": norm,
                "step_ms": (time.perf_counter() - t0) * 1e3}
+
+
+# --- data per task -----------------------------------------------------------------------
+
+class TaskData:
+    """Batches for training and a held-out evaluation, per task: `batch(rng)`,
+    `evaluate(model, backend)` -> metrics, and the vocabulary the model needs."""
+
+    def __init__(self, task: str, batch: int, seq: int, data_bytes: int | None, seed: int = 0):
+        from . import data
+        self.task, self.size, self.seq = task, batch, seq
+        self.report: list[str] = []
+        if task in ("clm", "mlm"):
+            corpus = data.stdlib_corpus(max_bytes=data_bytes, seed=seed)
+            self.train, self.val = corpus.train, corpus.val
+            self.report = corpus.report.lines()
+            self.vocab = data.EOS_ID + 1 if task == "clm" else data.MLM_VOCAB
+        elif task == "classify":
+            d = data.digits(seed=seed)
+            self.train, self.val = (d["train_images"], d["train_labels"]), \
+                (d["val_images"], d["val_labels"])
+            self.vocab = 10
+        else:
+            self.pairs = data.translation_pairs(4000, seed=seed)
+            self.val_pairs = data.translation_pairs(200, seed=seed + 10_000)
+            self.vocab = data.TRANSLATION_VOCAB
+            self.src_len, self.tgt_len = 12, 28
+
+    def model_settings(self) -> dict:
+        """--set values the task needs (vocabulary, image shape, lengths)."""
+        if self.task == "classify":
+            return {"vocab_size": 10, "image_size": 8, "patch_size": 2, "channels": 1}
+        return {"vocab_size": self.vocab}
+
+    def batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        from . import data
+        if self.task == "clm":
+            return data.clm_batch(self.train, self.size, self.seq, rng)
+        if self.task == "mlm":
+            return data.mlm_batch(self.train, self.size, self.seq, rng)
+        if self.task == "classify":
+            return data.image_batch(*self.train, self.size, rng)
+        return data.translation_batch(self.pairs, self.size, self.src_len, self.tgt_len, rng)
+
+    def evaluate(self, model: Module, backend: str, max_batches: int = 8) -> dict[str, float]:
+        from . import data
+        from .api import compile as compile_graph
+        if self.task in ("clm", "mlm"):
+            rng = np.random.default_rng(1234)   # the same held-out batches every time
+            batches = list(data.clm_eval_batches(self.val, self.size, self.seq))[:max_batches] \
+                if self.task == "clm" else \
+                [data.mlm_batch(self.val, self.size, self.seq, rng) for _ in range(max_batches)]
+            exe, _ = _loss_exe(model, self.task, batches[0], backend)
+            loss = float(np.mean([exe.run(b)["loss"] for b in batches]))
+            out = {"val_loss": loss}
+            if self.task == "clm":
+                out["bits_per_byte"] = loss / math.log(2)
+            return out
+        if self.task == "classify":
+            images, labels = self.val
+            exe = compile_graph(trace(model, pixel_values=images), backend=backend)
+            return {"val_accuracy": float(np.mean(np.argmax(exe(images), -1) == labels))}
+        return {"bleu": translation_bleu(model, self.val_pairs, self.src_len, self.tgt_len,
+                                         backend)}
+
+
+def _loss_exe(model, task, batch, backend):
+    from .backends import get_backend
+    graph, _ = loss_graph(model, get_task(task), batch)
+    return get_backend(backend).compile(run_pipeline(graph, "O2")), graph
+
+
+def translation_bleu(model: Module, pairs, src_len: int, tgt_len: int, backend: str) -> float:
+    """Greedy decoding of every source (the decoder is causal, so one fixed-length
+    forward per generated position), scored against the references."""
+    from . import data
+    from .api import compile as compile_graph
+    src = data.encode_sources([s for s, _ in pairs], src_len)
+    tgt = np.full((len(pairs), tgt_len), data.PAD_ID, np.int64)
+    tgt[:, 0] = data.BOS_ID
+    exe = compile_graph(trace(model, src_ids=src, tgt_ids=tgt), backend=backend, passes="O2")
+    for i in range(tgt_len - 1):
+        tgt[:, i + 1] = np.argmax(exe(src, tgt)[:, i], -1)
+    hyps = [data.decode_target(row[1:]) for row in tgt]
+    return data.bleu(hyps, [t for _, t in pairs])
+
+
+# --- the run: steps, evaluation, checkpoints ----------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """What `fit` needs beyond the step settings."""
+
+    model: str                      # a built-in name
+    preset: str = "tiny"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    task: str = "clm"
+    batch: int = 8
+    seq: int = 64
+    data_bytes: int | None = 2_000_000
+    backend: str = "llvm"
+    out: str | None = None          # checkpoint directory
+    eval_every: int = 0
+    teacher: str | None = None      # a checkpoint directory: distil from it
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+
+def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
+        on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train; returns the last record, with the evaluation's metrics. With `resume` the
+    weights, optimizer state, schedule position and data RNG continue from that
+    checkpoint, so the run continues as if never stopped."""
+    from . import optim
+    from .models import get
+    task = get_task(run.task)
+    td = TaskData(run.task, run.batch, run.seq, run.data_bytes, cfg.seed)
+    overrides = {**td.model_settings(), **run.overrides}
+    model = get(run.model, run.preset, seed=cfg.seed, **overrides)
+    rng = np.random.default_rng(cfg.seed)
+    schedule = optim.WarmupCosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+    teacher = _teacher(run, td) if run.teacher else None
+    first = td.batch(np.random.default_rng(cfg.seed))
+    if model.config.dropout:
+        first[DROPOUT_SEED] = np.array(0, np.int64)
+    if teacher:
+        first["teacher_logits"] = teacher(first)
+    distill = {"temperature": run.temperature, "alpha": run.alpha} if teacher else None
+    step = TrainStep(model, task, first, run.backend, distill, cfg.recompute)
+    opt = make_optimizer(step.params, cfg, run.backend)
+    start = 0
+    if resume:
+        ck = optim.load_checkpoint(resume)
+        ck.restore(step.params, opt, rng)
+        start = ck.step
+    meta = {"model": run.model, "preset": run.preset, "overrides": overrides,
+            "task": run.task, "config": dataclasses.asdict(cfg)}
+
+    def batches():
+        while True:
+            b = td.batch(rng)
+            if model.config.dropout:   # a new mask every step, from the run's one RNG
+                b[DROPOUT_SEED] = np.array(rng.integers(0, 2**31 - 1), np.int64)
+            if teacher:
+                b["teacher_logits"] = teacher(b)
+            yield b
+    record: dict = {"step": start}
+    for record in train_steps(step, opt, schedule, batches(), cfg, start):
+        record["tokens_per_s"] = run.batch * (run.seq if run.task != "classify" else 1) \
+            * cfg.accumulate / (record["step_ms"] / 1e3)
+        last = record["step"] == cfg.steps
+        if (run.eval_every and record["step"] % run.eval_every == 0) or last:
+            record.update(td.evaluate(model, run.backend))
+        if run.out and (last or (run.eval_every and record["step"] % run.eval_every == 0)):
+            optim.save_checkpoint(run.out, step.params, opt, record["step"],
+                                  {**meta, "metrics": {k: v for k, v in record.items()
+                                                       if isinstance(v, float)}},
+                                  schedule=schedule, rng=rng)
+        if on_step:
+            on_step(record)
+    return record
+
+
+def _teacher(run: Run, td: TaskData):
+    """The teacher's logits for a batch: its checkpoint loaded and compiled once."""
+    from .backends import get_backend
+    model = load_checkpoint_model(run.teacher)
+    task = get_task(run.task)
+    exe = None
+
+    def logits(batch):
+        nonlocal exe
+        inputs = {k: batch[k] for k in task.inputs}
+        if exe is None:
+            graph = trace(model, **inputs)
+            exe = get_backend(run.backend).compile(run_pipeline(graph, "O2"))
+        return exe.run(inputs)[exe.output_names[0]]
+    return logits
+
+
+def is_checkpoint(path: str) -> bool:
+    """A directory `tensorc train -o` wrote."""
+    from .optim import TRAINER_FILE
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, TRAINER_FILE))
+
+
+def load_checkpoint_model(directory: str) -> Module:
+    """The built-in model a `tensorc train` checkpoint holds, with its trained weights."""
+    from . import optim
+    from .models import get
+    ck = optim.load_checkpoint(directory)
+    meta = ck.extra
+    if "model" not in meta:
+        raise TensorcError(f"{directory}: trainer.json names no model; not a tensorc train "
+                           "checkpoint")
+    model = get(meta["model"], meta.get("preset", "tiny"), **meta.get("overrides", {}))
+    return model.load_state_dict(ck.params)
+
+
+def plot_losses(records: list[dict], path: str) -> None:
+    """Training loss per step (and validation where measured) as a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TensorcError("the loss plot needs matplotlib: pip install 'tensorc[train]'") \
+            from None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -87,6 +87,7 @@ def cases(rng):
         "gather": [([f64(rng, 5, 3), ids], {"axis": 0}), ([f64(rng, 2, 5), ids], {"axis": 1})],
         "scatter_add": [([f64(rng, 5, 2), ids, f64(rng, 2, 3, 2)], {"axis": 0})],
         "trilu": [([f64(rng, 3, 4)], {"k": 1})],
+        "dropout": [([f64(rng, 4, 5), np.array(11, np.int64)], {"p": 0.3, "salt": 2})],
         "tensor_scatter": [([f64(rng, 2, 2, 6, 3), f64(rng, 2, 2, 2, 3),
                              np.array([1, 4], np.int64)], {})],
         "attention": [

@@ -632,3 +632,23 @@ def test_each_op_exports_and_imports(op, inputs, attrs):
     back = tx.from_model(proto)
     for g_, w in zip(_numpy(back, feeds), want, strict=True):
         np.testing.assert_array_equal(g_, w)
+
+
+def test_dropout_left_in_training_mode_runs_as_identity_with_one_warning(caplog):
+    """A wrapper exported in train mode: imported graphs are inference graphs, so the
+    identity, with a warning (ONNX Runtime drops at random there, which no test can match)."""
+    F32 = TensorProto.FLOAT
+    x = helper.make_tensor_value_info("x", F32, [2, 3])
+    graph = helper.make_graph(
+        [helper.make_node("Dropout", ["x", "ratio", "train"], ["y"], name="drop")], "d", [x],
+        [helper.make_tensor_value_info("y", F32, [2, 3])],
+        initializer=[numpy_helper.from_array(np.array(0.3, np.float32), "ratio"),
+                     numpy_helper.from_array(np.array(True), "train")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with caplog.at_level("WARNING"):
+        g = tx.from_model(proto)
+    assert [r.message for r in caplog.records if "training_mode" in r.message] == [
+        "Dropout node 'drop': Dropout with training_mode=True runs as the identity "
+        "(inference); ONNX Runtime would drop at random"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
+    np.testing.assert_array_equal(_numpy(g, feeds)[0], feeds["x"])

@@ -881,6 +881,24 @@ def _conv2d_grad(op, rng):
                                              [x, w], dy, (0, 1))
 
 
+@checks("dropout")
+def _dropout(op, rng):
+    """The mask hash element by element in Python integers (the op works on arrays)."""
+    big_p, big_q = 2147483647, 2147483629
+    for shape, seed, p, salt in [((4, 5), 3, 0.5, 0), ((17,), -9, 0.1, 3),
+                                 ((2, 3, 4), 2**40, 0.9, 1)]:
+        x = rand(rng, shape)
+        s = seed % big_p                       # Python's % is never negative here
+        m = s * 48271 % (big_p - 1) + 1
+        out = np.zeros(shape, np.float32)
+        for i, j in enumerate(np.ndindex(*shape)):
+            x0 = (i + salt * 7919 + 1) % big_p * m % big_p
+            x1 = (x0 * x0 + 12345) % big_q
+            if (x1 * x1 + x0) % big_p >= int(p * big_p):
+                out[j] = x[j] * np.float32(1.0 / (1.0 - p))
+        yield [x, np.array(seed, np.int64)], {"p": p, "salt": salt}, out
+
+
 @checks("scatter_add")
 def _scatter_add(op, rng):
     for ds, axis, idx in [((5, 3), 0, np.array([4, 0, -1, 4], np.int64)),

@@ -14,6 +14,13 @@ from tensorc.training import TrainStep, get_task, loss_graph
 
 
 def batch_for(task, model, rng, batch=2, seq=8):
+    out = _batch_for(task, model, rng, batch, seq)
+    if model.config.dropout:
+        out["dropout_seed"] = np.array(12345, np.int64)
+    return out
+
+
+def _batch_for(task, model, rng, batch, seq):
     c = model.config
     if task == "classify":
         return {"pixel_values": rng.uniform(0, 1, (batch, c.channels, c.image_size,
@@ -35,12 +42,14 @@ def batch_for(task, model, rng, batch=2, seq=8):
     return out
 
 
-MODELS = [("gpt", "clm", {}), ("llama", "clm", {}), ("bert", "mlm", {}),
+MODELS = [("gpt", "clm", {}), ("gpt", "clm", {"dropout": 0.2}), ("llama", "clm", {}),
+          ("bert", "mlm", {"dropout": 0.1}),
           ("vit", "classify", {"image_size": 8, "patch_size": 4, "channels": 1}),
           ("transformer", "translate", {})]
+MODEL_IDS = [m[0] + "-dropout" * bool(m[2].get("dropout")) for m in MODELS]
 
 
-@pytest.mark.parametrize("name,task,sets", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("name,task,sets", MODELS, ids=MODEL_IDS)
 def test_model_gradient_matches_finite_differences(name, task, sets):
     """The directional derivative along random directions of all weights at once,
     float64 through the whole model: grad's dot product against central differences."""
@@ -66,7 +75,7 @@ def test_model_gradient_matches_finite_differences(name, task, sets):
         assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-8), name
 
 
-@pytest.mark.parametrize("name,task,sets", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("name,task,sets", MODELS, ids=MODEL_IDS)
 def test_llvm_step_matches_numpy(name, task, sets):
     rng = np.random.default_rng(2)
     model = get(name, "tiny", seed=0, **sets)
@@ -87,3 +96,49 @@ def test_clm_batch_from_the_stdlib_trains_the_step():
     loss, grads = TrainStep(model, get_task("clm"), b, backend="numpy")(b)
     assert abs(loss - np.log(257)) < 0.5      # an untrained model: about uniform
     assert set(grads) == {n for n, _ in model.named_parameters()}
+
+
+def test_dropout_drops_in_training_only_and_the_same_on_every_backend():
+    rng = np.random.default_rng(3)
+    model = get("gpt", "tiny", seed=0, dropout=0.5)
+    batch = batch_for("clm", model, rng)
+    step = TrainStep(model, get_task("clm"), batch, backend="llvm")
+    # embeddings and two residual branches per layer, forward and backward; generated code
+    assert step.graph.op_counts()["dropout"] == 2 * (1 + 2 * model.config.n_layer)
+    assert not [f for f in step.exe.stats()["fallbacks"] if f["node"].startswith("dropout")]
+    loss_a, _ = step(batch)
+    loss_b, _ = step({**batch, "dropout_seed": np.array(777, np.int64)})
+    assert loss_a != loss_b                                # a new seed, a new mask
+    assert step(batch)[0] == loss_a                        # the same seed, the same mask
+    from tensorc import trace
+    inference = trace(model, input_ids=batch["input_ids"])
+    assert "dropout" not in inference.op_counts()          # inference never drops
+
+
+def test_a_tied_embeddings_gradient_is_one_product_not_a_transposed_copy():
+    """GPT's LM head reads wte transposed; grad writes its gradient as dlogits^T x."""
+    rng = np.random.default_rng(4)
+    model = get("gpt", "tiny", seed=0)
+    batch = batch_for("clm", model, rng)
+    graph, names = loss_graph(model, get_task("clm"), batch)
+    g = grad(as_inputs(graph, names), "loss", names)
+    swaps = [n for n in g.nodes if n.op == "transpose" and n.inputs[0].type.rank == 2]
+    assert swaps, "the LM head reads wte transposed"
+    for n in swaps:
+        src = n.inputs[0].producer
+        assert src is None or src.op != "matmul", f"{n} transposes a product"
+
+
+def test_recompute_lowers_peak_memory_and_keeps_the_gradients():
+    from tensorc.backends.plan import peak_memory_bytes
+    from tensorc.training import example_batch, step_graph
+    model = get("gpt", "tiny", seed=0, n_layer=4, vocab_size=17, d_ff=256)
+    batch = example_batch(model, "clm", batch=4, seq=32)
+    kept, _ = step_graph(model, get_task("clm"), batch)
+    again, _ = step_graph(model, get_task("clm"), batch, recompute=True)
+    assert peak_memory_bytes(again, {}) < 0.9 * peak_memory_bytes(kept, {})
+    feeds = {**batch, **{n: p.data for n, p in model.named_parameters()}}
+    a = get_backend("numpy").compile(kept).run(feeds)
+    b = get_backend("numpy").compile(again).run(feeds)
+    for n in a:
+        np.testing.assert_array_equal(a[n], b[n], err_msg=n)

@@ -5,6 +5,7 @@ and an `OnnxNode` and returns the node's outputs as entries, building IR ops thr
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from tensorc.ir import FLOAT_DTYPES, Dim, TensorType, Value, dim_product
 from tensorc.ops.shape import SLICE_END
 
 from .values import FOLD_LIMIT, RANGE_BYTES, Entry, Sym, _dtype, _known, onnx_dtype
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .importer import OnnxNode, _Importer
@@ -297,9 +300,12 @@ def _identity(cx, n):
 
 
 def _dropout(cx, n):
-    if n.has(2) and n.const(2, "training_mode"):
-        raise n.unsupported("training_mode=True is not supported (inference only)")
     x = n.x(0)
+    if n.has(2) and n.const(2, "training_mode") and n.const(1, "ratio", 0.5):
+        # an exported wrapper left in train mode: imported graphs are for inference, so
+        # the identity, said once (ONNX Runtime 1.2x does drop here, at random)
+        log.warning("%s: Dropout with training_mode=True runs as the identity (inference); "
+                    "ONNX Runtime would drop at random", n.where)
     return [x, cx.op("full", shape=list(_shape(x)), value=True, dtype="bool")]
 
 

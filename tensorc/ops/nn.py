@@ -324,3 +324,69 @@ register(OpDef("conv2d_grad", inputs=(3, 3), reference=conv2d_grad, attrs=_CONV_
                infer=lambda x, w, dy, **attrs: [x, w],
                flops=lambda outs, x, w, dy, **attrs: 2 * _conv_flops([dy], x, w),
                doc="the gradients (dx, dw) of conv2d(x, w) given the output's gradient dy"))
+
+
+# --- dropout: a counter-based mask, the same on every backend ---------------------------
+
+# The mask is a hash of (seed, salt, element index) in 64-bit integer arithmetic that
+# every backend computes exactly alike (products stay below 2**63): the index times a
+# multiplier drawn from the seed (so two seeds give unrelated masks, not shifted copies
+# of one), then two squarings modulo two different primes. Not cryptographic; tests check
+# the keep rate and that neighbouring elements, salts and seeds are independent.
+_P, _Q = 2147483647, 2147483629
+
+
+def dropout_keep(seed: int, shape, p: float, salt: int) -> np.ndarray:
+    idx = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int64).reshape(shape)
+    s = np.fmod(np.int64(seed), _P)
+    s = s + _P if s < 0 else s
+    m = np.fmod(s * 48271, _P - 1) + 1
+    x0 = np.fmod(np.fmod(idx + (salt * 7919 + 1), _P) * m, _P)
+    x1 = np.fmod(x0 * x0 + 12345, _Q)
+    x2 = np.fmod(x1 * x1 + x0, _P)
+    return x2 >= int(p * _P)
+
+
+def _dropout_ref(x, seed, p=0.1, salt=0):
+    keep = dropout_keep(int(seed), x.shape, p, salt)
+    return np.where(keep, x * x.dtype.type(1.0 / (1.0 - p)), x.dtype.type(0)).astype(x.dtype)
+
+
+def _dropout_infer(x: TensorType, seed: TensorType, p=0.1, salt=0) -> TensorType:
+    _float_only(x)
+    if seed.rank != 0 or seed.dtype != "i64":
+        raise ShapeError(f"the seed must be an i64 scalar, got {seed}")
+    if not 0.0 <= p < 1.0:
+        raise ShapeError(f"p={p} must be in [0, 1)")
+    return x
+
+
+def _dropout_decompose(graph, inputs, p, salt) -> list:
+    """The same hash in primitive integer ops (so every backend generates it)."""
+    x, seed = inputs
+
+    def c(v):
+        return vjp.const(graph, v, "i64")
+
+    def fmod(a, m):   # integer division truncates, as C's % does
+        return graph.add("sub", a, graph.add("mul", graph.add("div", a, c(m)), c(m)))
+    n = dim_product(x.type.shape)
+    idx = graph.add("reshape", graph.add("range", start=(0,), limit=(n,)), shape=x.type.shape)
+    s = fmod(seed, _P)
+    s = graph.add("where", graph.add("less", s, c(0)), graph.add("add", s, c(_P)), s)
+    m = graph.add("add", fmod(graph.add("mul", s, c(48271)), _P - 1), c(1))
+    x0 = fmod(graph.add("mul", fmod(graph.add("add", idx, c(salt * 7919 + 1)), _P), m), _P)
+    x1 = fmod(graph.add("add", graph.add("mul", x0, x0), c(12345)), _Q)
+    x2 = fmod(graph.add("add", graph.add("mul", x1, x1), x0), _P)
+    keep = graph.add("greater_equal", x2, c(int(p * _P)))
+    return [vjp.mask(graph, keep, vjp.scale(graph, x, 1.0 / (1.0 - p)))]
+
+
+register(OpDef(
+    "dropout", infer=_dropout_infer, reference=_dropout_ref, inputs=(2, 2),
+    attrs={"p": Attr("float", 0.1), "salt": Attr("int", 0)}, decompose=_dropout_decompose,
+    flops=elementwise_flops(12),
+    vjp=lambda g, node, dys: [g.add("dropout", dys[0], node.inputs[1], **node.attrs), None],
+    doc="training dropout: x / (1 - p) where a hash of (seed, salt, element index) keeps "
+        "it, else 0; `salt` tells the dropouts of one graph apart",
+))
