@@ -186,6 +186,49 @@ def _tensor_scatter(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _scatter_add(lw, node, ins, attrs):
+    """data copied, then each slice of `updates` added at its index (an embedding's
+    gradient). Repeated indices add up, so the kernel runs the indices in order and is
+    parallel over blocks of the elements after the axis (and the dims before it), which
+    two indices never share; the innermost loop is unit stride."""
+    data, idx, updates = ins
+    if data.dtype not in ("f32", "f64"):
+        raise NotLowerable(f"scatter_add on {data.dtype}")
+    ax = norm_axis(attrs["axis"], len(data.shape))
+    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+    lw.steps.append(write_kernel("copy", data, out))
+    iview = lw.view(idx)
+    n = data.shape[ax]
+    lw.check_indices(IndexCheck(iview, n, node.where))
+    pre, post, ishape = data.shape[:ax], data.shape[ax + 1:], idx.shape
+    inner = math.prod(post)
+    block = next(w for w in (64, 32, 16, 8, 4, 2, 1) if inner % w == 0)
+    kb = KernelBuilder("scatter_add")
+    kout = kb.buf(out.buf, readonly=False)
+    blk, j = kb.var(), kb.var()
+    pvars, ivars = [kb.var() for _ in pre], [kb.var() for _ in ishape]
+    flat = K.binary("add", K.binary("mul", blk, K.const_index(block)), j)
+    qvars, below = [], inner
+    for d in post:   # the flat index of the trailing dims, split
+        below //= d
+        e = K.binary("floordiv", flat, K.const_index(below)) if below > 1 else flat
+        qvars.append(K.binary("mod", e, K.const_index(d)) if len(qvars) else e)
+    index = kb.at(Access(iview.buf, iview.offset, iview.strides), ivars)
+    index = index if index.dtype == "i64" else K.Cast(index, "i64")
+    wrapped = K.Select(K.binary("lt", index, K.const_index(0)),
+                       K.binary("add", index, K.const_index(n)), index)
+    address = K.affine(out.offset, list(zip(pvars + [wrapped] + qvars, out.strides,
+                                            strict=True)))
+    add = kb.at(updates.expr, pvars + ivars + qvars)
+    body = [K.Store(kout, address, K.binary("add", K.Load(kout, address), add))]
+    body = [K.Loop(j, block, body)]
+    for v, ext in reversed(list(zip(pvars + ivars, pre + ishape, strict=True))):
+        body = [K.Loop(v, ext, body)]
+    lw.steps.append(kb.kernel([K.Loop(blk, inner // block, body, parallel=True)],
+                              math.prod(updates.shape)))
+    return [lw.of_view(out)]
+
+
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "transpose": _transpose,
     "reshape": _reshape,
@@ -201,4 +244,5 @@ RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "trilu": _trilu,
     "gather": _gather,
     "tensor_scatter": _tensor_scatter,
+    "scatter_add": _scatter_add,
 }
