@@ -291,3 +291,16 @@ def test_bind_batched_b_uses_the_arrays_as_given(rng):
     out = np.full((2, 3, 40, 30), np.nan, np.float32)
     G.bind(a, w, out, threads=2)()
     assert_close(out, ref(a, w))
+
+
+def test_bind_batched_products_bound_once(rng):
+    """A B per batch (attention's backward): each product bound once, transposed Bs
+    included; the same arrays again give the new values, as a bound call must."""
+    a, w = randn(rng, 2, 3, 40, 17), randn(rng, 2, 3, 30, 17).swapaxes(-1, -2)
+    out = np.full((2, 3, 40, 30), np.nan, np.float32)
+    run = G.bind(a, w, out, threads=2)
+    run()
+    assert_close(out, ref(a, w))
+    a[...] = randn(rng, *a.shape)
+    run()
+    assert_close(out, ref(a, w))
