@@ -287,13 +287,14 @@ def main():
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
     procs, failed = start_engines({p: starter(p) for p in args.engines.split(",")})
+    load = os.getloadavg()[0]
     runs = take_turns(procs, args.rounds, lambda peer: "1 0" if peer == "numpy"
                       else f"{args.repeat} 1", pause=1.0)
 
     print(f"GPT {args.preset} training step (forward + backward + AdamW), batch {args.batch}, "
           f"seq {args.seq}; CPU: {cpu_model()}; {args.threads} threads for every engine; "
           f"medians of {args.rounds} rounds x {args.repeat} steps (numpy: 1), engines taking "
-          f"turns\n")
+          f"turns; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print("| engine | preset | step ms | forward+backward ms | optimizer ms | step / PyTorch "
           "| optimizer |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
