@@ -101,6 +101,12 @@ class _WithLoss(Module):
 def loss_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
                distill: dict | None = None):
     """The traced loss: inputs the batch (and the weights, as inputs), output `loss`."""
+    import inspect
+    takes = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.default is inspect.Parameter.empty]
+    if takes != list(task.inputs):
+        raise TensorcError(f"task {task.name} feeds {', '.join(task.inputs)}, but "
+                           f"{type(model).__name__} takes {', '.join(takes)}")
     graph = trace(_WithLoss(model, task, distill), **batch)
     names = [n for n, _ in model.named_parameters()]
     return graph, names
@@ -321,6 +327,8 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     from . import optim
     from .models import get
     task = get_task(run.task)
+    if run.out:
+        os.makedirs(os.path.dirname(os.path.abspath(run.out)), exist_ok=True)
     td = TaskData(run.task, run.batch, run.seq, run.data_bytes, cfg.seed)
     overrides = {**td.model_settings(), **run.overrides}
     model = get(run.model, run.preset, seed=cfg.seed, **overrides)

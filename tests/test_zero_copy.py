@@ -192,6 +192,112 @@ def test_an_out_array_that_is_also_an_input(rng):
     np.testing.assert_allclose(s, want, rtol=1e-6)
 
 
+def test_the_out_overlap_test_is_may_share_memorys(rng):
+    """`_Spans` (the runtime's overlap test for `out` arrays, O(log n) a test) answers as
+    np.may_share_memory's bounds test over the inputs and the `out` arrays taken before,
+    on views of one base: strided, reversed, empty, overlapping, disjoint."""
+    from tensorc.backends.llvm.runtime import _Spans
+    base = np.zeros(400, np.float32)
+    for _ in range(200):
+        views = []
+        for _ in range(rng.integers(1, 8)):
+            lo, n = int(rng.integers(0, 400)), int(rng.integers(0, 40))
+            step = int(rng.choice([1, 1, 2, -1]))
+            views.append(base[lo:lo + n:step] if step > 0 else base[lo:max(lo - n, 0):step])
+        arrays, outs = views[:len(views) // 2 + 1], views[len(views) // 2 + 1:]
+        donated = arrays[0] if rng.random() < 0.5 else None
+        spans, taken = _Spans(arrays), []
+        for o in outs:
+            want = any(np.may_share_memory(o, x) for x in [*arrays, *taken]
+                       if x is not donated)
+            assert spans.overlaps(o, donated) == want
+            if not want:
+                spans.add(o)
+                taken.append(o)
+
+
+def test_many_out_arrays_one_call(rng):
+    """Hundreds of outputs written into the caller's arrays, one of them an input (computed
+    aside), others fresh: the overlap test per output is not a pass over every array."""
+    g = Graph("many")
+    xs = [g.add_input(f"x{i}", TensorType((3,), "f32")) for i in range(300)]
+    g.outputs = [g.add("mul", x, x) for x in xs]
+    exe = compiled(g)
+    feeds = {f"x{i}": rng.standard_normal(3, np.float32) for i in range(300)}
+    want = {f"x{i}": feeds[f"x{i}"] ** 2 for i in range(300)}
+    out = {n: np.empty(3, np.float32) for n in exe.output_names}
+    out[exe.output_names[7]] = feeds["x7"]
+    got = exe.run(feeds, out=out)
+    for i, n in enumerate(exe.output_names):
+        assert got[n] is out[n]
+        np.testing.assert_allclose(got[n], want[f"x{i}"], rtol=1e-6)
+
+
+def in_place_cases():
+    """name -> (graph, the outputs' in-place inputs by name, as `Program.in_place` lists)."""
+    cases = {}
+    g = Graph("axpy")   # elementwise: y may be written over x or over a
+    x = g.add_input("x", TensorType((33, 17), "f32"))
+    a = g.add_input("a", TensorType((33, 17), "f32"))
+    g.outputs = [g.add("add", g.add("mul", x, x), a)]
+    cases["elementwise"] = (g, {0: ["x", "a"]})
+    g = Graph("transposed")   # y[i, j] reads x[j, i]: not element for element
+    x = g.add_input("x", TensorType((16, 16), "f32"))
+    g.outputs = [g.add("add", x, g.add("transpose", x, perm=(1, 0)))]
+    cases["transposed"] = (g, {})
+    g = Graph("later")   # x is read again after the first output's kernel
+    x = g.add_input("x", TensorType((40,), "f32"))
+    y1 = g.add("mul", x, x)
+    g.outputs = [y1, g.add("add", g.add("exp", x), y1)]
+    cases["read later"] = (g, {1: ["x"]})
+    g = Graph("centred")   # a reduction reads x first; the last kernel is elementwise
+    x = g.add_input("x", TensorType((8, 50), "f32"))
+    mean = g.add("reduce_mean", x, axes=(1,), keepdims=True)
+    g.outputs = [g.add("sub", x, mean)]
+    cases["after a reduction"] = (g, {0: ["x"]})
+    g = Graph("broadcast")   # b is smaller: read at another index than written
+    x = g.add_input("x", TensorType((6, 10), "f32"))
+    b = g.add_input("b", TensorType((10,), "f32"))
+    g.outputs = [g.add("mul", x, b)]
+    cases["broadcast"] = (g, {0: ["x"]})
+    return cases
+
+
+@pytest.mark.parametrize("case", list(in_place_cases()))
+def test_in_place_updates(rng, monkeypatch, case):
+    """`Program.in_place`: an output whose one kernel reads an input only at the element it
+    writes, and nothing reads that input later, may be given that input as its `out`; it
+    is then updated in place (no fresh array); any other input given as `out` is
+    computed aside. Results equal the reference either way."""
+    from tensorc.backends.llvm import runtime
+    g, want = in_place_cases()[case]
+    exe = compiled(g)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32)
+             for v in g.inputs}
+    ref = get_backend("numpy").compile(g).run(feeds)
+    program = exe.program()
+    assert {i: [b.name for b in bufs] for i, bufs in program.in_place.items()} == want
+    for i, name in enumerate(exe.output_names):
+        for inp, arr in feeds.items():
+            if arr.shape != ref[name].shape:
+                continue
+            fresh = {k: v.copy() for k, v in feeds.items()}
+            target = fresh[inp]
+            donated = inp in want.get(i, [])
+            if donated:   # computed straight into the input: no array of its own
+                monkeypatch.setattr(runtime.np, "empty", None)
+            out = {o: np.empty_like(ref[o]) for o in ref}   # every output given one
+            out[name] = target
+            got = exe.run(fresh, out=out)
+            monkeypatch.undo()
+            assert got[name] is target
+            np.testing.assert_allclose(target, ref[name], rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{name} over {inp}")
+            for other in ref:
+                if other != name:
+                    np.testing.assert_allclose(got[other], ref[other], rtol=1e-6, atol=1e-6)
+
+
 def aliasing_graph():
     """Outputs that alias an input, a constant, views, each other, a part of a buffer,
     and a buffer later steps read."""

@@ -56,19 +56,21 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
     """Have a second process compile, while this one compiles the rest, the attention
     kernels `program` calls (the largest library modules, one per mask kind) and its
     GEMMs' activation epilogues (`jit.compile_ahead`): on a cold cache the two cores
-    share the JIT work (a decode step's GEMV module too)."""
+    share the JIT work (a decode step's GEMV module, the attention backward too)."""
     import math
 
-    from . import attention, gemm, gemm_ir, gemv, jit
-    kinds, groups, rows = set(), set(), False
+    from . import attention, attention_grad, gemm, gemm_ir, gemv, jit
+    kinds, groups, rows, backward = set(), set(), False, set()
     for step in program.steps:
         if getattr(step, "fallback", True):
             continue
         if step.op == "matmul" and step.inputs[1].buf.kind == "const":
             rows |= math.prod(step.inputs[0].shape[:-1]) <= gemv.GEMV_MAX_M
-        if step.op == "attention":
-            mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 else None
-            kinds.add({None: "none", "bool": "keep", "f32": "add"}.get(mask))
+        if step.op in ("attention", "attention_grad"):
+            mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 + (
+                step.op == "attention_grad") else None
+            kind = {None: "none", "bool": "keep", "f32": "add"}.get(mask)
+            (kinds if step.op == "attention" else backward).add(kind)
         elif step.op == "matmul" and step.epilogue.get("activation") not in (None, "none"):
             a, b = step.inputs
             if len(b.shape) == 2 and b.buf.kind == "const":
@@ -77,7 +79,8 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
                     step.epilogue["activation"], threads) if g != "pack_a")
     jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})]
                       + [gemm_ir.ahead(g) for g in sorted(groups)]
-                      + [gemv.ahead()] * rows)
+                      + [gemv.ahead()] * rows
+                      + [attention_grad.ahead(k) for k in sorted(backward - {None})])
 
 
 class LLVMBackend(Backend):

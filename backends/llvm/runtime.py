@@ -11,6 +11,7 @@ native pool's `TENSORC_NUM_THREADS` threads at once (`pool.py`).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import math
 import threading
@@ -65,8 +66,9 @@ class Runner:
     buffer moves there, later steps that read it included. Only an output that is a
     part of a larger buffer (a slice) is copied out of the arena. The one way a
     caller's input is written: an `out` that is the very input array the Program
-    lists as that output's alias (a donated key/value cache, `Program.aliases`); the
-    copy between them is then skipped (`KernelStep.skip_if_same`).
+    lists as that output's alias (a donated key/value cache, `Program.aliases`: the
+    copy between them is then skipped, `KernelStep.skip_if_same`) or as an input its
+    kernel may overwrite (`Program.in_place`: an elementwise update, an optimizer's).
     """
 
     def __init__(self, program: Program, threads: int | None = None):
@@ -81,8 +83,13 @@ class Runner:
         written = program.written()
         self.in_place = [b not in written for b in program.inputs]
         self.dtypes = [np.dtype(_np(b.dtype)) for b in program.inputs]
-        # output index -> the index of the input it may be donated from (Program.aliases)
-        self._alias_of = {i: program.inputs.index(b) for i, b in program.aliases.items()}
+        # output index -> the indices of the inputs it may be donated from
+        # (Program.aliases, Program.in_place)
+        self._alias_of: dict[int, list[int]] = {}
+        for i, b in program.aliases.items():
+            self._alias_of.setdefault(i, []).append(program.inputs.index(b))
+        for i, bufs in program.in_place.items():
+            self._alias_of.setdefault(i, []).extend(program.inputs.index(b) for b in bufs)
         self.homes = [self.array(View(b, 0, (b.numel,), (1,))) for b in program.inputs]
         self.out_dtypes = [np.dtype(_np(v.buf.dtype)) for v in program.outputs]
         # an output view that is all of its buffer: the buffer itself moves to the result
@@ -196,7 +203,7 @@ class Runner:
                 ins[1] = self._packed[step]
             epilogue = {k: self.array(v) if isinstance(v, View) else v
                         for k, v in step.epilogue.items()}
-            return LIBRARY[step.op](step.attrs, ins, outs[0], epilogue, self.threads)
+            return LIBRARY[step.op](step.attrs, ins, outs, epilogue, self.threads)
         raise TypeError(f"unknown step {step!r}")
 
     def move(self, buf, memory: np.ndarray, rebind: set) -> None:
@@ -216,14 +223,15 @@ class Runner:
     def _donated(self, i: int, o, arrays):
         """The input array the caller passed again as output i's `out`, where the Program
         lets output i share that input's memory (`Program.aliases`: a cache updated in
-        place) and the input is read in place; else None."""
-        j = self._alias_of.get(i)
-        if o is None or j is None:
+        place; `Program.in_place`: an elementwise update) and the input is read in
+        place; else None."""
+        if o is None:
             return None
-        buf, a = self.program.inputs[j], arrays[j]
-        if a.ctypes.data == o.ctypes.data and a.nbytes == o.nbytes \
-                and self.pointer(buf) == a.ctypes.data:
-            return a
+        for j in self._alias_of.get(i, ()):
+            buf, a = self.program.inputs[j], arrays[j]
+            if a.ctypes.data == o.ctypes.data and a.nbytes == o.nbytes \
+                    and self.pointer(buf) == a.ctypes.data:
+                return a
         return None
 
     def run(self, arrays: list[np.ndarray], out: list | None = None) -> list[np.ndarray]:
@@ -243,13 +251,19 @@ class Runner:
                 home[...] = np.asarray(a).reshape(-1)
                 if ok:
                     self.move(buf, home, rebind)
-        results = []
+        results, spans = [], None
         for i, (v, dtype, direct) in enumerate(zip(self.program.outputs, self.out_dtypes,
                                                    self.direct, strict=True)):
             o = out[i] if out is not None else None
-            donated = self._donated(i, o, arrays)
-            if o is None or not o.flags.aligned or any(
-                    np.may_share_memory(o, x) for x in [*arrays, *results] if x is not donated):
+            if o is not None:
+                if spans is None:
+                    spans = _Spans(arrays)
+                donated = self._donated(i, o, arrays)
+                if not o.flags.aligned or spans.overlaps(o, donated):
+                    o = None
+                else:
+                    spans.add(o)
+            if o is None:
                 o = np.empty(v.shape, dtype)   # else the caller's array, checked
             if direct:
                 self.move(v.buf, o, rebind)
@@ -267,25 +281,89 @@ class Runner:
         return results
 
 
+class _Spans:
+    """Which memory a call's arrays hold, for the `out` overlap test: the inputs' and the
+    `out` arrays taken so far. np.may_share_memory's bounds test, in O(log n) per array
+    instead of a pass over all of them (a graph with hundreds of inputs and outputs, an
+    optimizer's update, paid milliseconds per call for the pairs)."""
+
+    def __init__(self, arrays):
+        spans = sorted((lo, hi, k) for k, a in enumerate(arrays)
+                       for lo, hi in [_bounds(a)] if hi > lo)
+        self.arrays = arrays
+        self.starts = [lo for lo, _, _ in spans]
+        self.spans = spans
+        self.reach, top = [], -1   # the furthest end among spans[:j + 1]
+        for _, hi, _ in spans:
+            top = max(top, hi)
+            self.reach.append(top)
+        self.taken_starts: list[int] = []   # `out` arrays taken: disjoint, sorted
+        self.taken_ends: list[int] = []
+
+    def overlaps(self, o: np.ndarray, donated) -> bool:
+        """Whether `o` overlaps an input other than `donated` or an `out` taken before."""
+        lo, hi = _bounds(o)
+        if hi <= lo:
+            return False
+        j = bisect.bisect_left(self.taken_starts, hi)
+        if j and self.taken_ends[j - 1] > lo:
+            return True
+        j = bisect.bisect_left(self.starts, hi) - 1
+        while j >= 0 and self.reach[j] > lo:   # spans[j] may end past lo
+            _, s_hi, k = self.spans[j]
+            if s_hi > lo and self.arrays[k] is not donated:
+                return True
+            j -= 1
+        return False
+
+    def add(self, o: np.ndarray) -> None:
+        lo, hi = _bounds(o)
+        if hi > lo:
+            j = bisect.bisect_left(self.taken_starts, lo)
+            self.taken_starts.insert(j, lo)
+            self.taken_ends.insert(j, hi)
+
+
+def _bounds(a: np.ndarray) -> tuple[int, int]:
+    """[first byte, past the last byte) of an array's memory (np.byte_bounds)."""
+    if a.flags.c_contiguous:
+        lo = a.ctypes.data
+        return lo, lo + a.nbytes
+    return _byte_bounds(a)
+
+
+try:
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:   # numpy < 2
+    _byte_bounds = np.byte_bounds
+
+
 def _np(dtype: str):
     from tensorc.ir import DTYPES
     return DTYPES[dtype]
 
 
-# --- library calls: op -> bind(attrs, inputs, out, epilogue, threads) -> step ----------
+# --- library calls: op -> bind(attrs, inputs, outputs, epilogue, threads) -> step ------
 
-def _matmul(attrs, ins, out, epilogue, threads):
+def _matmul(attrs, ins, outs, epilogue, threads):
     # float32: lowering generates kernels for other types; a weight's B comes packed
     # (Runner.bind)
     from .gemm import bind
     a, b = ins
     kwargs = {k: epilogue[k] for k in ("bias", "activation", "residual") if k in epilogue}
-    return bind(a, b, out, threads=threads, **kwargs)  # checks and arguments made once
+    return bind(a, b, outs[0], threads=threads, **kwargs)  # checks and arguments made once
 
 
-def _attention(attrs, ins, out, epilogue, threads):
+def _attention(attrs, ins, outs, epilogue, threads):
     from .attention import bind
-    return bind(*ins, **attrs, threads=threads, out=out)
+    return bind(*ins, **attrs, threads=threads, out=outs[0])
 
 
-LIBRARY = {"matmul": _matmul, "attention": _attention}
+def _attention_grad(attrs, ins, outs, epilogue, threads):
+    # no `patch`: the runner binds it again when an operand's buffer moves
+    from .attention_grad import bind
+    q, k, v, *mask, dy = ins
+    return bind(q, k, v, dy, *mask, **attrs, threads=threads, out=outs)
+
+
+LIBRARY = {"matmul": _matmul, "attention": _attention, "attention_grad": _attention_grad}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +112,11 @@ class Program:
     # the output is the input updated (a key/value cache), and its only copy is a
     # `skip_if_same` step
     aliases: dict[int, Buf] = field(default_factory=dict)
+    # output index -> the input Bufs whose memory the caller may pass as that output's
+    # `out` (the update then happens in place): the one step writing the output is a
+    # kernel that reads each of them only at the element it writes (`in_place_reads`),
+    # and no later step reads them (`find_in_place`; an optimizer's state and weights)
+    in_place: dict[int, tuple[Buf, ...]] = field(default_factory=dict)
     _written: set | None = field(default=None, init=False, repr=False)
 
     def written(self) -> set[Buf]:
@@ -120,6 +126,38 @@ class Program:
         if self._written is None:   # steps are final once a Program is made
             self._written = {b for s in self.steps for b in s.writes()}
         return self._written
+
+    def find_in_place(self) -> dict[int, tuple[Buf, ...]]:
+        """`in_place`, worked out from the steps: per whole-buffer output written by one
+        kernel step (that writes nothing else), the graph inputs of its dtype and size
+        that the kernel reads only element for element (`in_place_reads`), that no
+        step writes and that no later step reads."""
+        writers: dict = {}
+        for k, s in enumerate(self.steps):
+            for b in s.writes():
+                writers.setdefault(b, []).append(k)
+        last_read: dict = {}
+        for k, s in enumerate(self.steps):
+            for b in s.reads():
+                last_read[b] = k
+        found = {}
+        for i, v in enumerate(self.outputs):
+            ks = writers.get(v.buf, [])
+            if len(ks) != 1 or v.offset or v.buf.numel != int(np.prod(v.shape)):
+                continue
+            step = self.steps[ks[0]]
+            if not isinstance(step, KernelStep) or step.skip_if_same is not None \
+                    or len(set(step.writes())) != 1:
+                continue
+            ok = []
+            for j in in_place_reads(step.kernel):
+                b = step.args[j]
+                if b.kind == "input" and b.dtype == v.buf.dtype and b.numel == v.buf.numel \
+                        and b not in writers and last_read.get(b) == ks[0] and b not in ok:
+                    ok.append(b)
+            if ok:
+                found[i] = tuple(ok)
+        return found
 
     @property
     def kernels(self) -> list[K.Kernel]:
@@ -137,6 +175,54 @@ class Program:
                 "fallbacks": [{"node": c.where, "reason": c.reason}
                               for c in calls if c.fallback],
                 "arena_bytes": self.arena_bytes, "live_peak_bytes": self.live_peak_bytes}
+
+
+def in_place_reads(kernel: K.Kernel) -> list[int]:
+    """The positions (in `kernel.buffers`) of the buffers the kernel reads only at the
+    element it writes: it has one store, `out[i] = f(...)`, inside loops whose variables
+    all appear in `i`, and every load of those buffers is at `i` and comes before the
+    store. Writing `out` over such a buffer changes nothing the kernel reads. (The llvm
+    kernels' pointers are `noalias`; what that lets LLVM assume stays true in effect:
+    each element's store depends on its own loads, and no load follows the store.)"""
+    stores: list = []
+    loads: list = []   # (buffer, its index as text, after the store?)
+
+    def expr(e):
+        if isinstance(e, K.Load):
+            loads.append((e.buf, K.format_expr(e.index), bool(stores)))
+            expr(e.index)
+        for child in ("x", "a", "b", "cond"):
+            if isinstance(getattr(e, child, None), K.Expr):
+                expr(getattr(e, child))
+
+    def stmts(body, loops):
+        for s in body:
+            if isinstance(s, K.Loop):
+                if not stmts(s.body, loops + [s]):
+                    return False
+            elif isinstance(s, K.Store):
+                expr(s.index)
+                expr(s.value)
+                stores.append((s, loops))
+            elif isinstance(s, K.Decl):
+                expr(s.init)
+            elif isinstance(s, K.Assign):
+                expr(s.value)
+            else:
+                return False
+        return True
+
+    if not stmts(kernel.body, []) or len(stores) != 1:
+        return []
+    store, loops = stores[0]
+    index = K.format_expr(store.index)
+    names = set(re.findall(r"\w+", index))
+    if any(loop.extent > 1 and loop.var.name not in names for loop in loops):
+        return []
+    bad = {id(b) for b, at, after in loads if at != index or after}
+    return [j for j, b in enumerate(kernel.buffers)
+            if b.readonly and b is not store.buf and id(b) not in bad
+            and any(lb is b for lb, _, _ in loads)]
 
 
 class NotLowerable(Exception):

@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 class Lowering:
     def __init__(self, graph: Graph, env: dict[str, int], region: bool = False,
-                 gemm_epilogues: bool = True):
+                 gemm_epilogues: bool = True, grad_kernels: bool = True):
         self.graph, self.env, self.region = graph, env, region and gemm_epilogues
-        self.gemm_epilogues = gemm_epilogues
+        self.gemm_epilogues, self.grad_kernels = gemm_epilogues, grad_kernels
         self.steps: list = []
         self.buffers: list[Buf] = []
         self.notes: list[str] = []
@@ -101,6 +101,7 @@ class Lowering:
         program.aliases = {i: self.aliases[o.buf] for i, o in enumerate(outputs)
                            if o.buf in self.aliases and o.offset == 0
                            and o.buf.numel == math.prod(o.shape)}
+        program.in_place = program.find_in_place()
         return program
 
     def lower_nodes(self, nodes, vals):
@@ -160,7 +161,7 @@ class Lowering:
                        for i, x in enumerate(ins)]
             sub.outputs = list(get_op(node.op).decompose(sub, sub_ins, **attrs))
         inner = Lowering(sub, env, region=isinstance(body, Graph),
-                         gemm_epilogues=self.gemm_epilogues)
+                         gemm_epilogues=self.gemm_epilogues, grad_kernels=self.grad_kernels)
         inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
         inner.checked, inner.aliases = self.checked, self.aliases
         vals = dict(zip(sub_ins, ins, strict=True))
@@ -203,14 +204,16 @@ class Lowering:
         return Program(self.steps, inputs, outputs, planned, total, peak, self.notes)
 
 
-def lower(graph: Graph, env: dict[str, int] | None = None, gemm_epilogues: bool = True
-          ) -> Program:
+def lower(graph: Graph, env: dict[str, int] | None = None, gemm_epilogues: bool = True,
+          grad_kernels: bool = True) -> Program:
     """The Program for `graph` with its symbolic dims bound by `env`. `gemm_epilogues`:
     the target's GEMM applies a fuse-epilogues region's bias, activation and residual
     itself (llvm); without, they are a generated kernel after it (cupy: cuBLAS cannot).
-    Reference fallbacks are a warning (logged once per Program), or an error in strict
-    mode."""
-    program = Lowering(graph, env or {}, gemm_epilogues=gemm_epilogues).run()
+    `grad_kernels`: the target has a fused attention backward (llvm), else
+    `attention_grad` runs its decomposition. Reference fallbacks are a warning (logged
+    once per Program), or an error in strict mode."""
+    program = Lowering(graph, env or {}, gemm_epilogues=gemm_epilogues,
+                       grad_kernels=grad_kernels).run()
     fallbacks = program.stats()["fallbacks"]
     if fallbacks:
         listed = "; ".join(f"{f['node']} ({f['reason']})" for f in fallbacks)
@@ -228,8 +231,8 @@ def strict() -> bool:
 
 
 def planned_memory(graph: Graph, env: dict[str, int] | None = None,
-                   gemm_epilogues: bool = True) -> dict:
+                   gemm_epilogues: bool = True, grad_kernels: bool = True) -> dict:
     """Arena size (planned, with buffer reuse) and the peak of live bytes, for inspect."""
-    p = lower(graph, env, gemm_epilogues)
+    p = lower(graph, env, gemm_epilogues, grad_kernels)
     return {"arena_bytes": p.arena_bytes, "live_peak_bytes": p.live_peak_bytes}
 

@@ -14,6 +14,21 @@ def _attention(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _attention_grad(lw, node, ins, attrs):
+    """The target's fused backward (llvm: `llvm/attention_grad.py`), for f32 (a bool or
+    f32 mask included); otherwise, and on targets without one, the op's decomposition
+    runs."""
+    if not lw.grad_kernels:
+        raise NotLowerable("the target has no fused attention backward")
+    if any(x.dtype != "f32" for x in ins[:3] + ins[-1:]):
+        raise NotLowerable("the fused attention backward is float32 only")
+    outs = [lw.out_view(v.type.concrete(lw.env)) for v in node.outputs]
+    lw.steps.append(Call("attention_grad", attrs, [lw.view(x) for x in ins], outs,
+                         where=node.where))
+    return [lw.of_view(o) for o in outs]
+
+
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "attention": _attention,
+    "attention_grad": _attention_grad,
 }

@@ -186,46 +186,58 @@ def _tensor_scatter(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _scatter_block(post: int, pre: int) -> int:
+    """The slice of the trailing dims one parallel item of scatter_add owns: a divisor of
+    `post`, at least one AVX-512 vector (16) where `post` allows, small enough that
+    `pre` x (post / block) items keep a few threads busy."""
+    want = max(16, post // max(1, -(-16 // pre)))
+    return max(d for d in range(1, post + 1) if post % d == 0 and d <= want)
+
+
 def _scatter_add(lw, node, ins, attrs):
-    """data copied, then each slice of `updates` added at its index (an embedding's
-    gradient). Repeated indices add up, so the kernel runs the indices in order and is
-    parallel over blocks of the elements after the axis (and the dims before it), which
-    two indices never share; the innermost loop is unit stride."""
-    data, idx, updates = ins
-    if data.dtype not in ("f32", "f64"):
-        raise NotLowerable(f"scatter_add on {data.dtype}")
-    ax = norm_axis(attrs["axis"], len(data.shape))
+    """`data` copied into the result, then each update slice added at its index. Race
+    free without atomics: the parallel loop runs over (leading dims, blocks of the
+    trailing dims), so one item owns its elements of every row, and walks the index
+    positions serially inside (repeated indices add up in index order, as np.add.at)."""
+    data, idx, upd = ins
+    if data.dtype == "bool":
+        raise NotLowerable("scatter_add of bool")
+    rank = len(data.shape)
+    ax = norm_axis(attrs["axis"], rank)
+    n = data.shape[ax]
+    pre, post = math.prod(data.shape[:ax]), math.prod(data.shape[ax + 1:])
+    m = math.prod(idx.shape)
+    iflat = reshape(idx, (m,))
+    iview = lw.view(iflat if iflat is not None else reshape(lw.materialize(idx), (m,)))
+    lw.check_indices(IndexCheck(iview, n, node.where))
     out = lw.out_view(node.outputs[0].type.concrete(lw.env))
     lw.steps.append(write_kernel("copy", data, out))
-    iview = lw.view(idx)
-    n = data.shape[ax]
-    lw.check_indices(IndexCheck(iview, n, node.where))
-    pre, post, ishape = data.shape[:ax], data.shape[ax + 1:], idx.shape
-    inner = math.prod(post)
-    block = next(w for w in (64, 32, 16, 8, 4, 2, 1) if inner % w == 0)
+    if pre * m * post == 0:
+        return [lw.of_view(out)]
+    upd3 = reshape(upd, (pre, m, post))
+    if upd3 is None:
+        upd3 = reshape(lw.materialize(upd), (pre, m, post))
+    block = _scatter_block(post, pre)
+    nb = post // block
     kb = KernelBuilder("scatter_add")
     kout = kb.buf(out.buf, readonly=False)
-    blk, j = kb.var(), kb.var()
-    pvars, ivars = [kb.var() for _ in pre], [kb.var() for _ in ishape]
-    flat = K.binary("add", K.binary("mul", blk, K.const_index(block)), j)
-    qvars, below = [], inner
-    for d in post:   # the flat index of the trailing dims, split
-        below //= d
-        e = K.binary("floordiv", flat, K.const_index(below)) if below > 1 else flat
-        qvars.append(K.binary("mod", e, K.const_index(d)) if len(qvars) else e)
-    index = kb.at(Access(iview.buf, iview.offset, iview.strides), ivars)
+    item, i, j, row = kb.var(), kb.var(), kb.var(), kb.var()
+    p = K.const_index(0) if pre == 1 else item if nb == 1 else \
+        K.binary("floordiv", item, K.const_index(nb))
+    blk = K.const_index(0) if nb == 1 else item if pre == 1 else \
+        K.binary("mod", item, K.const_index(nb))
+    q0 = K.binary("mul", blk, K.const_index(block))
+    q = K.binary("add", q0, j)
+    index = kb.at(Access(iview.buf, iview.offset, iview.strides), [i])
     index = index if index.dtype == "i64" else K.Cast(index, "i64")
     wrapped = K.Select(K.binary("lt", index, K.const_index(0)),
                        K.binary("add", index, K.const_index(n)), index)
-    address = K.affine(out.offset, list(zip(pvars + [wrapped] + qvars, out.strides,
-                                            strict=True)))
-    add = kb.at(updates.expr, pvars + ivars + qvars)
-    body = [K.Store(kout, address, K.binary("add", K.Load(kout, address), add))]
-    body = [K.Loop(j, block, body)]
-    for v, ext in reversed(list(zip(pvars + ivars, pre + ishape, strict=True))):
-        body = [K.Loop(v, ext, body)]
-    lw.steps.append(kb.kernel([K.Loop(blk, inner // block, body, parallel=True)],
-                              math.prod(updates.shape)))
+    address = K.affine(0, [(p, n * post), (row, post), (q, 1)])
+    add = K.Store(kout, address, K.binary("add", K.Load(kout, address),
+                                          kb.at(upd3.expr, [p, i, q])))
+    body = [K.Loop(item, pre * nb, [
+        K.Loop(i, m, [K.Decl(row, wrapped), K.Loop(j, block, [add])])], parallel=True)]
+    lw.steps.append(kb.kernel(body, 3 * pre * m * post))
     return [lw.of_view(out)]
 
 
