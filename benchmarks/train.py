@@ -9,9 +9,9 @@ weight decay 0.01 on every weight, as torch.optim.AdamW over `model.parameters()
 GPT `--preset` (small: 6 layers, d 512, 8 heads, d_ff 2048, vocab 8192), next-token
 labels, the same weights and the same batch everywhere:
 
-- tensorc: `TrainStep` (the loss graph with its gradient, compiled once) and AdamW on
-  the weight arrays (`tensorc.optim.AdamW` when this checkout has it, else the numpy
-  AdamW below, PyTorch's formula; the table says which).
+- tensorc: `TrainStep` (the loss graph with its gradient, compiled once) and
+  `tensorc.optim.AdamW` (one generated in-place update, on the same backend) on the
+  weight arrays.
 - torch: `transformers.GPT2LMHeadModel` with the same config (sdpa attention, no dropout,
   tied embeddings, tanh gelu, layer-norm eps 1e-5) and tensorc's weights copied in
   (its Conv1D weights are [in, out] like tensorc's Linear; c_attn is q, k, v side by
@@ -45,6 +45,8 @@ import time
 import numpy as np
 from engines import cpu_model, has, start_engines, take_turns  # beside this script
 
+from tensorc.optim import AdamW
+
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
 
@@ -65,37 +67,7 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int) -> dict:
             "labels": np.ascontiguousarray(ids[:, 1:])}
 
 
-class NumpyAdamW:
-    """PyTorch's AdamW in float32 numpy, updating the arrays in place: what this
-    benchmark uses where `tensorc.optim` is not in this checkout yet."""
-
-    def __init__(self, params: dict[str, np.ndarray]):
-        self.params, self.t = params, 0
-        self.m = {n: np.zeros_like(a) for n, a in params.items()}
-        self.v = {n: np.zeros_like(a) for n, a in params.items()}
-
-    def step(self, grads: dict, lr: float | None = None) -> None:
-        lr = LR if lr is None else lr
-        self.t += 1
-        b1, b2 = BETAS
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for n, p in self.params.items():
-            g, m, v = grads[n], self.m[n], self.v[n]
-            p *= np.float32(1 - lr * WEIGHT_DECAY)
-            m *= np.float32(b1)
-            m += np.float32(1 - b1) * g
-            v *= np.float32(b2)
-            v += np.float32(1 - b2) * g * g
-            denom = np.sqrt(v) / np.float32(np.sqrt(bc2)) + np.float32(EPS)
-            p -= np.float32(lr / bc1) * m / denom
-
-
 def adamw(params: dict, backend: str):
-    """(optimizer, its name): tensorc's AdamW where it exists, else NumpyAdamW."""
-    try:
-        from tensorc.optim import AdamW
-    except ImportError:
-        return NumpyAdamW(params), "numpy AdamW (no tensorc.optim in this checkout)"
     return AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                  backend=backend), f"tensorc.optim.AdamW ({backend})"
 

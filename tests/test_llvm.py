@@ -248,27 +248,6 @@ def test_transposing_writes(shape, perm):
     check(g, feeds_for(g, rng))
 
 
-@pytest.mark.parametrize("data,idx,axis", [((50, 64), (4, 9), 0), ((3, 7, 5), (2, 6), 1),
-                                           ((6, 4), (10,), -1)])
-def test_scatter_add(data, idx, axis):
-    """An embedding's gradient: repeated and negative indices add up, as np.add.at; no
-    fallback."""
-    rng = np.random.default_rng(15)
-    ax = axis % len(data)
-    n = data[ax]
-    g = Graph("t")
-    x = g.add_input("x", TensorType(data, "f32"))
-    i = g.add_input("i", TensorType(idx, "i64"))
-    u = g.add_input("u", TensorType(data[:ax] + idx + data[ax + 1:], "f32"))
-    g.outputs = [g.add("scatter_add", g.add("exp", x), i, u, axis=axis)]
-    ids = rng.integers(-n, n, idx)
-    ids.reshape(-1)[:3] = ids.reshape(-1)[0]   # repeats
-    exe = check(g, {"x": rand(rng, data), "i": ids, "u": rand(rng, u.type.shape)})
-    assert not exe.stats()["fallbacks"]
-    with pytest.raises(TensorcError, match="out of range"):
-        exe.run({"x": rand(rng, data), "i": np.full(idx, n), "u": rand(rng, u.type.shape)})
-
-
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_argmax(axis):
     g = graph(((3, 17, 129), "f32"), op="argmax", axis=axis)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tensorc.models import get
+from tensorc.optim import AdamW
 from tensorc.training import TrainStep, get_task
 
 STEPS = 50
@@ -61,39 +62,6 @@ def hf_gpt2(model):
     return hf.train()
 
 
-def adamw(params: dict[str, np.ndarray]):
-    """`tensorc.optim.AdamW` where it exists; until then (it is being written on another
-    branch) a numpy AdamW with PyTorch's formula, in float32, updating in place."""
-    try:
-        from tensorc.optim import AdamW
-    except ImportError:
-        return NumpyAdamW(params)
-    return AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                 backend="llvm")
-
-
-class NumpyAdamW:
-    def __init__(self, params):
-        self.params, self.t = params, 0
-        self.m = {n: np.zeros_like(a) for n, a in params.items()}
-        self.v = {n: np.zeros_like(a) for n, a in params.items()}
-
-    def step(self, grads, lr=None):
-        lr = LR if lr is None else lr
-        self.t += 1
-        b1, b2 = BETAS
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for n, p in self.params.items():
-            g, m, v = grads[n], self.m[n], self.v[n]
-            p *= np.float32(1 - lr * WEIGHT_DECAY)
-            m *= np.float32(b1)
-            m += np.float32(1 - b1) * g
-            v *= np.float32(b2)
-            v += np.float32(1 - b2) * g * g
-            denom = np.sqrt(v) / np.float32(np.sqrt(bc2)) + np.float32(EPS)
-            p -= np.float32(lr / bc1) * m / denom
-
-
 def batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 0):
     """Next-token batches of learnable rows (a random start, then steps of 1 to 3 modulo
     the vocabulary): labels are the following tokens, a few ignored (-100)."""
@@ -130,7 +98,8 @@ def torch_losses(model, data: list[dict]) -> list[float]:
 
 def tensorc_losses(model, data: list[dict], backend: str) -> list[float]:
     step = TrainStep(model, get_task("clm"), data[0], backend=backend)
-    opt = adamw(step.params)
+    opt = AdamW(step.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                backend=backend)
     out = []
     for b in data:
         loss, grads = step(b)
