@@ -2,7 +2,7 @@
 
     python benchmarks/train.py [--preset small] [--batch 8] [--seq 128] [--threads 2]
         [--repeat 3] [--rounds 5] [--engines llvm,torch,numpy] [--numpy-preset PRESET]
-        [--parity-steps 10] [--profile]
+        [--parity-steps 10] [--profile] [--baseline CHECKOUT]
 
 One training step = forward + backward + AdamW (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
 weight decay 0.01 on every weight, as torch.optim.AdamW over `model.parameters()`), on
@@ -32,6 +32,8 @@ Parity: `--parity-steps` AdamW steps of tensorc (llvm) and of the PyTorch model 
 same weights on the same fresh random batches, in this process; prints the largest
 relative difference of the losses (tests/test_torch_parity.py checks 50 steps of a tiny
 GPT). `--profile`: where tensorc's step spends its time, per kind of Program step.
+`--baseline CHECKOUT` adds an "llvm_baseline" engine running tensorc from another source
+checkout (e.g. `git archive main | tar -x -C /tmp/main`), in the same rounds.
 """
 
 from __future__ import annotations
@@ -156,8 +158,11 @@ def worker(peer: str, args) -> None:
         step, info = torch_trainer(model), f"torch {torch.__version__}, " \
             f"{torch.get_num_threads()} threads"
     else:
-        step, info, _ = tensorc_trainer(model, batch, peer)
+        import tensorc
+        step, info, _ = tensorc_trainer(model, batch, peer.removesuffix("_baseline"))
         info += f", {_threads()} threads (TENSORC_NUM_THREADS)"
+        if peer.endswith("_baseline"):
+            info += f", tensorc from {os.path.dirname(os.path.dirname(tensorc.__file__))}"
     step(batch)   # warm up (compiles tensorc's step)
     print(json.dumps("ready"), flush=True)
     for line in sys.stdin:   # "STEPS UNTIMED"
@@ -246,6 +251,8 @@ def main():
     ap.add_argument("--numpy-preset", default="", help="default: --preset")
     ap.add_argument("--parity-steps", type=int, default=10, help="0: no parity run")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also time tensorc llvm from this source checkout, in the same rounds")
     ap.add_argument("--worker", metavar="PEER", help=argparse.SUPPRESS)
     args = ap.parse_args()
     for key in ("TENSORC_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -256,11 +263,15 @@ def main():
     flags = ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq),
              "--threads", str(args.threads), "--numpy-preset", args.numpy_preset]
 
-    def starter(peer):
+    def starter(peer, env=None):
         return lambda: subprocess.Popen([sys.executable, __file__, "--worker", peer, *flags],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-    procs, failed = start_engines({p: starter(p) for p in args.engines.split(",")})
+                                        stderr=subprocess.PIPE, text=True, env=env)
+    starters = {p: starter(p) for p in args.engines.split(",")}
+    if args.baseline:
+        starters["llvm_baseline"] = starter("llvm_baseline", {
+            **os.environ, "PYTHONPATH": os.path.abspath(args.baseline)})
+    procs, failed = start_engines(starters)
     load = os.getloadavg()[0]
     runs = take_turns(procs, args.rounds, lambda peer: "1 0" if peer == "numpy"
                       else f"{args.repeat} 1", pause=1.0)
