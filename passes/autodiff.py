@@ -57,14 +57,14 @@ def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None,
     forward = list(g.nodes)
     grads: dict[Value, Value] = {target: g.add_constant(
         g.fresh_name("grad.seed"), np.ones((), target.type.np_dtype))}
-    for node in reversed(list(g.nodes)):
+    for node in reversed(forward):
         dys = [grads.get(v) for v in node.outputs]
         if all(d is None for d in dys) or not any(v in needs for v in node.inputs):
             continue
-        rule = get_op(node.op).vjp
-        if rule is None:
+        vjp = get_op(node.op).vjp
+        if vjp is None:
             raise TensorcError(f"grad: {node.where}: op {node.op} has no gradient rule")
-        results = rule(g, node, dys)
+        results = vjp(g, node, dys)
         for x, dx in zip(node.inputs, results, strict=True):
             if x not in needs or dx is None:
                 continue

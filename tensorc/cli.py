@@ -697,7 +697,8 @@ def cmd_train(args) -> int:
         if shown:
             (bar.write if bar is not None else print)(f"step {r['step']}: {shown}")
     try:
-        last = fit(run, cfg, args.resume, on_step)
+        last = fit(run, cfg, args.resume, on_step,
+                   on_data=lambda lines: print("\n".join(lines), file=sys.stderr))
     finally:
         if metrics:
             metrics.close()

@@ -9,7 +9,10 @@ graph with `grad` applied (`passes/autodiff.py`), then the O2 fusion passes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
+import itertools
 import math
 import os
 import time
@@ -20,11 +23,11 @@ import numpy as np
 from .errors import TensorcError
 from .frontend import F, Module, trace
 from .passes import run_pipeline
-from .passes.autodiff import GRAD_PREFIX, grad
+from .passes.autodiff import GRAD_PREFIX, as_inputs, grad
 
+DROPOUT_SEED = "dropout_seed"   # the step's input that seeds its dropout masks, when it has one
 # Before grad: what makes a good forward (attention fused, so its backward is the fused
 # attention_grad); after: the usual fusion over forward and backward together.
-DROPOUT_SEED = "dropout_seed"   # the step's input that seeds its dropout masks, when it has one
 FORWARD_PASSES = "O1,fuse-patterns,fuse-attention"
 STEP_PASSES = "O2"
 
@@ -90,18 +93,15 @@ class _WithLoss(Module):
 
     def forward(self, **batch):
         teacher = batch.pop("teacher_logits", None)
-        seed = batch.pop(DROPOUT_SEED, None)
-        if seed is None:
-            return {"loss": self._task.loss(self._model, batch, teacher, **(self._distill or {}))}
-        with F.dropout_seed(seed):   # dropout drops while this step is traced
+        seed = batch.pop(DROPOUT_SEED, None)   # dropout drops only while a step is traced
+        with F.dropout_seed(seed) if seed is not None else contextlib.nullcontext():
             return {"loss": self._task.loss(self._model, batch, teacher,
                                             **(self._distill or {}))}
 
 
 def loss_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
                distill: dict | None = None):
-    """The traced loss: inputs the batch (and the weights, as inputs), output `loss`."""
-    import inspect
+    """The traced loss (inputs: the batch; output `loss`) and the weights' names."""
     takes = [p.name for p in inspect.signature(model.forward).parameters.values()
              if p.default is inspect.Parameter.empty]
     if takes != list(task.inputs):
@@ -118,25 +118,17 @@ def step_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
     """The training step graph: loss and ``grad.<weight>`` for every parameter;
     `recompute`: cheap activations computed again in the backward, not kept."""
     graph, names = loss_graph(model, task, batch, distill)
-    graph = grad(run_pipeline(lift_weights(graph, names), FORWARD_PASSES), "loss", names,
+    graph = grad(run_pipeline(as_inputs(graph, names), FORWARD_PASSES), "loss", names,
                  recompute=recompute)
     # CSE would merge each recomputed activation back into the one it repeats
     return run_pipeline(graph, passes, disable=("cse",) if recompute else ()), names
 
 
-def lift_weights(graph, names):
-    """The graph with the weights `names` as inputs (grad would lift them too, but only
-    after the forward passes had folded them)."""
-    from .passes.autodiff import as_inputs
-    return as_inputs(graph, names)
-
-
 class TrainStep:
     """One compiled forward + backward: `step(batch)` -> (loss, {name: gradient}),
     reading the model's parameter arrays (which the optimizer updates in place). The
-    gradient arrays are reused: the next call writes its gradients into them (fresh
-    arrays would cost a page fault per 4 KiB written, a GPT small step 13 000 of them);
-    copy them to keep them."""
+    gradients are written into the same arrays every call (no 4 bytes per weight
+    allocated and faulted in per step): the next call overwrites them."""
 
     def __init__(self, model: Module, task: Task, batch: dict[str, np.ndarray],
                  backend: str = "llvm", distill: dict | None = None,
@@ -151,12 +143,15 @@ class TrainStep:
         for n, p in model.named_parameters():
             p.data = self.params[n]   # one array per weight, shared with the optimizer
         self.batch_names = [v.name for v in self.graph.inputs if v.name not in self.params]
-        self._out: dict | None = None   # the last call's outputs, written again
+        self._out: tuple | None = None   # (batch shapes, the output arrays written last)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         feeds = {n: batch[n] for n in self.batch_names}
+        shapes = tuple(np.shape(a) for a in feeds.values())
         feeds.update(self.params)
-        out = self._out = self.exe.run(feeds, out=self._out)
+        reuse = self._out is not None and self._out[0] == shapes
+        out = self.exe.run(feeds, out=self._out[1] if reuse else None)
+        self._out = (shapes, out)
         return float(out["loss"]), {n: out[GRAD_PREFIX + n] for n in self.names}
 
 
@@ -256,46 +251,60 @@ class TaskData:
         return data.translation_batch(self.pairs, self.size, self.src_len, self.tgt_len, rng)
 
     def evaluate(self, model: Module, backend: str, max_batches: int = 8) -> dict[str, float]:
+        """Held-out metrics of the model's current weights (each evaluation graph is
+        compiled once, with the weights as inputs, and fed the weights of the moment)."""
         from . import data
-        from .api import compile as compile_graph
         if self.task in ("clm", "mlm"):
             rng = np.random.default_rng(1234)   # the same held-out batches every time
-            batches = list(data.clm_eval_batches(self.val, self.size, self.seq))[:max_batches] \
+            batches = list(itertools.islice(data.clm_eval_batches(self.val, self.size,
+                                                                  self.seq), max_batches)) \
                 if self.task == "clm" else \
                 [data.mlm_batch(self.val, self.size, self.seq, rng) for _ in range(max_batches)]
-            exe, _ = _loss_exe(model, self.task, batches[0], backend)
-            loss = float(np.mean([exe.run(b)["loss"] for b in batches]))
+            run = self._compiled("loss", model, backend, lambda: loss_graph(
+                model, get_task(self.task), batches[0])[0])
+            loss = float(np.mean([run(b)["loss"] for b in batches]))
             out = {"val_loss": loss}
             if self.task == "clm":
                 out["bits_per_byte"] = loss / math.log(2)
             return out
         if self.task == "classify":
             images, labels = self.val
-            exe = compile_graph(trace(model, pixel_values=images), backend=backend)
-            return {"val_accuracy": float(np.mean(np.argmax(exe(images), -1) == labels))}
-        return {"bleu": translation_bleu(model, self.val_pairs, self.src_len, self.tgt_len,
-                                         backend)}
+            run = self._compiled("logits", model, backend,
+                                 lambda: trace(model, pixel_values=images))
+            logits = next(iter(run({"pixel_values": images}).values()))
+            return {"val_accuracy": float(np.mean(np.argmax(logits, -1) == labels))}
+        src = data.encode_sources([s for s, _ in self.val_pairs], self.src_len)
+        tgt = np.full((len(src), self.tgt_len), data.PAD_ID, np.int64)
+        run = self._compiled("decode", model, backend,
+                             lambda: trace(model, src_ids=src, tgt_ids=tgt))
+        return {"bleu": translation_bleu(lambda s, t: next(iter(run(
+            {"src_ids": s, "tgt_ids": t}).values())), src, self.tgt_len,
+            [t for _, t in self.val_pairs])}
+
+    def _compiled(self, key, model, backend, make_graph):
+        """A run(feeds) -> outputs of `make_graph()` at O2 with the model's weights as
+        inputs, compiled on first use."""
+        from .backends import get_backend
+        cache = self.__dict__.setdefault("_exes", {})
+        names = [n for n, _ in model.named_parameters()]
+        if key not in cache:
+            graph = run_pipeline(as_inputs(make_graph(), names), "O2")
+            cache[key] = get_backend(backend).compile(graph)
+        exe = cache[key]
+        return lambda feeds: exe.run({**feeds, **{n: p.data for n, p in
+                                                  model.named_parameters()}})
 
 
-def _loss_exe(model, task, batch, backend):
-    from .backends import get_backend
-    graph, _ = loss_graph(model, get_task(task), batch)
-    return get_backend(backend).compile(run_pipeline(graph, "O2")), graph
-
-
-def translation_bleu(model: Module, pairs, src_len: int, tgt_len: int, backend: str) -> float:
-    """Greedy decoding of every source (the decoder is causal, so one fixed-length
-    forward per generated position), scored against the references."""
+def translation_bleu(logits, src: np.ndarray, tgt_len: int, references: list[str]) -> float:
+    """Greedy decoding of every source with `logits(src, tgt)` (the decoder is causal,
+    so one fixed-length forward per generated position), scored against the
+    references."""
     from . import data
-    from .api import compile as compile_graph
-    src = data.encode_sources([s for s, _ in pairs], src_len)
-    tgt = np.full((len(pairs), tgt_len), data.PAD_ID, np.int64)
+    tgt = np.full((len(src), tgt_len), data.PAD_ID, np.int64)
     tgt[:, 0] = data.BOS_ID
-    exe = compile_graph(trace(model, src_ids=src, tgt_ids=tgt), backend=backend, passes="O2")
     for i in range(tgt_len - 1):
-        tgt[:, i + 1] = np.argmax(exe(src, tgt)[:, i], -1)
-    hyps = [data.decode_target(row[1:]) for row in tgt]
-    return data.bleu(hyps, [t for _, t in pairs])
+        tgt[:, i + 1] = np.argmax(logits(src, tgt)[:, i], -1)
+    return data.bleu([data.decode_target(row[1:]) for row in tgt], references)
 
 
 # --- the run: steps, evaluation, checkpoints ----------------------------------------------
@@ -320,16 +329,20 @@ class Run:
 
 
 def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
-        on_step: Callable[[dict], None] | None = None) -> dict:
+        on_step: Callable[[dict], None] | None = None,
+        on_data: Callable[[list[str]], None] | None = None) -> dict:
     """Train; returns the last record, with the evaluation's metrics. With `resume` the
     weights, optimizer state, schedule position and data RNG continue from that
-    checkpoint, so the run continues as if never stopped."""
+    checkpoint, so the run continues as if never stopped. `on_data` gets the data
+    cleaning report's lines (text tasks)."""
     from . import optim
     from .models import get
     task = get_task(run.task)
     if run.out:
         os.makedirs(os.path.dirname(os.path.abspath(run.out)), exist_ok=True)
     td = TaskData(run.task, run.batch, run.seq, run.data_bytes, cfg.seed)
+    if on_data and td.report:
+        on_data(td.report)
     overrides = {**td.model_settings(), **run.overrides}
     model = get(run.model, run.preset, seed=cfg.seed, **overrides)
     rng = np.random.default_rng(cfg.seed)

@@ -20,7 +20,7 @@ import pytest
 import tensorc
 from tensorc.backends import get_backend
 from tensorc.backends import lowering as L
-from tensorc.backends.cupy import CupyBackend, _flash_fits, unavailable_reason
+from tensorc.backends.cupy import LOWERING, CupyBackend, _flash_fits, unavailable_reason
 from tensorc.backends.cupy import kernels as lib
 from tensorc.backends.cupy.cuda_codegen import render_kernel
 from tensorc.errors import TensorcError
@@ -81,7 +81,7 @@ def test_bad_options_are_one_line_errors():
 
 def _program_kernels(graph) -> dict[str, str]:
     """name -> CUDA source of every kernel the backend would load for `graph`."""
-    program = L.lower(graph, {})
+    program = L.lower(graph, {}, **LOWERING)
     out = {k.name: render_kernel(k).source for k in program.kernels}
     for s in program.steps:
         if isinstance(s, L.Call) and s.op == "attention" and _flash_fits(s):
@@ -112,6 +112,8 @@ def test_every_generated_cuda_source_compiles(tmp_path):
                 kernels.update(_program_kernels(g))
                 if emitted is None:
                     emitted = CupyBackend().emit_source(g, str(tmp_path / "emit"))[0]
+    for g, _ in _train_steps():   # forward + backward: the gradient ops' kernels
+        kernels.update(_program_kernels(g))
     for k in lib.all_library_kernels():
         kernels.setdefault(k.name, k.source)
     unit = tmp_path / "all_kernels.cu"
@@ -123,6 +125,37 @@ def test_every_generated_cuda_source_compiles(tmp_path):
         assert rc == 0, f"nvcc -arch={arch} failed on {path.name}:\n{log[-6000:]}"
     ptx = (tmp_path / "all_kernels.sm_90.ptx").read_text()
     assert ptx.count(".entry") == len(kernels)   # every kernel made it into the PTX
+
+
+def _train_steps():
+    """Training steps (loss and every weight's gradient) of tiny models, and their feeds."""
+    from tensorc.training import example_batch, get_task, step_graph
+    for name, task, sets in [("gpt", "clm", {"dropout": 0.1}), ("bert", "mlm", {}),
+                             ("vit", "classify", {"image_size": 8, "patch_size": 4,
+                                                  "channels": 1})]:
+        model = get(name, "tiny", **sets)
+        batch = example_batch(model, task, batch=1, seq=None if name == "vit" else 8)
+        if sets.get("dropout"):
+            batch["dropout_seed"] = np.array(5, np.int64)
+        g, _ = step_graph(model, get_task(task), batch)
+        yield g, {**batch, **{n: p.data for n, p in model.named_parameters()}}
+
+
+def test_train_steps_on_emulator_match_numpy():
+    """Forward + backward (fused attention backward as its decomposition, scatter_add,
+    conv2d_grad, dropout's hash) all on the device, with numpy's numbers. Errors are
+    measured against each model's largest gradient: some true gradients are zero (a
+    key bias's: softmax ignores a constant added to every score), left as rounding."""
+    from tensorc.backends.cupy.emulate import EmulatedRuntime, host_compiler
+    if host_compiler() is None:
+        pytest.skip("g++ not installed: the CUDA emulator needs a C++20 host compiler")
+    for g, feeds in _train_steps():
+        want = get_backend("numpy").compile(g).run(feeds)
+        exe = CupyBackend().compile(g, runtime=EmulatedRuntime())
+        got = exe.run(feeds)
+        assert exe.stats["fallbacks"] == []
+        scale = max(float(np.abs(w).max()) for w in want.values())
+        assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-4 * scale, g.name
 
 
 def test_emit_source_needs_sizes_for_symbolic_dims(tmp_path):

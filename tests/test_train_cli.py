@@ -75,3 +75,21 @@ def test_train_errors_are_one_line(argv, message, capsys):
     assert main(argv + ["--steps", "1", "--data-bytes", "60000", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("model,task,sets,metric", [
+    ("bert", "mlm", {"d_model": 16, "d_ff": 32}, "val_loss"),
+    ("vit", "classify", {"d_model": 16, "d_ff": 32}, "val_accuracy"),
+    ("transformer", "translate", {"d_model": 16, "d_ff": 32}, "bleu"),
+    ("llama", "clm", {"d_model": 16, "d_ff": 32}, "bits_per_byte"),
+])
+def test_every_task_trains_and_evaluates(model, task, sets, metric, tmp_path):
+    lines = []
+    run = Run(model, "tiny", sets, task, batch=4, seq=16, data_bytes=60_000,
+              out=str(tmp_path / "ck"), eval_every=2)
+    records = []
+    last = fit(run, TrainConfig(steps=4, lr=1e-3, warmup=1), on_step=records.append,
+               on_data=lines.extend)
+    assert [r["step"] for r in records if metric in r] == [2, 4]
+    assert np.isfinite(last[metric]) and records[-1]["loss"] < records[0]["loss"] + 0.5
+    assert bool(lines) == (task in ("mlm", "clm"))     # the text cleaning report

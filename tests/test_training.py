@@ -159,3 +159,54 @@ def test_recompute_lowers_peak_memory_and_keeps_the_gradients():
     b = get_backend("numpy").compile(again).run(feeds)
     for n in a:
         np.testing.assert_array_equal(a[n], b[n], err_msg=n)
+
+
+def test_losses_match_their_formulas():
+    from tensorc.frontend import F
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((3, 4, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, (3, 4))
+    labels[0, :2] = -100
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    keep = labels != -100
+    nll = -np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+    assert float(F.cross_entropy(logits, labels).numpy()) == pytest.approx(
+        nll[keep].mean(), rel=1e-6)
+    t = rng.standard_normal((3, 4, 7)).astype(np.float32)
+    p = np.exp(t / 2) / np.exp(t / 2).sum(-1, keepdims=True)
+    lq = logits / 2 - np.log(np.exp(logits / 2).sum(-1, keepdims=True))
+    assert float(F.soft_cross_entropy(logits, t, 2.0).numpy()) == pytest.approx(
+        -(p * lq).sum(-1).mean() * 4, rel=1e-5)
+    a, b = rng.standard_normal((5, 3)), rng.standard_normal((5, 3))
+    assert float(F.mse_loss(a.astype(np.float32), b.astype(np.float32)).numpy()) == \
+        pytest.approx(((a - b) ** 2).mean(), rel=1e-5)
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    sims = an @ bn.T * 10.0
+
+    def ce(s):   # rows of s against the diagonal
+        return -(np.diag(s) - np.log(np.exp(s).sum(1))).mean()
+    got = F.contrastive_loss(a.astype(np.float32), b.astype(np.float32), 10.0).numpy()
+    assert float(got) == pytest.approx((ce(sims) + ce(sims.T)) / 2, rel=1e-5)
+
+
+def test_accumulating_two_micro_batches_is_one_batch_of_both():
+    from tensorc.training import TrainConfig, train_steps
+
+    class Keep:   # an optimizer that records the gradients it is given
+        def step(self, grads, lr=None):
+            self.grads = {n: a.copy() for n, a in grads.items()}
+    rng = np.random.default_rng(6)
+    model = get("gpt", "tiny", seed=0)
+    halves = [batch_for("clm", model, rng, batch=2) for _ in range(2)]
+    for h in halves:
+        h["labels"] = h["input_ids"]          # no ignored labels: equal counts per half
+    whole = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
+    opts = []
+    for batches, cfg in ((halves, TrainConfig(steps=1, accumulate=2, clip=None)),
+                         ([whole], TrainConfig(steps=1, clip=None))):
+        step = TrainStep(model, get_task("clm"), batches[0], backend="numpy")
+        opts.append(Keep())
+        list(train_steps(step, opts[-1], lambda i: 1e-3, iter(batches), cfg))
+    for n, g in opts[1].grads.items():
+        np.testing.assert_allclose(opts[0].grads[n], g, rtol=1e-4, atol=1e-7, err_msg=n)
