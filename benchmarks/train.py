@@ -23,8 +23,9 @@ threads (TENSORC_NUM_THREADS, OMP/OPENBLAS_NUM_THREADS, torch.set_num_threads); 
 take turns, `--repeat` steps each per round after one untimed step, for `--rounds`
 rounds. Prints medians per step: the whole step, forward + backward, the optimizer;
 ratios against PyTorch; and each round's median step, the best of them compared
-with PyTorch's best (the 2 cores here are shared: a burst of load in one round
-should not decide a comparison). The numpy backend runs every node through its numpy reference
+with PyTorch's best, and the median over rounds of the ratio to PyTorch's step in the
+same round (the 2 cores here are shared: a burst of load in one round should not
+decide a comparison). The numpy backend runs every node through its numpy reference
 and is slow (seconds a step on GPT small): it takes one timed step per round and no
 untimed one, on `--numpy-preset` (default: `--preset`).
 
@@ -281,8 +282,9 @@ def main():
           f"medians of {args.rounds} rounds x {args.repeat} steps (numpy: 1), engines taking "
           f"turns; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print("| engine | preset | step ms | forward+backward ms | optimizer ms | step / PyTorch "
-          "| best round: step ms | best / PyTorch's best | per-round step ms | optimizer |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+          "| best round: step ms | best / PyTorch's best | median of per-round ratios "
+          "| per-round step ms | optimizer |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     rows = {}
     for peer, answers in runs.items():
         bad = next((a for a in answers if isinstance(a, str)), None)
@@ -298,11 +300,12 @@ def main():
         same = a["preset"] == args.preset and ref is not None
         ratio = f"{step / ref[1]:.2f}x" if same else "-"
         best = f"{min(per_round) / min(ref[4]):.2f}x" if same else "-"
+        paired = f"{np.median(np.array(per_round) / np.array(ref[4])):.2f}x" if same else "-"
         print(f"| {peer} | {a['preset']} | {step:.1f} | {fb:.1f} | {opt:.1f} | {ratio} "
-              f"| {min(per_round):.1f} | {best} | {', '.join(f'{x:.0f}' for x in per_round)} "
-              f"| {a['info']} |")
+              f"| {min(per_round):.1f} | {best} | {paired} "
+              f"| {', '.join(f'{x:.0f}' for x in per_round)} | {a['info']} |")
     for peer, why in failed.items():
-        print(f"| {peer} | {why} | | | | | | | | |")
+        print(f"| {peer} | {why} | | | | | | | | | |")
 
     if args.parity_steps and has("torch") and has("transformers"):
         worst, got, ref = parity(args)
