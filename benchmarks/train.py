@@ -258,6 +258,10 @@ def main():
     args = ap.parse_args()
     for key in ("TENSORC_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ[key] = str(args.threads)   # the workers inherit it
+    if args.worker == "profile":   # in a process of its own: no torch threads about
+        rows, stats = profile(args)
+        print(json.dumps({"rows": rows, "stats": stats}))
+        return
     if args.worker:
         worker(args.worker, args)
         return
@@ -314,10 +318,13 @@ def main():
               f"difference {worst:.1e}; losses tensorc {got[0]:.5f} .. {got[-1]:.5f}, "
               f"PyTorch {ref[0]:.5f} .. {ref[-1]:.5f}")
     if args.profile:
-        rows, stats = profile(args)
+        got = json.loads(subprocess.run([sys.executable, __file__, "--worker", "profile", *flags],
+                                        capture_output=True, text=True, check=True
+                                        ).stdout.splitlines()[-1])
+        rows, stats = got["rows"], got["stats"]
         total = sum(r[1] for r in rows)
         print(f"\ntensorc llvm step (forward + backward, no optimizer) by Program step, "
-              f"{total:.0f} ms in all (one process, no turns); stats(): "
+              f"{total:.0f} ms in all (a process of its own, no turns); stats(): "
               f"{json.dumps(stats)}\n")
         print("| step | ms per training step | share | count |")
         print("| --- | ---: | ---: | ---: |")
