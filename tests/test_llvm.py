@@ -214,6 +214,40 @@ def test_reductions(op, axes, keepdims):
     check(g, feeds_for(g, np.random.default_rng(10)))
 
 
+@pytest.mark.parametrize("op", ["reduce_sum", "reduce_mean", "reduce_max", "reduce_min"])
+@pytest.mark.parametrize("shape,axes,keepdims", [((5, 7, 48), (0, 1), False),
+                                                 ((3, 2, 16), (0,), True),
+                                                 ((9, 1, 4, 16), (0, 1), False),
+                                                 ((2, 3, 160), (0, 1), True)])
+def test_reductions_over_leading_axes(op, shape, axes, keepdims):
+    """Kept trailing dims of a multiple of 16 elements: the column-block kernel (a bias
+    gradient's sum over batch and sequence), on a computed and on a transposed input."""
+    rng = np.random.default_rng(10)
+    g = Graph("t")
+    x = g.add_input("x", TensorType(shape, "f32"))
+    y = g.add_input("y", TensorType(shape[::-1], "f32"))
+    t = g.add("transpose", y, perm=tuple(range(len(shape)))[::-1])
+    two = g.add_constant("two", np.array(2.0, np.float32))
+    g.outputs = [g.add(op, g.add("mul", g.add("exp", x), two), axes=axes, keepdims=keepdims),
+                 g.add(op, t, axes=axes, keepdims=keepdims)]
+    exe = check(g, feeds_for(g, rng))
+    kinds = [s.kernel.kind for s in exe.program({}).steps if hasattr(s, "kernel")]
+    assert kinds.count(op) == 2
+
+
+@pytest.mark.parametrize("shape,perm", [((96, 64), (1, 0)), ((2, 3, 32, 48), (0, 1, 3, 2)),
+                                        ((64, 5, 32), (2, 1, 0)), ((64, 4, 64), (1, 2, 0))])
+def test_transposing_writes(shape, perm):
+    """Writes that read their last loop with a large stride run in tiles (a weight
+    gradient's x^T copied into rows for the GEMM); computed, and into an output."""
+    rng = np.random.default_rng(14)
+    g = Graph("t")
+    x = g.add_input("x", TensorType(shape, "f32"))
+    t = g.add("transpose", x, perm=perm)
+    g.outputs = [g.add("exp", t), g.add("neg", t)]
+    check(g, feeds_for(g, rng))
+
+
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_argmax(axis):
     g = graph(((3, 17, 129), "f32"), op="argmax", axis=axis)

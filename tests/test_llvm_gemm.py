@@ -376,3 +376,15 @@ def test_per_call_b_packed_in_blocks_or_first(rng, monkeypatch, m, k, n, trans_b
     run.patch("b", b2.ctypes.data)   # a transposed view starts where its W does
     run()
     assert_close(out, ref(a, b2, bias, "relu", res))
+
+def test_bind_batched_products_bound_once(rng):
+    """A B per batch (attention's backward): each product bound once, transposed Bs
+    included; the same arrays again give the new values, as a bound call must."""
+    a, w = randn(rng, 2, 3, 40, 17), randn(rng, 2, 3, 30, 17).swapaxes(-1, -2)
+    out = np.full((2, 3, 40, 30), np.nan, np.float32)
+    run = G.bind(a, w, out, threads=2)
+    run()
+    assert_close(out, ref(a, w))
+    a[...] = randn(rng, *a.shape)
+    run()
+    assert_close(out, ref(a, w))

@@ -98,6 +98,23 @@ def test_clm_batch_from_the_stdlib_trains_the_step():
     assert set(grads) == {n for n, _ in model.named_parameters()}
 
 
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_a_step_writes_its_gradients_into_the_last_steps_arrays(backend):
+    rng = np.random.default_rng(5)
+    model = get("gpt", "tiny", seed=0)
+    a, b = batch_for("clm", model, rng), batch_for("clm", model, rng)
+    step = TrainStep(model, get_task("clm"), a, backend=backend)
+    _, first = step(a)
+    kept = {n: g.copy() for n, g in first.items()}
+    loss_b, second = step(b)
+    assert all(second[n] is first[n] for n in first)        # no fresh memory per step
+    fresh_loss, fresh = TrainStep(model, get_task("clm"), b, backend=backend)(b)
+    assert loss_b == fresh_loss
+    for n, g in fresh.items():
+        np.testing.assert_array_equal(second[n], g)
+    assert any(not np.array_equal(kept[n], second[n]) for n in kept)
+
+
 def test_dropout_drops_in_training_only_and_the_same_on_every_backend():
     rng = np.random.default_rng(3)
     model = get("gpt", "tiny", seed=0, dropout=0.5)

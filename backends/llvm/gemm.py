@@ -504,6 +504,18 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             return view
         except (AttributeError, ValueError):   # ValueError: -1 is ambiguous when empty
             return x
+    if isinstance(b, np.ndarray) and b.ndim > 2 and a.ndim == b.ndim == out.ndim \
+            and a.shape[:-2] == b.shape[:-2] == out.shape[:-2] and bias is None \
+            and residual is None and act == "none" and a.dtype == b.dtype == np.float32 \
+            and not np.may_share_memory(a, out) and not np.may_share_memory(b, out):
+        # a batch of products with a B each (attention's backward: per batch and head):
+        # each product bound once, rather than checked and packed anew by `gemm`
+        subs = [bind(a[i], b[i], out[i], threads=threads) for i in np.ndindex(a.shape[:-2])]
+
+        def batched():
+            for sub in subs:
+                sub()
+        return batched
     a2, out2, res2 = flat(a), flat(out), flat(residual)   # `general` keeps the originals
     packed = b if isinstance(b, PackedB) else None
     if packed is None and isinstance(b, np.ndarray) and b.ndim == 2:

@@ -95,8 +95,11 @@ def write_kernel(kind: str, lazy: Lazy, out: View) -> KernelStep:
     def store():
         return [K.Store(kout, K.affine(out.offset, list(zip(idx, out.strides, strict=True))),
                         kb.at(lazy.expr, idx))]
+    tile = _transpose_tile(shape, groups, lazy, out)
     if not groups:
         body = store()
+    elif tile:
+        body = _tiled(kb, shape, groups, idx, tile, store)
     elif len(groups) == 1:
         v = kb.var()
         assign_group(shape, groups[0], v, idx)
@@ -158,3 +161,38 @@ class Rows:
         return self.kb.kernel([K.Loop(self.flat, self.rows, body, parallel=True)],
                               self.rows * self.n * passes)
 
+
+
+def _transpose_tile(shape, groups, lazy: Lazy, out: View) -> int:
+    """The tile edge for a transposing write (0: none): the output's last loop is read
+    with a large stride and the loop before it with unit stride (a weight gradient's
+    x^T, attention's P^T). Row by row, every read would touch a new cache line."""
+    if len(groups) < 2 or out.strides[groups[-1][-1]] != 1:
+        return 0
+    p, q = groups[-2][-1], groups[-1][-1]
+    if not any(isinstance(leaf, Access) and leaf.coefs[p] == 1 and abs(leaf.coefs[q]) > 1
+               for leaf in leaves(lazy.expr)):
+        return 0
+    rows, cols = (math.prod(shape[d] for d in g) for g in groups[-2:])
+    if math.prod(shape) < 1 << 12:
+        return 0
+    return next((t for t in (32, 16) if rows % t == 0 and cols % t == 0), 0)
+
+
+def _tiled(kb: KernelBuilder, shape, groups, idx: list, tile: int, store):
+    """The loop nest of `write_kernel` over tile x tile blocks of the last two loops:
+    parallel over (outer dims, row tiles), then column tiles, then within a tile."""
+    rows, cols = (math.prod(shape[d] for d in g) for g in groups[-2:])
+    outer = math.prod(shape[d] for g in groups[:-2] for d in g)
+    flat, ct, ci, ri = kb.var(), kb.var(), kb.var(), kb.var()
+    row_tiles = rows // tile
+    if groups[:-2]:
+        outer_indices(kb, shape, groups[:-2],
+                      K.binary("floordiv", flat, K.const_index(row_tiles)), idx)
+    rt = K.binary("mod", flat, K.const_index(row_tiles)) if groups[:-2] else flat
+    assign_group(shape, groups[-2], K.binary(
+        "add", K.binary("mul", rt, K.const_index(tile)), ri), idx)
+    assign_group(shape, groups[-1], K.binary(
+        "add", K.binary("mul", ct, K.const_index(tile)), ci), idx)
+    inner = [K.Loop(ri, tile, [K.Loop(ci, tile, store())])]
+    return [K.Loop(flat, outer * row_tiles, [K.Loop(ct, cols // tile, inner)], parallel=True)]
