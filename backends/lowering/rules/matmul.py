@@ -24,10 +24,13 @@ def _matmul(lw, node, ins, attrs):
     if t.dtype != "f32":
         return [reshape(_matmul_kernel(lw, a, b, batch, t.dtype, node.op), t.shape)]
     out = lw.out_view(TensorType(batch + (a.shape[-2], b.shape[-1]), t.dtype))
-    if a.shape[-1] > 1 and not (isinstance(a.expr, Access) and a.expr.coefs[-1] == 1):
-        # the GEMM packs A from rows: a transposed A (a weight gradient's x^T, attention's
-        # P^T) is copied into rows here, by a threaded kernel into a planned buffer,
-        # rather than by the library on every call
+    rows = isinstance(a.expr, Access) and a.expr.coefs[-1] == 1
+    columns = isinstance(a.expr, Access) and len(a.shape) == 2 and a.expr.coefs[0] == 1
+    if a.shape[-1] > 1 and not rows and not columns:
+        # the GEMM packs A from rows, or a 2-D A from columns (a weight gradient's x^T,
+        # read from x as it lies); any other layout (a batched transpose) is copied into
+        # rows here, by a threaded kernel into a planned buffer, rather than by the
+        # library on every call
         a = lw.materialize(a)
     call = Call("matmul", attrs, [lw.view(a), lw.view(b)], [out], where=node.where)
     lw.steps.append(call)
