@@ -4,6 +4,9 @@ Every peer runs the same traced graph (same weights, same ops); for PyTorch that
 means this small interpreter, whose `attention` is `scaled_dot_product_attention`.
 It is what a PyTorch user's model issues, op for op, and `torch.compile` can
 compile it. Used by benchmarks/models.py (CPU) and benchmarks/gpu.py (CUDA).
+
+`hf_gpt2(model)`: Hugging Face's GPT2LMHeadModel holding a tensorc GPT's config and
+weights (benchmarks/train.py and tests/test_torch_parity.py train both side by side).
 """
 
 from __future__ import annotations
@@ -114,3 +117,36 @@ def torch_runner(graph, torch, device: str = "cpu"):
         return [vals[v] for v in g.outputs]
 
     return lambda *args: run(graph, args)
+
+
+def hf_gpt2(model):
+    """GPT2LMHeadModel with tensorc GPT `model`'s config and weights (copies)."""
+    import torch
+    import transformers
+    c = model.config
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
+        n_layer=c.n_layer, n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new",
+        layer_norm_epsilon=c.eps, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+        tie_word_embeddings=True, attn_implementation="sdpa", bos_token_id=None,
+        eos_token_id=None))
+    w = {n: p.data for n, p in model.named_parameters()}
+    sd = {"transformer.wte.weight": w["wte.weight"], "transformer.wpe.weight": w["wpe.weight"],
+          "transformer.ln_f.weight": w["ln_f.weight"], "transformer.ln_f.bias": w["ln_f.bias"]}
+    for i in range(c.n_layer):
+        p, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for kind in ("weight", "bias"):
+            sd[h + f"ln_1.{kind}"] = w[p + f"ln1.{kind}"]
+            sd[h + f"ln_2.{kind}"] = w[p + f"ln2.{kind}"]
+            sd[h + f"attn.c_attn.{kind}"] = np.concatenate(
+                [w[p + f"attn.{x}.{kind}"] for x in "qkv"], -1)
+            sd[h + f"attn.c_proj.{kind}"] = w[p + f"attn.o.{kind}"]
+            sd[h + f"mlp.c_fc.{kind}"] = w[p + f"ff.up.{kind}"]
+            sd[h + f"mlp.c_proj.{kind}"] = w[p + f"ff.down.{kind}"]
+    missing, unexpected = hf.load_state_dict(
+        {k: torch.tensor(np.array(v, np.float32)) for k, v in sd.items()}, strict=False)
+    if unexpected or any(k != "lm_head.weight" and "attn.bias" not in k for k in missing):
+        raise RuntimeError(f"weights do not map: missing {missing}, unexpected {unexpected}")
+    if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
+        raise RuntimeError("the output embedding is not tied")
+    return hf.train()

@@ -10,6 +10,8 @@ GPT small.
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,9 @@ import pytest
 from tensorc.models import get
 from tensorc.optim import AdamW
 from tensorc.training import TrainStep, get_task
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from torch_peer import hf_gpt2  # noqa: E402  (the benchmark's mapping of the weights)
 
 STEPS = 50
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
@@ -27,39 +32,6 @@ def _missing() -> str | None:
         if importlib.util.find_spec(name) is None:
             return f"{name} is not installed (a bench extra: pip install -e '.[bench]')"
     return None
-
-
-def hf_gpt2(model):
-    """GPT2LMHeadModel with tensorc GPT `model`'s config and weights: its Conv1D weights
-    are [in, out] like tensorc's Linear; c_attn is q, k and v side by side; the output
-    embedding is tied to wte; no dropout, tanh gelu, sdpa attention."""
-    import torch
-    import transformers
-    c = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
-        n_layer=c.n_layer, n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new",
-        layer_norm_epsilon=c.eps, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
-        tie_word_embeddings=True, attn_implementation="sdpa"))
-    w = {n: p.data for n, p in model.named_parameters()}
-    sd = {"transformer.wte.weight": w["wte.weight"], "transformer.wpe.weight": w["wpe.weight"],
-          "transformer.ln_f.weight": w["ln_f.weight"], "transformer.ln_f.bias": w["ln_f.bias"]}
-    for i in range(c.n_layer):
-        p, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for kind in ("weight", "bias"):
-            sd[h + f"ln_1.{kind}"] = w[p + f"ln1.{kind}"]
-            sd[h + f"ln_2.{kind}"] = w[p + f"ln2.{kind}"]
-            sd[h + f"attn.c_attn.{kind}"] = np.concatenate(
-                [w[p + f"attn.{x}.{kind}"] for x in "qkv"], -1)
-            sd[h + f"attn.c_proj.{kind}"] = w[p + f"attn.o.{kind}"]
-            sd[h + f"mlp.c_fc.{kind}"] = w[p + f"ff.up.{kind}"]
-            sd[h + f"mlp.c_proj.{kind}"] = w[p + f"ff.down.{kind}"]
-    missing, unexpected = hf.load_state_dict(
-        {k: torch.tensor(np.array(v, np.float32)) for k, v in sd.items()}, strict=False)
-    # lm_head.weight is wte's (tied); GPT-2's causal-mask buffers are not weights
-    assert not unexpected and all(k == "lm_head.weight" or "attn.bias" in k for k in missing)
-    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
-    return hf.train()
 
 
 def batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 0):

@@ -440,24 +440,7 @@ def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
 
     kind, m = "none", out  # `out` stands in for an absent mask; never read then
     if mask is not None:
-        mask = np.asarray(mask)
-        if mask.dtype == np.bool_:
-            kind = "keep"
-        elif mask.dtype == np.float32:
-            kind = "add"
-        else:
-            raise TensorcError(f"attention: mask must be bool (keep) or float32 (additive), "
-                               f"got {mask.dtype}")
-        if mask.ndim > 4:
-            raise ShapeError(f"attention: mask {mask.shape} has more than 4 dims")
-        m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        try:   # the kernel reads 16 keys at once: make the key axis contiguous
-            m4 = np.ascontiguousarray(np.broadcast_to(m4, m4.shape[:3] + (S,))) \
-                if m4.shape[3] != S or m4.strides[3] != m4.itemsize else _unit_last(m4)
-            m = np.broadcast_to(m4, (B, H, T, S))
-        except ValueError:
-            raise ShapeError(f"attention: mask {mask.shape} does not broadcast to the scores "
-                             f"{(B, H, T, S)}") from None
+        kind, m = kernel_mask(mask, (B, H, T, S), "attention")
         if kind == "keep":
             m = m.view(np.uint8)
     meta = np.array([H, T, S, D, DV, *_estrides(q), *_estrides(k), *_estrides(v),
@@ -501,6 +484,32 @@ def _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads
     fixed = [q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, m.ctypes.data,
              meta.ctypes.data, _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
     return kernels()["decode_jobs"][kind], fixed, items, threads, work_size, (q, k, v, m, meta)
+
+
+
+def kernel_mask(mask, shape, what: str):
+    """(kind, the mask as [b, h, t, s] with a contiguous key axis): what the attention
+    kernels (forward and backward) read, 16 keys at once; kind "keep" (bool) or "add"
+    (float32)."""
+    B, H, T, S = shape
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        kind = "keep"
+    elif mask.dtype == np.float32:
+        kind = "add"
+    else:
+        raise TensorcError(f"{what}: mask must be bool (keep) or float32 (additive), got "
+                           f"{mask.dtype}")
+    if mask.ndim > 4:
+        raise ShapeError(f"{what}: mask {mask.shape} has more than 4 dims")
+    m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    try:
+        m4 = np.ascontiguousarray(np.broadcast_to(m4, m4.shape[:3] + (S,))) \
+            if m4.shape[3] != S or m4.strides[3] != m4.itemsize else _unit_last(m4)
+        return kind, np.broadcast_to(m4, shape)
+    except ValueError:
+        raise ShapeError(f"{what}: mask {mask.shape} does not broadcast to the scores "
+                         f"{tuple(shape)}") from None
 
 
 def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,

@@ -40,7 +40,7 @@ from llvmlite import ir
 from tensorc.errors import ShapeError, TensorcError
 
 from . import pool
-from .attention import I8, V16I8, _mload_i8, _splat_i1, _unit_last
+from .attention import I8, V16I8, _mload_i8, _splat_i1, _unit_last, kernel_mask
 from .gemm import aligned_empty, num_threads
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I32, I64, PTR, V16, VI32, FnBuilder, c64, job, vconst
@@ -370,30 +370,6 @@ def attention_grad(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = Fa
     return bind(q, k, v, dy, mask, scale, causal, mask_value, threads, out=out)()
 
 
-def _mask(mask, shape):
-    """(kind, the mask as [b, h, t, s] with a contiguous key axis)."""
-    B, H, T, S = shape
-    mask = np.asarray(mask)
-    if mask.dtype == np.bool_:
-        kind = "keep"
-    elif mask.dtype == np.float32:
-        kind = "add"
-    else:
-        raise TensorcError(f"attention_grad: mask must be bool (keep) or float32 "
-                           f"(additive), got {mask.dtype}")
-    if mask.ndim > 4:
-        raise ShapeError(f"attention_grad: mask {mask.shape} has more than 4 dims")
-    m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    try:   # the kernel reads 16 keys at once: make the key axis contiguous
-        m4 = np.ascontiguousarray(np.broadcast_to(m4, m4.shape[:3] + (S,))) \
-            if m4.shape[3] != S or m4.strides[3] != m4.itemsize else _unit_last(m4)
-        m = np.broadcast_to(m4, (B, H, T, S))
-    except ValueError:
-        raise ShapeError(f"attention_grad: mask {mask.shape} does not broadcast to the "
-                         f"scores {shape}") from None
-    return kind, m
-
-
 def bind(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = False,
          mask_value: float = -math.inf, threads: int | None = None, *, out=None):
     """A zero-argument function computing (dq, dk, dv) into `out` (made if None) and
@@ -421,11 +397,11 @@ def bind(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = False,
                         threads, out=out)()
         return general
     dq, dk, dv = targets
-    kind, m = ("none", dq) if mask is None else _mask(mask, (B, H, T, S))
+    kind, m = ("none", dq) if mask is None else kernel_mask(mask, (B, H, T, S), "attention_grad")
     if mask is not None and not np.may_share_memory(m, mask):
         def fresh():   # the mask was copied to be readable: again on every call
-            return bind(q, k, v, dy, _mask(mask, (B, H, T, S))[1], scale, causal,
-                        mask_value, threads, out=out)()
+            readable = kernel_mask(mask, (B, H, T, S), "attention_grad")[1]
+            return bind(q, k, v, dy, readable, scale, causal, mask_value, threads, out=out)()
         return fresh
     m = m.view(np.uint8) if kind == "keep" else m
     nb = B if BK == 1 and B > 1 else 1
