@@ -91,27 +91,7 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
     iota = ir.Constant(VI32, list(range(16)))
     pack_bt = module.get_global("tc_pack_bt")
 
-    def splat_i32(x):
-        v = b.insert_element(ir.Constant(VI32, ir.Undefined), b.trunc(x, I32),
-                             ir.Constant(I32, 0))
-        return b.shuffle_vector(v, ir.Constant(VI32, ir.Undefined), ir.Constant(VI32, [0] * 16))
-
-    def vmax(x, y):
-        return b.select(b.fcmp_ordered(">", x, y), x, y)
-
-    def reduce_max(vec):
-        # a shuffle tree of `a > b ? a : b` (one vmaxps each); the NaN-exact
-        # llvm.vector.reduce.fmax costs far more, and a NaN score reaches the output
-        # through exp() anyway
-        for half in (8, 4, 2, 1):
-            hi = b.shuffle_vector(vec, ir.Constant(V16, ir.Undefined),
-                                  ir.Constant(VI32, [(i + half) % 16 for i in range(16)]))
-            vec = vmax(vec, hi)
-        return b.extract_element(vec, ir.Constant(I32, 0))
-
-    def reduce_sum(vec):
-        fn = f.intrinsic("llvm.vector.reduce.fadd.v16f32", F32, [F32, V16])
-        return b.call(fn, [ir.Constant(F32, 0.0), vec], fastmath=("reassoc",))
+    splat_i32, vmax, reduce_max, reduce_sum = vector_helpers(f)
 
     with f.loop(g["h0"], g["h1"]) as hh:
         qh, kh, vh, oh, mh = _heads(f, g, m, hh, mask_kind)
@@ -247,9 +227,7 @@ def _decode_kernel(module: ir.Module, mask_kind: str) -> ir.Function:
     skip_tail = b.and_(causal, b.fcmp_ordered("==", mv, ir.Constant(F32, NEG_INF)))
     neg_inf = ir.Constant(F32, NEG_INF)
 
-    def reduce_sum(vec):
-        fn = f.intrinsic("llvm.vector.reduce.fadd.v16f32", F32, [F32, V16])
-        return b.call(fn, [ir.Constant(F32, 0.0), vec], fastmath=("reassoc",))
+    reduce_sum = vector_helpers(f)[3]
 
     def lanes(n, c):   # lanes of 16-lane chunk c below n
         return f.lanes_below(b.sub(n, f.mul(c, 16)))
@@ -314,6 +292,35 @@ def _decode_kernel(module: ir.Module, mask_kind: str) -> ir.Function:
                 for u in range(GROUP):
                     f.mstore(b.fmul(b.load(o[u], typ=V16), inv), f.at(orow, cs[u]), masks[u])
     return f.finish()
+
+
+def vector_helpers(f: FnBuilder):
+    """(splat_i32, vmax, reduce_max, reduce_sum) over 16 lanes, for the kernels of `f`
+    (flash attention, decode, the backward)."""
+    b = f.b
+
+    def splat_i32(x):
+        v = b.insert_element(ir.Constant(VI32, ir.Undefined), b.trunc(x, I32),
+                             ir.Constant(I32, 0))
+        return b.shuffle_vector(v, ir.Constant(VI32, ir.Undefined), ir.Constant(VI32, [0] * 16))
+
+    def vmax(x, y):
+        return b.select(b.fcmp_ordered(">", x, y), x, y)
+
+    def reduce_max(vec):
+        # a shuffle tree of `a > b ? a : b` (one vmaxps each); the NaN-exact
+        # llvm.vector.reduce.fmax costs far more, and a NaN score reaches the output
+        # through exp() anyway
+        for half in (8, 4, 2, 1):
+            hi = b.shuffle_vector(vec, ir.Constant(V16, ir.Undefined),
+                                  ir.Constant(VI32, [(i + half) % 16 for i in range(16)]))
+            vec = vmax(vec, hi)
+        return b.extract_element(vec, ir.Constant(I32, 0))
+
+    def reduce_sum(vec):
+        fn = f.intrinsic("llvm.vector.reduce.fadd.v16f32", F32, [F32, V16])
+        return b.call(fn, [ir.Constant(F32, 0.0), vec], fastmath=("reassoc",))
+    return splat_i32, vmax, reduce_max, reduce_sum
 
 
 def _splat_i1(b: ir.IRBuilder, flag):

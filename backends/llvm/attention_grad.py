@@ -40,7 +40,15 @@ from llvmlite import ir
 from tensorc.errors import ShapeError, TensorcError
 
 from . import pool
-from .attention import I8, V16I8, _mload_i8, _splat_i1, _unit_last, kernel_mask
+from .attention import (
+    I8,
+    V16I8,
+    _mload_i8,
+    _splat_i1,
+    _unit_last,
+    kernel_mask,
+    vector_helpers,
+)
 from .gemm import aligned_empty, num_threads
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I32, I64, PTR, V16, VI32, FnBuilder, c64, job, vconst
@@ -101,24 +109,7 @@ def _kernel(module: ir.Module, kind: str) -> ir.Function:
     pack_bt = module.get_global("tc_pack_bt")
     zero = vconst(0.0)
 
-    def splat_i32(x):
-        v = b.insert_element(ir.Constant(VI32, ir.Undefined), b.trunc(x, I32),
-                             ir.Constant(I32, 0))
-        return b.shuffle_vector(v, ir.Constant(VI32, ir.Undefined), ir.Constant(VI32, [0] * 16))
-
-    def vmax(x, y):
-        return b.select(b.fcmp_ordered(">", x, y), x, y)
-
-    def reduce_max(vec):   # as in attention.py: a shuffle tree of selects
-        for half in (8, 4, 2, 1):
-            hi = b.shuffle_vector(vec, ir.Constant(V16, ir.Undefined),
-                                  ir.Constant(VI32, [(i + half) % 16 for i in range(16)]))
-            vec = vmax(vec, hi)
-        return b.extract_element(vec, ir.Constant(I32, 0))
-
-    def reduce_sum(vec):
-        fn = f.intrinsic("llvm.vector.reduce.fadd.v16f32", F32, [F32, V16])
-        return b.call(fn, [ir.Constant(F32, 0.0), vec], fastmath=("reassoc",))
+    splat_i32, vmax, reduce_max, reduce_sum = vector_helpers(f)
 
     def lanes(n, c):   # lanes of 16-lane chunk c below n
         return f.lanes_below(b.sub(n, f.mul(c, 16)))
