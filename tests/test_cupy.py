@@ -351,3 +351,22 @@ def test_run_writes_into_out_arrays_on_emulator():
     assert _rel_err(out, want) == 0
     with pytest.raises(InputError, match="expected a writeable C-contiguous"):
         exe.run(feeds, out={name: np.empty(want.shape, np.float64)})
+
+
+def test_a_reduction_that_accumulates_in_memory_is_not_split_across_threads():
+    """A sum over leading axes keeps its partial sums in the output (column blocks):
+    splitting its row loop across a block's threads would race on them."""
+    from tensorc.backends.cupy.emulate import EmulatedRuntime, host_compiler
+    from tensorc.ir import Graph, TensorType
+    g = Graph("colsum")
+    x = g.add_input("x", TensorType((64, 128), "f32"))
+    g.outputs = [g.add("reduce_sum", x, axes=(0,))]
+    program = L.lower(g, {}, **LOWERING)
+    kernels = [render_kernel(k) for k in program.kernels]
+    assert kernels and not any(k.cooperative for k in kernels)
+    if host_compiler() is None:
+        pytest.skip("g++ not installed: the CUDA emulator needs a C++20 host compiler")
+    xs = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    exe = CupyBackend().compile(g, runtime=EmulatedRuntime())
+    for _ in range(3):
+        np.testing.assert_allclose(exe(xs), xs.sum(0), rtol=1e-5, atol=1e-5)

@@ -223,9 +223,20 @@ def _vars_in(e: K.Expr) -> set[str]:
     return set().union(*[_vars_in(k) for k in kids if isinstance(k, K.Expr)]) if kids else set()
 
 
+def _loads_of(e: K.Expr) -> set:
+    """The buffers `e` loads from."""
+    here = {e.buf} if isinstance(e, K.Load) else set()
+    kids = [getattr(e, a) for a in ("x", "a", "b", "cond", "index") if hasattr(e, a)]
+    return here.union(*[_loads_of(k) for k in kids if isinstance(k, K.Expr)])
+
+
 def _loop_reductions(loop: K.Loop, row_locals: set[str]) -> dict[str, str] | None:
     """{accumulator: op} of a row-level loop whose body only stores and accumulates
-    (`acc = op(acc, e)` with op add/max/min, e not reading any accumulator), or None."""
+    (`acc = op(acc, e)` with op add/max/min, e not reading any accumulator), or None.
+    Its iterations are split across threads, so each must store where no other does:
+    a store whose address does not depend on the loop's variable, or that reads back
+    the buffer it writes (memory as an accumulator, as a column-block reduction keeps
+    its sums), refuses the split."""
     accs: dict[str, str] = {}
     reads: set[str] = set()
 
@@ -235,6 +246,8 @@ def _loop_reductions(loop: K.Loop, row_locals: set[str]) -> dict[str, str] | Non
                 if not walk(st.body):
                     return False
             elif isinstance(st, K.Store):
+                if loop.var.name not in _vars_in(st.index) or st.buf in _loads_of(st.value):
+                    return False
                 reads.update(_vars_in(st.index) | _vars_in(st.value))
             elif isinstance(st, K.Assign):
                 v, e = st.var.name, st.value
