@@ -273,6 +273,17 @@ def test_gpu_reduced_precision_within_budget(precision, budget):
 
 
 @gpu
+def test_gpu_train_steps_match_numpy():
+    """Forward + backward of gpt (with dropout), bert and vit on the device."""
+    for g, feeds in _train_steps():
+        want = get_backend("numpy").compile(g).run(feeds)
+        exe = get_backend("cupy").compile(g)
+        got = exe.run(feeds)
+        scale = max(float(np.abs(w).max()) for w in want.values())
+        assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-4 * scale, g.name
+
+
+@gpu
 def test_gpu_bad_token_id_is_a_clear_error():
     g, feeds = _traced("gpt", batch=1)
     feeds["input_ids"] = feeds["input_ids"].copy()
