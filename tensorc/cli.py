@@ -629,8 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clip", type=float, default=1.0, help="global gradient norm (0: none)")
     t.add_argument("--accumulate", type=_positive_int, default=1,
                    help="micro-batches per optimizer step")
+    t.add_argument("--data", metavar="PATH", help="text for clm/mlm: a file, or a folder "
+                   "of .py/.txt/.md/.rst files (default: the Python standard library's "
+                   "source); cleaned and split by file like the default")
     t.add_argument("--data-bytes", type=_positive_int, default=2_000_000,
-                   help="how much standard-library text clm/mlm read (default 2 MB)")
+                   help="how much text clm/mlm read (default 2 MB)")
     t.add_argument("--backend", default="llvm", help="backend (default: llvm)")
     t.add_argument("-o", "--output", metavar="DIR", help="checkpoint directory (written at "
                    "every evaluation and at the end)")
@@ -676,6 +679,7 @@ def cmd_train(args) -> int:
                       recompute=args.recompute)
     run = Run(args.model, args.preset or "tiny", parse_overrides(args.set), task,
               batch=args.batch or 8, seq=args.seq or 64, data_bytes=args.data_bytes,
+              data=args.data,
               backend=args.backend, out=args.output, eval_every=args.eval_every,
               teacher=getattr(args, "teacher", None),
               temperature=getattr(args, "temperature", 1.0), alpha=getattr(args, "alpha", 0.5))

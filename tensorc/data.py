@@ -230,20 +230,41 @@ def clean_texts(texts: list[tuple[str, str]], min_bytes: int = 128, max_bytes: i
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
-def _stdlib_files() -> list[tuple[str, Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")   # what a --data folder contributes
+
+
+def _tree_files(root: Path, suffixes=(".py",), skip=_SKIP_DIRS) -> list[tuple[str, Path]]:
     files = []
-    for path in root.rglob("*.py"):
+    for path in root.rglob("*"):
         rel = path.relative_to(root)
-        if not _SKIP_DIRS & set(rel.parts[:-1]) and path.is_file():
+        if path.suffix in suffixes and not skip & set(rel.parts[:-1]) and path.is_file():
             files.append((rel.as_posix(), path))
     return sorted(files)   # by relative path: the same order on every machine
 
 
-def _read_stdlib(limit_files: int | None, skipped: list[str] | None
+def _stdlib_files() -> list[tuple[str, Path]]:
+    return _tree_files(Path(sysconfig.get_paths()["stdlib"]))
+
+
+def _user_files(path: str) -> list[tuple[str, Path]]:
+    """A text file, or a folder's text files (TEXT_SUFFIXES), for `text_corpus`."""
+    p = Path(path)
+    if p.is_file():
+        return [(p.name, p)]
+    if not p.is_dir():
+        raise TensorcError(f"file not found: {path}")
+    files = _tree_files(p, TEXT_SUFFIXES, {"__pycache__", ".git"})
+    if not files:
+        raise TensorcError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES)}) in it")
+    return files
+
+
+def _read_stdlib(limit_files: int | None, skipped: list[str] | None,
+                 files: list[tuple[str, Path]] | None = None
                  ) -> Iterator[tuple[str, str, int]]:
-    """(name, text, size) in order; undecodable files go to `skipped`, size -1."""
-    for name, path in _stdlib_files()[:limit_files]:
+    """(name, text, size) in order (the stdlib's, or `files`); undecodable files go to
+    `skipped`, size -1."""
+    for name, path in (_stdlib_files() if files is None else files)[:limit_files]:
         data = path.read_bytes()
         try:
             yield name, data.decode("utf-8"), len(data)
@@ -293,11 +314,21 @@ def encode_files(texts: list[str]) -> np.ndarray:
 def stdlib_corpus(max_bytes: int | None = None, val_fraction: float = 0.05, seed: int = 0,
                   max_file_bytes: int = 512_000, limit_files: int | None = None,
                   **clean_kwargs) -> TextCorpus:
-    """The cleaned stdlib as a train/val byte stream, split by file: a file goes wholly to
-    val when a hash of (seed, name) falls under `val_fraction` (each side gets at least
-    one file). `max_bytes` caps the total ids, taking whole cleaned files in path order,
-    and the report covers only the files looked at. `clean_kwargs` go to `clean_texts`
-    (its per-file `max_bytes` is `max_file_bytes` here)."""
+    """The cleaned stdlib as a train/val byte stream: `text_corpus` of the stdlib."""
+    return text_corpus(None, max_bytes, val_fraction, seed, max_file_bytes, limit_files,
+                       **clean_kwargs)
+
+
+def text_corpus(path: str | None = None, max_bytes: int | None = None,
+                val_fraction: float = 0.05, seed: int = 0, max_file_bytes: int = 512_000,
+                limit_files: int | None = None, **clean_kwargs) -> TextCorpus:
+    """Cleaned text (the stdlib's `.py` files, or `path`: a text file or a folder of
+    them) as a train/val byte stream, split by file: a file goes wholly to val when a
+    hash of (seed, name) falls under `val_fraction` (each side gets at least one file;
+    a single file is split at 1 - val_fraction of its bytes instead). `max_bytes` caps
+    the total ids, taking whole cleaned files in path order, and the report covers only
+    the files looked at. `clean_kwargs` go to `clean_texts` (its per-file `max_bytes`
+    is `max_file_bytes` here)."""
     if not 0 <= val_fraction < 1:
         raise TensorcError(f"val_fraction must be in [0, 1), got {val_fraction}")
     cleaner = _Cleaner(clean_kwargs.pop("min_bytes", 128), max_file_bytes,
@@ -307,7 +338,8 @@ def stdlib_corpus(max_bytes: int | None = None, val_fraction: float = 0.05, seed
         raise TensorcError(f"stdlib_corpus got unknown options: {', '.join(clean_kwargs)}")
     kept: list[tuple[str, str]] = []
     total = 0
-    for name, text, size in _read_stdlib(limit_files, None):
+    files = None if path is None else _user_files(path)
+    for name, text, size in _read_stdlib(limit_files, None, files):
         if size < 0:
             cleaner.report.undecodable += 1
             cleaner.report.undecodable_bytes += -size - 1
@@ -321,7 +353,13 @@ def stdlib_corpus(max_bytes: int | None = None, val_fraction: float = 0.05, seed
             kept.append((name, text))
             total += size + 1
     if not kept:
-        raise TensorcError(f"stdlib_corpus: no file fits in max_bytes={max_bytes}")
+        raise TensorcError(f"{path or 'the standard library'}: no file is left after "
+                           f"cleaning within max_bytes={max_bytes} ({cleaner.report.lines()[0]})")
+    if len(kept) == 1 and val_fraction > 0:   # one file: its tail is held out
+        name, text = kept[0]
+        cut = int(len(text) * (1 - val_fraction))
+        return TextCorpus(encode_files([text[:cut]]), encode_files([text[cut:]]),
+                          cleaner.report, [name], [name])
     u = {name: _unit_hash(name, seed) for name, _ in kept}
     val_names = {n for n in u if u[n] < val_fraction}
     if len(kept) > 1 and val_fraction > 0 and not val_names:

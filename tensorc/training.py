@@ -214,12 +214,16 @@ class TaskData:
     """Batches for training and a held-out evaluation, per task: `batch(rng)`,
     `evaluate(model, backend)` -> metrics, and the vocabulary the model needs."""
 
-    def __init__(self, task: str, batch: int, seq: int, data_bytes: int | None, seed: int = 0):
+    def __init__(self, task: str, batch: int, seq: int, data_bytes: int | None, seed: int = 0,
+                 path: str | None = None):
         from . import data
         self.task, self.size, self.seq = task, batch, seq
         self.report: list[str] = []
+        if path is not None and task not in ("clm", "mlm"):
+            raise TensorcError(f"--data takes text, for clm and mlm; {task} uses its "
+                               "bundled data")
         if task in ("clm", "mlm"):
-            corpus = data.stdlib_corpus(max_bytes=data_bytes, seed=seed)
+            corpus = data.text_corpus(path, max_bytes=data_bytes, seed=seed)
             self.train, self.val = corpus.train, corpus.val
             self.report = corpus.report.lines()
             self.vocab = data.EOS_ID + 1 if task == "clm" else data.MLM_VOCAB
@@ -320,6 +324,7 @@ class Run:
     batch: int = 8
     seq: int = 64
     data_bytes: int | None = 2_000_000
+    data: str | None = None         # text for clm/mlm (a file or folder); None: the stdlib
     backend: str = "llvm"
     out: str | None = None          # checkpoint directory
     eval_every: int = 0
@@ -340,7 +345,7 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     task = get_task(run.task)
     if run.out:
         os.makedirs(os.path.dirname(os.path.abspath(run.out)), exist_ok=True)
-    td = TaskData(run.task, run.batch, run.seq, run.data_bytes, cfg.seed)
+    td = TaskData(run.task, run.batch, run.seq, run.data_bytes, cfg.seed, run.data)
     if on_data and td.report:
         on_data(td.report)
     overrides = {**td.model_settings(), **run.overrides}

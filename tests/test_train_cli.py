@@ -107,3 +107,19 @@ def test_shipped_tiny_checkpoints_still_reach_their_quality():
     pytest.importorskip("sklearn", reason="the digits come with scikit-learn")
     vit = load_checkpoint_model(str(root / "vit-tiny"))
     assert TaskData("classify", 64, 0, None).evaluate(vit, "llvm")["val_accuracy"] > 0.93
+
+
+def test_train_on_a_folder_of_your_own_text(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):   # distinct texts, long enough to pass the cleaning
+        (docs / f"f{i}.md").write_text(" ".join(f"word{i}_{j}" for j in range(300)))
+    (docs / "copy.md").write_text((docs / "f0.md").read_text())   # an exact duplicate
+    assert main(["train", "gpt", "--data", str(docs), "--steps", "2", "--batch", "2",
+                 "--seq", "16", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "exact duplicate      1 texts" in err
+    assert main(["train", "vit", "--data", str(docs), "--steps", "1", "--quiet"]) == 2
+    assert "--data takes text, for clm and mlm" in capsys.readouterr().err
+    assert main(["train", "gpt", "--data", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "file not found" in capsys.readouterr().err
