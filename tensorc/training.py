@@ -352,7 +352,7 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     model = get(run.model, run.preset, seed=cfg.seed, **overrides)
     rng = np.random.default_rng(cfg.seed)
     schedule = optim.WarmupCosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
-    teacher = _teacher(run, td) if run.teacher else None
+    teacher = _teacher(run) if run.teacher else None
     first = td.batch(np.random.default_rng(cfg.seed))
     if model.config.dropout:
         first[DROPOUT_SEED] = np.array(0, np.int64)
@@ -381,10 +381,11 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     for record in train_steps(step, opt, schedule, batches(), cfg, start):
         record["tokens_per_s"] = run.batch * (run.seq if run.task != "classify" else 1) \
             * cfg.accumulate / (record["step_ms"] / 1e3)
-        last = record["step"] == cfg.steps
-        if (run.eval_every and record["step"] % run.eval_every == 0) or last:
+        due = record["step"] == cfg.steps or (run.eval_every
+                                               and record["step"] % run.eval_every == 0)
+        if due:
             record.update(td.evaluate(model, run.backend))
-        if run.out and (last or (run.eval_every and record["step"] % run.eval_every == 0)):
+        if due and run.out:
             optim.save_checkpoint(run.out, step.params, opt, record["step"],
                                   {**meta, "metrics": {k: v for k, v in record.items()
                                                        if isinstance(v, float)}},
@@ -394,7 +395,7 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     return record
 
 
-def _teacher(run: Run, td: TaskData):
+def _teacher(run: Run):
     """The teacher's logits for a batch: its checkpoint loaded and compiled once."""
     from .backends import get_backend
     model = load_checkpoint_model(run.teacher)
