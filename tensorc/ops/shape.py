@@ -197,6 +197,8 @@ def _slice_vjp(g, node, dys):
             start, _, step = slice(start, min(end, SLICE_END), step).indices(n)
         elif not isinstance(start, int):
             raise ShapeError(f"{node.where}: no gradient for a slice starting at {start}")
+        if dy.type.shape[ax] == 0:   # an empty slice: nothing flows back
+            return [vjp.zeros(g, x.type)]
         if dy.type.shape[ax] != n:
             dy = _unslice_axis(g, dy, ax, n, start, step)
     return [dy]
