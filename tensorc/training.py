@@ -39,7 +39,6 @@ class Task:
 
     name: str
     inputs: tuple[str, ...]
-    doc: str
 
     def logits(self, model, batch):
         return model(*[batch[k] for k in self.inputs])
@@ -54,10 +53,10 @@ class Task:
 
 
 TASKS = {t.name: t for t in (
-    Task("clm", ("input_ids",), "next-byte prediction (gpt, llama)"),
-    Task("mlm", ("input_ids", "attention_mask"), "masked bytes, 80/10/10 (bert)"),
-    Task("classify", ("pixel_values",), "image classes (vit on 8x8 digits)"),
-    Task("translate", ("src_ids", "tgt_ids"), "dates between two formats (transformer)"),
+    Task("clm", ("input_ids",)),                      # next byte (gpt, llama)
+    Task("mlm", ("input_ids", "attention_mask")),     # masked bytes, 80/10/10 (bert)
+    Task("classify", ("pixel_values",)),              # 8x8 digits (vit)
+    Task("translate", ("src_ids", "tgt_ids")),        # dates, two formats (transformer)
 )}
 
 
@@ -183,21 +182,18 @@ def train_steps(step: TrainStep, optimizer, schedule: Callable[[int], float],
                 batches: Iterator[dict], cfg: TrainConfig, start: int = 0):
     """Run steps start..cfg.steps-1; yields one record per step (step, loss, lr,
     grad_norm, step_ms). Accumulation averages `cfg.accumulate` micro-batches."""
-    from .optim import clip_grad_norm
+    from .optim import GradAccumulator, clip_grad_norm
+    acc = GradAccumulator(step.params) if cfg.accumulate > 1 else None
     for i in range(start, cfg.steps):
         t0 = time.perf_counter()
-        total, grads = 0.0, None
+        total = 0.0
         for _ in range(cfg.accumulate):
-            loss, g = step(next(batches))
+            loss, grads = step(next(batches))
             total += loss
-            if grads is None:
-                grads = {n: a.copy() for n, a in g.items()} if cfg.accumulate > 1 else g
-            else:
-                for n, a in g.items():
-                    grads[n] += a
-        if cfg.accumulate > 1:
-            for a in grads.values():
-                a *= 1.0 / cfg.accumulate
+            if acc is not None:
+                acc.add(grads)
+        if acc is not None:
+            grads = acc.mean()
         norm = clip_grad_norm(grads, cfg.clip) if cfg.clip else float("nan")
         lr = schedule(i)
         optimizer.step(grads, lr=lr)
