@@ -29,8 +29,8 @@ Conventions every renderer follows:
   fast-math assumption is allowed (inputs hold -inf for masks, and NaN must
   propagate through arithmetic).
 - Unary ops: neg abs exp log sqrt rsqrt reciprocal tanh erf sigmoid relu sin cos
-  floor not. Binary ops: add sub mul div pow max min mod floordiv (ints), and the
-  comparisons eq lt le gt ge (giving bool) and and/or (bool).
+  floor round (half to even) not. Binary ops: add sub mul div pow max min mod floordiv
+  (ints), and the comparisons eq lt le gt ge (giving bool) and and/or (bool).
 - Semantics are numpy's: float max/min (and relu) return NaN if an operand is NaN,
   like np.maximum/np.minimum; comparisons with NaN are false.
 

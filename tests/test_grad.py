@@ -24,6 +24,11 @@ NO_RULE = {
     "attention_grad": "a gradient itself: second derivatives are not supported",
     "conv2d_grad": "a gradient itself: second derivatives are not supported",
     "fused": "grad inlines regions and differentiates their bodies",
+    "quantize": "integer output", "matmul_integer": "integer output",
+    "dequantize": "its inputs are integers and the quantization's constant scale",
+    "quant_params": "a quantization's range is a constant of it (straight through)",
+    "fake_quantize": "the straight-through estimator is not the derivative: "
+                     "tests/test_quant.py checks it",
 }
 
 
@@ -43,7 +48,8 @@ def cases(rng):
              ("neg", "exp", "tanh", "erf", "sigmoid", "sin", "cos")}
     unary.update({op: [([f64(rng, 2, 3, low=0.5, high=2.0)], {})]
                   for op in ("log", "sqrt", "rsqrt", "reciprocal")})
-    unary.update({op: [([away_from_kinks(rng, 3, 4)], {})] for op in ("abs", "relu", "floor")})
+    unary.update({op: [([away_from_kinks(rng, 3, 4)], {})] for op in ("abs", "relu", "floor",
+                                                                       "round")})
     binary = {op: [([f64(rng, 2, 3), f64(rng, 2, 3)], {}),
                    ([f64(rng, 4, 1, 3), f64(rng, 2, 1)], {})]   # both sides broadcast
               for op in ("add", "sub", "mul", "maximum", "minimum")}

@@ -161,6 +161,7 @@ UNARY_MATH = {
     "sin": math.sin,
     "cos": math.cos,
     "floor": math.floor,
+    "round": round,   # Python rounds half to even
 }
 POSITIVE_ONLY = {"log", "sqrt", "rsqrt", "reciprocal"}
 INT_OK = {"neg", "abs", "relu"}
@@ -939,6 +940,88 @@ def _fused(op, rng):
     x = rand(rng, (2, 17))
     body = _fused_body([x], lambda g, x: [g.add("softmax", g.add("neg", x))])
     yield [x], {"body": body}, map_rows(-x, -1, _softmax_row, "f32")
+
+
+QRANGE = {"u8": (0, 255), "i8": (-128, 127)}
+
+
+def _q(v, s, z, dtype):
+    """One element quantized: the f32 quotient, rounded half to even, shifted, saturated."""
+    lo, hi = QRANGE[dtype]
+    return min(max(round(float(np.float32(v) / np.float32(s))) + z, lo), hi)
+
+
+def _qparams_cases(rng):
+    """(x, scale, zero point) triples: per tensor, per column, per row; u8 and i8."""
+    for shape, pshape in [((3, 17), ()), ((4, 5), (1, 5)), ((2, 3, 7), (2, 3, 1))]:
+        for dtype in ("u8", "i8"):
+            x = rand(rng, shape, "f32", -4.0, 4.0)
+            x.flat[0] = 1e4   # saturates
+            s = rng.uniform(0.01, 0.1, pshape).astype(np.float32)
+            z = rand(rng, pshape, dtype, *((100, 150) if dtype == "u8" else (-20, 20)))
+            yield x, s, z, dtype
+
+
+@checks("quantize")
+def _quantize(op, rng):
+    for x, s, z, dtype in _qparams_cases(rng):
+        yield [x, s, z], {}, map_elements(lambda v, s, z, d=dtype: _q(v, s, z, d), x, s, z,
+                                          dtype=dtype)
+
+
+@checks("dequantize")
+def _dequantize(op, rng):
+    for x, s, z, dtype in _qparams_cases(rng):
+        q = rand(rng, x.shape, dtype, *QRANGE[dtype])
+        yield [q, s, z], {}, map_elements(lambda q, s, z: (q - z) * s, q, s, z, dtype="f32")
+    acc = rand(rng, (3, 4), "i32", -5000, 5000)
+    yield [acc, np.float32(0.01), np.int32(0)], {}, \
+        map_elements(lambda q, s, z: q * s, acc, np.float32(0.01), np.int32(0), dtype="f32")
+
+
+@checks("fake_quantize")
+def _fake_quantize(op, rng):
+    for x, s, z, dtype in _qparams_cases(rng):
+        yield [x, s, z], {}, map_elements(
+            lambda v, s, z, d=dtype: (_q(v, s, z, d) - z) * s, x, s, z, dtype="f32")
+
+
+@checks("quant_params")
+def _quant_params(op, rng):
+    for shape, axes in [((3, 17), None), ((4, 9), (-1,)), ((2, 3, 5), (0, 2)), ((6,), (0,))]:
+        x = rand(rng, shape, "f32")
+        for dtype in ("u8", "i8"):
+            pshape = tuple(1 if axes is None or i in {a % len(shape) for a in axes} else d
+                           for i, d in enumerate(shape))
+            scale, zp = np.empty(pshape, np.float32), np.empty(pshape, NP[dtype])
+            for _, pos in rows(x, range(len(shape)) if axes is None else axes):
+                vals = [float(x[p]) for p in pos]
+                idx = tuple(0 if i in {a % len(shape) for a in axes or range(len(shape))}
+                            else p for i, p in enumerate(pos[0]))
+                if dtype == "u8":
+                    lo, hi = min(min(vals), 0.0), max(max(vals), 0.0)
+                    s = np.float32(np.float32(hi - lo) / np.float32(255))
+                    scale[idx], zp[idx] = s, min(max(round(float(np.float32(-lo) / s)), 0), 255)
+                else:
+                    scale[idx] = np.float32(np.float32(max(abs(v) for v in vals)) / np.float32(127))
+                    zp[idx] = 0
+            yield [x], {"dtype": dtype, "axes": axes}, [scale, zp]
+    zero = np.zeros((2, 3), np.float32)   # a zero range: scale 1, every value exact
+    yield [zero], {"axes": (1,)}, [np.ones((2, 1), np.float32), np.zeros((2, 1), np.uint8)]
+
+
+@checks("matmul_integer")
+def _matmul_integer(op, rng):
+    for sa, sb, da, db in [((3, 17), (17, 5), "u8", "i8"), ((2, 3, 9), (9, 4), "i8", "i8"),
+                           ((4, 6), (6, 3), "u8", "u8"), ((6,), (6, 2), "u8", "i8")]:
+        a, b = rand(rng, sa, da, *QRANGE[da]), rand(rng, sb, db, *QRANGE[db])
+        a.flat[:3], b.flat[:3] = QRANGE[da][1], QRANGE[db][0]   # extremes: no saturation
+        yield [a, b], {}, matmul_loops(a.astype(np.int64), b.astype(np.int64)).astype(np.int32)
+        za = rand(rng, sa[:-1] + (1,) if len(sa) > 1 else (), da, *QRANGE[da])
+        zb = rand(rng, (sb[-1],), db, *QRANGE[db])
+        want = matmul_loops(a.astype(np.int64) - za.astype(np.int64),
+                            b.astype(np.int64) - zb.astype(np.int64))
+        yield [a, b, za, zb], {}, want.astype(np.int32)
 
 
 def test_unknown_attribute_kind_is_refused_at_declaration():

@@ -79,6 +79,7 @@ UNARY = {
     "sin": ("sinf({0})", "sin({0})", None),
     "cos": ("cosf({0})", "cos({0})", None),
     "floor": ("floorf({0})", "floor({0})", None),
+    "round": ("rintf({0})", "rint({0})", None),   # half to even in the default mode
     "not": ("(!{0})", "(!{0})", "(!{0})"),
 }
 

@@ -274,8 +274,8 @@ class _FnGen:
             return b.fneg(x)
         if op == "relu":  # select keeps NaN, like numpy's maximum(x, 0)
             return b.select(b.fcmp_ordered("<", x, zero), zero, x)
-        if op in ("abs", "sqrt", "floor", "sin", "cos", "log"):
-            return self.call({"abs": "fabs"}.get(op, op), x)
+        if op in ("abs", "sqrt", "floor", "round", "sin", "cos", "log"):
+            return self.call({"abs": "fabs", "round": "roundeven"}.get(op, op), x)
         if op == "rsqrt":
             return b.fdiv(one, self.call("sqrt", x))
         if op == "reciprocal":

@@ -346,7 +346,8 @@ EXPORTERS: dict[str, Exporter] = {
     **{op: _same(t) for op, t in {
         "neg": "Neg", "abs": "Abs", "exp": "Exp", "log": "Log", "sqrt": "Sqrt",
         "reciprocal": "Reciprocal", "tanh": "Tanh", "erf": "Erf", "sigmoid": "Sigmoid",
-        "relu": "Relu", "sin": "Sin", "cos": "Cos", "floor": "Floor", "logical_not": "Not",
+        "relu": "Relu", "sin": "Sin", "cos": "Cos", "floor": "Floor", "round": "Round",
+        "logical_not": "Not",
         "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow",
         "maximum": "Max", "minimum": "Min", "equal": "Equal", "less": "Less",
         "less_equal": "LessOrEqual", "greater": "Greater", "greater_equal": "GreaterOrEqual",

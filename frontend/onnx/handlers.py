@@ -623,7 +623,8 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     **{k: _unary(v) for k, v in {
         "Neg": "neg", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
         "Reciprocal": "reciprocal", "Tanh": "tanh", "Erf": "erf", "Sigmoid": "sigmoid",
-        "Relu": "relu", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Not": "logical_not",
+        "Relu": "relu", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Round": "round",
+        "Not": "logical_not",
     }.items()},
     **{k: _binary(v) for k, v in {
         "Add": "add", "Sub": "sub", "Mul": "mul", "Equal": "equal",

@@ -97,6 +97,7 @@ UNARY_VJP = {
     "sin": lambda g, x, y, dy: g.add("mul", dy, g.add("cos", x)),
     "cos": lambda g, x, y, dy: g.add("neg", g.add("mul", dy, g.add("sin", x))),
     "floor": lambda g, x, y, dy: None,   # piecewise constant
+    "round": lambda g, x, y, dy: None,
 }
 
 # name: (reference, type rule, flops per element)
@@ -115,6 +116,7 @@ UNARY = {
     "sin": (np.sin, _float_unary, 1),
     "cos": (np.cos, _float_unary, 1),
     "floor": (np.floor, _float_unary, 1),
+    "round": (np.rint, _float_unary, 1),   # half to even, as ONNX Round
     "logical_not": (np.logical_not, _bool_unary, 1),
 }
 

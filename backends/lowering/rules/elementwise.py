@@ -171,7 +171,7 @@ def _int_safe(op):
 
 _UNARY = {name: (lambda op: lambda x: K.Unary(op, x))(name) for name in
           ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "erf", "sigmoid",
-           "relu", "sin", "cos", "floor")}
+           "relu", "sin", "cos", "floor", "round")}
 _UNARY["logical_not"] = lambda x: K.Unary("not", x)
 _BINARY_NAMES = {"add": "add", "sub": "sub", "mul": "mul", "maximum": "max",
                  "minimum": "min", "pow": "pow", "equal": "eq", "less": "lt",
@@ -181,7 +181,7 @@ _BINARY = {name: (lambda op: lambda a, b: K.Binary(op, a, b))(kop)
            for name, kop in _BINARY_NAMES.items()}
 _BINARY["div"] = _int_safe("div")
 _FLOAT_ONLY = {"exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "erf", "sigmoid", "sin",
-               "cos", "floor", "pow", "gelu"}
+               "cos", "floor", "round", "pow", "gelu"}
 ELEMENTWISE = {**_UNARY, **_BINARY, "gelu": _gelu, "clip": _clip,
                "where": lambda c, a, b: K.Select(c, a, b),
                "cast": lambda x, dtype: K.Cast(x, dtype) if x.dtype != dtype else x}
