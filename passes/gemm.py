@@ -93,6 +93,11 @@ def _epilogue(g: Graph, users, mm) -> list:
     (GPT-2's Conv1D flattens the tokens around its matmul); lowering reads a bias or
     residual through the GEMM's own frame, or leaves an op it cannot frame to a kernel."""
     chain, cur, stage = [mm], mm.outputs[0], 0   # stage: 0 bias, 1 activation, 2 residual
+    if mm.op == "matmul_integer":
+        chain = _dequantize_chain(g, users, mm)
+        if chain is None:
+            return [mm]
+        cur = chain[-1].outputs[0]
     while stage < 3:
         us = users.get(cur, [])
         if len(us) != 1 or cur in g.outputs:
@@ -119,13 +124,44 @@ def _epilogue(g: Graph, users, mm) -> list:
     return chain
 
 
+def _dequantize_chain(g: Graph, users, mm):
+    """An integer matmul's dequantize, as the quantize pass writes it:
+    cast(acc, f32) * row_scale * column_scale, the row scale [..., M, 1] or rank 0, the
+    column scale a constant [N] or rank 0; None if the matmul is not followed by it."""
+    chain, cur = [mm], mm.outputs[0]
+    n = mm.outputs[0].type.shape[-1]
+    for want in ("cast", "row", "column"):
+        us = users.get(cur, [])
+        if len(us) != 1 or cur in g.outputs:
+            return None
+        u = us[0]
+        other = [v for v in u.inputs if v is not cur]
+        if want == "cast":
+            ok = u.op == "cast" and u.attrs["dtype"] == "f32"
+        elif want == "row":
+            t = other[0].type if len(other) == 1 else None
+            ok = u.op == "mul" and t is not None and t.dtype == "f32" and (
+                t.rank == 0 or (t.shape[-1] == 1 and t.shape[:-1] == cur.type.shape[:-1]))
+        else:
+            t = other[0].type if len(other) == 1 else None
+            ok = u.op == "mul" and t is not None and other[0].is_constant \
+                and t.shape in ((), (n,))
+        if not ok:
+            return None
+        chain.append(u)
+        cur = u.outputs[0]
+    return chain
+
+
 @graph_pass("fuse-epilogues")
 def fuse_epilogues(g: Graph) -> Graph:
-    """matmul -> + bias -> relu/gelu -> + residual (any prefix of it) -> one region."""
+    """matmul -> + bias -> relu/gelu -> + residual (any prefix of it) -> one region; an
+    integer matmul with its dequantize (then the same)."""
     users, outputs = g.users(), set(g.outputs)
     regions = {}    # last node of a chain -> its nodes
     for node in g.nodes:
-        if node.op == "matmul" and node.outputs[0].type.dtype == "f32":
+        if node.op == "matmul_integer" or (node.op == "matmul"
+                                           and node.outputs[0].type.dtype == "f32"):
             chain = _epilogue(g, users, node)
             if len(chain) > 1:
                 regions[chain[-1]] = chain

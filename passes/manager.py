@@ -60,13 +60,17 @@ def parse_pipeline(spec: str) -> list[tuple[str, dict]]:
 
 
 def run_pipeline(graph: Graph, spec: str, *, verify: bool = False, disable=(),
-                 after: Callable[[str, Graph, float], None] | None = None) -> Graph:
+                 after: Callable[[str, Graph, float], None] | None = None,
+                 options: dict[str, dict] | None = None) -> Graph:
     """Run the passes of `spec` in order. `verify` checks the graph after each pass;
     `after(name, graph, seconds)` is called after each pass (for --print-after,
-    --time-passes and per-pass comparison)."""
+    --time-passes and per-pass comparison). `options`: keyword arguments per pass name
+    that text cannot carry (the calibration batches the CLI loaded), under those the
+    spec gives."""
     for name, kwargs in parse_pipeline(spec):
         if name in disable:
             continue
+        kwargs = {**(options or {}).get(name, {}), **kwargs}
         t0 = time.perf_counter()
         graph = PASSES[name](graph, **kwargs)
         if verify:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from tensorc.ir import TensorType
@@ -37,6 +39,60 @@ def _matmul(lw, node, ins, attrs):
     if lw.region:   # a fuse-epilogues region: the ops after it become its epilogue
         lw.pending[node.outputs[0]] = call
     return [reshape(lw.of_view(out), t.shape)]
+
+def _matmul_integer(lw, node, ins, attrs):
+    """u8 activations times a constant 2-D i8 weight on the target's integer GEMM. Inside
+    a fuse-epilogues region the dequantize after it (cast to f32, times the row scale,
+    times the column scale: `passes/gemm.py` `_dequantize_chain`) and then bias,
+    activation and residual become its epilogue, so the i32 accumulators never reach
+    memory. Anything else (other types, a weight zero point) runs the decomposition."""
+    a, b, *zps = ins
+    if not lw.int8_gemm:
+        raise NotLowerable("no integer GEMM on this target")
+    if a.dtype != "u8" or b.dtype != "i8" or len(b.shape) != 2 or len(a.shape) < 2 \
+            or not (isinstance(b.expr, Access) and b.expr.buf.kind == "const") or len(zps) > 1:
+        raise NotLowerable("the integer GEMM takes u8 activations and a constant 2-D i8 "
+                           "weight without a zero point")
+    rows, n = math.prod(a.shape[:-1]), b.shape[-1]
+    shape = tuple(a.shape[:-1]) + (n,)
+    epi = {}
+    if zps:
+        epi["a_zero"] = _per_row(lw, zps[0], a.shape[:-1], rows)
+    chain = _dequantize_chain(lw, node) if lw.region else None
+    if chain:
+        scales = [lw.vals[next(v for v in u.inputs if v is not prev.outputs[0])]
+                  for prev, u in zip(chain, chain[1:], strict=False)]
+        epi["row_scale"] = _per_row(lw, scales[0], a.shape[:-1], rows)
+        epi["col_scale"] = lw.view(broadcast_to(scales[1], (n,)))
+    out = lw.out_view(TensorType(shape, "f32" if chain else "i32"))
+    call = Call("matmul_integer", attrs, [lw.view(a), lw.view(b)], [out], where=node.where,
+                epilogue=epi)
+    lw.steps.append(call)
+    result = lw.of_view(out)
+    if chain:   # the cast and the two scales are the call's: their nodes return its output
+        for u in chain:
+            lw.absorbed[u] = (result, call)
+    return [result]
+
+
+def _per_row(lw, x: Lazy, lead, rows: int) -> View:
+    """A per-row parameter ([..., M, 1], or rank 0 for all rows) as a [rows] view."""
+    x = reshape(broadcast_to(x, tuple(lead) + (1,)), (rows,))
+    return lw.view(x)
+
+
+def _dequantize_chain(lw, node) -> list | None:
+    """The region's cast -> mul -> mul after an integer matmul, if it is there."""
+    users = lw.users
+    chain, cur = [], node.outputs[0]
+    for want in ("cast", "mul", "mul"):
+        us = users.get(cur, [])
+        if len(us) != 1 or us[0].op != want or lw.uses.get(cur) != 1:
+            return None
+        chain.append(us[0])
+        cur = us[0].outputs[0]
+    return chain if chain[0].attrs["dtype"] == "f32" else None
+
 
 def _matmul_kernel(lw, a: Lazy, b: Lazy, batch, dtype: str, name: str) -> Lazy:
     """out[..., i, j] = sum_k a[..., i, k] * b[..., k, j] as a reduction over a lazy
@@ -86,7 +142,8 @@ def _grow_epilogue(lw, node, ins, attrs, mm: Lazy, call: Call) -> bool:
     if not isinstance(e, Access) or e.buf is out.buf or _written_after(lw, e.buf, call):
         return False
     n = out.shape[-1]
-    if n > 1 and e.coefs[-1] == 1 and not any(e.coefs[:-1]) and not epi:
+    if n > 1 and e.coefs[-1] == 1 and not any(e.coefs[:-1]) \
+            and not ({"bias", "activation", "residual"} & set(epi)):
         epi["bias"] = View(e.buf, e.offset, (n,), (1,))
         return True
     if other.shape == mm.shape and e.coefs[-1] in (1, 0):
@@ -103,4 +160,5 @@ def _written_after(lw, buf: Buf, call: Call) -> bool:
 
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "matmul": _matmul,
+    "matmul_integer": _matmul_integer,
 }

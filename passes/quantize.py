@@ -1,0 +1,266 @@
+"""Quantization: matmuls by weights computed in 8-bit integers (the `quantize` pass).
+
+`quantize:mode=dynamic|static|qdq:weights=per_channel|per_tensor:activations=u8|s8:
+act_scale=row|tensor:calib=minmax|percentile|entropy:skip=NAME+NAME:head=0|1:data=FILE`
+
+Every matmul `x @ W` by a constant 2-D f32 weight becomes, with W quantized ahead of
+time to i8 (symmetric, a scale per output column or one per tensor):
+
+    dynamic  s, z = quant_params(x)        # per row (act_scale=row) or per tensor
+             acc: i32 = matmul_integer(quantize(x, s, z), Wq, z)
+             y = cast(acc, f32) * s * ws   # the dequantize epilogue
+    static   the same with s, z constants from a calibration run over `data`
+             (minmax, percentile or entropy: `calibrate`)
+    qdq      y = fake_quantize(x, s, z) @ fake_quantize(W, ws, 0): the same rounding
+             simulated in f32 (fp32 vs fake-quant vs int8 compare three ways; a weight
+             that is a graph input, as in training, gets its scale computed in the graph:
+             quantization-aware training differentiates through this form)
+
+Layer norm, softmax and attention stay float; so does the logits head (a matmul whose
+result, through a bias, reshape or cast, is a graph output) unless `head=1`. `skip` names
+matmuls to leave in float by a part of their weight's or result's name. A graph at O2
+has its regions opened first and fused again after (`fuse-epilogues` makes the integer
+matmul and its dequantize + bias + activation + residual one region: on llvm one GEMM).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tensorc.errors import TensorcError
+from tensorc.ir import Graph, Value
+from tensorc.ops import get_op
+from tensorc.ops.quant import dequantize_ref, quantize_ref
+from tensorc.types import bind_shapes
+
+from .rewrite import dce, graph_pass, inline_regions, replace_keeping_name
+
+MODES = ("dynamic", "static", "qdq")
+CALIBRATORS = ("minmax", "percentile", "entropy")
+_HEAD_CHAIN = ("add", "reshape", "cast", "transpose")
+_ACT_DTYPE = {"u8": "u8", "s8": "i8"}
+
+
+def _choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise TensorcError(f"quantize: {name}={value!r} should be one of {', '.join(choices)}")
+    return value
+
+
+def _weight(node, inputs_ok: bool):
+    """W when `node` is x @ W by a 2-D f32 constant (or graph input, for training), or by
+    the transpose of one (a tied embedding's logits head)."""
+    if node.op != "matmul":
+        return None
+    x, w = node.inputs
+    ok = w.type.rank == 2 and x.type.rank >= 2 and w.type.dtype == "f32" == x.type.dtype \
+        and (w.is_constant or (inputs_ok and w.producer is None) or _transposed(w) is not None)
+    return w if ok else None
+
+
+def _transposed(w: Value):
+    """The constant whose transpose `w` is, or None."""
+    n = w.producer
+    return n.inputs[0] if n is not None and n.op == "transpose" and n.inputs[0].is_constant \
+        else None
+
+
+def _data(w: Value) -> np.ndarray:
+    return w.data if w.is_constant else np.ascontiguousarray(_transposed(w).data.T)
+
+
+def _name(w: Value) -> str:
+    t = _transposed(w)
+    return w.name if t is None else t.name + ".T"
+
+
+def heads(g: Graph) -> set:
+    """The matmuls whose result, through bias adds, reshapes and casts only, is an output."""
+    found = set()
+    for v in g.outputs:
+        n = v.producer
+        while n is not None and n.op in _HEAD_CHAIN:
+            n = next((x.producer for x in n.inputs if x.producer is not None), None)
+        if n is not None and n.op == "matmul":
+            found.add(n)
+    return found
+
+
+def weight_qparams(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(i8 weight, f32 scale) of a [K, N] weight: symmetric, max|w| / 127 per column
+    (shape [N]) or for all (shape [])."""
+    amax = np.max(np.abs(w), axis=0) if per_channel else np.max(np.abs(w))
+    scale = np.asarray(amax / np.float32(127), np.float32)
+    scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
+    return quantize_ref(w, scale, np.zeros(scale.shape, np.int8)), scale
+
+
+@graph_pass("quantize")
+def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
+             activations: str = "u8", act_scale: str = "row", calib: str = "minmax",
+             skip: str = "", head: bool = False, data=None, percentile: float = 99.99):
+    _choice("mode", mode, MODES)
+    _choice("weights", weights, ("per_channel", "per_tensor"))
+    _choice("activations", activations, tuple(_ACT_DTYPE))
+    _choice("act_scale", act_scale, ("row", "tensor"))
+    _choice("calib", calib, CALIBRATORS)
+    regions = any(n.op == "fused" for n in g.nodes)
+    if regions:
+        g = inline_regions(g)
+    skips = [s for s in str(skip or "").split("+") if s]
+    no = set() if head else heads(g)
+    targets = [n for n in g.nodes if _weight(n, mode == "qdq") is not None and n not in no
+               and not any(s in _name(n.inputs[1]) or s in n.outputs[0].name for s in skips)]
+    ranges = {}
+    if mode == "static":
+        if data is None:
+            raise TensorcError("quantize:mode=static needs calibration data: --calib "
+                               "FILE.npz (inputs by name), or data= in the Python API")
+        ranges = calibrate(g, [n.inputs[0] for n in targets], data, calib, percentile)
+    adt = _ACT_DTYPE[activations]
+    for node in targets:
+        _rewrite(g, node, mode, weights == "per_channel", adt,
+                 None if act_scale == "tensor" else (-1,), ranges.get(node.inputs[0]))
+    dce(g)
+    if regions:
+        from .fusion import fuse_regions
+        from .gemm import fuse_epilogues
+        g = fuse_regions(fuse_epilogues(g))
+    return g
+
+
+def _rewrite(g: Graph, node, mode: str, per_channel: bool, adt: str, axes, lohi) -> None:
+    """Replace `node` (x @ W) by its quantized form, built at the end of the graph and
+    moved in front of it."""
+    x, w = node.inputs
+    start = len(g.nodes)
+    name = _name(w)
+    if lohi is None:
+        s, z = g.add_node("quant_params", [x], {"dtype": adt, "axes": axes})
+    else:
+        s, z = (g.add_constant(g.fresh_name(f"{name}.in_{k}"), a)
+                for k, a in zip(("scale", "zero"), static_qparams(*lohi, adt), strict=True))
+    if mode == "qdq":
+        xq = g.add("fake_quantize", x, s, z)
+        if w.is_constant or _transposed(w) is not None:
+            wq, ws = weight_qparams(_data(w), per_channel)
+            wf = g.add_constant(g.fresh_name(name + ".qdq"),
+                                dequantize_ref(wq, ws, np.zeros(ws.shape, np.int8)))
+        else:   # a weight the graph gets as input (training): its scale computed here
+            wsv, wz = g.add_node("quant_params", [w], {
+                "dtype": "i8", "axes": (0,) if per_channel else None})
+            wf = g.add("fake_quantize", w, wsv, wz)
+        y = g.add("matmul", xq, wf)
+    else:
+        wq, ws = weight_qparams(_data(w), per_channel)
+        wqv = g.add_constant(g.fresh_name(name + ".q"), wq)
+        wsv = g.add_constant(g.fresh_name(name + ".scale"), ws)
+        xq = g.add("quantize", x, s, z)
+        zps = [z] if adt == "u8" else []   # symmetric i8 activations have zero point 0
+        acc = g.add("matmul_integer", xq, wqv, *zps)
+        y = g.add("mul", g.add("mul", g.add("cast", acc, dtype="f32"), s), wsv)
+    new = g.nodes[start:]
+    del g.nodes[start:]
+    at = g.nodes.index(node)
+    g.nodes[at:at] = new
+    replace_keeping_name(g, node.outputs[0], y)
+
+
+def static_qparams(lo: float, hi: float, adt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (rank 0) for a calibrated range, as quant_params makes them."""
+    probe = np.array([min(lo, 0.0), max(hi, 0.0)], np.float32)
+    if adt == "i8":
+        probe = np.array([-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))], np.float32)
+    scale, zp = get_op("quant_params").evaluate([probe], {"dtype": adt, "axes": None})
+    return scale.reshape(()), zp.reshape(())
+
+
+# --- calibration ---------------------------------------------------------------------
+
+def load_feeds(data) -> list[dict]:
+    """Calibration batches: a list of {input name: array}, or an .npz path (one batch)."""
+    if isinstance(data, (list, tuple)):
+        return [dict(d) for d in data]
+    if isinstance(data, dict):
+        return [data]
+    try:
+        with np.load(str(data), allow_pickle=False) as f:
+            return [{k: f[k] for k in f.files}]
+    except (OSError, ValueError) as e:
+        raise TensorcError(f"cannot read calibration data {data}: {e}") from None
+
+
+def run_collect(g: Graph, feed: dict, wanted: set) -> dict:
+    """Run `g` on `feed` through the reference implementations; the arrays of `wanted`."""
+    missing = [v.name for v in g.inputs if v.name not in feed]
+    if missing:
+        raise TensorcError(f"calibration data lacks input(s) {missing} (has {sorted(feed)})")
+    arrays = [np.asarray(feed[v.name]) for v in g.inputs]
+    env = bind_shapes([v.type for v in g.inputs], arrays, [v.name for v in g.inputs])
+    vals = {v: v.data for v in g.constants.values()}
+    vals.update(zip(g.inputs, arrays, strict=True))
+    got = {v: vals[v] for v in wanted if v in vals}
+    for node in g.nodes:
+        outs = get_op(node.op).evaluate([vals[v] for v in node.inputs], node.attrs, env)
+        vals.update(zip(node.outputs, outs, strict=True))
+        got.update((v, a) for v, a in zip(node.outputs, outs, strict=True) if v in wanted)
+    return got
+
+
+_SAMPLE = 1 << 20   # values kept per tensor for the percentile and entropy calibrators
+
+
+def calibrate(g: Graph, values: list[Value], data, method: str = "minmax",
+              percentile: float = 99.99) -> dict:
+    """{value: (lo, hi)}: the range each value is quantized over, from running `g` on the
+    calibration batches. minmax: the observed range; percentile: the central
+    `percentile` % of values; entropy: the clipping threshold whose 128-level histogram
+    loses least information (KL divergence, as TensorRT's calibrator)."""
+    wanted = set(values)
+    seen: dict = {v: [] for v in wanted}
+    for feed in load_feeds(data):
+        for v, a in run_collect(g, feed, wanted).items():
+            seen[v].append(np.asarray(a, np.float32).ravel())
+    rng = np.random.default_rng(0)
+    out = {}
+    for v, parts in seen.items():
+        x = np.concatenate(parts) if parts else np.zeros(1, np.float32)
+        if method == "minmax":
+            out[v] = (float(x.min()), float(x.max()))
+            continue
+        if x.size > _SAMPLE:
+            x = rng.choice(x, _SAMPLE, replace=False)
+        if method == "percentile":
+            out[v] = (float(np.percentile(x, 100 - percentile)),
+                      float(np.percentile(x, percentile)))
+        else:
+            t = entropy_threshold(np.abs(x))
+            out[v] = (max(float(x.min()), -t), min(float(x.max()), t))
+    return out
+
+
+def entropy_threshold(a: np.ndarray, bins: int = 2048, levels: int = 128) -> float:
+    """The |x| threshold minimising KL(P || Q), P the histogram clipped at the threshold
+    (outliers folded into its last bin), Q that histogram merged into `levels` bins and
+    spread back over the non-empty ones."""
+    top = float(a.max())
+    if top == 0:
+        return 1.0
+    hist, edges = np.histogram(a, bins=bins, range=(0, top))
+    hist = hist.astype(np.float64)
+    best, best_kl = bins, np.inf
+    for i in range(levels, bins + 1, 16):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        q = np.zeros(i)
+        for chunk in np.array_split(np.arange(i), levels):
+            src = hist[chunk]
+            nz = src > 0
+            if nz.any():
+                q[chunk[nz]] = src.sum() / nz.sum()
+        ps, qs = p / p.sum(), q / max(q.sum(), 1e-30)
+        m = ps > 0
+        kl = np.inf if np.any(qs[m] == 0) else float(np.sum(ps[m] * np.log(ps[m] / qs[m])))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return float(edges[best])
