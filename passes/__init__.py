@@ -17,8 +17,12 @@ from .manager import (
     run_pipeline,
 )
 
-__all__ = ["EXPLAINERS", "PASSES", "PIPELINES", "explain", "parse_pipeline", "register_pass",
-           "run_pipeline"]
+__all__ = ["EXPLAINERS", "LOSSY", "PASSES", "PIPELINES", "explain", "parse_pipeline",
+           "register_pass", "run_pipeline"]
+
+# Passes that change the numbers on purpose (`compare` shows them next to the float
+# pipeline).
+LOSSY = {"quantize", "cast-weights"}
 
 # Pipelines name the passes in order.
 PIPELINES["O1"] = ["fold-constants", "simplify", "cse", "dce"]

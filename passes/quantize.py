@@ -69,7 +69,7 @@ def _data(w: Value) -> np.ndarray:
     return w.data if w.is_constant else np.ascontiguousarray(_transposed(w).data.T)
 
 
-def _name(w: Value) -> str:
+def weight_name(w: Value) -> str:
     t = _transposed(w)
     return w.name if t is None else t.name + ".T"
 
@@ -110,7 +110,8 @@ def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
     skips = [s for s in str(skip or "").split("+") if s]
     no = set() if head else heads(g)
     targets = [n for n in g.nodes if _weight(n, mode == "qdq") is not None and n not in no
-               and not any(s in _name(n.inputs[1]) or s in n.outputs[0].name for s in skips)]
+               and not any(s in weight_name(n.inputs[1]) or s in n.outputs[0].name
+                           for s in skips)]
     ranges = {}
     if mode == "static":
         if data is None:
@@ -134,7 +135,7 @@ def _rewrite(g: Graph, node, mode: str, per_channel: bool, adt: str, axes, lohi)
     moved in front of it."""
     x, w = node.inputs
     start = len(g.nodes)
-    name = _name(w)
+    name = weight_name(w)
     if lohi is None:
         s, z = g.add_node("quant_params", [x], {"dtype": adt, "axes": axes})
     else:

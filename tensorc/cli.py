@@ -79,8 +79,9 @@ def _load(args, inputs=None):
                       batch=args.batch, seq=args.seq, seed=args.seed, inputs=inputs)
 
 
-def _pipeline(args, graph, after=None):
-    """Run `--passes` with the pass-manager flags; diagnostics go to stderr."""
+def _pipeline(args, graph, after=None, loaded=None):
+    """Run `--passes` with the pass-manager flags; diagnostics go to stderr. Static
+    quantization calibrates on `--calib` or, without it, on the example inputs."""
     from tensorc.passes import PASSES, run_pipeline
     for name in args.disable + args.print_after:
         if name not in PASSES and name != "all":
@@ -94,8 +95,11 @@ def _pipeline(args, graph, after=None):
         if after:
             after(name, g, seconds)
 
+    options = {}
+    if "quantize" in (args.passes or "") and (args.calib or loaded is not None):
+        options["quantize"] = {"data": args.calib or [loaded.inputs]}
     graph = run_pipeline(graph, args.passes, verify=args.verify_each,
-                         disable=set(args.disable), after=after_pass)
+                         disable=set(args.disable), after=after_pass, options=options)
     if args.time_passes:
         for name, s in times:
             print(f"{s * 1e3:10.3f} ms  {name}", file=sys.stderr)
@@ -166,6 +170,7 @@ def graph_summary(graph, env: dict[str, int], config=None, backend: str = "numpy
         "ops": ops,
         "nodes": len(graph.nodes),
         "params": graph.param_count(),
+        "weight_bytes": graph.weight_bytes(),
         "flops": sum(get_op(n.op).count_flops(n, env) for n in graph.nodes),
         "peak_memory_bytes": get_backend(backend).planned_memory_bytes(graph, env),
         "backend": backend,
@@ -229,7 +234,7 @@ def cmd_inspect(args) -> int:
         env, loaded = {}, None
     else:
         loaded = _load(args)
-        graph = _pipeline(args, loaded.graph)
+        graph = _pipeline(args, loaded.graph, loaded=loaded)
         env, config, params = loaded.symbol_sizes(), loaded.config, None
     notes = explain(graph) if args.explain else []
     if args.format == "json":
@@ -279,7 +284,7 @@ def cmd_run(args) -> int:
         loaded = _load(args, given)
     except InputError as e:
         raise InputError(f"{args.input}: {e}" if args.input else str(e)) from None
-    graph = _pipeline(args, loaded.graph)
+    graph = _pipeline(args, loaded.graph, loaded=loaded)
     backend = args.backend or loaded.meta.get("backend") or "numpy"
     exe = get_backend(backend).compile(graph)
     outs = _run_checked(exe, loaded.inputs, args.input)
@@ -406,30 +411,26 @@ def cmd_compare(args) -> int:
         out = get_backend("numpy").compile(g).run(feeds)
         per_pass.append({"pass": name, **output_errors(out, ref), "seconds": seconds})
 
-    graph = _pipeline(args, loaded.graph, after if args.per_pass else None)
+    graph = _pipeline(args, loaded.graph, after if args.per_pass else None, loaded)
     names = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends \
         else available_backends()
     for name in names:  # a typo is an error; a known backend that cannot run gets a row
         if name not in available_backends():
             raise TensorcError(f"unknown backend {name!r} "
                                f"(known: {', '.join(available_backends())})")
+    # a lossy pipeline (quantization, bf16 weights) is shown next to its float self
+    variants = [(args.passes, graph)]
+    exact = lossless(args.passes or "")
+    if exact != (args.passes or ""):
+        from tensorc.passes import run_pipeline
+        variants.insert(0, (exact or "O0", run_pipeline(loaded.graph, exact)))
     results = []
     for name in names:
-        row = {"backend": name, "passes": args.passes}
-        try:
-            exe = get_backend(name).compile(graph)
-            errs = output_errors(exe.run(feeds), ref)  # also the warm-up run
-            times = []
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                exe.run(feeds)
-                times.append(time.perf_counter() - t0)
-            row.update(errs, median_ms=statistics.median(times) * 1e3, unavailable=None)
-        except FallbackError:   # --strict: the command fails, not just this row
-            raise
-        except TensorcError as e:  # not installed, no GPU, an op it cannot compile, ...
-            row.update(max_abs_err=None, rel_err=None, median_ms=None, unavailable=str(e))
-        results.append(row)
+        for passes, g in variants:
+            results.append(_measure(name, passes, g, feeds, ref, args.repeat))
+        if len(variants) > 1 and None not in (results[-1]["median_ms"],
+                                              results[-2]["median_ms"]):
+            results[-1]["speedup_vs_float"] = results[-2]["median_ms"] / results[-1]["median_ms"]
 
     if args.json:
         report = {"reference": "numpy", "model": loaded.name, "results": results}
@@ -439,13 +440,15 @@ def cmd_compare(args) -> int:
         return 0
     shapes = ", ".join(f"{v.name} {v.type}" for v in loaded.graph.inputs)
     print(f"{loaded.name} ({shapes}); reference: numpy, un-optimised")
-    rows = [["backend", "passes", "max_abs_err", "rel_err", "median_ms"]]
+    rows = [["backend", "passes", "max_abs_err", "rel_err", "median_ms", "speed_vs_float"]]
     for r in results:
         if r["unavailable"] is not None:
             rows.append([r["backend"], r["passes"], f"unavailable: {r['unavailable']}"])
         else:
+            speedup = r.get("speedup_vs_float")
             rows.append([r["backend"], r["passes"], _fmt_err(r["max_abs_err"]),
-                         _fmt_err(r["rel_err"]), f"{r['median_ms']:.3f}"])
+                         _fmt_err(r["rel_err"]), f"{r['median_ms']:.3f}",
+                         "" if speedup is None else f"{speedup:.2f}x"])
     sys.stdout.write(_table(rows))
     if args.per_pass:
         print("\nerror after each pass (numpy, against the un-optimised graph):")
@@ -456,6 +459,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def lossless(spec: str) -> str:
+    """The pipeline without its lossy passes (quantize, cast-weights)."""
+    from tensorc.passes import LOSSY
+    return ",".join(item for item in spec.split(",")
+                    if item.split(":")[0].strip() not in LOSSY)
+
+
+def _measure(backend: str, passes: str, graph, feeds, ref, repeat: int) -> dict:
+    """One row of `compare`: errors against the reference and the median time."""
+    from tensorc.backends import get_backend
+    row = {"backend": backend, "passes": passes}
+    try:
+        exe = get_backend(backend).compile(graph)
+        errs = output_errors(exe.run(feeds), ref)  # also the warm-up run
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            exe.run(feeds)
+            times.append(time.perf_counter() - t0)
+        row.update(errs, median_ms=statistics.median(times) * 1e3, unavailable=None)
+    except FallbackError:   # --strict: the command fails, not just this row
+        raise
+    except TensorcError as e:  # not installed, no GPU, an op it cannot compile, ...
+        row.update(max_abs_err=None, rel_err=None, median_ms=None, unavailable=str(e))
+    return row
+
+
 # --- compile and export ---------------------------------------------------------------
 
 def cmd_compile(args) -> int:
@@ -464,7 +494,7 @@ def cmd_compile(args) -> int:
 
     from .artifact import save_artifact
     loaded = _load(args)
-    graph = _pipeline(args, loaded.graph)
+    graph = _pipeline(args, loaded.graph, loaded=loaded)
     backend_name = args.backend or loaded.meta.get("backend") or "numpy"
     backend = get_backend(backend_name)
     if args.emit_source:  # generating source needs no device, so it comes first
@@ -498,7 +528,7 @@ def cmd_export(args) -> int:
     else:
         loaded = _load(args)
         name, graph = loaded.name, loaded.graph
-    graph = _pipeline(args, graph)
+    graph = _pipeline(args, graph, loaded=None if args.kv_cache else loaded)
     onnx_io.save(graph, args.output)
     print(f"wrote {args.output}: {name}{' (cached step)' if args.kv_cache else ''}, "
           f"{len(graph.nodes)} nodes")
@@ -537,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable", action="append", default=[], metavar="NAME",
                    help="skip pass NAME (repeatable)")
     p.add_argument("--verify-each", action="store_true", help="verify the graph after each pass")
+    p.add_argument("--calib", metavar="DATA.npz",
+                   help="calibration inputs (by graph input name) for quantize:mode=static "
+                        "(default: the example inputs)")
 
     parser = _Parser(prog="tensorc", description="A small graph compiler for transformer "
                      "models.", epilog=MODEL_HELP,
@@ -646,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recompute", action="store_true",
                    help="recompute cheap activations (gelu, layer norm) in the backward "
                         "instead of keeping them: less memory")
+    t.add_argument("--qat", action="store_true",
+                   help="quantization-aware: train through int8 rounding (fake quantization, "
+                        "straight-through gradients); run the result with --passes O2,quantize")
 
     command("train", cmd_train, "train a built-in model on bundled data",
             parents=(common, trained, train_args))
@@ -676,7 +712,7 @@ def cmd_train(args) -> int:
                       warmup=args.steps // 10 if args.warmup is None else args.warmup,
                       weight_decay=args.weight_decay, clip=args.clip or None,
                       accumulate=args.accumulate, seed=args.seed or 0,
-                      recompute=args.recompute)
+                      recompute=args.recompute, qat=args.qat)
     run = Run(args.model, args.preset or "tiny", parse_overrides(args.set), task,
               batch=args.batch or 8, seq=args.seq or 64, data_bytes=args.data_bytes,
               data=args.data,

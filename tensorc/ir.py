@@ -159,6 +159,14 @@ class Graph:
         """Elements of the weights: every constant but scalar literals."""
         return sum(int(np.prod(v.type.shape)) for v in self.constants.values() if v.type.rank)
 
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the weights (constants) by dtype, largest first: a quantized model's
+        size."""
+        sizes: dict[str, int] = {}
+        for v in self.constants.values():
+            sizes[v.type.dtype] = sizes.get(v.type.dtype, 0) + v.type.nbytes()
+        return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
+
     def to_networkx(self):
         """A `networkx.DiGraph` over nodes (ints, in topological order) plus inputs and
         constants (their value names); edges carry the value they pass."""

@@ -113,14 +113,26 @@ def loss_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
 
 def step_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
                distill: dict | None = None, passes: str = STEP_PASSES,
-               recompute: bool = False):
+               recompute: bool = False, qat: bool = False):
     """The training step graph: loss and ``grad.<weight>`` for every parameter;
-    `recompute`: cheap activations computed again in the backward, not kept."""
+    `recompute`: cheap activations computed again in the backward, not kept; `qat`:
+    quantization-aware, the forward computing its matmuls as `quantize` (dynamic, int8)
+    will (`quantize:mode=qdq`: fake-quantized weights and rows, straight-through
+    gradients), the logits head in float as there."""
     graph, names = loss_graph(model, task, batch, distill)
-    graph = grad(run_pipeline(as_inputs(graph, names), FORWARD_PASSES), "loss", names,
-                 recompute=recompute)
+    graph = run_pipeline(as_inputs(graph, names), FORWARD_PASSES)
+    if qat:
+        graph = run_pipeline(graph, "quantize:mode=qdq:skip=" + _head_weights(model, task, batch))
+    graph = grad(graph, "loss", names, recompute=recompute)
     # CSE would merge each recomputed activation back into the one it repeats
     return run_pipeline(graph, passes, disable=("cse",) if recompute else ()), names
+
+
+def _head_weights(model: Module, task: Task, batch) -> str:
+    """The logits head's weight names in the inference graph, as a quantize skip list."""
+    from .passes.quantize import heads, weight_name
+    forward = run_pipeline(trace(model, **{k: batch[k] for k in task.inputs}), "O1")
+    return "+".join(weight_name(n.inputs[1]) for n in heads(forward))
 
 
 class TrainStep:
@@ -131,9 +143,10 @@ class TrainStep:
 
     def __init__(self, model: Module, task: Task, batch: dict[str, np.ndarray],
                  backend: str = "llvm", distill: dict | None = None,
-                 recompute: bool = False):
+                 recompute: bool = False, qat: bool = False):
         from .backends import get_backend
-        self.graph, self.names = step_graph(model, task, batch, distill, recompute=recompute)
+        self.graph, self.names = step_graph(model, task, batch, distill, recompute=recompute,
+                                            qat=qat)
         self.exe = get_backend(backend).compile(self.graph)
         self.params = {n: p.data for n, p in model.named_parameters()}
         for n, a in self.params.items():
@@ -166,6 +179,7 @@ class TrainConfig:
     accumulate: int = 1
     seed: int = 0
     recompute: bool = False
+    qat: bool = False   # quantization-aware: run the result with --passes O2,quantize
 
 
 def make_optimizer(params, cfg: TrainConfig, backend: str):
@@ -355,7 +369,7 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     if teacher:
         first["teacher_logits"] = teacher(first)
     distill = {"temperature": run.temperature, "alpha": run.alpha} if teacher else None
-    step = TrainStep(model, task, first, run.backend, distill, cfg.recompute)
+    step = TrainStep(model, task, first, run.backend, distill, cfg.recompute, cfg.qat)
     opt = make_optimizer(step.params, cfg, run.backend)
     start = 0
     if resume:
