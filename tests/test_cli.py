@@ -299,10 +299,35 @@ def test_compare_json(capsys, unavailable_backend):
     assert re.search(r"^nodevice\s+O0\s+unavailable: no GPU found$", out, re.M)
 
 
+def test_compare_shows_a_quantized_pipeline_next_to_its_float_self(capsys, tmp_path):
+    rep = json.loads(ok(capsys, "compare", "gpt", "--json", "--backends", "numpy,llvm",
+                        "--passes", "O2,quantize", "--repeat", "1"))
+    rows = {(r["backend"], r["passes"]): r for r in rep["results"]}
+    assert set(rows) == {(b, p) for b in ("numpy", "llvm") for p in ("O2", "O2,quantize")}
+    for b in ("numpy", "llvm"):
+        assert rows[b, "O2"]["rel_err"] < 1e-5 < rows[b, "O2,quantize"]["rel_err"] < 0.05
+        assert rows[b, "O2,quantize"]["speedup_vs_float"] > 0
+    out = ok(capsys, "compare", "gpt", "--backends", "llvm", "--passes",
+             "O2,quantize:mode=static", "--repeat", "1", "--per-pass")
+    assert re.search(r"^llvm\s+O2,quantize:mode=static\s+\S+\s+\S+\s+\S+\s+\d+\.\d\dx$",
+                     out, re.M)
+    assert re.search(r"^quantize\s+\d", out, re.M)   # its own error line
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.arange(16).reshape(1, 16) % 7)
+    info = json.loads(ok(capsys, "inspect", "gpt", "--format", "json", "--passes",
+                         "O1,quantize:mode=static", "--calib", calib))
+    # 2 layers of q, k, v, o (32 x 32) and up, down (32 x 64) in one byte per weight
+    assert info["weight_bytes"]["i8"] == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    rc, _, err = run_cli(capsys, "inspect", "gpt", "--passes", "quantize:mode=static",
+                         "--calib", tmp_path / "none.npz")
+    assert rc == 2 and "cannot read calibration data" in err
+
+
 def test_compare_table_default_backends(capsys):
     out = ok(capsys, "compare", "bert", "--repeat", "1")
     lines = out.splitlines()
-    assert lines[1].split() == ["backend", "passes", "max_abs_err", "rel_err", "median_ms"]
+    assert lines[1].split() == ["backend", "passes", "max_abs_err", "rel_err", "median_ms",
+                                "speed_vs_float"]
     from tensorc.backends import available_backends
     assert [ln.split()[0] for ln in lines[2:]] == available_backends()
     assert re.match(r"numpy\s+O0\s+0\s+0\s+\d", lines[2])
