@@ -245,8 +245,10 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
     Checks, the schedule and the argument block are made here once. `b` is a
     `PackedQB` (else packed here, once: it must not change between calls). The function
     has `patch(role, address)` for roles "a", "out", "a_zero", "row_scale",
-    "col_scale", "bias", "residual" (same layout, other memory); "b" is packed and
-    ignored. One caller at a time."""
+    "col_scale", "bias", "residual" (same layout, other memory; "b" is packed and
+    ignored), unless an operand had to be converted or copied here (a dtype other than
+    the kernel reads, a residual that is not rows): then the runtime binds again when
+    an operand moves. One caller at a time."""
     threads = num_threads() if threads is None else max(1, int(threads))
     act = _activation_name(activation)
     path = _check_path(path) if path is not None else default_path()
@@ -272,13 +274,18 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         raise TensorcError("qgemm: bias, activation and residual need a float result "
                            "(row_scale and/or col_scale)")
     a2, out2 = _as2d(a, K), _as2d(out, N)
-    if a2 is None or a2.strides[1] != 1 or a2.strides[0] < 0:
+    if a2 is None or a2.size and (a2.strides[1] != 1 or a2.strides[0] < 0):
         raise TensorcError("qgemm: a must flatten to rows with unit inner stride")
-    if out2 is None or out2.strides[1] != out2.itemsize or out2.strides[0] < 0 \
-            or out2.strides[0] % out2.itemsize:
+    if out2 is None or out2.size and (out2.strides[1] != out2.itemsize or out2.strides[0] < 0
+                                      or out2.strides[0] % out2.itemsize):
         raise TensorcError("qgemm: out must flatten to rows with unit inner stride")
     M = a2.shape[0]
     keep = [packed]
+    copied = set()   # roles whose operand was converted or copied here: then no `patch`
+
+    def mark(role, given, used):
+        if not (isinstance(given, np.ndarray) and np.shares_memory(given, used)):
+            copied.add(role)
     words = dict.fromkeys(PARAMS, 0)
     words.update(a=a2.ctypes.data, lda=a2.strides[0], k=K, b=packed.ptr, kp=packed.kp, n=N,
                  colsum=packed.colsum.ctypes.data, out=out2.ctypes.data,
@@ -289,11 +296,13 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
             az = np.array([a_zero], np.int32)
         else:
             az = _row_vector(a_zero, M, "a_zero", (np.int32, np.uint8))
+            mark("a_zero", a_zero, az)
         keep.append(az)
         words.update(az=az.ctypes.data, az_kind=1 if az.dtype == np.uint8 else 2,
                      az_rows=az.size)
     if row_scale is not None:
         rs = _row_vector(row_scale, M, "row_scale", (np.float32,))
+        mark("row_scale", row_scale, rs)
         keep.append(rs)
         words.update(rs=rs.ctypes.data, has_rs=1, rs_rows=rs.size)
     if col_scale is not None:
@@ -303,16 +312,18 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         if cs.size != 1 and cs.shape != (N,):
             raise ShapeError(f"qgemm: col_scale must be a scalar or ({N},), got {cs.shape}")
         cs = np.ascontiguousarray(cs.reshape(-1))
+        mark("col_scale", col_scale, cs)
         keep.append(cs)
         words.update(cs=cs.ctypes.data, has_cs=1, cs_stride=int(cs.size != 1))
     if bias is not None:
-        bias = np.ascontiguousarray(np.asarray(bias, np.float32))
+        given, bias = bias, np.ascontiguousarray(np.asarray(bias, np.float32))
+        mark("bias", given, bias)
         if bias.shape != (N,):
             raise ShapeError(f"qgemm: bias shape {bias.shape} should be ({N},)")
         keep.append(bias)
         words.update(bias=bias.ctypes.data, has_bias=1)
     if residual is not None:
-        residual = np.asarray(residual, np.float32)
+        given, residual = residual, np.asarray(residual, np.float32)
         try:
             residual = np.broadcast_to(residual, shape)
         except ValueError:
@@ -323,10 +334,12 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
                 or np.may_share_memory(r2, out2):
             r2 = np.ascontiguousarray(residual).reshape(-1, N) if \
                 not np.may_share_memory(residual, out2) else residual.copy().reshape(-1, N)
+        mark("residual", given, r2)
         keep.append(r2)
         words.update(res=r2.ctypes.data, ldr=r2.strides[0] // 4, has_res=1)
     if np.may_share_memory(a2, out2):
         a2 = a2.copy()
+        copied.add("a")
         keep.append(a2)
         words.update(a=a2.ctypes.data, lda=a2.strides[0])
     params = np.array([words[w] for w in PARAMS], np.int64)
@@ -374,7 +387,8 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         if params[P[word]] == 0 and role not in ("a", "out"):
             return   # not an operand of this call
         params[P[word]] = address
-    run.patch = patch
+    if not copied:   # else the runner binds again when an operand moves
+        run.patch = patch
     run.keep = keep
     run.params = params
     run.path = path

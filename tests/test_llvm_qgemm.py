@@ -1,0 +1,279 @@
+"""The LLVM backend's int8 GEMM (qgemm) against widened numpy references, bit for bit,
+on every code path this host can run (the others are skipped, with the reason)."""
+
+import numpy as np
+import pytest
+
+from tensorc.backends.llvm import gemm as G
+from tensorc.backends.llvm import jit, runtime
+from tensorc.backends.llvm import qgemm as Q
+from tensorc.backends.llvm.qgemm_ir import build_module
+from tensorc.errors import ShapeError, TensorcError
+from tensorc.ops.elementwise import gelu
+
+
+@pytest.fixture(params=Q.PATHS)
+def path(request):
+    why = Q.path_unavailable_reason(request.param)
+    if why:
+        pytest.skip(f"qgemm path {request.param!r} unavailable on this host: {why}")
+    return request.param
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(2024)
+
+
+def operands(rng, m, k, n, batch=()):
+    a = rng.integers(0, 256, batch + (m, k), dtype=np.uint8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    return a, b
+
+
+def ref_int(a, b, a_zero=None):
+    """(a - a_zero[row]) @ b in int64, then int32; a_zero per row repeats per batch."""
+    z = np.zeros(a.shape[-2], np.int64) if a_zero is None else \
+        np.broadcast_to(np.asarray(a_zero, np.int64).reshape(-1), (a.shape[-2],))
+    return ((a.astype(np.int64) - z[:, None]) @ b.astype(np.int64)).astype(np.int32)
+
+
+def act_ref(y, act):
+    """The float GEMM's own epilogue maths: y @ I through gemm with the activation."""
+    if act is None:
+        return y
+    if act == "relu":
+        return np.where(y < 0, np.float32(0), y)
+    n = y.shape[-1]
+    return G.gemm(y.reshape(-1, n), np.eye(n, dtype=np.float32), activation=act,
+                  threads=1).reshape(y.shape)
+
+
+def ref_float(acc, row_scale=None, col_scale=None, bias=None, act=None, residual=None):
+    """The documented order, in numpy float32."""
+    y = acc.astype(np.float32)
+    if row_scale is not None:
+        y = y * np.asarray(row_scale, np.float32).reshape(-1)[:, None] \
+            if np.ndim(row_scale) else y * np.float32(row_scale)
+    if col_scale is not None:
+        y = y * np.asarray(col_scale, np.float32)
+    if bias is not None:
+        y = y + bias
+    y = act_ref(y, act)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+SHAPES = [(1, 1, 1), (3, 17, 5), (17, 63, 33), (8, 64, 64), (65, 65, 127), (127, 127, 65),
+          (9, 3, 16), (40, 256, 100), (33, 4097, 31), (130, 4100, 48)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_int32_product(path, rng, m, k, n, threads):
+    a, b = operands(rng, m, k, n)
+    got = Q.qgemm(a, b, threads=threads, path=path)
+    assert got.dtype == np.int32 and got.shape == (m, n)
+    np.testing.assert_array_equal(got, ref_int(a, b))
+
+
+@pytest.mark.parametrize("m", range(1, 9))
+def test_decode_rows(path, rng, m):
+    a, b = operands(rng, m, 300, 200)
+    az = rng.integers(0, 256, m, dtype=np.uint8)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(Q.qgemm(a, b, a_zero=az, threads=threads, path=path),
+                                      ref_int(a, b, az))
+    a, b = operands(rng, m, 2048, 512)   # big enough to split across threads
+    np.testing.assert_array_equal(Q.qgemm(a, b, threads=2, path=path), ref_int(a, b))
+
+
+@pytest.mark.parametrize("k", [64, 1024, 4097])
+def test_extremes_do_not_saturate(path, k):
+    """a = 255 times b = -128 or 127: u8 x s8 pairs overflow i16 (vpmaddubsw's trap)."""
+    m, n = 9, 40
+    a = np.full((m, k), 255, np.uint8)
+    for fill in (-128, 127):
+        b = np.full((k, n), fill, np.int8)
+        got = Q.qgemm(a, b, path=path)
+        np.testing.assert_array_equal(got, ref_int(a, b))
+        assert got[0, 0] == 255 * fill * k
+    b = np.where(np.arange(k * n).reshape(k, n) % 3, -128, 127).astype(np.int8)
+    np.testing.assert_array_equal(Q.qgemm(a, b, path=path), ref_int(a, b))
+    az = np.array([0, 255, 128, 1, 254, 7, 0, 255, 3], np.uint8)
+    np.testing.assert_array_equal(Q.qgemm(a, b, a_zero=az, path=path), ref_int(a, b, az))
+
+
+def test_zero_points(path, rng):
+    a, b = operands(rng, 21, 75, 37)
+    for az in (0, 128, 255, np.uint8(3), np.array(77, np.uint8),
+               rng.integers(0, 256, 21, dtype=np.uint8),
+               rng.integers(-300, 300, 21).astype(np.int32)):
+        np.testing.assert_array_equal(Q.qgemm(a, b, a_zero=az, path=path), ref_int(a, b, az))
+
+
+def test_strided_a(path, rng):
+    big = rng.integers(0, 256, (50, 200), dtype=np.uint8)
+    a = big[3:40, 5:104]   # row stride 200 > K = 99, and an offset
+    b = rng.integers(-128, 128, (99, 70), dtype=np.int8)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(Q.qgemm(a, b, a_zero=17, threads=threads, path=path),
+                                      ref_int(a, b, 17))
+    odd = big[::2, ::2]   # no unit inner stride: copied
+    b2 = rng.integers(-128, 128, (100, 20), dtype=np.int8)
+    np.testing.assert_array_equal(Q.qgemm(odd, b2, path=path), ref_int(odd, b2))
+
+
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float_epilogue(path, rng, act, threads):
+    m, k, n = 37, 150, 70
+    a, b = operands(rng, m, k, n)
+    az = rng.integers(0, 256, m, dtype=np.uint8)
+    rs = (rng.random(m, dtype=np.float32) * 1e-3).astype(np.float32)
+    cs = (rng.random(n, dtype=np.float32) * 1e-2).astype(np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    res = rng.standard_normal((m, n), dtype=np.float32)
+    got = Q.qgemm(a, b, a_zero=az, row_scale=rs, col_scale=cs, bias=bias, activation=act,
+                  residual=res, threads=threads, path=path)
+    assert got.dtype == np.float32
+    want = ref_float(ref_int(a, b, az), rs, cs, bias, act, res)
+    np.testing.assert_array_equal(got, want)
+    if act in ("gelu", "gelu_tanh"):   # and the float GEMM's maths is gelu's
+        y = ref_float(ref_int(a, b, az), rs, cs, bias)
+        close = gelu(y.astype(np.float64), "tanh" if act == "gelu_tanh" else "none") + res
+        np.testing.assert_allclose(got, close, rtol=1e-5, atol=1e-6)
+
+
+def test_scales_alone_and_scalar(path, rng):
+    a, b = operands(rng, 19, 33, 45)
+    acc = ref_int(a, b, 5)
+    rs = rng.random(19, dtype=np.float32)
+    cs = rng.random(45, dtype=np.float32)
+    cases = [dict(row_scale=rs), dict(col_scale=cs), dict(row_scale=np.float32(0.25)),
+             dict(col_scale=np.float32(0.125)), dict(row_scale=0.5, col_scale=cs),
+             dict(row_scale=rs, col_scale=np.array([0.75], np.float32))]
+    for kw in cases:
+        got = Q.qgemm(a, b, a_zero=5, path=path, **kw)
+        np.testing.assert_array_equal(got, ref_float(acc, **kw), err_msg=str(kw.keys()))
+
+
+def test_batched_rows(path, rng):
+    a, b = operands(rng, 5, 40, 24, batch=(2, 3))
+    az = rng.integers(0, 256, 5, dtype=np.uint8)   # per row of the last two dims
+    got = Q.qgemm(a, b, a_zero=az, path=path)
+    assert got.shape == (2, 3, 5, 24)
+    np.testing.assert_array_equal(got, ref_int(a, b, az))
+    rs = rng.random(5, dtype=np.float32)
+    res = rng.standard_normal(24, dtype=np.float32)   # broadcasts
+    got = Q.qgemm(a, b, a_zero=az, row_scale=rs, col_scale=np.float32(0.5), residual=res,
+                  activation="relu", path=path)
+    want = ref_float(ref_int(a, b, az).reshape(-1, 24), np.tile(rs, 6), np.float32(0.5),
+                     None, "relu", res).reshape(2, 3, 5, 24)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_packed_weight_is_int8(path, rng):
+    a, b = operands(rng, 12, 70, 50)
+    pb = Q.PackedQB(b, path=path)
+    assert pb.data.dtype == np.uint8 and pb.shape == (70, 50)
+    assert pb.nbytes <= (128 * 64) * 1.0 and pb.kp % (64 if path == "amx" else 4) == 0
+    np.testing.assert_array_equal(pb.colsum[:50], b.sum(0, dtype=np.int32))
+    assert not pb.colsum[50:].any()
+    out = np.empty((12, 50), np.int32)
+    Q.qgemm(a, pb, out=out, path=path)
+    np.testing.assert_array_equal(out, ref_int(a, b))
+
+
+def test_bind_and_patch(path, rng):
+    m, k, n = 20, 96, 40
+    a, b = operands(rng, m, k, n)
+    az = rng.integers(0, 256, m, dtype=np.uint8)
+    rs = rng.random(m, dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    res = rng.standard_normal((m, n), dtype=np.float32)
+    out = np.empty((m, n), np.float32)
+    cs = rng.random(n, dtype=np.float32)
+    run = Q.bind(a, Q.PackedQB(b, path=path), out, a_zero=az, row_scale=rs, col_scale=cs,
+                 bias=bias, activation="gelu", residual=res, threads=2, path=path)
+    run()
+    np.testing.assert_array_equal(out, ref_float(ref_int(a, b, az), rs, cs, bias, "gelu",
+                                                 res))
+    a2, _ = operands(rng, m, k, n)
+    az2 = rng.integers(0, 256, m, dtype=np.uint8)
+    rs2, bias2 = rng.random(m, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
+    res2, out2 = rng.standard_normal((m, n), dtype=np.float32), np.empty((m, n), np.float32)
+    for role, x in (("a", a2), ("a_zero", az2), ("row_scale", rs2), ("bias", bias2),
+                    ("residual", res2), ("out", out2)):
+        run.patch(role, x.ctypes.data)
+    run.patch("b", 0)   # packed once: ignored
+    run()
+    np.testing.assert_array_equal(out2, ref_float(ref_int(a2, b, az2), rs2, cs, bias2, "gelu",
+                                                  res2))
+    with pytest.raises(KeyError):
+        run.patch("nonsense", 0)
+
+
+def test_runtime_library_entry(rng):
+    assert runtime.ROLES["matmul_integer"] == ("a", "b")
+    a, b = operands(rng, 6, 64, 48)
+    az = np.array([9], np.uint8)
+    out = np.empty((6, 48), np.int32)
+    run = runtime.LIBRARY["matmul_integer"]({}, [a, Q.PackedQB(b)], [out], {"a_zero": az}, 2)
+    run()
+    np.testing.assert_array_equal(out, ref_int(a, b, 9))
+    assert hasattr(run, "patch")
+    rs = rng.random(6, dtype=np.float32)
+    fout = np.empty((6, 48), np.float32)
+    runtime.LIBRARY["matmul_integer"]({}, [a, b], [fout], {"row_scale": rs,
+                                                          "activation": "relu"}, 1)()
+    np.testing.assert_array_equal(fout, ref_float(ref_int(a, b), rs, act="relu"))
+
+
+def test_assembly_per_path():
+    """The portable module compiles without VNNI (no vpdpbusd, though the host has it);
+    the VNNI module uses it, the AMX one tdpbusd."""
+    portable = jit.assembly(build_module("portable"), Q.features("portable"))
+    assert "vpdpbusd" not in portable and "vpmaddubsw" not in portable
+    assert "tdpbusd" not in portable
+    if Q.path_unavailable_reason("vnni") is None:
+        assert "vpdpbusd" in jit.assembly(build_module("vnni"), Q.features("vnni"))
+    else:
+        print("vnni assembly not checked:", Q.path_unavailable_reason("vnni"))
+    if "amx-int8" in jit.target().features and "+amx-int8" in jit.target().features:
+        assert "tdpbusd" in jit.assembly(build_module("amx"), Q.features("amx"))
+
+
+def test_paths_and_override(monkeypatch):
+    paths = Q.host_paths()
+    assert "portable" in paths and Q.default_path() == paths[0]
+    monkeypatch.setenv("TENSORC_QGEMM_PATH", "portable")
+    assert Q.default_path() == "portable"
+    monkeypatch.setenv("TENSORC_QGEMM_PATH", "nonsense")
+    with pytest.raises(TensorcError, match="unknown path"):
+        Q.default_path()
+
+
+def test_errors(rng):
+    a, b = operands(rng, 4, 8, 5)
+    with pytest.raises(TensorcError, match="uint8"):
+        Q.qgemm(a.astype(np.int8), b)
+    with pytest.raises(TensorcError, match="int8"):
+        Q.qgemm(a, b.astype(np.int16))
+    with pytest.raises(ShapeError, match="inner dims"):
+        Q.qgemm(a, b[:7])
+    with pytest.raises(TensorcError, match="float result"):
+        Q.qgemm(a, b, bias=np.zeros(5, np.float32))
+    with pytest.raises(TensorcError, match="out must"):
+        Q.qgemm(a, b, out=np.empty((4, 5), np.float32))
+    with pytest.raises(ShapeError, match="a_zero"):
+        Q.qgemm(a, b, a_zero=np.zeros(3, np.uint8))
+
+
+def test_empty(path):
+    a = np.zeros((0, 8), np.uint8)
+    assert Q.qgemm(a, np.zeros((8, 3), np.int8), path=path).shape == (0, 3)
+    got = Q.qgemm(np.ones((2, 0), np.uint8), np.zeros((0, 3), np.int8), row_scale=1.0,
+                  bias=np.ones(3, np.float32), path=path)
+    np.testing.assert_array_equal(got, np.ones((2, 3), np.float32))
