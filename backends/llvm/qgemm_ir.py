@@ -144,6 +144,8 @@ def _epilogue(module: ir.Module) -> ir.Function:
 class _Vnni:
     """acc (i32 x 16) += 4-byte dot products of A's broadcast u8 and B's s8 lanes."""
 
+    rows = MR
+
     def init(self, f):
         return [f.var(VI32, ir.Constant(VI32, [0] * 16))]
 
@@ -158,7 +160,10 @@ class _Vnni:
 class _Portable:
     """The same sums in i16 products summed in pairs into i32 (exact: |255 * -128| and
     two of them fit; the pattern LLVM compiles to `vpmaddwd`), two accumulators per
-    panel (columns 0-7 and 8-15, each column's sum split over two lanes)."""
+    panel (columns 0-7 and 8-15, each column's sum split over two lanes). Tiles of 4
+    rows: 16 accumulators (8 rows' 32 spilled)."""
+
+    rows = MR // 2
 
     def init(self, f):
         return [f.var(VI32, ir.Constant(VI32, [0] * 16)) for _ in range(2)]
@@ -247,13 +252,14 @@ def _ukernel(module: ir.Module, kind, m: int, name: str) -> ir.Function:
 
 def _tiles(module: ir.Module, kind, name: str) -> ir.Function:
     """{name}(params, ws, m0, m1, q0, q1): rows [m0, m1) x panel pairs [q0, q1)."""
-    uks = [_ukernel(module, kind, m, name) for m in range(1, MR + 1)]
+    rows = kind.rows
+    uks = [_ukernel(module, kind, m, name) for m in range(1, rows + 1)]
     f = FnBuilder(module, name, [("params", PTR), ("ws", PTR), ("m0", I64), ("m1", I64),
                                  ("q0", I64), ("q1", I64)])
     b, g = f.b, f.arg
     with f.loop(g["q0"], g["q1"]) as q:
-        with f.loop(g["m0"], g["m1"], MR) as i:
-            rem = f.min(c64(MR), b.sub(g["m1"], i))
+        with f.loop(g["m0"], g["m1"], rows) as i:
+            rem = f.min(c64(rows), b.sub(g["m1"], i))
             after = f.fn.append_basic_block("after")
             switch = b.switch(rem, after)
             for m, uk in enumerate(uks, start=1):
