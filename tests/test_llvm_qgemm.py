@@ -277,3 +277,16 @@ def test_empty(path):
     got = Q.qgemm(np.ones((2, 0), np.uint8), np.zeros((0, 3), np.int8), row_scale=1.0,
                   bias=np.ones(3, np.float32), path=path)
     np.testing.assert_array_equal(got, np.ones((2, 3), np.float32))
+
+
+def test_bound_unpacked_b_follows_its_contents(path, rng):
+    """A B that is not a PackedQB (an activation) is packed again on every call."""
+    a, b = operands(rng, 10, 70, 33)
+    out = np.empty((10, 33), np.int32)
+    run = Q.bind(a, b, out, path=path)
+    assert not hasattr(run, "patch")   # the runtime binds it again when B moves
+    run()
+    np.testing.assert_array_equal(out, ref_int(a, b))
+    b[...] = rng.integers(-128, 128, b.shape, dtype=np.int8)
+    run()
+    np.testing.assert_array_equal(out, ref_int(a, b))

@@ -191,16 +191,20 @@ class PackedQB:
         amx = path == "amx" or (path is None and "amx" in host_paths())
         self.kp = -(-self.k // AMX_KB) * AMX_KB if amx else -(-self.k // 4) * 4
         self.panels = -(-self.n // NR) * 2   # an even count: the kernels take pairs
-        width = self.panels * PANEL
-        pad = np.zeros((self.kp, width), np.int8)
+        self.data = _aligned(max(1, self.kp * self.panels * PANEL))
+        self.colsum = np.zeros(self.panels * PANEL, np.int32)
+        self.ptr = self.data.ctypes.data
+        self.fill(b)
+
+    def fill(self, b: np.ndarray) -> None:
+        """Pack `b` (int8 [K, N]) into this buffer (numpy: done once for a weight; a B
+        that changes every call is packed again by its bound call)."""
+        pad = np.zeros((self.kp, self.panels * PANEL), np.int8)
         pad[:self.k, :self.n] = b
         # [kp/4, 4, panels, 16] -> [panels, kp/4, 16, 4]: a panel's group of 4 k is a row
-        self.data = _aligned(max(1, pad.size))
         self.data[:pad.size] = pad.reshape(self.kp // 4, 4, self.panels, PANEL) \
             .transpose(2, 0, 3, 1).reshape(-1).view(np.uint8)
-        self.colsum = np.zeros(width, np.int32)
         self.colsum[:self.n] = b.sum(axis=0, dtype=np.int64).astype(np.int32)
-        self.ptr = self.data.ctypes.data
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -243,12 +247,13 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
     """A zero-argument function computing qgemm(a, b, out=out, ...) into `out`.
 
     Checks, the schedule and the argument block are made here once. `b` is a
-    `PackedQB` (else packed here, once: it must not change between calls). The function
-    has `patch(role, address)` for roles "a", "out", "a_zero", "row_scale",
-    "col_scale", "bias", "residual" (same layout, other memory; "b" is packed and
-    ignored), unless an operand had to be converted or copied here (a dtype other than
-    the kernel reads, a residual that is not rows): then the runtime binds again when
-    an operand moves. One caller at a time."""
+    `PackedQB` (a weight, packed once), else an int8 [K, N] array packed again on every
+    call (numpy). The function has `patch(role, address)` for roles "a", "out",
+    "a_zero", "row_scale", "col_scale", "bias", "residual" (same layout, other memory;
+    "b", packed, is ignored), unless B is such an array or an operand had to be
+    converted or copied here (a dtype other than the kernel reads, a residual that is
+    not rows): then the runtime binds again when an operand moves. One caller at a
+    time."""
     threads = num_threads() if threads is None else max(1, int(threads))
     act = _activation_name(activation)
     path = _check_path(path) if path is not None else default_path()
@@ -257,7 +262,8 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         raise TensorcError(f"qgemm: a must be uint8, got {a.dtype}")
     if a.ndim < 2:
         raise ShapeError(f"qgemm: a must have at least 2 dims, got shape {a.shape}")
-    packed = b if isinstance(b, PackedQB) else PackedQB(b, threads, path)
+    per_call = None if isinstance(b, PackedQB) else np.asarray(b)
+    packed = b if per_call is None else PackedQB(b, threads, path)
     if path == "amx" and packed.kp % AMX_KB:
         raise TensorcError("qgemm: this PackedQB was packed for another path "
                            "(K padded to 4): pack it with path='amx'")
@@ -362,6 +368,8 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
                              for blk, (job, _, items, _) in zip(blocks, steps, strict=True)])
 
     def run():
+        if per_call is not None:   # B is not a packed weight: it may have changed
+            packed.fill(per_call)
         key = _workspaces(("qtile", TILE_WORDS))[0]   # a call may come from another thread
         if key != state["key"]:
             prepare(key)
@@ -387,7 +395,7 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         if params[P[word]] == 0 and role not in ("a", "out"):
             return   # not an operand of this call
         params[P[word]] = address
-    if not copied:   # else the runner binds again when an operand moves
+    if not copied and per_call is None:   # else the runner binds again when one moves
         run.patch = patch
     run.keep = keep
     run.params = params
