@@ -290,3 +290,34 @@ def test_bound_unpacked_b_follows_its_contents(path, rng):
     b[...] = rng.integers(-128, 128, b.shape, dtype=np.int8)
     run()
     np.testing.assert_array_equal(out, ref_int(a, b))
+
+
+def test_runner_packs_a_const_weight_once_and_follows_moving_operands(rng):
+    """A Program's `matmul_integer` Call, as the lowering emits it: the const int8 B is
+    a PackedQB made once in Runner.bind; A and a_zero are inputs read in place (their
+    moves are followed by patch), the output is a fresh float32 array per call."""
+    from tensorc.backends.llvm.runtime import Runner
+    from tensorc.backends.lowering import Buf, Call, Program, View
+    m, k, n = 6, 40, 24
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    cs = rng.random(n, dtype=np.float32)
+    a_buf = Buf(m * k, "u8", "input", name="a", numel=m * k)
+    z_buf = Buf(m, "u8", "input", name="az", numel=m, offset=256)
+    w_buf = Buf(k * n, "i8", "const", data=w, name="w", numel=k * n)
+    c_buf = Buf(4 * n, "f32", "const", data=cs, name="cs", numel=n)
+    y_buf = Buf(4 * m * n, "f32", "arena", name="y", numel=m * n, offset=512)
+    y = View(y_buf, 0, (m, n), (n, 1))
+    call = Call("matmul_integer", {}, [View(a_buf, 0, (m, k), (k, 1)),
+                                      View(w_buf, 0, (k, n), (n, 1))], [y],
+                epilogue={"a_zero": View(z_buf, 0, (m,), (1,)),
+                          "col_scale": View(c_buf, 0, (n,), (1,)), "activation": "relu"})
+    r = Runner(Program([call], [a_buf, z_buf], [y], [a_buf, z_buf, w_buf, c_buf, y_buf],
+                       arena_bytes=4096), threads=2)
+    assert isinstance(r._packed[call], Q.PackedQB)
+    assert r._patches[a_buf] and r._patches[z_buf] and not r._rebind[a_buf]
+    for _ in range(3):
+        a = rng.integers(0, 256, (m * k,), dtype=np.uint8)
+        az = rng.integers(0, 256, m, dtype=np.uint8)
+        (got,) = r.run([a, az])
+        want = ref_float(ref_int(a.reshape(m, k), w, az), col_scale=cs, act="relu")
+        np.testing.assert_array_equal(got, want)
