@@ -321,3 +321,16 @@ def test_runner_packs_a_const_weight_once_and_follows_moving_operands(rng):
         (got,) = r.run([a, az])
         want = ref_float(ref_int(a.reshape(m, k), w, az), col_scale=cs, act="relu")
         np.testing.assert_array_equal(got, want)
+
+
+def test_bound_call_keeps_its_operands_alive(rng):
+    """The argument block holds addresses only: the bound call keeps the arrays (a
+    caller that drops its own references must not leave the kernel writing freed
+    memory)."""
+    a, b = operands(rng, 5, 16, 8)
+    out = np.empty((2, 5, 8)[1:], np.int32)
+    run = Q.bind(a[None], b, out[None])   # temporaries: views made here
+    assert any(np.shares_memory(x, a) for x in run.keep if isinstance(x, np.ndarray))
+    assert any(np.shares_memory(x, out) for x in run.keep if isinstance(x, np.ndarray))
+    run()
+    np.testing.assert_array_equal(out, ref_int(a, b))

@@ -286,7 +286,7 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
                                       or out2.strides[0] % out2.itemsize):
         raise TensorcError("qgemm: out must flatten to rows with unit inner stride")
     M = a2.shape[0]
-    keep = [packed]
+    keep = [packed, a2, out2]   # the kernels hold their addresses
     copied = set()   # roles whose operand was converted or copied here: then no `patch`
 
     def mark(role, given, used):
