@@ -211,11 +211,15 @@ def _ukernel(module: ir.Module, kind, m: int, name: str) -> ir.Function:
     bp = [f.at(p.ptr("b"), b.add(f.mul(f.mul(g["q"], 2), pstride), f.mul(pstride, v)), ty=I8)
           for v in range(2)]
     arow = [f.at(p.ptr("a"), f.mul(b.add(g["i0"], c64(r)), lda), ty=I8) for r in range(m)]
-    acc = [[kind.init(f) for _ in range(2)] for _ in range(m)]
+    # few rows: 2 or 4 sets of accumulators (even/odd groups of k), so that each
+    # accumulator's chain of dependent dot products does not wait on its latency
+    sets = 4 if m == 1 else 2 if m <= 4 else 1
+    accs = [[[kind.init(f) for _ in range(2)] for _ in range(m)] for _ in range(sets)]
     groups = b.sdiv(K, c64(4))
     prefetch = f.intrinsic("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
 
-    def step(gi, a_words):
+    def step(gi, a_words, s=0):
+        acc = accs[s]
         off = f.mul(gi, 64)
         bv = [b.load(f.at(bp[v], off, ty=I8), typ=VI32, align=64) for v in range(2)]
         if m <= 2:   # a decode step streams B: fetch ahead towards L2
@@ -227,8 +231,14 @@ def _ukernel(module: ir.Module, kind, m: int, name: str) -> ir.Function:
             for v in range(2):
                 kind.step(f, acc[r][v], a4, bv[v])
 
-    with f.loop(0, groups) as gi:
-        step(gi, lambda r: b.load(f.at(arow[r], f.mul(gi, 4), ty=I8), typ=I32, align=1))
+    def a_word(gi):
+        return lambda r: b.load(f.at(arow[r], f.mul(gi, 4), ty=I8), typ=I32, align=1)
+    main = f.mul(b.sdiv(groups, c64(sets)), sets)
+    with f.loop(0, main, sets) as gi:
+        for s in range(sets):
+            step(b.add(gi, c64(s)), a_word(b.add(gi, c64(s))), s)
+    with f.loop(main, groups) as gi:
+        step(gi, a_word(gi))
     # K not a multiple of 4: the last group's bytes one by one (B's padding is zero)
     with b.if_then(b.icmp_signed("<", f.mul(groups, 4), K)):
         k0 = f.mul(groups, 4)
@@ -243,7 +253,10 @@ def _ukernel(module: ir.Module, kind, m: int, name: str) -> ir.Function:
         step(groups, lambda r: words[r])
     for r in range(m):
         for v in range(2):
-            b.store(kind.final(f, acc[r][v]),
+            total = kind.final(f, accs[0][r][v])
+            for s in range(1, sets):
+                total = b.add(total, kind.final(f, accs[s][r][v]))
+            b.store(total,
                     f.at(g["ws"], c64(r * NR + 16 * v), ty=I32), align=4)
     b.call(module.get_global("tc_qepi"), [g["params"], g["ws"], c64(m), g["i0"],
                                           f.mul(g["q"], NR)])
