@@ -213,7 +213,8 @@ def _ukernel(module: ir.Module, kind, m: int, name: str) -> ir.Function:
     arow = [f.at(p.ptr("a"), f.mul(b.add(g["i0"], c64(r)), lda), ty=I8) for r in range(m)]
     # few rows: 2 or 4 sets of accumulators (even/odd groups of k), so that each
     # accumulator's chain of dependent dot products does not wait on its latency
-    sets = 4 if m == 1 else 2 if m <= 4 else 1
+    # (as many as keep the accumulators within 16 registers, at most 4)
+    sets = min(4, max(1, 16 // (m * 2 * len(kind.init(f)))))
     accs = [[[kind.init(f) for _ in range(2)] for _ in range(m)] for _ in range(sets)]
     groups = b.sdiv(K, c64(4))
     prefetch = f.intrinsic("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
