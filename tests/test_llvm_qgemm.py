@@ -233,7 +233,8 @@ def test_runtime_library_entry(rng):
 
 def test_assembly_per_path():
     """The portable module compiles without VNNI (no vpdpbusd, though the host has it);
-    the VNNI module uses it, the AMX one tdpbusd."""
+    the VNNI module uses it, the AVX-VNNI one its VEX form on ymm only, the AMX one
+    tdpbusd."""
     portable = jit.assembly(build_module("portable"), Q.features("portable"))
     assert "vpdpbusd" not in portable and "vpmaddubsw" not in portable
     assert "tdpbusd" not in portable
@@ -241,7 +242,12 @@ def test_assembly_per_path():
         assert "vpdpbusd" in jit.assembly(build_module("vnni"), Q.features("vnni"))
     else:
         print("vnni assembly not checked:", Q.path_unavailable_reason("vnni"))
-    if "amx-int8" in jit.target().features and "+amx-int8" in jit.target().features:
+    if Q.path_unavailable_reason("avxvnni") is None:   # VEX-encoded, 256-bit only
+        avx = jit.assembly(build_module("avxvnni"), Q.features("avxvnni"))
+        assert "{vex}\tvpdpbusd" in avx and "zmm" not in avx
+    else:
+        print("avxvnni assembly not checked:", Q.path_unavailable_reason("avxvnni"))
+    if "+amx-int8" in jit.target().features:
         assert "tdpbusd" in jit.assembly(build_module("amx"), Q.features("amx"))
 
 

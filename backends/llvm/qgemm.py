@@ -26,10 +26,12 @@ Paths (`host_paths()`, best first; `path=` or `TENSORC_QGEMM_PATH` forces one):
   into a buffer with 64-byte padded rows (`tc_qpack_a`, split by rows across threads).
   The process asks Linux for the tile state once (arch_prctl ARCH_REQ_XCOMP_PERM);
   refused, the path is not offered (`amx_unavailable_reason()`). With at most 8 rows
-  the VNNI (else portable) register kernels run instead: a 16-row tile would be
+  the best register kernels (vnni, avxvnni, portable) run instead: a 16-row tile would be
   mostly padding.
 - "vnni": AVX-512 VNNI `vpdpbusd`: MR x 32 register tiles of int32 accumulators, A's 4
   bytes broadcast from its rows (no packing), kernels specialised on 1..8 rows.
+- "avxvnni": the same with 256-bit AVX-VNNI, for hosts that have it without AVX-512
+  (compiled without AVX-512: VEX encoding, 16 ymm registers), 3-row tiles.
 - "portable": the same tiles with exact i16 products summed in pairs into i32 (never
   the saturating u8 x s8 `vpmaddubsw`), compiled with the host's features minus VNNI
   and AMX, so LLVM cannot emit them.
@@ -72,7 +74,7 @@ from .qgemm_ir import (
     symbols,
 )
 
-PATHS = ("amx", "vnni", "portable")
+PATHS = ("amx", "vnni", "avxvnni", "portable")
 _NO_VNNI = ("avx512vnni", "avxvnni", "avxvnniint8", "avxvnniint16", "amx-tile", "amx-int8",
             "amx-bf16", "amx-fp16", "amx-complex")
 
@@ -115,10 +117,11 @@ def path_unavailable_reason(path: str) -> str | None:
         return f"unknown path {path!r}; known: {', '.join(PATHS)}"
     if path == "amx":
         return amx_unavailable_reason()
-    if path == "vnni":
-        feats = _features()
-        if not (feats.get("avx512vnni") and feats.get("avx512bw")):
-            return "the CPU has no AVX-512 VNNI"
+    feats = _features()
+    if path == "vnni" and not (feats.get("avx512vnni") and feats.get("avx512bw")):
+        return "the CPU has no AVX-512 VNNI"
+    if path == "avxvnni" and not feats.get("avxvnni"):
+        return "the CPU has no AVX-VNNI"
     return None
 
 
@@ -157,8 +160,16 @@ def kernels(path: str) -> dict[str, int]:
 
 
 def features(path: str) -> str | None:
-    """The target features a path's module is compiled for (None: the host's)."""
-    return target().features_without(*_NO_VNNI) if path == "portable" else None
+    """The target features a path's module is compiled for (None: the host's):
+    portable without VNNI and AMX, avxvnni without AVX-512 (VEX encoding, 16 ymm
+    registers: as on the hosts it is for)."""
+    if path == "portable":
+        return target().features_without(*_NO_VNNI)
+    if path == "avxvnni":
+        wide = [f[1:] for f in target().features.split(",")
+                if f[1:].startswith(("avx512", "avx10", "amx", "evex512"))]
+        return target().features_without(*wide)
+    return None
 
 
 def ahead(path: str) -> tuple:
@@ -414,7 +425,7 @@ def _schedule(path, M, K, packed, threads, params, keep) -> list:
     fixed = [params.ctypes.data]
     keep.append(params)
     if path == "amx" and M <= MR:   # a decode step: the register kernels (see docstring)
-        path = "vnni" if path_unavailable_reason("vnni") is None else "portable"
+        path = next(p for p in PATHS[1:] if path_unavailable_reason(p) is None)
     few = M <= MR
     if threads == 1 or (M * packed.n * K < SMALL_WORK and not few) \
             or (few and K * packed.n < STREAM_THREADED):

@@ -5,6 +5,7 @@ One module per path, each compiled for the target features it may use:
 - `vnni`: an MR x 32 register tile of int32 accumulators, `vpdpbusd` (u8 x s8, four
   products summed into each i32 lane, no saturation) on a broadcast of A's 4 bytes
   and one 64-byte row of each of the two 16-column panels of B;
+- `avxvnni`: the same with 256-bit AVX-VNNI (hosts without AVX-512), 3-row tiles;
 - `portable`: the same tile with exact i16 arithmetic (A zero-extended, B
   sign-extended to i16, products summed in pairs into i32: `vpmaddwd`'s pattern, which
   cannot saturate), compiled without VNNI and AMX;
@@ -145,6 +146,7 @@ class _Vnni:
     """acc (i32 x 16) += 4-byte dot products of A's broadcast u8 and B's s8 lanes."""
 
     rows = MR
+    regs = 16   # accumulator registers (of 32 zmm)
 
     def init(self, f):
         return [f.var(VI32, ir.Constant(VI32, [0] * 16))]
@@ -164,6 +166,7 @@ class _Portable:
     rows: 16 accumulators (8 rows' 32 spilled)."""
 
     rows = MR // 2
+    regs = 16
 
     def init(self, f):
         return [f.var(VI32, ir.Constant(VI32, [0] * 16)) for _ in range(2)]
@@ -199,6 +202,35 @@ class _Portable:
         return b.add(even, odd)
 
 
+class _AvxVnni:
+    """AVX-VNNI (VEX, 256-bit: hosts with it but without AVX-512): each panel's 16
+    columns in two i32 x 8 accumulators; 16 ymm registers, so tiles of 3 rows (12
+    accumulators, B's rows read as `vpdpbusd`'s memory operand)."""
+
+    rows = 3
+    regs = 12
+    V8 = ir.VectorType(I32, 8)
+
+    def init(self, f):
+        return [f.var(self.V8, ir.Constant(self.V8, [0] * 8)) for _ in range(2)]
+
+    def step(self, f, acc, a4, bv):
+        b = f.b
+        fn = f.intrinsic("llvm.x86.avx512.vpdpbusd.256", self.V8, [self.V8] * 3)
+        undef = ir.Constant(VI32, ir.Undefined)
+        a8 = b.shuffle_vector(a4, undef, ir.Constant(self.V8, [0] * 8))
+        for h in range(2):
+            half = b.shuffle_vector(bv, undef, ir.Constant(self.V8, list(range(8 * h, 8 * h + 8))))
+            b.store(b.call(fn, [b.load(acc[h], typ=self.V8), a8, half]), acc[h])
+
+    def final(self, f, acc):
+        lo, hi = (f.b.load(x, typ=self.V8) for x in acc)
+        return f.b.shuffle_vector(lo, hi, ir.Constant(VI32, list(range(16))))
+
+
+KINDS = {"vnni": _Vnni, "avxvnni": _AvxVnni, "portable": _Portable}
+
+
 def _ukernel(module: ir.Module, kind, m: int, name: str) -> ir.Function:
     """{name}_m{m}(params, ws, i0, q): rows [i0, i0 + m) x panel pair q into ws (int32,
     NR per row), then the epilogue."""
@@ -213,8 +245,8 @@ def _ukernel(module: ir.Module, kind, m: int, name: str) -> ir.Function:
     arow = [f.at(p.ptr("a"), f.mul(b.add(g["i0"], c64(r)), lda), ty=I8) for r in range(m)]
     # few rows: 2 or 4 sets of accumulators (even/odd groups of k), so that each
     # accumulator's chain of dependent dot products does not wait on its latency
-    # (as many as keep the accumulators within 16 registers, at most 4)
-    sets = min(4, max(1, 16 // (m * 2 * len(kind.init(f)))))
+    # (as many as the kind's accumulator registers allow, at most 4)
+    sets = min(4, max(1, kind.regs // (m * 2 * len(kind.init(f)))))
     accs = [[[kind.init(f) for _ in range(2)] for _ in range(m)] for _ in range(sets)]
     groups = b.sdiv(K, c64(4))
     prefetch = f.intrinsic("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
@@ -382,7 +414,7 @@ def build_module(path: str) -> ir.Module:
         job(module, "tc_qgemm_amx_job", _amx(module), [PTR], 4)
         job(module, "tc_qpack_a_job", _amx_pack_a(module), [PTR], 2)
     else:
-        kind = _Vnni() if path == "vnni" else _Portable()
+        kind = KINDS[path]()
         job(module, f"tc_qgemm_{path}_job", _tiles(module, kind, f"tc_qgemm_{path}"), [PTR], 4)
     return module
 
