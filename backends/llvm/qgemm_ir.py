@@ -91,12 +91,24 @@ def _epilogue(module: ir.Module) -> ir.Function:
     masks = [f.lanes_below(b.sub(n, b.add(g["n0"], c64(16 * v)))) for v in range(2)]
     cols = [b.add(g["n0"], c64(16 * v)) for v in range(2)]
     csum = [b.load(f.at(colsum, cols[v], ty=I32), typ=VI32, align=4) for v in range(2)]
+    def row_index(i, rows):
+        """i modulo an operand's rows (1: a scalar; M, or every row: mostly i itself),
+        without a division in the common cases."""
+        slot = f.var(I64, c64(0))
+        with b.if_then(b.icmp_signed("!=", rows, c64(1))):
+            with b.if_else(b.icmp_signed("<", i, rows)) as (inside, wrap):
+                with inside:
+                    b.store(i, slot)
+                with wrap:
+                    b.store(b.urem(i, rows), slot)
+        return b.load(slot, typ=I64)
+
     with f.loop(0, g["m"]) as r:
         i = b.add(g["i0"], r)
         # the activation zero point of row i (u8 or i32; i modulo the array's rows)
         zslot = f.var(I32, ir.Constant(I32, 0))
         with b.if_then(b.icmp_signed("!=", az_kind, c64(0))):
-            zi = b.urem(i, p["az_rows"])
+            zi = row_index(i, p["az_rows"])
             with b.if_else(b.icmp_signed("==", az_kind, c64(1))) as (u8, i32):
                 with u8:
                     b.store(b.zext(b.load(f.at(p.ptr("az"), zi, ty=I8), typ=I8), I32), zslot)
@@ -114,7 +126,7 @@ def _epilogue(module: ir.Module) -> ir.Function:
                 with fl:
                     y = f.var(V16, b.sitofp(x, V16))
                     with b.if_then(has_rs):
-                        s = b.load(f.at(p.ptr("rs"), b.urem(i, p["rs_rows"])), typ=F32)
+                        s = b.load(f.at(p.ptr("rs"), row_index(i, p["rs_rows"])), typ=F32)
                         b.store(b.fmul(b.load(y, typ=V16), f.splat(s)), y)
                     with b.if_then(has_cs):
                         with b.if_else(b.icmp_signed("==", p["cs_stride"], c64(0))) \
