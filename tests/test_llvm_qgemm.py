@@ -340,3 +340,16 @@ def test_bound_call_keeps_its_operands_alive(rng):
     assert any(np.shares_memory(x, out) for x in run.keep if isinstance(x, np.ndarray))
     run()
     np.testing.assert_array_equal(out, ref_int(a, b))
+
+
+def test_weight_packed_for_a_register_path_runs_by_default(rng, monkeypatch):
+    """A PackedQB padded to 4 k (packed for vnni/portable) cannot feed AMX tiles: the
+    default path then falls back to the best register path; forcing amx is an error."""
+    monkeypatch.delenv("TENSORC_QGEMM_PATH", raising=False)
+    a, b = operands(rng, 40, 70, 30)
+    pb = Q.PackedQB(b, path="portable")
+    assert pb.kp == 72
+    np.testing.assert_array_equal(Q.qgemm(a, pb), ref_int(a, b))
+    if Q.path_unavailable_reason("amx") is None:
+        with pytest.raises(TensorcError, match="another path"):
+            Q.qgemm(a, pb, path="amx")

@@ -267,6 +267,7 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
     time."""
     threads = num_threads() if threads is None else max(1, int(threads))
     act = _activation_name(activation)
+    forced = path is not None or bool(os.environ.get("TENSORC_QGEMM_PATH"))
     path = _check_path(path) if path is not None else default_path()
     a = np.asarray(a)
     if a.dtype != np.uint8:
@@ -275,6 +276,8 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         raise ShapeError(f"qgemm: a must have at least 2 dims, got shape {a.shape}")
     per_call = None if isinstance(b, PackedQB) else np.asarray(b)
     packed = b if per_call is None else PackedQB(b, threads, path)
+    if path == "amx" and packed.kp % AMX_KB and not forced:   # packed for another path
+        path = next(p for p in PATHS[1:] if path_unavailable_reason(p) is None)
     if path == "amx" and packed.kp % AMX_KB:
         raise TensorcError("qgemm: this PackedQB was packed for another path "
                            "(K padded to 4): pack it with path='amx'")
