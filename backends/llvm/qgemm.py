@@ -11,7 +11,8 @@ from gemm's own epilogue maths (`FnBuilder.activation`).
 
 Zero-point trick: the kernels compute sum_k a * b (u8 x s8, the product VNNI and AMX
 have) and the epilogue subtracts a_zero[i] * colsum[j], colsum[j] = sum_k b[k, j]
-made when B is packed. Sums are exact int32 (|acc| < 2^31 for K < 65794).
+made when B is packed. Sums are exact int32 while |acc| < 2^31 (always for K < 65794
+and a_zero in 0..255); past that they wrap as numpy's int64 result cast to int32 does.
 
 Layout (`PackedQB`, made once for a weight: the only copy the kernels need, still
 int8): B's columns in panels of 16, panels padded to an even count (the kernels take
