@@ -353,3 +353,12 @@ def test_weight_packed_for_a_register_path_runs_by_default(rng, monkeypatch):
     if Q.path_unavailable_reason("amx") is None:
         with pytest.raises(TensorcError, match="another path"):
             Q.qgemm(a, pb, path="amx")
+
+
+def test_int32_wraps_as_numpy_cast(path, rng):
+    """Past 2^31 the sums wrap modulo 2^32, as the int64 reference cast to int32 does."""
+    a, b = operands(rng, 9, 100, 20)
+    az = np.full(9, -(1 << 24), np.int32)   # (a - az) * b overflows int32
+    want = ref_int(a, b, az)
+    assert np.abs((a.astype(np.int64) + (1 << 24)) @ b.astype(np.int64)).max() > 1 << 31
+    np.testing.assert_array_equal(Q.qgemm(a, b, a_zero=az, path=path), want)
