@@ -186,8 +186,8 @@ def test_packed_weight_is_int8(path, rng):
     np.testing.assert_array_equal(out, ref_int(a, b))
 
 
-def test_bind_and_patch(path, rng):
-    m, k, n = 20, 96, 40
+@pytest.mark.parametrize("m,k,n", [(20, 96, 40), (64, 128, 40)])   # amx: A copied, in place
+def test_bind_and_patch(path, rng, m, k, n):
     a, b = operands(rng, m, k, n)
     az = rng.integers(0, 256, m, dtype=np.uint8)
     rs = rng.random(m, dtype=np.float32)

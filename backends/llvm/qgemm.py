@@ -23,8 +23,9 @@ columns past N are zero.
 
 Paths (`host_paths()`, best first; `path=` or `TENSORC_QGEMM_PATH` forces one):
 
-- "amx": AMX-INT8 `tdpbusd` on 32 x 32 blocks (2 x 2 int32 tiles). A is first copied
-  into a buffer with 64-byte padded rows (`tc_qpack_a`, split by rows across threads).
+- "amx": AMX-INT8 `tdpbusd` on 32 x 32 blocks (2 x 2 int32 tiles). A's tiles are read
+  in place when K is a multiple of 64 and M of 32, else from a copy with padded rows
+  (`tc_qpack_a`, split by rows across threads).
   The process asks Linux for the tile state once (arch_prctl ARCH_REQ_XCOMP_PERM);
   refused, the path is not offered (`amx_unavailable_reason()`). With at most 8 rows
   the best register kernels (vnni, avxvnni, portable) run instead: a 16-row tile would be
@@ -409,6 +410,8 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         word = roles[role]
         if params[P[word]] == 0 and role not in ("a", "out"):
             return   # not an operand of this call
+        if role == "a" and params[P["ap"]] == params[P["a"]]:
+            params[P["ap"]] = address   # the AMX tiles read A in place
         params[P[word]] = address
     if not copied and per_call is None:   # else the runner binds again when one moves
         run.patch = patch
@@ -443,11 +446,14 @@ def _schedule(path, M, K, packed, threads, params, keep) -> list:
         items = [(m0, m1, 0, pairs) for m0, m1 in _split(M, parts, rows)]
     jobs = kernels(path)
     steps = [(jobs[f"tc_qgemm_{path}_job"], fixed, items, ws)]
-    if path == "amx":
+    if path == "amx" and K % AMX_KB == 0 and M % AMX_ROWS == 0:
+        # A's rows are whole tiles: read in place (`patch("a")` moves `ap` with it)
+        params[P["ap"]], params[P["ldap"]] = params[P["a"]], params[P["lda"]]
+    elif path == "amx":
         mp = -(-M // AMX_ROWS) * AMX_ROWS
         ap = _aligned(max(1, mp * packed.kp))
         keep.append(ap)
-        params[P["ap"]] = ap.ctypes.data
+        params[P["ap"]], params[P["ldap"]] = ap.ctypes.data, packed.kp
         steps.insert(0, (jobs["tc_qpack_a_job"], fixed,
                          _split(mp, 1 if parts == 1 else threads, AMX_ROWS), None))
     return steps

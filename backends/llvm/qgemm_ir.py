@@ -38,7 +38,7 @@ ACT_IDS = {"none": 0, "relu": 1, "gelu_erf": 2, "gelu_tanh": 3}
 # the parameter block (int64 words) every entry point reads
 PARAMS = ["a", "lda", "k", "b", "kp", "n", "colsum", "out", "ldo", "out_float",
           "az", "az_kind", "az_rows", "rs", "has_rs", "rs_rows", "cs", "has_cs", "cs_stride",
-          "bias", "has_bias", "act", "res", "ldr", "has_res", "ap", "m"]
+          "bias", "has_bias", "act", "res", "ldr", "has_res", "ap", "m", "ldap"]
 P = {name: i for i, name in enumerate(PARAMS)}
 
 
@@ -350,8 +350,9 @@ def _amx_config(module: ir.Module) -> ir.GlobalVariable:
 
 def _amx(module: ir.Module) -> ir.Function:
     """tc_qgemm_amx(params, ws, m0, m1, q0, q1): 32 x 32 blocks, each four int32 tiles
-    (C) from two A tiles (16 rows x 64 k of the padded copy) and two B tiles (16 groups
-    of 4 k x 16 columns: 1 KiB of one packed panel) per 64 k."""
+    (C) from two A tiles (16 rows x 64 k of `ap`, rows `ldap` bytes apart: the padded
+    copy, or A itself when its rows need no padding) and two B tiles (16 groups of 4 k
+    x 16 columns: 1 KiB of one packed panel) per 64 k."""
     f = FnBuilder(module, "tc_qgemm_amx", [("params", PTR), ("ws", PTR), ("m0", I64),
                                            ("m1", I64), ("q0", I64), ("q1", I64)])
     b, g = f.b, f.arg
@@ -367,7 +368,7 @@ def _amx(module: ir.Module) -> ir.Function:
     def t(x):
         return ir.Constant(I8, x)
     b.call(cfgload, [_amx_config(module)])
-    kp, ap = p["kp"], p.ptr("ap")
+    kp, ap, ldap = p["kp"], p.ptr("ap"), p["ldap"]
     pstride = f.mul(kp, PANEL)
     with f.loop(g["q0"], g["q1"]) as q:
         bp = [f.at(p.ptr("b"), b.add(f.mul(f.mul(q, 2), pstride), f.mul(pstride, v)), ty=I8)
@@ -375,10 +376,10 @@ def _amx(module: ir.Module) -> ir.Function:
         with f.loop(g["m0"], g["m1"], AMX_ROWS) as i:
             for c in range(4):
                 b.call(zero, [t(c)])
-            arow = [f.at(ap, f.mul(b.add(i, c64(16 * h)), kp), ty=I8) for h in range(2)]
+            arow = [f.at(ap, f.mul(b.add(i, c64(16 * h)), ldap), ty=I8) for h in range(2)]
             with f.loop(0, kp, AMX_KB) as kk:
                 for h in range(2):
-                    b.call(load, [t(4 + h), f.at(arow[h], kk, ty=I8), kp])
+                    b.call(load, [t(4 + h), f.at(arow[h], kk, ty=I8), ldap])
                 for v in range(2):
                     b.call(load, [t(6 + v), f.at(bp[v], f.mul(kk, PANEL), ty=I8), c64(64)])
                 for h in range(2):
