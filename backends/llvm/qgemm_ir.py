@@ -31,7 +31,8 @@ PANEL = 16        # columns per packed panel of B
 NR = 2 * PANEL    # columns per tile: a pair of panels
 AMX_ROWS = 32     # rows per AMX block (two 16-row A tiles)
 AMX_KB = 64       # k per AMX tile step (64 bytes of a tile row)
-TILE_WORDS = AMX_ROWS * NR   # int32s of a thread's workspace block
+BLOCK_WORDS = AMX_ROWS * NR   # int32s of one block's sums
+TILE_WORDS = 2 * BLOCK_WORDS  # a thread's workspace: two blocks (AMX: one computing)
 
 ACT_IDS = {"none": 0, "relu": 1, "gelu_erf": 2, "gelu_tanh": 3}
 
@@ -369,6 +370,16 @@ def _amx(module: ir.Module) -> ir.Function:
         return ir.Constant(I8, x)
     b.call(cfgload, [_amx_config(module)])
     kp, ap, ldap = p["kp"], p.ptr("ap"), p["ldap"]
+    pending, parity = f.var(I64, c64(0)), f.var(I64, c64(0))
+    pend_ws = f.var(PTR, g["ws"])
+    pend_m, pend_i, pend_n0 = (f.var(I64, c64(0)) for _ in range(3))
+
+    def finish_pending():
+        with b.if_then(b.icmp_signed("!=", b.load(pending, typ=I64), c64(0))):
+            b.call(module.get_global("tc_qepi"), [
+                g["params"], b.load(pend_ws, typ=PTR), b.load(pend_m, typ=I64),
+                b.load(pend_i, typ=I64), b.load(pend_n0, typ=I64)])
+            b.store(c64(0), pending)
     pstride = f.mul(kp, PANEL)
     with f.loop(g["q0"], g["q1"]) as q:
         bp = [f.at(p.ptr("b"), b.add(f.mul(f.mul(q, 2), pstride), f.mul(pstride, v)), ty=I8)
@@ -385,14 +396,20 @@ def _amx(module: ir.Module) -> ir.Function:
                 for h in range(2):
                     for v in range(2):
                         b.call(dot, [t(2 * h + v), t(4 + h), t(6 + v)])
+            # the previous block's epilogue (vector code) runs while the tiles compute
+            # this one, then this block's sums go to the other half of the workspace
+            finish_pending()
+            half = b.load(parity, typ=I64)
+            dst = f.at(g["ws"], f.mul(half, BLOCK_WORDS), ty=I32)
             for h in range(2):
                 for v in range(2):
-                    b.call(store, [t(2 * h + v),
-                                   f.at(g["ws"], c64(16 * h * NR + 16 * v), ty=I32),
+                    b.call(store, [t(2 * h + v), f.at(dst, c64(16 * h * NR + 16 * v), ty=I32),
                                    c64(NR * 4)])
-            b.call(module.get_global("tc_qepi"), [
-                g["params"], g["ws"], f.min(c64(AMX_ROWS), b.sub(g["m1"], i)), i,
-                f.mul(q, NR)])
+            for slot, val in ((pend_ws, dst), (pend_m, f.min(c64(AMX_ROWS), b.sub(g["m1"], i))),
+                              (pend_i, i), (pend_n0, f.mul(q, NR)), (pending, c64(1)),
+                              (parity, b.sub(c64(1), half))):
+                b.store(val, slot)
+    finish_pending()
     b.call(release, [])
     return f.finish()
 
