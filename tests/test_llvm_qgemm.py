@@ -362,3 +362,23 @@ def test_int32_wraps_as_numpy_cast(path, rng):
     want = ref_int(a, b, az)
     assert np.abs((a.astype(np.int64) + (1 << 24)) @ b.astype(np.int64)).max() > 1 << 31
     np.testing.assert_array_equal(Q.qgemm(a, b, a_zero=az, path=path), want)
+
+
+def test_bound_operands_that_are_not_rows(path, rng):
+    """A (batched, transposed leading dims, or strided along k) and out that do not
+    flatten to rows are copied in and out on each call (and the call has no patch)."""
+    x = rng.integers(0, 256, (4, 3, 50), dtype=np.uint8)
+    a = x.transpose(1, 0, 2)            # [3, 4, 50]: leading dims do not flatten
+    b = rng.integers(-128, 128, (50, 20), dtype=np.int8)
+    out = np.zeros((4, 3, 20), np.int32).transpose(1, 0, 2)
+    run = Q.bind(a, Q.PackedQB(b), out, a_zero=3, path=path)
+    assert not hasattr(run, "patch")
+    run()
+    np.testing.assert_array_equal(out, ref_int(a, b, 3))
+    x[...] = rng.integers(0, 256, x.shape, dtype=np.uint8)   # read again on each call
+    run()
+    np.testing.assert_array_equal(out, ref_int(a, b, 3))
+    strided = rng.integers(0, 256, (7, 100), dtype=np.uint8)[:, ::2]
+    o2 = np.empty((7, 20), np.int32)
+    Q.bind(strided, b, o2, path=path)()
+    np.testing.assert_array_equal(o2, ref_int(strided, b))

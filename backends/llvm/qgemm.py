@@ -296,14 +296,18 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         raise TensorcError("qgemm: bias, activation and residual need a float result "
                            "(row_scale and/or col_scale)")
     a2, out2 = _as2d(a, K), _as2d(out, N)
+    rows = int(np.prod(a.shape[:-1]))
+    copied = set()   # roles whose operand was converted or copied here: then no `patch`
+    a_in = out_back = None   # operands that are not rows: copied in and out on each call
     if a2 is None or a2.size and (a2.strides[1] != 1 or a2.strides[0] < 0):
-        raise TensorcError("qgemm: a must flatten to rows with unit inner stride")
+        a_in, a2 = a, np.empty((rows, K), np.uint8)
+        copied.add("a")
     if out2 is None or out2.size and (out2.strides[1] != out2.itemsize or out2.strides[0] < 0
                                       or out2.strides[0] % out2.itemsize):
-        raise TensorcError("qgemm: out must flatten to rows with unit inner stride")
+        out_back, out2 = out, np.empty((rows, N), odt)
+        copied.add("out")
     M = a2.shape[0]
     keep = [packed, a2, out2]   # the kernels hold their addresses
-    copied = set()   # roles whose operand was converted or copied here: then no `patch`
 
     def mark(role, given, used):
         if not (isinstance(given, np.ndarray) and np.shares_memory(given, used)):
@@ -386,6 +390,13 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
     def run():
         if per_call is not None:   # B is not a packed weight: it may have changed
             packed.fill(per_call)
+        if a_in is not None:
+            a2[...] = a_in.reshape(a2.shape)
+        compute()
+        if out_back is not None:
+            out_back[...] = out2.reshape(out_back.shape)
+
+    def compute():
         key = _workspaces(("qtile", TILE_WORDS))[0]   # a call may come from another thread
         if key != state["key"]:
             prepare(key)
