@@ -70,9 +70,30 @@ class _Target:
         self.fingerprint = "|".join([self.triple, self.cpu, self.features, llvmlite.__version__])
 
 
-    def new_machine(self):
+    def new_machine(self, features: str | None = None):
         return llvm.Target.from_triple(self.triple).create_target_machine(
-            cpu=self.cpu, features=self.features, opt=3, reloc="static", codemodel="jitdefault")
+            cpu=self.cpu, features=self.features if features is None else features, opt=3,
+            reloc="static", codemodel="jitdefault")
+
+    def features_without(self, *names: str) -> str:
+        """The host's feature string with `names` switched off (a library module that
+        must not use them: the portable int8 GEMM without VNNI or AMX)."""
+        feats = {f[1:]: f[0] for f in self.features.split(",") if f}
+        for n in names:
+            feats[n] = "-"
+        return ",".join(sign + name for name, sign in sorted(feats.items()))
+
+
+_machines: dict[str, object] = {}   # feature string -> a target machine for it
+
+
+def machine(features: str | None = None):
+    """The host target machine, or one for `features` (made once each)."""
+    if features is None or features == target().features:
+        return target().machine
+    if features not in _machines:
+        _machines[features] = target().new_machine(features)
+    return _machines[features]
 
 
 _target: _Target | None = None
@@ -128,16 +149,20 @@ def _source_files() -> list[tuple[Path, Path]]:
             for path in sorted(root.rglob("*.py")) or sorted(root.rglob("*.pyc"))]
 
 
-def library_key(name: str, vectorize: bool = True, unroll: bool = True) -> str:
+def library_key(name: str, vectorize: bool = True, unroll: bool = True,
+                features: str | None = None) -> str:
     """The cache key of library module `name` (see `compile_library`)."""
     h = hashlib.sha256()
     h.update(target().fingerprint.encode())
     h.update(_options(vectorize, unroll))
+    if features is not None:
+        h.update(b"features\0" + features.encode() + b"\0")
     h.update(b"library\0" + name.encode() + b"\0" + source_digest().encode())
     return h.hexdigest()
 
 
-def optimize(mod: llvm.ModuleRef, vectorize: bool = True, unroll: bool = True) -> None:
+def optimize(mod: llvm.ModuleRef, vectorize: bool = True, unroll: bool = True,
+             features: str | None = None) -> None:
     """O3 for the host target (new pass manager), with loop and SLP vectorisation and
     loop unrolling unless switched off: hand-vectorised library kernels compile several
     times faster without them (into the same inner loops: see `compile_library`)."""
@@ -145,7 +170,7 @@ def optimize(mod: llvm.ModuleRef, vectorize: bool = True, unroll: bool = True) -
     pto.loop_vectorization = vectorize
     pto.slp_vectorization = vectorize
     pto.loop_unrolling = unroll
-    pb = llvm.create_pass_builder(target().machine, pto)
+    pb = llvm.create_pass_builder(machine(features), pto)
     pb.getModulePassManager().run(mod, pb)
 
 
@@ -161,13 +186,27 @@ def parse(ir) -> llvm.ModuleRef:
     return mod
 
 
-def _build_object(ir_text: str, vectorize: bool = True, unroll: bool = True) -> bytes:
+def _build_object(ir_text: str, vectorize: bool = True, unroll: bool = True,
+                  features: str | None = None) -> bytes:
+    """Object code for the host (`features`: another feature string, see
+    `compile_library`)."""
     mod = parse(ir_text)
     mod.triple = target().triple
     mod.data_layout = str(target().machine.target_data)
-    optimize(mod, vectorize, unroll)
+    optimize(mod, vectorize, unroll, features)
     stats["compiled"] += 1
-    return target().machine.emit_object(mod)
+    return machine(features).emit_object(mod)
+
+
+def assembly(ir, features: str | None = None, vectorize: bool = False,
+             unroll: bool = False) -> str:
+    """The assembly the library build of `ir` compiles to (for tests: which
+    instructions a kernel uses)."""
+    mod = parse(ir)
+    mod.triple = target().triple
+    mod.data_layout = str(target().machine.target_data)
+    optimize(mod, vectorize, unroll, features)
+    return machine(features).emit_assembly(mod)
 
 
 _SECRET_BYTES = 32
@@ -273,7 +312,7 @@ def compile_ir(ir, symbols: list[str], vectorize: bool = True, unroll: bool = Tr
 
 
 def compile_library(name: str, build, symbols: list[str], vectorize: bool = True,
-                    unroll: bool = True) -> dict[str, int]:
+                    unroll: bool = True, features: str | None = None) -> dict[str, int]:
     """`compile_ir(build(), symbols, ...)` for a library module (GEMM, attention, the
     pool): keyed by `name` and the source that generates it (`source_digest`) instead
     of its IR text, so that a cache hit builds no IR. `name` must tell apart every
@@ -283,9 +322,13 @@ def compile_library(name: str, build, symbols: list[str], vectorize: bool = True
     unroller: both are vectorised by hand (16-lane vectors, unrolled where it pays), so
     that their inner loops compile to the same instructions (`tests/test_jit_cache.py`
     checks the GEMM's micro-kernel), and those passes cost most of their compile time
-    (GEMM 5-15x, attention 1.5x)."""
-    return _compile(library_key(name, vectorize, unroll), lambda: str(build()), symbols,
-                    (vectorize, unroll))
+    (GEMM 5-15x, attention 1.5x).
+
+    `features`: a target feature string other than the host's (part of the key), for a
+    module that must use only some of the host's instructions (the int8 GEMM's
+    portable path, compiled without VNNI and AMX so that LLVM cannot use them)."""
+    return _compile(library_key(name, vectorize, unroll, features), lambda: str(build()),
+                    symbols, (vectorize, unroll, features))
 
 
 _pending: dict[str, int] = {}   # library key -> the child process compiling it

@@ -33,7 +33,8 @@ MIN_WORK_PER_THREAD = 1 << 19
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 
 # A library call's operands by role: what its `patch` calls them (see LIBRARY).
-ROLES = {"matmul": ("a", "b"), "attention": ("q", "k", "v", "mask")}
+ROLES = {"matmul": ("a", "b"), "attention": ("q", "k", "v", "mask"),
+         "matmul_integer": ("a", "b")}
 
 
 def compile_kernels(kernels) -> dict[str, tuple[object, int]]:
@@ -201,6 +202,12 @@ class Runner:
                     from .gemm import PackedB
                     self._packed[step] = PackedB(ins[1], threads=self.threads)
                 ins[1] = self._packed[step]
+            if step.op == "matmul_integer" and step.inputs[1].buf.kind == "const" \
+                    and len(step.inputs[1].shape) == 2:   # an int8 weight: packed once
+                if step not in self._packed:
+                    from .qgemm import PackedQB
+                    self._packed[step] = PackedQB(ins[1], threads=self.threads)
+                ins[1] = self._packed[step]
             epilogue = {k: self.array(v) if isinstance(v, View) else v
                         for k, v in step.epilogue.items()}
             return LIBRARY[step.op](step.attrs, ins, outs, epilogue, self.threads)
@@ -366,4 +373,15 @@ def _attention_grad(attrs, ins, outs, epilogue, threads):
     return bind(q, k, v, dy, *mask, **attrs, threads=threads, out=outs)
 
 
-LIBRARY = {"matmul": _matmul, "attention": _attention, "attention_grad": _attention_grad}
+def _matmul_integer(attrs, ins, outs, epilogue, threads):
+    # u8 A x s8 B (a weight's comes packed: Runner.bind); int32 out, or float32 with the
+    # scales (and bias, activation, residual) of the epilogue
+    from .qgemm import bind
+    a, b = ins
+    kwargs = {k: epilogue[k] for k in ("a_zero", "row_scale", "col_scale", "bias",
+                                       "activation", "residual") if k in epilogue}
+    return bind(a, b, outs[0], threads=threads, **kwargs)
+
+
+LIBRARY = {"matmul": _matmul, "attention": _attention, "attention_grad": _attention_grad,
+           "matmul_integer": _matmul_integer}
