@@ -18,6 +18,10 @@ from tensorc.ir import Graph
 from .. import Backend, Executable, kernel_ir
 from ..lowering import Program, lower
 
+# What this target's library has: the integer GEMM (qgemm.py) takes quantized matmuls
+# and their dequantize epilogue.
+LOWERING = {"int8_gemm": True}
+
 
 class LLVMExecutable(Executable):
     def __init__(self, graph: Graph, threads: int | None = None):
@@ -33,7 +37,7 @@ class LLVMExecutable(Executable):
             runner = self._runners.get(key)
             if runner is None:
                 from .runtime import Runner
-                program = lower(self.graph, env)
+                program = lower(self.graph, env, **LOWERING)
                 _compile_ahead(program, self.threads)
                 runner = self._runners[key] = Runner(program, self.threads)
             return runner
@@ -92,7 +96,7 @@ class LLVMBackend(Backend):
     def planned_memory_bytes(self, graph: Graph, env: dict[str, int]) -> int:
         """The arena of the lowered Program: buffers packed by liveness."""
         from ..lowering import planned_memory
-        return planned_memory(graph, env)["arena_bytes"]
+        return planned_memory(graph, env, **LOWERING)["arena_bytes"]
 
     def emit_source(self, graph: Graph, directory: str, env: dict[str, int] | None = None
                     ) -> list[str]:
@@ -109,7 +113,7 @@ class LLVMBackend(Backend):
         shapes = ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "static"
         os.makedirs(directory, exist_ok=True)
         paths = []
-        for k in lower(graph, env).kernels:
+        for k in lower(graph, env, **LOWERING).kernels:
             path = os.path.join(directory, k.name + ".ll")
             with open(path, "w") as f:
                 f.write(f"; tensorc kernel {k.name} ({shapes})\n")
