@@ -328,3 +328,44 @@ def test_unsupported_quantization_is_one_line(op, attrs, inits, match):
     model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
     with pytest.raises(UnsupportedOpError, match=match):
         tx.from_model(model)
+
+
+# --- export: a tensorc graph with the quantization ops, run by ORT ---------------------
+
+def test_quantized_graph_exports_and_ort_agrees():
+    """Dynamic quantization written with tensorc's ops, exported: quant_params (u8, every
+    axis) -> DynamicQuantizeLinear, quantize -> QuantizeLinear (a per-column weight scale
+    as 1-D + axis), matmul_integer -> MatMulInteger, fake_quantize -> Quantize- and
+    DequantizeLinear, round -> Round; i8 per-row quant_params and an i32 dequantize are
+    local functions (their decompositions). ORT equals numpy bit for bit."""
+    rng = np.random.default_rng(3)
+    T = tensorc.TensorType
+    g = tensorc.Graph("qmlp")
+    x = g.add_input("x", T(("batch", 16), "f32"))
+    w = g.add_constant("w", rng.standard_normal((16, 8)).astype(np.float32))
+    ws = g.add_constant("ws", rng.uniform(0.01, 0.03, (1, 8)).astype(np.float32))
+    wz = g.add_constant("wz", np.zeros((1, 8), np.int8))
+    s, z = g.add_node("quant_params", [x])
+    xq = g.add("quantize", x, s, z)
+    wq = g.add("quantize", w, ws, wz)
+    acc = g.add("matmul_integer", xq, wq, g.add("reshape", z, shape=[]),
+                g.add("reshape", wz, shape=[8]))
+    y = g.add("dequantize", acc, g.add("mul", s, ws), g.add_constant("z32", np.zeros((1, 8),
+                                                                                     np.int32)))
+    fq = g.add("fake_quantize", x, s, z)
+    rs, rz = g.add_node("quant_params", [x], {"dtype": "i8", "axes": [1]})
+    rq = g.add("quantize", x, rs, rz)
+    r = g.add("round", g.add("mul", x, g.add_constant("three", np.float32(3))))
+    g.outputs += [xq, acc, y, fq, rq, r]
+    proto = tx.to_model(g)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "DequantizeLinear",
+            "Round", "quant_params", "dequantize"} <= ops, ops
+    for batch in (3, 5):
+        feeds = {"x": (rng.standard_normal((batch, 16)) * 2).astype(np.float32)}
+        want = get_backend("numpy").compile(g)(**feeds)
+        got = _ort(proto, feeds, optimize=True).values()
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
