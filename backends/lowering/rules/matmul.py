@@ -8,7 +8,7 @@ from tensorc.ir import TensorType
 
 from ... import kernel_ir as K
 from ..program import Buf, Call, NotLowerable, View
-from ..views import Access, Lazy, broadcast_to, reshape, transpose
+from ..views import Access, Lazy, broadcast_to, constant, reshape, transpose
 from .reduction import reduce_into, widened
 
 
@@ -101,6 +101,41 @@ def _written_after(lw, buf: Buf, call: Call) -> bool:
     return any(buf in s.writes() for s in after)
 
 
+def _matmul_integer(lw, node, ins, attrs):
+    """The target's integer GEMM (`lw.int8_gemm`) as a library call on batched views:
+    a [z, m, k], b [z, k, n], zero points a [z, m, 1] and b [z, 1, n] (zeros when absent),
+    out [z, m, n] i32. Without one, or for a vector operand or a zero point that varies
+    along k, the op runs its decomposition (i32 casts and a generated matmul kernel)."""
+    if not lw.int8_gemm:
+        raise NotLowerable("the target has no integer GEMM kernel")
+    a, b, za, zb = list(ins) + [None] * (4 - len(ins))
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise NotLowerable("matmul_integer of a vector operand")
+    if (za is not None and za.shape[-1:] not in ((), (1,))) or \
+            (zb is not None and len(zb.shape) >= 2 and zb.shape[-2] != 1):
+        raise NotLowerable("a zero point that varies along k")
+    t = node.outputs[0].type.concrete(lw.env)
+    batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    z = int(np.prod(batch))
+
+    def batched(x, dtype, tail):
+        x = x if x is not None else constant(np.zeros(tail, _NP[dtype]), dtype)
+        full = broadcast_to(x, batch + tail)
+        r = reshape(full, (z,) + tail)
+        return lw.view(r if r is not None else reshape(lw.materialize(full), (z,) + tail))
+    da, db = a.dtype, b.dtype
+    views = [batched(a, da, (m, k)), batched(b, db, (k, n)), batched(za, da, (m, 1)),
+             batched(zb, db, (1, n))]
+    out = lw.out_view(TensorType((z, m, n), "i32"))
+    lw.steps.append(Call("matmul_integer", {}, views, [out], where=node.where))
+    return [reshape(lw.of_view(out), t.shape)]
+
+
+_NP = {"u8": np.uint8, "i8": np.int8}
+
+
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "matmul": _matmul,
+    "matmul_integer": _matmul_integer,
 }
