@@ -369,3 +369,13 @@ def test_quantized_graph_exports_and_ort_agrees():
         for a, b in zip(got, want, strict=True):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+
+
+def test_conv_integer_with_a_huge_kernel_is_refused():
+    """One matmul per kernel offset: a 70x70 kernel would be 4,900 nodes."""
+    from tensorc.errors import UnsupportedOpError
+    model = _one_node("ConvInteger", [("x", TensorProto.UINT8, [1, 1, 70, 70])],
+                      {"w": np.ones((1, 1, 70, 70), np.uint8)},
+                      [("y", TensorProto.INT32, [1, 1, 1, 1])])
+    with pytest.raises(UnsupportedOpError, match="70x70 kernel in 1 groups is 4900 integer"):
+        tx.from_model(model)

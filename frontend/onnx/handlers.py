@@ -615,7 +615,8 @@ def _einsum(cx, n):
 # [1, .., N, .., 1] at import. Requantization (QLinearMatMul, QLinearConv) is what ONNX
 # Runtime computes: saturate(round_half_even(f32(acc) * (a_scale * b_scale / y_scale)) + y_zp).
 
-QUANT_ONNX = {"u8": "u8", "i8": "i8"}
+QUANT_DTYPES = ("u8", "i8")
+MAX_INT_CONV_TERMS = 4096   # kernel offsets x groups of an integer conv (one matmul each)
 
 
 def _elems(e: Entry) -> int | None:
@@ -646,7 +647,7 @@ def _block_size(n: OnnxNode):
 
 def _quant_dt(n: OnnxNode, e: Entry, what: str) -> str:
     dt = _dtype(e)
-    if dt not in QUANT_ONNX:
+    if dt not in QUANT_DTYPES:
         raise n.unsupported(f"{what} is {dt}: only u8 and i8 quantization is supported")
     return dt
 
@@ -815,6 +816,10 @@ def _int_conv(cx, n: OnnxNode, x: Entry, w: Entry, zx: Entry | None, zw: Entry |
     ow = (wp - (kw - 1) * dil[1] - 1) // strides[1] + 1
     if oh <= 0 or ow <= 0:
         raise ShapeError(f"{n.where}: kernel {list(ws)} is larger than the padded input")
+    if kh * kw * group > MAX_INT_CONV_TERMS:
+        raise n.unsupported(f"{kh}x{kw} kernel in {group} groups is {kh * kw * group} "
+                            f"integer matmuls, more than the {MAX_INT_CONV_TERMS} tensorc "
+                            "writes a ConvInteger as")
     og = o // group
     outs = []
     for g in range(group):

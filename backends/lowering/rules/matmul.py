@@ -118,6 +118,8 @@ def _matmul_integer(lw, node, ins, attrs):
     batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     (m, k), n = a.shape[-2:], b.shape[-1]
     z = int(np.prod(batch))
+    if 0 in (z, m, n) or z > 65535 or -(-m // 64) > 65535:   # CUDA's grid y/z limit
+        raise NotLowerable("an empty or too large matmul_integer for the kernel's grid")
 
     def batched(x, dtype, tail):
         x = x if x is not None else constant(np.zeros(tail, _NP[dtype]), dtype)
