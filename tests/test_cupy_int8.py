@@ -74,7 +74,7 @@ def test_int8_gemm_on_emulator_is_exact(module, z, m, k, n, da, db, zps):
 @needs_emulator
 def test_int8_gemm_wraps_like_the_reference(module):
     """Past 2**31 the i32 result wraps modulo 2**32, as the reference's int32 does."""
-    k = 4 * 16 * 2200   # 140800 * 255 * 128 * ... > 2**31 with the zero points below
+    k = 4 * 16 * 2200   # 140800 products of 255 * (-128 - 127): -9.2e9, past -2**31
     a = np.full((1, 1, k), 255, np.uint8)
     b = np.full((1, k, 1), -128, np.int8)
     za, zb = np.zeros((1, 1, 1), np.uint8), np.array([[[127]]], np.int8)
