@@ -3,7 +3,8 @@
 Float models (tensorc's exports of the zoo's tiny `gpt` and `bert`, and a small conv net
 built with onnx.helper) are quantized at test time by `onnxruntime.quantization`:
 `quantize_dynamic` (per tensor and per channel, QInt8 and QUInt8 weights) and
-`quantize_static` with a calibration reader (QDQ and QOperator formats). Then:
+`quantize_static` with a calibration reader (QDQ and QOperator formats, per tensor and
+per channel). Then:
 
 - every quantization node (QuantizeLinear, DynamicQuantizeLinear, MatMulInteger,
   ConvInteger, QLinearMatMul, QLinearConv, DequantizeLinear) fed the values ONNX Runtime
@@ -87,6 +88,7 @@ SCHEMES = {
     "static_qdq": dict(quant_format="QDQ"),
     "static_qdq_per_channel": dict(quant_format="QDQ", per_channel=True),
     "static_qoperator": dict(quant_format="QOperator"),
+    "static_qoperator_per_channel": dict(quant_format="QOperator", per_channel=True),
 }
 _CACHE: dict = {}
 
