@@ -169,3 +169,30 @@ def test_dynamically_quantized_models_on_emulator_match(tmp_path):
         one, node_feeds = tq._node_model(q, node, values)
         for o, x in zip([o for o in node.output if o], cupy(one, node_feeds), strict=True):
             np.testing.assert_array_equal(x, values[o], err_msg=f"{node.op_type} {o}")
+
+
+def _gpu_reason():
+    from tensorc.backends.cupy import unavailable_reason
+    return unavailable_reason()
+
+
+@pytest.mark.skipif(_gpu_reason() is not None, reason=f"GPU tests: {_gpu_reason()}")
+def test_gpu_matmul_integer_matches_numpy():
+    """On a real GPU (tools/gpu_check.sh runs tests named *gpu*): the __dp4a kernel,
+    inside the executable and its CUDA graph, equals numpy bit for bit, with a shape
+    of several tiles and a K that is not a multiple of 16."""
+    g, feeds = _graph()
+    big = tensorc.Graph("mi_big")
+    a = big.add_input("a", tensorc.TensorType((300, 200), "i8"))
+    b = big.add_constant("b", _rand((200, 130), np.int8))
+    zb = big.add_constant("zb", _rand((130,), np.int8))
+    big.outputs += [big.add("matmul_integer", a, b, big.add_constant(
+        "za", np.int8(-3)), zb)]
+    for graph, f in ((g, feeds), (big, {"a": _rand((300, 200), np.int8)})):
+        want = get_backend("numpy").compile(graph)(**f)
+        exe = get_backend("cupy").compile(graph)
+        for _ in range(2):   # eager, then the captured graph's replay
+            got = exe(**f)
+            for x, w in zip(got if isinstance(got, tuple) else (got,),
+                            want if isinstance(want, tuple) else (want,), strict=True):
+                np.testing.assert_array_equal(x, w)
