@@ -314,6 +314,51 @@ def test_per_axis_quantize_and_qlinear_matmul():
     _agree(mm, {"a": a})
 
 
+def _hand_cases():
+    """(id, model, feeds): attributes and parameter layouts the tools do not produce."""
+    r = np.random.default_rng(5)
+    U8, I8, I32, F = TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32, TensorProto.FLOAT
+    x = (r.standard_normal((4, 6)) * 50).astype(np.float32)
+    q = r.integers(-128, 128, (4, 6)).astype(np.int8)
+    yield "quantize-output_dtype", _one_node("QuantizeLinear", [("x", F, [4, 6])], {
+        "s": np.float32(0.3)}, [("y", I8, [4, 6])], output_dtype=I8), {"x": x}
+    yield "quantize-default-u8", _one_node("QuantizeLinear", [("x", F, [4, 6])], {
+        "s": np.float32(0.3)}, [("y", U8, [4, 6])]), {"x": x}
+    for axis, size in ((0, 4), (-1, 6)):
+        yield f"dequantize-axis{axis}", _one_node("DequantizeLinear", [("q", I8, [4, 6])], {
+            "s": r.uniform(0.01, 1, size).astype(np.float32),
+            "z": r.integers(-9, 9, size).astype(np.int8)}, [("y", F, [4, 6])], axis=axis), {"q": q}
+    yield "dequantize-int32", _one_node("DequantizeLinear", [("q", I32, [4, 6])], {
+        "s": np.float32(0.001)}, [("y", F, [4, 6])]), {
+        "q": r.integers(-10**6, 10**6, (4, 6)).astype(np.int32)}
+    yield "matmulinteger-nd-zero-point", _one_node("MatMulInteger", [("a", U8, [2, 3, 5])], {
+        "b": r.integers(0, 256, (2, 5, 4)).astype(np.uint8), "az": np.uint8(7),
+        "bz": r.integers(0, 256, (2, 1, 4)).astype(np.uint8)}, [("y", I32, [2, 3, 4])]), {
+        "a": r.integers(0, 256, (2, 3, 5)).astype(np.uint8)}
+    yield "matmulinteger-s8-no-zero-points", _one_node("MatMulInteger", [("a", I8, [3, 5])], {
+        "b": r.integers(-128, 128, (5, 4)).astype(np.int8)}, [("y", I32, [3, 4])]), {
+        "a": r.integers(-128, 128, (3, 5)).astype(np.int8)}
+    inits = {"xs": np.float32(0.02), "xz": np.uint8(120),
+             "w": r.integers(-128, 128, (4, 3, 3, 3)).astype(np.int8),
+             "ws": r.uniform(0.001, 0.01, 4).astype(np.float32), "wz": np.zeros(4, np.int8),
+             "ys": np.float32(0.05), "yz": np.uint8(128),
+             "B": r.integers(-5000, 5000, 4).astype(np.int32)}
+    xq = {"x": r.integers(0, 256, (1, 3, 7, 7)).astype(np.uint8)}
+    yield "qlinearconv-bias-per-channel", _one_node(
+        "QLinearConv", [("x", U8, [1, 3, 7, 7])], inits, [("y", U8, None)],
+        pads=[1, 1, 1, 1], strides=[2, 2]), xq
+    inits = {k: v for k, v in inits.items() if k != "B"}
+    inits["ws"], inits["wz"] = np.float32(0.004), np.int8(0)
+    yield "qlinearconv-same-upper", _one_node(
+        "QLinearConv", [("x", U8, [1, 3, 7, 7])], inits, [("y", U8, None)],
+        auto_pad="SAME_UPPER", strides=[2, 2]), xq
+
+
+@pytest.mark.parametrize("model,feeds", [pytest.param(m, f, id=i) for i, m, f in _hand_cases()])
+def test_hand_made_cases_match_ort(model, feeds):
+    _agree(model, feeds)
+
+
 @pytest.mark.parametrize("op,attrs,inits,match", [
     ("QuantizeLinear", {"block_size": 2}, {"s": np.ones((2, 2), np.float32)},
      "blocked quantization"),

@@ -729,6 +729,9 @@ def _mm_zero_points(cx, n: OnnxNode, a: Entry, b: Entry, za: Entry | None,
         rank = len(_shape(x))
         if rank == 1 and len(_shape(z)) == 1 and _shape(z)[0] != 1:
             raise n.unsupported(f"{what}: a per-row zero point of a 1-D operand")
+        if len(_shape(z)) >= 2:   # N-D ([..., M, 1] or [..., 1, N]): broadcasts as it is
+            out.append(z)
+            continue
         out.append(_per_axis(cx, n, z, rank, axis % rank, what))
     return out
 
