@@ -338,6 +338,15 @@ def _hand_cases():
     yield "matmulinteger-s8-no-zero-points", _one_node("MatMulInteger", [("a", I8, [3, 5])], {
         "b": r.integers(-128, 128, (5, 4)).astype(np.int8)}, [("y", I32, [3, 4])]), {
         "a": r.integers(-128, 128, (3, 5)).astype(np.int8)}
+    mm = {"sa": np.float32(0.03), "za": np.uint8(130),
+          "b": r.integers(-128, 128, (2, 5, 4)).astype(np.int8),
+          "sb": r.uniform(0.01, 0.05, (2, 1, 4)).astype(np.float32),
+          "zb": np.zeros((2, 1, 4), np.int8), "sy": np.float32(0.2), "zy": np.uint8(100)}
+    model = _one_node("QLinearMatMul", [("a", U8, [2, 3, 5])], {}, [("y", U8, None)])
+    model.graph.node[0].input[:] = ["a", "sa", "za", "b", "sb", "zb", "sy", "zy"]
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in mm.items())
+    yield "qlinearmatmul-nd-per-column", model, {
+        "a": r.integers(0, 256, (2, 3, 5)).astype(np.uint8)}
     inits = {"xs": np.float32(0.02), "xz": np.uint8(120),
              "w": r.integers(-128, 128, (4, 3, 3, 3)).astype(np.int8),
              "ws": r.uniform(0.001, 0.01, 4).astype(np.float32), "wz": np.zeros(4, np.int8),

@@ -877,7 +877,8 @@ def _qlinear_matmul(cx, n):
 
 def _mm_zero_points_scale(cx, n, a, b, sa, sb):
     """MatMul scales placed like their zero points (A per row, B per column)."""
-    return [_per_axis(cx, n, s, len(_shape(x)), axis % len(_shape(x)), w)
+    return [s if len(_shape(s)) >= 2 else
+            _per_axis(cx, n, s, len(_shape(x)), axis % len(_shape(x)), w)
             for x, s, axis, w in ((a, sa, -2, "a_scale"), (b, sb, -1, "b_scale"))]
 
 
