@@ -37,6 +37,9 @@ XFAIL = {
                                                 "batch_dims > 0"),
     r"test_identity_(opt|sequence)": (UnsupportedOpError, "optional and sequence values are "
                                       "not tensors"),
+    r"test_(de)?quantizelinear_blocked": (UnsupportedOpError, "blocked quantization "
+                                          "(block_size > 0): tensorc's parameters are per "
+                                          "tensor or per axis"),
     r"test_tensorscatter_circular": (UnsupportedOpError, "TensorScatter in circular mode (a "
                                      "ring buffer): tensorc's caches are linear"),
 }

@@ -94,6 +94,9 @@ def test_quantized_gpt_is_close_to_fp32_and_llvm_matches_numpy(gpt_tiny, spec):
     got = exe(**loaded.inputs)
     assert rel(got, ref) < 1e-4
     assert not exe.stats()["fallbacks"]
+    # again on other tokens: nothing the first call computed (a scale, a zero point) is kept
+    ids = np.random.default_rng(1).integers(0, 97, loaded.inputs["input_ids"].shape)
+    assert rel(exe(input_ids=ids), run(g, "numpy", {"input_ids": ids})[0]) < 1e-4
 
 
 def test_qdq_simulates_the_integer_graph(gpt_tiny):

@@ -11,9 +11,10 @@ by source hash); float32 matmuls are cuBLAS strided-batched GEMMs planned once p
 Program on the views as they lie (`gemm.py`; called through ctypes, since cupy's
 cuBLAS wrappers refuse to run during a CUDA-graph capture), and the bias /
 activation / residual after one a generated kernel; `attention` calls run the
-flash-attention kernel of `kernels.py`; the few steps without a GPU lowering run
-their numpy reference on the host. Device memory is one arena per Program from
-cupy's pool, laid out by the Program's liveness plan. Each Program's launch
+flash-attention kernel of `kernels.py`, `matmul_integer` its __dp4a integer GEMM;
+the few steps without a GPU lowering run their numpy reference on the host. Device
+memory is one arena per Program from cupy's pool, laid out by the Program's liveness
+plan. Each Program's launch
 sequence is captured once in a CUDA graph and replayed (unless it has host steps).
 
 Precision: float32 matmuls use full fp32 (TF32 off) so results match numpy at
@@ -49,7 +50,8 @@ from .cuda_codegen import render_kernel
 PRECISIONS = ("fp32", "tf32", "fp16")
 # cuBLAS cannot apply a bias, activation or residual: those stay generated kernels
 # (rendered from the same kernel IR, with the shared gelu maths) after the GEMM.
-LOWERING = {"gemm_epilogues": False, "grad_kernels": False}
+# `matmul_integer` is the hand-written __dp4a kernel (kernels.py).
+LOWERING = {"gemm_epilogues": False, "grad_kernels": False, "int8_gemm": "batched"}
 
 
 def unavailable_reason() -> str | None:
@@ -357,6 +359,11 @@ class _Prepared:
             if step.epilogue:   # lowered with gemm_epilogues=False: never, unless a bug
                 raise TensorcError(f"{step.where}: a GEMM epilogue reached the cupy backend")
             return rt.bind_matmul(*ins, outs[0], self.precision)
+        if not _runs_on_host(step) and step.op == "matmul_integer":
+            launch = lib.matmul_integer_launch(*ins, outs[0])
+            fn = self.fns[launch.kernel.name]
+            return lambda: rt.launch(fn, launch.kernel.params, launch.grid, launch.block,
+                                     launch.args)
         if not _runs_on_host(step):   # attention
             launch = lib.attention_launch(*ins[:3], outs[0], ins[3] if len(ins) > 3 else None,
                                           **step.attrs)
@@ -406,7 +413,7 @@ def _runs_on_host(step) -> bool:
     """Steps done by the numpy reference on the host (they cannot be in a CUDA graph)."""
     if not isinstance(step, L.Call):
         return False
-    return step.fallback or not (step.op == "matmul" or
+    return step.fallback or not (step.op in ("matmul", "matmul_integer") or
                                  step.op == "attention" and _flash_fits(step))
 
 
@@ -429,6 +436,9 @@ def library_kernels(program: L.Program) -> dict[str, lib.LibraryKernel]:
     for s in program.steps:
         if isinstance(s, L.Call) and s.op == "attention" and _flash_fits(s):
             k = lib.flash_attention_kernel(s.inputs[0].shape[3], s.inputs[2].shape[3])
+            out[k.name] = k
+        if isinstance(s, L.Call) and s.op == "matmul_integer" and not s.fallback:
+            k = lib.matmul_integer_kernel()
             out[k.name] = k
     return out
 

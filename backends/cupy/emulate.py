@@ -85,6 +85,17 @@ inline double __longlong_as_double(unsigned long long x) {
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __expf(float x) { return expf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+// __dp4a (sm_61+): four byte products added to c, modulo 2**32 like the hardware
+inline int __dp4a(int a, int b, int c) {
+    unsigned acc = (unsigned)c;
+    for (int i = 0; i < 4; ++i)
+        acc += (unsigned)((int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i)));
+    return (int)acc;
+}
+inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+    for (int i = 0; i < 4; ++i) c += ((a >> (8 * i)) & 0xffu) * ((b >> (8 * i)) & 0xffu);
+    return c;
+}
 
 // Threads that never synchronise run one after another on the calling thread.
 template <class... A>

@@ -1,5 +1,6 @@
-"""The hand-written CUDA library kernel: flash attention. Everything else the GPU runs
-is cuBLAS or generated from the kernel IR (`cuda_codegen.py`).
+"""The hand-written CUDA library kernels: flash attention, and the 8-bit integer GEMM
+(`matmul_integer`, with `__dp4a`). Everything else the GPU runs is cuBLAS or generated
+from the kernel IR (`cuda_codegen.py`).
 
 The kernel is CUDA C without any #include, so the same text compiles under NVRTC
 (what `cupy.RawModule` uses) and standalone under nvcc. It needs compile-time head
@@ -218,7 +219,7 @@ def all_library_kernels() -> list[LibraryKernel]:
     edge cases (head dims that are not a multiple of 32, the largest supported)."""
     dims = [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (64, 32),
             (6, 80)]
-    return [flash_attention_kernel(d, dv) for d, dv in dims]
+    return [flash_attention_kernel(d, dv) for d, dv in dims] + [matmul_integer_kernel()]
 
 
 # --- launch helpers ----------------------------------------------------------------
@@ -267,3 +268,125 @@ def attention_launch(q, k, v, o, mask=None, *, scale: float = 1.0, causal: bool 
                   (q, k, v, o, mask if is_bool else None,
                    None if is_bool else mask, *strides, *m_strides,
                    h, h // hk, t, s, int(causal), 0, scale, mask_value))
+
+
+
+# --- matmul_integer: u8/s8 operands, i32 accumulation with __dp4a (sm_61+) ------------
+# C[z, m, n] = sum_k (A[z, m, k] - za[z, m]) * (B[z, k, n] - zb[z, n]), wrapping modulo
+# 2**32 like the reference's int32 result. Every operand byte is read as a signed byte:
+# an unsigned one has 128 taken off (byte ^ 0x80), and so has its zero point, which
+# leaves each difference unchanged. With a' = a - 128*ua and za' likewise,
+#     sum_k (a' - za')(b' - zb') = sum a'b' - zb' sum a' - za' sum b' + K za' zb',
+# where sum a'b' is __dp4a on four packed bytes at a time and the row / column sums are
+# __dp4a against 0x01010101. Bytes past K are packed as 0, adding nothing to any sum.
+# A block of 16x16 threads owns a 64x64 tile of C, each thread a 4x4 of it (rows
+# ty + 16i, columns tx + 16j); per step of 16 bytes of K the block packs one 32-bit
+# word of A and of B per thread into shared memory. Operands are read through element
+# strides (any layout; a zero point has stride 0 where it broadcasts).
+MATMUL_INTEGER = r"""
+#ifndef TC_MATMUL_INTEGER
+#define TC_MATMUL_INTEGER
+#define MI_TILE 64
+#define MI_WORDS 4                       // 32-bit words of K per step: 16 bytes
+
+extern "C" __global__ void __launch_bounds__(256)
+tc_matmul_integer(const unsigned char* a, const unsigned char* b,
+                  const unsigned char* za, const unsigned char* zb, int* c,
+                  tc_i64 a_sz, tc_i64 a_sm, tc_i64 a_sk, tc_i64 b_sz, tc_i64 b_sk,
+                  tc_i64 b_sn, tc_i64 za_sz, tc_i64 za_sm, tc_i64 zb_sz, tc_i64 zb_sn,
+                  tc_i64 c_sz, tc_i64 c_sm, tc_i64 c_sn, int m, int n, int k,
+                  int a_unsigned, int b_unsigned) {
+    __shared__ int a_s[MI_WORDS][MI_TILE];   // word w of row r: bytes k0+4w .. k0+4w+3
+    __shared__ int b_s[MI_WORDS][MI_TILE];   // word w of column c
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int m0 = blockIdx.y * MI_TILE, n0 = blockIdx.x * MI_TILE, z = blockIdx.z;
+    const unsigned fa = a_unsigned ? 0x80u : 0u, fb = b_unsigned ? 0x80u : 0u;
+    const unsigned char* ap = a + z * a_sz;
+    const unsigned char* bp = b + z * b_sz;
+    int dot[4][4], row_sum[4], col_sum[4];
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) {
+        row_sum[i] = 0;
+        col_sum[i] = 0;
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) dot[i][j] = 0;
+    }
+    const int lr = threadIdx.x / MI_WORDS, lw = threadIdx.x % MI_WORDS;   // what to pack
+    for (int k0 = 0; k0 < k; k0 += 4 * MI_WORDS) {
+        unsigned wa = 0u, wb = 0u;
+        _Pragma("unroll") for (int byte = 0; byte < 4; ++byte) {
+            const int kk = k0 + 4 * lw + byte, i = m0 + lr, j = n0 + lr;
+            if (kk < k && i < m) wa |= ((unsigned)ap[i * a_sm + kk * a_sk] ^ fa) << (8 * byte);
+            if (kk < k && j < n) wb |= ((unsigned)bp[kk * b_sk + j * b_sn] ^ fb) << (8 * byte);
+        }
+        a_s[lw][lr] = (int)wa;
+        b_s[lw][lr] = (int)wb;
+        __syncthreads();
+        _Pragma("unroll") for (int w = 0; w < MI_WORDS; ++w) {
+            int av[4], bv[4];
+            _Pragma("unroll") for (int i = 0; i < 4; ++i) {
+                av[i] = a_s[w][ty + 16 * i];
+                bv[i] = b_s[w][tx + 16 * i];
+                row_sum[i] = __dp4a(av[i], 0x01010101, row_sum[i]);
+                col_sum[i] = __dp4a(bv[i], 0x01010101, col_sum[i]);
+            }
+            _Pragma("unroll") for (int i = 0; i < 4; ++i)
+                _Pragma("unroll") for (int j = 0; j < 4; ++j)
+                    dot[i][j] = __dp4a(av[i], bv[j], dot[i][j]);
+        }
+        __syncthreads();
+    }
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) {
+        const int row = m0 + ty + 16 * i;
+        if (row >= m) continue;
+        const unsigned zai = (unsigned)(int)(signed char)(
+            (za ? (unsigned)za[z * za_sz + row * za_sm] : 0u) ^ fa);
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) {
+            const int col = n0 + tx + 16 * j;
+            if (col >= n) continue;
+            const unsigned zbj = (unsigned)(int)(signed char)(
+                (zb ? (unsigned)zb[z * zb_sz + col * zb_sn] : 0u) ^ fb);
+            const unsigned acc = (unsigned)dot[i][j] - zbj * (unsigned)row_sum[i]
+                - zai * (unsigned)col_sum[j] + (unsigned)k * zai * zbj;   // modulo 2**32
+            c[z * c_sz + row * c_sm + col * c_sn] = (int)acc;
+        }
+    }
+}
+#endif
+"""
+
+MATMUL_INTEGER_PARAMS = (
+    [("const unsigned char*", n) for n in ("a", "b", "za", "zb")] + [("int*", "c")]
+    + [("tc_i64", n) for n in ("a_sz", "a_sm", "a_sk", "b_sz", "b_sk", "b_sn", "za_sz",
+                               "za_sm", "zb_sz", "zb_sn", "c_sz", "c_sm", "c_sn")]
+    + [("int", n) for n in ("m", "n", "k", "a_unsigned", "b_unsigned")])
+MI_TILE = 64
+
+
+def matmul_integer_kernel() -> LibraryKernel:
+    return LibraryKernel("tc_matmul_integer", PRELUDE + MATMUL_INTEGER,
+                         tuple(MATMUL_INTEGER_PARAMS))
+
+
+def matmul_integer_launch(a, b, za, zb, c) -> Launch:
+    """a [z, m, k], b [z, k, n] (u8 or i8), za [z, m, 1] and zb [z, 1, n] of their
+    operand's dtype (stride 0 where they broadcast; None for 0), c [z, m, n] int32."""
+    z, m, k = (int(d) for d in a.shape)
+    n = int(b.shape[2])
+    if tuple(b.shape) != (z, k, n) or tuple(c.shape) != (z, m, n):
+        raise ValueError(f"matmul_integer kernel: shapes a {a.shape}, b {b.shape}, "
+                         f"c {c.shape} do not fit")
+    if max(z, -(-m // MI_TILE)) > MAX_GRID_Y:
+        raise ValueError(f"matmul_integer kernel: batch {z} or rows {m} too many")
+    kinds = {np.dtype(np.uint8): 1, np.dtype(np.int8): 0}
+    sa, sb, sc = (_strides(x) for x in (a, b, c))
+    sza = _strides(za) if za is not None else [0, 0, 0]
+    szb = _strides(zb) if zb is not None else [0, 0, 0]
+    return Launch(matmul_integer_kernel(), (-(-n // MI_TILE), -(-m // MI_TILE), z),
+                  (256, 1, 1),
+                  (a, b, za, zb, c, sa[0], sa[1], sa[2], sb[0], sb[1], sb[2],
+                   sza[0], sza[1], szb[0], szb[2], sc[0], sc[1], sc[2], m, n, k,
+                   kinds[np.dtype(a.dtype)], kinds[np.dtype(b.dtype)]))
+
+
+def _strides(x) -> list[int]:
+    """Element strides, 0 on a size-1 dim."""
+    return [0 if d == 1 else s // x.itemsize for d, s in zip(x.shape, x.strides, strict=True)]

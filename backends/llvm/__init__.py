@@ -20,7 +20,7 @@ from ..lowering import Program, lower
 
 # What this target's library has: the integer GEMM (qgemm.py) takes quantized matmuls
 # and their dequantize epilogue.
-LOWERING = {"int8_gemm": True}
+LOWERING = {"int8_gemm": "weights"}
 
 
 class LLVMExecutable(Executable):

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class Lowering:
     def __init__(self, graph: Graph, env: dict[str, int], region: bool = False,
                  gemm_epilogues: bool = True, grad_kernels: bool = True,
-                 int8_gemm: bool = False):
+                 int8_gemm: str | None = None):
         self.graph, self.env, self.region = graph, env, region and gemm_epilogues
         self.gemm_epilogues, self.grad_kernels = gemm_epilogues, grad_kernels
         self.int8_gemm = int8_gemm
@@ -219,14 +219,16 @@ class Lowering:
 
 
 def lower(graph: Graph, env: dict[str, int] | None = None, gemm_epilogues: bool = True,
-          grad_kernels: bool = True, int8_gemm: bool = False) -> Program:
+          grad_kernels: bool = True, int8_gemm: str | None = None) -> Program:
     """The Program for `graph` with its symbolic dims bound by `env`. `gemm_epilogues`:
     the target's GEMM applies a fuse-epilogues region's bias, activation and residual
     itself (llvm); without, they are a generated kernel after it (cupy: cuBLAS cannot).
     `grad_kernels`: the target has a fused attention backward (llvm), else
-    `attention_grad` runs its decomposition. `int8_gemm`: the target has a u8 x i8 GEMM
-    with a dequantize epilogue (llvm), else `matmul_integer` runs its decomposition
-    (a generated i32 kernel). Reference fallbacks are a warning (logged
+    `attention_grad` runs its decomposition. `int8_gemm`: what the target's integer GEMM
+    takes: "weights" (llvm: u8 rows times a constant i8 weight, with the dequantize as
+    its epilogue), "batched" (cupy's `__dp4a` kernel: any u8/i8 operands, i32 out), or
+    None: `matmul_integer` runs its decomposition (a generated i32 matmul of the widened
+    operands). Reference fallbacks are a warning (logged
     once per Program), or an error in strict mode."""
     program = Lowering(graph, env or {}, gemm_epilogues=gemm_epilogues,
                        grad_kernels=grad_kernels, int8_gemm=int8_gemm).run()
@@ -248,7 +250,7 @@ def strict() -> bool:
 
 def planned_memory(graph: Graph, env: dict[str, int] | None = None,
                    gemm_epilogues: bool = True, grad_kernels: bool = True,
-                   int8_gemm: bool = False) -> dict:
+                   int8_gemm: str | None = None) -> dict:
     """Arena size (planned, with buffer reuse) and the peak of live bytes, for inspect."""
     p = lower(graph, env, gemm_epilogues, grad_kernels, int8_gemm)
     return {"arena_bytes": p.arena_bytes, "live_peak_bytes": p.live_peak_bytes}

@@ -342,6 +342,85 @@ def _conv2d(sc, node, ins, outs):
             strides=a["strides"], pads=a["pads"], dilations=a["dilations"], group=a["group"])
 
 
+# --- quantization: QDQ, MatMulInteger, DynamicQuantizeLinear ----------------------------
+# The IR's scale and zero point broadcast against the tensor; ONNX's are a scalar (per
+# tensor) or 1-D along `axis`. A parameter with one non-1 dim is written as 1-D + axis, an
+# all-ones one as a scalar; any other shape (ONNX has no general broadcast here) is the
+# op's decomposition, a local function, as for composite ops.
+
+def _param_axis(x: TensorType, p: TensorType):
+    """(axis, per_axis) for parameter type `p` against `x`: axis None for per tensor;
+    None overall if ONNX cannot say it."""
+    big = [i for i, d in enumerate(p.shape) if d != 1]
+    if not big:
+        return None, False
+    if len(big) > 1:
+        return None
+    return big[0] + x.rank - p.rank, True
+
+
+def _param(sc: _Scope, name: str, p: TensorType, per_axis: bool) -> str:
+    """A broadcast parameter as ONNX's scalar or 1-D tensor."""
+    if p.rank == (1 if per_axis else 0):
+        return name
+    return sc.node("Reshape", [name, sc.ints([-1] if per_axis else [])])[0]
+
+
+def _qdq(sc: _Scope, node: Node, ins, outs, kinds) -> None:
+    """`kinds` ("QuantizeLinear" and/or "DequantizeLinear") on x with the node's scale and
+    zero point; the decomposition where ONNX cannot hold the parameters."""
+    x, s, _ = node.inputs
+    where = _param_axis(x.type, s.type)
+    if where is None or x.type.dtype == "i32":   # ONNX's int32 zero point must be 0
+        return _composite(sc, node, ins, outs)
+    axis, per_axis = where
+    scale, zp = (_param(sc, n, s.type, per_axis) for n in ins[1:])
+    cur = ins[0]
+    for k, kind in enumerate(kinds):
+        cur = sc.node(kind, [cur, scale, zp], outputs=outs if k == len(kinds) - 1 else None,
+                      axis=axis if per_axis else None)[0]
+
+
+def _quantize(sc, node, ins, outs):
+    _qdq(sc, node, ins, outs, ["QuantizeLinear"])
+
+
+def _dequantize(sc, node, ins, outs):
+    _qdq(sc, node, ins, outs, ["DequantizeLinear"])
+
+
+def _fake_quantize(sc, node, ins, outs):
+    _qdq(sc, node, ins, outs, ["QuantizeLinear", "DequantizeLinear"])
+
+
+def _matmul_integer(sc, node, ins, outs):
+    """MatMulInteger: A's zero point per tensor (ONNX Runtime takes no other), B's per
+    tensor or per column ([N]); anything else is the decomposition."""
+    a, b, *zps = node.inputs
+    args = ins[:2]
+    for k, (x, z) in enumerate(zip((a, b), zps, strict=False)):
+        where = _param_axis(x.type, z.type)
+        if where is None or (where[1] and (k == 0 or x.type.rank < 2 or
+                                           where[0] != x.type.rank - 1)):
+            return _composite(sc, node, ins, outs)
+        args.append(_param(sc, ins[2 + k], z.type, where[1]))
+    sc.node("MatMulInteger", args, outputs=outs)
+
+
+def _quant_params(sc, node, ins, outs):
+    """u8 over every axis is DynamicQuantizeLinear's scale and zero point (its quantized
+    output unused); other axes and i8 are the decomposition."""
+    (x,) = node.inputs
+    axes = node.attrs["axes"]
+    if node.attrs["dtype"] != "u8" or (
+            axes is not None and {a % x.type.rank for a in axes} != set(range(x.type.rank))):
+        return _composite(sc, node, ins, outs)
+    _, scale, zp = sc.node("DynamicQuantizeLinear", ins, n_out=3)
+    ones = sc.ints([1] * x.type.rank)
+    for src, out in zip((scale, zp), outs, strict=True):
+        sc.node("Reshape", [src, ones], outputs=[out])
+
+
 EXPORTERS: dict[str, Exporter] = {
     **{op: _same(t) for op, t in {
         "neg": "Neg", "abs": "Abs", "exp": "Exp", "log": "Log", "sqrt": "Sqrt",
@@ -362,4 +441,6 @@ EXPORTERS: dict[str, Exporter] = {
     "reduce_max": _axes_input("ReduceMax"), "reduce_min": _axes_input("ReduceMin"),
     "argmax": _argmax, "softmax": _axis("Softmax"), "log_softmax": _axis("LogSoftmax"),
     "layer_norm": _layer_norm, "conv2d": _conv2d, "tensor_scatter": _tensor_scatter,
+    "quantize": _quantize, "dequantize": _dequantize, "fake_quantize": _fake_quantize,
+    "matmul_integer": _matmul_integer, "quant_params": _quant_params,
 }

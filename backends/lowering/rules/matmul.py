@@ -10,7 +10,7 @@ from tensorc.ir import TensorType
 
 from ... import kernel_ir as K
 from ..program import Buf, Call, NotLowerable, View
-from ..views import Access, Lazy, broadcast_to, reshape, transpose
+from ..views import Access, Lazy, broadcast_to, constant, reshape, transpose
 from .reduction import reduce_into, widened
 
 
@@ -41,14 +41,17 @@ def _matmul(lw, node, ins, attrs):
     return [reshape(lw.of_view(out), t.shape)]
 
 def _matmul_integer(lw, node, ins, attrs):
-    """u8 activations times a constant 2-D i8 weight on the target's integer GEMM. Inside
+    """The target's integer GEMM (`lw.int8_gemm`): "batched" takes any u8/i8 operands
+    (cupy, below); "weights" u8 activations times a constant 2-D i8 weight (llvm). Inside
     a fuse-epilogues region the dequantize after it (cast to f32, times the row scale,
     times the column scale: `passes/gemm.py` `_dequantize_chain`) and then bias,
     activation and residual become its epilogue, so the i32 accumulators never reach
     memory. Anything else (other types, a weight zero point) runs the decomposition."""
-    a, b, *zps = ins
-    if not lw.int8_gemm:
+    if lw.int8_gemm == "batched":
+        return _matmul_integer_batched(lw, node, ins)
+    if lw.int8_gemm != "weights":
         raise NotLowerable("no integer GEMM on this target")
+    a, b, *zps = ins
     if a.dtype != "u8" or b.dtype != "i8" or len(b.shape) != 2 or len(a.shape) < 2 \
             or not (isinstance(b.expr, Access) and b.expr.buf.kind == "const") or len(zps) > 1:
         raise NotLowerable("the integer GEMM takes u8 activations and a constant 2-D i8 "
@@ -76,9 +79,11 @@ def _matmul_integer(lw, node, ins, attrs):
 
 
 def _per_row(lw, x: Lazy, lead, rows: int) -> View:
-    """A per-row parameter ([..., M, 1], or rank 0 for all rows) as a [rows] view."""
-    x = reshape(broadcast_to(x, tuple(lead) + (1,)), (rows,))
-    return lw.view(x)
+    """A per-row parameter ([..., M, 1]) as a [rows] view; one for all rows (per tensor)
+    as a [1] view, which the GEMM reads for every row."""
+    if math.prod(x.shape) == 1:
+        return lw.view(reshape(x, (1,)))
+    return lw.view(reshape(broadcast_to(x, tuple(lead) + (1,)), (rows,)))
 
 
 def _dequantize_chain(lw, node) -> list | None:
@@ -156,6 +161,39 @@ def _written_after(lw, buf: Buf, call: Call) -> bool:
     """Whether a step after `call` writes `buf` (then it is not ready when the GEMM runs)."""
     after = lw.steps[lw.steps.index(call) + 1:]
     return any(buf in s.writes() for s in after)
+
+
+def _matmul_integer_batched(lw, node, ins):
+    """cupy's integer GEMM (`__dp4a`) on batched views: a [z, m, k], b [z, k, n], zero
+    points a [z, m, 1] and b [z, 1, n] (zeros when absent), out [z, m, n] i32. A vector
+    operand or a zero point that varies along k runs the decomposition."""
+    a, b, za, zb = list(ins) + [None] * (4 - len(ins))
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise NotLowerable("matmul_integer of a vector operand")
+    if (za is not None and za.shape[-1:] not in ((), (1,))) or \
+            (zb is not None and len(zb.shape) >= 2 and zb.shape[-2] != 1):
+        raise NotLowerable("a zero point that varies along k")
+    t = node.outputs[0].type.concrete(lw.env)
+    batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    z = int(np.prod(batch))
+    if 0 in (z, m, n) or z > 65535 or -(-m // 64) > 65535:   # CUDA's grid y/z limit
+        raise NotLowerable("an empty or too large matmul_integer for the kernel's grid")
+
+    def batched(x, dtype, tail):
+        x = x if x is not None else constant(np.zeros(tail, _NP[dtype]), dtype)
+        full = broadcast_to(x, batch + tail)
+        r = reshape(full, (z,) + tail)
+        return lw.view(r if r is not None else reshape(lw.materialize(full), (z,) + tail))
+    da, db = a.dtype, b.dtype
+    views = [batched(a, da, (m, k)), batched(b, db, (k, n)), batched(za, da, (m, 1)),
+             batched(zb, db, (1, n))]
+    out = lw.out_view(TensorType((z, m, n), "i32"))
+    lw.steps.append(Call("matmul_integer", {}, views, [out], where=node.where))
+    return [reshape(lw.of_view(out), t.shape)]
+
+
+_NP = {"u8": np.uint8, "i8": np.int8}
 
 
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
