@@ -1,7 +1,8 @@
 """Quantization: matmuls by weights computed in 8-bit integers (the `quantize` pass).
 
 `quantize:mode=dynamic|static|qdq:weights=per_channel|per_tensor:activations=u8|s8:
-act_scale=row|tensor:calib=minmax|percentile|entropy:skip=NAME+NAME:head=0|1:data=FILE`
+act_scale=row|tensor:calib=minmax|percentile|entropy:skip=NAME+NAME:head=0|1:
+embeddings=1|0:data=FILE`
 
 Every matmul `x @ W` by a constant 2-D f32 weight becomes, with W quantized ahead of
 time to i8 (symmetric, a scale per output column or one per tensor):
@@ -17,7 +18,10 @@ time to i8 (symmetric, a scale per output column or one per tensor):
              quantization-aware training differentiates through this form)
 
 Layer norm, softmax and attention stay float; so does the logits head (a matmul whose
-result, through a bias, reshape or cast, is a graph output) unless `head=1`. `skip` names
+result, through a bias, reshape or cast, is a graph output) unless `head=1`. An
+embedding table that only lookups read in float then (a tied one once the head is
+quantized too: the head reads the same int8 table) becomes int8 with a scale per row
+(`embeddings=0` keeps it). `skip` names
 matmuls to leave in float by a part of their weight's or result's name. A graph at O2
 has its regions opened first and fused again after (`fuse-epilogues` makes the integer
 matmul and its dequantize + bias + activation + residual one region: on llvm one GEMM).
@@ -98,7 +102,8 @@ def weight_qparams(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.nda
 @graph_pass("quantize")
 def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
              activations: str = "u8", act_scale: str = "row", calib: str = "minmax",
-             skip: str = "", head: bool = False, data=None, percentile: float = 99.99):
+             skip: str = "", head: bool = False, embeddings: bool = True, data=None,
+             percentile: float = 99.99):
     _choice("mode", mode, MODES)
     _choice("weights", weights, ("per_channel", "per_tensor"))
     _choice("activations", activations, tuple(_ACT_DTYPE))
@@ -123,6 +128,9 @@ def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
         _rewrite(g, node, mode, weights == "per_channel", adt,
                  None if act_scale == "tensor" else (-1,), ranges.get(node.inputs[0]))
     dce(g)
+    if embeddings and mode != "qdq":
+        quantize_tables(g)
+        dce(g)
     if regions:
         from .fusion import fuse_regions
         from .gemm import fuse_epilogues
@@ -153,9 +161,7 @@ def _rewrite(g: Graph, node, mode: str, per_channel: bool, adt: str, axes, lohi)
             wf = g.add("fake_quantize", w, wsv, wz)
         y = g.add("matmul", xq, wf)
     else:
-        wq, ws = weight_qparams(_data(w), per_channel)
-        wqv = g.add_constant(g.fresh_name(name + ".q"), wq)
-        wsv = g.add_constant(g.fresh_name(name + ".scale"), ws)
+        wqv, wsv = _int8_weight(g, w, per_channel)
         xq = g.add("quantize", x, s, z)
         zps = [z] if adt == "u8" else []   # symmetric i8 activations have zero point 0
         acc = g.add("matmul_integer", xq, wqv, *zps)
@@ -165,6 +171,54 @@ def _rewrite(g: Graph, node, mode: str, per_channel: bool, adt: str, axes, lohi)
     at = g.nodes.index(node)
     g.nodes[at:at] = new
     replace_keeping_name(g, node.outputs[0], y)
+
+
+def _int8_weight(g: Graph, w: Value, per_channel: bool) -> tuple[Value, Value]:
+    """The i8 weight (a constant, or the transpose of one: then the table the embedding
+    gather reads too, quantized per row, so one int8 copy serves both) and its scale."""
+    table = _transposed(w)
+    if table is None:
+        wq, ws = weight_qparams(w.data, per_channel)
+        return (g.add_constant(g.fresh_name(w.name + ".q"), wq),
+                g.add_constant(g.fresh_name(w.name + ".scale"), ws))
+    q, scale = int8_table(g, table, per_channel)
+    return g.add("transpose", q, perm=(1, 0)), scale
+
+
+def int8_table(g: Graph, table: Value, per_row: bool = True) -> tuple[Value, Value]:
+    """A [V, D] constant as i8 with a scale per row ([V]; or one, rank 0), made once."""
+    key = table.name + (".q" if per_row else ".qt")
+    if key not in g.constants:
+        wq, ws = weight_qparams(np.ascontiguousarray(table.data.T), per_row)
+        g.add_constant(key, np.ascontiguousarray(wq.T))
+        g.add_constant(key + ".scale", ws)
+    return g.constants[key], g.constants[key + ".scale"]
+
+
+def quantize_tables(g: Graph) -> None:
+    """Embedding lookups `gather(T, ids)` from a constant f32 table that nothing else
+    reads in float read an i8 table instead, each row times its scale: the f32 table
+    goes, so the whole model is about 4x smaller."""
+    users = g.users()
+    for table in list(g.constants.values()):
+        readers = users.get(table, [])
+        if table.type.dtype != "f32" or table.type.rank != 2 or not readers or any(
+                n.op != "gather" or n.inputs[0] is not table or n.attrs["axis"] != 0
+                for n in readers):
+            continue
+        q, scale = int8_table(g, table)
+        col = g.add_constant(g.fresh_name(scale.name + ".col"),
+                             scale.data.reshape(table.type.shape[0], 1))
+        for n in readers:
+            start = len(g.nodes)
+            ids = n.inputs[1]
+            y = g.add("mul", g.add("cast", g.add("gather", q, ids, axis=0), dtype="f32"),
+                      g.add("gather", col, ids, axis=0))
+            new = g.nodes[start:]
+            del g.nodes[start:]
+            at = g.nodes.index(n)
+            g.nodes[at:at] = new
+            replace_keeping_name(g, n.outputs[0], y)
 
 
 def static_qparams(lo: float, hi: float, adt: str) -> tuple[np.ndarray, np.ndarray]:
