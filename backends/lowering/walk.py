@@ -110,7 +110,9 @@ class Lowering:
             opdef = get_op(node.op)
             attrs = opdef.resolve_attrs(node.attrs, self.env)
             outs, reason = None, "no lowering rule"
-            if node.op in RULES:
+            if _bf16_math(node):   # kernels move bf16 and widen it; numpy does its math
+                outs = self.fallback(node, ins, attrs, "bf16 arithmetic (numpy rounds per op)")
+            elif node.op in RULES:
                 try:
                     outs = RULES[node.op](self, node, ins, attrs)
                 except NotLowerable as e:
@@ -236,3 +238,15 @@ def planned_memory(graph: Graph, env: dict[str, int] | None = None,
     p = lower(graph, env, gemm_epilogues, grad_kernels)
     return {"arena_bytes": p.arena_bytes, "live_peak_bytes": p.live_peak_bytes}
 
+
+# ops whose kernels only move elements (or, cast, convert them), so bf16 needs no maths
+_BF16_MOVES = {"cast", "reshape", "transpose", "slice", "expand", "squeeze", "unsqueeze",
+               "concat", "split", "gather"}
+
+
+def _bf16_math(node) -> bool:
+    """Whether a node computes on bf16 values (an add of two bf16 tensors, a bf16 matmul):
+    the generated kernels hold bf16 as its 16 bits, so such a node runs its reference.
+    A matmul of f32 operands, one a widened bf16 weight, computes in f32 and is lowered."""
+    return node.op not in _BF16_MOVES and any(
+        v.type.dtype == "bf16" for v in (*node.inputs, *node.outputs))
