@@ -6,7 +6,7 @@ The registry and runner live in `manager.py`; this package's import loads the pa
 modules (which register into it) and names the pipelines.
 """
 
-from . import attention, autodiff, fusion, gemm, simplify  # noqa: F401  (they register their passes)
+from . import attention, autodiff, fusion, gemm, simplify, weights  # noqa: F401  (they register their passes)
 from .manager import (
     EXPLAINERS,
     PASSES,
