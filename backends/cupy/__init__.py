@@ -49,7 +49,7 @@ from .cuda_codegen import render_kernel
 PRECISIONS = ("fp32", "tf32", "fp16")
 # cuBLAS cannot apply a bias, activation or residual: those stay generated kernels
 # (rendered from the same kernel IR, with the shared gelu maths) after the GEMM.
-LOWERING = {"gemm_epilogues": False, "grad_kernels": False}
+LOWERING = {"gemm_epilogues": False, "grad_kernels": False, "bf16_weights": False}
 
 
 def unavailable_reason() -> str | None:

@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 
 class Lowering:
     def __init__(self, graph: Graph, env: dict[str, int], region: bool = False,
-                 gemm_epilogues: bool = True, grad_kernels: bool = True):
+                 gemm_epilogues: bool = True, grad_kernels: bool = True,
+                 bf16_weights: bool = True):
         self.graph, self.env, self.region = graph, env, region and gemm_epilogues
         self.gemm_epilogues, self.grad_kernels = gemm_epilogues, grad_kernels
+        self.bf16_weights = bf16_weights
         self.steps: list = []
         self.buffers: list[Buf] = []
         self.notes: list[str] = []
@@ -163,7 +165,8 @@ class Lowering:
                        for i, x in enumerate(ins)]
             sub.outputs = list(get_op(node.op).decompose(sub, sub_ins, **attrs))
         inner = Lowering(sub, env, region=isinstance(body, Graph),
-                         gemm_epilogues=self.gemm_epilogues, grad_kernels=self.grad_kernels)
+                         gemm_epilogues=self.gemm_epilogues, grad_kernels=self.grad_kernels,
+                         bf16_weights=self.bf16_weights)
         inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
         inner.checked, inner.aliases = self.checked, self.aliases
         vals = dict(zip(sub_ins, ins, strict=True))
@@ -207,15 +210,16 @@ class Lowering:
 
 
 def lower(graph: Graph, env: dict[str, int] | None = None, gemm_epilogues: bool = True,
-          grad_kernels: bool = True) -> Program:
+          grad_kernels: bool = True, bf16_weights: bool = True) -> Program:
     """The Program for `graph` with its symbolic dims bound by `env`. `gemm_epilogues`:
     the target's GEMM applies a fuse-epilogues region's bias, activation and residual
     itself (llvm); without, they are a generated kernel after it (cupy: cuBLAS cannot).
     `grad_kernels`: the target has a fused attention backward (llvm), else
-    `attention_grad` runs its decomposition. Reference fallbacks are a warning (logged
-    once per Program), or an error in strict mode."""
+    `attention_grad` runs its decomposition. `bf16_weights`: the target's GEMM takes a
+    bf16 weight as it is stored (llvm), else its widening cast is a kernel. Reference
+    fallbacks are a warning (logged once per Program), or an error in strict mode."""
     program = Lowering(graph, env or {}, gemm_epilogues=gemm_epilogues,
-                       grad_kernels=grad_kernels).run()
+                       grad_kernels=grad_kernels, bf16_weights=bf16_weights).run()
     fallbacks = program.stats()["fallbacks"]
     if fallbacks:
         listed = "; ".join(f"{f['node']} ({f['reason']})" for f in fallbacks)
@@ -233,9 +237,10 @@ def strict() -> bool:
 
 
 def planned_memory(graph: Graph, env: dict[str, int] | None = None,
-                   gemm_epilogues: bool = True, grad_kernels: bool = True) -> dict:
+                   gemm_epilogues: bool = True, grad_kernels: bool = True,
+                   bf16_weights: bool = True) -> dict:
     """Arena size (planned, with buffer reuse) and the peak of live bytes, for inspect."""
-    p = lower(graph, env, gemm_epilogues, grad_kernels)
+    p = lower(graph, env, gemm_epilogues, grad_kernels, bf16_weights)
     return {"arena_bytes": p.arena_bytes, "live_peak_bytes": p.live_peak_bytes}
 
 
