@@ -3,6 +3,12 @@
 
     .venv/bin/python benchmarks/bf16.py [--shapes 1x128,1x1] [--runs 30] [--rounds 5]
         [--threads 2] [--model gpt] [--preset small]
+    .venv/bin/python benchmarks/bf16.py --dot
+
+`--dot` instead measures one core's throughput of AVX512_BF16's `vdpbf16ps` against
+float32 `vfmadd` (16 independent accumulator chains each, LLVM IR JIT-compiled for
+the host): the reason the GEMM widens bf16 weights to float32 rather than using the
+bf16 dot product (which would also round A to bf16).
 
 Both variants are compiled in this process (O2, and O2,cast-weights:bf16) from the
 same traced graph, warmed up, then take turns: each round times --runs calls of one,
@@ -30,7 +36,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="gpt")
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--dot", action="store_true", help="vdpbf16ps vs vfmadd throughput")
     args = ap.parse_args()
+    if args.dot:
+        dot_throughput()
+        return
     os.environ["TENSORC_NUM_THREADS"] = str(args.threads)
 
     import numpy as np
@@ -71,6 +81,71 @@ def main() -> None:
             d = np.abs(outs[k].astype(np.float64) - ref).max()
             print(f"| b{batch} s{seq} | {k} | {stored:.1f} | {packed:.1f} | {ms * 1e3:.2f} "
                   f"| {ms / base:.2f}x | {d:.3g} | {d / np.abs(ref).max():.2e} |")
+
+
+def dot_throughput(chains: int = 16, iters: int = 2_000_000, repeat: int = 9) -> None:
+    """GFLOP/s of one core: `chains` independent 16-lane accumulators, each updated by
+    an FMA (2 flops a lane) or a vdpbf16ps (two bf16 products and their sum: 4 flops
+    a lane) per iteration."""
+    import ctypes
+
+    import llvmlite.binding as llvm
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    feats = llvm.get_host_cpu_features()
+    print(f"host: {llvm.get_host_cpu_name()}, avx512bf16: {feats.get('avx512bf16', False)}")
+    if not feats.get("avx512bf16", False):
+        print("no AVX512_BF16 here: nothing to compare")
+        return
+    fma = ("call <16 x float> @llvm.fma.v16f32(<16 x float> %x, <16 x float> %y, "
+           "<16 x float> %a{i})",
+           "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)", 2)
+    dp = ("call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %a{i}, "
+          "<32 x bfloat> %xb, <32 x bfloat> %yb)",
+          "declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, "
+          "<32 x bfloat>, <32 x bfloat>)", 4)
+    for name, (op, decl, flops) in (("vfmadd (f32)", fma), ("vdpbf16ps (bf16)", dp)):
+        phis = "".join(f"  %a{i} = phi <16 x float> [zeroinitializer, %entry], "
+                       f"[%n{i}, %loop]\n" for i in range(chains))
+        ops = "".join(f"  %n{i} = {op.format(i=i)}\n" for i in range(chains))
+        sums = "".join(f"  %s{i} = fadd <16 x float> %s{i - 1}, %a{i}\n"
+                       for i in range(1, chains))
+        text = f"""{decl}
+define float @run(i64 %n, float %v) {{
+entry:
+  %x0 = insertelement <16 x float> undef, float %v, i32 0
+  %x = shufflevector <16 x float> %x0, <16 x float> undef, <16 x i32> zeroinitializer
+  %y = fadd <16 x float> %x, %x
+  %xb = bitcast <16 x float> %x to <32 x bfloat>
+  %yb = bitcast <16 x float> %y to <32 x bfloat>
+  br label %loop
+loop:
+  %i = phi i64 [0, %entry], [%i1, %loop]
+{phis}{ops}  %i1 = add i64 %i, 1
+  %c = icmp slt i64 %i1, %n
+  br i1 %c, label %loop, label %exit
+exit:
+  %s0 = fadd <16 x float> %a0, zeroinitializer
+{sums}  %r = extractelement <16 x float> %s{chains - 1}, i32 0
+  ret float %r
+}}
+"""
+        tm = llvm.Target.from_default_triple().create_target_machine(
+            cpu=llvm.get_host_cpu_name(), features=feats.flatten(), opt=3)
+        mod = llvm.parse_assembly(text)
+        engine = llvm.create_mcjit_compiler(mod, tm)   # owns tm
+        engine.finalize_object()
+        fn = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_int64, ctypes.c_float)(
+            engine.get_function_address("run"))
+        fn(1000, 1.0)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn(iters, 1.0)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        print(f"{name}: {iters * chains / t / 1e9:.2f} G instructions/s, "
+              f"{iters * chains * 16 * flops / t / 1e9:.0f} GFLOP/s")
 
 
 def _llvm(graph):
