@@ -14,7 +14,8 @@ Both variants are compiled in this process (O2, and O2,cast-weights:bf16) from t
 same traced graph, warmed up, then take turns: each round times --runs calls of one,
 then of the other; a cell is the median over all its calls (>= runs x rounds). The
 error is the bf16 variant's logits against the f32 variant's (same backend, same
-inputs): the largest absolute difference, and that over the largest |logit|.
+inputs): the largest absolute difference, that over the largest |logit|, and the share
+of positions whose most likely token is the same.
 "weights" is the bytes of constant data each graph holds (all of them: biases, layer
 norms and the tied embedding stay f32); "packed" the bytes of the GEMM's packed
 weight panels once bound (what a call streams).
@@ -53,8 +54,8 @@ def main() -> None:
     print(f"{args.model} {args.preset}, llvm, {args.threads} threads; "
           f"median of {args.runs} x {args.rounds} calls after warm-up")
     print("| shape | weights | stored MiB | packed MiB | latency ms | vs f32 "
-          "| max abs logit err | rel (/ max abs logit) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| max abs logit err | rel (/ max abs logit) | same argmax |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for shape in args.shapes.split(","):
         batch, seq = (int(x) for x in shape.split("x"))
         feeds = model.example_inputs(batch=batch, seq=seq)
@@ -79,8 +80,10 @@ def main() -> None:
             packed = _packed_bytes(exes[k]) / 2**20
             ms = statistics.median(times[k])
             d = np.abs(outs[k].astype(np.float64) - ref).max()
+            same = (outs[k].argmax(-1) == ref.argmax(-1)).mean()
             print(f"| b{batch} s{seq} | {k} | {stored:.1f} | {packed:.1f} | {ms * 1e3:.2f} "
-                  f"| {ms / base:.2f}x | {d:.3g} | {d / np.abs(ref).max():.2e} |")
+                  f"| {ms / base:.2f}x | {d:.3g} | {d / np.abs(ref).max():.2e} "
+                  f"| {same:.1%} |")
 
 
 def dot_throughput(chains: int = 16, iters: int = 2_000_000, repeat: int = 9) -> None:
