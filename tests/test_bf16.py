@@ -235,3 +235,36 @@ def test_bf16_gemm_matches_widened_reference(m, k, n, threads):
     out = np.empty((m, n), np.float32)
     G.bind(at, packed, out, threads=threads)()
     assert np.abs(out - exact).max() <= 1e-5 * np.abs(exact).max()
+
+
+def test_cuda_kernels_convert_bf16_like_ml_dtypes():
+    """The CUDA rendering of bf16 casts (cupy keeps the widening cast as a kernel), run
+    on the CPU emulator."""
+    from tensorc.backends import kernel_ir as KI
+    from tensorc.backends.cupy.cuda_codegen import launch_config, render_kernel
+    from tensorc.backends.cupy.emulate import EmulatedModule, host_compiler
+    if host_compiler() is None:
+        pytest.skip("no C++ compiler for the emulator")
+    n = 4096
+    x, mid = KI.Buffer("x", "f32"), KI.Buffer("mid", "bf16", readonly=False)
+    back = KI.Buffer("back", "f32", readonly=False)
+    i = KI.Var("i")
+    down = KI.Kernel([x, mid], [KI.Loop(i, n, [KI.Store(mid, i, KI.Cast(KI.Load(x, i), "bf16"))],
+                                        parallel=True)], kind="down")
+    up = KI.Kernel([mid, back], [KI.Loop(i, n, [KI.Store(back, i, KI.Cast(KI.Load(mid, i),
+                                                                             "f32"))],
+                                         parallel=True)], kind="up")
+    rendered = [render_kernel(k) for k in (down, up)]
+    mod = EmulatedModule("".join(r.source for r in rendered), {r.name: r.params for r in rendered})
+    rng = np.random.default_rng(4)
+    xs = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    xs[:3] = [1.00390625, -np.inf, 0.0]
+    got, wide = np.zeros(n, np.uint16), np.zeros(n, np.float32)
+    for r, args in zip(rendered, ([xs, got], [got, wide]), strict=True):
+        blocks, threads = launch_config(r.extent, threads=64)
+        mod.launch(r.name, (blocks,), (threads,), [*args, 0, r.extent])
+    with np.errstate(invalid="ignore"):
+        want = xs.astype(BF16)
+    ok = ~np.isnan(xs)
+    assert np.array_equal(got[ok], _bits(want)[ok])
+    assert np.isnan(wide[~ok]).all() and np.array_equal(wide[ok], want[ok].astype(np.float32))
