@@ -230,6 +230,10 @@ def test_bf16_gemm_matches_widened_reference(m, k, n, threads):
         assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max(), act
     plain = G.gemm(a, packed, threads=threads)
     assert np.abs(plain - exact).max() <= 1e-5 * np.abs(exact).max()
+    unpacked = G.gemm(a, w, threads=threads)   # a bf16 array: packed by gemm
+    assert np.abs(unpacked - exact).max() <= 1e-5 * np.abs(exact).max()
+    wt = G.gemm(a, np.ascontiguousarray(w.T), trans_b=True, threads=threads)
+    assert np.abs(wt - exact).max() <= 1e-5 * np.abs(exact).max()
     # A given transposed (x^T), packed from its columns
     at = np.ascontiguousarray(a.T).T
     out = np.empty((m, n), np.float32)

@@ -429,12 +429,15 @@ def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | No
          residual=None, trans_b: bool = False, threads: int | None = None) -> np.ndarray:
     """act(a @ b + bias) + residual in float32, like np.matmul (batched, broadcasting).
 
-    b is an array ([..., K, N], or [..., N, K] with trans_b) or a `PackedB`.
+    b is an array ([..., K, N], or [..., N, K] with trans_b; a 2-D bf16 one is packed
+    here) or a `PackedB`.
     activation: None, "relu", "gelu" (= "gelu_erf") or "gelu_tanh". bias is [N];
     residual broadcasts to the output shape. threads defaults to `num_threads()`."""
     act = _activation_name(activation)
     threads = num_threads() if threads is None else max(1, int(threads))
     a = _f32(a, "a")
+    if isinstance(b, np.ndarray) and b.dtype == BF16 and b.ndim == 2:
+        b = PackedB(b, trans_b)   # bf16 weights are multiplied from their packing only
     b = b if isinstance(b, PackedB) else _f32(b, "b")
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError("gemm: cannot multiply scalars")
