@@ -6,7 +6,15 @@ The registry and runner live in `manager.py`; this package's import loads the pa
 modules (which register into it) and names the pipelines.
 """
 
-from . import attention, autodiff, fusion, gemm, quantize, simplify  # noqa: F401  (they register their passes)
+from . import (  # noqa: F401  (they register their passes)
+    attention,
+    autodiff,
+    fusion,
+    gemm,
+    quantize,
+    simplify,
+    weights,
+)
 from .manager import (
     EXPLAINERS,
     PASSES,

@@ -33,7 +33,8 @@ def register_pass(name: str):
 
 
 def parse_pipeline(spec: str) -> list[tuple[str, dict]]:
-    """``"O1,foo:k=1:j=x"`` -> the flat list of (pass name, kwargs)."""
+    """``"O1,foo:k=1:j=x"`` -> the flat list of (pass name, kwargs). A first argument
+    without ``=`` is the value of the pass's first option (``cast-weights:bf16``)."""
     steps: list[tuple[str, dict]] = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, *args = item.split(":")
@@ -46,9 +47,11 @@ def parse_pipeline(spec: str) -> list[tuple[str, dict]]:
             known = ", ".join(list(PIPELINES) + sorted(PASSES))
             raise TensorcError(f"unknown pass or pipeline {name!r} (known: {known})")
         kwargs = {}
-        for a in args:
+        for i, a in enumerate(args):
             key, eq, val = a.partition("=")
-            if not eq:
+            if not eq and i == 0:   # a bare first argument sets the pass's first option:
+                key, val = _first_option(name, a), a   # cast-weights:bf16 = ...:dtype=bf16
+            elif not eq:
                 raise TensorcError(f"pass argument {a!r} of {name} should be key=value")
             kwargs[key.replace("-", "_")] = parse_scalar(val)
         try:
@@ -57,6 +60,15 @@ def parse_pipeline(spec: str) -> list[tuple[str, dict]]:
             raise TensorcError(f"pass {name}: {e}") from None
         steps.append((name, kwargs))
     return steps
+
+
+def _first_option(name: str, arg: str) -> str:
+    """The name of pass `name`'s first option (the parameter after the graph)."""
+    params = list(inspect.signature(PASSES[name]).parameters.values())[1:]
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not named:
+        raise TensorcError(f"pass {name} takes no arguments, got {arg!r}")
+    return named[0]
 
 
 def run_pipeline(graph: Graph, spec: str, *, verify: bool = False, disable=(),

@@ -7,6 +7,10 @@ loading it never runs code:
 - ``__meta__``: JSON metadata (model name, config, passes, backend, ...), same encoding;
 - ``const/NAME``: the data of each constant too large to print inline in the text;
 - ``input/NAME``: the example inputs, so ``tensorc run FILE`` reproduces the outputs.
+
+An .npy file cannot name ml_dtypes' bfloat16 (it would be a pickled dtype or anonymous
+2-byte records), so a bf16 array is stored as its uint16 bits and given its type back
+from the graph's text, which declares every constant's and input's dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 from .errors import TensorcError
 from .files import output_file
 from .frontend.weights import read_npz
-from .ir import Graph, TensorType
+from .ir import DTYPES, Graph, TensorType
 from .text import INLINE_MAX, parse_graph
 
 FORMAT = "tensorc-artifact"
@@ -27,6 +31,17 @@ VERSION = 1
 
 def _text_array(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def _storable(a: np.ndarray) -> np.ndarray:
+    """bf16 as its bits (see the module's doc); anything else as it is."""
+    a = np.asarray(a)
+    return a.view(np.uint16) if a.dtype == DTYPES["bf16"] else a
+
+
+def _declared(a: np.ndarray, t: TensorType) -> np.ndarray:
+    """A stored array as its declared type: uint16 bits of a bf16 array viewed as bf16."""
+    return a.view(DTYPES["bf16"]) if t.dtype == "bf16" and a.dtype == np.uint16 else a
 
 
 def save_artifact(path: str, graph: Graph, inputs: dict[str, np.ndarray], meta: dict) -> None:
@@ -44,9 +59,9 @@ def save_artifact(path: str, graph: Graph, inputs: dict[str, np.ndarray], meta: 
         if v.data is None:
             raise TensorcError(f"constant %{name} has no data, so it cannot be saved")
         if v.data.size > INLINE_MAX:  # smaller ones print inline in the text
-            arrays[f"const/{name}"] = v.data
+            arrays[f"const/{name}"] = _storable(v.data)
     for name, a in inputs.items():
-        arrays[f"input/{name}"] = np.asarray(a)
+        arrays[f"input/{name}"] = _storable(a)
     with output_file(path) as f:  # a file object, so numpy does not append ".npz"
         np.savez(f, **arrays)
 
@@ -80,12 +95,14 @@ def load_artifact(path: str) -> tuple[Graph, dict[str, np.ndarray], dict]:
         raise type(e)(f"{path}: {e}") from None
 
     inputs = {}
+    declared = {v.name: v.type for v in graph.inputs}
     for key, a in arrays.items():
         kind, _, name = key.partition("/")
         if kind == "input":
-            inputs[name] = a
+            inputs[name] = _declared(a, declared[name]) if name in declared else a
         elif kind == "const" and name in graph.constants:
             v = graph.constants[name]
+            a = _declared(a, v.type)
             if TensorType.of(a) != v.type:
                 raise TensorcError(f"{path}: constant %{name} is declared {v.type} but its "
                                    f"data is {TensorType.of(a)}")

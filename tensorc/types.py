@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .errors import InputError, ShapeError, TensorcError
@@ -21,6 +22,7 @@ Dim = int | str
 
 DTYPES: dict[str, np.dtype] = {
     "f16": np.dtype(np.float16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),   # bfloat16: float32's range, 8 significant bits
     "f32": np.dtype(np.float32),
     "f64": np.dtype(np.float64),
     "i8": np.dtype(np.int8),
@@ -30,7 +32,7 @@ DTYPES: dict[str, np.dtype] = {
     "bool": np.dtype(np.bool_),
 }
 _NAME_OF_DTYPE = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = ("f16", "f32", "f64")
+FLOAT_DTYPES = ("f16", "bf16", "f32", "f64")
 
 
 def dtype_name(dtype: Any) -> str:

@@ -24,7 +24,7 @@ DIMS = st.sampled_from([1, 2, 3, 5, "batch", "seq"])
 SPECIAL = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-30, -3.0e38, 0.1, -7.5]
 INT_RANGE = {"i8": (-128, 127), "i32": (-2**31, 2**31 - 1), "i64": (-2**63, 2**63 - 1),
              "u8": (0, 255)}
-FLOAT_WIDTH = {"f16": 16, "f32": 32, "f64": 64}
+FLOAT_WIDTH = {"f16": 16, "bf16": 32, "f32": 32, "f64": 64}   # bf16: float32s, rounded
 
 
 def scalars(dtype):
@@ -173,7 +173,7 @@ def same_data(a, b):
         return a is None and b is None
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    if a.dtype.kind == "f":  # -0.0 keeps its sign; nan stays nan
+    if a.dtype.kind == "f" or a.dtype == DTYPES["bf16"]:  # -0.0 keeps its sign; nan stays nan
         nan = np.isnan(a)
         return np.array_equal(nan, np.isnan(b)) and \
             a[~nan].tobytes() == b[~nan].tobytes()

@@ -51,7 +51,8 @@ PRECISIONS = ("fp32", "tf32", "fp16")
 # cuBLAS cannot apply a bias, activation or residual: those stay generated kernels
 # (rendered from the same kernel IR, with the shared gelu maths) after the GEMM.
 # `matmul_integer` is the hand-written __dp4a kernel (kernels.py).
-LOWERING = {"gemm_epilogues": False, "grad_kernels": False, "int8_gemm": "batched"}
+LOWERING = {"gemm_epilogues": False, "grad_kernels": False, "int8_gemm": "batched",
+            "bf16_weights": False}
 
 
 def unavailable_reason() -> str | None:

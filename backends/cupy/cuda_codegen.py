@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensorc.errors import TensorcError
+from tensorc.types import DTYPES
 
 from .. import kernel_ir as K
 from .kernels import PRELUDE
@@ -27,7 +28,8 @@ from .kernels import PRELUDE
 # f16 is stored as its raw bits: lowering gives kernels no f16 arithmetic (numpy rounds
 # f16 per op), only loads, stores, selects and constants, which move bits exactly.
 C_TYPES = {"f32": "float", "f64": "double", "i64": "long long", "i32": "int",
-           "i8": "signed char", "u8": "unsigned char", "bool": "bool", "f16": "unsigned short"}
+           "i8": "signed char", "u8": "unsigned char", "bool": "bool", "f16": "unsigned short",
+           "bf16": "unsigned short"}   # bf16 too: only moved, and converted to/from f32
 
 # Helpers the rendered kernels call. NaN-propagating max/min/relu like numpy's
 # maximum/minimum; the reference's rsqrt and sigmoid are exact divisions.
@@ -44,6 +46,16 @@ template <class T> __device__ __forceinline__ T tc_relu(T x) {
     return x > T(0) ? x : (x != x ? x : T(0));
 }
 template <class T> __device__ __forceinline__ T tc_abs(T x) { return x < T(0) ? -x : x; }
+// bf16 <-> float32 on the bits: widening is exact; narrowing rounds to nearest even
+// (as ml_dtypes), a NaN staying a quiet NaN.
+__device__ __forceinline__ float tc_from_bf16(unsigned short x) {
+    return __uint_as_float(((unsigned int)x) << 16);
+}
+__device__ __forceinline__ unsigned short tc_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if (f != f) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 struct tc_op_add { template <class T> __device__ static T f(T a, T b) { return a + b; } };
 struct tc_op_max { template <class T> __device__ static T f(T a, T b) { return tc_max(a, b); } };
 struct tc_op_min { template <class T> __device__ static T f(T a, T b) { return tc_min(a, b); } };
@@ -102,6 +114,9 @@ def literal(value, dtype: str) -> str:
         return "true" if value else "false"
     if dtype == "f16":
         return f"((unsigned short)0x{int(np.float16(value).view(np.uint16)):04x})"
+    if dtype == "bf16":
+        bits = np.array(value, DTYPES["bf16"]).view(np.uint16)
+        return f"((unsigned short)0x{int(bits):04x})"
     if dtype in ("f32", "f64"):
         v = np.float32(value) if dtype == "f32" else np.float64(value)
         if not np.isfinite(v):
@@ -155,6 +170,12 @@ class _Renderer:
             return f"({self.expr(e.cond)} ? {self.expr(e.a)} : {self.expr(e.b)})"
         if isinstance(e, K.Cast):
             inner = self.expr(e.x)
+            if e.x.dtype == "bf16":   # via float32
+                inner = f"tc_from_bf16({inner})"
+                if e.dtype == "f32":
+                    return inner
+            if e.dtype == "bf16":
+                return f"tc_to_bf16((float){inner})"
             if e.dtype == "bool":
                 return f"({inner} != 0)"
             return f"(({c_type(e.dtype)}){inner})"

@@ -79,6 +79,8 @@ template <class T> inline T __shfl_xor_sync(unsigned, T v, int m) {
     return tc_emu_shfl(v, (int)((threadIdx.x & 31) ^ m));
 }
 inline float __int_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline float __uint_as_float(unsigned x) { return __int_as_float(x); }
+inline unsigned __float_as_uint(float f) { unsigned x; std::memcpy(&x, &f, 4); return x; }
 inline double __longlong_as_double(unsigned long long x) {
     double f; std::memcpy(&f, &x, 8); return f;
 }

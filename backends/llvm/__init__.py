@@ -64,12 +64,13 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
     import math
 
     from . import attention, attention_grad, gemm, gemm_ir, gemv, jit
-    kinds, groups, rows, backward = set(), set(), False, set()
+    kinds, groups, rows, backward = set(), set(), set(), set()
     for step in program.steps:
         if getattr(step, "fallback", True):
             continue
-        if step.op == "matmul" and step.inputs[1].buf.kind == "const":
-            rows |= math.prod(step.inputs[0].shape[:-1]) <= gemv.GEMV_MAX_M
+        if step.op == "matmul" and step.inputs[1].buf.kind == "const" \
+                and math.prod(step.inputs[0].shape[:-1]) <= gemv.GEMV_MAX_M:
+            rows.add(step.inputs[1].buf.dtype == "bf16")   # which GEMV module
         if step.op in ("attention", "attention_grad"):
             mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 + (
                 step.op == "attention_grad") else None
@@ -80,10 +81,11 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
             if len(b.shape) == 2 and b.buf.kind == "const":
                 groups.update(g for g in gemm.library_groups(
                     math.prod(a.shape[:-1]), b.shape[0], b.shape[1],
-                    step.epilogue["activation"], threads) if g != "pack_a")
+                    step.epilogue["activation"], threads, b.buf.dtype == "bf16")
+                    if g != "pack_a")
     jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})]
                       + [gemm_ir.ahead(g) for g in sorted(groups)]
-                      + [gemv.ahead()] * rows
+                      + [gemv.ahead(bf16) for bf16 in sorted(rows)]
                       + [attention_grad.ahead(k) for k in sorted(backward - {None})])
 
 

@@ -15,19 +15,25 @@ ulp (exp) and below 4e-7 relative (tanh, erf), far inside the 1e-4 budget.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
+
+from tensorc.types import DTYPES
 
 from .. import kernel_ir as K
 from ..lowering.rules import elementwise as maths
 
 _F32 = ir.FloatType()
 _I64 = ir.IntType(64)
+_I32 = ir.IntType(32)
 _I1 = ir.IntType(1)
 _I8P = ir.IntType(8).as_pointer()
 
 # Register types; bool is i1 in registers and one byte in memory, like numpy.
 _TYPES = {"f16": ir.HalfType(), "f32": _F32, "f64": ir.DoubleType(), "i8": ir.IntType(8),
           "u8": ir.IntType(8), "i32": ir.IntType(32), "i64": _I64, "bool": _I1}
+# bf16 is its 16 bits in registers and memory: kernels only move and convert it
+_TYPES["bf16"] = ir.IntType(16)
 _MEM = dict(_TYPES, bool=ir.IntType(8))
 _FLOAT = ("f16", "f32", "f64")
 _FAST = ("reassoc", "contract")   # no nnan/ninf: masks hold -inf
@@ -195,6 +201,9 @@ class _FnGen:
         raise TypeError(f"unknown expression {e!r}")
 
     def const(self, value, dtype: str) -> ir.Value:
+        if dtype == "bf16":
+            bits = np.array(value, DTYPES["bf16"]).view(np.uint16)
+            return ir.Constant(_TYPES[dtype], int(bits))
         if dtype in _FLOAT:
             return ir.Constant(_TYPES[dtype], float(value))
         return ir.Constant(_TYPES[dtype], int(value))
@@ -203,6 +212,11 @@ class _FnGen:
         b, to = self.b, _TYPES[dst]
         if src == dst:
             return v
+        if src == "bf16":   # the high half of a float32: exact
+            wide = b.bitcast(b.shl(b.zext(v, _I32), ir.Constant(_I32, 16)), _F32)
+            return self.cast(wide, "f32", dst)
+        if dst == "bf16":   # via float32, rounded to nearest even as ml_dtypes does
+            return self.to_bf16(self.cast(v, src, "f32") if src != "f32" else v)
         if dst == "bool":
             if src in _FLOAT:
                 return b.fcmp_unordered("!=", v, ir.Constant(v.type, 0.0))
@@ -218,6 +232,17 @@ class _FnGen:
         if to.width > v.type.width:
             return b.zext(v, to) if unsigned else b.sext(v, to)
         return b.trunc(v, to) if to.width < v.type.width else v
+
+    def to_bf16(self, x: ir.Value) -> ir.Value:
+        """float32 -> bf16 bits, round to nearest even; a NaN stays a (quiet) NaN."""
+        b = self.b
+        bits = b.bitcast(x, _I32)
+        odd = b.and_(b.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+        rounded = b.lshr(b.add(bits, b.add(ir.Constant(_I32, 0x7FFF), odd)),
+                         ir.Constant(_I32, 16))
+        nan = b.or_(b.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 0x40))
+        out = b.select(b.fcmp_unordered("uno", x, x), nan, rounded)
+        return b.trunc(out, _TYPES["bf16"])
 
     def call(self, name: str, *args: ir.Value, nargs: int = 1) -> ir.Value:
         return self.b.call(_intrinsic(self.module, name, args[0].type, nargs), list(args))

@@ -37,6 +37,7 @@ import threading
 import numpy as np
 
 from tensorc.errors import ShapeError, TensorcError
+from tensorc.types import DTYPES
 
 from . import gemv as _gemv
 from . import pool
@@ -165,15 +166,28 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x
 
 
+BF16 = np.dtype(DTYPES["bf16"])
+
+
 class PackedB:
     """B [K, N] (or [N, K] with trans_b) packed into NR-column panels.
 
-    Pack a constant weight once and pass the PackedB to `gemm` on every call."""
+    Pack a constant weight once and pass the PackedB to `gemm` on every call.
+
+    A bfloat16 B (a `cast-weights:bf16` weight) is packed as bf16, half the bytes, in
+    the same panels, each row's 32 columns stored pairwise (column w in the low half
+    of 32-bit word w, column w + 16 in its high half: see `FnBuilder.bf16_pair`); the
+    kernels widen it exactly in registers and multiply in float32 (A stays float32).
+    `dtype` says which ("f32" or "bf16")."""
 
     ndim = 2
 
     def __init__(self, b, trans_b: bool = False, threads: int | None = None,
                  scratch: bool = False, fill: bool = True):
+        if np.asarray(b).dtype == BF16:
+            self._pack_bf16(np.asarray(b), trans_b)
+            return
+        self.dtype = "f32"
         b = _rows(_f32(b, "b"))
         if b.ndim != 2:
             raise ShapeError(f"gemm: can only pack a 2-D B, got shape {b.shape}")
@@ -192,6 +206,24 @@ class PackedB:
             # packed: let go of B, which for a transposed view (a tied embedding's E.T)
             # is a contiguous copy as big as the panels
             self._source = None
+
+    def _pack_bf16(self, b: np.ndarray, trans_b: bool) -> None:
+        """Pack a bf16 weight once, here in numpy (a one-off, like any weight's)."""
+        if b.ndim != 2:
+            raise ShapeError(f"gemm: can only pack a 2-D B, got shape {b.shape}")
+        b = b.T if trans_b else b
+        self.dtype = "bf16"
+        self.k, self.n = b.shape
+        self.panels = -(-self.n // NR)
+        padded = np.zeros((self.k, self.panels * NR), np.uint16)
+        padded[:, :self.n] = b.view(np.uint16)
+        # [K, panel, half, w] -> [panel, K, w, half]: word w of a row = (w, w + 16)
+        panels = padded.reshape(self.k, self.panels, 2, NR // 2).transpose(1, 0, 3, 2)
+        size = max(2, self.panels * NR * self.k)
+        self.data = aligned_empty(size // 2).view(np.uint16)
+        self.data[:self.panels * NR * self.k] = panels.reshape(-1)
+        self.ptr = self.data.ctypes.data
+        self._source = None
 
     def fill_jobs(self, threads: int) -> None:
         """Pack every panel, split across the pool's threads."""
@@ -232,7 +264,12 @@ def gemm_range(a: np.ndarray, packed: PackedB, out: np.ndarray, m0: int, m1: int
 def _call(a, packed, out, bias, activation, residual):
     """The kernel and its arguments but for the ranges and the workspace, so that
     threads only add their ranges (the GIL is held for as short as possible)."""
-    return kernels()[activation], _args(a, packed, out, bias, residual)
+    return kernels()[_tag(packed) + activation], _args(a, packed, out, bias, residual)
+
+
+def _tag(packed) -> str:
+    """The kernels' name tag for a PackedB's element type: "bf16_" or ""."""
+    return "bf16_" if getattr(packed, "dtype", "f32") == "bf16" else ""
 
 
 def _a_strides(a) -> tuple[int, int]:
@@ -335,7 +372,8 @@ def _gemv_steps(a, b, out, bias, act, residual, threads) -> list:
     panels = -(-n // NR)
     parts = ITEMS_PER_THREAD * threads if threads > 1 and k * n >= GEMV_THREADED else 1
     items = _split(panels, parts, 1)
-    return [(_gemv.kernels()[f"tc_gemv_job_{act}"], fixed, items, None)]
+    tag = _tag(b)
+    return [(_gemv.kernels(bool(tag))[f"tc_gemv_{tag}job_{act}"], fixed, items, None)]
 
 
 # a B of this many floats (256 KiB) is streamed by all threads in the GEMV path: below
@@ -355,18 +393,19 @@ def _schedule(a, packed, out, bias, act, residual, threads, per_call=False) -> l
         fixed += [src.ctypes.data, src.strides[0] // 4, int(pack is kernels()["pack_bt"])]
         items = [(0, M, *r) for r in _split(panels, threads, 1)]
         return [(jobs[f"tc_gemm_pb_job_{act}"], fixed, items, ("pb", PB_WORKSPACE))]
+    tag = _tag(packed)
     if _shares_a(M, K, panels, threads):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
         lda, ldka = _a_strides(a)
         steps = [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka],
                   _split(mt, threads, 1), "ap"),
-                 (jobs[f"tc_gemm_pa_job_{act}"], fixed, items, "ap")]
+                 (jobs[f"tc_gemm_pa_{tag}job_{act}"], fixed, items, "ap")]
     elif mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
         items = [(m0, m1, 0, panels) for m0, m1 in _split(M, threads, MR)]
-        steps = [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
+        steps = [(jobs[f"tc_gemm_{tag}job_{act}"], fixed, items, ("a", MC * KC))]
     else:
         items = [(0, M, *r) for r in _split(panels, threads, 1)]
-        steps = [(jobs[f"tc_gemm_job_{act}"], fixed, items, ("a", MC * KC))]
+        steps = [(jobs[f"tc_gemm_{tag}job_{act}"], fixed, items, ("a", MC * KC))]
     if per_call:
         steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
     return steps
@@ -390,12 +429,15 @@ def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | No
          residual=None, trans_b: bool = False, threads: int | None = None) -> np.ndarray:
     """act(a @ b + bias) + residual in float32, like np.matmul (batched, broadcasting).
 
-    b is an array ([..., K, N], or [..., N, K] with trans_b) or a `PackedB`.
+    b is an array ([..., K, N], or [..., N, K] with trans_b; a 2-D bf16 one is packed
+    here) or a `PackedB`.
     activation: None, "relu", "gelu" (= "gelu_erf") or "gelu_tanh". bias is [N];
     residual broadcasts to the output shape. threads defaults to `num_threads()`."""
     act = _activation_name(activation)
     threads = num_threads() if threads is None else max(1, int(threads))
     a = _f32(a, "a")
+    if isinstance(b, np.ndarray) and b.dtype == BF16 and b.ndim == 2:
+        b = PackedB(b, trans_b)   # bf16 weights are multiplied from their packing only
     b = b if isinstance(b, PackedB) else _f32(b, "b")
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError("gemm: cannot multiply scalars")
@@ -547,8 +589,8 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     else:
         workers = None
         fixed = list(_call(a2, packed, out2, bias, act, res2)[1])
-        steps = [(jobs[f"tc_gemm_job_{act}"], fixed, [(0, a2.shape[0], 0, packed.panels)],
-                  ("a", MC * KC))]
+        steps = [(jobs[f"tc_gemm_{_tag(packed)}job_{act}"], fixed,
+                  [(0, a2.shape[0], 0, packed.panels)], ("a", MC * KC))]
         if per_call:
             steps.insert(0, packed.pack_step([(0, packed.panels)]))
     # where each operand's address sits in the steps' fixed arguments (see `_call`)
@@ -608,14 +650,15 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     return run
 
 def library_groups(m: int, k: int, n: int, activation: str | None = None,
-                   threads: int | None = None) -> list[str]:
+                   threads: int | None = None, bf16: bool = False) -> list[str]:
     """The `gemm_ir` groups a bound product of m rows with a packed [k, n] weight runs
-    (as `bind` and `_schedule` choose), besides `pack_b`: for compiling them ahead."""
+    (as `bind` and `_schedule` choose), besides `pack_b`: for compiling them ahead.
+    bf16: the weight is a bf16 one (its groups are "bf16:<act>", "pa_bf16:<act>")."""
     act = _activation_name(activation)
     if m <= _gemv.GEMV_MAX_M:   # the GEMV module's (gemv.ahead), no group of gemm_ir's
         return []
     threads = num_threads() if threads is None else max(1, int(threads))
     threads = min(threads - 1, pool.MAX_WORKERS) + 1   # what pool.get(threads) has
     if threads > 1 and m * n * k >= 1 << 21 and _shares_a(m, k, -(-n // NR), threads):
-        return ["pack_a", f"pa:{act}"]
-    return [f"plain:{act}"]
+        return ["pack_a", f"pa_bf16:{act}" if bf16 else f"pa:{act}"]
+    return [f"bf16:{act}" if bf16 else f"plain:{act}"]

@@ -9,7 +9,7 @@ from ctypes import c_int64, c_void_p
 
 from llvmlite import ir
 
-from .irbuild import F32, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
+from .irbuild import F32, I16, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_library
 
 MR, NR = 8, 32      # micro-tile: 8 rows x 2 zmm = 16 accumulators (14 x 32 measured no faster)
@@ -24,8 +24,10 @@ _ALIASES = {None: "none", "gelu": "gelu_erf"}
 
 # -- kernel generation ----------------------------------------------------------------
 
-def _ukernel(module: ir.Module, act: str) -> ir.Function:
-    """C[mrem, nrem] (+)= Ap[kc, MR] @ Bp[kc, NR], epilogue on the last K block."""
+def _ukernel(module: ir.Module, act: str, bf16: bool = False) -> ir.Function:
+    """C[mrem, nrem] (+)= Ap[kc, MR] @ Bp[kc, NR], epilogue on the last K block.
+    bf16: Bp holds bf16 weights (pairwise, see `FnBuilder.bf16_pair`), widened to
+    float32 in registers; A, the products and the sums stay float32."""
     f = FnBuilder(module, f"tc_ukernel_{act}", [
         ("kc", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64), ("mrem", I64),
         ("nrem", I64), ("first", I64), ("last", I64), ("bias", PTR), ("has_bias", I64),
@@ -37,11 +39,13 @@ def _ukernel(module: ir.Module, act: str) -> ir.Function:
     with f.loop(0, g["kc"]) as k:
         # the next panel of B towards L2, while this one is reused from L1: a model's
         # weights come cold from memory
-        for v in range(NR // 16):
-            b.call(prefetch, [f.at(g["pf"], f.mul(k, NR), c64(16 * v)),
+        bty = I16 if bf16 else F32   # a bf16 row of a panel is one cache line
+        for v in range(NR // 16 // (1 + bf16)):
+            b.call(prefetch, [f.at(g["pf"], f.mul(k, NR), c64(16 * v), ty=bty),
                               ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
-        bk = f.at(g["bp"], f.mul(k, NR))
-        bv = [f.vload(f.at(bk, c64(16 * v)), align=64) for v in range(NR // 16)]
+        bk = f.at(g["bp"], f.mul(k, NR), ty=bty)
+        bv = f.bf16_pair(bk, 64) if bf16 else \
+            [f.vload(f.at(bk, c64(16 * v)), align=64) for v in range(NR // 16)]
         ak = f.at(g["ap"], f.mul(k, MR))
         for r in range(MR):
             s = f.splat(b.load(f.at(ak, c64(r)), typ=F32))
@@ -157,12 +161,14 @@ def _emit_pack_a_rows(f: FnBuilder, a, lda, row0, row_end, col0, kc, dst, npan,
 
 
 def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
-                  prepacked: bool = False) -> ir.Function:
+                  prepacked: bool = False, bf16: bool = False) -> ir.Function:
     """Rows [m0, m1) x panels [jp0, jp1) of C = A @ Bp with the `act` epilogue.
 
     `ap` is a workspace for packed blocks of A, or with `prepacked` all of A already
-    packed by `tc_pack_a` (shared by threads that split the panels; m0 = 0)."""
-    f = FnBuilder(module, f"tc_gemm_{'pa_' if prepacked else ''}{act}", [
+    packed by `tc_pack_a` (shared by threads that split the panels; m0 = 0). bf16: Bp's
+    panels hold bf16 (`uk` widens them)."""
+    bty = I16 if bf16 else F32
+    f = FnBuilder(module, f"tc_gemm_{'pa_' if prepacked else ''}{'bf16_' if bf16 else ''}{act}", [
         ("a", PTR), ("lda", I64), ("bp", PTR), ("k", I64), ("c", PTR), ("ldc", I64),
         ("n", I64), ("bias", PTR), ("has_bias", I64), ("res", PTR), ("ldr", I64),
         ("has_res", I64), ("ldka", I64), ("ap", PTR), ("m0", I64), ("m1", I64),
@@ -188,14 +194,14 @@ def _macro_kernel(module: ir.Module, act: str, uk: ir.Function,
             with f.loop(g["jp0"], g["jp1"]) as jp:
                 n0 = f.mul(jp, NR)
                 nrem = f.min(c64(NR), b.sub(g["n"], n0))
-                bpan = f.at(g["bp"], f.mul(b.add(f.mul(jp, K), pc), NR))
+                bpan = f.at(g["bp"], f.mul(b.add(f.mul(jp, K), pc), NR), ty=bty)
                 # prefetch: the next panel, after the last one the first of the next
                 # K block
                 wrap = b.icmp_signed(">=", b.add(jp, c64(1)), g["jp1"])
                 pf_jp = b.select(wrap, g["jp0"], b.add(jp, c64(1)))
                 pf_pc = b.select(b.and_(wrap, b.icmp_signed("<", b.add(pc, c64(KC)), K)),
                                  b.add(pc, c64(KC)), pc)
-                pf = f.at(g["bp"], f.mul(b.add(f.mul(pf_jp, K), pf_pc), NR))
+                pf = f.at(g["bp"], f.mul(b.add(f.mul(pf_jp, K), pf_pc), NR), ty=bty)
                 with f.loop(0, npan) as ip:
                     m = b.add(ic, f.mul(ip, MR))
                     b.call(uk, [
@@ -373,13 +379,15 @@ def build_module(group: str) -> ir.Module:
         job(module, "tc_pack_a_job", _pack_a(module), [PTR, I64, I64, I64, I64], 2)
     else:
         kind, act = group.split(":")
-        uk = _ukernel(module, act)
+        bf16 = kind.endswith("bf16")   # "bf16", "pa_bf16": a packed bf16 weight
+        kind = kind.removesuffix("bf16").rstrip("_") or "plain"
+        uk = _ukernel(module, act, bf16)
         if kind == "pb":
             job(module, f"tc_gemm_pb_job_{act}", _macro_kernel_pb(module, act, uk),
                 FIXED + PB_FIXED, 4)
         else:
-            job(module, f"tc_gemm_{'pa_' if kind == 'pa' else ''}job_{act}",
-                _macro_kernel(module, act, uk, kind == "pa"), FIXED, 4)
+            job(module, f"tc_gemm_{'pa_' if kind == 'pa' else ''}{'bf16_' if bf16 else ''}"
+                f"job_{act}", _macro_kernel(module, act, uk, kind == "pa", bf16), FIXED, 4)
     return module
 
 
@@ -418,6 +426,11 @@ for _a in ACTIVATIONS:
                              f"tc_gemm_job_{_a}": (f"tc_gemm_job_{_a}", None)}
     GROUPS[f"pa:{_a}"] = {f"tc_gemm_pa_job_{_a}": (f"tc_gemm_pa_job_{_a}", None)}
     GROUPS[f"pb:{_a}"] = {f"tc_gemm_pb_job_{_a}": (f"tc_gemm_pb_job_{_a}", None)}
+    # a bf16 weight's (PackedB of bf16): the same schedules, B widened in the micro-kernel
+    GROUPS[f"bf16:{_a}"] = {f"bf16_{_a}": (f"tc_gemm_bf16_{_a}", _GEMM_ARGS),
+                            f"tc_gemm_bf16_job_{_a}": (f"tc_gemm_bf16_job_{_a}", None)}
+    GROUPS[f"pa_bf16:{_a}"] = {f"tc_gemm_pa_bf16_job_{_a}": (f"tc_gemm_pa_bf16_job_{_a}",
+                                                             None)}
 
 
 class _Lazy(dict):

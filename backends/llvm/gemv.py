@@ -27,7 +27,7 @@ from ctypes import c_int64, c_void_p
 from llvmlite import ir
 
 from .gemm_ir import ACTIVATIONS, NR
-from .irbuild import F32, I32, I64, M16, PTR, V16, FnBuilder, c64, job, vconst
+from .irbuild import F32, I16, I32, I64, M16, PTR, V16, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_library
 
 GEMV_MAX_M = 8
@@ -38,8 +38,11 @@ PF_ROWS = 8          # in a row-major B, rows
 FIXED = [PTR, I64, PTR, I64, I64, I64, PTR, I64, I64, I64, PTR, I64, PTR, I64, I64]
 
 
-def _rows_kernel(module: ir.Module, m: int) -> ir.Function:
-    """tc_gemv_m<m>: C[0:m, panels jp0..jp1) = A[0:m, :] @ B, no epilogue."""
+def _rows_kernel(module: ir.Module, m: int, bf16: bool = False) -> ir.Function:
+    """tc_gemv_m<m>: C[0:m, panels jp0..jp1) = A[0:m, :] @ B, no epilogue. bf16: B is a
+    PackedB of bf16 (pairwise, see `FnBuilder.bf16_pair`; its panels are zero padded,
+    so the last one is read whole), widened in registers; strides count bf16s."""
+    bty = I16 if bf16 else F32
     f = FnBuilder(module, f"tc_gemv_m{m}", [
         ("a", PTR), ("lda", I64), ("b", PTR), ("kstride", I64), ("pstride", I64),
         ("k", I64), ("c", PTR), ("ldc", I64), ("n", I64), ("jp0", I64), ("jp1", I64)],
@@ -55,7 +58,7 @@ def _rows_kernel(module: ir.Module, m: int) -> ir.Function:
                         f.mul(g["kstride"], PF_ROWS))
 
     def panel(jp, masked: bool):
-        bpan = f.at(g["b"], f.mul(jp, g["pstride"]))
+        bpan = f.at(g["b"], f.mul(jp, g["pstride"]), ty=bty)
         n0 = f.mul(jp, NR)
         masks = [f.lanes_below(b.sub(g["n"], b.add(n0, c64(16 * v)))) for v in range(nv)] \
             if masked else None
@@ -63,17 +66,20 @@ def _rows_kernel(module: ir.Module, m: int) -> ir.Function:
                for _ in range(sets)]
 
         def step(kk, s):
-            brow = f.at(bpan, f.mul(kk, g["kstride"]))
+            brow = f.at(bpan, f.mul(kk, g["kstride"]), ty=bty)
             # PF_AHEAD floats further on in a thread's stream of panels, towards L2: a
             # weight comes cold from memory. 2 KiB-ahead L1 prefetches and none at
             # all measured ~40 % slower with M = 8 than the next panel, and 16-64 KiB
             # ahead 5-8 % faster than the next panel (K x NR floats, 256 KiB at
             # K = 2048); a row-major B: PF_ROWS rows ahead
-            for v in range(nv):
-                b.call(prefetch, [f.at(brow, pf_ahead, c64(16 * v)),
+            for v in range(nv // (1 + bf16)):   # a bf16 row is one cache line
+                b.call(prefetch, [f.at(brow, pf_ahead, c64(16 * v), ty=bty),
                                   ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
-            bv = [f.mload(f.at(brow, c64(16 * v)), masks[v]) if masked
-                  else f.vload(f.at(brow, c64(16 * v))) for v in range(nv)]
+            if bf16:
+                bv = f.bf16_pair(brow)
+            else:
+                bv = [f.mload(f.at(brow, c64(16 * v)), masks[v]) if masked
+                      else f.vload(f.at(brow, c64(16 * v))) for v in range(nv)]
             for r in range(m):
                 x = f.splat(b.load(f.at(arow[r], kk), typ=F32))
                 for v in range(nv):
@@ -126,11 +132,11 @@ def _epilogue(module: ir.Module, act: str) -> ir.Function:
     return f.finish()
 
 
-def _driver(module: ir.Module, act: str, rows: list[ir.Function]) -> ir.Function:
+def _driver(module: ir.Module, act: str, rows: list[ir.Function], tag: str = "") -> ir.Function:
     """tc_gemv_<act>: panels [jp0, jp1) of C = act(A @ B + bias) + residual, M <= 8."""
     names = ["a", "lda", "b", "kstride", "pstride", "k", "c", "ldc", "n", "m", "bias",
              "has_bias", "res", "ldr", "has_res"]
-    f = FnBuilder(module, f"tc_gemv_{act}",
+    f = FnBuilder(module, f"tc_gemv_{tag}{act}",
                   list(zip(names, FIXED, strict=True)) + [("jp0", I64), ("jp1", I64)])
     b, g = f.b, f.arg
     args = [g[x] for x in ("a", "lda", "b", "kstride", "pstride", "k", "c", "ldc", "n",
@@ -154,33 +160,42 @@ def _driver(module: ir.Module, act: str, rows: list[ir.Function]) -> ir.Function
     return f.finish()
 
 
-def build_module() -> ir.Module:
-    module = ir.Module(name="tensorc_gemv")
-    rows = [_rows_kernel(module, m) for m in range(1, GEMV_MAX_M + 1)]
+def build_module(bf16: bool = False) -> ir.Module:
+    """The GEMV module; bf16: the one for bf16 weights (`tc_gemv_bf16_[job_]<act>`)."""
+    module = ir.Module(name="tensorc_gemv_bf16" if bf16 else "tensorc_gemv")
+    rows = [_rows_kernel(module, m, bf16) for m in range(1, GEMV_MAX_M + 1)]
     for act in ACTIVATIONS:
         _epilogue(module, act)
-        job(module, f"tc_gemv_job_{act}", _driver(module, act, rows), FIXED, 2, work=None)
+        drv = _driver(module, act, rows, "bf16_" if bf16 else "")
+        job(module, f"tc_gemv_{'bf16_' if bf16 else ''}job_{act}", drv, FIXED, 2, work=None)
     return module
 
 
 _lib_lock = threading.Lock()
-_lib: dict | None = None
+_lib: dict = {}
 
 
-def kernels() -> dict:
-    """{"tc_gemv_<act>" and "tc_gemv_job_<act>": address} (compiled once per process)."""
-    global _lib
+def kernels(bf16: bool = False) -> dict:
+    """{"tc_gemv_<act>" and "tc_gemv_job_<act>": address} (compiled once per process);
+    bf16: {"tc_gemv_bf16_<act>", "tc_gemv_bf16_job_<act>"}, the bf16 weights' module."""
     with _lib_lock:
-        if _lib is None:
-            _lib = compile_library(*ahead()[:2], NAMES)
-        return _lib
+        if bf16 not in _lib:
+            _lib[bf16] = compile_library(*ahead(bf16)[:2], names(bf16))
+        return _lib[bf16]
 
 
-NAMES = [f"tc_gemv_{p}{a}" for a in ACTIVATIONS for p in ("", "job_")]
+def names(bf16: bool = False) -> list[str]:
+    tag = "bf16_" if bf16 else ""
+    return [f"tc_gemv_{tag}{p}{a}" for a in ACTIVATIONS for p in ("", "job_")]
 
 
-def ahead() -> tuple:
+NAMES = names()
+
+
+def ahead(bf16: bool = False) -> tuple:
     """The `jit.compile_ahead` job of the GEMV module (see `jit.compile_library`)."""
+    if bf16:
+        return ("gemv_bf16", lambda: build_module(True), True, True)
     return ("gemv", build_module, True, True)
 
 

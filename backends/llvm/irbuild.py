@@ -12,6 +12,7 @@ from ..lowering.rules import elementwise as maths
 from .codegen import LLVMMath
 
 F32, I64, I32, I1 = ir.FloatType(), ir.IntType(64), ir.IntType(32), ir.IntType(1)
+I16 = ir.IntType(16)
 PTR = ir.PointerType()
 V16, M16 = ir.VectorType(F32, 16), ir.VectorType(I1, 16)
 VI32 = ir.VectorType(I32, 16)
@@ -107,6 +108,18 @@ class FnBuilder:
 
     def vstore(self, v, ptr, align=4):
         self.b.store(v, ptr, align=align)
+
+    def bf16_pair(self, ptr, align=4):
+        """Two 16-lane float32 vectors from 32 bf16 at `ptr` stored pairwise: word w
+        (32 bits) holds column w in its low half and column w + 16 in its high half
+        (`gemm.PackedB`'s bf16 panels). bf16 is the high half of a float32, so one
+        load and a shift (low) or a mask (high) widen them exactly, on any x86 with
+        AVX2 or AVX-512 (no AVX512_BF16 needed)."""
+        b = self.b
+        w = b.load(ptr, typ=VI32, align=align)
+        lo = b.shl(w, ir.Constant(VI32, [16] * 16))
+        hi = b.and_(w, ir.Constant(VI32, [-65536] * 16))
+        return [b.bitcast(lo, V16), b.bitcast(hi, V16)]
 
     def lanes_below(self, n):
         """Mask of lanes i with i < n (n an i64; any value, clamped by the compare)."""

@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 class Lowering:
     def __init__(self, graph: Graph, env: dict[str, int], region: bool = False,
                  gemm_epilogues: bool = True, grad_kernels: bool = True,
-                 int8_gemm: str | None = None):
+                 int8_gemm: str | None = None, bf16_weights: bool = True):
         self.graph, self.env, self.region = graph, env, region and gemm_epilogues
         self.gemm_epilogues, self.grad_kernels = gemm_epilogues, grad_kernels
-        self.int8_gemm = int8_gemm
+        self.int8_gemm, self.bf16_weights = int8_gemm, bf16_weights
         self.steps: list = []
         self.buffers: list[Buf] = []
         self.notes: list[str] = []
@@ -123,7 +123,9 @@ class Lowering:
             opdef = get_op(node.op)
             attrs = opdef.resolve_attrs(node.attrs, self.env)
             outs, reason = None, "no lowering rule"
-            if node.op in RULES:
+            if _bf16_math(node):   # kernels move bf16 and widen it; numpy does its math
+                outs = self.fallback(node, ins, attrs, "bf16 arithmetic (numpy rounds per op)")
+            elif node.op in RULES:
                 try:
                     outs = RULES[node.op](self, node, ins, attrs)
                 except NotLowerable as e:
@@ -175,7 +177,7 @@ class Lowering:
             sub.outputs = list(get_op(node.op).decompose(sub, sub_ins, **attrs))
         inner = Lowering(sub, env, region=isinstance(body, Graph),
                          gemm_epilogues=self.gemm_epilogues, grad_kernels=self.grad_kernels,
-                         int8_gemm=self.int8_gemm)
+                         int8_gemm=self.int8_gemm, bf16_weights=self.bf16_weights)
         inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
         inner.checked, inner.aliases = self.checked, self.aliases
         vals = dict(zip(sub_ins, ins, strict=True))
@@ -219,7 +221,8 @@ class Lowering:
 
 
 def lower(graph: Graph, env: dict[str, int] | None = None, gemm_epilogues: bool = True,
-          grad_kernels: bool = True, int8_gemm: str | None = None) -> Program:
+          grad_kernels: bool = True, int8_gemm: str | None = None,
+          bf16_weights: bool = True) -> Program:
     """The Program for `graph` with its symbolic dims bound by `env`. `gemm_epilogues`:
     the target's GEMM applies a fuse-epilogues region's bias, activation and residual
     itself (llvm); without, they are a generated kernel after it (cupy: cuBLAS cannot).
@@ -228,10 +231,12 @@ def lower(graph: Graph, env: dict[str, int] | None = None, gemm_epilogues: bool 
     takes: "weights" (llvm: u8 rows times a constant i8 weight, with the dequantize as
     its epilogue), "batched" (cupy's `__dp4a` kernel: any u8/i8 operands, i32 out), or
     None: `matmul_integer` runs its decomposition (a generated i32 matmul of the widened
-    operands). Reference fallbacks are a warning (logged
+    operands). `bf16_weights`: the target's GEMM takes a bf16 weight as it is stored
+    (llvm), else its widening cast is a kernel. Reference fallbacks are a warning (logged
     once per Program), or an error in strict mode."""
     program = Lowering(graph, env or {}, gemm_epilogues=gemm_epilogues,
-                       grad_kernels=grad_kernels, int8_gemm=int8_gemm).run()
+                       grad_kernels=grad_kernels, int8_gemm=int8_gemm,
+                       bf16_weights=bf16_weights).run()
     fallbacks = program.stats()["fallbacks"]
     if fallbacks:
         listed = "; ".join(f"{f['node']} ({f['reason']})" for f in fallbacks)
@@ -250,8 +255,20 @@ def strict() -> bool:
 
 def planned_memory(graph: Graph, env: dict[str, int] | None = None,
                    gemm_epilogues: bool = True, grad_kernels: bool = True,
-                   int8_gemm: str | None = None) -> dict:
+                   int8_gemm: str | None = None, bf16_weights: bool = True) -> dict:
     """Arena size (planned, with buffer reuse) and the peak of live bytes, for inspect."""
-    p = lower(graph, env, gemm_epilogues, grad_kernels, int8_gemm)
+    p = lower(graph, env, gemm_epilogues, grad_kernels, int8_gemm, bf16_weights)
     return {"arena_bytes": p.arena_bytes, "live_peak_bytes": p.live_peak_bytes}
 
+
+# ops whose kernels only move elements (or, cast, convert them), so bf16 needs no maths
+_BF16_MOVES = {"cast", "reshape", "transpose", "slice", "expand", "squeeze", "unsqueeze",
+               "concat", "split", "gather"}
+
+
+def _bf16_math(node) -> bool:
+    """Whether a node computes on bf16 values (an add of two bf16 tensors, a bf16 matmul):
+    the generated kernels hold bf16 as its 16 bits, so such a node runs its reference.
+    A matmul of f32 operands, one a widened bf16 weight, computes in f32 and is lowered."""
+    return node.op not in _BF16_MOVES and any(
+        v.type.dtype == "bf16" for v in (*node.inputs, *node.outputs))

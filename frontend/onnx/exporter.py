@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tensorc.errors import TensorcError, UnsupportedOpError
-from tensorc.ir import Dim, Graph, Node, TensorType, Value
+from tensorc.ir import DTYPES, Dim, Graph, Node, TensorType, Value
 from tensorc.ops import get_op
 from tensorc.types import _split_dim
 
@@ -29,6 +29,16 @@ IR_VERSION = 9      # the IR version that goes with opset 20
 NEWER = {"tensor_scatter": (24, 10)}
 DOMAIN = "tensorc"  # where composite ops' functions live
 ONNX_OF = {v: k for k, v in ONNX_DTYPES.items()}
+
+
+def tensor_proto(array: np.ndarray, name: str) -> onnx.TensorProto:
+    """numpy_helper.from_array, but a bfloat16 array is written from its bits (an onnx
+    older than 1.17 does not know ml_dtypes' bfloat16)."""
+    if array.dtype == DTYPES["bf16"]:
+        return helper.make_tensor(name, TensorProto.BFLOAT16, array.shape,
+                                  np.ascontiguousarray(array).view(np.uint16).tobytes(),
+                                  raw=True)
+    return numpy_helper.from_array(array, name)
 
 
 class _Scope:
@@ -57,7 +67,7 @@ class _Scope:
 
     def const(self, array: np.ndarray, hint: str = "const", name: str | None = None) -> str:
         name = name or self.ex.fresh(hint)
-        tensor = numpy_helper.from_array(np.asarray(array), name)
+        tensor = tensor_proto(np.asarray(array), name)
         if self.is_function:
             self.node("Constant", [], outputs=[name], value=tensor)
         else:
@@ -268,8 +278,7 @@ def _axes_input(op_type: str) -> Exporter:
 
 def _full(sc, node, ins, outs):
     a = node.attrs
-    value = numpy_helper.from_array(np.asarray([a["value"]], TensorType((), a["dtype"]).np_dtype),
-                                    "value")
+    value = tensor_proto(np.asarray([a["value"]], TensorType((), a["dtype"]).np_dtype), "value")
     sc.node("ConstantOfShape", [sc.dims(a["shape"])], outputs=outs, value=value)
 
 

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tensorc.errors import ShapeError, TensorcError, UnsupportedOpError
-from tensorc.ir import Dim, Graph, TensorType, Value
+from tensorc.ir import DTYPES, Dim, Graph, TensorType, Value
 from tensorc.ops import get_op
 
 from .handlers import HANDLERS
@@ -301,9 +301,11 @@ class _Importer:
     def _tensor(self, t: onnx.TensorProto, where: str) -> np.ndarray:
         onnx_dtype(t.data_type, where)
         try:
-            return numpy_helper.to_array(t)
+            a = numpy_helper.to_array(t)
         except Exception as e:  # noqa: BLE001  (missing external data, bad raw bytes)
             raise TensorcError(f"{where}: cannot read its data ({e})") from None
+        # an onnx older than 1.17 decodes bfloat16 to float32 (exactly): narrow it back
+        return a.astype(DTYPES["bf16"]) if t.data_type == onnx.TensorProto.BFLOAT16 else a
 
 
 def from_model(model: onnx.ModelProto, bind: dict[str, np.ndarray] | None = None) -> Graph:

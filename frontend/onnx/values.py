@@ -25,7 +25,7 @@ RANGE_BYTES = 1 << 30  # a Range with known bounds may hold at most this much (1
 ONNX_DTYPES = {
     TensorProto.FLOAT16: "f16", TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64",
     TensorProto.INT8: "i8", TensorProto.INT32: "i32", TensorProto.INT64: "i64",
-    TensorProto.UINT8: "u8", TensorProto.BOOL: "bool",
+    TensorProto.UINT8: "u8", TensorProto.BOOL: "bool", TensorProto.BFLOAT16: "bf16",
 }
 
 

@@ -60,7 +60,15 @@ def _matmul_vjp(g, node, dys):
             for d, x in ((da, a), (db, b))]
 
 
-register(OpDef("matmul", infer=_matmul, reference=np.matmul, inputs=(2, 2),
+def _matmul_ref(a, b):
+    """np.matmul; bfloat16 operands are widened to float32 first (ml_dtypes' own matmul
+    returns float32) and the product rounded back once."""
+    if a.dtype.name == "bfloat16":
+        return np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype)
+    return np.matmul(a, b)
+
+
+register(OpDef("matmul", infer=_matmul, reference=_matmul_ref, inputs=(2, 2),
                flops=_matmul_flops, vjp=_matmul_vjp, doc="numpy matmul: batched, broadcasting"))
 
 
@@ -91,7 +99,7 @@ def _extreme(fn, sign: int):
     """max/min where an empty set gives ONNX's answer (numpy raises): -inf/+inf, or the
     integer type's lowest/highest."""
     def with_initial(x, axis, keepdims):
-        if x.dtype.kind == "f":
+        if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
             init = sign * np.inf
         elif x.dtype.kind == "b":
             init = sign > 0

@@ -28,6 +28,7 @@ def _matmul(lw, node, ins, attrs):
     out = lw.out_view(TensorType(batch + (a.shape[-2], b.shape[-1]), t.dtype))
     rows = isinstance(a.expr, Access) and a.expr.coefs[-1] == 1
     columns = isinstance(a.expr, Access) and len(a.shape) == 2 and a.expr.coefs[0] == 1
+    b = _narrow_weight(b) if lw.bf16_weights else b
     if a.shape[-1] > 1 and not rows and not columns:
         # the GEMM packs A from rows, or a 2-D A from columns (a weight gradient's x^T,
         # read from x as it lies); any other layout (a batched transpose) is copied into
@@ -97,6 +98,18 @@ def _dequantize_chain(lw, node) -> list | None:
         chain.append(us[0])
         cur = us[0].outputs[0]
     return chain if chain[0].attrs["dtype"] == "f32" else None
+
+
+def _narrow_weight(b: Lazy) -> Lazy:
+    """B read as it is stored where it is a bf16 weight widened by a cast (what
+    `cast-weights:bf16` makes): the target packs it as bf16 and widens it in the GEMM,
+    rather than a kernel writing a float32 copy (twice the bytes) for it to read."""
+    e = b.expr
+    if len(b.shape) == 2 and isinstance(e, K.Cast) and e.dtype == "f32" \
+            and isinstance(e.x, Access) and e.x.buf.dtype == "bf16" \
+            and e.x.buf.kind == "const":
+        return Lazy(b.shape, e.x)
+    return b
 
 
 def _matmul_kernel(lw, a: Lazy, b: Lazy, batch, dtype: str, name: str) -> Lazy:
