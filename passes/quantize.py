@@ -2,7 +2,7 @@
 
 `quantize:mode=dynamic|static|qdq:weights=per_channel|per_tensor:activations=u8|s8:
 act_scale=row|tensor:calib=minmax|percentile|entropy:skip=NAME+NAME:head=0|1:
-embeddings=1|0:data=FILE`
+embeddings=1|0:sensitive=N:data=FILE`
 
 Every matmul `x @ W` by a constant 2-D f32 weight becomes, with W quantized ahead of
 time to i8 (symmetric, a scale per output column or one per tensor):
@@ -21,7 +21,8 @@ Layer norm, softmax and attention stay float; so does the logits head (a matmul 
 result, through a bias, reshape or cast, is a graph output) unless `head=1`. An
 embedding table that only lookups read in float then (a tied one once the head is
 quantized too: the head reads the same int8 table) becomes int8 with a scale per row
-(`embeddings=0` keeps it). `skip` names
+(`embeddings=0` keeps it). `sensitive=N` leaves in float the N matmuls whose
+quantization alone changes the outputs most on the calibration data. `skip` names
 matmuls to leave in float by a part of their weight's or result's name. A graph at O2
 has its regions opened first and fused again after (`fuse-epilogues` makes the integer
 matmul and its dequantize + bias + activation + residual one region: on llvm one GEMM).
@@ -37,7 +38,7 @@ from tensorc.ops import get_op
 from tensorc.ops.quant import dequantize_ref, quantize_ref
 from tensorc.types import bind_shapes
 
-from .rewrite import dce, graph_pass, inline_regions, replace_keeping_name
+from .rewrite import copy_graph, dce, graph_pass, inline_regions, replace_keeping_name
 
 MODES = ("dynamic", "static", "qdq")
 CALIBRATORS = ("minmax", "percentile", "entropy")
@@ -102,8 +103,8 @@ def weight_qparams(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.nda
 @graph_pass("quantize")
 def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
              activations: str = "u8", act_scale: str = "row", calib: str = "minmax",
-             skip: str = "", head: bool = False, embeddings: bool = True, data=None,
-             percentile: float = 99.99):
+             skip: str = "", head: bool = False, embeddings: bool = True, sensitive: int = 0,
+             data=None, percentile: float = 99.99):
     _choice("mode", mode, MODES)
     _choice("weights", weights, ("per_channel", "per_tensor"))
     _choice("activations", activations, tuple(_ACT_DTYPE))
@@ -117,13 +118,16 @@ def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
     targets = [n for n in g.nodes if _weight(n, mode == "qdq") is not None and n not in no
                and not any(s in weight_name(n.inputs[1]) or s in n.outputs[0].name
                            for s in skips)]
+    for need, what in ((mode == "static", "mode=static"), (sensitive > 0, "sensitive=N")):
+        if need and data is None:
+            raise TensorcError(f"quantize:{what} needs calibration data: --calib "
+                               "FILE.npz (inputs by name), or data= in the Python API")
+    adt = _ACT_DTYPE[activations]
+    if sensitive > 0:
+        targets = least_sensitive(g, targets, data, int(sensitive), adt)
     ranges = {}
     if mode == "static":
-        if data is None:
-            raise TensorcError("quantize:mode=static needs calibration data: --calib "
-                               "FILE.npz (inputs by name), or data= in the Python API")
         ranges = calibrate(g, [n.inputs[0] for n in targets], data, calib, percentile)
-    adt = _ACT_DTYPE[activations]
     for node in targets:
         _rewrite(g, node, mode, weights == "per_channel", adt,
                  None if act_scale == "tensor" else (-1,), ranges.get(node.inputs[0]))
@@ -136,6 +140,27 @@ def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
         from .gemm import fuse_epilogues
         g = fuse_regions(fuse_epilogues(g))
     return g
+
+
+def least_sensitive(g: Graph, targets: list, data, keep: int, adt: str) -> list:
+    """`targets` less the `keep` matmuls whose quantization alone (weights and rows, as
+    the qdq mode rounds them) moves the graph's outputs most on the first calibration
+    batch: mixed precision for the layers a model is most sensitive in."""
+    feed = load_feeds(data)[0]
+    outs = [v for v in g.outputs if v.type.dtype == "f32"]
+    ref = run_collect(g, feed, set(outs))
+    errors = []
+    for i, node in enumerate(g.nodes):
+        if node not in targets:
+            continue
+        trial = copy_graph(g)
+        _rewrite(trial, trial.nodes[i], "qdq", True, adt, (-1,), None)
+        got = run_collect(trial, feed, set(trial.outputs))
+        err = sum(float(np.sqrt(np.mean((got[t] - ref[v]) ** 2) / np.mean(ref[v] ** 2)))
+                  for v, t in zip(g.outputs, trial.outputs, strict=True) if v in outs)
+        errors.append((err, node))
+    worst = {n for _, n in sorted(errors, key=lambda e: -e[0])[:keep]}
+    return [n for n in targets if n not in worst]
 
 
 def _rewrite(g: Graph, node, mode: str, per_channel: bool, adt: str, axes, lohi) -> None:

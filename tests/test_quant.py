@@ -193,3 +193,29 @@ def test_quantization_aware_training_step_fake_quantizes_and_learns():
         for name, g in grads.items():
             params[name] -= 0.5 * g
     assert step(batch)[0] < loss - 0.1
+
+
+def test_head_and_tied_embedding_share_one_int8_table(gpt_tiny):
+    loaded, fp32 = gpt_tiny
+    g = run_pipeline(loaded.graph, "O1,quantize:head=1")
+    sizes = g.weight_bytes()
+    f32_before = run_pipeline(loaded.graph, "O1").weight_bytes()["f32"]
+    # every matrix is int8 now, the tied embedding once; f32 keeps norms, biases, scales
+    assert sizes["i8"] * 4 > 0.9 * f32_before and sizes["f32"] < sizes["i8"] / 2
+    text = str(g)
+    assert "gather(%wte.weight.q, %input_ids)" in text
+    assert "transpose(%wte.weight.q, perm=[1,0])" in text and "%wte.weight:" not in text
+    assert rel(run(g, "numpy", loaded.inputs)[0], fp32) < 0.05
+    assert rel(run(g, "llvm", loaded.inputs)[0], run(g, "numpy", loaded.inputs)[0]) < 1e-4
+
+
+def test_sensitive_keeps_the_matmuls_the_output_depends_on_most_in_float(gpt_tiny):
+    loaded, fp32 = gpt_tiny
+    calib = {"quantize": {"data": [loaded.inputs]}}
+    all_int8 = run_pipeline(loaded.graph, "O2,quantize")
+    mixed = run_pipeline(loaded.graph, "O2,quantize:sensitive=2", options=calib)
+    assert str(mixed).count("matmul_integer(") == str(all_int8).count("matmul_integer(") - 2
+    err_mixed = rel(run(mixed, "numpy", loaded.inputs)[0], fp32)
+    assert err_mixed < rel(run(all_int8, "numpy", loaded.inputs)[0], fp32)
+    with pytest.raises(TensorcError, match="sensitive=N needs calibration data"):
+        run_pipeline(loaded.graph, "quantize:sensitive=1")
