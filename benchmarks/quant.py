@@ -78,8 +78,11 @@ def ort_model(engine: str, g, feeds, folder: str) -> str:
 
         def get_next(self):
             return next(self.items, None)
+    # MatMul and Gemm only (as tensorc's pass): left to quantize every op the tool gives
+    # the masked attention scores (range -inf) NaN scales
     quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    op_types_to_quantize=["MatMul", "Gemm"])
     return out
 
 
