@@ -2,11 +2,12 @@
 against (quantization's and pruning's accuracy): one command, a few minutes per model
 on 2 cores, each checkpoint a directory `tensorc run/generate/export` accept.
 
-    python tools/train_checkpoints.py --out checkpoints [--only gpt,vit] [--scale 0.2]
+    python tools/train_checkpoints.py --out checkpoints [--only gpt,vit] [--scale 0.2] [--qat]
 
 Prints a markdown table of what each reached on held-out data (bits per byte, masked
 -byte loss, digits accuracy, BLEU) and the time it took. `--scale` shortens every run
-(for a quick check of the script itself).
+(for a quick check of the script itself); `--qat` trains quantization-aware (the
+checkpoints then run in int8 with `--passes O2,quantize`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated subset of " + ",".join(RECIPES))
     ap.add_argument("--backend", default="llvm")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the steps to run")
+    ap.add_argument("--qat", action="store_true", help="quantization-aware training")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(RECIPES)
     rows = []
@@ -56,7 +58,7 @@ def main() -> int:
                                for k in ("steps", "warmup")}}
         run = Run(**run_kw, backend=args.backend, out=os.path.join(args.out, name))
         t0 = time.perf_counter()
-        last = fit(run, TrainConfig(**cfg_kw))
+        last = fit(run, TrainConfig(**cfg_kw, qat=args.qat))
         seconds = time.perf_counter() - t0
         got = {k: round(last[k], 4) for k in METRICS if k in last}
         rows.append((name, run.task, cfg_kw["steps"], got, seconds, last["step_ms"]))
