@@ -256,6 +256,8 @@ def test_paths_and_override(monkeypatch):
     assert "portable" in paths and Q.default_path() == paths[0]
     monkeypatch.setenv("TENSORC_QGEMM_PATH", "portable")
     assert Q.default_path() == "portable"
+    a = np.zeros((2, 8), np.uint8)
+    assert Q.bind(a, np.zeros((8, 4), np.int8), np.empty((2, 4), np.int32)).path == "portable"
     monkeypatch.setenv("TENSORC_QGEMM_PATH", "nonsense")
     with pytest.raises(TensorcError, match="unknown path"):
         Q.default_path()
