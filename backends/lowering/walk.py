@@ -33,8 +33,9 @@ class Lowering:
         # Value -> the GEMM Call whose whole output it is (through views), with nothing else
         # reading that output yet: while so, the GEMM's epilogue can still grow.
         self.pending: dict = {}
-        # node -> (its result, the library call that computes it): a node a call absorbed
-        # ahead of its turn (an integer GEMM's dequantize)
+        # node -> (its result, the library call that computes it, or None): a node an
+        # earlier step computed ahead of its turn (an integer GEMM's dequantize; the
+        # quantize whose scales a quant_params kernel makes)
         self.absorbed: dict = {}
         self.vals: dict = {}   # Value -> Lazy, as far as the walk has come
         self.users = graph.users()
@@ -116,7 +117,8 @@ class Lowering:
         for node in nodes:
             if node in self.absorbed:
                 lazy, call = self.absorbed.pop(node)
-                self.pending[node.outputs[0]] = call
+                if call is not None:
+                    self.pending[node.outputs[0]] = call
                 self.bind(node, [lazy], vals)
                 continue
             ins = [vals[v] for v in node.inputs]

@@ -253,7 +253,64 @@ def _argmax(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _quant_params(lw, node, ins, attrs):
+    """A scale and zero point per row (dynamic quantization) in one kernel: the row's
+    range in one pass, then, when a `quantize` of the same x by them is the reader (as the
+    quantize pass writes it), the quantized row in a second, so x is read twice and no
+    small kernel runs in between. The arithmetic is the reference's, step for step."""
+    x = ins[0]
+    _float_input(node, x)
+    if x.dtype != "f32":
+        raise NotLowerable(f"quant_params on {x.dtype}")
+    shape, dtype = x.shape, attrs["dtype"]
+    axes = range(len(shape)) if attrs["axes"] is None else \
+        sorted({norm_axis(a, len(shape)) for a in attrs["axes"]})
+    pt = node.outputs[0].type.concrete(lw.env)
+    scale_out, zp_out = lw.out_view(pt), lw.out_view(TensorType(pt.shape, dtype))
+    (quant,) = lw.users.get(node.outputs[0], [None])[:1] or [None]
+    fuse = quant is not None and quant.op == "quantize" and \
+        quant.inputs == [node.inputs[0], *node.outputs]
+    q_out = lw.out_view(TensorType(shape, dtype)) if fuse else None
+    r = Rows(node.op, shape, list(axes), [x], [scale_out, zp_out] + [q_out] * fuse)
+    kb = r.kb
+    lo, hi = (0, 255) if dtype == "u8" else (-128, 127)
+    zero, one = _f("f32", 0.0), _f("f32", 1.0)
+    scale, zp = kb.var("f32"), kb.var("f32")
+    if dtype == "u8":
+        mn, mx = kb.var("f32"), kb.var("f32")
+        body = [K.Decl(mn, _f("f32", math.inf)), K.Decl(mx, _f("f32", _NEG_INF))]
+        body += r.over_reduced(lambda: [K.Assign(mn, K.binary("min", mn, r.at(x))),
+                                        K.Assign(mx, K.binary("max", mx, r.at(x)))])
+        body += [K.Assign(mn, K.binary("min", mn, zero)), K.Assign(mx, K.binary("max", mx, zero)),
+                 K.Decl(scale, K.binary("div", K.binary("sub", mx, mn), _f("f32", 255.0)))]
+        body.append(K.Assign(scale, K.Select(K.binary("eq", scale, zero), one, scale)))
+        z = K.Unary("round", K.binary("div", K.Unary("neg", mn), scale))
+        body.append(K.Decl(zp, K.binary("min", K.binary("max", z, _f("f32", lo)),
+                                         _f("f32", hi))))
+    else:
+        amax = kb.var("f32")
+        body = [K.Decl(amax, zero)]
+        body += r.over_reduced(lambda: [K.Assign(amax, K.binary("max", amax,
+                                                                 K.Unary("abs", r.at(x))))])
+        body.append(K.Decl(scale, K.binary("div", amax, _f("f32", 127.0))))
+        body.append(K.Assign(scale, K.Select(K.binary("eq", scale, zero), one, scale)))
+        body.append(K.Decl(zp, zero))
+    body += [r.store(scale_out, scale, True), r.store(zp_out, K.Cast(zp, dtype), True)]
+    if fuse:
+        def write():
+            v = K.binary("add", K.Unary("round", K.binary("div", r.at(x), scale)), zp)
+            v = K.binary("min", K.binary("max", v, _f("f32", lo)), _f("f32", hi))
+            return [r.store(q_out, K.Cast(v, dtype), False)]
+        body += r.over_reduced(write)
+    lw.steps.append(r.kernel(body, 1 + fuse))
+    outs = [lw.of_view(scale_out), lw.of_view(zp_out)]
+    if fuse:
+        lw.absorbed[quant] = (lw.of_view(q_out), None)
+    return outs
+
+
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
+    "quant_params": _quant_params,
     "softmax": in_f32(_softmax),
     "log_softmax": in_f32(_softmax),
     "layer_norm": in_f32(_layer_norm),
