@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import sys
 import time
 
 
@@ -51,6 +52,22 @@ def take_turns(procs: dict, rounds: int, request, pause: float = 0.3) -> dict[st
         proc.stdin.close()
         proc.wait()
     return got
+
+
+def serve(fn) -> None:
+    """A worker's loop: say "ready", then answer each "run N WARMUP" line from the parent
+    with the seconds of N timed calls of `fn`, after WARMUP untimed ones."""
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        _, runs, warmup = line.split()
+        for _ in range(int(warmup)):
+            fn()
+        times = []
+        for _ in range(int(runs)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        print(json.dumps(times), flush=True)
 
 
 def has(module: str) -> bool:

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 import numpy as np
-from engines import answer, has, start_engines, take_turns  # beside this script
+from engines import answer, has, serve, start_engines, take_turns  # beside this script
 
 
 def build(name: str, seq: int):
@@ -101,17 +101,7 @@ def worker(peer: str, name: str, seq: int) -> None:
         print(json.dumps(fn), flush=True)
         return
     fn()  # warm up
-    print(json.dumps("ready"), flush=True)
-    for line in sys.stdin:
-        _, runs, warmup = line.split()
-        for _ in range(int(warmup)):
-            fn()
-        times = []
-        for _ in range(int(runs)):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        print(json.dumps(times), flush=True)
+    serve(fn)
 
 
 def start(peer, name, seq, env_changes: dict) -> subprocess.Popen:

@@ -30,7 +30,7 @@ import sys
 import tempfile
 
 import numpy as np
-from engines import cpu_model, has, start_engines, take_turns  # beside this script
+from engines import cpu_model, has, serve, start_engines, take_turns  # beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TENSORC = {"fp32": "O2", "bf16": "O2,cast-weights:bf16", "int8-dynamic": "O2,quantize",
@@ -105,25 +105,14 @@ def engine_fn(engine: str, name: str, seq: int, head: bool, folder: str):
 
 
 def worker(engine: str, name: str, seq: int, head: bool, folder: str) -> None:
-    """Subprocess entry: build one engine, say where its output went, then time runs."""
-    import time
+    """Subprocess entry: build one engine, save its output beside the others, time runs."""
     fn = engine_fn(engine, name, seq, head, folder)
     if isinstance(fn, str):
         print(json.dumps(fn), flush=True)
         return
     out = fn()
     np.save(os.path.join(folder, engine + ".out.npy"), next(iter(out.values())))
-    print(json.dumps("ready"), flush=True)
-    for line in sys.stdin:
-        _, runs, warmup = line.split()
-        for _ in range(int(warmup)):
-            fn()
-        times = []
-        for _ in range(int(runs)):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        print(json.dumps(times), flush=True)
+    serve(fn)
 
 
 def bench(name: str, seq: int, engines, rounds: int, runs: int, head: bool) -> dict:

@@ -615,28 +615,11 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     fixed_args = [list(fixed) for _, fixed, _, _ in steps]   # patched in place
     state = {"key": None, "blocks": []}
 
-    def prepare(key):   # argument blocks with this thread's workspaces
-        blocks = [_block(fx, _workspaces(ws, workers), items)
-                  for fx, (_, _, items, ws) in zip(fixed_args, steps, strict=True)]
-        state.update(key=key, blocks=blocks,
-                     launch=[(job, blk.ctypes.data, len(items))
-                             for blk, (job, _, items, _) in zip(blocks, steps, strict=True)],
-                     serial=[pool.launcher(job, blk.ctypes.data, len(items), 1)
-                             for blk, (job, _, items, _) in zip(blocks, steps, strict=True)])
-
     def run():
         key = (_prepacked_a(), _workspace())   # a call may come from another thread
-        if key != state["key"]:
-            prepare(key)
-        if workers is not None and workers.lock.acquire(blocking=False):
-            try:
-                for launch in state["launch"]:
-                    workers.run(*launch)
-            finally:
-                workers.lock.release()
-            return
-        for call in state["serial"]:   # small, or the pool is taken: on this thread
-            call()
+        if key != state["key"]:   # argument blocks with this thread's workspaces
+            prepare_steps(state, key, steps, workers, fixed_args)
+        run_steps(state, workers)
 
     def patch(role: str, address: int) -> None:
         if role not in ("a", "b", "out", "bias", "residual"):
@@ -648,6 +631,34 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     run.patch = patch
     run.keep = packed   # a per-call B's packing buffer
     return run
+
+def prepare_steps(state: dict, key, steps: list, workers, fixed=None) -> None:
+    """A bound call's argument blocks (`fixed`: each step's fixed arguments, if they are
+    patched apart from `steps`) with this thread's workspaces, into `state`: its pool
+    launches and its serial launchers."""
+    fixed = fixed or [fx for _, fx, _, _ in steps]
+    blocks = [_block(fx, _workspaces(ws, workers), items)
+              for fx, (_, _, items, ws) in zip(fixed, steps, strict=True)]
+    state.update(key=key, blocks=blocks,
+                 launch=[(job, blk.ctypes.data, len(items))
+                         for blk, (job, _, items, _) in zip(blocks, steps, strict=True)],
+                 serial=[pool.launcher(job, blk.ctypes.data, len(items), 1)
+                         for blk, (job, _, items, _) in zip(blocks, steps, strict=True)])
+
+
+def run_steps(state: dict, workers) -> None:
+    """Run prepared steps on the pool, or on this thread when the call is small or the
+    pool is taken (another caller is using it)."""
+    if workers is not None and workers.lock.acquire(blocking=False):
+        try:
+            for launch in state["launch"]:
+                workers.run(*launch)
+        finally:
+            workers.lock.release()
+        return
+    for call in state["serial"]:
+        call()
+
 
 def library_groups(m: int, k: int, n: int, activation: str | None = None,
                    threads: int | None = None, bf16: bool = False) -> list[str]:

@@ -58,7 +58,7 @@ import numpy as np
 from tensorc.errors import ShapeError, TensorcError
 
 from . import pool
-from .gemm import _activation_name, _block, _split, _workspaces
+from .gemm import _activation_name, _split, _workspaces, prepare_steps, run_steps
 from .gemm_ir import ITEMS_PER_THREAD
 from .jit import compile_library, target
 from .pool import num_threads
@@ -379,14 +379,6 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
         else None
     state = {"key": None}
 
-    def prepare(key):
-        blocks = [_block(fx, _workspaces(ws, workers), items) for _, fx, items, ws in steps]
-        state.update(key=key, blocks=blocks,
-                     launch=[(job, blk.ctypes.data, len(items))
-                             for blk, (job, _, items, _) in zip(blocks, steps, strict=True)],
-                     serial=[pool.launcher(job, blk.ctypes.data, len(items), 1)
-                             for blk, (job, _, items, _) in zip(blocks, steps, strict=True)])
-
     def run():
         if per_call is not None:   # B is not a packed weight: it may have changed
             packed.fill(per_call)
@@ -399,16 +391,8 @@ def bind(a, b, out, *, a_zero=None, row_scale=None, col_scale=None, bias=None,
     def compute():
         key = _workspaces(("qtile", TILE_WORDS))[0]   # a call may come from another thread
         if key != state["key"]:
-            prepare(key)
-        if workers is not None and workers.lock.acquire(blocking=False):
-            try:
-                for launch in state["launch"]:
-                    workers.run(*launch)
-            finally:
-                workers.lock.release()
-            return
-        for call in state["serial"]:
-            call()
+            prepare_steps(state, key, steps, workers)
+        run_steps(state, workers)
 
     roles = {"a": "a", "out": "out", "a_zero": "az", "row_scale": "rs", "col_scale": "cs",
              "bias": "bias", "residual": "res"}
