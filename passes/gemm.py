@@ -126,7 +126,7 @@ def _epilogue(g: Graph, users, mm) -> list:
 
 def _dequantize_chain(g: Graph, users, mm):
     """An integer matmul's dequantize, as the quantize pass writes it:
-    cast(acc, f32) * row_scale * column_scale, the row scale [..., M, 1] or rank 0, the
+    cast(acc, f32) * row_scale * column_scale, the row scale [..., M, 1] or one value, the
     column scale a constant [N] or rank 0; None if the matmul is not followed by it."""
     chain, cur = [mm], mm.outputs[0]
     n = mm.outputs[0].type.shape[-1]
@@ -141,7 +141,8 @@ def _dequantize_chain(g: Graph, users, mm):
         elif want == "row":
             t = other[0].type if len(other) == 1 else None
             ok = u.op == "mul" and t is not None and t.dtype == "f32" and (
-                t.rank == 0 or (t.shape[-1] == 1 and t.shape[:-1] == cur.type.shape[:-1]))
+                all(d == 1 for d in t.shape)   # per tensor
+                or (t.shape[-1] == 1 and t.shape[:-1] == cur.type.shape[:-1]))
         else:
             t = other[0].type if len(other) == 1 else None
             ok = u.op == "mul" and t is not None and other[0].is_constant \

@@ -123,14 +123,15 @@ def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
             raise TensorcError(f"quantize:{what} needs calibration data: --calib "
                                "FILE.npz (inputs by name), or data= in the Python API")
     adt = _ACT_DTYPE[activations]
+    per_channel, axes = weights == "per_channel", None if act_scale == "tensor" else (-1,)
     if sensitive > 0:
-        targets = least_sensitive(g, targets, data, int(sensitive), adt)
+        targets = least_sensitive(g, targets, data, int(sensitive), lambda trial, node: _rewrite(
+            trial, node, "qdq", per_channel, adt, axes, None))
     ranges = {}
     if mode == "static":
         ranges = calibrate(g, [n.inputs[0] for n in targets], data, calib, percentile)
     for node in targets:
-        _rewrite(g, node, mode, weights == "per_channel", adt,
-                 None if act_scale == "tensor" else (-1,), ranges.get(node.inputs[0]))
+        _rewrite(g, node, mode, per_channel, adt, axes, ranges.get(node.inputs[0]))
     dce(g)
     if embeddings and mode != "qdq":
         quantize_tables(g)
@@ -142,10 +143,10 @@ def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
     return g
 
 
-def least_sensitive(g: Graph, targets: list, data, keep: int, adt: str) -> list:
-    """`targets` less the `keep` matmuls whose quantization alone (weights and rows, as
-    the qdq mode rounds them) moves the graph's outputs most on the first calibration
-    batch: mixed precision for the layers a model is most sensitive in."""
+def least_sensitive(g: Graph, targets: list, data, keep: int, fake_quantize) -> list:
+    """`targets` less the `keep` matmuls whose quantization alone (`fake_quantize(graph,
+    node)`: the qdq form) moves the graph's outputs most on the first calibration batch:
+    mixed precision for the layers a model is most sensitive in."""
     feed = load_feeds(data)[0]
     outs = [v for v in g.outputs if v.type.dtype == "f32"]
     ref = run_collect(g, feed, set(outs))
@@ -154,7 +155,7 @@ def least_sensitive(g: Graph, targets: list, data, keep: int, adt: str) -> list:
         if node not in targets:
             continue
         trial = copy_graph(g)
-        _rewrite(trial, trial.nodes[i], "qdq", True, adt, (-1,), None)
+        fake_quantize(trial, trial.nodes[i])
         got = run_collect(trial, feed, set(trial.outputs))
         err = sum(float(np.sqrt(np.mean((got[t] - ref[v]) ** 2) / np.mean(ref[v] ** 2)))
                   for v, t in zip(g.outputs, trial.outputs, strict=True) if v in outs)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from tensorc.backends import get_backend
+from tensorc.backends.llvm import LOWERING as LLVM_LOWERING
+from tensorc.backends.lowering import lower
 from tensorc.errors import TensorcError
 from tensorc.ir import Graph, TensorType
 from tensorc.loading import load_model
@@ -94,6 +96,11 @@ def test_quantized_gpt_is_close_to_fp32_and_llvm_matches_numpy(gpt_tiny, spec):
     got = exe(**loaded.inputs)
     assert rel(got, ref) < 1e-4
     assert not exe.stats()["fallbacks"]
+    # every integer matmul is one int8 GEMM call with its dequantize as the epilogue
+    calls = [s for s in lower(g, {}, **LLVM_LOWERING).steps
+             if getattr(s, "op", "") == "matmul_integer"]
+    assert len(calls) == str(g).count("matmul_integer(")
+    assert all("col_scale" in c.epilogue for c in calls)
     # again on other tokens: nothing the first call computed (a scale, a zero point) is kept
     ids = np.random.default_rng(1).integers(0, 97, loaded.inputs["input_ids"].shape)
     assert rel(exe(input_ids=ids), run(g, "numpy", {"input_ids": ids})[0]) < 1e-4

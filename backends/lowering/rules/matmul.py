@@ -53,10 +53,15 @@ def _matmul_integer(lw, node, ins, attrs):
     if lw.int8_gemm != "weights":
         raise NotLowerable("no integer GEMM on this target")
     a, b, *zps = ins
-    if a.dtype != "u8" or b.dtype != "i8" or len(b.shape) != 2 or len(a.shape) < 2 \
-            or not (isinstance(b.expr, Access) and b.expr.buf.kind == "const") or len(zps) > 1:
-        raise NotLowerable("the integer GEMM takes u8 activations and a constant 2-D i8 "
+    if a.dtype not in ("u8", "i8") or b.dtype != "i8" or len(b.shape) != 2 \
+            or len(a.shape) < 2 or len(zps) > 1 \
+            or not (isinstance(b.expr, Access) and b.expr.buf.kind == "const"):
+        raise NotLowerable("the integer GEMM takes 8-bit activations and a constant 2-D i8 "
                            "weight without a zero point")
+    if a.dtype == "i8":   # a - zp = (a + 128) - (zp + 128): the same product in u8
+        a = _plus_128(a)
+        zps = [_plus_128(zps[0]) if zps else
+               Lazy((), K.Const(128, "u8"))]
     rows, n = math.prod(a.shape[:-1]), b.shape[-1]
     shape = tuple(a.shape[:-1]) + (n,)
     epi = {}
@@ -77,6 +82,12 @@ def _matmul_integer(lw, node, ins, attrs):
         for u in chain:
             lw.absorbed[u] = (result, call)
     return [result]
+
+
+def _plus_128(x: Lazy) -> Lazy:
+    """An i8 value + 128 as u8 (exact: -128..127 -> 0..255)."""
+    wide = K.binary("add", K.Cast(x.expr, "i32"), K.Const(128, "i32"))
+    return Lazy(x.shape, K.Cast(wide, "u8"))
 
 
 def _per_row(lw, x: Lazy, lead, rows: int) -> View:
