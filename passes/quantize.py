@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tensorc.errors import TensorcError
+from tensorc.errors import InputError, TensorcError
 from tensorc.ir import Graph, Value
 from tensorc.ops import get_op
 from tensorc.ops.quant import dequantize_ref, quantize_ref
@@ -47,8 +47,9 @@ _ACT_DTYPE = {"u8": "u8", "s8": "i8"}
 
 
 def _choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise TensorcError(f"quantize: {name}={value!r} should be one of {', '.join(choices)}")
+    if isinstance(value, (list, dict)) or value not in choices:
+        raise TensorcError(f"quantize: {name}={value!r} should be one of "
+                           f"{', '.join(map(str, choices))}")
     return value
 
 
@@ -110,6 +111,12 @@ def quantize(g: Graph, mode: str = "dynamic", weights: str = "per_channel",
     _choice("activations", activations, tuple(_ACT_DTYPE))
     _choice("act_scale", act_scale, ("row", "tensor"))
     _choice("calib", calib, CALIBRATORS)
+    for name, value in (("head", head), ("embeddings", embeddings)):
+        _choice(name, value, (True, False, 0, 1))
+    if not isinstance(sensitive, int) or isinstance(sensitive, bool) or sensitive < 0:
+        raise TensorcError(f"quantize: sensitive={sensitive!r} should be a count of matmuls")
+    if not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
+        raise TensorcError(f"quantize: percentile={percentile!r} should be in (50, 100]")
     regions = any(n.op == "fused" for n in g.nodes)
     if regions:
         g = inline_regions(g)
@@ -277,7 +284,10 @@ def run_collect(g: Graph, feed: dict, wanted: set) -> dict:
     if missing:
         raise TensorcError(f"calibration data lacks input(s) {missing} (has {sorted(feed)})")
     arrays = [np.asarray(feed[v.name]) for v in g.inputs]
-    env = bind_shapes([v.type for v in g.inputs], arrays, [v.name for v in g.inputs])
+    try:
+        env = bind_shapes([v.type for v in g.inputs], arrays, [v.name for v in g.inputs])
+    except InputError as e:
+        raise InputError(f"calibration data: {e}") from None
     vals = {v: v.data for v in g.constants.values()}
     vals.update(zip(g.inputs, arrays, strict=True))
     got = {v: vals[v] for v in wanted if v in vals}

@@ -170,6 +170,14 @@ def test_bad_options_and_missing_calibration_data_are_one_line_errors(gpt_tiny, 
         run_pipeline(loaded.graph, "quantize:mode=static")
     with pytest.raises(TensorcError, match=r"lacks input\(s\) \['input_ids'\]"):
         run_pipeline(loaded.graph, "quantize:mode=static", options={"quantize": {"data": [{}]}})
+    for bad, says in (("sensitive=x", "should be a count of matmuls"),
+                      ("head=2", "head=2 should be one of"),
+                      ("percentile=10", r"should be in \(50, 100\]")):
+        with pytest.raises(TensorcError, match=says):
+            run_pipeline(loaded.graph, "quantize:" + bad)
+    wrong = {"input_ids": np.zeros((2, 3, 4), np.int64)}
+    with pytest.raises(TensorcError, match="calibration data: input 'input_ids': expected"):
+        run_pipeline(loaded.graph, "quantize:mode=static", options={"quantize": {"data": [wrong]}})
     with pytest.raises(TensorcError, match="cannot read calibration data"):
         run_pipeline(loaded.graph, f"quantize:mode=static:data={tmp_path / 'none.npz'}")
     path = tmp_path / "calib.npz"
