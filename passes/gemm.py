@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from tensorc.ir import Graph
+from tensorc.ops.quant import dequantize_chain
 
 from .fusion import region_node
 from .rewrite import dce, graph_pass, replace_keeping_name
@@ -94,9 +95,10 @@ def _epilogue(g: Graph, users, mm) -> list:
     residual through the GEMM's own frame, or leaves an op it cannot frame to a kernel."""
     chain, cur, stage = [mm], mm.outputs[0], 0   # stage: 0 bias, 1 activation, 2 residual
     if mm.op == "matmul_integer":
-        chain = _dequantize_chain(g, users, mm)
-        if chain is None:
+        steps = dequantize_chain(mm, users, g.outputs)
+        if steps is None:
             return [mm]
+        chain += [n for n, _ in steps]
         cur = chain[-1].outputs[0]
     while stage < 3:
         us = users.get(cur, [])
@@ -121,36 +123,6 @@ def _epilogue(g: Graph, users, mm) -> list:
         cur = u.outputs[0]
     while chain[-1].op == "reshape":   # a view alone gains nothing
         chain.pop()
-    return chain
-
-
-def _dequantize_chain(g: Graph, users, mm):
-    """An integer matmul's dequantize, as the quantize pass writes it:
-    cast(acc, f32) * row_scale * column_scale, the row scale [..., M, 1] or one value, the
-    column scale a constant [N] or rank 0; None if the matmul is not followed by it."""
-    chain, cur = [mm], mm.outputs[0]
-    n = mm.outputs[0].type.shape[-1]
-    for want in ("cast", "row", "column"):
-        us = users.get(cur, [])
-        if len(us) != 1 or cur in g.outputs:
-            return None
-        u = us[0]
-        other = [v for v in u.inputs if v is not cur]
-        if want == "cast":
-            ok = u.op == "cast" and u.attrs["dtype"] == "f32"
-        elif want == "row":
-            t = other[0].type if len(other) == 1 else None
-            ok = u.op == "mul" and t is not None and t.dtype == "f32" and (
-                all(d == 1 for d in t.shape)   # per tensor
-                or (t.shape[-1] == 1 and t.shape[:-1] == cur.type.shape[:-1]))
-        else:
-            t = other[0].type if len(other) == 1 else None
-            ok = u.op == "mul" and t is not None and other[0].is_constant \
-                and t.shape in ((), (n,))
-        if not ok:
-            return None
-        chain.append(u)
-        cur = u.outputs[0]
     return chain
 
 

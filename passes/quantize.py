@@ -35,7 +35,7 @@ import numpy as np
 from tensorc.errors import InputError, TensorcError
 from tensorc.ir import Graph, Value
 from tensorc.ops import get_op
-from tensorc.ops.quant import dequantize_ref, quantize_ref
+from tensorc.ops.quant import QUANT_RANGE, dequantize_ref, quantize_ref, scale_role
 from tensorc.types import bind_shapes
 
 from .rewrite import copy_graph, dce, graph_pass, inline_regions, replace_keeping_name
@@ -177,7 +177,10 @@ def _rewrite(g: Graph, node, mode: str, per_channel: bool, adt: str, axes, lohi)
     x, w = node.inputs
     start = len(g.nodes)
     name = weight_name(w)
-    if lohi is None:
+    given = _dequantized(x) if mode != "qdq" else None
+    if given is not None:   # x is already integers (an imported QDQ file): keep them
+        xq, s, z = given
+    elif lohi is None:
         s, z = g.add_node("quant_params", [x], {"dtype": adt, "axes": axes})
     else:
         s, z = (g.add_constant(g.fresh_name(f"{name}.in_{k}"), a)
@@ -195,8 +198,9 @@ def _rewrite(g: Graph, node, mode: str, per_channel: bool, adt: str, axes, lohi)
         y = g.add("matmul", xq, wf)
     else:
         wqv, wsv = _int8_weight(g, w, per_channel)
-        xq = g.add("quantize", x, s, z)
-        zps = [z] if adt == "u8" else []   # symmetric i8 activations have zero point 0
+        if given is None:
+            xq = g.add("quantize", x, s, z)
+        zps = [] if adt == "i8" and given is None else [z]   # symmetric i8: zero point 0
         acc = g.add("matmul_integer", xq, wqv, *zps)
         y = g.add("mul", g.add("mul", g.add("cast", acc, dtype="f32"), s), wsv)
     new = g.nodes[start:]
@@ -252,6 +256,16 @@ def quantize_tables(g: Graph) -> None:
             at = g.nodes.index(n)
             g.nodes[at:at] = new
             replace_keeping_name(g, n.outputs[0], y)
+
+
+def _dequantized(x: Value):
+    """(q, scale, zero point) when x = dequantize(q, ...) of 8-bit q by one scale per
+    tensor or per row, which the integer matmul's dequantize can take; else None."""
+    n = x.producer
+    if n is None or n.op != "dequantize" or n.inputs[0].type.dtype not in QUANT_RANGE:
+        return None
+    q, scale, zp = n.inputs
+    return (q, scale, zp) if scale_role(scale.type, x.type) in ("tensor", "row") else None
 
 
 def static_qparams(lo: float, hi: float, adt: str) -> tuple[np.ndarray, np.ndarray]:

@@ -435,3 +435,28 @@ def test_conv_integer_with_a_huge_kernel_is_refused():
                       [("y", TensorProto.INT32, [1, 1, 1, 1])])
     with pytest.raises(UnsupportedOpError, match="70x70 kernel in 1 groups is 4900 integer"):
         tx.from_model(model)
+
+
+@pytest.mark.parametrize("scheme", ["dynamic_s8_per_channel", "dynamic_s8", "static_qdq"])
+def test_ort_quantized_gpt_runs_on_the_int8_gemm(scheme, tmp):
+    """ONNX Runtime's dynamic files (MatMulInteger with a zero weight zero point, then
+    Cast and Mul by a_scale * b_scale) reach llvm's int8 GEMM with the dequantize as its
+    epilogue, not the generated i32 kernel; a static QDQ file does through `quantize`,
+    which keeps the file's own activation integers and scales."""
+    from tensorc.backends.llvm import LOWERING
+    from tensorc.backends.lowering import lower
+    from tensorc.passes import run_pipeline
+    model, feeds = quantized("gpt", scheme, tmp)
+    graph = run_pipeline(tx.from_model(model), "O2,quantize" if "qdq" in scheme else "O2")
+    calls = [s for s in lower(graph, {}, **LOWERING).steps
+             if getattr(s, "op", "") == "matmul_integer"]
+    assert len(calls) == str(graph).count("matmul_integer(") > 0
+    assert all({"row_scale", "col_scale"} & set(c.epilogue) for c in calls)
+    got = get_backend("llvm").compile(graph)(**feeds[0])
+    want = _ort(model, feeds[0])
+    got = got if isinstance(got, tuple) else (got,)
+    # the static file quantizes the logits too: a last-bit difference in the integer
+    # path's float scaling moves a logit by one step of that grid (3.5e-3 here)
+    bound = 0.05 if "qdq" in scheme else 1e-5
+    for g, w in zip(got, want.values(), strict=True):
+        assert _rel(g, w) < bound

@@ -236,3 +236,51 @@ register(OpDef(
     doc="(a - a_zero_point) @ (b - b_zero_point) of u8/i8 operands accumulated in i32 "
         "(ONNX MatMulInteger); zero points broadcast against their operand",
 ))
+
+
+def dequantize_chain(mm, users, outputs=()) -> list | None:
+    """The dequantize after an integer matmul `mm`: a cast to f32, then one or two
+    multiplications by scales, as [(node, role)] with role "row" ([..., M, 1]) or
+    "column" ([N], [1, N], ...; a one-value scale takes the free role); None if `mm` is
+    not followed by that. Both the quantize pass's form (acc * row scale * column scale)
+    and ONNX Runtime's (acc * (a_scale * b_scale), per column) fit: the
+    `fuse-epilogues` pass makes such a chain one region and lowering the integer GEMM's
+    epilogue. `users`: value -> the nodes reading it; `outputs`: values other code reads."""
+    acc = mm.outputs[0].type
+    chain, cur = [], mm.outputs[0]
+    while len(chain) < 3:
+        us = users.get(cur, [])
+        if len(us) != 1 or cur in outputs:
+            break
+        u = us[0]
+        if not chain:
+            if u.op != "cast" or u.attrs["dtype"] != "f32":
+                return None
+            chain.append((u, "cast"))
+        else:
+            other = [v for v in u.inputs if v is not cur]
+            role = scale_role(other[0].type, acc) if u.op == "mul" and len(other) == 1 \
+                else None
+            taken = {r for _, r in chain}
+            if role == "tensor":
+                role = "row" if "row" not in taken else "column"
+            if role is None or role in taken:
+                break
+            chain.append((u, role))
+        cur = u.outputs[0]
+    return chain[1:] and chain or None
+
+
+def scale_role(t: TensorType, acc: TensorType) -> str | None:
+    """How a scale of type `t` applies to a matrix of type `acc`: "tensor" (one value),
+    "row" ([..., M, 1]), "column" ([N], [1, N], ...) or None."""
+    if t.dtype != "f32" or t.rank > acc.rank:
+        return None
+    shape = (1,) * (acc.rank - t.rank) + tuple(t.shape)
+    if all(d == 1 for d in shape):
+        return "tensor"
+    if shape[-1] == 1 and shape[:-1] == tuple(acc.shape[:-1]):
+        return "row"
+    if shape[-1] == acc.shape[-1] and all(d == 1 for d in shape[:-1]):
+        return "column"
+    return None

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from tensorc.ir import TensorType
+from tensorc.ops.quant import dequantize_chain
 
 from ... import kernel_ir as K
 from ..program import Buf, Call, NotLowerable, View
@@ -45,7 +46,7 @@ def _matmul_integer(lw, node, ins, attrs):
     """The target's integer GEMM (`lw.int8_gemm`): "batched" takes any u8/i8 operands
     (cupy, below); "weights" u8 activations times a constant 2-D i8 weight (llvm). Inside
     a fuse-epilogues region the dequantize after it (cast to f32, times the row scale,
-    times the column scale: `passes/gemm.py` `_dequantize_chain`) and then bias,
+    times the column scale: `ops/quant.py` `dequantize_chain`) and then bias,
     activation and residual become its epilogue, so the i32 accumulators never reach
     memory. Anything else (other types, a weight zero point) runs the decomposition."""
     if lw.int8_gemm == "batched":
@@ -53,6 +54,8 @@ def _matmul_integer(lw, node, ins, attrs):
     if lw.int8_gemm != "weights":
         raise NotLowerable("no integer GEMM on this target")
     a, b, *zps = ins
+    if len(zps) == 2 and _zeros(zps[1]):   # a weight zero point of 0 (ONNX Runtime's files)
+        zps = zps[:1]
     if a.dtype not in ("u8", "i8") or b.dtype != "i8" or len(b.shape) != 2 \
             or len(a.shape) < 2 or len(zps) > 1 \
             or not (isinstance(b.expr, Access) and b.expr.buf.kind == "const"):
@@ -67,21 +70,29 @@ def _matmul_integer(lw, node, ins, attrs):
     epi = {}
     if zps:
         epi["a_zero"] = _per_row(lw, zps[0], a.shape[:-1], rows)
-    chain = _dequantize_chain(lw, node) if lw.region else None
-    if chain:
-        scales = [lw.vals[next(v for v in u.inputs if v is not prev.outputs[0])]
-                  for prev, u in zip(chain, chain[1:], strict=False)]
-        epi["row_scale"] = _per_row(lw, scales[0], a.shape[:-1], rows)
-        epi["col_scale"] = lw.view(broadcast_to(scales[1], (n,)))
+    chain = dequantize_chain(node, lw.users, lw.graph.outputs) if lw.region else None
+    prev = node
+    for u, role in chain or ():
+        if role != "cast":
+            scale = lw.vals[next(v for v in u.inputs if v is not prev.outputs[0])]
+            if role == "row":
+                epi["row_scale"] = _per_row(lw, scale, a.shape[:-1], rows)
+            else:
+                epi["col_scale"] = lw.view(reshape(scale, (math.prod(scale.shape),)))
+        prev = u
     out = lw.out_view(TensorType(shape, "f32" if chain else "i32"))
     call = Call("matmul_integer", attrs, [lw.view(a), lw.view(b)], [out], where=node.where,
                 epilogue=epi)
     lw.steps.append(call)
     result = lw.of_view(out)
-    if chain:   # the cast and the two scales are the call's: their nodes return its output
-        for u in chain:
-            lw.absorbed[u] = (result, call)
+    for u, _ in chain or ():   # the cast and the scales are the call's: their nodes
+        lw.absorbed[u] = (result, call)   # return its output
     return [result]
+
+
+def _zeros(x: Lazy) -> bool:
+    e = x.expr
+    return isinstance(e, Access) and e.buf.kind == "const" and not np.any(e.buf.data)
 
 
 def _plus_128(x: Lazy) -> Lazy:
@@ -96,19 +107,6 @@ def _per_row(lw, x: Lazy, lead, rows: int) -> View:
     if math.prod(x.shape) == 1:
         return lw.view(reshape(x, (1,)))
     return lw.view(reshape(broadcast_to(x, tuple(lead) + (1,)), (rows,)))
-
-
-def _dequantize_chain(lw, node) -> list | None:
-    """The region's cast -> mul -> mul after an integer matmul, if it is there."""
-    users = lw.users
-    chain, cur = [], node.outputs[0]
-    for want in ("cast", "mul", "mul"):
-        us = users.get(cur, [])
-        if len(us) != 1 or us[0].op != want or lw.uses.get(cur) != 1:
-            return None
-        chain.append(us[0])
-        cur = us[0].outputs[0]
-    return chain if chain[0].attrs["dtype"] == "f32" else None
 
 
 def _narrow_weight(b: Lazy) -> Lazy:
