@@ -13,7 +13,8 @@ static mode is). Every engine in its own worker process, taking turns (engines.p
 `--threads` threads. Sizes: the ONNX files on disk, tensorc's weights in memory (the
 constants by dtype). Errors: max |y - y_fp32| / max |y_fp32| against tensorc's fp32 output.
 `--head` also quantizes the logits head (tensorc keeps it float by default; ORT's
-quantize_dynamic quantizes every MatMul by a weight).
+quantize_dynamic quantizes every MatMul by a weight). The engine "llvm-on-ort-int8-file"
+is tensorc's llvm backend running ONNX Runtime's own quantize_dynamic file.
 
 Accuracy: on held-out data of each clm checkpoint (default: tests/data/trained/gpt-tiny),
 next-token top-1 agreement of int8 with fp32 and the perplexity of each; on classify
@@ -36,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TENSORC = {"fp32": "O2", "bf16": "O2,cast-weights:bf16", "int8-dynamic": "O2,quantize",
            "int8-static": "O2,quantize:mode=static"}
 ORT = ("ort-fp32", "ort-int8-dynamic", "ort-int8-static")
+# tensorc running ONNX Runtime's own quantize_dynamic file (llvm, O2)
+TENSORC_ON_ORT = "llvm-on-ort-int8-file"
 
 
 def build(name: str, seq: int):
@@ -88,6 +91,13 @@ def ort_model(engine: str, g, feeds, folder: str) -> str:
 
 def engine_fn(engine: str, name: str, seq: int, head: bool, folder: str):
     feeds, g = build(name, seq)
+    if engine == TENSORC_ON_ORT:
+        from tensorc.backends import get_backend
+        from tensorc.frontend.onnx import load
+        from tensorc.passes import run_pipeline
+        path = ort_model("ort-int8-dynamic", g, feeds, folder)
+        exe = get_backend("llvm").compile(run_pipeline(load(path), "O2"))
+        return lambda: exe.run(feeds)
     if engine in TENSORC:
         from tensorc.backends import get_backend
         exe = get_backend("llvm").compile(tensorc_graph(engine, g, feeds, head))
@@ -132,8 +142,8 @@ def bench(name: str, seq: int, engines, rounds: int, runs: int, head: bool) -> d
         out = np.load(os.path.join(folder, e + ".out.npy"))
         if fp32_out is not None:
             row[e]["rel_err"] = float(np.abs(out - fp32_out).max() / np.abs(fp32_out).max())
-        path = os.path.join(folder, e + ".onnx")
-        if e.startswith("ort"):
+        path = os.path.join(folder, ("ort-int8-dynamic" if e == TENSORC_ON_ORT else e) + ".onnx")
+        if e in ORT or e == TENSORC_ON_ORT:
             row[e]["file_mb"] = os.path.getsize(path if os.path.exists(path)
                                                 else os.path.join(folder, "fp32.onnx")) / 1e6
     feeds, g = build(name, seq)
@@ -157,7 +167,7 @@ def table(rows, engines) -> str:
                              " | | | |")
                 continue
             x = r[e]
-            own = r.get("ort-fp32" if e.startswith("ort") else "fp32", {}).get("ms")
+            own = r.get("fp32" if e in TENSORC else "ort-fp32", {}).get("ms")
             size = f"{x['weights_mb']:.1f} ({x['by_dtype']})" if "weights_mb" in x \
                 else f"{x.get('file_mb', 0):.1f} (file)"
             vs_ort = f"{x['ms'] / ort_q:.2f}x" if ort_q else "-"
@@ -235,7 +245,7 @@ def main() -> None:
     ap.add_argument("--folder")
     ap.add_argument("models_or_checkpoints", nargs="*")
     ap.add_argument("--models", default="gpt,bert,vit")
-    ap.add_argument("--engines", default=",".join(list(TENSORC) + list(ORT)))
+    ap.add_argument("--engines", default=",".join(list(TENSORC) + list(ORT) + [TENSORC_ON_ORT]))
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
