@@ -460,3 +460,30 @@ def test_ort_quantized_gpt_runs_on_the_int8_gemm(scheme, tmp):
     bound = 0.05 if "qdq" in scheme else 1e-5
     for g, w in zip(got, want.values(), strict=True):
         assert _rel(g, w) < bound
+
+
+@pytest.mark.parametrize("x_type,w_type,w_zero", [("uint8", "int8", False),
+                                                  ("uint8", "uint8", True),
+                                                  ("int8", "int8", True)])
+def test_patch_conv_integer_is_one_integer_matmul(x_type, w_type, w_zero):
+    """A ConvInteger whose windows tile the image (a ViT's patch embedding) is one
+    matmul_integer of the patches, equal to ORT bit for bit."""
+    rng = np.random.default_rng(3)
+    xt, wt = np.dtype(x_type), np.dtype(w_type)
+
+    def ints(dt, shape):
+        info = np.iinfo(dt)
+        return rng.integers(info.min, info.max + 1, shape).astype(dt)
+    inits = {"w": ints(wt, (24, 3, 4, 4)), "zx": np.array(7, xt)}
+    if w_zero:
+        inits["zw"] = np.array(5, wt)
+    elem = helper.np_dtype_to_tensor_dtype(xt)
+    model = _one_node("ConvInteger", [("x", elem, [2, 3, 16, 12])], inits,
+                      [("y", onnx.TensorProto.INT32, None)], opset=13,
+                      strides=[4, 4], kernel_shape=[4, 4])
+    feeds = {"x": ints(xt, (2, 3, 16, 12))}
+    graph = tx.from_model(model)
+    assert str(graph).count("matmul_integer(") == 1 and "conv" not in str(graph)
+    want = _ort(model, feeds)["y"]
+    for backend in ("numpy", "llvm"):
+        np.testing.assert_array_equal(_tensorc(model, feeds, backend)["y"], want)

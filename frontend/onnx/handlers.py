@@ -791,6 +791,9 @@ def _int_conv(cx, n: OnnxNode, x: Entry, w: Entry, zx: Entry | None, zw: Entry |
     if c != ci * group or o % group:
         raise ShapeError(f"{n.where}: channels do not fit (group={group}): input "
                          f"{list(xs)}, weight {list(ws)}")
+    if group == 1 and list(strides) == [kh, kw] and not any(pads) and list(dil) == [1, 1] \
+            and h % kh == 0 and wd % kw == 0:
+        return _int_patches(cx, n, x, w, zx, zw)
     wide = cx.op("cast", x, dtype="i32")
     if zx is not None:
         if _shape(zx) not in ((), (1,)):
@@ -844,6 +847,30 @@ def _int_conv(cx, n: OnnxNode, x: Entry, w: Entry, zx: Entry | None, zw: Entry |
         outs.append(acc)
     y = outs[0] if group == 1 else cx.op("concat", *outs, axis=3)
     return cx.op("transpose", y, perm=[0, 3, 1, 2])
+
+
+def _int_patches(cx, n: OnnxNode, x: Entry, w: Entry, zx: Entry | None, zw: Entry | None):
+    """A ConvInteger whose windows tile the image (stride = kernel, no padding: a vision
+    transformer's patch embedding) as one `matmul_integer` of the 8-bit patches: the
+    patches are a reshape and transpose of x, so no widening and one integer GEMM."""
+    nb, c, h, wd = _shape(x)
+    o, _, kh, kw = _shape(w)
+    oh, ow = h // kh, wd // kw
+    patches = cx.op("reshape", cx.op("transpose", cx.op(
+        "reshape", x, shape=[nb, c, oh, kh, ow, kw]), perm=[0, 2, 4, 1, 3, 5]),
+        shape=[nb, oh * ow, c * kh * kw])
+    wt = cx.op("transpose", cx.op("reshape", w, shape=[o, c * kh * kw]), perm=[1, 0])
+    zps = []
+    if zx is not None or zw is not None:
+        if zx is not None and _shape(zx) not in ((), (1,)):
+            raise n.unsupported("x_zero_point must be a scalar (per tensor)")
+        zps.append(cx.op("reshape", zx, shape=[]) if zx is not None
+                   else np.zeros((), TensorType((), _dtype(x)).np_dtype))
+    if zw is not None:
+        zps.append(cx.op("reshape", zw, shape=[1, o]) if _elems(zw) > 1
+                   else cx.op("reshape", zw, shape=[]))
+    y = cx.op("matmul_integer", patches, wt, *zps)                  # [n, oh*ow, o]
+    return cx.op("reshape", cx.op("transpose", y, perm=[0, 2, 1]), shape=[nb, o, oh, ow])
 
 
 def _conv_integer(cx, n):
