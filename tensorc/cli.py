@@ -671,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", metavar="DIR", help="checkpoint directory (written at "
                    "every evaluation and at the end)")
     t.add_argument("--resume", metavar="DIR", help="continue from a checkpoint")
+    t.add_argument("--init", metavar="DIR", help="start from a checkpoint's weights with a "
+                   "new optimizer and schedule (fine-tuning, e.g. with --qat)")
     t.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="evaluate on held-out data every N steps (always at the end)")
     t.add_argument("--metrics", metavar="FILE.jsonl", help="append one JSON object per step")
@@ -707,6 +709,9 @@ def cmd_train(args) -> int:
     if args.model not in MODELS:
         raise TensorcError(f"{args.command} takes a built-in model ({', '.join(MODELS)}); "
                            f"got {args.model}")
+    if args.init and args.resume:
+        raise TensorcError("--init starts a new run from a checkpoint's weights, --resume "
+                           "continues one: give one of them")
     task = args.task or DEFAULT_TASK[args.model]
     cfg = TrainConfig(steps=args.steps, lr=args.lr, optimizer=args.optimizer,
                       warmup=args.steps // 10 if args.warmup is None else args.warmup,
@@ -717,7 +722,7 @@ def cmd_train(args) -> int:
               batch=args.batch or 8, seq=args.seq or 64, data_bytes=args.data_bytes,
               data=args.data,
               backend=args.backend, out=args.output, eval_every=args.eval_every,
-              teacher=getattr(args, "teacher", None),
+              teacher=getattr(args, "teacher", None), init=args.init,
               temperature=getattr(args, "temperature", 1.0), alpha=getattr(args, "alpha", 0.5))
     records: list[dict] = []
     bar = None

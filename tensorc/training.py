@@ -339,6 +339,7 @@ class Run:
     out: str | None = None          # checkpoint directory
     eval_every: int = 0
     teacher: str | None = None      # a checkpoint directory: distil from it
+    init: str | None = None         # a checkpoint directory: start from its weights
     temperature: float = 1.0
     alpha: float = 0.5
 
@@ -359,7 +360,17 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     if on_data and td.report:
         on_data(td.report)
     overrides = {**td.model_settings(), **run.overrides}
-    model = get(run.model, run.preset, seed=cfg.seed, **overrides)
+    preset, weights = run.preset, None
+    if run.init:   # fine-tuning: the checkpoint's model and weights, a fresh optimizer
+        ck = optim.load_checkpoint(run.init)
+        if ck.extra.get("model") != run.model:
+            raise TensorcError(f"--init {run.init} holds a {ck.extra.get('model')} model, "
+                               f"not {run.model}")
+        preset, weights = ck.extra.get("preset", preset), ck.params
+        overrides = {**td.model_settings(), **ck.extra.get("overrides", {}), **run.overrides}
+    model = get(run.model, preset, seed=cfg.seed, **overrides)
+    if weights is not None:
+        model.load_state_dict(weights)
     rng = np.random.default_rng(cfg.seed)
     schedule = optim.WarmupCosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
     teacher = _teacher(run) if run.teacher else None
@@ -376,7 +387,7 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
         ck = optim.load_checkpoint(resume)
         ck.restore(step.params, opt, rng)
         start = ck.step
-    meta = {"model": run.model, "preset": run.preset, "overrides": overrides,
+    meta = {"model": run.model, "preset": preset, "overrides": overrides,
             "task": run.task, "config": dataclasses.asdict(cfg)}
 
     def batches():

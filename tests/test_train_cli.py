@@ -70,6 +70,8 @@ def test_train_cli_writes_what_run_generate_and_export_read(tmp_path, capsys):
                                          "input_ids, attention_mask"),
     (["train", "gpt", "--resume", "/nonexistent"], "checkpoint /nonexistent: no such"),
     (["train", "x.onnx"], "train takes a built-in model"),
+    (["train", "gpt", "--init", "a", "--resume", "b"], "give one of them"),
+    (["train", "vit", "--init", "tests/data/trained/gpt-tiny"], "holds a gpt model, not vit"),
 ])
 def test_train_errors_are_one_line(argv, message, capsys):
     assert main(argv + ["--steps", "1", "--data-bytes", "60000", "--quiet"]) == 2
@@ -93,6 +95,22 @@ def test_every_task_trains_and_evaluates(model, task, sets, metric, tmp_path):
     assert [r["step"] for r in records if metric in r] == [2, 4]
     assert np.isfinite(last[metric]) and records[-1]["loss"] < records[0]["loss"] + 0.5
     assert bool(lines) == (task in ("mlm", "clm"))     # the text cleaning report
+
+
+def test_init_fine_tunes_from_a_checkpoints_weights(tmp_path):
+    """--init: the checkpoint's model and weights, a new optimizer and schedule (here
+    quantization-aware): the first loss is the trained model's, far below a fresh one's."""
+    from pathlib import Path
+    ck = str(Path(__file__).parent / "data" / "trained" / "gpt-tiny")
+    records = []
+    run = Run("gpt", "tiny", {}, "clm", batch=4, seq=64, data_bytes=200_000,
+              out=str(tmp_path / "ft"), init=ck)
+    fit(run, TrainConfig(steps=3, lr=1e-4, warmup=1, qat=True), on_step=records.append)
+    fresh = []
+    fit(Run("gpt", "tiny", {"vocab_size": 257}, "clm", batch=4, seq=64, data_bytes=200_000),
+        TrainConfig(steps=1, lr=1e-4, warmup=1), on_step=fresh.append)
+    assert records[0]["loss"] < 3.0 < 5.0 < fresh[0]["loss"]   # trained ~2.6; fresh ~5.6
+    assert load_checkpoint(str(tmp_path / "ft")).extra["config"]["qat"] is True
 
 
 def test_shipped_tiny_checkpoints_still_reach_their_quality():
