@@ -31,6 +31,9 @@ XFAIL = {
     r"test_(blackman|hamming|hann)window.*_expanded": (
         NeedsConstantError, "Range bound computed from a run-time value; tensorc needs sizes "
         "at import (shapes, constants or dim symbols)"),
+    r"test_center_crop_pad_.*_expanded": (
+        NeedsConstantError, "Pad amounts computed from a run-time value (the crop shape "
+        "input); tensorc needs pads at import"),
     r"test_einsum_batch_diagonal": (UnsupportedOpError, "Einsum with ellipsis and a repeated "
                                     "index (diagonal)"),
     r"test_gathernd_example_int32_batch_dim1": (UnsupportedOpError, "GatherND with "
@@ -42,6 +45,15 @@ XFAIL = {
                                           "tensor or per axis"),
     r"test_tensorscatter_circular": (UnsupportedOpError, "TensorScatter in circular mode (a "
                                      "ring buffer): tensorc's caches are linear"),
+}
+
+# the same, on one backend only
+BACKEND_XFAIL = {
+    "llvm": {
+        r"test_attention_4d_causal_fp16_expanded": (
+            AssertionError, "f16 attention written out as MatMul/Softmax: llvm's f16 "
+            "arithmetic rounds 2 of 192 values 1 ulp away from the expected (rtol 1e-3)"),
+    },
 }
 
 
@@ -71,11 +83,12 @@ for c in CASES:
         DTYPE_XFAIL[c.name] = f"dtype {', '.join(bad)} is not in tensorc's IR"
 
 
-def expected_failure(case: str):
-    """(the error, the reason) when `case` is an xfail, else None."""
+def expected_failure(case: str, backend: str = "numpy"):
+    """(the error, the reason) when `case` is an xfail on `backend`, else None."""
     if case in DTYPE_XFAIL:
         return UnsupportedOpError, DTYPE_XFAIL[case]
-    return next((why for pattern, why in XFAIL.items() if re.match(pattern, case)), None)
+    table = {**XFAIL, **BACKEND_XFAIL.get(backend, {})}
+    return next((why for pattern, why in table.items() if re.match(pattern, case)), None)
 
 
 BACKENDS = [TensorcBackend] + [TensorcLLVMBackend] * ("llvm" in available_backends())
@@ -88,7 +101,7 @@ for _backend in BACKENDS:
             if _name not in _included:   # the runner would add the rest as skips
                 delattr(_cls, _name)
                 continue
-            _why = expected_failure(_name.removesuffix("_cpu"))
+            _why = expected_failure(_name.removesuffix("_cpu"), _backend.name)
             if _why:
                 setattr(_cls, _name, pytest.mark.xfail(raises=_why[0], reason=_why[1],
                                                        strict=True)(getattr(_cls, _name)))

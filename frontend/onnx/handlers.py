@@ -933,6 +933,205 @@ def _qlinear_conv(cx, n):
     return [_requantize(cx, n, acc, multiplier, zy)]
 
 
+# --- Mod, global pools, Pad, CumSum, instance and group norm (compositions) -------------
+
+def _mod(cx, n):
+    """Mod from div/floor/mul/sub: fmod=1 is C's fmod (the sign of x), fmod=0 Python's
+    rule (the sign of y). Floats are computed in f64 (f32 and f16 exactly: the quotient's
+    integer part times y needs no rounding there); integers truncate with `div`, so a
+    divisor of 0 at run time gives x (ONNX Runtime fails the run), and a constant one is
+    refused at import as for Div."""
+    x, y = n.x(0), n.x(1)
+    dt = _dtype(x)
+    if _dtype(y) != dt:
+        raise ShapeError(f"{n.where}: inputs are {dt} and {_dtype(y)}; ONNX needs one dtype")
+    fmod = n.attr("fmod", 0)
+    if dt not in FLOAT_DTYPES:
+        if not isinstance(y, Value):
+            e = np.asarray(y.dims if isinstance(y, Sym) else y)
+            if any(not isinstance(v, str) and v == 0 for v in e.reshape(-1).tolist()):
+                raise ShapeError(f"{n.where}: integer ({dt}) modulo by a constant divisor "
+                                 "that holds 0 (ONNX Runtime fails on it)")
+        r = cx.op("sub", x, cx.op("mul", cx.op("div", x, y), y))
+        if fmod:
+            return [r]
+        zero = _scalar(0, dt)
+        fix = cx.op("logical_and", cx.op("logical_not", cx.op("equal", r, zero)),
+                    cx.op("logical_not", cx.op("equal", cx.op("less", r, zero),
+                                                   cx.op("less", y, zero))))
+        return [cx.op("where", fix, cx.op("add", r, y), r)]
+    wide = dt if dt == "f64" else "f64"
+    xw = cx.op("cast", x, dtype=wide) if dt != wide else x
+    yw = cx.op("cast", y, dtype=wide) if dt != wide else y
+    q = cx.op("div", xw, yw)
+    k = lambda v: _scalar(v, wide)  # noqa: E731
+    if fmod:   # trunc(q) = sign(q) floor(|q|)
+        tq = cx.op("where", cx.op("less", q, k(0)), cx.op("neg", cx.op("floor", cx.op(
+            "neg", q))), cx.op("floor", q))
+    else:
+        tq = cx.op("floor", q)
+    r = cx.op("sub", xw, cx.op("mul", tq, yw))
+    # y infinite: C fmod gives x; Python's mod gives x where the signs agree (else y)
+    inf = cx.op("equal", cx.op("abs", yw), k(np.inf))
+    if fmod:
+        at_inf = xw
+    else:
+        same = cx.op("logical_or", cx.op("equal", xw, k(0)), cx.op("equal", cx.op(
+            "less", xw, k(0)), cx.op("less", yw, k(0))))
+        at_inf = cx.op("where", same, xw, yw)
+    finite_x = cx.op("less", cx.op("abs", xw), k(np.inf))
+    r = cx.op("where", cx.op("logical_and", inf, finite_x), at_inf, r)
+    return [cx.op("cast", r, dtype=dt) if dt != wide else r]
+
+
+def _global_pool(op):
+    def h(cx, n):
+        x = n.x(0)
+        rank = len(_shape(x))
+        if rank < 3:
+            raise ShapeError(f"{n.where}: input {list(_shape(x))} needs rank >= 3 (N, C, ...)")
+        return [cx.op(op, x, axes=list(range(2, rank)), keepdims=True)]
+    return h
+
+
+def _pad_part(cx, mode: str, x: Entry, a: int, size: int, front: bool, value) -> Entry | None:
+    """What Pad puts before (front) or after axis a of x: `size` elements."""
+    if not size:
+        return None
+    shape = list(_shape(x))
+    d, grown = shape[a], shape[:a] + [size] + shape[a + 1:]
+    if mode == "constant":
+        return cx.op("full", shape=grown, value=value, dtype=_dtype(x))
+    if mode == "edge":
+        edge = cx.op("slice", x, starts=[0 if front else d - 1], ends=[1 if front else d],
+                     axes=[a])
+        return cx.op("expand", edge, shape=grown)
+    if mode == "wrap":
+        return cx.op("slice", x, starts=[d - size if front else 0],
+                     ends=[d if front else size], axes=[a])
+    # reflect: x[size], ..., x[1] before; x[d-2], ..., x[d-1-size] after
+    start, end = (size, 0) if front else (d - 2, d - 2 - size)
+    return cx.op("slice", x, starts=[start], ends=[end if end >= 0 else -SLICE_END],
+                 axes=[a], steps=[-1])
+
+
+def _pad(cx, n):
+    """Pad (opset 11+: pads, constant value and axes as inputs known at import): each
+    axis is cropped by a slice (negative pads), then grown by a concat of a `full`
+    (constant), of slices of the input (reflect: negative steps; wrap) or of its edge
+    expanded (edge)."""
+    x = n.x(0)
+    shape, dt = list(_shape(x)), _dtype(x)
+    rank = len(shape)
+    mode = n.attr("mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise n.unsupported(f"mode {mode!r} is not supported (constant, reflect, edge, wrap)")
+    pads = n.consts(1, "pads")
+    axes = n.consts(3, "axes")
+    axes = list(range(rank)) if axes is None else _check_axes(n, axes, rank)
+    if pads is None or len(pads) != 2 * len(axes) or any(isinstance(p, str) for p in pads):
+        raise ShapeError(f"{n.where}: pads {pads} should be {2 * len(axes)} integers "
+                         f"(begin and end for axes {axes})")
+    value = n.const(2, "constant_value", 0) if n.has(2) else 0
+    value = TensorType((), dt).np_dtype.type(value).item()
+    for i, a in enumerate(axes):
+        b, e = pads[i], pads[i + len(axes)]
+        if b < 0 or e < 0:
+            d = shape[a]
+            if not isinstance(d, int):
+                raise n.unsupported(f"negative pads on symbolic dim {d}")
+            if -min(b, 0) - min(e, 0) > d:
+                raise ShapeError(f"{n.where}: pads {b}, {e} crop more than dim {d}")
+            x = cx.op("slice", x, starts=[max(-b, 0)], ends=[d + min(e, 0)], axes=[a])
+            shape = list(_shape(x))
+            b, e = max(b, 0), max(e, 0)
+        if not b and not e:
+            continue
+        d = shape[a]
+        if not isinstance(d, int):
+            raise n.unsupported(f"padding symbolic dim {d} (axis {a}) is not supported")
+        if mode == "reflect" and max(b, e) > d - 1:
+            raise ShapeError(f"{n.where}: reflect pads {b}, {e} need dim {d} > each pad")
+        if mode in ("edge", "wrap") and d == 0 or mode == "wrap" and max(b, e) > d:
+            raise ShapeError(f"{n.where}: {mode} pads {b}, {e} do not fit dim {d}")
+
+        parts = [_pad_part(cx, mode, x, a, size, front, value)
+                 for size, front in ((b, True), (e, False))]
+        parts = [p for p in (parts[0], x, parts[1]) if p is not None]
+        x = cx.op("concat", *parts, axis=a)
+        shape = list(_shape(x))
+    return [x]
+
+
+def _cumsum(cx, n):
+    """CumSum as a matmul with an n x n triangular ones matrix (`full` + `trilu`, so a
+    symbolic n works too; integers stay exact), the axis moved last and back. O(n^2):
+    fine for position ids; a scan op would serve long axes better."""
+    x = n.x(0)
+    rank, dt = len(_shape(x)), _dtype(x)
+    axis = _check_axes(n, [n.const(1, "axis")], rank)[0]
+    d = _shape(x)[axis]
+    rev, excl = n.attr("reverse", 0), n.attr("exclusive", 0)
+    # y[j] = sum_i x[i] m[i, j]: forward keeps i <= j (upper), reverse i >= j (lower)
+    m = cx.op("trilu", cx.op("full", shape=[d, d], value=1, dtype=dt), upper=not rev,
+              k=(-1 if rev else 1) if excl else 0)
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    xt = cx.op("transpose", x, perm=perm) if axis != rank - 1 else x
+    y = cx.op("matmul", xt, m)
+    back = [perm.index(i) for i in range(rank)]
+    return [cx.op("transpose", y, perm=back) if axis != rank - 1 else y]
+
+
+def _normalize(cx, x, axes, eps):
+    mean = cx.op("reduce_mean", x, axes=axes, keepdims=True)
+    dev = cx.op("sub", x, mean)
+    var = cx.op("reduce_mean", cx.op("mul", dev, dev), axes=axes, keepdims=True)
+    return cx.op("mul", dev, cx.op("rsqrt", cx.op("add", var, _scalar(eps, _dtype(x)))))
+
+
+def _per_channel(cx, n, p, rank, c, what):
+    if list(_shape(p)) != [c]:
+        raise ShapeError(f"{n.where}: {what} has shape {list(_shape(p))}; it should be [{c}]")
+    return cx.op("reshape", p, shape=[c] + [1] * (rank - 2))
+
+
+def _instance_norm(cx, n):
+    x, scale, bias = n.x(0), n.x(1), n.x(2)
+    shape = _shape(x)
+    rank = len(shape)
+    if rank < 3:
+        raise ShapeError(f"{n.where}: input {list(shape)} needs rank >= 3 (N, C, ...)")
+    y = _normalize(cx, x, list(range(2, rank)), n.attr("epsilon", 1e-5))
+    y = cx.op("mul", y, _per_channel(cx, n, scale, rank, shape[1], "scale"))
+    return [cx.op("add", y, _per_channel(cx, n, bias, rank, shape[1], "bias"))]
+
+
+def _group_norm(cx, n):
+    """GroupNormalization: x as [N, G, C/G, ...], normalised over all but N and G; the
+    affine is per channel (opset 21) or per group (opset 18). stash_type=1 (the default)
+    computes an f16 input in f32."""
+    x, scale, bias = n.x(0), n.x(1), n.x(2)
+    shape, dt = list(_shape(x)), _dtype(x)
+    rank, g = len(shape), n.attr("num_groups")
+    if rank < 3 or not isinstance(shape[1], int) or g is None or g <= 0 or shape[1] % g:
+        raise ShapeError(f"{n.where}: input {shape} needs rank >= 3 and a static channel "
+                         f"count divisible by num_groups={g}")
+    c = shape[1]
+    wide = "f32" if dt == "f16" and n.attr("stash_type", 1) == 1 else dt
+    xw = cx.op("cast", x, dtype=wide) if wide != dt else x
+    grouped = cx.op("reshape", xw, shape=[shape[0], g, c // g] + shape[2:])
+    y = _normalize(cx, grouped, list(range(2, rank + 1)), n.attr("epsilon", 1e-5))
+    if cx.opset < 21:   # scale and bias per group
+        y = cx.op("mul", y, _per_channel(cx, n, scale, rank + 1, g, "scale"))
+        y = cx.op("add", y, _per_channel(cx, n, bias, rank + 1, g, "bias"))
+        y = cx.op("reshape", y, shape=shape)
+        return [cx.op("cast", y, dtype=dt) if wide != dt else y]
+    y = cx.op("reshape", y, shape=shape)
+    y = cx.op("cast", y, dtype=dt) if wide != dt else y
+    y = cx.op("mul", y, _per_channel(cx, n, scale, rank, c, "scale"))
+    return [cx.op("add", y, _per_channel(cx, n, bias, rank, c, "bias"))]
+
+
 HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     # constants and shapes
     "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Shape": _shape_op,
@@ -980,4 +1179,8 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     "DynamicQuantizeLinear": _dynamic_quantize_linear, "MatMulInteger": _matmul_integer,
     "ConvInteger": _conv_integer, "QLinearMatMul": _qlinear_matmul,
     "QLinearConv": _qlinear_conv,
+    # compositions of existing IR ops
+    "Mod": _mod, "GlobalAveragePool": _global_pool("reduce_mean"),
+    "GlobalMaxPool": _global_pool("reduce_max"), "Pad": _pad, "CumSum": _cumsum,
+    "InstanceNormalization": _instance_norm, "GroupNormalization": _group_norm,
 }

@@ -1,0 +1,265 @@
+"""ONNX ops imported as compositions of existing IR ops (Mod, GlobalAveragePool,
+GlobalMaxPool, Pad, CumSum, InstanceNormalization, GroupNormalization): single-node
+models built with onnx.helper, run on numpy and llvm (strict: no reference fallback)
+against ONNX Runtime (floats to 1e-5 relative, integers exactly)."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from tensorc.backends import available_backends, get_backend
+from tensorc.errors import TensorcError
+from tensorc.frontend import onnx as tx
+
+BACKENDS = ["numpy"] + ["llvm"] * ("llvm" in available_backends())
+NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float64: TensorProto.DOUBLE,
+              np.float16: TensorProto.FLOAT16, np.int32: TensorProto.INT32,
+              np.int64: TensorProto.INT64, np.int8: TensorProto.INT8, np.uint8: TensorProto.UINT8}
+
+
+def _code(a: np.ndarray) -> int:
+    return NP_TO_ONNX[a.dtype.type]
+
+
+def _model(op, feeds: dict, consts: dict | None = None, opset=21, shapes=None, **attrs):
+    """One `op` node: `feeds` are graph inputs (their shapes, or `shapes[name]` with
+    symbols), `consts` initializers; input order is feeds then consts, '' for a gap."""
+    consts = consts or {}
+    names = list(feeds) + list(consts)
+    order = attrs.pop("order", names)
+    node = helper.make_node(op, order, ["y"], **attrs)
+    ins = [helper.make_tensor_value_info(k, _code(v), (shapes or {}).get(k, v.shape))
+           for k, v in feeds.items()]
+    out = helper.make_tensor_value_info("y", _code(next(iter(feeds.values()))), None)
+    g = helper.make_graph([node], "m", ins, [out], initializer=[
+        numpy_helper.from_array(v, k) for k, v in consts.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _ort(model, feeds):
+    """ONNX Runtime's output; where it has no kernel (f64 pools and instance norm),
+    ONNX's own reference evaluator's."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    except ort.capi.onnxruntime_pybind11_state.NotImplemented:
+        return ReferenceEvaluator(model).run(None, feeds)[0]
+    return sess.run(None, feeds)[0]
+
+
+def _check(model, feeds, backend, monkeypatch, rtol=1e-5, want=None, strict=True):
+    if strict:   # llvm: a reference fallback is an error
+        monkeypatch.setenv("TENSORC_STRICT", "1")
+    want = _ort(model, feeds) if want is None else want
+    got = get_backend(backend).compile(tx.from_model(model))(**feeds)
+    got = got[0] if isinstance(got, tuple) else got
+    assert got.shape == want.shape and got.dtype == want.dtype, \
+        (got.shape, want.shape, got.dtype, want.dtype)
+    if want.dtype.kind in "iub":
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        differ = ~np.isnan(want) & (got != want)    # equal infinities count as equal
+        got, want = got[differ], want[differ]
+        if not got.size:
+            return
+        scale = max(float(np.abs(want).max()), 1e-6)
+        err = float(np.abs(got.astype(np.float64) - want).max()) / scale
+        assert err <= rtol, f"relative error {err:.2e} > {rtol}"
+
+
+def _rand(rng, shape, dtype, nonzero=True):
+    if np.dtype(dtype).kind in "iu":
+        lo = 1 if np.dtype(dtype).kind == "u" else -20
+        x = rng.integers(lo, 21, shape).astype(dtype)
+        return np.where(x == 0, 3, x).astype(dtype) if nonzero else x
+    x = rng.standard_normal(shape) * 4
+    return np.where(np.abs(x) < 0.1, 0.5, x).astype(dtype)
+
+
+# --- Mod --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.int8, np.uint8])
+@pytest.mark.parametrize("fmod", [0, 1])
+@pytest.mark.parametrize("shapes", [((3, 5), (3, 5)), ((2, 3, 4), (4,))])
+def test_mod_int(backend, dtype, fmod, shapes, monkeypatch):
+    rng = np.random.default_rng(0)
+    feeds = {"a": _rand(rng, shapes[0], dtype), "b": _rand(rng, shapes[1], dtype)}
+    feeds["b"][..., 0] = 7                 # a divisor larger than some |a|
+    _check(_model("Mod", feeds, fmod=fmod), feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shapes", [((4, 6), (4, 6)), ((2, 3, 4), (1, 4))])
+def test_mod_float_fmod(backend, dtype, shapes, monkeypatch):
+    """(llvm runs no f16 arithmetic as generated code, any op: f16 is not strict there.)"""
+    rng = np.random.default_rng(1)
+    feeds = {"a": _rand(rng, shapes[0], dtype), "b": _rand(rng, shapes[1], dtype)}
+    _check(_model("Mod", feeds, fmod=1), feeds, backend, monkeypatch,
+           strict=dtype != np.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mod_float_python_rule(backend, dtype, monkeypatch):
+    """fmod=0 on floats (allowed from opset 28; ORT has no kernel: numpy's np.mod)."""
+    rng = np.random.default_rng(2)
+    feeds = {"a": _rand(rng, (5, 7), dtype), "b": _rand(rng, (5, 7), dtype)}
+    feeds["a"][0, :4] = [np.inf, -3.0, 3.0, 0.0]
+    feeds["b"][0, :4] = [2.0, np.inf, -np.inf, -2.0]
+    want = np.mod(feeds["a"], feeds["b"])
+    _check(_model("Mod", feeds, opset=28, fmod=0), feeds, backend, monkeypatch, want=want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mod_int_by_zero(backend, monkeypatch):
+    """A zero divisor at run time gives x (ONNX Runtime fails the run); a constant zero
+    divisor is refused at import."""
+    a = np.array([5, -5, 7, -7], np.int64)
+    b = np.array([0, 0, -3, 3], np.int64)
+    model = _model("Mod", {"a": a, "b": b})
+    got = get_backend(backend).compile(tx.from_model(model))(a=a, b=b)
+    np.testing.assert_array_equal(got, [5, -5, -2, 2])
+    with pytest.raises(TensorcError, match="modulo by a constant divisor that holds 0"):
+        tx.from_model(_model("Mod", {"a": a}, {"b": b}))
+
+
+# --- global pools -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op,dtype", [("GlobalAveragePool", np.float32),
+                                      ("GlobalAveragePool", np.float64),
+                                      ("GlobalMaxPool", np.float32)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 4, 7), (2, 2, 3, 2, 3)])
+def test_global_pool(backend, op, shape, dtype, monkeypatch):
+    """(f64: ONNX's reference, ORT has no kernel; its GlobalMaxPool is 2-D only there.)"""
+    feeds = {"x": _rand(np.random.default_rng(3), shape, dtype)}
+    _check(_model(op, feeds), feeds, backend, monkeypatch)
+
+
+# --- Pad --------------------------------------------------------------------------------
+
+PAD_CASES = [  # (shape, pads, axes)
+    ((3, 4), [1, 2, 2, 1], None),
+    ((2, 3, 5), [0, 1, 2, 1, 0, 3], None),
+    ((2, 3, 5), [2, 1, 3, 2], [-1, 1]),
+    ((4, 5), [-1, 2, 1, -2], None),            # negative pads crop
+    ((2, 3, 4, 4), [0, 0, 1, 2, 0, 0, 2, 1], None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+@pytest.mark.parametrize("case", range(len(PAD_CASES)))
+def test_pad(backend, mode, case, monkeypatch):
+    shape, pads, axes = PAD_CASES[case]
+    feeds = {"x": _rand(np.random.default_rng(4), shape, np.float32)}
+    consts = {"pads": np.array(pads, np.int64), "value": np.array(1.5, np.float32)}
+    order = ["x", "pads", "value"]
+    if axes is not None:
+        consts["axes"] = np.array(axes, np.int64)
+        order.append("axes")
+    model = _model("Pad", feeds, consts, mode=mode, order=order)
+    _check(model, feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.float64])
+def test_pad_dtypes_and_default_value(backend, dtype, monkeypatch):
+    feeds = {"x": _rand(np.random.default_rng(5), (3, 4), dtype)}
+    for mode in ("constant", "reflect"):
+        model = _model("Pad", feeds, {"pads": np.array([1, 0, 2, 3], np.int64)}, mode=mode)
+        _check(model, feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pad_constant_symbolic_dims(backend, monkeypatch):
+    """Constant padding of a static axis next to a symbolic batch: one import, two
+    batch sizes (padding a symbolic axis itself is refused: concat needs static sizes)."""
+    consts = {"pads": np.array([0, 2, 0, 3], np.int64), "value": np.array(-1, np.int64)}
+    x = np.zeros((2, 3), np.int64)
+    model = _model("Pad", {"x": x}, consts, shapes={"x": ["batch", 3]})
+    for shape in ((2, 3), (5, 3)):
+        feeds = {"x": _rand(np.random.default_rng(6), shape, np.int64)}
+        _check(model, feeds, backend, monkeypatch)
+
+
+def test_pad_errors():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(TensorcError, match="reflect pads 3, 0 need dim 3"):
+        tx.from_model(_model("Pad", {"x": x}, {"pads": np.array([3, 0, 0, 0], np.int64)},
+                             mode="reflect"))
+    with pytest.raises(TensorcError, match="pads .* should be 4 integers"):
+        tx.from_model(_model("Pad", {"x": x}, {"pads": np.array([1, 0], np.int64)}))
+    with pytest.raises(TensorcError, match="its pads .* known at import"):
+        tx.from_model(_model("Pad", {"x": x, "pads": np.array([1, 0, 0, 0], np.int64)}))
+
+
+# --- CumSum -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
+@pytest.mark.parametrize("shape,axis", [((7,), 0), ((3, 5), 1), ((3, 5), -2),
+                                        ((2, 4, 3), 1)])
+@pytest.mark.parametrize("exclusive,reverse", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_cumsum(backend, dtype, shape, axis, exclusive, reverse, monkeypatch):
+    feeds = {"x": _rand(np.random.default_rng(7), shape, dtype)}
+    model = _model("CumSum", feeds, {"axis": np.array(axis, np.int64)},
+                   exclusive=exclusive, reverse=reverse)
+    _check(model, feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cumsum_symbolic_length(backend, monkeypatch):
+    """Position ids from a padding mask (HF style): CumSum over a symbolic seq."""
+    x = np.ones((2, 3), np.int64)
+    model = _model("CumSum", {"x": x}, {"axis": np.array(1, np.int32)},
+                   shapes={"x": ["batch", "seq"]})
+    for shape in ((2, 3), (3, 9)):
+        feeds = {"x": _rand(np.random.default_rng(8), shape, np.int64)}
+        _check(model, feeds, backend, monkeypatch)
+
+
+# --- InstanceNormalization, GroupNormalization -------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 4, 9), (2, 2, 3, 2, 3)])
+@pytest.mark.parametrize("dtype,eps", [(np.float32, 1e-5), (np.float64, 1e-2)])
+def test_instance_norm(backend, shape, dtype, eps, monkeypatch):
+    rng = np.random.default_rng(9)
+    feeds = {"x": _rand(rng, shape, dtype)}
+    consts = {"s": _rand(rng, shape[1:2], dtype), "b": _rand(rng, shape[1:2], dtype)}
+    _check(_model("InstanceNormalization", feeds, consts, epsilon=eps), feeds, backend,
+           monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,groups", [((2, 6, 4, 3), 3), ((2, 6, 4, 3), 6),
+                                          ((1, 4, 9), 2), ((3, 8, 2, 2, 2), 1)])
+@pytest.mark.parametrize("dtype,eps", [(np.float32, 1e-5), (np.float64, 1e-3)])
+def test_group_norm(backend, shape, groups, dtype, eps, monkeypatch):
+    """Opset 21: scale and bias per channel."""
+    rng = np.random.default_rng(10)
+    feeds = {"x": _rand(rng, shape, dtype)}
+    consts = {"s": _rand(rng, shape[1:2], dtype), "b": _rand(rng, shape[1:2], dtype)}
+    _check(_model("GroupNormalization", feeds, consts, num_groups=groups, epsilon=eps),
+           feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_opset18_per_group(backend, monkeypatch):
+    """Opset 18: scale and bias per group (ONNX's reference; ORT runs opset 21)."""
+    rng = np.random.default_rng(11)
+    x = _rand(rng, (2, 6, 3, 4), np.float32)
+    s, b = _rand(rng, (3,), np.float32), _rand(rng, (3,), np.float32)
+    g = x.reshape(2, 3, -1)
+    norm = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)
+    want = (norm * s[:, None] + b[:, None]).reshape(x.shape).astype(np.float32)
+    model = _model("GroupNormalization", {"x": x}, {"s": s, "b": b}, opset=18, num_groups=3)
+    _check(model, {"x": x}, backend, monkeypatch, want=want)
