@@ -263,3 +263,21 @@ def test_group_norm_opset18_per_group(backend, monkeypatch):
     want = (norm * s[:, None] + b[:, None]).reshape(x.shape).astype(np.float32)
     model = _model("GroupNormalization", {"x": x}, {"s": s, "b": b}, opset=18, num_groups=3)
     _check(model, {"x": x}, backend, monkeypatch, want=want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_f16_stash_type(backend, monkeypatch):
+    """stash_type=1 (the default): an f16 input is normalised in f32 (llvm runs f16
+    casts through the reference, so not strict there)."""
+    rng = np.random.default_rng(12)
+    x = _rand(rng, (2, 4, 3, 3), np.float16)
+    s, b = _rand(rng, (4,), np.float16), _rand(rng, (4,), np.float16)
+    model = _model("GroupNormalization", {"x": x}, {"s": s, "b": b}, num_groups=2)
+    _check(model, {"x": x}, backend, monkeypatch, rtol=2e-3, strict=backend == "numpy")
+
+
+def test_pad_unsupported_mode_is_one_line():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(TensorcError, match="mode 'mirror' is not supported"):
+        tx.from_model(_model("Pad", {"x": x}, {"pads": np.array([1, 0, 0, 0], np.int64)},
+                             mode="mirror"))

@@ -960,7 +960,7 @@ def _mod(cx, n):
                     cx.op("logical_not", cx.op("equal", cx.op("less", r, zero),
                                                    cx.op("less", y, zero))))
         return [cx.op("where", fix, cx.op("add", r, y), r)]
-    wide = dt if dt == "f64" else "f64"
+    wide = "f64"
     xw = cx.op("cast", x, dtype=wide) if dt != wide else x
     yw = cx.op("cast", y, dtype=wide) if dt != wide else y
     q = cx.op("div", xw, yw)
