@@ -281,3 +281,108 @@ def test_pad_unsupported_mode_is_one_line():
     with pytest.raises(TensorcError, match="mode 'mirror' is not supported"):
         tx.from_model(_model("Pad", {"x": x}, {"pads": np.array([1, 0, 0, 0], np.int64)},
                              mode="mirror"))
+
+
+def _typed(model, dtype):
+    """The model with its output declared as `dtype` (ArgMin gives int64, OneHot the
+    values' dtype)."""
+    model.graph.output[0].type.tensor_type.elem_type = NP_TO_ONNX[np.dtype(dtype).type]
+    return model
+
+
+# --- ArgMin -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64, np.int8,
+                                   np.uint8])
+@pytest.mark.parametrize("shape,axis", [((4, 7), 1), ((4, 7), 0), ((2, 3, 5), -1),
+                                        ((2, 3, 5), 1)])
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("last", [0, 1])
+def test_argmin(backend, dtype, shape, axis, keepdims, last, monkeypatch):
+    """Integers drawn from a small range, so each row has ties (first vs last index)."""
+    rng = np.random.default_rng(10)
+    x = _rand(rng, shape, dtype)
+    if np.dtype(dtype).kind in "iu":
+        x = (x % 4).astype(dtype)
+    else:
+        x[..., 1] = x[..., 0]         # a tie in floats too
+    feeds = {"x": x}
+    model = _typed(_model("ArgMin", feeds, axis=axis, keepdims=keepdims,
+                          select_last_index=last), np.int64)
+    _check(model, feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int32, np.int64])
+@pytest.mark.parametrize("last", [0, 1])
+def test_argmin_integer_extremes(backend, dtype, last, monkeypatch):
+    """The minimum integer (whose negation overflows) and the maximum, with ties."""
+    info = np.iinfo(dtype)
+    x = np.array([[info.max, info.min, 0, info.min, 1],
+                  [info.max, info.max, info.max - 1, info.max - 1, info.max],
+                  [info.min + 1, 3, info.min + 1, info.max, 2]], dtype)
+    feeds = {"x": x}
+    for axis in (0, 1):
+        model = _typed(_model("ArgMin", feeds, axis=axis, select_last_index=last), np.int64)
+        _check(model, feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argmin_f16(backend, monkeypatch):
+    """(llvm runs no f16 arithmetic as generated code: f16 is not strict there.)"""
+    feeds = {"x": _rand(np.random.default_rng(11), (5, 6), np.float16)}
+    model = _typed(_model("ArgMin", feeds, axis=1), np.int64)
+    _check(model, feeds, backend, monkeypatch, strict=backend == "numpy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argmin_nan_and_infinities(backend, monkeypatch):
+    """A NaN wins (the first NaN), as numpy's argmin and tensorc's argmax; ONNX Runtime's
+    loop keeps a NaN only where it comes first, so the expectation is numpy's. -inf and
+    +inf order as usual, and -0.0 ties with 0.0 (first index)."""
+    x = np.array([[3.0, np.nan, 1.0, np.nan], [np.inf, -np.inf, -np.inf, 0.0],
+                  [0.0, -0.0, 2.0, 1.0], [np.nan, 2.0, 0.0, 5.0]], np.float32)
+    feeds = {"x": x}
+    model = _typed(_model("ArgMin", feeds, axis=1, keepdims=0), np.int64)
+    _check(model, feeds, backend, monkeypatch, want=np.argmin(x, axis=1))
+
+
+# --- OneHot -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("idx_dtype,val_dtype", [(np.int64, np.float32),
+                                                 (np.int32, np.int64),
+                                                 (np.float32, np.float32),
+                                                 (np.int64, np.int32),
+                                                 (np.float32, np.float64)])
+@pytest.mark.parametrize("shape,axis", [((5,), -1), ((5,), 0), ((2, 3), -1), ((2, 3), 0),
+                                        ((2, 3), 1), ((2, 3, 4), -2)])
+def test_one_hot(backend, idx_dtype, val_dtype, shape, axis, monkeypatch):
+    """Indices from -depth-2 to depth+1: negative ones count from the end, out-of-range
+    ones give an all-off row."""
+    depth = 6
+    rng = np.random.default_rng(12)
+    feeds = {"idx": rng.integers(-depth - 2, depth + 2, shape).astype(idx_dtype)}
+    consts = {"depth": np.array(depth, np.int64),
+              "values": np.array([2, 7], val_dtype)}
+    model = _typed(_model("OneHot", feeds, consts, axis=axis), val_dtype)
+    _check(model, feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_hot_depth_as_float_and_values_as_input(backend, monkeypatch):
+    """depth may be any numeric type (here a float of shape [1]); values a graph input."""
+    feeds = {"idx": np.array([[0, 3, -1], [9, 2, -4]], np.int64),
+             "values": np.array([-1.5, 4.25], np.float32)}
+    consts = {"depth": np.array([4.0], np.float32)}
+    model = _typed(_model("OneHot", feeds, consts, order=["idx", "depth", "values"]),
+                   np.float32)
+    _check(model, feeds, backend, monkeypatch)
+
+
+def test_one_hot_needs_a_known_depth():
+    feeds = {"idx": np.array([0, 1], np.int64), "depth": np.array(3, np.int64),
+             "values": np.array([0, 1], np.int64)}
+    with pytest.raises(TensorcError, match="depth"):
+        tx.from_model(_model("OneHot", feeds))

@@ -550,17 +550,60 @@ def _reduce(op, axes_input_from=18, pre=None, post=None):
     return h
 
 
-def _argmax(cx, n):
-    x, axis, keep = n.x(0), n.attr("axis", 0), bool(n.attr("keepdims", 1))
-    if not n.attr("select_last_index", 0):
-        return [cx.op("argmax", x, axis=axis, keepdims=keep)]
-    size = _shape(x)[axis]  # the last maximum is the first one of the reversed axis
-    if not isinstance(size, int):
-        raise n.unsupported("select_last_index=1 needs a static axis")
-    rev = cx.op("slice", x, starts=[-1], ends=[-SLICE_END], axes=[axis % len(_shape(x))],
-                steps=[-1])
-    return [cx.op("sub", _scalar(size - 1, "i64"), cx.op("argmax", rev, axis=axis,
-                                                          keepdims=keep))]
+def _arg_extreme(lowest: bool):
+    """ArgMax, and ArgMin as the argmax of an order-reversing map: `neg` for floats,
+    `-1 - x` (bitwise not; exact at the integer minimum, where `neg` overflows) for
+    signed integers, `max - x` for unsigned. Ties give the first index; select_last_index
+    reverses the axis (a step -1 slice) and maps the index back. A NaN wins, as in
+    numpy's argmax/argmin (the IR's argmax)."""
+    def h(cx, n):
+        x, axis, keep = n.x(0), n.attr("axis", 0), bool(n.attr("keepdims", 1))
+        rank, dt = len(_shape(x)), _dtype(x)
+        axis = _check_axes(n, [axis], rank)[0]
+        if lowest:
+            if dt in FLOAT_DTYPES:
+                x = cx.op("neg", x)
+            elif dt == "bool":
+                x = cx.op("logical_not", x)
+            else:
+                info = np.iinfo(TensorType((), dt).np_dtype)
+                x = cx.op("sub", _scalar(-1 if info.min else info.max, dt), x)
+        if not n.attr("select_last_index", 0):
+            return [cx.op("argmax", x, axis=axis, keepdims=keep)]
+        size = _shape(x)[axis]  # the last extreme is the first one of the reversed axis
+        if not isinstance(size, int):
+            raise n.unsupported("select_last_index=1 needs a static axis")
+        rev = cx.op("slice", x, starts=[-1], ends=[-SLICE_END], axes=[axis], steps=[-1])
+        return [cx.op("sub", _scalar(size - 1, "i64"), cx.op("argmax", rev, axis=axis,
+                                                              keepdims=keep))]
+    return h
+
+
+def _one_hot(cx, n):
+    """OneHot as `equal(indices unsqueezed at axis, range(depth))` then `where(on, off)`:
+    negative indices count from the end (+ depth), out-of-range ones match nothing (an
+    all-off row). Float indices truncate to integers, as ONNX Runtime casts them."""
+    idx, values = n.x(0), n.x(2)
+    depth = n.const(1, "depth")
+    if isinstance(depth, str):
+        raise n.unsupported(f"depth {depth!r} must be a number known at import")
+    depth = int(depth)
+    if depth <= 0:
+        raise ShapeError(f"{n.where}: depth {depth} must be positive")
+    if _elems(values) != 2:
+        raise ShapeError(f"{n.where}: values has shape {list(_shape(values))}; it should "
+                         "be [2] (off, on)")
+    rank = len(_shape(idx))
+    axis = _check_axes(n, [n.attr("axis", -1)], rank + 1)[0]
+    idx = cx.op("cast", idx, dtype="i64") if _dtype(idx) != "i64" else idx
+    idx = cx.op("where", cx.op("less", idx, _scalar(0, "i64")),
+                cx.op("add", idx, _scalar(depth, "i64")), idx)
+    hot = cx.op("equal", cx.op("unsqueeze", idx, axes=[axis]), np.arange(
+        depth, dtype=np.int64).reshape([depth] + [1] * (rank - axis)))
+    values = cx.op("reshape", values, shape=[2])
+    off, on = (cx.op("reshape", cx.op("slice", values, starts=[k], ends=[k + 1], axes=[0]),
+                     shape=[]) for k in (0, 1))
+    return [cx.op("where", hot, on, off)]
 
 
 def _trilu(cx, n):
@@ -1142,7 +1185,7 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     "Transpose": _transpose, "Concat": _concat, "Split": _split, "Slice": _slice,
     "Gather": _gather, "GatherElements": _gather_elements, "GatherND": _gather_nd,
     "TensorScatter": _tensor_scatter,
-    "Expand": _expand, "Trilu": _trilu, "Where": _where,
+    "Expand": _expand, "Trilu": _trilu, "Where": _where, "OneHot": _one_hot,
     # elementwise
     **{k: _unary(v) for k, v in {
         "Neg": "neg", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
@@ -1164,7 +1207,7 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     "LayerNormalization": _layer_norm, "BatchNormalization": _batch_norm,
     "ReduceMean": _reduce("reduce_mean"), "ReduceSum": _reduce("reduce_sum", 13),
     "ReduceMax": _reduce("reduce_max"), "ReduceMin": _reduce("reduce_min"),
-    "ArgMax": _argmax,
+    "ArgMax": _arg_extreme(False), "ArgMin": _arg_extreme(True),
     "ReduceSumSquare": _reduce("reduce_sum", pre=lambda cx, x: cx.op("mul", x, x)),
     "ReduceL1": _reduce("reduce_sum", pre=lambda cx, x: cx.op("abs", x)),
     "ReduceL2": _reduce("reduce_sum", pre=lambda cx, x: cx.op("mul", x, x),
