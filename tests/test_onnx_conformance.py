@@ -34,8 +34,6 @@ XFAIL = {
     r"test_center_crop_pad_.*_expanded": (
         NeedsConstantError, "Pad amounts computed from a run-time value (the crop shape "
         "input); tensorc needs pads at import"),
-    r"test_einsum_batch_diagonal": (UnsupportedOpError, "Einsum with ellipsis and a repeated "
-                                    "index (diagonal)"),
     r"test_gathernd_example_int32_batch_dim1": (UnsupportedOpError, "GatherND with "
                                                 "batch_dims > 0"),
     r"test_identity_(opt|sequence)": (UnsupportedOpError, "optional and sequence values are "

@@ -1,7 +1,7 @@
 """ONNX ops imported as compositions of existing IR ops (Mod, GlobalAveragePool,
-GlobalMaxPool, Pad, CumSum, InstanceNormalization, GroupNormalization): single-node
-models built with onnx.helper, run on numpy and llvm (strict: no reference fallback)
-against ONNX Runtime (floats to 1e-5 relative, integers exactly)."""
+GlobalMaxPool, Pad, CumSum, InstanceNormalization, GroupNormalization, ArgMin, OneHot,
+Einsum): single-node models built with onnx.helper, run on numpy and llvm (strict: no
+reference fallback) against ONNX Runtime (floats to 1e-5 relative, integers exactly)."""
 
 import numpy as np
 import onnxruntime as ort
@@ -386,3 +386,69 @@ def test_one_hot_needs_a_known_depth():
              "values": np.array([0, 1], np.int64)}
     with pytest.raises(TensorcError, match="depth"):
         tx.from_model(_model("OneHot", feeds))
+
+
+# --- Einsum -----------------------------------------------------------------------------
+
+EINSUM_CASES = [  # (equation, operand shapes)
+    ("bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),
+    ("bhqd,bhkd->bhqk", [(2, 3, 4, 5), (2, 3, 6, 5)]),
+    ("ij,jk->ik", [(3, 4), (4, 5)]),
+    ("ij,kj->ik", [(3, 4), (5, 4)]),
+    ("ij,jk", [(3, 4), (4, 5)]),                 # implicit output: ik
+    ("ij->ji", [(3, 4)]),
+    ("ij->i", [(3, 4)]),
+    ("ij->", [(3, 4)]),
+    ("ijk->kij", [(2, 3, 4)]),
+    ("i,j->ij", [(3,), (4,)]),
+    ("i,i->", [(5,)] * 2),
+    ("i,i", [(5,)] * 2),                         # implicit: a scalar
+    ("bij,bkj->bki", [(2, 3, 4), (2, 5, 4)]),    # output in another order
+    ("abcd,cbe->aed", [(2, 3, 4, 5), (4, 3, 6)]),  # two contracted, free on both sides
+    ("ij,jk->ki", [(3, 4), (4, 5)]),
+    ("bij,jk->bik", [(2, 3, 4), (4, 5)]),         # a label batch on one side only
+    ("ijk,ik->j", [(3, 4, 5), (3, 5)]),          # contracted labels, a summed free one
+    ("ij,ij->ij", [(3, 4), (3, 4)]),             # elementwise (all batch)
+    ("bij,bjk->", [(2, 3, 4), (2, 4, 5)]),
+    ("...ij,...jk->...ik", [(2, 3, 3, 4), (2, 3, 4, 5)]),
+    ("...ij,jk->...ik", [(2, 3, 3, 4), (4, 5)]),
+    ("...ij,...jk", [(3, 1, 3, 4), (3, 2, 4, 5)]),  # ellipsis dims of 1 broadcast
+    ("i...->...", [(3, 2, 4)]),
+    ("ii->i", [(4, 4)]),                         # a diagonal
+    ("ii", [(4, 4)]),                            # a trace
+    ("bii,bij->bj", [(2, 3, 3), (2, 3, 5)]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int32])
+@pytest.mark.parametrize("case", range(len(EINSUM_CASES)))
+def test_einsum(backend, dtype, case, monkeypatch):
+    eq, shapes = EINSUM_CASES[case]
+    rng = np.random.default_rng(13 + case)
+    feeds = {f"x{k}": _rand(rng, s, dtype) for k, s in enumerate(shapes)}
+    _check(_model("Einsum", feeds, equation=eq), feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_einsum_symbolic_batch(backend, monkeypatch):
+    """Attention scores with symbolic batch and sequence dims."""
+    rng = np.random.default_rng(40)
+    feeds = {"q": _rand(rng, (2, 3, 4, 5), np.float32), "k": _rand(rng, (2, 3, 6, 5),
+                                                                   np.float32)}
+    model = _model("Einsum", feeds, shapes={"q": ("b", 3, "s", 5), "k": ("b", 3, "t", 5)},
+                   equation="bhqd,bhkd->bhqk")
+    _check(model, feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("eq,shapes,match", [
+    ("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)], "more than two operands"),
+    ("ij,jk->ik", [(2, 3), (4, 5)], "index 'j'"),
+    ("ijk->ij", [(2, 3)], "does not fit"),
+    ("ij->ii", [(2, 2)], "repeats a label"),
+    ("ij->k", [(2, 2)], "names one no operand has"),
+])
+def test_einsum_refused(eq, shapes, match):
+    feeds = {f"x{k}": np.ones(s, np.float32) for k, s in enumerate(shapes)}
+    with pytest.raises(TensorcError, match=match):
+        tx.from_model(_model("Einsum", feeds, equation=eq))

@@ -611,17 +611,68 @@ def _trilu(cx, n):
                   k=n.const(1, "k", 0))]
 
 
+def _einsum_diagonal(cx, x: Entry, t: str) -> tuple[Entry, str]:
+    """x with each label that its term `t` repeats (a diagonal) taken once: the off-
+    diagonal elements zeroed by a `where` with an identity mask, then summed away."""
+    while len(set(t)) != len(t):
+        c = next(c for c in t if t.count(c) > 1)
+        p, q = t.index(c), t.index(c, t.index(c) + 1)
+        shape = _shape(x)
+        d = shape[p]
+        if not isinstance(d, int) or shape[q] != d:
+            raise ShapeError(f"the diagonal of label {c!r} needs equal static dims, got "
+                             f"{shape[p]} and {shape[q]}")
+        eye = np.eye(d, dtype=bool).reshape(
+            [d if i in (p, q) else 1 for i in range(len(shape))][p:])
+        x = cx.op("where", eye, x, _scalar(0, _dtype(x)))
+        x = cx.op("reduce_sum", x, axes=[q], keepdims=False)
+        t = t[:q] + t[q + 1:]
+    return x, t
+
+
 def _einsum(cx, n):
+    """Einsum as transposes, reshapes, one batched `matmul` and `reduce_sum`: an
+    ellipsis becomes fresh labels (right-aligned across operands), a repeated label in
+    one operand is its diagonal, a label in one operand only and not in the output is
+    summed first; then each label of two operands is batch (in both and the output),
+    contracted (in both, not the output), left- or right-free, and the operands are
+    transposed and reshaped to [batch, left, contracted] @ [batch, contracted, right]."""
     eq = n.attr("equation").replace(" ", "")
-    lhs, _, out = eq.partition("->")
+    lhs, arrow, out = eq.partition("->")
     terms = lhs.split(",")
+    if len(terms) > 2:
+        raise n.unsupported(f"equation {eq!r}: more than two operands are not supported")
+    if len(terms) != len(n.inputs):
+        raise ShapeError(f"{n.where}: equation {eq!r} has {len(terms)} operands, the "
+                         f"node {len(n.inputs)} inputs")
     xs = [n.x(k) for k in range(len(terms))]
-    if "." in eq or len(terms) > 2 or any(len(set(t)) != len(t) for t in terms):
-        raise n.unsupported(f"equation {eq!r}: only one or two operands without ellipsis "
-                            "or repeated indices are supported")
-    if not _:
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in eq]
+    ell_ranks = []
+    for t, x in zip(terms, xs, strict=True):
+        body = t.replace("...", "")
+        if t.count("...") > 1 or "." in body or not body.isalpha() and body:
+            raise ShapeError(f"{n.where}: term {t!r} of equation {eq!r} is not letters "
+                             "with at most one ellipsis")
+        rank = len(_shape(x))
+        k = rank - len(body)
+        if k < 0 or k and "..." not in t:
+            raise ShapeError(f"{n.where}: term {t!r} of equation {eq!r} does not fit an "
+                             f"operand of rank {rank}")
+        ell_ranks.append(k)
+    ell = "".join(free[:max(ell_ranks)])
+    terms = [t.replace("...", ell[len(ell) - k:]) for t, k in zip(terms, ell_ranks,
+                                                                   strict=True)]
+    if arrow:
+        out = out.replace("...", ell)
+    else:
         counts = "".join(terms)
-        out = "".join(sorted(c for c in set(counts) if counts.count(c) == 1))
+        out = ell + "".join(sorted(c for c in set(counts)
+                                   if counts.count(c) == 1 and c not in ell))
+    if len(set(out)) != len(out) or any(c not in "".join(terms) for c in out):
+        raise ShapeError(f"{n.where}: the output {out!r} of equation {eq!r} repeats a "
+                         "label or names one no operand has")
+    for k in range(len(terms)):
+        xs[k], terms[k] = _einsum_diagonal(cx, xs[k], terms[k])
     # sum away indices that appear in one operand only and not in the output
     for k, t in enumerate(terms):
         others = out + "".join(terms[:k] + terms[k + 1:])
@@ -630,18 +681,26 @@ def _einsum(cx, n):
             xs[k] = cx.op("reduce_sum", xs[k], axes=drop, keepdims=False)
             terms[k] = "".join(c for c in t if c in others)
     if len(terms) == 1:
-        return [cx.op("transpose", xs[0], perm=[terms[0].index(c) for c in out])]
+        perm = [terms[0].index(c) for c in out]
+        return [cx.op("transpose", xs[0], perm=perm) if perm != sorted(perm) else xs[0]]
+    size = {}
+    for t, x in zip(terms, xs, strict=True):
+        for c, d in zip(t, _shape(x), strict=True):
+            s0 = size.setdefault(c, d)
+            if s0 == 1 or s0 == d:
+                size[c] = d
+            elif d != 1 and isinstance(d, int) and isinstance(s0, int):
+                raise ShapeError(f"{n.where}: index {c!r} of {eq!r} is {s0} in one "
+                                 f"operand and {d} in another")
+    for k, (t, x) in enumerate(zip(terms, xs, strict=True)):   # size-1 dims broadcast
+        want = [size[c] for c in t]
+        if list(_shape(x)) != want:
+            xs[k] = cx.op("expand", x, shape=want)
     (a, b), (ta, tb) = xs, terms
     batch = [c for c in ta if c in tb and c in out]
     contr = [c for c in ta if c in tb and c not in out]
     left = [c for c in ta if c not in tb]
     right = [c for c in tb if c not in ta]
-    size = {}
-    for t, x in zip(terms, xs, strict=True):
-        for c, d in zip(t, _shape(x), strict=True):
-            if size.setdefault(c, d) != d and isinstance(d, int) and isinstance(size[c], int):
-                raise ShapeError(f"{n.where}: index {c!r} of {eq!r} is {size[c]} in one "
-                                 f"operand and {d} in another")
     prod = [dim_product([size[c] for c in g]) for g in (left, contr, right)]
     a = cx.op("transpose", a, perm=[ta.index(c) for c in batch + left + contr])
     a = cx.op("reshape", a, shape=[size[c] for c in batch] + prod[:2])
