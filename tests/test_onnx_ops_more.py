@@ -348,6 +348,16 @@ def test_argmin_nan_and_infinities(backend, monkeypatch):
     _check(model, feeds, backend, monkeypatch, want=np.argmin(x, axis=1))
 
 
+
+def test_argmin_refuses_bool():
+    n = helper.make_node("ArgMin", ["x"], ["y"], axis=1)
+    g = helper.make_graph([n], "m", [helper.make_tensor_value_info("x", TensorProto.BOOL,
+                                                                   (3, 4))],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    with pytest.raises(TensorcError, match="ArgMin of a bool tensor"):
+        tx.from_model(model)
+
 # --- OneHot -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -380,6 +390,15 @@ def test_one_hot_depth_as_float_and_values_as_input(backend, monkeypatch):
                    np.float32)
     _check(model, feeds, backend, monkeypatch)
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_hot_symbolic_shape(backend, monkeypatch):
+    """Token ids of a symbolic batch and length, one-hot along a middle axis."""
+    feeds = {"idx": np.random.default_rng(14).integers(-5, 5, (2, 7)).astype(np.int64)}
+    consts = {"depth": np.array(5, np.int64), "values": np.array([0.0, 1.0], np.float32)}
+    model = _typed(_model("OneHot", feeds, consts, shapes={"idx": ("b", "s")}, axis=1),
+                   np.float32)
+    _check(model, feeds, backend, monkeypatch)
 
 def test_one_hot_needs_a_known_depth():
     feeds = {"idx": np.array([0, 1], np.int64), "depth": np.array(3, np.int64),

@@ -564,7 +564,8 @@ def _arg_extreme(lowest: bool):
             if dt in FLOAT_DTYPES:
                 x = cx.op("neg", x)
             elif dt == "bool":
-                x = cx.op("logical_not", x)
+                raise ShapeError(f"{n.where}: ArgMin of a bool tensor (ONNX allows "
+                                 "numeric types only)")
             else:
                 info = np.iinfo(TensorType((), dt).np_dtype)
                 x = cx.op("sub", _scalar(-1 if info.min else info.max, dt), x)
