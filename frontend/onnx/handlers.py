@@ -5,6 +5,7 @@ and an `OnnxNode` and returns the node's outputs as entries, building IR ops thr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -1185,6 +1186,143 @@ def _cumsum(cx, n):
     return [cx.op("transpose", y, perm=back) if axis != rank - 1 else y]
 
 
+def _pool_geometry(n: OnnxNode, x: Entry):
+    """(kernel, strides, dilations, pads, extra, out) of a MaxPool/AveragePool, per
+    spatial axis, as ONNX Runtime computes them: pads are [begin..., end...] (auto_pad
+    resolved), extra is what ceil_mode adds after the end pad so the last partial window
+    exists (a window that would start in the end padding is dropped), out the output
+    size. The spatial dims must be static."""
+    shape = list(_shape(x))
+    sd = len(shape) - 2
+    if sd not in (1, 2, 3):
+        raise n.unsupported(f"input {shape} should be [N, C, ...] with 1 to 3 spatial dims")
+    dims = shape[2:]
+    if not all(isinstance(d, int) for d in dims):
+        raise n.unsupported(f"needs static spatial dims, got {dims}")
+    kernel = n.attr("kernel_shape")
+    strides, dil = n.attr("strides", [1] * sd), n.attr("dilations", [1] * sd)
+    pads = list(n.attr("pads", [0] * 2 * sd))
+    for name, vals, size, least in (("kernel_shape", kernel, sd, 1), ("strides", strides, sd, 1),
+                                    ("dilations", dil, sd, 1), ("pads", pads, 2 * sd, 0)):
+        if vals is None or len(vals) != size or any(v < least for v in vals):
+            raise ShapeError(f"{n.where}: {name} {vals} should be {size} values "
+                             f"{'> 0' if least else '>= 0'} (ONNX)")
+    auto, ceil = n.attr("auto_pad", "NOTSET"), n.attr("ceil_mode", 0)
+    if auto not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise ShapeError(f"{n.where}: auto_pad {auto!r} is not an ONNX mode")
+    out, extra = [], []
+    for i, d in enumerate(dims):
+        span = (kernel[i] - 1) * dil[i] + 1
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            o = -(-d // strides[i])
+            total = (o - 1) * strides[i] + span - d
+            if total < -1 and n.type == "AveragePool" and auto == "SAME_UPPER":
+                # ORT's head pad is then negative: its windows shift (MaxPool's do not)
+                raise n.unsupported(f"auto_pad {auto} with stride {strides[i]} over a "
+                                    f"{span}-wide window skips cells of dim {d} (negative "
+                                    "padding) is not supported")
+            total = max(total, 0)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + sd] = (small, big) if auto == "SAME_UPPER" else (big, small)
+        else:
+            if auto == "VALID":
+                pads[i] = pads[i + sd] = 0
+            room = d + pads[i] + pads[i + sd] - span
+            o = (-(-room // strides[i]) if ceil else room // strides[i]) + 1
+            if ceil and (o - 1) * strides[i] >= d + pads[i]:
+                o -= 1
+        if o <= 0:
+            raise ShapeError(f"{n.where}: kernel {kernel} (dilations {dil}) does not fit "
+                             f"the padded input {shape}")
+        out.append(o)
+        extra.append(max((o - 1) * strides[i] + span - d - pads[i] - pads[i + sd], 0))
+    return kernel, strides, dil, pads, extra, out
+
+
+def _pool_windows(cx, x: Entry, kernel, strides, dil, out) -> list[Entry]:
+    """The kernel's strided slices of the padded x: one per kernel offset, each the
+    output's shape (offset dilation * index, step the stride)."""
+    sd = len(kernel)
+    axes = list(range(2, 2 + sd))
+    wins = []
+    for idx in itertools.product(*(range(k) for k in kernel)):
+        starts = [j * dl for j, dl in zip(idx, dil, strict=True)]
+        ends = [s0 + st * (o - 1) + 1 for s0, st, o in zip(starts, strides, out, strict=True)]
+        wins.append(cx.op("slice", x, starts=starts, ends=ends, axes=axes, steps=list(strides)))
+    return wins
+
+
+def _pool_pad(cx, x: Entry, before, after, value) -> Entry:
+    for i, (b, e) in enumerate(zip(before, after, strict=True)):
+        parts = [_pad_part(cx, "constant", x, 2 + i, size, front, value)
+                 for size, front in ((b, True), (e, False))]
+        parts = [p for p in (parts[0], x, parts[1]) if p is not None]
+        x = cx.op("concat", *parts, axis=2 + i) if len(parts) > 1 else x
+    return x
+
+
+def _max_pool(cx, n):
+    """MaxPool: x padded with -inf (an integer type's minimum) by concat with `full`,
+    then `maximum` over the kernel's strided slices. Padded cells never win, so the
+    ceil_mode extra cells need no special care."""
+    x = n.x(0)
+    if len([o for o in n.outputs if o]) > 1:
+        raise n.unsupported("the Indices output is not supported")
+    if n.attr("storage_order", 0) not in (0, 1):
+        raise ShapeError(f"{n.where}: storage_order should be 0 or 1")
+    kernel, strides, dil, pads, extra, out = _pool_geometry(n, x)
+    sd, dt = len(kernel), _dtype(x)
+    np_dt = TensorType((), dt).np_dtype
+    if dt == "bool":
+        raise n.unsupported("a bool input (ONNX allows numeric types only)")
+    low = -np.inf if np_dt.kind == "f" else np.iinfo(np_dt).min
+    xp = _pool_pad(cx, x, pads[:sd], [e + x2 for e, x2 in zip(pads[sd:], extra, strict=True)],
+                   TensorType((), dt).np_dtype.type(low).item())
+    wins = _pool_windows(cx, xp, kernel, strides, dil, out)
+    y = wins[0]
+    for w in wins[1:]:
+        y = cx.op("maximum", y, w)
+    return [y]
+
+
+def _average_pool(cx, n):
+    """AveragePool: the sum of the kernel's strided slices of the zero-padded x, divided
+    by each window's count: with count_include_pad=1 the cells inside the input and its
+    pads (not ceil_mode's extra), else the input's cells only. The counts are the same
+    slices of a ones-mask, computed at import (a scalar when they are all equal)."""
+    x = n.x(0)
+    dt = _dtype(x)
+    if dt not in ("f16", "f32", "f64"):
+        raise n.unsupported(f"dtype {dt} (ONNX allows float types only)")
+    kernel, strides, dil, pads, extra, out = _pool_geometry(n, x)
+    sd, dims = len(kernel), list(_shape(x))[2:]
+    include = n.attr("count_include_pad", 0)
+    ends = [e + x2 for e, x2 in zip(pads[sd:], extra, strict=True)]
+    xp = _pool_pad(cx, x, pads[:sd], ends, 0.0)
+    wins = _pool_windows(cx, xp, kernel, strides, dil, out)
+    y = wins[0]
+    for w in wins[1:]:
+        y = cx.op("add", y, w)
+    # the count per output position, from a padded mask sliced the same way
+    mask = np.ones(dims, np.int64)
+    if include:
+        mask = np.pad(mask, [(b, e) for b, e in zip(pads[:sd], pads[sd:], strict=True)],
+                      constant_values=1)
+        mask = np.pad(mask, [(0, e) for e in extra], constant_values=0)
+    else:
+        mask = np.pad(mask, [(b, e) for b, e in zip(pads[:sd], ends, strict=True)],
+                      constant_values=0)
+    count = np.zeros(out, np.int64)
+    for idx in itertools.product(*(range(k) for k in kernel)):
+        sl = tuple(slice(j * dl, j * dl + st * (o - 1) + 1, st)
+                   for j, dl, st, o in zip(idx, dil, strides, out, strict=True))
+        count += mask[sl]
+    count = np.maximum(count, 1).astype(TensorType((), dt).np_dtype)
+    if (count == count.flat[0]).all():
+        return [cx.op("div", y, _scalar(count.flat[0], dt))]
+    return [cx.op("div", y, count.reshape([1, 1] + out))]
+
+
 def _normalize(cx, x, axes, eps):
     mean = cx.op("reduce_mean", x, axes=axes, keepdims=True)
     dev = cx.op("sub", x, mean)
@@ -1285,5 +1423,6 @@ HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     # compositions of existing IR ops
     "Mod": _mod, "GlobalAveragePool": _global_pool("reduce_mean"),
     "GlobalMaxPool": _global_pool("reduce_max"), "Pad": _pad, "CumSum": _cumsum,
+    "MaxPool": _max_pool, "AveragePool": _average_pool,
     "InstanceNormalization": _instance_norm, "GroupNormalization": _group_norm,
 }
