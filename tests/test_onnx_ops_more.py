@@ -1,7 +1,8 @@
 """ONNX ops imported as compositions of existing IR ops (Mod, GlobalAveragePool,
-GlobalMaxPool, Pad, CumSum, InstanceNormalization, GroupNormalization, ArgMin, OneHot,
-Einsum): single-node models built with onnx.helper, run on numpy and llvm (strict: no
-reference fallback) against ONNX Runtime (floats to 1e-5 relative, integers exactly)."""
+GlobalMaxPool, MaxPool, AveragePool, Pad, CumSum, InstanceNormalization,
+GroupNormalization, ArgMin, OneHot, Einsum): single-node models built with onnx.helper,
+run on numpy and llvm (strict: no reference fallback) against ONNX Runtime (floats to
+1e-5 relative, integers exactly)."""
 
 import numpy as np
 import onnxruntime as ort
@@ -141,6 +142,84 @@ def test_global_pool(backend, op, shape, dtype, monkeypatch):
     """(f64: ONNX's reference, ORT has no kernel; its GlobalMaxPool is 2-D only there.)"""
     feeds = {"x": _rand(np.random.default_rng(3), shape, dtype)}
     _check(_model(op, feeds), feeds, backend, monkeypatch)
+
+
+# --- MaxPool, AveragePool ---------------------------------------------------------------
+
+POOL_CASES = [  # (shape, attributes)
+    ((2, 3, 6, 6), dict(kernel_shape=[1, 1])),
+    ((1, 2, 7, 5), dict(kernel_shape=[3, 3])),
+    ((2, 1, 7, 8), dict(kernel_shape=[2, 3], strides=[2, 1])),
+    ((1, 2, 9, 8), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    ((1, 2, 6, 7), dict(kernel_shape=[2, 3], strides=[1, 2], pads=[0, 1, 1, 2])),
+    ((1, 1, 9, 9), dict(kernel_shape=[3, 2], dilations=[2, 3], pads=[2, 1, 0, 1])),
+    ((1, 2, 8, 7), dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)),
+    ((1, 2, 7, 6), dict(kernel_shape=[2, 3], strides=[3, 2], pads=[1, 1, 1, 0], ceil_mode=1)),
+    ((1, 1, 8, 9), dict(kernel_shape=[2, 2], strides=[2, 3], dilations=[2, 1], ceil_mode=1)),
+    ((1, 2, 2, 2), dict(kernel_shape=[3, 3], strides=[3, 3], pads=[1, 1, 1, 1], ceil_mode=1)),
+    ((1, 2, 7, 6), dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_UPPER")),
+    ((1, 2, 7, 6), dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_LOWER")),
+    ((1, 2, 6, 5), dict(kernel_shape=[4, 2], strides=[1, 1], auto_pad="SAME_LOWER")),
+    ((1, 2, 7, 6), dict(kernel_shape=[3, 2], strides=[2, 3], auto_pad="VALID")),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(POOL_CASES)))
+def test_max_pool(backend, dtype, case, monkeypatch):
+    shape, attrs = POOL_CASES[case]
+    feeds = {"x": _rand(np.random.default_rng(case), shape, dtype)}
+    _check(_model("MaxPool", feeds, **attrs), feeds, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+@pytest.mark.parametrize("case", [1, 3, 7, 10])
+def test_max_pool_integer(backend, dtype, case, monkeypatch):
+    """Integers pad with the dtype's minimum (which then never wins a window)."""
+    shape, attrs = POOL_CASES[case]
+    x = _rand(np.random.default_rng(case), shape, dtype, nonzero=False)
+    x.flat[0] = np.iinfo(dtype).min
+    _check(_model("MaxPool", {"x": x}, **attrs), {"x": x}, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("include", [0, 1])
+@pytest.mark.parametrize("case", range(len(POOL_CASES)))
+def test_average_pool(backend, dtype, include, case, monkeypatch):
+    shape, attrs = POOL_CASES[case]
+    feeds = {"x": _rand(np.random.default_rng(case), shape, dtype)}
+    _check(_model("AveragePool", feeds, count_include_pad=include, **attrs), feeds, backend,
+           monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_pool_symbolic_batch(backend, op, monkeypatch):
+    feeds = {"x": _rand(np.random.default_rng(5), (3, 2, 7, 6), np.float32)}
+    model = _model(op, feeds, shapes={"x": ["n", 2, 7, 6]}, kernel_shape=[3, 3],
+                   strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)
+    _check(model, feeds, backend, monkeypatch)
+
+
+def test_pool_refusals():
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    with pytest.raises(TensorcError, match="needs static spatial dims"):
+        tx.from_model(_model("MaxPool", {"x": x}, shapes={"x": [1, 2, "h", 6]},
+                             kernel_shape=[2, 2]))
+    node = helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2])
+    g = helper.make_graph([node], "m", [helper.make_tensor_value_info("x", 1, x.shape)],
+                          [helper.make_tensor_value_info("y", 1, None),
+                           helper.make_tensor_value_info("i", 7, None)])
+    with pytest.raises(TensorcError, match="the Indices output is not supported"):
+        tx.from_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
+    with pytest.raises(TensorcError, match="does not fit the padded input"):
+        tx.from_model(_model("AveragePool", {"x": x}, kernel_shape=[7, 2]))
+    with pytest.raises(TensorcError, match="negative padding"):
+        tx.from_model(_model("AveragePool", {"x": x}, kernel_shape=[1, 1], strides=[3, 3],
+                             auto_pad="SAME_UPPER"))
 
 
 # --- Pad --------------------------------------------------------------------------------
