@@ -189,10 +189,30 @@ def test_max_pool_integer(backend, dtype, case, monkeypatch):
 @pytest.mark.parametrize("include", [0, 1])
 @pytest.mark.parametrize("case", range(len(POOL_CASES)))
 def test_average_pool(backend, dtype, include, case, monkeypatch):
+    """(f64: ONNX's reference, ORT has no f64 AveragePool kernel.)"""
     shape, attrs = POOL_CASES[case]
     feeds = {"x": _rand(np.random.default_rng(case), shape, dtype)}
     _check(_model("AveragePool", feeds, count_include_pad=include, **attrs), feeds, backend,
            monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("include", [0, 1])
+@pytest.mark.parametrize("shape,attrs", [
+    ((2, 3, 9), dict(kernel_shape=[3], strides=[2], pads=[1, 1], ceil_mode=1)),
+    ((1, 2, 8), dict(kernel_shape=[2], dilations=[3], auto_pad="VALID")),
+    ((1, 2, 8), dict(kernel_shape=[3], strides=[3], auto_pad="SAME_LOWER")),
+    ((1, 2, 5, 6, 5), dict(kernel_shape=[2, 3, 2], strides=[2, 1, 2], pads=[1, 0, 1, 0, 1, 1],
+                           ceil_mode=1)),
+])
+def test_pool_1d_3d(backend, op, include, shape, attrs, monkeypatch):
+    feeds = {"x": _rand(np.random.default_rng(6), shape, np.float32)}
+    if op == "AveragePool":
+        attrs = {**attrs, "count_include_pad": include}
+    elif include:
+        return
+    _check(_model(op, feeds, **attrs), feeds, backend, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -217,6 +237,9 @@ def test_pool_refusals():
         tx.from_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
     with pytest.raises(TensorcError, match="does not fit the padded input"):
         tx.from_model(_model("AveragePool", {"x": x}, kernel_shape=[7, 2]))
+    with pytest.raises(TensorcError, match="disagree on the padding"):
+        tx.from_model(_model("MaxPool", {"x": x}, kernel_shape=[2, 2], dilations=[2, 2],
+                             auto_pad="SAME_UPPER"))
     with pytest.raises(TensorcError, match="negative padding"):
         tx.from_model(_model("AveragePool", {"x": x}, kernel_shape=[1, 1], strides=[3, 3],
                              auto_pad="SAME_UPPER"))

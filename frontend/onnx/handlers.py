@@ -1214,6 +1214,9 @@ def _pool_geometry(n: OnnxNode, x: Entry):
     for i, d in enumerate(dims):
         span = (kernel[i] - 1) * dil[i] + 1
         if auto in ("SAME_UPPER", "SAME_LOWER"):
+            if dil[i] != 1:   # ORT and ONNX's reference pad for the undilated kernel
+                raise n.unsupported(f"auto_pad {auto} with dilations {dil}: ONNX's spec "
+                                    "and ONNX Runtime disagree on the padding")
             o = -(-d // strides[i])
             total = (o - 1) * strides[i] + span - d
             if total < -1 and n.type == "AveragePool" and auto == "SAME_UPPER":
