@@ -217,9 +217,9 @@ def test_pool_1d_3d(backend, op, include, shape, attrs, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
-def test_pool_symbolic_batch(backend, op, monkeypatch):
+def test_pool_symbolic_batch_and_channels(backend, op, monkeypatch):
     feeds = {"x": _rand(np.random.default_rng(5), (3, 2, 7, 6), np.float32)}
-    model = _model(op, feeds, shapes={"x": ["n", 2, 7, 6]}, kernel_shape=[3, 3],
+    model = _model(op, feeds, shapes={"x": ["n", "c", 7, 6]}, kernel_shape=[3, 3],
                    strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)
     _check(model, feeds, backend, monkeypatch)
 
