@@ -1,5 +1,6 @@
 """ONNX ModelProto -> Graph: the import loop (opset and dtype checks, value names,
-bindings, inputs and outputs); what each op does is its handler in `handlers.py`.
+bindings, inputs and outputs); what each op does is its handler in `handlers.py`
+(quantized ops: `quantized.py`; pooling, padding, instance/group norm: `spatial.py`).
 
 Handlers build IR ops through `_Importer.op`, which folds an op at import when all
 its inputs are known: numbers (initializers, Constant nodes, small folded results) or
@@ -22,7 +23,7 @@ from tensorc.errors import ShapeError, TensorcError, UnsupportedOpError
 from tensorc.ir import DTYPES, Dim, Graph, TensorType, Value
 from tensorc.ops import get_op
 
-from .handlers import HANDLERS
+from . import handlers, quantized, spatial
 from .values import (
     FOLD_LIMIT,
     MAX_OPSET,
@@ -40,6 +41,9 @@ from .values import (
     _short,
     onnx_dtype,
 )
+
+# ONNX op type -> its handler
+HANDLERS = {**handlers.HANDLERS, **quantized.HANDLERS, **spatial.HANDLERS}
 
 # --- the importer ---------------------------------------------------------------------
 
