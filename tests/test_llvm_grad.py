@@ -20,6 +20,16 @@ def _fallbacks(exe) -> list:
     return [f for r in exe._runners.values() for f in r.program.stats()["fallbacks"]]
 
 
+def _llvm_matches_numpy(graph, feeds, tol=1e-5) -> None:
+    """Every output of `graph` on llvm (generated code only) equals numpy's within tol."""
+    want = get_backend("numpy").compile(graph).run(feeds)
+    exe = get_backend("llvm").compile(graph)
+    got = exe.run(feeds)
+    assert _fallbacks(exe) == []
+    for name, w in want.items():
+        _close(got[name], w, tol)
+
+
 def _graph(op, arrays, **attrs) -> Graph:
     g = Graph("t")
     ins = [g.add_input(f"x{i}", TensorType.of(a)) for i, a in enumerate(arrays)]
@@ -113,12 +123,7 @@ def test_scatter_add_of_gathers_gradient_on_llvm():
     dg = grad(g, "loss", ["table"])
     assert any(n.op == "scatter_add" for n in dg.nodes)
     feeds = {"table": _rand(rng, (11, 24)), "ids": rng.integers(-11, 11, (2, 9))}
-    want = get_backend("numpy").compile(dg).run(feeds)
-    exe = get_backend("llvm").compile(dg)
-    got = exe.run(feeds)
-    assert _fallbacks(exe) == []
-    for name, w in want.items():
-        _close(got[name], w, 1e-5)
+    _llvm_matches_numpy(dg, feeds)
 
 
 @pytest.mark.parametrize("bad", [7, -8])
@@ -208,12 +213,7 @@ def test_patch_embedding_gradient_through_the_grad_pass():
     dg = grad(g, "loss", ["x", "w", "b"])
     feeds = {"x": _rand(rng, (2, 3, 16, 16)), "w": _rand(rng, (8, 3, 4, 4)),
              "b": _rand(rng, (8,))}
-    want = get_backend("numpy").compile(dg).run(feeds)
-    exe = get_backend("llvm").compile(dg)
-    got = exe.run(feeds)
-    assert _fallbacks(exe) == []
-    for name, w_ in want.items():
-        _close(got[name], w_, 1e-5)
+    _llvm_matches_numpy(dg, feeds)
 
 
 # --- attention_grad: the fused flash backward (f32, no mask) ------------------------------
