@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 from tensorc.errors import FallbackError
 from tensorc.ir import DTYPES, Graph, TensorType
@@ -18,13 +19,32 @@ from .views import Access, Lazy, compute_count, constant, contiguous, covers, is
 
 log = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class Target:
+    """What a backend's library takes, which the rules hand to it (a backend's
+    `LOWERING` dict holds the fields it sets).
+
+    gemm_epilogues: the GEMM applies a fuse-epilogues region's bias, activation and
+        residual itself (llvm); without, they are a generated kernel after it (cupy:
+        cuBLAS cannot).
+    grad_kernels: a fused attention backward (llvm), else `attention_grad` runs its
+        decomposition.
+    int8_gemm: what the integer GEMM takes: "weights" (llvm: u8 rows times a constant i8
+        weight, the dequantize as its epilogue), "batched" (cupy's `__dp4a` kernel: any
+        u8/i8 operands, i32 out), or None: `matmul_integer` runs its decomposition.
+    bf16_weights: the GEMM takes a bf16 weight as it is stored (llvm), else its widening
+        cast is a kernel."""
+    gemm_epilogues: bool = True
+    grad_kernels: bool = True
+    int8_gemm: str | None = None
+    bf16_weights: bool = True
+
+
 class Lowering:
     def __init__(self, graph: Graph, env: dict[str, int], region: bool = False,
-                 gemm_epilogues: bool = True, grad_kernels: bool = True,
-                 int8_gemm: str | None = None, bf16_weights: bool = True):
-        self.graph, self.env, self.region = graph, env, region and gemm_epilogues
-        self.gemm_epilogues, self.grad_kernels = gemm_epilogues, grad_kernels
-        self.int8_gemm, self.bf16_weights = int8_gemm, bf16_weights
+                 target: Target = Target()):
+        self.graph, self.env, self.target = graph, env, target
+        self.region = region and target.gemm_epilogues
         self.steps: list = []
         self.buffers: list[Buf] = []
         self.notes: list[str] = []
@@ -177,9 +197,7 @@ class Lowering:
             sub_ins = [sub.add_input(f"x{i}", TensorType(x.shape, x.dtype))
                        for i, x in enumerate(ins)]
             sub.outputs = list(get_op(node.op).decompose(sub, sub_ins, **attrs))
-        inner = Lowering(sub, env, region=isinstance(body, Graph),
-                         gemm_epilogues=self.gemm_epilogues, grad_kernels=self.grad_kernels,
-                         int8_gemm=self.int8_gemm, bf16_weights=self.bf16_weights)
+        inner = Lowering(sub, env, region=isinstance(body, Graph), target=self.target)
         inner.steps, inner.buffers, inner.notes = self.steps, self.buffers, self.notes
         inner.checked, inner.aliases = self.checked, self.aliases
         vals = dict(zip(sub_ins, ins, strict=True))
@@ -222,23 +240,11 @@ class Lowering:
         return Program(self.steps, inputs, outputs, planned, total, peak, self.notes)
 
 
-def lower(graph: Graph, env: dict[str, int] | None = None, gemm_epilogues: bool = True,
-          grad_kernels: bool = True, int8_gemm: str | None = None,
-          bf16_weights: bool = True) -> Program:
-    """The Program for `graph` with its symbolic dims bound by `env`. `gemm_epilogues`:
-    the target's GEMM applies a fuse-epilogues region's bias, activation and residual
-    itself (llvm); without, they are a generated kernel after it (cupy: cuBLAS cannot).
-    `grad_kernels`: the target has a fused attention backward (llvm), else
-    `attention_grad` runs its decomposition. `int8_gemm`: what the target's integer GEMM
-    takes: "weights" (llvm: u8 rows times a constant i8 weight, with the dequantize as
-    its epilogue), "batched" (cupy's `__dp4a` kernel: any u8/i8 operands, i32 out), or
-    None: `matmul_integer` runs its decomposition (a generated i32 matmul of the widened
-    operands). `bf16_weights`: the target's GEMM takes a bf16 weight as it is stored
-    (llvm), else its widening cast is a kernel. Reference fallbacks are a warning (logged
-    once per Program), or an error in strict mode."""
-    program = Lowering(graph, env or {}, gemm_epilogues=gemm_epilogues,
-                       grad_kernels=grad_kernels, int8_gemm=int8_gemm,
-                       bf16_weights=bf16_weights).run()
+def lower(graph: Graph, env: dict[str, int] | None = None, **target) -> Program:
+    """The Program for `graph` with its symbolic dims bound by `env`, for a target with
+    the `Target` fields given (a backend's `LOWERING`). Reference fallbacks are a warning
+    (logged once per Program), or an error in strict mode."""
+    program = Lowering(graph, env or {}, target=Target(**target)).run()
     fallbacks = program.stats()["fallbacks"]
     if fallbacks:
         listed = "; ".join(f"{f['node']} ({f['reason']})" for f in fallbacks)
@@ -255,11 +261,9 @@ def strict() -> bool:
     return os.environ.get("TENSORC_STRICT", "") not in ("", "0")
 
 
-def planned_memory(graph: Graph, env: dict[str, int] | None = None,
-                   gemm_epilogues: bool = True, grad_kernels: bool = True,
-                   int8_gemm: str | None = None, bf16_weights: bool = True) -> dict:
+def planned_memory(graph: Graph, env: dict[str, int] | None = None, **target) -> dict:
     """Arena size (planned, with buffer reuse) and the peak of live bytes, for inspect."""
-    p = lower(graph, env, gemm_epilogues, grad_kernels, int8_gemm, bf16_weights)
+    p = lower(graph, env, **target)
     return {"arena_bytes": p.arena_bytes, "live_peak_bytes": p.live_peak_bytes}
 
 

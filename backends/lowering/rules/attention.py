@@ -18,7 +18,7 @@ def _attention_grad(lw, node, ins, attrs):
     """The target's fused backward (llvm: `llvm/attention_grad.py`), for f32 (a bool or
     f32 mask included); otherwise, and on targets without one, the op's decomposition
     runs."""
-    if not lw.grad_kernels:
+    if not lw.target.grad_kernels:
         raise NotLowerable("the target has no fused attention backward")
     if any(x.dtype != "f32" for x in ins[:3] + ins[-1:]):
         raise NotLowerable("the fused attention backward is float32 only")

@@ -33,7 +33,7 @@ def _conv2d(lw, node, ins, attrs):
     y = lw.of_view(out)
     if bias:
         b = bias[0].expr
-        if lw.gemm_epilogues and isinstance(b, Access) and b.coefs == (1,) and o > 1:
+        if lw.target.gemm_epilogues and isinstance(b, Access) and b.coefs == (1,) and o > 1:
             call.epilogue["bias"] = View(b.buf, b.offset, (o,), (1,))
         else:
             y = Lazy(y.shape, K.binary("add", y.expr, broadcast_to(bias[0], y.shape).expr))

@@ -29,7 +29,7 @@ def _matmul(lw, node, ins, attrs):
     out = lw.out_view(TensorType(batch + (a.shape[-2], b.shape[-1]), t.dtype))
     rows = isinstance(a.expr, Access) and a.expr.coefs[-1] == 1
     columns = isinstance(a.expr, Access) and len(a.shape) == 2 and a.expr.coefs[0] == 1
-    b = _narrow_weight(b) if lw.bf16_weights else b
+    b = _narrow_weight(b) if lw.target.bf16_weights else b
     if a.shape[-1] > 1 and not rows and not columns:
         # the GEMM packs A from rows, or a 2-D A from columns (a weight gradient's x^T,
         # read from x as it lies); any other layout (a batched transpose) is copied into
@@ -43,15 +43,15 @@ def _matmul(lw, node, ins, attrs):
     return [reshape(lw.of_view(out), t.shape)]
 
 def _matmul_integer(lw, node, ins, attrs):
-    """The target's integer GEMM (`lw.int8_gemm`): "batched" takes any u8/i8 operands
+    """The target's integer GEMM (`lw.target.int8_gemm`): "batched" takes any u8/i8 operands
     (cupy, below); "weights" u8 activations times a constant 2-D i8 weight (llvm). Inside
     a fuse-epilogues region the dequantize after it (cast to f32, times the row scale,
     times the column scale: `ops/quant.py` `dequantize_chain`) and then bias,
     activation and residual become its epilogue, so the i32 accumulators never reach
     memory. Anything else (other types, a weight zero point) runs the decomposition."""
-    if lw.int8_gemm == "batched":
+    if lw.target.int8_gemm == "batched":
         return _matmul_integer_batched(lw, node, ins)
-    if lw.int8_gemm != "weights":
+    if lw.target.int8_gemm != "weights":
         raise NotLowerable("no integer GEMM on this target")
     a, b, *zps = ins
     if len(zps) == 2 and _zeros(zps[1]):   # a weight zero point of 0 (ONNX Runtime's files)
