@@ -17,6 +17,7 @@ from .layers import (
     RMSNorm,
     RotaryEmbedding,
     SinusoidalPositions,
+    Sparsity,
     SwiGLU,
     padding_mask_bias,
     repeat_kv,
@@ -29,6 +30,6 @@ __all__ = [
     "F", "DecoderLayer", "Embedding", "EncoderLayer", "FeedForward", "GroupedQueryAttention",
     "LayerNorm", "LearnedPositions", "LlamaBlock", "Linear", "Module", "ModuleList",
     "MultiHeadAttention", "PatchEmbedding", "Parameter", "RMSNorm", "RotaryEmbedding",
-    "SinusoidalPositions", "SwiGLU", "Tensor", "constant", "normal", "padding_mask_bias",
-    "repeat_kv", "trace",
+    "SinusoidalPositions", "Sparsity", "SwiGLU", "Tensor", "constant", "normal",
+    "padding_mask_bias", "repeat_kv", "trace",
 ]

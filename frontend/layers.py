@@ -6,9 +6,13 @@ so that a backend that drops a bias or a scale is caught by the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
+
+from tensorc.errors import TensorcError
+from tensorc.ops.sparse_attention import performer_features, window_attrs
 
 from . import functional as F
 from .module import Module, Parameter, normal
@@ -59,18 +63,72 @@ def padding_mask_bias(mask, dtype="f32"):
     return F.unsqueeze(F.unsqueeze((1.0 - keep) * -1e9, 1), 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sparsity:
+    """How attention layers attend: "dense"; "local" (a window of `window` keys: causal,
+    the keys up to the query; else half each side); "block" (blocks of `block`
+    positions seeing their neighbour blocks); "performer" (linear attention with
+    `features` random features). `global_tokens` see and are seen by all (local,
+    block). The sparse ops' meaning: `tensorc/ops/sparse_attention.py`."""
+    kind: str = "dense"
+    window: int = 256
+    block: int = 64
+    features: int = 256
+    global_tokens: tuple = ()
+    seed: int = 0
+    neighbours: int = 1    # blocks each side a block sees (0: only itself)
+
+    KINDS = ("dense", "local", "block", "performer")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"attention {self.kind!r} is not one of {', '.join(self.KINDS)}")
+
+    def attend(self, q, k, v, causal: bool, mask_bias, scale: float):
+        """softmax attention of q [b,h,t,d] over k, v as this sparsity computes it."""
+        if self.kind == "local":
+            return F.local_attention(q, k, v, mask_bias, scale=scale, causal=causal,
+                                     global_tokens=self.global_tokens,
+                                     **window_attrs(self.window, causal))
+        if self.kind == "block":
+            return F.block_sparse_attention(q, k, v, mask_bias, block=self.block, scale=scale,
+                                            local_blocks=self.neighbours, causal=causal,
+                                            global_tokens=self.global_tokens, seed=self.seed)
+        features = performer_features(q.shape[3], self.features, self.seed)
+        return F.linear_attention(q, k, v, features, mask_bias, scale=scale, causal=causal)
+
+    def cache_mask(self, cache):
+        """The decode step's keep-mask [b, 1, t, L]: the cache's, cut to the window."""
+        if self.kind == "dense":
+            return cache.mask
+        if self.kind != "local":
+            raise TensorcError(f"{self.kind} attention has no key/value cache step: generate "
+                               "with dense or local attention")
+        keys = F.unsqueeze(F.unsqueeze(F.arange(cache.mask.shape[3]), 0), 0)    # [1, 1, L]
+        near = keys >= F.unsqueeze(cache.positions, 2) - (self.window - 1)       # [b, t, L]
+        for g in self.global_tokens:
+            near = F.logical_or(near, F.equal(keys, g))
+        return F.logical_and(cache.mask, F.unsqueeze(near, 1))
+
+
+DENSE = Sparsity()
+
+
 class MultiHeadAttention(Module):
     """Scaled dot-product attention over `n_head` heads.
 
     Self attention when `context` is None, cross attention over `context` otherwise.
     `causal` masks future keys; `mask_bias` is an additive bias broadcast to
-    [batch, heads, queries, keys] (see `padding_mask_bias`)."""
+    [batch, heads, queries, keys] (see `padding_mask_bias`). `sparsity` other than
+    dense traces self attention as one sparse or linear attention op."""
 
-    def __init__(self, d_model: int, n_head: int, bias: bool = True):
+    def __init__(self, d_model: int, n_head: int, bias: bool = True,
+                 sparsity: Sparsity = DENSE):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
         self.n_head, self.d_head = n_head, d_model // n_head
+        self.sparsity = sparsity
         self.q = Linear(d_model, d_model, bias)
         self.k = Linear(d_model, d_model, bias)
         self.v = Linear(d_model, d_model, bias)
@@ -87,14 +145,18 @@ class MultiHeadAttention(Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
         if cache is not None:
             k, v = cache.update(k, v)
-        scores = (q @ k.transpose(2, 3)) * (1.0 / math.sqrt(self.d_head))
-        if cache is not None:
-            scores = F.where(cache.mask, scores, float("-inf"))
-        elif causal:
-            scores = F.where(F.causal_mask(x.shape[1], kv.shape[1]), scores, float("-inf"))
-        if mask_bias is not None:
-            scores = scores + mask_bias
-        out = F.softmax(scores, -1) @ v                     # [b, h, t, d]
+        scale = 1.0 / math.sqrt(self.d_head)
+        if self.sparsity.kind != "dense" and cache is None:
+            out = self.sparsity.attend(q, k, v, causal, mask_bias, scale)
+        else:
+            scores = (q @ k.transpose(2, 3)) * scale
+            if cache is not None:
+                scores = F.where(self.sparsity.cache_mask(cache), scores, float("-inf"))
+            elif causal:
+                scores = F.where(F.causal_mask(x.shape[1], kv.shape[1]), scores, float("-inf"))
+            if mask_bias is not None:
+                scores = scores + mask_bias
+            out = F.softmax(scores, -1) @ v                     # [b, h, t, d]
         b, _, t, _ = out.shape
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_head * self.d_head))
 
@@ -116,9 +178,10 @@ class EncoderLayer(Module):
     Transformer)."""
 
     def __init__(self, d_model: int, n_head: int, d_ff: int, activation: str = "gelu",
-                 norm_first: bool = True, eps: float = 1e-5, dropout: float = 0.0):
+                 norm_first: bool = True, eps: float = 1e-5, dropout: float = 0.0,
+                 sparsity: Sparsity = DENSE):
         super().__init__()
-        self.attn = MultiHeadAttention(d_model, n_head)
+        self.attn = MultiHeadAttention(d_model, n_head, sparsity=sparsity)
         self.ff = FeedForward(d_model, d_ff, activation)
         self.ln1, self.ln2 = LayerNorm(d_model, eps), LayerNorm(d_model, eps)
         self.norm_first, self.p = norm_first, dropout

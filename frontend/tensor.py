@@ -425,6 +425,31 @@ def tensor_scatter(cache, update, index, axis: int = -2):
     return apply("tensor_scatter", [cache, update, index], axis=axis)
 
 
+def local_attention(q, k, v, mask=None, *, before: int, after: int = 0, scale: float,
+                    causal: bool = False, dilation: int = 1, global_tokens=()):
+    """Attention where query i sees keys i - before .. i + after (the op's docstring:
+    `tensorc/ops/sparse_attention.py`); `mask` as the `attention` op takes it."""
+    return apply("local_attention", [q, k, v] + ([mask] if mask is not None else []),
+                 before=before, after=after, scale=scale, causal=causal, dilation=dilation,
+                 global_tokens=tuple(global_tokens))
+
+
+def block_sparse_attention(q, k, v, mask=None, *, block: int, scale: float,
+                           local_blocks: int = 1, random_blocks: int = 0, seed: int = 0,
+                           causal: bool = False, global_tokens=()):
+    """Attention within blocks of positions and their neighbours (BigBird's layout)."""
+    return apply("block_sparse_attention", [q, k, v] + ([mask] if mask is not None else []),
+                 block=block, scale=scale, local_blocks=local_blocks,
+                 random_blocks=random_blocks, seed=seed, causal=causal,
+                 global_tokens=tuple(global_tokens))
+
+
+def linear_attention(q, k, v, features, mask=None, *, scale: float, causal: bool = False):
+    """Performer attention with random `features` [m, d] (a key mask at most)."""
+    return apply("linear_attention", [q, k, v, features] + ([mask] if mask is not None else []),
+                 scale=scale, causal=causal)
+
+
 def causal_mask(t: Dim, s: Dim | None = None):
     """Bool [t, s]: query i may attend to key j <= i."""
     s = t if s is None else s

@@ -40,7 +40,15 @@ def config(name: str, preset: str = "tiny", **overrides) -> Config:
         if not ok or isinstance(value, bool) and want is not bool:  # True is an int too
             raise TensorcError(f"{name} config key {key!r} takes a {want.__name__}, "
                                f"got {value!r}")
-        if not value > 0 or value == float("inf"):   # every size, count and eps
+        choices = getattr(base, "CHOICES", {}).get(key)
+        if choices is not None:
+            if value not in choices:
+                raise TensorcError(f"{name} config key {key!r} is one of "
+                                   f"{', '.join(choices)}, got {value!r}")
+        elif key == "global_tokens":
+            if value < 0:
+                raise TensorcError(f"{name} config key {key!r} must be >= 0, got {value!r}")
+        elif not value > 0 or value == float("inf"):   # every size, count and eps
             raise TensorcError(f"{name} config key {key!r} must be positive and finite, "
                                f"got {value!r}")
     return dataclasses.replace(base, **overrides)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from tensorc.errors import TensorcError
-from tensorc.frontend import Module
+from tensorc.frontend import Module, Sparsity
 from tensorc.resources import check_fits
 
 
@@ -22,6 +22,26 @@ class Config:
     d_ff: int = 256
     max_seq_len: int = 128
     dropout: float = 0.0    # while training (tensorc train); inference never drops
+
+
+@dataclasses.dataclass
+class SparseConfig(Config):
+    """A model whose self attention can be sparse or linear (`frontend.Sparsity`):
+    attention = dense | local (a window of `window` keys) | block (blocks of `block`
+    positions and their neighbours) | performer (`features` random features), with
+    `global_tokens` of the first positions seeing and seen by all."""
+
+    attention: str = "dense"
+    window: int = 256
+    block: int = 64
+    features: int = 256
+    global_tokens: int = 0
+
+    CHOICES = {"attention": Sparsity.KINDS}
+
+    def sparsity(self) -> Sparsity:
+        return Sparsity(self.attention, self.window, self.block, self.features,
+                        tuple(range(self.global_tokens)))
 
 
 class ZooModel(Module):

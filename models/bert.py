@@ -18,11 +18,11 @@ from tensorc.frontend import (
     padding_mask_bias,
 )
 
-from .base import Config, ZooModel
+from .base import SparseConfig, ZooModel
 
 
 @dataclasses.dataclass
-class BertConfig(Config):
+class BertConfig(SparseConfig):
     eps: float = 1e-12
 
 
@@ -40,7 +40,8 @@ class Bert(ZooModel):
         self.pos = LearnedPositions(c.max_seq_len, c.d_model)
         self.emb_ln = LayerNorm(c.d_model, c.eps)
         self.layers = [EncoderLayer(c.d_model, c.n_head, c.d_ff, "gelu", norm_first=False,
-                                    eps=c.eps, dropout=c.dropout) for _ in range(c.n_layer)]
+                                    eps=c.eps, dropout=c.dropout, sparsity=c.sparsity())
+                       for _ in range(c.n_layer)]
         self.mlm_dense = Linear(c.d_model, c.d_model)
         self.mlm_ln = LayerNorm(c.d_model, c.eps)
         self.mlm_bias = Parameter((c.vocab_size,), normal(0.02))

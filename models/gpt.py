@@ -9,11 +9,11 @@ import numpy as np
 
 from tensorc.frontend import Embedding, EncoderLayer, F, LayerNorm, LearnedPositions
 
-from .base import Config, ZooModel
+from .base import SparseConfig, ZooModel
 
 
 @dataclasses.dataclass
-class GPTConfig(Config):
+class GPTConfig(SparseConfig):
     eps: float = 1e-5
 
 
@@ -30,7 +30,8 @@ class GPT(ZooModel):
         self.wte = Embedding(c.vocab_size, c.d_model)
         self.wpe = LearnedPositions(c.max_seq_len, c.d_model)
         self.blocks = [EncoderLayer(c.d_model, c.n_head, c.d_ff, "gelu_tanh", norm_first=True,
-                                    eps=c.eps, dropout=c.dropout) for _ in range(c.n_layer)]
+                                    eps=c.eps, dropout=c.dropout, sparsity=c.sparsity())
+                       for _ in range(c.n_layer)]
         self.ln_f = LayerNorm(c.d_model, c.eps)
 
     def forward(self, input_ids, cache=None):

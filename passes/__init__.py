@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (they register their passes)
     gemm,
     quantize,
     simplify,
+    sparse_attention,
     weights,
 )
 from .manager import (
@@ -30,7 +31,7 @@ __all__ = ["EXPLAINERS", "LOSSY", "PASSES", "PIPELINES", "explain", "parse_pipel
 
 # Passes that change the numbers on purpose (`compare` shows them next to the float
 # pipeline).
-LOSSY = {"quantize", "cast-weights"}
+LOSSY = {"quantize", "cast-weights", "sparsify-attention", "linearize-attention"}
 
 # Pipelines name the passes in order.
 PIPELINES["O1"] = ["fold-constants", "simplify", "cse", "dce"]

@@ -835,6 +835,49 @@ def _attention(op, rng):
     yield [q, k[:1], v[:1], bias], {}, attention_loops(q, k[:1], v[:1], bias)
 
 
+@checks("local_attention", "block_sparse_attention")
+def _sparse_attention(op, rng):
+    """The loop formula with every pair the pattern's definition (written pair by pair
+    in test_sparse_attention) leaves out masked with -inf."""
+    from test_sparse_attention import block_visible, brute, local_visible
+    cases = {"local_attention": [({"before": 2, "after": 1}, (2, 2, 9, 9)),
+                                 ({"before": 3, "causal": True, "dilation": 2,
+                                   "global_tokens": (0,)}, (1, 2, 11, 11)),
+                                 ({"before": 1, "after": 1, "global_tokens": (4,)}, (2, 1, 6, 6))],
+             "block_sparse_attention": [({"block": 3}, (2, 2, 10, 10)),
+                                        ({"block": 4, "local_blocks": 0, "random_blocks": 1,
+                                          "seed": 2, "causal": True}, (1, 2, 13, 13)),
+                                        ({"block": 2, "local_blocks": 0,
+                                          "global_tokens": (1, 2)}, (1, 1, 7, 7))]}
+    for attrs, (b, h, t, s) in cases[op]:
+        a = OPS[op].complete_attrs(attrs)
+        if op == "local_attention":
+            vis = brute(local_visible, t, s, a["before"], a["after"], a["dilation"],
+                        a["causal"], a["global_tokens"])
+        else:
+            vis = brute(block_visible, t, s, t, s, a["block"], a["local_blocks"],
+                        a["random_blocks"], a["seed"], a["causal"], a["global_tokens"])
+        q, k, v = (rand(rng, (b, h, n, 3), "f32", -1, 1) for n in (t, s, s))
+        keep = rand(rng, (b, 1, 1, s), "bool")
+        keep[..., 0] = True
+        yield [q, k, v], attrs, attention_loops(q, k, v, vis)
+        yield [q, k, v, keep], attrs, attention_loops(q, k, v, keep & vis)
+
+
+@checks("linear_attention")
+def _linear_attention(op, rng):
+    from test_sparse_attention import favor_naive
+    w = rand(rng, (5, 3), "f32", -1, 1)
+    for causal, (b, h, hk, t, s) in ((False, (2, 2, 2, 4, 6)), (True, (1, 2, 1, 5, 5))):
+        q, k, v = (rand(rng, shape, "f32", -1, 1)
+                   for shape in ((b, h, t, 3), (b, hk, s, 3), (b, hk, s, 2)))
+        bias = rand(rng, (b, 1, 1, s), "f32", -2, 2)
+        attrs = {"scale": 0.5, "causal": causal}
+        yield [q, k, v, w], attrs, favor_naive(q, k, v, w, None, 0.5, causal).astype(np.float32)
+        yield [q, k, v, w, bias], attrs, favor_naive(q, k, v, w, bias, 0.5,
+                                                     causal).astype(np.float32)
+
+
 # --- gradient ops: checked against central differences of the forward's loop formula ---
 
 def numeric_vjp(forward, inputs, dy, wrt, eps=1e-6):

@@ -125,6 +125,13 @@ class Pattern:
         return n
 
 
+def window_attrs(window: int, causal: bool) -> dict:
+    """`local_attention`'s before/after for a window of `window` keys: causal, the
+    window ends at the query (Mistral); otherwise half of it on each side (Longformer)."""
+    return {"before": window - 1, "after": 0} if causal else \
+        {"before": window // 2, "after": window // 2}
+
+
 def _tokens(tokens, n: int) -> list[int]:
     return sorted({g for g in tokens if 0 <= g < n})
 
