@@ -185,7 +185,9 @@ VARIANTS = {"fp32": "O2", "int8 dynamic": "O2,quantize",
             "int8 dynamic, head and embedding too": "O2,quantize:head=1",
             "int8 static (minmax)": "O2,quantize:mode=static"}
 
-def accuracy(paths: list[str], batches: int = 16) -> list[dict]:
+def accuracy(paths: list[str], batches: int = 16, variants: dict | None = None) -> list[dict]:
+    """Per checkpoint, each of `variants` (label -> pipeline; the first is the
+    reference): classify accuracy, or perplexity, with top-1 agreement with the first."""
     import tensorc
     from tensorc.data import IGNORE_INDEX, clm_eval_batches, text_corpus
     from tensorc.passes import run_pipeline
@@ -209,7 +211,9 @@ def accuracy(paths: list[str], batches: int = 16) -> list[dict]:
             calib = next(clm_eval_batches(corpus.train[:100_000], 8, seq))
             calib = {"input_ids": calib["input_ids"]}
         outs = {}
-        for label, spec in VARIANTS.items():
+        variants = variants or VARIANTS
+        first = next(iter(variants))
+        for label, spec in variants.items():
             exe = tensorc.compile(run_pipeline(g, spec, options={"quantize": {"data": [calib]}}),
                                   "llvm")
             if task == "classify":
@@ -220,12 +224,12 @@ def accuracy(paths: list[str], batches: int = 16) -> list[dict]:
             for label, logits in outs.items():
                 row[label] = {"accuracy": float(np.mean(logits.argmax(-1) == labels)),
                               "top1_agreement": float(np.mean(
-                                  logits.argmax(-1) == outs["fp32"].argmax(-1)))}
+                                  logits.argmax(-1) == outs[first].argmax(-1)))}
         else:
             labels = [b["labels"] for b in data]
             for label, logits in outs.items():
                 nll, agree, count = 0.0, 0, 0
-                for lg, ref, lab in zip(logits, outs["fp32"], labels, strict=True):
+                for lg, ref, lab in zip(logits, outs[first], labels, strict=True):
                     keep = lab != IGNORE_INDEX
                     logp = lg - lg.max(-1, keepdims=True)
                     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))

@@ -285,8 +285,64 @@ def analyse(ctx: Context, softmax) -> Found:
     if rk is not None and rv is not None and rk[1] == rv[1]:
         k, perm, v = rk[0], (0, 1, 2, 3), rv[0]
     found = Found(q, k, perm, v, scale * sq * sk, masks, guarded is not None)
+    split = _split_causal(ctx, masks, *mm.outputs[0].type.shape[-2:])
+    if split is not None:   # a causal triangle ANDed into the padding mask
+        try:
+            _plan_masks(ctx, Found(**{**found.__dict__, "masks": split, "causal": True}), mm)
+            found.masks, found.causal = split, True
+        except Failure:
+            pass
     _plan_masks(ctx, found, mm)
     return found
+
+
+def _positions(v: Value, axis: int):
+    """The `range` from 0 by 1 that `v` is, laid along `axis` (-1 keys, -2 queries) of
+    its last two dims through unsqueezes and reshapes; else None."""
+    shape = v.type.shape
+    if v.type.rank < 2 or shape[axis] == 1 or shape[-3 - axis] != 1:
+        return None
+    while v.producer is not None and v.producer.op in ("unsqueeze", "reshape"):
+        v = v.producer.inputs[0]
+    r = v.producer
+    if r is None or r.op != "range" or r.attrs["start"] != (0,) or r.attrs["delta"] != 1:
+        return None
+    return r
+
+
+def _and_terms(v: Value) -> list[Value]:
+    n = v.producer
+    if n is not None and n.op == "logical_and":
+        return _and_terms(n.inputs[0]) + _and_terms(n.inputs[1])
+    return [v]
+
+
+def _split_causal(ctx: Context, masks: list, t, s) -> list | None:
+    """Hugging Face's merged masks, ``scores + where(kpos <= qpos & keep, 0, min)``
+    (kpos, qpos: one range from 0 along the key and the query axes), as the causal
+    flag plus the other terms as keep-masks; None where there is no such mask."""
+    for i, mk in enumerate(masks):
+        n = mk.value.producer
+        if mk.kind != "add" or n is None or n.op != "where":
+            continue
+        zero, fill = _scalar(ctx, n.inputs[1]), _scalar(ctx, n.inputs[2])
+        if zero != 0 or fill is None or fill * mk.factor > ADDITIVE_NEG:
+            continue
+        terms = _and_terms(n.inputs[0])
+        for j, term in enumerate(terms):
+            c = term.producer
+            if c is None or c.op not in ("less_equal", "greater_equal"):
+                continue
+            key, query = c.inputs if c.op == "less_equal" else c.inputs[::-1]
+            rk, rq = _positions(key, -1), _positions(query, -2)
+            if rk is None or rq is None or rk.attrs["limit"] != (s,) \
+                    or rq.attrs["limit"] != (t,):
+                continue
+            keeps = [Mask(x, "keep", fill * mk.factor) for x in terms[:j] + terms[j + 1:]
+                     if ctx.constant(x) is None or not ctx.constant(x).all()]
+            return masks[:i] + keeps + [Mask(term, "causal", fill * mk.factor)] \
+                + masks[i + 1:]
+    return None
 
 
 def _is_tril(data: np.ndarray, t, s) -> bool:
@@ -329,6 +385,9 @@ def _plan_masks(ctx: Context, f: Found, mm) -> None:
     # under the bool masks' fill value too.
     soft_fill = any(mk.fill > ADDITIVE_NEG for mk in f.masks if mk.kind != "add")
     for mk in f.masks:
+        if mk.kind == "causal":   # split out of a merged mask already (_split_causal)
+            rest.append(mk)
+            continue
         if not f.causal and not (mk.kind == "add" and soft_fill) and _causal(ctx, mk, t, s):
             f.causal = True
             if mk.kind != "add":

@@ -20,7 +20,7 @@ import numpy as np
 from tensorc.errors import TensorcError
 from tensorc.ir import FLOAT_DTYPES, Graph, TensorType, Value
 from tensorc.ops import get_op
-from tensorc.ops.vjp import NoGradient, swap_last
+from tensorc.ops.vjp import backprop, swap_last
 
 from .manager import register_pass
 from .pattern import Var, op, rule
@@ -57,24 +57,7 @@ def grad(graph: Graph, loss: str | None = None, wrt: list[str] | None = None,
     forward = list(g.nodes)
     grads: dict[Value, Value] = {target: g.add_constant(
         g.fresh_name("grad.seed"), np.ones((), target.type.np_dtype))}
-    for node in reversed(forward):
-        dys = [grads.get(v) for v in node.outputs]
-        if all(d is None for d in dys) or not any(v in needs for v in node.inputs):
-            continue
-        vjp = get_op(node.op).vjp
-        if vjp is None:
-            raise TensorcError(f"grad: {node.where}: op {node.op} has no gradient rule")
-        results = vjp(g, node, dys)
-        for x, dx in zip(node.inputs, results, strict=True):
-            if x not in needs or dx is None:
-                continue
-            if isinstance(dx, NoGradient):
-                raise TensorcError(f"grad: {node.where}: no gradient for {dx.what} "
-                                   f"(%{x.name})")
-            if dx.type != x.type:   # a rule's bug, caught where it happens
-                raise TensorcError(f"grad: {node.where}: the rule gives {dx.type} for "
-                                   f"%{x.name}: {x.type}")
-            grads[x] = dx if x not in grads else g.add("add", grads[x], dx)
+    backprop(g, forward, grads, needs)
 
     for p in params:
         d = grads.get(p)

@@ -14,16 +14,17 @@ Both change the model (the sparse pattern drops pairs; Performer approximates th
 softmax): `passes.LOSSY` lists them, so `tensorc compare` shows the error they add.
 Each attention keeps its scale, mask and grouped key/value heads.
 
-They refuse, leaving the dense op (`inspect --explain` says why), where the rewrite
-would be wrong: queries and keys of different lengths (a key cache: positions are
-then not the row indices the pattern is written in), and for linear attention a
-mask that depends on the query (it only takes key masks) or a causal flag with a
-finite mask value. Exporters often expand a padding mask to [b, 1, t, s]: where the
-graph shows every row equal (built by broadcasting from a mask without a query axis),
-linear attention takes its first row. A mask that mixes a causal triangle into the
-padding (as GPT-2's eager exports do) is refused: its query dependence is real, and
-the sparse patterns then read `causal=False` (the window is split around the query
-and the mask removes its later half).
+They refuse, leaving the dense op (a warning says why, and `inspect --explain` too
+where some other attention changed), where the rewrite would be wrong: queries and
+keys of different lengths (a key cache: positions are then not the row indices the
+pattern is written in), and for linear attention a mask that depends on the query
+(it only takes key masks). Exporters often expand a padding mask to [b, 1, t, s]:
+where the graph shows every row equal (built by broadcasting from a mask without a
+query axis), linear attention takes its first row. A mask that mixes a causal
+triangle into the padding (GPT-2's and Llama's exports) is refused: its query
+dependence is real. The sparse patterns take any mask, but read such an attention
+as `causal=False`: the window is split around the query and the mask removes its
+later half.
 
 Where the lengths are static and the pattern would keep more than DENSE_ABOVE of the
 pairs, sparse attention is no faster than dense (the kernels visit tiles either way)
@@ -32,7 +33,6 @@ and only less exact, so the dense op stays (a warning says how many).
 
 from __future__ import annotations
 
-import math
 import warnings
 
 from tensorc.errors import TensorcError
@@ -46,6 +46,7 @@ from .rewrite import graph_pass
 # Keep dense attention where a static pattern keeps more than this share of the
 # pairs dense attention computes (see `benchmarks/attention.py` for the crossover).
 DENSE_ABOVE = 0.5
+SPARSE_OPS = ("local_attention", "block_sparse_attention", "linear_attention")
 
 
 def rows_equal(v: Value, outer: dict | None = None) -> bool:
@@ -104,9 +105,6 @@ def refusal(node: Node, linear: bool) -> str | None:
         if mask is not None and not rows_equal(mask):
             return (f"its mask {mask.type} depends on the query; linear attention takes "
                     "key masks")
-        if node.attrs["causal"] and node.attrs["mask_value"] != -math.inf:
-            return (f"causal with mask_value {node.attrs['mask_value']}: linear attention "
-                    "gives masked keys no weight at all")
     return None
 
 
@@ -124,6 +122,16 @@ def _tokens(spec, count) -> tuple[int, ...]:
     if any(x < 0 for x in toks):
         raise TensorcError(f"sparsify-attention: tokens are positions from 0, got {spec!r}")
     return toks
+
+
+def _rewritable(g: Graph, name: str, linear: bool) -> list[Node]:
+    """The attention nodes the pass may rewrite; a warning for the others."""
+    nodes = [n for n in g.nodes if n.op == "attention"]
+    for n in nodes:
+        why = refusal(n, linear)
+        if why:
+            warnings.warn(f"{name} leaves {n.where} dense: {why}", stacklevel=3)
+    return [n for n in nodes if not refusal(n, linear)]
 
 
 def _dense_pairs(t, s, causal) -> int:
@@ -145,9 +153,7 @@ def sparsify_attention(g: Graph, window: int = 0, block: int = 0, neighbours: in
                            f"block={block}")
     global_tokens = _tokens(tokens, options.get("global", 0))
     kept = 0
-    for node in g.nodes:
-        if node.op != "attention" or refusal(node, linear=False):
-            continue
+    for node in _rewritable(g, "sparsify-attention", linear=False):
         a = node.attrs
         common = {"scale": a["scale"], "causal": a["causal"], "mask_value": a["mask_value"],
                   "global_tokens": global_tokens}
@@ -179,9 +185,7 @@ def linearize_attention(g: Graph, features: int = 256, seed: int = 0):
     if features < 1:
         raise TensorcError(f"linearize-attention: features={features} must be positive")
     tables = {}
-    for node in g.nodes:
-        if node.op != "attention" or refusal(node, linear=True):
-            continue
+    for node in _rewritable(g, "linearize-attention", linear=True):
         q = node.inputs[0].type
         d = q.shape[3]
         if (d, q.dtype) not in tables:
@@ -204,8 +208,12 @@ def _first_row(g: Graph, node: Node, mask: Value) -> Value:
 
 
 def explain_sparse(g: Graph) -> list[str]:
-    """One line per dense attention that the rewrites here would refuse, with why."""
+    """Where a graph holds sparse or linear attention, one line per dense attention
+    left that the rewrites would refuse, with why (a graph without any says nothing:
+    nobody asked)."""
     lines = []
+    if not any(n.op in SPARSE_OPS for n in g.nodes):
+        return lines
     for node in g.nodes:
         if node.op != "attention":
             continue

@@ -105,6 +105,20 @@ def cases(rng):
             ([f64(rng, 1, 2, 3, 4), f64(rng, 1, 1, 5, 4), f64(rng, 1, 1, 5, 4),
               rng.random((1, 1, 3, 5)) > 0.3], {}),       # a bool mask; one kv head
         ],
+        # the sparse and linear ops differentiate through their decompositions
+        "local_attention": [
+            ([f64(rng, 1, 2, 6, 3), f64(rng, 1, 1, 6, 3), f64(rng, 1, 1, 6, 2)],
+             {"before": 2, "after": 1, "global_tokens": (5,)}),
+            ([f64(rng, 2, 2, 5, 3), f64(rng, 2, 2, 5, 3), f64(rng, 2, 2, 5, 3),
+              f64(rng, 2, 1, 1, 5)], {"before": 1, "causal": True})],
+        "block_sparse_attention": [
+            ([f64(rng, 1, 2, 7, 3), f64(rng, 1, 2, 7, 3), f64(rng, 1, 2, 7, 2)],
+             {"block": 2, "local_blocks": 0, "random_blocks": 1, "global_tokens": (0,)})],
+        "linear_attention": [
+            ([f64(rng, 1, 2, 4, 3), f64(rng, 1, 1, 5, 3), f64(rng, 1, 1, 5, 2),
+              f64(rng, 6, 3)], {"scale": 0.5}),
+            ([f64(rng, 2, 2, 5, 3), f64(rng, 2, 2, 5, 3), f64(rng, 2, 2, 5, 3),
+              f64(rng, 4, 3), f64(rng, 2, 1, 1, 5)], {"causal": True})],
     }, t
 
 

@@ -130,3 +130,13 @@ def test_llama_attention_reads_the_kv_heads_unrepeated(stem):
     kv_heads = [n.inputs[1].type.shape[1] for n in graph.nodes if n.op == "attention"]
     assert kv_heads == [2] * LAYERS
     assert not [n for n in graph.nodes if n.op == "expand" and n.outputs[0].type.rank == 5]
+
+
+@pytest.mark.parametrize("stem", [s for s in EXPORTS if s.startswith(("gpt2", "llama"))])
+def test_decoders_merged_masks_fuse_as_causal_with_a_key_mask(stem):
+    """Hugging Face ANDs the causal triangle (key position <= query position, one range
+    along each axis) into the padding mask: fusion splits it back, so the op is causal
+    (the kernels skip the tiles above the diagonal) with a [batch, 1, 1, keys] mask."""
+    nodes = [n for n in _optimized(stem).nodes if n.op == "attention"]
+    assert [n.attrs["causal"] for n in nodes] == [True] * LAYERS
+    assert all(n.inputs[3].type.shape[-2] == 1 for n in nodes)

@@ -53,7 +53,8 @@ import numpy as np
 from ..errors import ShapeError, TensorcError
 from .attention import _infer as _attention_infer
 from .attention import _repeat_np, _scores, repeat_kv
-from .registry import Attr, OpDef, numel, register
+from . import vjp
+from .registry import Attr, OpDef, get_op, numel, register
 
 if TYPE_CHECKING:
     from ..ir import Graph
@@ -260,9 +261,10 @@ def sparse_attention(q, k, v, mask, pat: Pattern, scale: float, mask_value: floa
 
 
 def _sparse_reference(op: str):
-    def reference(q, k, v, mask=None, *, scale, mask_value, **attrs):
-        pat = pattern(op, q.shape[2], k.shape[2], attrs)
-        return sparse_attention(q, k, v, mask, pat, scale, mask_value)
+    def reference(q, k, v, mask=None, **attrs):
+        a = get_op(op).complete_attrs(attrs)   # defaults, for callers passing a few
+        pat = pattern(op, q.shape[2], k.shape[2], a)
+        return sparse_attention(q, k, v, mask, pat, a["scale"], a["mask_value"])
     return reference
 
 
@@ -329,7 +331,7 @@ _COMMON = {"scale": Attr("float", 1.0), "causal": Attr("bool", False),
 register(OpDef(
     "local_attention", infer=_local_infer, reference=_sparse_reference("local_attention"),
     inputs=(3, 4), flops=_sparse_flops("local_attention"),
-    decompose=_sparse_decompose("local_attention"),
+    decompose=_sparse_decompose("local_attention"), vjp=vjp.through_decomposition,
     attrs={**_COMMON, "before": Attr("int"), "after": Attr("int", 0),
            "dilation": Attr("int", 1)},
     doc="attention where query i sees keys i-before..i+after (every dilation-th), plus "
@@ -339,7 +341,7 @@ register(OpDef(
     "block_sparse_attention", infer=_block_infer,
     reference=_sparse_reference("block_sparse_attention"), inputs=(3, 4),
     flops=_sparse_flops("block_sparse_attention"),
-    decompose=_sparse_decompose("block_sparse_attention"),
+    decompose=_sparse_decompose("block_sparse_attention"), vjp=vjp.through_decomposition,
     attrs={**_COMMON, "block": Attr("int"), "local_blocks": Attr("int", 1),
            "random_blocks": Attr("int", 0), "seed": Attr("int", 0)},
     doc="attention within blocks of positions and their neighbours, seeded random blocks "
@@ -469,7 +471,7 @@ def _linear_decompose(graph: Graph, inputs, scale, causal) -> list:
 
 register(OpDef(
     "linear_attention", infer=_linear_infer, reference=linear_attention, inputs=(4, 5),
-    flops=_linear_flops, decompose=_linear_decompose,
+    flops=_linear_flops, decompose=_linear_decompose, vjp=vjp.through_decomposition,
     attrs={"scale": Attr("float", 1.0), "causal": Attr("bool", False)},
     doc="Performer FAVOR+ attention with random features [m, d]: linear in the sequence; "
         "q [b,h,t,d], k [b,hk,s,d], v [b,hk,s,dv], an optional key mask",

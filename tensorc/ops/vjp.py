@@ -1,7 +1,7 @@
 """What the ops' reverse-mode rules (`OpDef.vjp`) share: small builders of gradient
-nodes. A rule gets the graph being differentiated, the forward node and one gradient
-(or None) per output, and appends nodes with these; the driver is
-`tensorc.passes.autodiff`."""
+nodes, and reverse mode itself (`backprop`). A rule gets the graph being
+differentiated, the forward node and one gradient (or None) per output, and appends
+nodes with these; the pass is `tensorc.passes.autodiff`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import TensorcError
 from ..types import TensorType, dim_product
+from .registry import get_op
 
 if TYPE_CHECKING:
     from ..ir import Graph, Value
@@ -77,3 +79,41 @@ def count(g: Graph, dims, dtype: str) -> Value:
 def swap_last(g: Graph, x: Value) -> Value:
     perm = tuple(range(x.type.rank - 2)) + (x.type.rank - 1, x.type.rank - 2)
     return g.add("transpose", x, perm=perm)
+
+
+def backprop(g: Graph, nodes: list, grads: dict, needs: set) -> None:
+    """Reverse mode over `nodes` (in forward order), appending the gradient nodes to
+    `g`: `grads` maps values to their gradients (seeded with the outputs'), and gains
+    one for each value in `needs` that the seeds reach."""
+    for node in reversed(nodes):
+        dys = [grads.get(v) for v in node.outputs]
+        if all(d is None for d in dys) or not any(v in needs for v in node.inputs):
+            continue
+        rule = get_op(node.op).vjp
+        if rule is None:
+            raise TensorcError(f"grad: {node.where}: op {node.op} has no gradient rule")
+        results = rule(g, node, dys)
+        for x, dx in zip(node.inputs, results, strict=True):
+            if x not in needs or dx is None:
+                continue
+            if isinstance(dx, NoGradient):
+                raise TensorcError(f"grad: {node.where}: no gradient for {dx.what} "
+                                   f"(%{x.name})")
+            if dx.type != x.type:   # a rule's bug, caught where it happens
+                raise TensorcError(f"grad: {node.where}: the rule gives {dx.type} for "
+                                   f"%{x.name}: {x.type}")
+            grads[x] = dx if x not in grads else g.add("add", grads[x], dx)
+
+
+def through_decomposition(g: Graph, node, dys) -> list:
+    """A rule for composite ops without one of their own (sparse and linear
+    attention): the op's decomposition is built again in the backward and
+    differentiated (what the backward then keeps is the decomposition's, e.g. a t x s
+    matrix: fine for fine-tuning at training lengths, not for long sequences)."""
+    start = len(g.nodes)
+    outs = get_op(node.op).decompose(g, list(node.inputs), **node.attrs)
+    inner = g.nodes[start:]
+    local = {o: d for o, d in zip(outs, dys, strict=True) if d is not None}
+    reach = set(node.inputs) | {v for n in inner for v in n.outputs}
+    backprop(g, inner, local, reach)
+    return [local.get(x) for x in node.inputs]
