@@ -219,7 +219,9 @@ def all_library_kernels() -> list[LibraryKernel]:
     edge cases (head dims that are not a multiple of 32, the largest supported)."""
     dims = [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (64, 32),
             (6, 80)]
-    return [flash_attention_kernel(d, dv) for d, dv in dims] + [matmul_integer_kernel()]
+    from .attention_kernels import all_attention_kernels  # that module imports this one
+    return ([flash_attention_kernel(d, dv) for d, dv in dims] + [matmul_integer_kernel()]
+            + all_attention_kernels())
 
 
 # --- launch helpers ----------------------------------------------------------------
