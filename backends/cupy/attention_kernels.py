@@ -598,7 +598,8 @@ LINEAR_PARAMS = (
     [("const float*", n) for n in ("q", "k", "v", "w")] + [("float*", "o"),
      ("const unsigned char*", "keep"), ("const float*", "bias")]
     + [("float*", n) for n in ("kmax", "kv", "z")]
-    + [("tc_i64", f"{t}_s{x}") for t in "qkvo" for x in "bhs"] + [("tc_i64", "w_sf"), ("tc_i64", "w_sd")]
+    + [("tc_i64", f"{t}_s{x}") for t in "qkvo" for x in "bhs"]
+    + [("tc_i64", "w_sf"), ("tc_i64", "w_sd")]
     + [("tc_i64", f"m_s{x}") for x in ("b", "h", "k")]
     + [("int", n) for n in ("heads", "group", "kv_heads", "sq", "sk", "m", "n_ft")]
     + [("float", "sqrt_scale")])
