@@ -287,16 +287,33 @@ def test_ops_lower_to_library_calls_on_cupy_only():
 
 
 @needs_emulator
-def test_backend_runs_the_kernels_on_emulator():
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_backend_runs_the_kernels_on_emulator(cuda_graph):
+    """Eagerly, and recorded as a CUDA graph (no host round trip in the steps: the
+    pattern tables and the scratch are made when the Program is bound)."""
     g, feeds = _graph()
     want = get_backend("numpy").compile(g)(**feeds)
-    runtime = EmulatedRuntime()
-    exe = CupyBackend(cuda_graph=False).compile(g, runtime=runtime)
-    got = exe(**feeds)
+    runtime = EmulatedRuntime(can_capture=cuda_graph)
+    exe = CupyBackend(cuda_graph=cuda_graph).compile(g, runtime=runtime)
+    for _ in range(2 if cuda_graph else 1):
+        got = exe(**feeds)
+        for a, b in zip(got, want, strict=True):
+            assert rel_err(a, b) < 1e-4
     assert exe.stats["fallbacks"] == []
-    for a, b in zip(got, want, strict=True):
-        assert rel_err(a, b) < 1e-4
+    assert exe.stats["graph_replays"] == (2 if cuda_graph else 0)
     assert runtime.launches >= 1 + 1 + 3 + 2   # sparse x2, linear 3 + 2 stages
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_emitted_program_source_compiles_with_nvcc(tmp_path):
+    """emit_source's one .cu: generated kernels and these library kernels together."""
+    g, _ = _graph()
+    (path,) = CupyBackend().emit_source(g, str(tmp_path))
+    text = open(path).read()
+    assert "tc_sparse_attention_d16_v16(" in text and "tc_linear_attention_causal_d16_v16(" in text
+    proc = subprocess.run(["nvcc", "-ptx", "-arch=sm_80", "-std=c++17", path, "-o",
+                           str(tmp_path / "g.ptx")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @needs_emulator
