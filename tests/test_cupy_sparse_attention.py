@@ -289,18 +289,22 @@ def test_ops_lower_to_library_calls_on_cupy_only():
 @needs_emulator
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_backend_runs_the_kernels_on_emulator(cuda_graph):
-    """Eagerly, and recorded as a CUDA graph (no host round trip in the steps: the
-    pattern tables and the scratch are made when the Program is bound)."""
+    """Eagerly with device inputs read in place (the steps that read them are bound
+    again per call: the pattern tables and the scratch are kept), and recorded as a
+    CUDA graph (no host round trip in the steps)."""
     g, feeds = _graph()
     want = get_backend("numpy").compile(g)(**feeds)
-    runtime = EmulatedRuntime(can_capture=cuda_graph)
+    runtime = EmulatedRuntime(can_capture=cuda_graph, device_inputs=not cuda_graph)
     exe = CupyBackend(cuda_graph=cuda_graph).compile(g, runtime=runtime)
-    for _ in range(2 if cuda_graph else 1):
+    for _ in range(2):
         got = exe(**feeds)
         for a, b in zip(got, want, strict=True):
             assert rel_err(a, b) < 1e-4
     assert exe.stats["fallbacks"] == []
     assert exe.stats["graph_replays"] == (2 if cuda_graph else 0)
+    assert exe.stats["inputs_in_place"] == (0 if cuda_graph else 2 * len(feeds))
+    (prep,) = exe._prepared.values()
+    assert len(prep.extras) == 4
     assert runtime.launches >= 1 + 1 + 3 + 2   # sparse x2, linear 3 + 2 stages
 
 
@@ -359,8 +363,10 @@ def test_sparse_kernel_on_gpu(case):
     want = ref(op, q, k, v, *([mask] if mask is not None else []), **c)
     dq, dk, dv_, dmask = (cp.asarray(x) if x is not None else None for x in (q, k, v, mask))
     o = cp.full(want.shape, np.nan, np.float32)
-    x = AK.sparse_attention_launch(op, dq, dk, dv_, o, dmask, upload=cp.asarray,
-                                   **get_op(op).complete_attrs(c))
+    attrs = get_op(op).complete_attrs(c)
+    pat, *tables = AK.sparse_attention_tables(op, q, k, v, **attrs)
+    x = AK.sparse_attention_launch(op, dq, dk, dv_, o, dmask,
+                                   tables=(pat, *(cp.asarray(t) for t in tables)), **attrs)
     from tensorc.backends.cupy import CupyRuntime
     rt = CupyRuntime()
     fn = rt.load(x.kernel.source, {x.kernel.name: x.kernel.params})[x.kernel.name]

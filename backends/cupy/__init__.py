@@ -314,6 +314,9 @@ class _Prepared:
         self.host_only = [s.where for s in program.steps if _runs_on_host(s)]
         self.index_checks = [s for s in program.steps if isinstance(s, L.IndexCheck)]
         self.in_place: dict = {}   # input Buf -> the caller's device array, for one call
+        # id(step) -> what a library call keeps on the device across (re)binds: the
+        # sparse pattern's tables, linear attention's scratch
+        self.extras: dict = {}
         self.steps = [self.bind(s, rendered) for s in program.steps]
         self.input_readers = [i for i, s in enumerate(program.steps)
                               if any(b.kind == "input" for b in s.reads())]
@@ -369,16 +372,20 @@ class _Prepared:
             return lambda: rt.launch(fn, launch.kernel.params, launch.grid, launch.block,
                                      launch.args)
         if not _runs_on_host(step) and step.op in SPARSE_OPS:
+            if id(step) not in self.extras:   # the pattern's tables, on the device
+                pat, *tables = ak.sparse_attention_tables(step.op, *ins[:3], **step.attrs)
+                self.extras[id(step)] = (pat, *(rt.upload(x) for x in tables))
             launch = ak.sparse_attention_launch(
                 step.op, *ins[:3], outs[0], ins[3] if len(ins) > 3 else None,
-                upload=rt.upload, **step.attrs)
+                tables=self.extras[id(step)], **step.attrs)
             return self.launcher([launch] if launch else [])
         if not _runs_on_host(step) and step.op == "linear_attention":
-            n = ak.linear_scratch_floats(*ins[:4])   # KV state and maxima: one per Program
-            scratch = rt.empty(4 * n).view(np.float32)[:n]
+            if id(step) not in self.extras:   # KV state and key maxima
+                n = ak.linear_scratch_floats(*ins[:4])
+                self.extras[id(step)] = rt.empty(4 * n).view(np.float32)[:n]
             return self.launcher(ak.linear_attention_launches(
-                *ins[:4], outs[0], ins[4] if len(ins) > 4 else None, scratch=scratch,
-                **step.attrs))
+                *ins[:4], outs[0], ins[4] if len(ins) > 4 else None,
+                scratch=self.extras[id(step)], **step.attrs))
         if not _runs_on_host(step):   # attention
             launch = lib.attention_launch(*ins[:3], outs[0], ins[3] if len(ins) > 3 else None,
                                           **step.attrs)

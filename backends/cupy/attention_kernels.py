@@ -219,30 +219,40 @@ def _check_heads(q, k, v, what: str):
                          f"batch * heads <= {MAX_GRID_Y}, got q {q.shape}, v {v.shape}")
 
 
-def sparse_attention_launch(op: str, q, k, v, o, mask=None, *, upload=np.asarray,
+def sparse_attention_tables(op: str, q, k, v, causal: bool = False, **attrs):
+    """(pattern, intervals, chunks) for `sparse_attention_launch`: the op's pattern and
+    its tables, flat int64, chunked by the kernel's rows per block. Pure host work
+    (Python over the pattern's groups), so the backend makes it once per Program."""
+    d, dv = int(q.shape[3]), int(v.shape[3])
+    pat = pattern(op, int(q.shape[2]), int(k.shape[2]), {**attrs, "causal": causal})
+    intervals, chunks = sparse_tables(pat, flash_warps(d, dv) * FA_ROWS_PER_WARP)
+    return pat, intervals.reshape(-1), chunks.reshape(-1)
+
+
+def sparse_attention_launch(op: str, q, k, v, o, mask=None, *, tables=None,
                             scale: float = 1.0, causal: bool = False,
                             mask_value: float = float("-inf"), **attrs) -> Launch | None:
     """As `attention_launch` (kernels.py) for `local_attention` / `block_sparse_attention`
-    with their attrs; `upload` puts the pattern's tables where the kernel reads them
-    (cupy.asarray on a GPU). None when there is nothing to compute (no rows)."""
+    with their attrs. `tables`: `sparse_attention_tables`, its arrays where the kernel
+    reads them (device copies on a GPU); made here when None. None when there is
+    nothing to compute (no rows)."""
     _check_heads(q, k, v, op)
     b, h, t, d = (int(n) for n in q.shape)
     s, dv, hk = int(k.shape[2]), int(v.shape[3]), int(k.shape[1])
     for x in (q, k, v, o):
         if x.strides[3] != x.itemsize:
             raise ValueError("the head dim of q, k, v and o must be contiguous")
-    pat = pattern(op, t, s, {**attrs, "causal": causal})
-    warps = flash_warps(d, dv)
-    intervals, chunks = sparse_tables(pat, warps * FA_ROWS_PER_WARP)
-    if not len(chunks) or not b * h:
+    pat, intervals, chunks = tables or sparse_attention_tables(op, q, k, v, causal, **attrs)
+    n_chunks = len(chunks) // 4
+    if not n_chunks or not b * h:
         return None
+    warps = flash_warps(d, dv)
     strides = [x for a in (q, k, v, o) for x in _elem_strides(a)[:3]]
     is_bool = mask is not None and np.dtype(mask.dtype) == np.bool_
     m_strides = _elem_strides(mask) if mask is not None else [0, 0, 0, 0]
-    return Launch(sparse_attention_kernel(d, dv), (len(chunks), b * h, 1), (32 * warps, 1, 1),
+    return Launch(sparse_attention_kernel(d, dv), (n_chunks, b * h, 1), (32 * warps, 1, 1),
                   (q, k, v, o, mask if is_bool else None, None if is_bool else mask,
-                   upload(intervals.reshape(-1)), upload(chunks.reshape(-1)),
-                   *strides, *m_strides, pat.before, pat.after,
+                   intervals, chunks, *strides, *m_strides, pat.before, pat.after,
                    h, h // hk, t, s, int(pat.causal), pat.dilation, scale, mask_value))
 
 
