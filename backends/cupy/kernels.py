@@ -1,6 +1,7 @@
 """The hand-written CUDA library kernels: flash attention, and the 8-bit integer GEMM
-(`matmul_integer`, with `__dp4a`). Everything else the GPU runs is cuBLAS or generated
-from the kernel IR (`cuda_codegen.py`).
+(`matmul_integer`, with `__dp4a`); sparse and linear attention's are in
+attention_kernels.py. Everything else the GPU runs is cuBLAS or generated from the
+kernel IR (`cuda_codegen.py`).
 
 The kernel is CUDA C without any #include, so the same text compiles under NVRTC
 (what `cupy.RawModule` uses) and standalone under nvcc. It needs compile-time head
