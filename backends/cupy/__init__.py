@@ -11,7 +11,8 @@ by source hash); float32 matmuls are cuBLAS strided-batched GEMMs planned once p
 Program on the views as they lie (`gemm.py`; called through ctypes, since cupy's
 cuBLAS wrappers refuse to run during a CUDA-graph capture), and the bias /
 activation / residual after one a generated kernel; `attention` calls run the
-flash-attention kernel of `kernels.py`, `matmul_integer` its __dp4a integer GEMM;
+flash-attention kernel of `kernels.py`, `local_attention` / `block_sparse_attention` /
+`linear_attention` those of `attention_kernels.py`, `matmul_integer` its __dp4a integer GEMM;
 the few steps without a GPU lowering run their numpy reference on the host. Device
 memory is one arena per Program from cupy's pool, laid out by the Program's liveness
 plan. Each Program's launch
@@ -43,6 +44,7 @@ from tensorc.ops import get_op
 from .. import Backend, Executable, check_shapes
 from .. import lowering as L
 from ..lowering.walk import strict
+from . import attention_kernels as ak
 from . import gemm
 from . import kernels as lib
 from .cuda_codegen import render_kernel
@@ -50,9 +52,10 @@ from .cuda_codegen import render_kernel
 PRECISIONS = ("fp32", "tf32", "fp16")
 # cuBLAS cannot apply a bias, activation or residual: those stay generated kernels
 # (rendered from the same kernel IR, with the shared gelu maths) after the GEMM.
-# `matmul_integer` is the hand-written __dp4a kernel (kernels.py).
+# `matmul_integer` is the hand-written __dp4a kernel (kernels.py); sparse and linear
+# attention have kernels of their own (attention_kernels.py).
 LOWERING = {"gemm_epilogues": False, "grad_kernels": False, "int8_gemm": "batched",
-            "bf16_weights": False}
+            "bf16_weights": False, "sparse_attention": True, "linear_attention": True}
 
 
 def unavailable_reason() -> str | None:
@@ -311,6 +314,9 @@ class _Prepared:
         self.host_only = [s.where for s in program.steps if _runs_on_host(s)]
         self.index_checks = [s for s in program.steps if isinstance(s, L.IndexCheck)]
         self.in_place: dict = {}   # input Buf -> the caller's device array, for one call
+        # id(step) -> what a library call keeps on the device across (re)binds: the
+        # sparse pattern's tables, linear attention's scratch
+        self.extras: dict = {}
         self.steps = [self.bind(s, rendered) for s in program.steps]
         self.input_readers = [i for i, s in enumerate(program.steps)
                               if any(b.kind == "input" for b in s.reads())]
@@ -365,6 +371,21 @@ class _Prepared:
             fn = self.fns[launch.kernel.name]
             return lambda: rt.launch(fn, launch.kernel.params, launch.grid, launch.block,
                                      launch.args)
+        if not _runs_on_host(step) and step.op in SPARSE_OPS:
+            if id(step) not in self.extras:   # the pattern's tables, on the device
+                pat, *tables = ak.sparse_attention_tables(step.op, *ins[:3], **step.attrs)
+                self.extras[id(step)] = (pat, *(rt.upload(x) for x in tables))
+            launch = ak.sparse_attention_launch(
+                step.op, *ins[:3], outs[0], ins[3] if len(ins) > 3 else None,
+                tables=self.extras[id(step)], **step.attrs)
+            return self.launcher([launch] if launch else [])
+        if not _runs_on_host(step) and step.op == "linear_attention":
+            if id(step) not in self.extras:   # KV state and key maxima
+                n = ak.linear_scratch_floats(*ins[:4])
+                self.extras[id(step)] = rt.empty(4 * n).view(np.float32)[:n]
+            return self.launcher(ak.linear_attention_launches(
+                *ins[:4], outs[0], ins[4] if len(ins) > 4 else None,
+                scratch=self.extras[id(step)], **step.attrs))
         if not _runs_on_host(step):   # attention
             launch = lib.attention_launch(*ins[:3], outs[0], ins[3] if len(ins) > 3 else None,
                                           **step.attrs)
@@ -378,6 +399,15 @@ class _Prepared:
             for o, r in zip(outs, res, strict=True):
                 o[...] = rt.xp.asarray(r)
         return host
+
+    def launcher(self, launches):
+        """One step running `launches` (kernels.Launch) in order."""
+        rt, fns = self.rt, [self.fns[x.kernel.name] for x in launches]
+
+        def run():
+            for fn, x in zip(fns, launches, strict=True):
+                rt.launch(fn, x.kernel.params, x.grid, x.block, x.args)
+        return run
 
     def run_steps(self, in_place: dict | None = None):
         """Run every step; `in_place` maps input Bufs to the caller's device arrays (flat
@@ -401,7 +431,8 @@ def host_steps(program: L.Program) -> list[dict]:
     out = program.stats()["fallbacks"]
     for s in program.steps:
         if _runs_on_host(s) and not s.fallback:
-            out.append({"node": s.where, "reason": "the flash-attention kernel takes float32 "
+            kernel = KERNEL_NAMES.get(s.op, "flash-attention")
+            out.append({"node": s.where, "reason": f"the {kernel} kernel takes float32 "
                         f"with head dims <= {lib.MAX_HEAD_DIM} and a contiguous head dim"})
     if out and strict():
         raise FallbackError(f"strict mode: {len(out)} op(s) would run the numpy reference "
@@ -415,10 +446,17 @@ def _runs_on_host(step) -> bool:
     if not isinstance(step, L.Call):
         return False
     return step.fallback or not (step.op in ("matmul", "matmul_integer") or
-                                 step.op == "attention" and _flash_fits(step))
+                                 step.op in ATTENTION_OPS and _flash_fits(step))
+
+
+SPARSE_OPS = ("local_attention", "block_sparse_attention")
+ATTENTION_OPS = ("attention", "linear_attention", *SPARSE_OPS)
+KERNEL_NAMES = {"linear_attention": "linear-attention", "local_attention": "sparse-attention",
+                "block_sparse_attention": "sparse-attention"}
 
 
 def _flash_fits(call: L.Call) -> bool:
+    """The attention kernels' limits (flash, sparse and linear share them)."""
     q, k, v = call.inputs[:3]
     return (q.buf.dtype == "f32" and q.strides[3] == k.strides[3] == v.strides[3] == 1
             and max(q.shape[3], v.shape[3]) <= lib.MAX_HEAD_DIM
@@ -438,6 +476,14 @@ def library_kernels(program: L.Program) -> dict[str, lib.LibraryKernel]:
         if isinstance(s, L.Call) and s.op == "attention" and _flash_fits(s):
             k = lib.flash_attention_kernel(s.inputs[0].shape[3], s.inputs[2].shape[3])
             out[k.name] = k
+        if isinstance(s, L.Call) and s.op in SPARSE_OPS and not _runs_on_host(s):
+            k = ak.sparse_attention_kernel(s.inputs[0].shape[3], s.inputs[2].shape[3])
+            out[k.name] = k
+        if isinstance(s, L.Call) and s.op == "linear_attention" and not _runs_on_host(s):
+            stages = ("kmax", "causal") if s.attrs["causal"] else ("kmax", "state", "rows")
+            for stage in stages:
+                k = ak.linear_attention_kernel(stage, s.inputs[0].shape[3], s.inputs[2].shape[3])
+                out[k.name] = k
         if isinstance(s, L.Call) and s.op == "matmul_integer" and not s.fallback:
             k = lib.matmul_integer_kernel()
             out[k.name] = k

@@ -1,6 +1,7 @@
 """The hand-written CUDA library kernels: flash attention, and the 8-bit integer GEMM
-(`matmul_integer`, with `__dp4a`). Everything else the GPU runs is cuBLAS or generated
-from the kernel IR (`cuda_codegen.py`).
+(`matmul_integer`, with `__dp4a`); sparse and linear attention's are in
+attention_kernels.py. Everything else the GPU runs is cuBLAS or generated from the
+kernel IR (`cuda_codegen.py`).
 
 The kernel is CUDA C without any #include, so the same text compiles under NVRTC
 (what `cupy.RawModule` uses) and standalone under nvcc. It needs compile-time head
@@ -219,7 +220,9 @@ def all_library_kernels() -> list[LibraryKernel]:
     edge cases (head dims that are not a multiple of 32, the largest supported)."""
     dims = [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (64, 32),
             (6, 80)]
-    return [flash_attention_kernel(d, dv) for d, dv in dims] + [matmul_integer_kernel()]
+    from .attention_kernels import all_attention_kernels  # that module imports this one
+    return ([flash_attention_kernel(d, dv) for d, dv in dims] + [matmul_integer_kernel()]
+            + all_attention_kernels())
 
 
 # --- launch helpers ----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Attention: the target's flash-attention kernel as a library call."""
+"""Attention: the target's flash-attention kernel as a library call (and its sparse and
+linear attention kernels, where it has them)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,32 @@ def _attention_grad(lw, node, ins, attrs):
     return [lw.of_view(o) for o in outs]
 
 
+def _sparse_attention(lw, node, ins, attrs):
+    if not lw.target.sparse_attention:
+        raise NotLowerable("the target has no sparse attention kernel")
+    if any(x.dtype != "f32" for x in ins[:3]):
+        raise NotLowerable("the sparse attention kernel is float32 only")
+    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+    lw.steps.append(Call(node.op, attrs, [lw.view(x) for x in ins], [out],
+                         where=node.where))
+    return [lw.of_view(out)]
+
+
+def _linear_attention(lw, node, ins, attrs):
+    if not lw.target.linear_attention:
+        raise NotLowerable("the target has no linear attention kernel")
+    if any(x.dtype != "f32" for x in ins[:4]):
+        raise NotLowerable("the linear attention kernel is float32 only")
+    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+    lw.steps.append(Call("linear_attention", attrs, [lw.view(x) for x in ins], [out],
+                         where=node.where))
+    return [lw.of_view(out)]
+
+
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "attention": _attention,
     "attention_grad": _attention_grad,
+    "local_attention": _sparse_attention,
+    "block_sparse_attention": _sparse_attention,
+    "linear_attention": _linear_attention,
 }
