@@ -28,7 +28,21 @@ def _attention_grad(lw, node, ins, attrs):
     return [lw.of_view(o) for o in outs]
 
 
+def _linear_attention(lw, node, ins, attrs):
+    """The target's Performer kernel (llvm: `llvm/linear_attention.py`), float32 only;
+    otherwise the op's decomposition runs."""
+    if not lw.target.linear_attention:
+        raise NotLowerable("the target has no linear attention kernel")
+    if any(x.dtype != "f32" for x in ins[:4]):
+        raise NotLowerable("linear attention is float32 only")
+    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+    lw.steps.append(Call("linear_attention", attrs, [lw.view(x) for x in ins], [out],
+                         where=node.where))
+    return [lw.of_view(out)]
+
+
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "attention": _attention,
     "attention_grad": _attention_grad,
+    "linear_attention": _linear_attention,
 }
