@@ -51,7 +51,7 @@ from .jit import cfunc, compile_library
 C = 64          # rows of keys / queries per chunk (a multiple of the 8-row block)
 MR, NR = 8, 32  # tc_la_mm's register block
 META = ("heads", "t", "s", "d", "dv", "m", "q_b", "q_h", "q_t", "k_b", "k_h", "k_t",
-        "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "group")
+        "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "group", "w_r", "w_c")
 KINDS = {"none": 0, "keep": 1, "add": 2}
 NEG_INF = float("-inf")
 
@@ -167,7 +167,8 @@ def _kernel(module: ir.Module) -> ir.Function:
     last_f = b.sub(nf, c64(1))
     with f.loop(0, d) as kk:
         with f.loop(0, mp) as r:
-            x = b.load(f.at(g["w"], f.mul(f.min(r, last_f), d), kk), typ=F32)
+            x = b.load(f.at(g["w"], f.mul(f.min(r, last_f), m["w_r"]), f.mul(kk, m["w_c"])),
+                       typ=F32)
             x = b.select(b.icmp_signed("<", r, nf), b.fmul(x, g["a"]), ir.Constant(F32, 0.0))
             b.store(x, f.at(wt, f.mul(kk, mp), r))
 
@@ -384,7 +385,9 @@ def _plan(q, k, v, w, mask, scale, causal, threads, out):
     (floats per thread) and the arrays that must stay alive while it runs."""
     B, H, T, D = q.shape
     S, DV, HK, M = k.shape[2], v.shape[3], k.shape[1], w.shape[0]
-    q, w = _unit_last(q), np.ascontiguousarray(w)
+    q = _unit_last(q)
+    if any(st < 0 or st % 4 for st in w.strides):   # any other layout is read in place
+        w = np.ascontiguousarray(w)
     k = np.broadcast_to(_unit_last(k), (B, HK, S, D))
     v = np.broadcast_to(_unit_last(v), (B, HK, S, DV))
     kind, mk, mstrides = "none", out, [0, 0]   # `out` stands in for no mask; never read
@@ -394,7 +397,8 @@ def _plan(q, k, v, w, mask, scale, causal, threads, out):
             mk = mk.view(np.uint8)
         mstrides = list(mk.strides[:2])   # bytes: the kernel addresses the mask in bytes
     meta = np.array([H, T, S, D, DV, M, *_estrides(q), *_estrides(k), *_estrides(v),
-                     *_estrides(out), *mstrides, H // HK], np.int64)
+                     *_estrides(out), *mstrides, H // HK,
+                     *(st // 4 for st in w.strides)], np.int64)
     threads = num_threads() if threads is None else max(1, int(threads))
     if B * H * (T + S) * M * (D + DV) < 1 << 20:
         threads = 1
