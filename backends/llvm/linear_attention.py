@@ -10,11 +10,11 @@ over the key logits finds it). The key mask multiplies phi(k_j) by keep (bool) o
 exp(mask_j) (float).
 
 Time and memory are linear in the sequence: per (batch, head), chunks of C key rows
-build the state KV = phi(K)^T V [m, dv] and z = sum_j phi(k_j) [m] (kept as KV's
-column dv, so one product gives numerator and denominator); then chunks of query rows
-take out = phi(Qc) [KV | z], numerator over denominator. Causal walks the chunks once:
+build the state KV = phi(K)^T V [m, dv] and z = sum_j phi(k_j) [m]; then chunks of query
+rows take out = phi(Qc) KV over phi(Qc) z. Causal walks the chunks once:
 
-    [num | den] = phi(Qc) [KV | z] + tril(phi(Qc) phi(Kc)^T) [Vc | 1];  KV += phi(Kc)^T Vc
+    num = phi(Qc) KV + tril(phi(Qc) phi(Kc)^T) Vc,  den = phi(Qc) z + its row sums;
+    then KV += phi(Kc)^T Vc, z += colsum phi(Kc)
 
 All products are one register-blocked routine (`tc_la_mm`: 8 rows x 32 columns in 16
 zmm accumulators, scalar broadcasts from the left operand, any strides). The workspace
@@ -141,19 +141,18 @@ def _kernel(module: ir.Module) -> ir.Function:
     b, g = f.b, f.arg
     m = {n: b.load(f.at(g["meta"], c64(i), ty=I64), typ=I64) for i, n in enumerate(META)}
     s, d, dv, nf = m["s"], m["d"], m["dv"], m["m"]
-    _, vmax, reduce_max, _ = vector_helpers(f)
+    _, vmax, reduce_max, reduce_sum = vector_helpers(f)
 
     def up(x, n):
         return f.mul(b.sdiv(b.add(x, c64(n - 1)), c64(n)), n)
     mp, dvp = up(nf, NR), up(b.add(dv, c64(1)), 16)
-    dv1 = b.add(dv, c64(1))
     # workspace: every part a multiple of 16 floats, so each starts 64-byte aligned
     wt = g["work"]                            # sqrt(scale) W^T [d][mp]
     lq = f.at(wt, f.mul(d, mp))               # query logits -> phi(Q) chunk [C][mp]
     lk = f.at(lq, f.mul(mp, C))               # key logits -> phi(K) chunk [C][mp]
     pkt = f.at(lk, f.mul(mp, C))              # phi(K) chunk transposed [mp][C] (causal)
-    kv = f.at(pkt, f.mul(mp, C))              # state [mp][dvp]: KV, z in column dv
-    zb = f.at(kv, f.mul(mp, dvp))             # z [mp] (copied into KV's column dv)
+    kv = f.at(pkt, f.mul(mp, C))              # state KV [mp][dvp]
+    zb = f.at(kv, f.mul(mp, dvp))             # state z [mp]
     am = f.at(zb, mp)                         # tril(phi(Qc) phi(Kc)^T) [C][C]
     nd = f.at(am, c64(C * C))                 # [num | den] rows [C][dvp]
     nrm = f.at(nd, f.mul(dvp, C))             # row norms [C]
@@ -237,7 +236,7 @@ def _kernel(module: ir.Module) -> ir.Function:
 
         def query_chunk(r0, nr):
             """lq rows < nr := phi(Q) of queries r0..; nd := [num | den] against the
-            state (z copied into KV's column dv first)."""
+            state: num in its columns < dv, den in column dv."""
             b.call(logits, [f.at(qh, f.mul(r0, m["q_t"])), m["q_t"], nr, wt, d, mp, nf,
                             g["hs"], nrm, lq])
             with f.loop(0, nr) as r:
@@ -249,9 +248,14 @@ def _kernel(module: ir.Module) -> ir.Function:
                 with f.loop(0, mp, 16) as c:
                     p = f.at(row, c)
                     f.vstore(f.exp(b.fsub(f.vload(p, 64), rmax)), p, 64)
-            with f.loop(0, mp) as r:
-                b.store(b.load(f.at(zb, r), typ=F32), f.at(kv, f.mul(r, dvp), dv))
-            b.call(mm, [lq, mp, c64(1), kv, dvp, nd, dvp, nr, dv1, mp, c64(0)])
+            b.call(mm, [lq, mp, c64(1), kv, dvp, nd, dvp, nr, dv, mp, c64(0)])
+            with f.loop(0, nr) as r:   # den: a dot product (a column more of the product
+                row = f.at(lq, f.mul(r, mp))   # would cost a 32-column block)
+                acc = f.var(V16, vconst(0.0))
+                with f.loop(0, mp, 16) as c:
+                    b.store(f.fma(f.vload(f.at(row, c), 64), f.vload(f.at(zb, c), 64),
+                                  b.load(acc, typ=V16)), acc)
+                b.store(reduce_sum(b.load(acc, typ=V16)), f.at(nd, f.mul(r, dvp), dv))
 
         def store_rows(r0, nr):
             with f.loop(0, nr) as r:
