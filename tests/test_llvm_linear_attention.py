@@ -88,10 +88,11 @@ def test_feature_counts(rng, m, d, dv, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("heads", [(1, 1, 1), (1, 2, 1), (3, 1, 1)])
+@pytest.mark.parametrize("heads", [(1, 1, 1), (1, 2, 1), (3, 1, 1), (1, 8, 2), (2, 4, 1)])
 def test_threads_split_heads_or_rows(rng, heads, threads, causal):
-    """Enough work for two threads: by (batch, head), or by query rows where there are
-    fewer pairs than threads (causal ranges start on a chunk and build the state before)."""
+    """Enough work for two threads: by runs of query heads sharing a key/value head's
+    state (cut smaller while fewer than threads), or by query rows where there is one
+    head (causal ranges start on a chunk and build the state before)."""
     b, h, hk = heads
     case(rng, b=b, h=h, hk=hk, t=300, s=300, d=64, dv=48, m=256, mask="bool",
          causal=causal, threads=threads)

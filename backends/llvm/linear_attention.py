@@ -19,9 +19,10 @@ rows take out = phi(Qc) KV over phi(Qc) z. Causal walks the chunks once:
 All products are one register-blocked routine (`tc_la_mm`: 8 rows x 32 columns in 16
 zmm accumulators, scalar broadcasts from the left operand, any strides). The workspace
 per thread is O(C m + m dv + m d): never O(t s). Query heads of a grouped-query
-attention read their key/value head in place. Threads take (batch, head) pairs, or,
-with fewer pairs than threads, ranges of query rows (each range builds the key state
-it needs itself).
+attention read their key/value head in place and, unless the mask varies by head, share
+its key state (built once for the run of heads a thread takes). Threads take those runs
+(cut smaller while fewer than threads), or, with one head, ranges of query rows (each
+builds the key state it needs itself).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from .jit import cfunc, compile_library
 C = 64          # rows of keys / queries per chunk (a multiple of the 8-row block)
 MR, NR = 8, 32  # tc_la_mm's register block
 META = ("heads", "t", "s", "d", "dv", "m", "q_b", "q_h", "q_t", "k_b", "k_h", "k_t",
-        "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "group", "w_r", "w_c")
+        "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "group", "w_r", "w_c",
+        "share")
 KINDS = {"none": 0, "keep": 1, "add": 2}
 NEG_INF = float("-inf")
 
@@ -130,8 +132,8 @@ def _logits(module: ir.Module, mm: ir.Function) -> ir.Function:
 
 
 def _kernel(module: ir.Module) -> ir.Function:
-    """tc_linear_attention: heads [h0, h1) x query rows [i0, i1) (i0 a multiple of C
-    when causal: the rows before it only build the state)."""
+    """tc_linear_attention: heads [h0, h1) (flat over batch and heads) x query rows
+    [i0, i1) (i0 a multiple of C when causal: the rows before it only build the state)."""
     mm = _mm(module)
     logits = _logits(module, mm)
     f = FnBuilder(module, "tc_linear_attention", [
@@ -175,14 +177,25 @@ def _kernel(module: ir.Module) -> ir.Function:
         with f.loop(0, n, 16) as c:
             f.vstore(vconst(0.0), f.at(ptr, c), 64)
 
-    with f.loop(g["h0"], g["h1"]) as hh:
+    # Heads [h0, h1) in runs that share one key state: the query heads of one key/value
+    # head (with `share`: the mask does not vary by head), else one head each.
+    share = b.icmp_signed("!=", m["share"], c64(0))
+    with f.loop(g["h0"], g["h1"]) as hh, \
+            b.if_then(b.or_(b.or_(b.icmp_signed("==", hh, g["h0"]), b.xor(share, ir.Constant(
+                ir.IntType(1), 1))), b.icmp_signed("==", b.srem(hh, m["group"]), c64(0)))):
+        run_end = b.select(share, f.min(g["h1"], b.add(b.sub(hh, b.srem(hh, m["group"])),
+                                                       m["group"])), b.add(hh, c64(1)))
         bi, hi = b.sdiv(hh, m["heads"]), b.srem(hh, m["heads"])
         hkv = b.sdiv(hi, m["group"])
-        qh = f.at(g["q"], f.mul(bi, m["q_b"]), f.mul(hi, m["q_h"]))
         kh = f.at(g["k"], f.mul(bi, m["k_b"]), f.mul(hkv, m["k_h"]))
         vh = f.at(g["v"], f.mul(bi, m["v_b"]), f.mul(hkv, m["v_h"]))
-        oh = f.at(g["o"], f.mul(bi, m["o_b"]), f.mul(hi, m["o_h"]))
         mh = f.at(g["mask"], f.mul(bi, m["m_b"]), f.mul(hi, m["m_h"]), ty=I8)   # bytes
+
+        def query_head(hq):
+            """q and out of query head hq (flat over batch and heads)."""
+            bq, hqi = b.sdiv(hq, m["heads"]), b.srem(hq, m["heads"])
+            return (f.at(g["q"], f.mul(bq, m["q_b"]), f.mul(hqi, m["q_h"])),
+                    f.at(g["o"], f.mul(bq, m["o_b"]), f.mul(hqi, m["o_h"])))
 
         def key_logits(c0, nk):
             b.call(logits, [f.at(kh, f.mul(c0, m["k_t"])), m["k_t"], nk, wt, d, mp, nf,
@@ -234,7 +247,7 @@ def _kernel(module: ir.Module) -> ir.Function:
                     f.vstore(b.fadd(f.vload(zp, 64), f.vload(f.at(lk, f.mul(j, mp), c), 64)),
                              zp, 64)
 
-        def query_chunk(r0, nr):
+        def query_chunk(qh, r0, nr):
             """lq rows < nr := phi(Q) of queries r0..; nd := [num | den] against the
             state: num in its columns < dv, den in column dv."""
             b.call(logits, [f.at(qh, f.mul(r0, m["q_t"])), m["q_t"], nr, wt, d, mp, nf,
@@ -257,7 +270,7 @@ def _kernel(module: ir.Module) -> ir.Function:
                                   b.load(acc, typ=V16)), acc)
                 b.store(reduce_sum(b.load(acc, typ=V16)), f.at(nd, f.mul(r, dvp), dv))
 
-        def store_rows(r0, nr):
+        def store_rows(oh, r0, nr):
             with f.loop(0, nr) as r:
                 src = f.at(nd, f.mul(r, dvp))
                 den = f.splat(b.load(f.at(src, dv), typ=F32))
@@ -265,6 +278,23 @@ def _kernel(module: ir.Module) -> ir.Function:
                 with f.loop(0, dv, 16) as c:
                     f.mstore(b.fdiv(f.vload(f.at(src, c), 64), den), f.at(dst, c),
                              f.lanes_below(b.sub(dv, c)))
+
+        def intra_chunk(c0, nq, nk):
+            """nd += tril(phi(Qc) phi(Kc)^T) [Vc | 1], top-left aligned in the chunk."""
+            b.call(mm, [lq, mp, c64(1), pkt, c64(C), am, c64(C), nq, nk, mp, c64(0)])
+            with f.loop(0, nq) as i:
+                row = f.at(am, f.mul(i, C))
+                tot = f.var(F32, ir.Constant(F32, 0.0))
+                with f.loop(0, nk) as j:
+                    p = f.at(row, j)
+                    x = b.select(b.icmp_signed(">", j, i), ir.Constant(F32, 0.0),
+                                 b.load(p, typ=F32))
+                    b.store(x, p)
+                    b.store(b.fadd(b.load(tot, typ=F32), x), tot)
+                dp = f.at(nd, f.mul(i, dvp), dv)
+                b.store(b.fadd(b.load(dp, typ=F32), b.load(tot, typ=F32)), dp)
+            b.call(mm, [am, c64(C), c64(1), f.at(vh, f.mul(c0, m["v_t"])), m["v_t"], nd, dvp,
+                        nq, dv, nk, c64(1)])
 
         with b.if_else(causal) as (then, otherwise):
             with then:
@@ -275,29 +305,17 @@ def _kernel(module: ir.Module) -> ir.Function:
                     with b.if_then(has_keys):
                         key_features(c0, nk)
                     with b.if_then(b.icmp_signed(">=", c0, g["i0"])):
-                        query_chunk(c0, nq)
-                        with b.if_then(has_keys):
-                            # tril(phi(Qc) phi(Kc)^T): top-left aligned in the chunk
+                        with b.if_then(has_keys):   # phi(Kc)^T, for the products below
                             with f.loop(0, mp) as r:
                                 with f.loop(0, nk) as j:
                                     x = b.load(f.at(lk, f.mul(j, mp), r), typ=F32)
                                     b.store(x, f.at(pkt, f.mul(r, C), j))
-                            b.call(mm, [lq, mp, c64(1), pkt, c64(C), am, c64(C), nq, nk, mp,
-                                        c64(0)])
-                            with f.loop(0, nq) as i:
-                                row = f.at(am, f.mul(i, C))
-                                tot = f.var(F32, ir.Constant(F32, 0.0))
-                                with f.loop(0, nk) as j:
-                                    p = f.at(row, j)
-                                    x = b.select(b.icmp_signed(">", j, i), ir.Constant(F32, 0.0),
-                                                 b.load(p, typ=F32))
-                                    b.store(x, p)
-                                    b.store(b.fadd(b.load(tot, typ=F32), x), tot)
-                                dp = f.at(nd, f.mul(i, dvp), dv)
-                                b.store(b.fadd(b.load(dp, typ=F32), b.load(tot, typ=F32)), dp)
-                            b.call(mm, [am, c64(C), c64(1), f.at(vh, f.mul(c0, m["v_t"])),
-                                        m["v_t"], nd, dvp, nq, dv, nk, c64(1)])
-                        store_rows(c0, nq)
+                        with f.loop(hh, run_end) as hq:
+                            qh, oh = query_head(hq)
+                            query_chunk(qh, c0, nq)
+                            with b.if_then(has_keys):
+                                intra_chunk(c0, nq, nk)
+                            store_rows(oh, c0, nq)
                     with b.if_then(has_keys):
                         add_keys(c0, nk)
             with otherwise:
@@ -305,10 +323,12 @@ def _kernel(module: ir.Module) -> ir.Function:
                     nk = f.min(c64(C), b.sub(s, c0))
                     key_features(c0, nk)
                     add_keys(c0, nk)
-                with f.loop(g["i0"], g["i1"], C) as r0:
-                    nr = f.min(c64(C), b.sub(g["i1"], r0))
-                    query_chunk(r0, nr)
-                    store_rows(r0, nr)
+                with f.loop(hh, run_end) as hq:
+                    qh, oh = query_head(hq)
+                    with f.loop(g["i0"], g["i1"], C) as r0:
+                        nr = f.min(c64(C), b.sub(g["i1"], r0))
+                        query_chunk(qh, r0, nr)
+                        store_rows(oh, r0, nr)
     return f.finish()
 
 
@@ -400,16 +420,26 @@ def _plan(q, k, v, w, mask, scale, causal, threads, out):
         if kind == "keep":
             mk = mk.view(np.uint8)
         mstrides = list(mk.strides[:2])   # bytes: the kernel addresses the mask in bytes
+    group = H // HK
+    share = mstrides[1] == 0   # a key/value head's query heads share its key state
     meta = np.array([H, T, S, D, DV, M, *_estrides(q), *_estrides(k), *_estrides(v),
-                     *_estrides(out), *mstrides, H // HK,
-                     *(st // 4 for st in w.strides)], np.int64)
+                     *_estrides(out), *mstrides, group, *(st // 4 for st in w.strides),
+                     int(share)], np.int64)
     threads = num_threads() if threads is None else max(1, int(threads))
     if B * H * (T + S) * M * (D + DV) < 1 << 20:
         threads = 1
+    # items: runs of heads sharing a key state, cut into more runs (each builds the
+    # state again) while there are fewer than threads
+    size = group if share else 1
+    runs = [(h, h + size) for h in range(0, B * H, size)]
+    if len(runs) < threads and size > 1:
+        per = min(size, -(-threads // len(runs)))
+        runs = [(h + size * p // per, h + size * (p + 1) // per) for h, _ in runs
+                for p in range(per)]
     if threads == 1:
         items = [(0, B * H, 0, T)]
-    elif B * H >= threads:   # a (batch, head) per item: threads claim them as they finish
-        items = [(h, h + 1, 0, T) for h in range(B * H)]
+    elif len(runs) >= threads:   # threads claim them as they finish
+        items = [(h0, h1, 0, T) for h0, h1 in runs]
     elif causal:
         # a range [i0, i1) costs ~ i0 (the state before it) + 2 (i1 - i0) (keys and
         # queries): equal costs put cut p at T (1 - 2^-p) / (1 - 2^-n)
