@@ -11,7 +11,7 @@ exp(mask_j) (float).
 
 Time and memory are linear in the sequence: per (batch, head), chunks of C key rows
 build the state KV = phi(K)^T V [m, dv] and z = sum_j phi(k_j) [m]; then chunks of query
-rows take out = phi(Qc) KV over phi(Qc) z. Causal walks the chunks once:
+rows take out = phi(Qc) KV over phi(Qc) z. Causal walks chunks of CC rows once:
 
     num = phi(Qc) KV + tril(phi(Qc) phi(Kc)^T) Vc,  den = phi(Qc) z + its row sums;
     then KV += phi(Kc)^T Vc, z += colsum phi(Kc)
@@ -50,6 +50,7 @@ from .irbuild import F32, I64, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_library
 
 C = 64          # rows of keys / queries per chunk (a multiple of the 8-row block)
+CC = 32         # causal chunks: the tril product costs CC m per row (~8% faster than 64)
 MR, NR = 8, 32  # tc_la_mm's register block
 META = ("heads", "t", "s", "d", "dv", "m", "q_b", "q_h", "q_t", "k_b", "k_h", "k_t",
         "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "group", "w_r", "w_c",
@@ -133,7 +134,7 @@ def _logits(module: ir.Module, mm: ir.Function) -> ir.Function:
 
 def _kernel(module: ir.Module) -> ir.Function:
     """tc_linear_attention: heads [h0, h1) (flat over batch and heads) x query rows
-    [i0, i1) (i0 a multiple of C when causal: the rows before it only build the state)."""
+    [i0, i1) (i0 a multiple of CC when causal: the rows before it only build the state)."""
     mm = _mm(module)
     logits = _logits(module, mm)
     f = FnBuilder(module, "tc_linear_attention", [
@@ -298,9 +299,9 @@ def _kernel(module: ir.Module) -> ir.Function:
 
         with b.if_else(causal) as (then, otherwise):
             with then:
-                with f.loop(0, g["i1"], C) as c0:
-                    nq = f.min(c64(C), b.sub(g["i1"], c0))
-                    nk = f.min(c64(C), b.sub(s, c0))
+                with f.loop(0, g["i1"], CC) as c0:
+                    nq = f.min(c64(CC), b.sub(g["i1"], c0))
+                    nk = f.min(c64(CC), b.sub(s, c0))
                     has_keys = b.icmp_signed(">", nk, c64(0))
                     with b.if_then(has_keys):
                         key_features(c0, nk)
@@ -444,7 +445,7 @@ def _plan(q, k, v, w, mask, scale, causal, threads, out):
         # a range [i0, i1) costs ~ i0 (the state before it) + 2 (i1 - i0) (keys and
         # queries): equal costs put cut p at T (1 - 2^-p) / (1 - 2^-n)
         n = threads
-        cuts = [min(T, _up(round(T * (1 - 2 ** -p) / (1 - 2 ** -n)), C)) for p in range(n)]
+        cuts = [min(T, _up(round(T * (1 - 2 ** -p) / (1 - 2 ** -n)), CC)) for p in range(n)]
         cuts = sorted(set(cuts + [T]))
         items = [(0, B * H, i0, i1) for i0, i1 in zip(cuts, cuts[1:], strict=False)]
     else:   # each range builds the whole key state itself
