@@ -98,6 +98,27 @@ def test_threads_split_heads_or_rows(rng, heads, threads, causal):
          causal=causal, threads=threads)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t, s", [(300, 100), (100, 300), (500, 20)])
+def test_row_ranges_with_unequal_lengths(rng, t, s, causal):
+    """One head on two threads: ranges of query rows, past the keys or short of them."""
+    case(rng, b=1, h=1, hk=1, t=t, s=s, d=64, dv=40, m=256, mask="float", causal=causal)
+
+
+def test_masked_out_keys(rng):
+    """-inf in a float mask drops a key as False in a bool one does."""
+    b, h, t, d, m = 2, 2, 90, 16, 64
+    q, k, v = randn(rng, b, h, t, d), randn(rng, b, h, t, d), randn(rng, b, h, t, d)
+    w = performer_features(d, m, 7)
+    keep = rng.random((b, 1, 1, t)) > 0.5
+    keep[..., 0] = True
+    add = np.where(keep, np.float32(0), np.float32(-np.inf))
+    for causal in (False, True):
+        want = reference(q, k, v, w, keep, scale=0.25, causal=causal)
+        for mk in (keep, add):
+            assert_close(linear_attention(q, k, v, w, mk, scale=0.25, causal=causal), want)
+
+
 def test_broadcast_batch_and_head_masks(rng):
     """k, v with batch 1 against q's batch 2; a mask varying by head; a 1-D mask."""
     b, h, t, s, d, m = 2, 4, 70, 90, 16, 32
