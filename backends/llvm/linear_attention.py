@@ -174,6 +174,21 @@ def _kernel(module: ir.Module) -> ir.Function:
             x = b.select(b.icmp_signed("<", r, nf), b.fmul(x, g["a"]), ir.Constant(F32, 0.0))
             b.store(x, f.at(wt, f.mul(kk, mp), r))
 
+    vptr, vi64 = ir.VectorType(PTR, 16), ir.VectorType(I64, 16)
+
+    def splat64(x):
+        return b.shuffle_vector(b.insert_element(ir.Constant(vi64, ir.Undefined), x,
+                                                 ir.Constant(ir.IntType(32), 0)),
+                                ir.Constant(vi64, ir.Undefined), ir.Constant(VI32, [0] * 16))
+    mp_bytes = b.mul(splat64(f.mul(mp, 4)), ir.Constant(vi64, list(range(16))))
+
+    def gather(ptr, offsets, mask):
+        """ptr + offsets[i] bytes, lane i, where mask (zero elsewhere)."""
+        ptrs = b.inttoptr(b.add(splat64(b.ptrtoint(ptr, I64)), offsets), vptr)
+        fn = f.intrinsic("llvm.masked.gather.v16f32.v16p0", V16,
+                         [vptr, ir.IntType(32), ir.VectorType(ir.IntType(1), 16), V16])
+        return b.call(fn, [ptrs, ir.Constant(ir.IntType(32), 4), mask, vconst(0.0)])
+
     def zero(ptr, n):
         with f.loop(0, n, 16) as c:
             f.vstore(vconst(0.0), f.at(ptr, c), 64)
@@ -307,10 +322,10 @@ def _kernel(module: ir.Module) -> ir.Function:
                         key_features(c0, nk)
                     with b.if_then(b.icmp_signed(">=", c0, g["i0"])):
                         with b.if_then(has_keys):   # phi(Kc)^T, for the products below
-                            with f.loop(0, mp) as r:
-                                with f.loop(0, nk) as j:
-                                    x = b.load(f.at(lk, f.mul(j, mp), r), typ=F32)
-                                    b.store(x, f.at(pkt, f.mul(r, C), j))
+                            with f.loop(0, mp) as r, f.loop(0, nk, 16) as j:
+                                x = gather(f.at(lk, f.mul(j, mp), r), mp_bytes,
+                                           f.lanes_below(b.sub(nk, j)))
+                                f.vstore(x, f.at(pkt, f.mul(r, C), j), 64)
                         with f.loop(hh, run_end) as hq:
                             qh, oh = query_head(hq)
                             query_chunk(qh, c0, nq)
