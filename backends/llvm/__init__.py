@@ -4,8 +4,8 @@
 once per set of concrete input shapes (`backends/lowering/` -> kernel IR ->
 `codegen.py` -> `jit.py`), then runs it with `runtime.Runner`. Matmuls go to the
 scheduled GEMM (`gemm.py`), attention to the flash-attention kernel
-(`attention.py`); ops without a lowering run their numpy reference, listed in
-`stats()["fallbacks"]`.
+(`attention.py`), Performer attention to `linear_attention.py`; ops without a lowering
+run their numpy reference, listed in `stats()["fallbacks"]`.
 """
 
 from __future__ import annotations
