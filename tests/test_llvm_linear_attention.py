@@ -270,3 +270,19 @@ def test_long_sequence_is_fast(rng, causal):
                                 causal=causal))
     assert elapsed < 2.0, f"{elapsed:.2f} s"
     assert workspace_floats(32, 32, 64) * 4 < 256 << 10   # bytes per thread
+
+
+def test_other_targets_keep_the_decomposition():
+    """Only a target that says so (llvm's LOWERING) gets the library call: cupy's and the
+    default Target lower the op's decomposition."""
+    from tensorc.backends import lowering as L
+    from tensorc.backends.cupy import LOWERING as CUPY
+    from tensorc.backends.llvm import LOWERING as LLVM
+
+    g = _graph([(1, 2, 20, 8), (1, 2, 20, 8), (1, 2, 20, 8)], 16, True, "bool")
+
+    def calls(**target):
+        return [s.op for s in L.lower(g, {}, **target).steps if hasattr(s, "op")]
+    assert calls(**LLVM) == ["linear_attention"]
+    assert "linear_attention" not in calls(**CUPY)
+    assert "linear_attention" not in calls()
