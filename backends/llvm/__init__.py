@@ -4,8 +4,8 @@
 once per set of concrete input shapes (`backends/lowering/` -> kernel IR ->
 `codegen.py` -> `jit.py`), then runs it with `runtime.Runner`. Matmuls go to the
 scheduled GEMM (`gemm.py`), attention to the flash-attention kernel
-(`attention.py`); ops without a lowering run their numpy reference, listed in
-`stats()["fallbacks"]`.
+(`attention.py`), Performer attention to `linear_attention.py`; ops without a lowering
+run their numpy reference, listed in `stats()["fallbacks"]`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from .. import Backend, Executable, kernel_ir
 from ..lowering import Program, lower
 
 # What this target's library has: the integer GEMM (qgemm.py) takes quantized matmuls
-# and their dequantize epilogue.
-LOWERING = {"int8_gemm": "weights"}
+# and their dequantize epilogue; linear_attention.py takes Performer attention.
+LOWERING = {"int8_gemm": "weights",
+            "linear_attention": True}
 
 
 class LLVMExecutable(Executable):
@@ -63,14 +64,16 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
     share the JIT work (a decode step's GEMV module, the attention backward too)."""
     import math
 
-    from . import attention, attention_grad, gemm, gemm_ir, gemv, jit
+    from . import attention, attention_grad, gemm, gemm_ir, gemv, jit, linear_attention
     kinds, groups, rows, backward = set(), set(), set(), set()
+    linear = False
     for step in program.steps:
         if getattr(step, "fallback", True):
             continue
         if step.op == "matmul" and step.inputs[1].buf.kind == "const" \
                 and math.prod(step.inputs[0].shape[:-1]) <= gemv.GEMV_MAX_M:
             rows.add(step.inputs[1].buf.dtype == "bf16")   # which GEMV module
+        linear |= step.op == "linear_attention"
         if step.op in ("attention", "attention_grad"):
             mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 + (
                 step.op == "attention_grad") else None
@@ -86,7 +89,8 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
     jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})]
                       + [gemm_ir.ahead(g) for g in sorted(groups)]
                       + [gemv.ahead(bf16) for bf16 in sorted(rows)]
-                      + [attention_grad.ahead(k) for k in sorted(backward - {None})])
+                      + [attention_grad.ahead(k) for k in sorted(backward - {None})]
+                      + [linear_attention.ahead()] * linear)
 
 
 class LLVMBackend(Backend):

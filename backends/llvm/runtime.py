@@ -34,7 +34,8 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 
 # A library call's operands by role: what its `patch` calls them (see LIBRARY).
 ROLES = {"matmul": ("a", "b"), "attention": ("q", "k", "v", "mask"),
-         "matmul_integer": ("a", "b")}
+         "matmul_integer": ("a", "b"),
+         "linear_attention": ("q", "k", "v", "features", "mask")}
 
 
 def compile_kernels(kernels) -> dict[str, tuple[object, int]]:
@@ -383,5 +384,10 @@ def _matmul_integer(attrs, ins, outs, epilogue, threads):
     return bind(a, b, outs[0], threads=threads, **kwargs)
 
 
+def _linear_attention(attrs, ins, outs, epilogue, threads):
+    from .linear_attention import bind
+    return bind(*ins, **attrs, threads=threads, out=outs[0])
+
+
 LIBRARY = {"matmul": _matmul, "attention": _attention, "attention_grad": _attention_grad,
-           "matmul_integer": _matmul_integer}
+           "matmul_integer": _matmul_integer, "linear_attention": _linear_attention}

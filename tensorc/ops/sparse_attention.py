@@ -51,9 +51,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ShapeError, TensorcError
+from . import vjp
 from .attention import _infer as _attention_infer
 from .attention import _repeat_np, _scores, repeat_kv
-from . import vjp
 from .registry import Attr, OpDef, get_op, numel, register
 
 if TYPE_CHECKING:

@@ -41,10 +41,12 @@ def _sparse_attention(lw, node, ins, attrs):
 
 
 def _linear_attention(lw, node, ins, attrs):
+    """The target's Performer kernel (llvm: `llvm/linear_attention.py`), float32 only;
+    otherwise the op's decomposition runs."""
     if not lw.target.linear_attention:
         raise NotLowerable("the target has no linear attention kernel")
     if any(x.dtype != "f32" for x in ins[:4]):
-        raise NotLowerable("the linear attention kernel is float32 only")
+        raise NotLowerable("linear attention is float32 only")
     out = lw.out_view(node.outputs[0].type.concrete(lw.env))
     lw.steps.append(Call("linear_attention", attrs, [lw.view(x) for x in ins], [out],
                          where=node.where))
