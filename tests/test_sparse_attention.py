@@ -499,3 +499,20 @@ def test_sliding_window_generation_equals_whole_sequence_forwards(backend):
     with pytest.raises(TensorcError, match="no key/value cache step"):
         Generator(models.get("gpt", "tiny", attention="performer"), backend).generate(
             [[1, 2]], 2, warmup=False)
+
+
+@pytest.mark.parametrize("spec", ["sparsify-attention:window=8", "linearize-attention:features=32"])
+def test_compare_reports_the_error_each_rewrite_adds(spec, capsys):
+    """`compare --per-pass` shows the float pipeline exact and the rewrite's error on its
+    own row (they are in passes.LOSSY)."""
+    import json
+
+    from tensorc.cli import main
+    assert main(["compare", "gpt", "--seq", "32", "--passes", "O2," + spec, "--per-pass",
+                 "--backends", "llvm", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["passes"]: r["rel_err"] for r in report["results"]}
+    assert rows["O2"] < 1e-5 < rows["O2," + spec]
+    last = report["per_pass"][-1]
+    assert last["pass"] == spec.split(":")[0] and last["rel_err"] > 1e-4
+    assert all(p["rel_err"] < 1e-5 for p in report["per_pass"][:-1])
