@@ -33,11 +33,14 @@ class Target:
         weight, the dequantize as its epilogue), "batched" (cupy's `__dp4a` kernel: any
         u8/i8 operands, i32 out), or None: `matmul_integer` runs its decomposition.
     bf16_weights: the GEMM takes a bf16 weight as it is stored (llvm), else its widening
-        cast is a kernel."""
+        cast is a kernel.
+    sparse_attention: a kernel for `local_attention` and `block_sparse_attention`
+        (llvm), else they run their decomposition."""
     gemm_epilogues: bool = True
     grad_kernels: bool = True
     int8_gemm: str | None = None
     bf16_weights: bool = True
+    sparse_attention: bool = False
 
 
 class Lowering:
