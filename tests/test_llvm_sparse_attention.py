@@ -75,9 +75,16 @@ def _id(c):
                                                                  c[1].items())
 
 
+@pytest.fixture
+def split_small(monkeypatch):
+    """Threads split even these small cases (into 8-row chunks): the plan's edges."""
+    from tensorc.backends.llvm import sparse_attention as sa
+    monkeypatch.setattr(sa, "MIN_WORK", 0)
+
+
 @pytest.mark.parametrize("c", CASES, ids=_id)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_matches_reference(c, threads):
+def test_kernel_matches_reference(c, threads, split_small):
     op, attrs, t, s = c
     a = attrs_of(op, scale=0.3, **attrs)
     q, k, v, _ = inputs(1, 2, 4, 2, t, s)
@@ -88,7 +95,7 @@ def test_kernel_matches_reference(c, threads):
 @pytest.mark.parametrize("mask", ["keep", "add", "add_keys"])
 @pytest.mark.parametrize("hk", [1, 2])
 @pytest.mark.parametrize("c", [CASES[1], CASES[5], CASES[6], CASES[-5], CASES[-3]], ids=_id)
-def test_masks_and_grouped_heads(c, hk, mask):
+def test_masks_and_grouped_heads(c, hk, mask, split_small):
     op, attrs, t, s = c
     a = attrs_of(op, scale=0.25, mask_value=-3.0 if mask == "keep" else -np.inf, **attrs)
     q, k, v, m = inputs(2, 2, 4, hk, t, s, d=24, dv=20, mask=mask)
@@ -198,3 +205,20 @@ def test_compiled_graph_uses_the_kernel(c, mask):
                 if st.op == op]
     exe = tensorc.compile(g, "llvm", "O2")
     assert rel_err(exe(**feeds), want) <= 1e-4
+
+
+@pytest.mark.parametrize("c", CASES, ids=_id)
+def test_threaded_items_cover_each_row_of_each_head_once(c):
+    from tensorc.backends.llvm.sparse_attention import _items, _table
+    from tensorc.ops.sparse_attention import pattern
+    op, attrs, t, s = c
+    pat = pattern(op, t, s, attrs_of(op, **attrs))
+    table, groups = _table(pat, t)
+    heads = 3
+    items = _items(pat, groups, heads, 2, s)
+    seen = np.zeros((heads, t), int)
+    for h0, h1, i0, i1, iv0, iv1 in items:
+        assert any(g0 <= i0 < i1 <= g1 and (a, b) == (iv0, iv1) for g0, g1, a, b in groups)
+        seen[h0:h1, i0:i1] += 1
+    assert (seen == 1).all()
+    assert t <= 8 or len(items) > heads   # rows cut into chunks for the threads

@@ -44,6 +44,7 @@ from .jit import cfunc, compile_library
 
 OPS = ("local_attention", "block_sparse_attention")
 ITEMS_PER_THREAD = 4   # items a thread gets on average: claimed as threads finish
+MIN_WORK = 1 << 20     # pairs x (d + dv) below which one thread does it all (as dense)
 
 
 def build_module(kinds=MASKS) -> ir.Module:
@@ -237,7 +238,7 @@ def bind(op: str, q, k, v, mask=None, *, scale: float = 1.0, mask_value: float =
                      pat.before, pat.after, dil, *bits], np.int64)
     assert len(meta) == len(META) + len(SPARSE_META) + DIL_BITS
     threads = num_threads() if threads is None else max(1, int(threads))
-    if B * H * max(pat.pairs(), 1) * (D + DV) < 1 << 20:
+    if B * H * max(pat.pairs(), 1) * (D + DV) < MIN_WORK:
         threads = 1
     items = _items(pat, groups, B * H, threads, S)
     workers = pool.get(threads) if threads > 1 and len(items) > 1 else None
