@@ -222,3 +222,16 @@ def test_threaded_items_cover_each_row_of_each_head_once(c):
         seen[h0:h1, i0:i1] += 1
     assert (seen == 1).all()
     assert t <= 8 or len(items) > heads   # rows cut into chunks for the threads
+
+
+def test_targets_without_the_kernel_decompose():
+    """A target without `sparse_attention` (cupy's) lowers the op to its decomposition,
+    not to a Call it could not run."""
+    from tensorc.backends.lowering import lower
+    op, attrs, t, s = CASES[5]
+    g = _graph(op, 2, None, dict(attrs, scale=0.25))
+    env = {"batch": 1, "t": t, "s": s}
+    ops = [st.op for st in lower(g, env).steps if hasattr(st, "op")]
+    assert op not in ops
+    assert op in [st.op for st in lower(g, env, sparse_attention=True).steps
+                  if hasattr(st, "op")]

@@ -235,7 +235,8 @@ def bind(op: str, q, k, v, mask=None, *, scale: float = 1.0, mask_value: float =
             for x in range(DIL_BITS)]
     meta = np.array([H, T, S, D, DV, *_estrides(qc), *_estrides(kc), *_estrides(vc),
                      *_estrides(out), *_estrides(m), H // HK,
-                     pat.before, pat.after, dil, *bits], np.int64)
+                     min(pat.before, T + S), min(pat.after, T + S),   # no overflow
+                     dil, *bits], np.int64)
     assert len(meta) == len(META) + len(SPARSE_META) + DIL_BITS
     threads = num_threads() if threads is None else max(1, int(threads))
     if B * H * max(pat.pairs(), 1) * (D + DV) < MIN_WORK:
