@@ -19,6 +19,9 @@ online softmax (running max m and sum l per row):
 and writes O / l at the end. With causal masking and mask_value = -inf, key
 tiles entirely above the diagonal are skipped (they would only add zeros).
 Threads split the heads, or the query rows when there are fewer heads than threads.
+The same builder with `sparse=True` makes the sparse-attention kernel
+(`sparse_attention.py`: local and block-sparse patterns), which visits only the key
+tiles of a pattern's intervals.
 """
 
 from __future__ import annotations
