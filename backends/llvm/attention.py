@@ -254,32 +254,33 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Funct
                 dilated = b.icmp_signed(">", m["dilation"], c64(1))
                 with f.loop(g["iv0"], g["iv1"]) as iv:
                     lo, hi, banded, lo_c, hi_c = interval(iv, i, last_row)
-                    keys = []
-                    for r in range(BR):   # the row's own keys of the interval
-                        a_r = b.select(banded, imax(lo, b.sub(row[r], m["before"])), lo)
-                        b_r = b.select(banded, f.min(hi, b.add(b.add(row[r], m["after"]),
-                                                                c64(1))), hi)
-                        b_r = b.select(causal, f.min(b_r, b.add(row[r], c64(1))), b_r)
-                        b_r = imax(a_r, b_r)   # empty stays empty within i32
-                        keys.append((splat_i32(a_r), splat_i32(b_r)))
-                    start = f.mul(b.sdiv(lo_c, c64(BC)), BC)
-                    stop = b.select(b.icmp_signed("<", lo_c, hi_c), hi_c, start)
-                    with f.loop(start, stop, BC) as j0:
-                        b.store(b.add(b.load(visits, typ=I64), c64(1)), visits)
-                        for r in range(BR):
-                            b.store(ir.Constant(I32, -1), dil[r])
-                        with b.if_then(b.and_(banded, dilated)):
-                            for r in range(BR):   # lanes l = row - j0 (mod dilation)
-                                x = b.srem(b.sub(row[r], j0), m["dilation"])
-                                x = b.select(b.icmp_signed("<", x, c64(0)),
-                                             b.add(x, m["dilation"]), x)
-                                word = b.load(f.at(g["meta"], c64(len(META) + 3),
-                                                   f.min(x, c64(DIL_BITS - 1)), ty=I64),
-                                              typ=I64)
-                                word = b.select(b.icmp_signed("<", x, c64(DIL_BITS)),
-                                                word, c64(0))
-                                b.store(b.trunc(word, I32), dil[r])
-                        tile(j0, hi_c, keys, dil)
+                    # the many intervals a block does not reach cost a compare
+                    with b.if_then(b.icmp_signed("<", lo_c, hi_c)):
+                        keys = []
+                        for r in range(BR):   # the row's own keys of the interval
+                            a_r = b.select(banded, imax(lo, b.sub(row[r], m["before"])), lo)
+                            b_r = b.select(banded, f.min(hi, b.add(b.add(row[r], m["after"]),
+                                                                    c64(1))), hi)
+                            b_r = b.select(causal, f.min(b_r, b.add(row[r], c64(1))), b_r)
+                            b_r = imax(a_r, b_r)   # empty stays empty within i32
+                            keys.append((splat_i32(a_r), splat_i32(b_r)))
+                        start = f.mul(b.sdiv(lo_c, c64(BC)), BC)
+                        with f.loop(start, hi_c, BC) as j0:
+                            b.store(b.add(b.load(visits, typ=I64), c64(1)), visits)
+                            for r in range(BR):
+                                b.store(ir.Constant(I32, -1), dil[r])
+                            with b.if_then(b.and_(banded, dilated)):
+                                for r in range(BR):   # lanes l = row - j0 (mod dilation)
+                                    x = b.srem(b.sub(row[r], j0), m["dilation"])
+                                    x = b.select(b.icmp_signed("<", x, c64(0)),
+                                                 b.add(x, m["dilation"]), x)
+                                    word = b.load(f.at(g["meta"], c64(len(META) + 3),
+                                                       f.min(x, c64(DIL_BITS - 1)), ty=I64),
+                                                  typ=I64)
+                                    word = b.select(b.icmp_signed("<", x, c64(DIL_BITS)),
+                                                    word, c64(0))
+                                    b.store(b.trunc(word, I32), dil[r])
+                            tile(j0, hi_c, keys, dil)
 
             # out rows = O / l
             for r in range(BR):
