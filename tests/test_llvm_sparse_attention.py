@@ -205,6 +205,9 @@ def test_compiled_graph_uses_the_kernel(c, mask):
                 if st.op == op]
     exe = tensorc.compile(g, "llvm", "O2")
     assert rel_err(exe(**feeds), want) <= 1e-4
+    q2 = np.ascontiguousarray(q[::-1])   # new arrays: the runner patches the kernel's
+    want2 = get_op(op).reference(q2, k, v, m, **attrs_of(op, **a))   # arguments
+    assert rel_err(exe(**dict(feeds, q=q2)), want2) <= 1e-4
 
 
 @pytest.mark.parametrize("c", CASES, ids=_id)
