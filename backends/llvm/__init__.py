@@ -19,9 +19,9 @@ from .. import Backend, Executable, kernel_ir
 from ..lowering import Program, lower
 
 # What this target's library has: the integer GEMM (qgemm.py) takes quantized matmuls
-# and their dequantize epilogue; linear_attention.py takes Performer attention.
-LOWERING = {"int8_gemm": "weights",
-            "linear_attention": True}
+# and their dequantize epilogue; sparse attention (sparse_attention.py) and Performer
+# attention (linear_attention.py) have kernels.
+LOWERING = {"int8_gemm": "weights", "sparse_attention": True, "linear_attention": True}
 
 
 class LLVMExecutable(Executable):
@@ -64,8 +64,17 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
     share the JIT work (a decode step's GEMV module, the attention backward too)."""
     import math
 
-    from . import attention, attention_grad, gemm, gemm_ir, gemv, jit, linear_attention
-    kinds, groups, rows, backward = set(), set(), set(), set()
+    from . import (
+        attention,
+        attention_grad,
+        gemm,
+        gemm_ir,
+        gemv,
+        jit,
+        linear_attention,
+        sparse_attention,
+    )
+    kinds, groups, rows, backward, sparse = set(), set(), set(), set(), set()
     linear = False
     for step in program.steps:
         if getattr(step, "fallback", True):
@@ -79,6 +88,9 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
                 step.op == "attention_grad") else None
             kind = {None: "none", "bool": "keep", "f32": "add"}.get(mask)
             (kinds if step.op == "attention" else backward).add(kind)
+        elif step.op in sparse_attention.OPS:
+            mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 else None
+            sparse.add({None: "none", "bool": "keep", "f32": "add"}.get(mask))
         elif step.op == "matmul" and step.epilogue.get("activation") not in (None, "none"):
             a, b = step.inputs
             if len(b.shape) == 2 and b.buf.kind == "const":
@@ -90,7 +102,8 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
                       + [gemm_ir.ahead(g) for g in sorted(groups)]
                       + [gemv.ahead(bf16) for bf16 in sorted(rows)]
                       + [attention_grad.ahead(k) for k in sorted(backward - {None})]
-                      + [linear_attention.ahead()] * linear)
+                      + [linear_attention.ahead()] * linear
+                      + [sparse_attention.ahead(k) for k in sorted(sparse - {None})])
 
 
 class LLVMBackend(Backend):

@@ -19,6 +19,9 @@ online softmax (running max m and sum l per row):
 and writes O / l at the end. With causal masking and mask_value = -inf, key
 tiles entirely above the diagonal are skipped (they would only add zeros).
 Threads split the heads, or the query rows when there are fewer heads than threads.
+The same builder with `sparse=True` makes the sparse-attention kernel
+(`sparse_attention.py`: local and block-sparse patterns), which visits only the key
+tiles of a pattern's intervals.
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ BR, BC = 8, 32   # query rows per block, keys per tile (the GEMM's 8 x 32 micro-
 MASKS = ("none", "add", "keep")
 META = ("heads", "t", "s", "d", "dv", "q_b", "q_h", "q_t", "k_b", "k_h", "k_t",
         "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "m_t", "group")
+# the sparse kernel's band; META then holds `DIL_BITS` words: word x (x < min(dilation,
+# 32)) has bit l set where l = x (mod dilation), the lanes of a 32-key tile a row keeps
+SPARSE_META = ("before", "after", "dilation")
+DIL_BITS = 32
 I8 = ir.IntType(8)
+I16 = ir.IntType(16)
 V16I8 = ir.VectorType(I8, 16)
 NEG_INF = float("-inf")
 
@@ -61,20 +69,32 @@ def _heads(f, g, m, hh, mask_kind):
             head(g["mask"], "m", I8 if mask_kind == "keep" else F32))
 
 
-def _entry(module: ir.Module, name: str):
-    """A kernel's function (both kernels take the same arguments) and its META values."""
+def _entry(module: ir.Module, name: str, sparse: bool = False):
+    """A kernel's function (both dense kernels take the same arguments; the sparse one
+    adds the interval table and an item's intervals) and its META values."""
+    pattern = [("ivs", PTR)] if sparse else []
+    ranges = [("iv0", I64), ("iv1", I64)] if sparse else []
     f = FnBuilder(module, name, [
         ("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("mask", PTR), ("meta", PTR),
-        ("scale", F32), ("mask_value", F32), ("causal", I64),
-        ("h0", I64), ("h1", I64), ("i0", I64), ("i1", I64), ("work", PTR)])
+        *pattern, ("scale", F32), ("mask_value", F32), ("causal", I64),
+        ("h0", I64), ("h1", I64), ("i0", I64), ("i1", I64), *ranges, ("work", PTR)])
     b = f.b
     return f, {n: b.load(f.at(f.arg["meta"], c64(i), ty=I64), typ=I64)
-               for i, n in enumerate(META)}
+               for i, n in enumerate(META + (SPARSE_META if sparse else ()))}
 
 
-def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
-    """tc_attention_<mask_kind>: heads [h0, h1) x query rows [i0, i1)."""
-    f, m = _entry(module, f"tc_attention_{mask_kind}")
+def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Function:
+    """tc_attention_<mask_kind>: heads [h0, h1) x query rows [i0, i1).
+
+    `sparse` (tc_sparse_attention_<mask_kind>): the rows see only the keys of the
+    intervals [iv0, iv1) of the table `ivs` (lo, hi, banded words; `sparse_attention.py`
+    plans them from the op's Pattern), banded ones only within the band before / after
+    of META (and every dilation-th key); causal keeps j <= i. Per 8-row block, an
+    interval's key tiles are clipped to what some row of the block sees, so the tiles
+    outside the pattern are never visited; excluded pairs get no weight (-inf) whatever
+    mask_value is. The dense kernel's IR is unchanged by this (the `sparse` parts are
+    emitted only for the sparse one)."""
+    f, m = _entry(module, f"tc_{'sparse_' if sparse else ''}attention_{mask_kind}", sparse)
     b, g = f.b, f.arg
     s, d, dv = m["s"], m["d"], m["dv"]
     tiles = b.sdiv(b.add(s, c64(BC - 1)), c64(BC))
@@ -93,9 +113,32 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
 
     splat_i32, vmax, reduce_max, reduce_sum = vector_helpers(f)
 
+    def imax(x, y):
+        return b.select(b.icmp_signed(">", x, y), x, y)
+
+    def interval(iv, first, last):
+        """Interval iv's (lo, hi, banded) and the keys [lo', hi') it holds for some row
+        of first..last (lo' >= hi' when none)."""
+        lo, hi, banded = (b.load(f.at(g["ivs"], f.mul(iv, 3), c64(w), ty=I64), typ=I64)
+                          for w in range(3))
+        banded = b.icmp_signed("!=", banded, c64(0))
+        lo_c = b.select(banded, imax(lo, b.sub(first, m["before"])), lo)
+        hi_c = b.select(banded, f.min(hi, b.add(b.add(last, m["after"]), c64(1))), hi)
+        hi_c = b.select(causal, f.min(hi_c, b.add(last, c64(1))), hi_c)
+        return lo, hi, banded, lo_c, hi_c
+
     with f.loop(g["h0"], g["h1"]) as hh:
         qh, kh, vh, oh, mh = _heads(f, g, m, hh, mask_kind)
-        b.call(pack_bt, [kh, m["k_t"], d, s, kt, c64(0), tiles])
+        if not sparse:
+            b.call(pack_bt, [kh, m["k_t"], d, s, kt, c64(0), tiles])
+        else:   # only the tiles an interval holds for these rows (a tile two share
+            # is packed twice: cheaper than packing the gaps between, e.g. a window's
+            # and a global key's at the end)
+            with f.loop(g["iv0"], g["iv1"]) as iv:
+                _, _, _, lo_c, hi_c = interval(iv, g["i0"], b.sub(g["i1"], c64(1)))
+                with b.if_then(b.icmp_signed("<", lo_c, hi_c)):
+                    b.call(pack_bt, [kh, m["k_t"], d, s, kt, b.sdiv(lo_c, c64(BC)),
+                                     b.sdiv(b.add(hi_c, c64(BC - 1)), c64(BC))])
 
         with f.loop(g["i0"], g["i1"], BR) as i:
             rows = f.min(c64(BR), b.sub(g["i1"], i))
@@ -111,9 +154,11 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
             with f.loop(0, b.mul(chunks, c64(BR))) as c:
                 f.vstore(vconst(0.0), f.at(ob, f.mul(c, 16)), 64)
             last_row = b.add(i, b.sub(rows, c64(1)))
-            jend = b.select(skip_tiles, f.min(s, b.add(last_row, c64(1))), s)
 
-            with f.loop(0, jend, BC) as j0:
+            def tile(j0, jend, keys=None, dil=None):
+                """One key tile at j0 (keys from jend on are not read); `keys`: per row,
+                the i32 range [a, b) of keys it sees, `dil`: per row, the lane bits
+                the dilation keeps (sparse)."""
                 # S = Qblk @ Ktile^T
                 acc = [[f.var(V16, vconst(0.0)) for _ in range(2)] for _ in range(BR)]
                 ktile = f.at(kt, f.mul(f.mul(b.sdiv(j0, c64(BC)), d), BC))
@@ -129,10 +174,13 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
                 scores, bases, delta = [], [], vconst(0.0)
                 for r in range(BR):
                     sv = []
+                    if dil is not None:
+                        bits = b.load(dil[r], typ=I32)
                     for u in range(2):
                         x = b.load(acc[r][u], typ=V16)
-                        above = b.icmp_signed(">", cols[u], splat_i32(row[r]))
-                        x = b.select(b.and_(above, _splat_i1(b, causal)), mv_vec, x)
+                        if not sparse:
+                            above = b.icmp_signed(">", cols[u], splat_i32(row[r]))
+                            x = b.select(b.and_(above, _splat_i1(b, causal)), mv_vec, x)
                         mp = f.at(mh, f.mul(row[r], m["m_t"]), j0, c64(16 * u),
                                   ty=I8 if mask_kind == "keep" else F32)
                         if mask_kind == "add":
@@ -141,7 +189,15 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
                             keep = b.icmp_unsigned("!=", _mload_i8(f, mp, valid[u]),
                                                    ir.Constant(V16I8, [0] * 16))
                             x = b.select(keep, x, mv_vec)
-                        sv.append(b.select(valid[u], x, vconst(NEG_INF)))
+                        if sparse:   # the pattern: keys [a, b) of the row, the dilation
+                            a_r, b_r = keys[r]
+                            seen = b.and_(b.icmp_signed(">=", cols[u], a_r),
+                                          b.icmp_signed("<", cols[u], b_r))
+                            half = b.trunc(b.lshr(bits, ir.Constant(I32, 16 * u)), I16)
+                            seen = b.and_(seen, b.bitcast(half, M16))
+                            sv.append(b.select(seen, x, vconst(NEG_INF)))
+                        else:
+                            sv.append(b.select(valid[u], x, vconst(NEG_INF)))
                     m_old = b.load(m_run[r], typ=F32)
                     m_new = b.call(f.intrinsic("llvm.maxnum.f32", F32, [F32, F32]),
                                    [m_old, reduce_max(vmax(*sv))])
@@ -162,7 +218,7 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
                     for u in range(2):
                         f.vstore(p[u], f.at(pb, c64(r * BC + 16 * u)), 64)
                 # O = O * corr + P @ Vtile, one 16-lane chunk of dv at a time
-                jn = f.min(c64(BC), b.sub(s, j0))
+                jn = f.min(c64(BC), b.sub(jend, j0))
                 with f.loop(0, chunks) as c:
                     lanes = f.lanes_below(b.sub(dv, f.mul(c, 16)))
                     optr = [f.at(ob, f.mul(b.add(f.mul(c64(r), chunks), c), 16))
@@ -187,6 +243,44 @@ def _kernel(module: ir.Module, mask_kind: str) -> ir.Function:
                         pv(j)
                     for r in range(BR):
                         f.vstore(b.load(o[r], typ=V16), optr[r], 64)
+
+            if not sparse:
+                jend = b.select(skip_tiles, f.min(s, b.add(last_row, c64(1))), s)
+                with f.loop(0, jend, BC) as j0:
+                    tile(j0, s)
+            else:
+                dil = [f.var(I32) for _ in range(BR)]
+                visits = f.at(pb, c64(BR * BC))   # an i64: tiles visited (for tests)
+                dilated = b.icmp_signed(">", m["dilation"], c64(1))
+                with f.loop(g["iv0"], g["iv1"]) as iv:
+                    lo, hi, banded, lo_c, hi_c = interval(iv, i, last_row)
+                    # the many intervals a block does not reach cost a compare
+                    with b.if_then(b.icmp_signed("<", lo_c, hi_c)):
+                        keys = []
+                        for r in range(BR):   # the row's own keys of the interval
+                            a_r = b.select(banded, imax(lo, b.sub(row[r], m["before"])), lo)
+                            b_r = b.select(banded, f.min(hi, b.add(b.add(row[r], m["after"]),
+                                                                    c64(1))), hi)
+                            b_r = b.select(causal, f.min(b_r, b.add(row[r], c64(1))), b_r)
+                            b_r = imax(a_r, b_r)   # empty stays empty within i32
+                            keys.append((splat_i32(a_r), splat_i32(b_r)))
+                        start = f.mul(b.sdiv(lo_c, c64(BC)), BC)
+                        with f.loop(start, hi_c, BC) as j0:
+                            b.store(b.add(b.load(visits, typ=I64), c64(1)), visits)
+                            for r in range(BR):
+                                b.store(ir.Constant(I32, -1), dil[r])
+                            with b.if_then(b.and_(banded, dilated)):
+                                for r in range(BR):   # lanes l = row - j0 (mod dilation)
+                                    x = b.srem(b.sub(row[r], j0), m["dilation"])
+                                    x = b.select(b.icmp_signed("<", x, c64(0)),
+                                                 b.add(x, m["dilation"]), x)
+                                    word = b.load(f.at(g["meta"], c64(len(META) + 3),
+                                                       f.min(x, c64(DIL_BITS - 1)), ty=I64),
+                                                  typ=I64)
+                                    word = b.select(b.icmp_signed("<", x, c64(DIL_BITS)),
+                                                    word, c64(0))
+                                    b.store(b.trunc(word, I32), dil[r])
+                            tile(j0, hi_c, keys, dil)
 
             # out rows = O / l
             for r in range(BR):

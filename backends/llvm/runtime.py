@@ -35,7 +35,9 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 # A library call's operands by role: what its `patch` calls them (see LIBRARY).
 ROLES = {"matmul": ("a", "b"), "attention": ("q", "k", "v", "mask"),
          "matmul_integer": ("a", "b"),
-         "linear_attention": ("q", "k", "v", "features", "mask")}
+         "linear_attention": ("q", "k", "v", "features", "mask"),
+         "local_attention": ("q", "k", "v", "mask"),
+         "block_sparse_attention": ("q", "k", "v", "mask")}
 
 
 def compile_kernels(kernels) -> dict[str, tuple[object, int]]:
@@ -367,6 +369,13 @@ def _attention(attrs, ins, outs, epilogue, threads):
     return bind(*ins, **attrs, threads=threads, out=outs[0])
 
 
+def _sparse_attention(op):
+    def binder(attrs, ins, outs, epilogue, threads):
+        from .sparse_attention import bind
+        return bind(op, *ins, **attrs, threads=threads, out=outs[0])
+    return binder
+
+
 def _attention_grad(attrs, ins, outs, epilogue, threads):
     # no `patch`: the runner binds it again when an operand's buffer moves
     from .attention_grad import bind
@@ -390,4 +399,6 @@ def _linear_attention(attrs, ins, outs, epilogue, threads):
 
 
 LIBRARY = {"matmul": _matmul, "attention": _attention, "attention_grad": _attention_grad,
-           "matmul_integer": _matmul_integer, "linear_attention": _linear_attention}
+           "matmul_integer": _matmul_integer, "linear_attention": _linear_attention,
+           "local_attention": _sparse_attention("local_attention"),
+           "block_sparse_attention": _sparse_attention("block_sparse_attention")}

@@ -15,6 +15,19 @@ def _attention(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _sparse_attention(lw, node, ins, attrs):
+    """`local_attention` / `block_sparse_attention`: the target's sparse kernel (llvm:
+    `llvm/sparse_attention.py`) for float32; elsewhere the op's decomposition."""
+    if not lw.target.sparse_attention:
+        raise NotLowerable("the target has no sparse attention kernel")
+    if any(x.dtype != "f32" for x in ins[:3]):
+        raise NotLowerable("sparse attention is float32 only")
+    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+    lw.steps.append(Call(node.op, attrs, [lw.view(x) for x in ins], [out],
+                         where=node.where))
+    return [lw.of_view(out)]
+
+
 def _attention_grad(lw, node, ins, attrs):
     """The target's fused backward (llvm: `llvm/attention_grad.py`), for f32 (a bool or
     f32 mask included); otherwise, and on targets without one, the op's decomposition
