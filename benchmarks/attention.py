@@ -60,10 +60,10 @@ QUALITY = {"dense": "O2",
            "local, window 32": "O2,sparsify-attention:window=32",
            "local, window 32, 1 global token": "O2,sparsify-attention:window=32:global=1",
            "block 16, 1 neighbour": "O2,sparsify-attention:block=16",
-           "block 16, 1 neighbour, 1 random": "O2,sparsify-attention:block=16:random=1",
-           "performer, 64 features": "O2,linearize-attention:features=64",
-           "performer, 256 features": "O2,linearize-attention:features=256",
-           "performer, 1024 features": "O2,linearize-attention:features=1024"}
+           "block 16, 1 neighbour, 1 random": "O2,sparsify-attention:block=16:random=1:always=1",
+           "performer, 64 features": "O2,linearize-attention:features=64:always=1",
+           "performer, 256 features": "O2,linearize-attention:features=256:always=1",
+           "performer, 1024 features": "O2,linearize-attention:features=1024:always=1"}
 
 
 def inputs(seq: int):

@@ -1,13 +1,14 @@
 """`sparsify-attention` and `linearize-attention`: fused `attention` ops (after
 `fuse-attention`, so models imported from ONNX too) become sparse or linear ones.
 
-    sparsify-attention:window=W[:global=N|tokens=A+B][:dilation=D]
+    sparsify-attention:window=W[:global=N|tokens=A+B][:dilation=D][:always=1]
         -> local_attention: causal attention sees the W keys up to and including its
            own position (Mistral's sliding window); non-causal W/2 keys each side
     sparsify-attention:block=B[:neighbours=N][:random=R][:seed=S][:global=N|tokens=A+B]
+        [:always=1]
         -> block_sparse_attention: blocks of B positions see their N neighbour blocks
            each side and R seeded random blocks (BigBird)
-    linearize-attention:features=F[:seed=S]
+    linearize-attention:features=F[:seed=S][:always=1]
         -> linear_attention with F Performer random features (a constant [F, d])
 
 Both change the model (the sparse pattern drops pairs; Performer approximates the
@@ -26,9 +27,10 @@ dependence is real. The sparse patterns take any mask, but read such an attentio
 as `causal=False`: the window is split around the query and the mask removes its
 later half.
 
-Where the lengths are static and the pattern would keep more than DENSE_ABOVE of the
-pairs, sparse attention is no faster than dense (the kernels visit tiles either way)
-and only less exact, so the dense op stays (a warning says how many).
+Where the lengths are static and the rewrite would not be faster (the pattern keeps
+more than DENSE_ABOVE of the pairs; for Performer, fewer pairs than LINEAR_BELOW x
+(queries + keys) x features), it is only less exact, so the dense op stays (a warning
+says how many); `always=1` rewrites anyway.
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ from .manager import EXPLAINERS
 from .rewrite import graph_pass
 
 # Keep dense attention where a static pattern keeps more than this share of the
-# pairs dense attention computes (see `benchmarks/attention.py` for the crossover).
+# pairs dense attention computes, or where the pairs are fewer than this many times
+# (queries + keys) x features for Performer: the crossovers `benchmarks/attention.py`
+# measured (benchmarks/README.md). `always=1` rewrites anyway (quality studies at
+# training lengths).
 DENSE_ABOVE = 0.5
+LINEAR_BELOW = 1.2
 SPARSE_OPS = ("local_attention", "block_sparse_attention", "linear_attention")
 
 
@@ -141,7 +147,7 @@ def _dense_pairs(t, s, causal) -> int:
 @graph_pass("sparsify-attention")
 def sparsify_attention(g: Graph, window: int = 0, block: int = 0, neighbours: int = 1,
                        random: int = 0, seed: int = 0, dilation: int = 1, tokens="",
-                       **options):
+                       always: bool = False, **options):
     """Every dense attention to `local_attention` (window=) or `block_sparse_attention`
     (block=); `global=N` adds the first N positions as global tokens."""
     unknown = set(options) - {"global"}
@@ -166,7 +172,7 @@ def sparsify_attention(g: Graph, window: int = 0, block: int = 0, neighbours: in
                      "random_blocks": random, "seed": seed}
         attrs = get_op(op).complete_attrs(attrs, node.where)
         t, s = node.inputs[0].type.shape[2], node.inputs[1].type.shape[2]
-        if isinstance(t, int) and isinstance(s, int) and t * s and \
+        if not always and isinstance(t, int) and isinstance(s, int) and t * s and \
                 pattern(op, t, s, attrs).pairs() > DENSE_ABOVE * _dense_pairs(t, s, a["causal"]):
             kept += 1
             continue
@@ -175,19 +181,24 @@ def sparsify_attention(g: Graph, window: int = 0, block: int = 0, neighbours: in
     if kept:
         warnings.warn(f"sparsify-attention kept {kept} attention(s) dense: at their length "
                       f"the pattern keeps over {DENSE_ABOVE:.0%} of the pairs, where sparse "
-                      "attention is no faster", stacklevel=2)
+                      "attention is no faster (always=1 rewrites anyway)", stacklevel=2)
 
 
 @graph_pass("linearize-attention")
-def linearize_attention(g: Graph, features: int = 256, seed: int = 0):
+def linearize_attention(g: Graph, features: int = 256, seed: int = 0, always: bool = False):
     """Every dense attention to Performer `linear_attention` with `features` random
     features (one seeded [features, d] constant per head size)."""
     if features < 1:
         raise TensorcError(f"linearize-attention: features={features} must be positive")
     tables = {}
+    kept = 0
     for node in _rewritable(g, "linearize-attention", linear=True):
         q = node.inputs[0].type
-        d = q.shape[3]
+        t, s, d = q.shape[2], node.inputs[1].type.shape[2], q.shape[3]
+        if not always and isinstance(t, int) and isinstance(s, int) and \
+                _dense_pairs(t, s, node.attrs["causal"]) < LINEAR_BELOW * (t + s) * features:
+            kept += 1
+            continue
         if (d, q.dtype) not in tables:
             w = performer_features(d, features, seed).astype(q.np_dtype)
             tables[d, q.dtype] = g.add_constant(g.fresh_name("performer_features"), w)
@@ -198,6 +209,10 @@ def linearize_attention(g: Graph, features: int = 256, seed: int = 0):
         node.op = "linear_attention"
         node.attrs = get_op("linear_attention").complete_attrs(
             {"scale": node.attrs["scale"], "causal": node.attrs["causal"]}, node.where)
+    if kept:
+        warnings.warn(f"linearize-attention kept {kept} attention(s) dense: at their length "
+                      f"dense attention is faster than {features} features (always=1 "
+                      "rewrites anyway)", stacklevel=2)
 
 
 def _first_row(g: Graph, node: Node, mask: Value) -> Value:

@@ -338,8 +338,9 @@ def test_pass_on_a_dense_model_equals_the_zoo_model_built_sparse(name, opts, fie
     sparse = models.get(name, "tiny", **fields)
     feeds = dense.example_inputs(batch=2, seq=32)
     pass_name = "linearize-attention" if "features" in opts else "sparsify-attention"
-    rewritten = run_pipeline(tensorc.trace(dense, **feeds), f"O2,{pass_name}:{opts}",
-                             verify=True)
+    symbolic = {k: tensorc.TensorSpec(("batch", "seq"), "i64") for k in feeds}
+    rewritten = run_pipeline(tensorc.trace(dense, **symbolic), f"O2,{pass_name}:{opts}",
+                             verify=True)   # symbolic lengths: no length rule
     ops = [n.op for n in rewritten.nodes]
     assert "attention" not in ops and len([o for o in ops if o in SPARSE]) == 2, ops
     traced = run_pipeline(tensorc.trace(sparse, **feeds), "O2")
@@ -382,7 +383,7 @@ def test_the_passes_take_real_exporters_files(stem):
         feeds = {k.removeprefix("in:"): d[k] for k in d.files if k.startswith("in:")}
     graph = tx.load(HF / f"{stem}.onnx")
     for spec, op in (("sparsify-attention:window=4", "local_attention"),
-                     ("linearize-attention:features=32", "linear_attention")):
+                     ("linearize-attention:features=32:always=1", "linear_attention")):
         g = run_pipeline(graph, "O2," + spec, verify=True)
         ops = [n.op for n in g.nodes]
         assert "attention" not in ops and ops.count(op) == 2, ops
@@ -410,6 +411,16 @@ def test_refusals_and_the_length_rule():
         warnings.simplefilter("error")
         assert "local_attention" in {n.op for n in run_pipeline(
             g, "sparsify-attention:window=2").nodes}
+        assert "local_attention" in {n.op for n in run_pipeline(
+            g, "sparsify-attention:window=6:always=1").nodes}
+    with pytest.warns(UserWarning, match="dense attention is faster than 16 features"):
+        same = run_pipeline(g, "linearize-attention:features=16")   # 36 pairs < 1.2 x 16 x 16
+    assert [n.op for n in same.nodes] == [n.op for n in g.nodes]
+    long = run_pipeline(tensorc.trace(model, **model.example_inputs(seq=64)), "O2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # 2080 causal pairs > 1.2 x 128 x 8
+        assert "linear_attention" in {n.op for n in run_pipeline(
+            long, "linearize-attention:features=8").nodes}
 
 
 def test_linear_refuses_a_query_dependent_mask():
@@ -420,7 +431,7 @@ def test_linear_refuses_a_query_dependent_mask():
     m = g.add_input("m", TensorType((1, 1, 8, 8)))
     g.outputs = [g.add("attention", q, q, q, m, scale=0.5), g.add("attention", q, q, q)]
     with pytest.warns(UserWarning, match="depends on the query"):
-        out = run_pipeline(g, "linearize-attention")
+        out = run_pipeline(g, "linearize-attention:always=1")
     assert [n.op for n in out.nodes] == ["attention", "linear_attention"]
     assert any("depends on the query" in line for line in explain(out))
 
@@ -501,7 +512,8 @@ def test_sliding_window_generation_equals_whole_sequence_forwards(backend):
             [[1, 2]], 2, warmup=False)
 
 
-@pytest.mark.parametrize("spec", ["sparsify-attention:window=8", "linearize-attention:features=32"])
+@pytest.mark.parametrize("spec", ["sparsify-attention:window=8",
+                                  "linearize-attention:features=32:always=1"])
 def test_compare_reports_the_error_each_rewrite_adds(spec, capsys):
     """`compare --per-pass` shows the float pipeline exact and the rewrite's error on its
     own row (they are in passes.LOSSY)."""
