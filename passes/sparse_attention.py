@@ -50,8 +50,8 @@ from .rewrite import graph_pass
 # (queries + keys) x features for Performer: the crossovers `benchmarks/attention.py`
 # measured (benchmarks/README.md). `always=1` rewrites anyway (quality studies at
 # training lengths).
-DENSE_ABOVE = 0.5
-LINEAR_BELOW = 1.2
+DENSE_ABOVE = 0.85
+LINEAR_BELOW = 1.3
 SPARSE_OPS = ("local_attention", "block_sparse_attention", "linear_attention")
 
 

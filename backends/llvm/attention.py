@@ -645,17 +645,7 @@ def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
     works = [aligned_empty(work_size) for _ in range(workers.threads if workers else 1)]
     block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
                       *[x for it in items for x in it]], np.int64)
-    args = (job, block.ctypes.data, len(items))
-    serial = pool.launcher(*args, 1)
-
-    def run():
-        if workers is not None and workers.lock.acquire(blocking=False):
-            try:
-                workers.run(*args)
-            finally:
-                workers.lock.release()
-        else:
-            serial()
+    run = pool.launcher(job, block.ctypes.data, len(items), threads if workers else 1)
     slots = {"q": 0, "k": 1, "v": 2, "out": 3, "mask": 4 if mask is not None else None}
 
     def patch(role: str, address: int) -> None:

@@ -424,18 +424,11 @@ def bind(q, k, v, dy, mask=None, scale: float = 1.0, causal: bool = False,
         _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
     block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
                       *[x for r in ranges for x in r]], np.int64)
-    args = (kernels(kind)["job"], block.ctypes.data, len(ranges))
-    serial = pool.launcher(*args, 1)
+    launch = pool.launcher(kernels(kind)["job"], block.ctypes.data, len(ranges), threads)
     keep = (q, k, v, dy, m, targets, dk, dv, meta, works, block)
 
     def run():
-        if workers is not None and workers.lock.acquire(blocking=False):
-            try:
-                workers.run(*args)
-            finally:
-                workers.lock.release()
-        else:
-            serial()
+        launch()
         if parts > 1:
             np.sum(dk, axis=0, out=targets[1])
             np.sum(dv, axis=0, out=targets[2])

@@ -251,25 +251,18 @@ def bind(op: str, q, k, v, mask=None, *, scale: float = 1.0, mask_value: float =
              m.ctypes.data, meta.ctypes.data, table.ctypes.data, _f32_bits(scale),
              _f32_bits(mask_value), int(bool(pat.causal))]
     fn = kernels()["jobs"][kind]
-    blocks, runs = [], []
+    blocks, launches = [], []
     for n in range(0, len(items), pool.MAX_ITEMS):   # the pool's claim word's limit
         part = items[n:n + pool.MAX_ITEMS]
         block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
                           *[x for it in part for x in it]], np.int64)
         blocks.append(block)
-        runs.append((block.ctypes.data, len(part), pool.launcher(fn, block.ctypes.data,
-                                                                 len(part), 1)))
+        launches.append(pool.launcher(fn, block.ctypes.data, len(part),
+                                      threads if workers else 1))
 
     def run():
-        if workers is not None and workers.lock.acquire(blocking=False):
-            try:
-                for address, n, _ in runs:
-                    workers.run(fn, address, n)
-            finally:
-                workers.lock.release()
-        else:
-            for _, _, serial in runs:
-                serial()
+        for launch in launches:
+            launch()
     inputs = (q, k, v) + ((np.asarray(mask),) if mask is not None else ())
     in_place = all(np.may_share_memory(x, y) for x, y in zip((qc, kc, vc, m), inputs,
                                                              strict=False))
