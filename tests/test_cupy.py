@@ -22,6 +22,7 @@ from tensorc.backends import get_backend
 from tensorc.backends import lowering as L
 from tensorc.backends.cupy import LOWERING, CupyBackend, _flash_fits, unavailable_reason
 from tensorc.backends.cupy import kernels as lib
+from tensorc.backends.cupy.attention_kernels import all_attention_kernels
 from tensorc.backends.cupy.cuda_codegen import render_kernel
 from tensorc.errors import TensorcError
 from tensorc.models import get, list_models
@@ -114,7 +115,7 @@ def test_every_generated_cuda_source_compiles(tmp_path):
                     emitted = CupyBackend().emit_source(g, str(tmp_path / "emit"))[0]
     for g, _ in _train_steps():   # forward + backward: the gradient ops' kernels
         kernels.update(_program_kernels(g))
-    for k in lib.all_library_kernels():
+    for k in lib.all_library_kernels() + all_attention_kernels():
         kernels.setdefault(k.name, k.source)
     unit = tmp_path / "all_kernels.cu"
     unit.write_text("\n".join(kernels.values()))

@@ -56,8 +56,8 @@ def _rand(*shape):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile_with_nvcc(arch, tmp_path):
-    """Every sparse / linear kernel instance, one translation unit (kernels.py's
-    `all_library_kernels` lists them too, so test_cupy compiles them with the rest)."""
+    """Every sparse / linear kernel instance, one translation unit (test_cupy also
+    compiles them with the rest)."""
     ks = AK.all_attention_kernels()
     src = tmp_path / "attn.cu"
     src.write_text("\n".join(k.source for k in ks))

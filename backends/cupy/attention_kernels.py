@@ -674,8 +674,8 @@ def linear_attention_launches(q, k, v, features, o, mask=None, *, scratch, scale
 
 
 def all_attention_kernels() -> list[LibraryKernel]:
-    """Every kernel of this module at the head dims the tests compile (kernels.py's
-    `all_library_kernels` lists them too)."""
+    """Every kernel of this module at the head dims the tests compile (with kernels.py's
+    `all_library_kernels`, in one translation unit: tests/test_cupy.py)."""
     dims = [(8, 8), (16, 16), (64, 64), (80, 80), (128, 128), (64, 32), (6, 80)]
     out = [sparse_attention_kernel(d, dv) for d, dv in dims]
     out += [linear_attention_kernel(st, d, dv) for d, dv in dims for st in LINEAR_STAGES]

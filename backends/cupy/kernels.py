@@ -216,13 +216,12 @@ def flash_attention_kernel(head_dim: int, value_dim: int) -> LibraryKernel:
 
 
 def all_library_kernels() -> list[LibraryKernel]:
-    """Every hand-written kernel, with the head dims the built-in models use and the
-    edge cases (head dims that are not a multiple of 32, the largest supported)."""
+    """Every hand-written kernel of this module (`attention_kernels.py` lists its own),
+    with the head dims the built-in models use and the edge cases (head dims that are
+    not a multiple of 32, the largest supported)."""
     dims = [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (64, 32),
             (6, 80)]
-    from .attention_kernels import all_attention_kernels  # that module imports this one
-    return ([flash_attention_kernel(d, dv) for d, dv in dims] + [matmul_integer_kernel()]
-            + all_attention_kernels())
+    return [flash_attention_kernel(d, dv) for d, dv in dims] + [matmul_integer_kernel()]
 
 
 # --- launch helpers ----------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import threading
-from ctypes import c_float, c_int64, c_void_p
 
 import numpy as np
 from llvmlite import ir
@@ -40,7 +39,7 @@ from .attention import (
 from .gemm import aligned_empty, num_threads
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I64, PTR, job
-from .jit import cfunc, compile_library
+from .jit import compile_library
 
 OPS = ("local_attention", "block_sparse_attention")
 ITEMS_PER_THREAD = 4   # items a thread gets on average: claimed as threads finish
@@ -57,27 +56,7 @@ def build_module(kinds=MASKS) -> ir.Module:
 
 
 _lock = threading.Lock()
-_ARGS = [c_void_p] * 7 + [c_float, c_float] + [c_int64] * 7 + [c_void_p]
-
-
-class _Lazy(dict):
-    """Mask kind -> entry point, each kind its own module compiled on first use."""
-
-    def __missing__(self, kind):
-        if kind not in MASKS:
-            raise KeyError(kind)
-        with _lock:
-            if not dict.__contains__(_lib["jobs"], kind):
-                names = [f"tc_sparse_attention_{kind}", f"tc_sparse_attention_job_{kind}"]
-                name, build, vectorize, unroll = ahead(kind)
-                addrs = compile_library(name, build, names, vectorize, unroll)
-                dict.__setitem__(_lib, kind, cfunc(addrs[names[0]], None, _ARGS))
-                dict.__setitem__(_lib["jobs"], kind, addrs[names[1]])
-        return dict.__getitem__(self, kind)
-
-
-_lib = _Lazy()
-_lib["jobs"] = _Lazy()
+_jobs: dict = {}
 
 
 def ahead(kind: str) -> tuple:
@@ -85,9 +64,15 @@ def ahead(kind: str) -> tuple:
     return (f"sparse_attention/{kind}", lambda: build_module((kind,)), True, False)
 
 
-def kernels() -> dict:
-    """mask kind -> the kernel (ctypes), "jobs": mask kind -> its pool job."""
-    return _lib
+def kernel_job(kind: str) -> int:
+    """The pool job of a mask kind's kernel, its own module, compiled on first use."""
+    if kind not in MASKS:
+        raise KeyError(kind)
+    with _lock:
+        if kind not in _jobs:
+            name = f"tc_sparse_attention_job_{kind}"
+            _jobs[kind] = compile_library(*ahead(kind)[:2], [name], *ahead(kind)[2:])[name]
+    return _jobs[kind]
 
 
 def workspace_size(s: int, d: int, dv: int) -> int:
@@ -250,7 +235,7 @@ def bind(op: str, q, k, v, mask=None, *, scale: float = 1.0, mask_value: float =
     fixed = [qc.ctypes.data, kc.ctypes.data, vc.ctypes.data, out.ctypes.data,
              m.ctypes.data, meta.ctypes.data, table.ctypes.data, _f32_bits(scale),
              _f32_bits(mask_value), int(bool(pat.causal))]
-    fn = kernels()["jobs"][kind]
+    fn = kernel_job(kind)
     blocks, launches = [], []
     for n in range(0, len(items), pool.MAX_ITEMS):   # the pool's claim word's limit
         part = items[n:n + pool.MAX_ITEMS]
