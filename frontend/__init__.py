@@ -22,12 +22,13 @@ from .layers import (
     padding_mask_bias,
     repeat_kv,
 )
-from .module import Module, ModuleList, Parameter, constant, normal
+from .module import GraphModule, Module, ModuleList, Parameter, constant, normal
 from .tensor import Tensor
 from .trace import trace
 
 __all__ = [
-    "F", "DecoderLayer", "Embedding", "EncoderLayer", "FeedForward", "GroupedQueryAttention",
+    "F", "DecoderLayer", "Embedding", "EncoderLayer", "FeedForward", "GraphModule",
+    "GroupedQueryAttention",
     "LayerNorm", "LearnedPositions", "LlamaBlock", "Linear", "Module", "ModuleList",
     "MultiHeadAttention", "PatchEmbedding", "Parameter", "RMSNorm", "RotaryEmbedding",
     "SinusoidalPositions", "Sparsity", "SwiGLU", "Tensor", "constant", "normal",

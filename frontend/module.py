@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -143,3 +144,53 @@ class ModuleList(Module):
 
     def __getitem__(self, i):
         return self._items[i]
+
+
+class GraphModule(Module):
+    """A graph as a model, so a rewritten graph (a pruned one, an imported ONNX model)
+    trains like a built-in one: its float constants of rank >= 1 are its parameters,
+    under their own names; `forward` takes the graph's inputs and replays its nodes
+    (eagerly, or recording them while traced), returning its first output, or all of
+    them as a tuple. `graph()` is the graph with the parameters' current data."""
+
+    def __init__(self, source):
+        super().__init__()
+        object.__setattr__(self, "_source", source)
+        for name, v in source.constants.items():
+            if v.type.dtype in ("f16", "bf16", "f32", "f64") and v.type.rank >= 1:
+                p = Parameter(v.type.shape, lambda rng, shape, d=v.data: d, v.data.dtype)
+                p.data = np.array(v.data)   # its own: training updates it in place
+                self._children[name] = p
+        params = [inspect.Parameter(v.name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                  for v in source.inputs]
+
+        def forward(*args, **kwargs):
+            return self._replay(inspect.Signature(params).bind(*args, **kwargs).arguments)
+        forward.__signature__ = inspect.Signature(params)   # what tracing names inputs by
+        object.__setattr__(self, "forward", forward)
+
+    def _replay(self, feeds: dict):
+        from tensorc.ops import get_op
+
+        from .tensor import apply, as_tensor
+        g = self._source
+        vals = {v: as_tensor(feeds[v.name]) for v in g.inputs}
+        env = {d: n for v in g.inputs for d, n in zip(v.type.shape, vals[v].shape, strict=True)
+               if isinstance(d, str) and isinstance(n, int)}   # symbols the call sizes
+        for name, v in g.constants.items():
+            vals[v] = self._children[name] if name in self._children else Tensor(v.data)
+        for node in g.nodes:
+            attrs = get_op(node.op).resolve_attrs(node.attrs, env)
+            outs = apply(node.op, [vals[v] for v in node.inputs], **attrs)
+            vals.update(zip(node.outputs, outs if isinstance(outs, tuple) else (outs,),
+                            strict=True))
+        outs = tuple(vals[v] for v in g.outputs)
+        return outs[0] if len(outs) == 1 else outs
+
+    def graph(self):
+        """The source graph with each parameter's current data."""
+        from tensorc.passes.rewrite import copy_graph
+        g = copy_graph(self._source)
+        for name, p in self.named_parameters():
+            g.constants[name].data = np.asarray(p.data)
+        return g

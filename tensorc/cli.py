@@ -696,6 +696,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "than no teacher; see docs/training.md)")
     sp.add_argument("--alpha", type=float, default=0.5,
                     help="weight of the soft (teacher) loss; 1 - alpha on the labels")
+    sp = command("prune", cmd_prune, "remove attention heads, feed-forward neurons or "
+                 "layers, and recover by fine-tuning or distillation", parents=(common, trained))
+    sp.add_argument("--heads", type=float, default=0.0, help="share of heads to remove")
+    sp.add_argument("--ffn", type=float, default=0.0, help="share of FFN neurons to remove")
+    sp.add_argument("--layers", type=int, default=0, help="whole layers to remove")
+    sp.add_argument("--by", choices=("magnitude", "activation", "taylor"), default="taylor",
+                    help="importance that picks what goes (default: taylor, on held-out "
+                         "batches of the task)")
+    sp.add_argument("--task", choices=("clm", "mlm", "classify"),
+                    help="data to measure and recover on (default: the model's)")
+    sp.add_argument("--recover", choices=("finetune", "distill"),
+                    help="train the pruned model: on the labels, or also on the unpruned "
+                         "model's logits")
+    sp.add_argument("--steps", type=_positive_int, default=200, help="recovery steps")
+    sp.add_argument("--lr", type=float, default=5e-4, help="recovery learning rate")
+    sp.add_argument("--data-bytes", type=_positive_int, default=4_000_000,
+                    help="text clm/mlm read (default 4 MB, as tools/train_checkpoints.py)")
+    sp.add_argument("--backend", default="llvm", help="backend (default: llvm)")
+    sp.add_argument("--format", choices=("text", "json"), default="text")
+    sp.add_argument("-o", "--output", metavar="FILE",
+                    help="write the pruned (recovered) model as an artifact")
     return parser
 
 
@@ -761,6 +782,45 @@ def cmd_train(args) -> int:
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
     print(json.dumps({"model": args.model, "task": task, "steps": last["step"], **shown,
                       "checkpoint": args.output}))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    """Prune heads, FFN neurons or layers; print what it saved and cost, before and
+    after recovery."""
+    from tensorc import pruning
+    from tensorc.artifact import save_artifact
+    from tensorc.passes import run_pipeline
+    src = pruning.load(args.model, args.preset, parse_overrides(args.set), args.task)
+    seq = args.seq or 128
+    spec = f"prune:heads={args.heads}:ffn={args.ffn}:layers={args.layers}:by={args.by}"
+    data = pruning.calibration(src.task, seq=seq, data_bytes=args.data_bytes) \
+        if args.by != "magnitude" else None
+    pruned = run_pipeline(src.graph, spec, options={"prune": {"data": data}})
+    rows = {"unpruned": src.graph, "pruned": pruned}
+    if args.recover:
+        rows["recovered"], _ = pruning.recover(
+            pruned, src.graph, src.task, args.steps, distill=args.recover == "distill",
+            batch=args.batch or 16, seq=seq, lr=args.lr, data_bytes=args.data_bytes,
+            backend=args.backend)
+    report = []
+    for label, g in rows.items():
+        metrics = pruning.evaluate(g, src.task, seq, args.data_bytes, args.backend)
+        report.append({"model": label, **pruning.size(g, 1, seq), **metrics})
+    if args.output:
+        inputs = pruning.calibration(src.task, 1, 1, seq, args.data_bytes)[0]
+        save_artifact(args.output, rows.get("recovered", pruned), inputs,
+                      {"name": f"{src.name} pruned", "pruned": spec})
+    if args.format == "json":
+        print(json.dumps({"model": src.name, "task": src.task, "passes": spec,
+                          "rows": report}, indent=2))
+        return 0
+    keys = [k for k in report[0] if k != "model"]
+    print(_table([["model", *keys]] + [[r["model"], *(f"{r[k]:.4g}" if isinstance(r[k], float)
+                                                     else str(r[k]) for k in keys)]
+                                       for r in report]), end="")
+    if args.output:
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -220,6 +220,16 @@ def train_steps(step: TrainStep, optimizer, schedule: Callable[[int], float],
 
 # --- data per task -----------------------------------------------------------------------
 
+def task_settings(task: str) -> dict:
+    """The config values a built-in model needs for a task's data (vocabulary, image
+    shape): what `fit` and `tensorc prune` set on it."""
+    from . import data
+    if task == "classify":
+        return {"vocab_size": 10, "image_size": 8, "patch_size": 2, "channels": 1}
+    return {"vocab_size": {"clm": data.EOS_ID + 1, "mlm": data.MLM_VOCAB}.get(
+        task, data.TRANSLATION_VOCAB)}
+
+
 class TaskData:
     """Batches for training and a held-out evaluation, per task: `batch(rng)`,
     `evaluate(model, backend)` -> metrics, and the vocabulary the model needs."""
@@ -250,9 +260,7 @@ class TaskData:
 
     def model_settings(self) -> dict:
         """--set values the task needs (vocabulary, image shape, lengths)."""
-        if self.task == "classify":
-            return {"vocab_size": 10, "image_size": 8, "patch_size": 2, "channels": 1}
-        return {"vocab_size": self.vocab}
+        return task_settings(self.task)
 
     def batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         from . import data

@@ -1,0 +1,137 @@
+"""Structured pruning as a workflow (`tensorc prune`): a model traced at symbolic
+shapes, the `prune` pass (`passes/prune.py`), what it changed (params, FLOPs, held-out
+quality) and recovery: the pruned graph trained as a model (`frontend.GraphModule`),
+fine-tuned on its task's data or distilled from the unpruned model's logits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .errors import TensorcError
+from .ir import Graph
+from .types import TensorType, dtype_name
+
+TASKS = {"gpt": "clm", "llama": "clm", "bert": "mlm", "vit": "classify"}
+
+
+def symbolic_trace(model) -> Graph:
+    """`model` traced with a symbolic batch (and sequence, for token inputs), so one
+    graph serves calibration, training and evaluation batches."""
+    import tensorc
+    example = model.example_inputs()
+    specs = {}
+    for name, x in example.items():
+        dims = ["batch"] + (["seq"] if x.ndim == 2 and x.dtype.kind == "i" else
+                            list(x.shape[1:]))
+        specs[name] = TensorType(tuple(dims), dtype_name(x.dtype))
+    return tensorc.trace(model, **specs)
+
+
+@dataclasses.dataclass
+class Source:
+    """A built-in model or `tensorc train` checkpoint to prune: its module, graph and
+    the task its quality is measured (and recovered) on."""
+    module: object
+    graph: Graph
+    task: str
+    name: str
+
+
+def load(spec: str, preset: str | None = None, overrides: dict | None = None,
+         task: str | None = None) -> Source:
+    from .models import MODELS, get
+    from .training import is_checkpoint, load_checkpoint_model, task_settings
+    if spec in MODELS:
+        task = task or TASKS.get(spec)
+        if task is None:
+            raise TensorcError(f"give --task for {spec}")
+        model = get(spec, preset or "tiny", **{**task_settings(task), **(overrides or {})})
+        name = spec
+    elif is_checkpoint(spec):
+        if preset or overrides:
+            raise TensorcError("--preset and --set apply to built-in models, not checkpoints")
+        model = load_checkpoint_model(spec)
+        name = spec
+    else:
+        raise TensorcError(f"prune takes a built-in model or a `tensorc train` checkpoint "
+                           f"(its task gives the data to measure and recover on); got {spec}")
+    kind = type(model).__name__.lower()
+    task = task or TASKS.get(kind)
+    if task is None:
+        raise TensorcError(f"give --task for a {kind} model")
+    return Source(model, symbolic_trace(model), task, name)
+
+
+def size(graph: Graph, batch: int, seq: int) -> dict:
+    """Parameters and forward FLOPs at batch x seq."""
+    from .ops import get_op
+    env = {"batch": batch, "seq": seq}
+    return {"params": graph.param_count(),
+            "flops": sum(get_op(n.op).count_flops(n, env) for n in graph.nodes)}
+
+
+def _data(task: str, batch: int, seq: int, data_bytes: int, seed: int = 0):
+    from .training import TaskData
+    return TaskData(task, batch, seq, data_bytes, seed)
+
+
+def evaluate(graph: Graph, task: str, seq: int = 128, data_bytes: int = 2_000_000,
+             backend: str = "llvm", data=None) -> dict:
+    """Held-out metrics (bits per byte, loss or accuracy) of a graph on its task."""
+    from .frontend import GraphModule
+    data = data or _data(task, 8, seq, data_bytes)
+    return data.evaluate(GraphModule(graph), backend)
+
+
+def calibration(task: str, batches: int = 4, batch: int = 8, seq: int = 128,
+                data_bytes: int = 2_000_000, inputs=None) -> list[dict]:
+    """Input batches (the task's model inputs only) for activation/taylor importance."""
+    from .training import get_task
+    data = _data(task, batch, seq, data_bytes, seed=1)
+    rng = np.random.default_rng(1)
+    keep = inputs or get_task(task).inputs
+    return [{k: b[k] for k in keep} for b in (data.batch(rng) for _ in range(batches))]
+
+
+def recover(pruned: Graph, teacher: Graph, task: str, steps: int, *, distill: bool = True,
+            batch: int = 16, seq: int = 128, lr: float = 5e-4, warmup: int | None = None,
+            data_bytes: int = 2_000_000, temperature: float = 1.0, alpha: float = 0.5,
+            backend: str = "llvm", on_step=None) -> tuple[Graph, dict]:
+    """Train the pruned graph's weights for `steps` (AdamW, warmup then cosine): on the
+    task's labels, and with `distill` on the teacher graph's logits too (soft targets
+    at `temperature`, weight `alpha`). Returns the trained graph and the last record
+    with its held-out metrics."""
+    from .backends import get_backend
+    from .frontend import GraphModule
+    from .optim import WarmupCosine
+    from .passes import run_pipeline
+    from .training import TrainConfig, TrainStep, get_task, make_optimizer, train_steps
+    the_task = get_task(task)
+    data = _data(task, batch, seq, data_bytes)
+    model = GraphModule(pruned)
+    teacher_exe = get_backend(backend).compile(run_pipeline(teacher, "O2")) if distill \
+        else None
+    rng = np.random.default_rng(0)
+
+    def batches():
+        while True:
+            b = data.batch(rng)
+            if teacher_exe is not None:
+                b["teacher_logits"] = teacher_exe(*[b[k] for k in the_task.inputs])
+                if isinstance(b["teacher_logits"], (tuple, list)):
+                    b["teacher_logits"] = b["teacher_logits"][0]
+            yield b
+    stream = batches()
+    first = next(stream)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=steps // 10 if warmup is None else warmup)
+    step = TrainStep(model, the_task, first, backend,
+                     {"temperature": temperature, "alpha": alpha} if distill else None)
+    opt = make_optimizer(step.params, cfg, backend)
+    record: dict = {}
+    for record in train_steps(step, opt, WarmupCosine(lr, cfg.warmup, steps), stream, cfg):
+        if on_step:
+            on_step(record)
+    record.update(data.evaluate(model, backend))
+    return model.graph(), record
