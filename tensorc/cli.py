@@ -96,8 +96,9 @@ def _pipeline(args, graph, after=None, loaded=None):
             after(name, g, seconds)
 
     options = {}
-    if "quantize" in (args.passes or "") and (args.calib or loaded is not None):
-        options["quantize"] = {"data": args.calib or [loaded.inputs]}
+    for name in ("quantize", "prune"):   # the passes that read calibration data
+        if name in (args.passes or "") and (args.calib or loaded is not None):
+            options[name] = {"data": args.calib or [loaded.inputs]}
     graph = run_pipeline(graph, args.passes, verify=args.verify_each,
                          disable=set(args.disable), after=after_pass, options=options)
     if args.time_passes:
@@ -236,6 +237,8 @@ def cmd_inspect(args) -> int:
         loaded = _load(args)
         graph = _pipeline(args, loaded.graph, loaded=loaded)
         env, config, params = loaded.symbol_sizes(), loaded.config, None
+    if args.importance:
+        return _importance(args, graph, loaded)
     notes = explain(graph) if args.explain else []
     if args.format == "json":
         info = graph_summary(graph, env, config, args.backend)
@@ -275,6 +278,26 @@ def describe_array(name: str, a: np.ndarray) -> str:
     if not finite.all():
         stats += f"  non-finite {int((~finite).sum())}"
     return head + stats
+
+
+def _importance(args, graph, loaded) -> int:
+    """inspect --importance BY: heads', neurons' and layers' importance (on --calib
+    inputs, else the example inputs), as text or JSON, and a heat map with --heatmap."""
+    from tensorc import pruning
+    from tensorc.passes.prune import importance
+    from tensorc.passes.quantize import load_feeds
+    data = load_feeds(args.calib) if args.calib else [loaded.inputs]
+    scores = importance(graph, args.importance, data)
+    if args.heatmap:
+        pruning.importance_heatmap(scores, args.heatmap,
+                                   f"{loaded.name}: head importance ({args.importance})")
+    if args.format == "json":
+        _emit(json.dumps({k: [np.asarray(x).tolist() for x in v] if k != "layers"
+                          else np.asarray(v).tolist() for k, v in scores.items()}) + "\n",
+              args.output)
+    else:
+        _emit(pruning.importance_table(scores), args.output)
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -569,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-each", action="store_true", help="verify the graph after each pass")
     p.add_argument("--calib", metavar="DATA.npz",
                    help="calibration inputs (by graph input name) for quantize:mode=static "
-                        "(default: the example inputs)")
+                        "and prune's activation/taylor importance (default: the example "
+                        "inputs)")
 
     parser = _Parser(prog="tensorc", description="A small graph compiler for transformer "
                      "models.", epilog=MODEL_HELP,
@@ -600,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "gradient of every weight (--passes default O2)")
     sp.add_argument("--recompute", action="store_true",
                     help="with --train: recompute cheap activations in the backward")
+    sp.add_argument("--importance", choices=("magnitude", "activation", "taylor"),
+                    help="rank attention heads, FFN neurons and layers by importance (on "
+                         "--calib inputs, else the example inputs) instead")
+    sp.add_argument("--heatmap", metavar="FILE.png",
+                    help="with --importance: draw head importance, layers x heads")
 
     strict = _Parser(add_help=False)
     strict.add_argument("--strict", action="store_true",

@@ -135,3 +135,42 @@ def recover(pruned: Graph, teacher: Graph, task: str, steps: int, *, distill: bo
             on_step(record)
     record.update(data.evaluate(model, backend))
     return model.graph(), record
+
+
+def importance_table(scores: dict) -> str:
+    """`passes.prune.importance`'s scores as text: per layer its heads' scores, its
+    neurons' spread and its own score, then the heads from least to most important."""
+    lines = ["layer  heads (importance, each)" + " " * 20 + "ffn min / mean / max   layer"]
+    for i, heads in enumerate(scores["heads"]):
+        ffn = scores["ffn"][i] if i < len(scores["ffn"]) else np.array([np.nan])
+        layer = scores["layers"][i] if i < len(scores["layers"]) else np.nan
+        lines.append(f"{i:5d}  " + " ".join(f"{h:.3g}" for h in heads).ljust(44)
+                     + f"{np.min(ffn):.3g} / {np.mean(ffn):.3g} / {np.max(ffn):.3g}"
+                     + f"   {layer:.3g}")
+    order = sorted((float(h), i, j) for i, hs in enumerate(scores["heads"])
+                   for j, h in enumerate(hs))
+    lines.append("least important heads (layer.head): "
+                 + ", ".join(f"{i}.{j}" for _, i, j in order[:12]))
+    return "\n".join(lines) + "\n"
+
+
+def importance_heatmap(scores: dict, path: str, title: str) -> None:
+    """A layers x heads heat map of head importance (PNG; matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    heads = scores["heads"]
+    grid = np.full((len(heads), max(len(h) for h in heads)), np.nan)
+    for i, h in enumerate(heads):
+        grid[i, :len(h)] = h
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * grid.shape[1], 1 + 0.5 * grid.shape[0]))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(grid.shape[0]))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
