@@ -125,8 +125,8 @@ class _Flow:
                 return
             idx |= old[1]
         elif v in self.outputs or (v.producer is None and not v.is_constant):
-            raise PruneError(f"prune: %{v.name} (a graph {'output' if v in self.outputs else 'input'}) "
-                             "would change shape")
+            kind = "output" if v in self.outputs else "input"
+            raise PruneError(f"prune: %{v.name} (a graph {kind}) would change shape")
         self.sel[v] = (axis, idx)
         self.todo.append(v)
 
@@ -687,7 +687,6 @@ def _activation(g: Graph, layers: list[Layer], feeds: list[dict]):
 def pseudo_label_loss(g: Graph) -> Graph:
     """`g` with inputs ``prune.labels`` (one-hot, the first output's shape) and a scalar
     output ``prune.loss``: the mean cross entropy of the first output's last axis."""
-    from tensorc.ir import TensorType
     logits = g.outputs[0]
     if logits.type.dtype != "f32" or logits.type.rank < 1:
         raise PruneError(f"prune: by=taylor needs float logits as the first output; "
