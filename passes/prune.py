@@ -213,7 +213,11 @@ class _Flow:
             if src not in self.sel:
                 continue
             ax, idx = self.sel[src]
-            mapped = _reshape_axis(s_shape, d_shape, ax)
+            cands = _reshape_axes(s_shape, d_shape, ax)
+            # a size-1 heads axis makes [.., t, 1, d] <-> [.., t, d] read two ways: keep
+            # the way the other side is selected already
+            have = self.sel.get(dst, (None,))[0]
+            mapped = next((c for c in cands if c[0] == have), cands[0] if cands else None)
             if mapped is None:
                 raise PruneError(f"prune: cannot follow the heads/neurons axis (dim {ax}) "
                                  f"through {n.where}")
@@ -237,16 +241,17 @@ class _Flow:
                 self.add(x, a, {int(j + offs[i]) for j in idx} if a == ax else idx, n)
 
 
-def _reshape_axis(src: list, dst: list, ax: int):
-    """(axis of `dst`, index map) that axis `ax` of a reshape's `src` shape becomes."""
+def _reshape_axes(src: list, dst: list, ax: int) -> list:
+    """The ways axis `ax` of a reshape's `src` shape goes to `dst`: (axis, index map)."""
+    out = []
     for b in range(len(dst)):   # the same dim with the same dims after it
         if str(src[ax]) == str(dst[b]) and _dims_equal(src[ax + 1:], dst[b + 1:]):
-            return b, lambda idx, n: idx
+            out.append((b, lambda idx, n: idx))
     # [.., h, d] -> [.., h*d]: head i is columns i*d .. i*d+d-1
     if ax == len(src) - 2 and isinstance(src[-1], int) and isinstance(src[ax], int) \
             and dst and dst[-1] == src[ax] * src[-1]:
         d = src[-1]
-        return len(dst) - 1, lambda idx, n: {i * d + j for i in idx for j in range(d)}
+        out.append((len(dst) - 1, lambda idx, n: {i * d + j for i in idx for j in range(d)}))
     # [.., h*d] -> [.., h, d]
     if ax == len(src) - 1 and len(dst) >= 2 and isinstance(dst[-1], int) \
             and isinstance(dst[-2], int) and src[ax] == dst[-2] * dst[-1]:
@@ -257,13 +262,13 @@ def _reshape_axis(src: list, dst: list, ax: int):
             if {i * d + j for i in out for j in range(d)} != set(idx):
                 raise PruneError(f"prune: {n.where} would split a head")
             return out
-        return len(dst) - 2, heads
-    return None
+        out.append((len(dst) - 2, heads))
+    return out
 
 
 # --- finding the structure ------------------------------------------------------------
 
-def _prepared(graph: Graph) -> Graph:
+def prepare(graph: Graph) -> Graph:
     from .manager import run_pipeline
     g = inline_regions(graph) if any(n.op == "fused" for n in graph.nodes) else graph
     return run_pipeline(g, PREFIX)
@@ -287,8 +292,11 @@ def _attention_flow(g: Graph, att: Node, removed, users=None) -> _Flow:
     f = _Flow(g)
     f.fixed.add(att)
     f.visited.add(att)
-    f.run([(q, 1, removed), (k, 1, kv), (v, 1, kv), (att.outputs[0], 1, removed)])
-    for val, want in ((q, removed), (k, kv), (v, kv), (att.outputs[0], removed)):
+    # One shared key/value head (multi-query, or GQA pruned to one group) never shrinks;
+    # not following it keeps size-1 broadcasts (rotary tables) out of the flow.
+    seeds = [(q, removed), (att.outputs[0], removed)] + ([(k, kv), (v, kv)] if hk > 1 else [])
+    f.run([(val, 1, idx) for val, idx in seeds])
+    for val, want in seeds:
         if f.sel[val][1] != want:
             raise PruneError(f"prune: the heads of {att.where} reach each other through "
                              "other paths")
@@ -424,7 +432,7 @@ def prune_graph(graph: Graph, heads: dict | None = None, ffn: dict | None = None
     feed-forward neurons ``ffn[layer] = [neuron indices]`` and the whole `layers` (layer
     indices as `structures` numbers them). `prepared`: the graph has been through
     ``O1,fuse-patterns,fuse-attention`` already."""
-    g = copy_graph(graph) if prepared else _prepared(graph)
+    g = copy_graph(graph) if prepared else prepare(graph)
     heads, ffn, layers = dict(heads or {}), dict(ffn or {}), sorted(set(layers or ()))
     if not heads and not ffn and not layers:
         return g
@@ -529,7 +537,7 @@ def with_masks(graph: Graph, heads: dict | None = None, ffn: dict | None = None,
     `heads[layer]` / `ffn[layer]`: indices to zero. `as_inputs`: the masks are graph
     inputs ``prune.head_mask.L`` / ``prune.ffn_mask.L`` (all layers) instead of
     constants. Returns (graph, layers)."""
-    g = copy_graph(graph) if prepared else _prepared(graph)
+    g = copy_graph(graph) if prepared else prepare(graph)
     layers = _structures(g)
     heads, ffn = heads or {}, ffn or {}
     for lay in layers:
@@ -607,7 +615,7 @@ def importance(graph: Graph, by: str = "magnitude", data=None, *,
     total over all layers (heads and neurons weigh the same)."""
     if by not in METHODS:
         raise PruneError(f"prune: by={by!r} should be one of {', '.join(METHODS)}")
-    g = copy_graph(graph) if prepared else _prepared(graph)
+    g = copy_graph(graph) if prepared else prepare(graph)
     layers = _structures(g)
     if by == "magnitude":
         hs, fs = _magnitude(g, layers)
@@ -701,7 +709,7 @@ def pseudo_label_loss(g: Graph) -> Graph:
     return g
 
 
-def _labels(g: Graph, feed: dict) -> np.ndarray:
+def pseudo_labels(g: Graph, feed: dict) -> np.ndarray:
     logits = _run(g, feed, [g.outputs[0]])[g.outputs[0]]
     return np.eye(logits.shape[-1], dtype=np.float32)[np.argmax(logits, axis=-1)]
 
@@ -716,7 +724,7 @@ def _taylor(g: Graph, layers: list[Layer], feeds: list[dict]):
     fsum = [np.zeros(lay.ffn.width if lay.ffn else 0) for lay in layers]
     for feed in feeds:
         feed = dict(feed)
-        feed[lossg.inputs[-1].name] = _labels(g, feed)
+        feed[lossg.inputs[-1].name] = pseudo_labels(g, feed)
         for v in masked.inputs:
             if v.name.startswith("prune."):
                 feed[v.name] = np.ones(v.type.shape, np.float32)
@@ -756,7 +764,7 @@ def prune(g: Graph, heads: float = 0.0, ffn: float = 0.0, layers: int = 0,
         raise PruneError(f"prune: by={by!r} should be one of {', '.join(METHODS)}")
     if hr == 0 and fr == 0 and layers == 0:
         return g
-    p = _prepared(g)
+    p = prepare(g)
     found = _structures(p)
     if layers >= len(found):
         raise PruneError(f"prune: layers={layers} would remove all {len(found)} layers")
