@@ -104,9 +104,9 @@ class _Flow:
     """Which indices along which axis of each value go: `sel[value] = (axis, set)`.
     Built by spreading seeds through every node that touches a selected value."""
 
-    def __init__(self, g: Graph):
+    def __init__(self, g: Graph, users: dict | None = None):
         self.g = g
-        self.users = g.users()
+        self.users = g.users() if users is None else users
         self.outputs = set(g.outputs)
         self.sel: dict[Value, tuple[int, set]] = {}
         self.visited: set[Node] = set()
@@ -289,7 +289,7 @@ def _attention_flow(g: Graph, att: Node, removed, users=None) -> _Flow:
         m = att.inputs[3]
         if m.type.rank == 4 and m.type.shape[1] not in (1,):
             raise PruneError(f"prune: {att.where} has a mask per head (%{m.name})")
-    f = _Flow(g)
+    f = _Flow(g, users)
     f.fixed.add(att)
     f.visited.add(att)
     # One shared key/value head (multi-query, or GQA pruned to one group) never shrinks;
@@ -303,8 +303,8 @@ def _attention_flow(g: Graph, att: Node, removed, users=None) -> _Flow:
     return f
 
 
-def _head_flow_ok(g: Graph, att: Node) -> _Flow:
-    f = _attention_flow(g, att, set())
+def _head_flow_ok(g: Graph, att: Node, users: dict) -> _Flow:
+    f = _attention_flow(g, att, set(), users)
     outs = [n for n, kind in f.boundary.items() if kind == "rows"]
     if not outs or not any(kind == "cols" for kind in f.boundary.values()):
         raise PruneError(f"prune: {att.where} has no q/k/v or output projection by a weight")
@@ -336,12 +336,12 @@ def _is_const(v: Value) -> bool:
                              and not v.producer.inputs)
 
 
-def _ffn_at(g: Graph, mm: Node, claimed: set) -> FFN | None:
+def _ffn_at(g: Graph, mm: Node, claimed: set, users: dict) -> FFN | None:
     y = mm.outputs[0]
     if not isinstance(y.type.shape[-1], int) or y.type.rank < 2:
         return None
     try:
-        f = _Flow(g).run([(y, -1, set())])
+        f = _Flow(g, users).run([(y, -1, set())])
     except PruneError:
         return None
     if any(n.op in ("attention", "fused") for n in f.visited):
@@ -375,7 +375,7 @@ def _structures(g: Graph) -> list[Layer]:
                          "ops: " + ", ".join(sorted(g.op_counts())) + ")")
     layers, claimed = [], set()
     for i, att in enumerate(atts):
-        f = _head_flow_ok(g, att)
+        f = _head_flow_ok(g, att, users)
         q, k = att.inputs[:2]
         consts = {v.name: ax for v, (ax, _) in f.sel.items() if v.is_constant}
         bnd = sorted(f.boundary, key=order.__getitem__)
@@ -390,7 +390,7 @@ def _structures(g: Graph) -> list[Layer]:
     for n in g.nodes:
         if n.op != "matmul" or n in claimed:
             continue
-        ffn = _ffn_at(g, n, claimed)
+        ffn = _ffn_at(g, n, claimed, users)
         if ffn is None:
             continue
         claimed.update(ffn.up + ffn.down)
@@ -571,23 +571,6 @@ def _run(g: Graph, feed: dict, wanted) -> dict:
     return run_collect(g, feed, set(wanted))
 
 
-def _random_feeds(g: Graph, n: int = 2, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(n):
-        feed = {}
-        for v in g.inputs:
-            shape = [d if isinstance(d, int) else 8 for d in v.type.shape]
-            if v.type.dtype.startswith(("i", "u")):
-                feed[v.name] = rng.integers(0, 2, shape).astype(v.type.np_dtype)
-            elif v.type.dtype == "bool":
-                feed[v.name] = np.ones(shape, bool)
-            else:
-                feed[v.name] = rng.standard_normal(shape).astype(v.type.np_dtype)
-        feeds.append(feed)
-    return feeds
-
-
 def _feeds(data, g: Graph, by: str) -> list[dict]:
     if data is None:
         raise PruneError(f"prune: by={by} needs calibration data: options={{'prune': "
@@ -649,18 +632,19 @@ def _matmul_weights(flow: _Flow) -> set:
 
 
 def _magnitude(g: Graph, layers: list[Layer]):
+    users = g.users()
     hs, fs = [], []
     for lay in layers:
         group = lay.heads // lay.kv_heads
         s = []
         for h in range(lay.heads):
             if group > 1:   # a q head alone: its q columns and o rows
-                flow = _Flow(g)
+                flow = _Flow(g, users)
                 flow.fixed.add(lay.attention)
                 flow.run([(lay.attention.inputs[0], 1, {h}),
                           (lay.attention.outputs[0], 1, {h})])
             else:
-                flow = _attention_flow(g, lay.attention, {h})
+                flow = _attention_flow(g, lay.attention, {h}, users)
             ws = _weight_slices(flow, _matmul_weights(flow))
             s.append(math.sqrt(sum(float(np.sum(w.astype(np.float64) ** 2)) for w in ws)))
         hs.append(np.array(s))
@@ -669,7 +653,7 @@ def _magnitude(g: Graph, layers: list[Layer]):
             continue
         f = []
         for i in range(lay.ffn.width):
-            flow = _Flow(g).run([(lay.ffn.up[0].outputs[0], -1, {i})])
+            flow = _Flow(g, users).run([(lay.ffn.up[0].outputs[0], -1, {i})])
             ws = _weight_slices(flow, _matmul_weights(flow))
             f.append(float(np.prod([np.linalg.norm(w.astype(np.float64)) for w in ws])))
         fs.append(np.array(f))
