@@ -31,8 +31,12 @@ prune:heads=0.3,O2``); a graph with fused regions has them inlined first. It run
   layer makes the block's readers read its input.
 
 Grouped-query attention (fewer key/value heads) is pruned by whole key/value groups:
-the pass sums the importance of a group's query heads; `prune_graph` refuses a head
-list that splits a group.
+the pass sums the importance of a group's query heads (a query head's magnitude then
+counts its q columns and o rows, not the shared k/v); `prune_graph` refuses a head list
+that splits a group. A single shared key/value head (multi-query attention, or GQA pruned
+down to one group) is never followed: `Layer.qkv` then lists the q projection only.
+Rotary embeddings need nothing: their tables broadcast over the heads axis, and the
+rotate-half slices and concats act on the head dim.
 
 Pruning removes, for each head, the q/k/v weight columns and bias entries and the output
 projection's rows (for each neuron its up columns, bias entries and down row), fixes the
