@@ -689,9 +689,8 @@ def pseudo_label_loss(g: Graph) -> Graph:
                          f"%{logits.name} is {logits.type}")
     onehot = g.add_input(g.fresh_name("prune.labels"), logits.type)
     ls = g.add("log_softmax", logits, axis=-1)
-    total = g.add("reduce_sum", g.add("mul", ls, onehot), axes=None, keepdims=False)
-    rows = int(np.prod([d for d in logits.type.shape[:-1] if isinstance(d, int)])) or 1
-    loss = g.add("mul", total, g.add_constant(g.fresh_name("c"), np.float32(-1.0 / rows)))
+    picked = g.add("reduce_sum", g.add("mul", ls, onehot), axes=(-1,), keepdims=False)
+    loss = g.add("neg", g.add("reduce_mean", picked, axes=None, keepdims=False))
     g.rename(loss, g.fresh_name("prune.loss"))
     g.outputs = [loss]
     return g
@@ -714,7 +713,7 @@ def _taylor(g: Graph, layers: list[Layer], feeds: list[dict]):
         feed = dict(feed)
         feed[lossg.inputs[-1].name] = pseudo_labels(g, feed)
         for v in masked.inputs:
-            if v.name.startswith("prune."):
+            if v.name in names:
                 feed[v.name] = np.ones(v.type.shape, np.float32)
         outs = {v.name: a for v, a in _run(gg, feed, gg.outputs).items()}
         for i, lay in enumerate(layers):

@@ -266,7 +266,8 @@ def _spearman(a, b) -> float:
 def test_taylor_ranks_heads_like_leaving_each_out():
     """Taylor scores (sum over feeds of |dL/dmask|) against the brute force: the sum over
     the same feeds of |L(without the head) - L|, the loss on the unpruned model's own
-    argmax. gpt tiny, 16 random token batches (seed 2): Spearman 0.74."""
+    argmax. gpt tiny, 16 random token batches (seed 2): Spearman 0.86 (seeds 0 and 1:
+    0.93, 0.81)."""
     g, _ = _case("gpt")
     p = prepare(g)
     rng = np.random.default_rng(2)
@@ -284,6 +285,25 @@ def test_taylor_ranks_heads_like_leaving_each_out():
     rho = _spearman(taylor, brute)
     assert rho >= 0.5, rho
     assert all(len(f) == 64 and (f >= 0).all() for f in scores["ffn"])
+
+
+def test_pseudo_label_loss_is_cross_entropy_on_own_argmax():
+    g, feed = _case("gpt")
+    p = prepare(g)
+    logits = _run(p, feed).astype(np.float64)
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, logits.argmax(-1)[..., None], -1).mean()
+    got = loss_on(p, [feed], [pseudo_labels(p, feed)])
+    assert abs(got - want) <= 1e-5 * abs(want)
+
+
+@pytest.mark.parametrize("name", ["gpt2_eager_legacy", "llama_sdpa_dynamo"])
+def test_taylor_on_symbolic_exports(name):
+    g, feed = _case(name)
+    scores = importance(g, "taylor", [feed])
+    assert all(h.shape == (4,) and (h > 0).all() for h in scores["heads"])
+    assert all(f.shape == (128 if "gpt2" in name else 64,) for f in scores["ffn"])
 
 
 # --- the pass ----------------------------------------------------------------------------
