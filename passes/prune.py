@@ -205,8 +205,6 @@ class _Flow:
             self.add(y, y.type.rank - 1, self.sel[w][1], n)
         else:
             raise PruneError(f"prune: cannot follow the heads/neurons axis through {n.where}")
-        if w.type.rank != 2 and not (w.is_constant or w.producer is not None):
-            raise PruneError(f"prune: {n.where} has no weight to slice")
 
     def _reshape(self, n: Node) -> None:
         if len(n.inputs) != 1:
