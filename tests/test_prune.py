@@ -155,7 +155,7 @@ def test_every_backend_runs_the_pruned_graph(name):
         assert _rel(_run(run_pipeline(pruned, "O2"), feed, backend), want) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["gpt", "bert_sdpa_dynamo", "vit_eager_dynamo"])
+@pytest.mark.parametrize("name", ["gpt", "bert_sdpa_dynamo", "vit_eager_dynamo", "llama_sdpa_dynamo"])
 def test_pruned_graph_exports_to_onnx(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     g, feed = _case(name)
@@ -365,3 +365,15 @@ def test_pass_errors_are_one_line(spec, match):
     with pytest.raises(TensorcError, match=match) as e:
         run_pipeline(g, spec)
     assert "\n" not in str(e.value)
+
+
+def test_cli_inspect_counts_fewer_params_and_flops(capsys):
+    import json
+
+    from tensorc import cli
+
+    def summary(passes):
+        assert cli.main(["inspect", "gpt", "--passes", passes, "--format", "json"]) == 0
+        return json.loads(capsys.readouterr().out)
+    before, after = summary("O2"), summary("prune:heads=0.5:ffn=0.5,O2")
+    assert after["params"] < before["params"] and after["flops"] < before["flops"]
