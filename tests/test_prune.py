@@ -155,7 +155,8 @@ def test_every_backend_runs_the_pruned_graph(name):
         assert _rel(_run(run_pipeline(pruned, "O2"), feed, backend), want) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["gpt", "bert_sdpa_dynamo", "vit_eager_dynamo", "llama_sdpa_dynamo"])
+@pytest.mark.parametrize("name", ["gpt", "bert_sdpa_dynamo", "vit_eager_dynamo",
+                                  "llama_sdpa_dynamo"])
 def test_pruned_graph_exports_to_onnx(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     g, feed = _case(name)
