@@ -378,3 +378,20 @@ def test_cli_inspect_counts_fewer_params_and_flops(capsys):
         return json.loads(capsys.readouterr().out)
     before, after = summary("O2"), summary("prune:heads=0.5:ffn=0.5,O2")
     assert after["params"] < before["params"] and after["flops"] < before["flops"]
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("gpt", "blocks"), ("bert", "layers"),
+                                              ("vit", "layers"), ("llama", "layers")])
+@pytest.mark.parametrize("drop", [0, 1])
+def test_removing_a_layer_equals_the_shallower_model(name, prefix, drop):
+    """Pre-norm (gpt, vit, llama) and post-norm (bert): the 2-layer model less layer
+    `drop` computes what the 1-layer model with the other layer's weights does."""
+    g, feed = _case(name)
+    model = tensorc.models.get(name, "tiny", n_layer=1)
+    one = tensorc.trace(model, **model.example_inputs())
+    keep = 1 - drop
+    for cname, v in one.constants.items():
+        src = cname.replace(f"{prefix}.0.", f"{prefix}.{keep}.", 1)
+        v.data = g.constants[src].data
+    pruned = prune_graph(g, layers=[drop])
+    assert _rel(_run(pruned, feed), _run(one, feed)) <= TOL
