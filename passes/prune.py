@@ -362,8 +362,11 @@ def _ffn_at(g: Graph, mm: Node, claimed: set, users: dict) -> FFN | None:
 
 
 def structures(graph: Graph) -> list[Layer]:
-    """The transformer layers of `graph` (after ``O1,fuse-patterns,fuse-attention``, run
-    here when not done), in order. Raises PruneError when there is no attention."""
+    """The transformer layers of `graph`, in order. Pass a graph that has been through
+    `prepare` (``O1,fuse-patterns,fuse-attention``; a traced or imported graph has no
+    `attention` nodes before); the nodes named are that graph's (of an inlined copy when
+    it has fused regions). Raises PruneError when there is no attention or a layer's
+    heads cannot be followed."""
     g = graph if not any(n.op == "fused" for n in graph.nodes) else inline_regions(graph)
     return _structures(g)
 
