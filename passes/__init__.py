@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (they register their passes)
     autodiff,
     fusion,
     gemm,
+    prune,
     quantize,
     simplify,
     sparse_attention,
@@ -31,7 +32,7 @@ __all__ = ["EXPLAINERS", "LOSSY", "PASSES", "PIPELINES", "explain", "parse_pipel
 
 # Passes that change the numbers on purpose (`compare` shows them next to the float
 # pipeline).
-LOSSY = {"quantize", "cast-weights", "sparsify-attention", "linearize-attention"}
+LOSSY = {"quantize", "cast-weights", "sparsify-attention", "linearize-attention", "prune"}
 
 # Pipelines name the passes in order.
 PIPELINES["O1"] = ["fold-constants", "simplify", "cse", "dce"]
