@@ -8,12 +8,14 @@ recovery (distillation from the unpruned model).
 
 CHECKPOINT is a `tensorc train` checkpoint (tools/train_checkpoints.py's GPT: d128 x 4,
 seq 128, byte-level). Each ratio removes that share of the heads and of the FFN neurons
-(`prune:heads=R:ffn=R:by=...`, importance on 4 held-out-style batches of the training
-text); recovery distils for --steps from the unpruned model's logits (lr 5e-4, batch 16,
-`tensorc.pruning.recover`). Quality: held-out bits per byte (perplexity = 2^bpb) on the
-stdlib validation text, 4 MB of data as the checkpoint was trained with. Latency: batch
-1 x --seq on the llvm backend (O2) and in ONNX Runtime on the same exported graph, each
-engine in its own worker process, taking turns (benchmarks/engines.py), --threads each.
+(`prune:heads=R:ffn=R:by=...`, importance on 4 batches of the training text); recovery
+distils for --steps from the unpruned model's logits (lr 5e-4, batch 16,
+`tensorc.pruning.recover`), and at 0 % the unpruned model gets the same steps: the
+control (the checkpoint's own schedule had ended). Quality: held-out bits per byte
+(perplexity = 2^bpb) on the stdlib validation text, 4 MB of data as the checkpoint was
+trained with. Latency: batch 1 x --seq on the llvm backend (O2) and in ONNX Runtime on
+the same exported graph, each engine in its own worker process, taking turns
+(benchmarks/engines.py), --threads each.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def main() -> None:
         size = pruning.size(g, 1, a.seq)
         before = pruning.evaluate(g, src.task, **kw)["bits_per_byte"]
         after = float("nan")
-        if r > 0 and a.steps:
+        if a.steps:   # at 0 %: the same training unpruned, the control
             g, record = pruning.recover(g, src.graph, src.task, a.steps, **kw)
             after = record["bits_per_byte"]
         path = os.path.join(tmp, f"pruned{r}.onnx")
@@ -123,8 +125,8 @@ def plot(rows, a) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     ratios = [100 * r["ratio"] for r in rows]
     left.plot(ratios, [r["bpb"] for r in rows], marker="o", label="pruned")
-    left.plot(ratios, [r["bpb_recovered"] if r["ratio"] else r["bpb"] for r in rows],
-              marker="o", label=f"+ {a.steps} distillation steps")
+    left.plot(ratios, [r["bpb_recovered"] for r in rows], marker="o",
+              label=f"+ {a.steps} distillation steps")
     left.set_xlabel("heads and FFN neurons removed (%)")
     left.set_ylabel("held-out bits per byte")
     left.legend()

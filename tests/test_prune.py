@@ -395,3 +395,34 @@ def test_removing_a_layer_equals_the_shallower_model(name, prefix, drop):
         v.data = g.constants[src].data
     pruned = prune_graph(g, layers=[drop])
     assert _rel(_run(pruned, feed), _run(one, feed)) <= TOL
+
+
+# -- the command line (tensorc prune, inspect --importance) ----------------------------
+
+def test_cli_prune_reports_and_recovers(tmp_path, capsys):
+    import json as _json
+
+    from tensorc.cli import main
+    out = tmp_path / "pruned.tensorc"
+    assert main(["prune", "gpt", "--heads", "0.5", "--ffn", "0.5", "--by", "taylor", "--seq",
+                 "32", "--data-bytes", "300000", "--recover", "distill", "--steps", "3",
+                 "--batch", "4", "-o", str(out), "--format", "json"]) == 0
+    report = _json.loads(capsys.readouterr().out)
+    rows = {r["model"]: r for r in report["rows"]}
+    assert set(rows) == {"unpruned", "pruned", "recovered"}
+    assert rows["pruned"]["params"] < rows["unpruned"]["params"]
+    assert rows["pruned"]["flops"] < rows["unpruned"]["flops"]
+    assert rows["recovered"]["params"] == rows["pruned"]["params"]
+    assert all(np.isfinite(r["bits_per_byte"]) for r in rows.values())
+    assert main(["run", str(out)]) == 0   # the artifact is a MODEL
+    assert "logits" in capsys.readouterr().out
+
+
+def test_cli_importance_table_and_heatmap(tmp_path, capsys):
+    from tensorc.cli import main
+    png = tmp_path / "heads.png"
+    assert main(["inspect", "bert", "--importance", "taylor", "--heatmap", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "least important heads" in text and png.stat().st_size > 1000
+    assert main(["prune", "tests/data/hf/bert_sdpa_dynamo.onnx", "--heads", "0.5"]) == 2
+    assert "built-in model or a `tensorc train` checkpoint" in capsys.readouterr().err
