@@ -1,0 +1,348 @@
+"""Sparse-weight float32 GEMM for the LLVM CPU backend: C = act(A @ W + bias) + residual
+with a constant W [K, N] that is mostly zeros (`sparsify-weights`).
+
+Layout (`SparseB`, packed once per weight): W's columns in CSC form, the nonzeros of
+column j at [colptr[j], colptr[j + 1]): their k (i32) and value (f32); columns padded
+to a multiple of 16 (empty). Only the nonzeros are read or multiplied, whatever the
+pattern (unstructured, block4x1 and 2:4 all pack this way).
+
+Per call A is first transposed into A^T [K][Mp] (Mp: M rounded up to 16; `tc_sp_pack`,
+split over K), so that a nonzero w[k, j] is out[m0:m0 + 128, j] += w * A^T[k, m0:m0 + 128]:
+up to 8 zmm accumulators over the rows, one FMA per 16 rows with its A^T operand read
+from L1/L2 (no reuse across columns is possible: columns have different k). A panel
+of 16 columns lands in a [16][128] tile in the thread's workspace, then the epilogue
+reads it back row by row (16 columns at a time: a transpose through L1) and adds bias,
+the activation (gemm's maths, `FnBuilder.activation`) and residual as the dense GEMM
+does. Threads claim ranges of column panels (`tc_sp_gemm`).
+
+`pack_weight` picks per matrix: a `SparseB` when its density is at most
+`DENSITY_MAX` (the crossover measured by `benchmarks/sparse_gemm.py`) and the
+epilogue's activation is one the kernel has, else the dense `gemm.PackedB`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from llvmlite import ir
+
+from tensorc.errors import ShapeError, TensorcError
+
+from . import pool
+from .gemm import _activation_name, _split, _workspaces, aligned_empty, prepare_steps, \
+    run_steps
+from .gemm_ir import ACTIVATIONS, ITEMS_PER_THREAD
+from .irbuild import F32, I32, I64, PTR, V16, FnBuilder, c64, job, vconst
+from .jit import compile_library
+from .pool import num_threads
+
+PANEL = 16          # columns per panel (one epilogue vector)
+MB = 128            # rows per register block: 8 zmm accumulators
+DENSITY_MAX = 0.4   # sparse kernel at or below this density (see the benchmark)
+ACT_IDS = {a: i for i, a in enumerate(ACTIVATIONS)}
+PARAMS = ["at", "ldt", "m", "colptr", "idx", "val", "n", "out", "ldo", "bias", "has_bias",
+          "act", "res", "ldr", "has_res", "a", "lda", "k"]
+P = {name: i for i, name in enumerate(PARAMS)}
+TILE = PANEL * MB   # floats of a thread's workspace
+
+
+class _Params:
+    def __init__(self, f: FnBuilder, block):
+        self.f, self.block = f, block
+
+    def __getitem__(self, name):
+        return self.f.b.load(self.f.at(self.block, c64(P[name]), ty=I64), typ=I64)
+
+    def ptr(self, name):
+        return self.f.b.inttoptr(self[name], PTR)
+
+
+def _pack(module: ir.Module) -> ir.Function:
+    """tc_sp_pack(params, ws, k0, k1): A^T rows [k0, k1) (rows past M read A's last row:
+    finite values in lanes that are never stored)."""
+    f = FnBuilder(module, "tc_sp_pack", [("params", PTR), ("ws", PTR), ("k0", I64),
+                                         ("k1", I64)])
+    b, g = f.b, f.arg
+    p = _Params(f, g["params"])
+    a, lda, at, ldt, last = p.ptr("a"), p["lda"], p.ptr("at"), p["ldt"], b.sub(p["m"], c64(1))
+    with f.loop(0, ldt, 16) as m0:
+        rows = [f.mul(f.min(b.add(m0, c64(r)), last), lda) for r in range(16)]
+        with f.loop(g["k0"], g["k1"]) as k:
+            v = ir.Constant(V16, ir.Undefined)
+            for r in range(16):
+                x = b.load(f.at(a, rows[r], k), typ=F32)
+                v = b.insert_element(v, x, ir.Constant(I32, r))
+            f.vstore(v, f.at(at, f.mul(k, ldt), m0), align=64)
+    return f.finish()
+
+
+def _columns(module: ir.Module, nv: int) -> ir.Function:
+    """tc_sp_cols_<nv>(params, tile, m0, j0): the 16 columns from j0 over rows
+    [m0, m0 + 16 nv) into tile[c][0:16 nv] (column c at c * MB)."""
+    f = FnBuilder(module, f"tc_sp_cols_{nv}", [("params", PTR), ("tile", PTR), ("m0", I64),
+                                              ("j0", I64)], internal=True)
+    b, g = f.b, f.arg
+    p = _Params(f, g["params"])
+    at, ldt, colptr, idx, val = p.ptr("at"), p["ldt"], p.ptr("colptr"), p.ptr("idx"), \
+        p.ptr("val")
+    base = f.at(at, g["m0"])
+    with f.loop(0, PANEL) as c:
+        j = b.add(g["j0"], c)
+        lo = b.load(f.at(colptr, j, ty=I64), typ=I64)
+        hi = b.load(f.at(colptr, b.add(j, c64(1)), ty=I64), typ=I64)
+        accs = [f.var(V16, vconst(0.0)) for _ in range(nv)]
+        with f.loop(lo, hi) as q:
+            k = b.sext(b.load(f.at(idx, q, ty=I32), typ=I32), I64)
+            w = f.splat(b.load(f.at(val, q), typ=F32))
+            row = f.at(base, f.mul(k, ldt))
+            for v in range(nv):
+                x = f.vload(f.at(row, c64(16 * v)), align=64)
+                b.store(f.fma(w, x, b.load(accs[v], typ=V16)), accs[v])
+        dst = f.at(g["tile"], f.mul(c, MB))
+        for v in range(nv):
+            f.vstore(b.load(accs[v], typ=V16), f.at(dst, c64(16 * v)), align=64)
+    return f.finish()
+
+
+def _gemm(module: ir.Module) -> ir.Function:
+    """tc_sp_gemm(params, ws, q0, q1): column panels [q0, q1), all rows."""
+    cols = [_columns(module, nv) for nv in range(1, MB // 16 + 1)]
+    f = FnBuilder(module, "tc_sp_gemm", [("params", PTR), ("ws", PTR), ("q0", I64),
+                                         ("q1", I64)])
+    b, g = f.b, f.arg
+    p = _Params(f, g["params"])
+    M, ldt, n, out, ldo = p["m"], p["ldt"], p["n"], p.ptr("out"), p["ldo"]
+    has_bias, has_res = (b.icmp_signed("!=", p[x], c64(0)) for x in ("has_bias", "has_res"))
+    act = p["act"]
+    with f.loop(g["q0"], g["q1"]) as q:
+        j0 = f.mul(q, PANEL)
+        mask = f.lanes_below(b.sub(n, j0))
+        bias = f.var(V16, vconst(0.0))
+        with b.if_then(has_bias):
+            b.store(f.mload(f.at(p.ptr("bias"), j0), mask), bias)
+        with f.loop(0, ldt, MB) as m0:
+            nv = b.sdiv(f.min(c64(MB), b.sub(ldt, m0)), c64(16))
+            after = f.fn.append_basic_block("after")
+            switch = b.switch(nv, after)
+            for count, fn in enumerate(cols, start=1):
+                block = f.fn.append_basic_block(f"nv{count}")
+                switch.add_case(c64(count), block)
+                b.position_at_end(block)
+                b.call(fn, [g["params"], g["ws"], m0, j0])
+                b.branch(after)
+            b.position_at_end(after)
+            # the epilogue, row by row: 16 columns of the tile (a transpose via L1)
+            with f.loop(0, f.min(c64(MB), b.sub(M, m0))) as r:
+                i = b.add(m0, r)
+                y = ir.Constant(V16, ir.Undefined)
+                for c in range(PANEL):
+                    x = b.load(f.at(g["ws"], c64(c * MB), r), typ=F32)
+                    y = b.insert_element(y, x, ir.Constant(I32, c))
+                y = b.fadd(y, b.load(bias, typ=V16))   # zeros without a bias
+                slot = f.var(V16, y)
+                for name, aid in ACT_IDS.items():
+                    if aid:
+                        with b.if_then(b.icmp_signed("==", act, c64(aid))):
+                            b.store(f.activation(name, b.load(slot, typ=V16)), slot)
+                with b.if_then(has_res):
+                    rptr = f.at(p.ptr("res"), f.mul(i, p["ldr"]), j0)
+                    b.store(b.fadd(b.load(slot, typ=V16), f.mload(rptr, mask)), slot)
+                f.mstore(b.load(slot, typ=V16), f.at(out, f.mul(i, ldo), j0), mask)
+    return f.finish()
+
+
+def build_module() -> ir.Module:
+    module = ir.Module(name="tensorc_sparse_gemm")
+    job(module, "tc_sp_pack_job", _pack(module), [PTR], 2)
+    job(module, "tc_sp_gemm_job", _gemm(module), [PTR], 2)
+    return module
+
+
+SYMBOLS = ["tc_sp_pack_job", "tc_sp_gemm_job"]
+_lib: dict[str, int] = {}
+_lib_lock = threading.Lock()
+
+
+def kernels() -> dict[str, int]:
+    """The pool jobs (compiled once, cached on disk; hand-vectorised: no loop passes)."""
+    with _lib_lock:
+        if not _lib:
+            _lib.update(compile_library("sparse_gemm", build_module, SYMBOLS, False, False))
+        return _lib
+
+
+# -- packing ----------------------------------------------------------------------------
+
+class SparseB:
+    """A float32 weight W [K, N] packed once as CSC (see the module docstring). Keeps W
+    itself for `dense()`, the fallback of a call the kernel does not take."""
+
+    ndim = 2
+    sparse = True
+
+    def __init__(self, w, threads: int | None = None):
+        w = np.asarray(w)
+        if w.dtype != np.float32 or w.ndim != 2:
+            raise TensorcError(f"sparse gemm: W must be a 2-D float32 array, got "
+                               f"{w.dtype} {w.shape}")
+        self.k, self.n = w.shape
+        self.panels = -(-self.n // PANEL)
+        cols, ks = np.nonzero(w.T)   # sorted by column, then k
+        self.nnz = int(cols.size)
+        counts = np.bincount(cols, minlength=self.panels * PANEL)
+        self.colptr = np.zeros(self.panels * PANEL + 1, np.int64)
+        np.cumsum(counts, out=self.colptr[1:])
+        self.idx = np.ascontiguousarray(ks, np.int32) if self.nnz else np.zeros(1, np.int32)
+        self.val = np.ascontiguousarray(w.T[cols, ks]) if self.nnz else np.zeros(1, np.float32)
+        self._w, self._threads, self._dense = w, threads, None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.k * self.n)
+
+    def dense(self):
+        """The dense `PackedB` of the same weight (made on first use)."""
+        if self._dense is None:
+            from .gemm import PackedB
+            self._dense = PackedB(self._w, threads=self._threads)
+        return self._dense
+
+
+def pack_weight(w, threads: int | None = None, activation=None, density_max=None):
+    """A constant weight's packing: `SparseB` when W is float32 with density at most
+    `density_max` (default DENSITY_MAX) and the kernel has the activation, else the dense
+    `PackedB`."""
+    from .gemm import PackedB
+    w = np.asarray(w)
+    limit = DENSITY_MAX if density_max is None else density_max
+    if w.dtype == np.float32 and w.ndim == 2 and w.size \
+            and np.count_nonzero(w) <= limit * w.size \
+            and _activation_name(activation) in ACT_IDS:
+        return SparseB(w, threads)
+    return PackedB(w, threads=threads)
+
+
+# -- binding ----------------------------------------------------------------------------
+
+def _rows2d(x, cols: int):
+    """[..., rows, cols] as a 2-D float32 view with unit inner stride, or None."""
+    if x is None or not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        return None
+    if x.ndim != 2:
+        try:
+            view = x.view()
+            view.shape = (-1, cols)
+            x = view
+        except (AttributeError, ValueError):
+            return None
+    if x.shape[1] != cols or x.strides[1] != 4 or x.strides[0] < 0 or x.strides[0] % 4:
+        return None
+    return x
+
+
+def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
+         threads: int | None = None):
+    """A zero-argument function computing act(a @ W + bias) + residual into `out` (as
+    `gemm.bind`), with `patch(role, address)` for "a", "out", "bias", "residual" ("b" is
+    packed once) and `kernel` "sparse"; operands the kernel cannot read where they are
+    (or a product it does not take) go to the dense `gemm.bind` (`kernel` "dense")."""
+    from . import gemm
+    threads = num_threads() if threads is None else max(1, int(threads))
+    act = _activation_name(activation)
+    K, N = b.shape
+    a2, out2 = _rows2d(a, K), _rows2d(out, N)
+    res2 = None
+    if residual is not None and isinstance(residual, np.ndarray) \
+            and residual.dtype == np.float32 and out2 is not None:
+        if residual.shape == out.shape:
+            res2 = _rows2d(residual, N)
+        elif residual.shape[-1:] == (N,) and residual.size == N:   # a row, broadcast
+            res2 = np.lib.stride_tricks.as_strided(residual.reshape(N), out2.shape, (0, 4))
+    ok = a2 is not None and out2 is not None and out2.flags.writeable \
+        and a2.shape[0] == out2.shape[0] and act in ACT_IDS \
+        and (bias is None or isinstance(bias, np.ndarray) and bias.dtype == np.float32
+             and bias.shape == (N,) and bias.flags.c_contiguous) \
+        and (residual is None or res2 is not None and not np.may_share_memory(res2, out2)) \
+        and not np.may_share_memory(a2, out2)
+    if not ok:
+        run = gemm.bind(a, b.dense(), out, bias=bias, activation=activation,
+                        residual=residual, threads=threads)
+        run.kernel = "dense"
+        return run
+    M = a2.shape[0]
+    mp = -(-M // 16) * 16
+    at = aligned_empty(max(16, mp * K))
+    words = dict.fromkeys(PARAMS, 0)
+    words.update(at=at.ctypes.data, ldt=mp, m=M, colptr=b.colptr.ctypes.data,
+                 idx=b.idx.ctypes.data, val=b.val.ctypes.data, n=N, out=out2.ctypes.data,
+                 ldo=out2.strides[0] // 4, act=ACT_IDS[act], a=a2.ctypes.data,
+                 lda=a2.strides[0] // 4, k=K)
+    if bias is not None:
+        words.update(bias=bias.ctypes.data, has_bias=1)
+    if res2 is not None:
+        words.update(res=res2.ctypes.data, ldr=res2.strides[0] // 4, has_res=1)
+    params = np.array([words[w] for w in PARAMS], np.int64)
+    keep = [b, at, params, a2, out2, bias, res2]
+
+    if M == 0 or N == 0:
+        def nothing():
+            pass
+        nothing.patch = lambda role, address: None
+        nothing.kernel = "sparse"
+        return nothing
+    jobs = kernels()
+    work = b.nnz * mp + M * K
+    parts = 1 if threads == 1 or work < 1 << 18 else ITEMS_PER_THREAD * threads
+    fixed = [params.ctypes.data]
+    steps = [(jobs["tc_sp_pack_job"], fixed, _split(K, min(parts, threads), 16), None),
+             (jobs["tc_sp_gemm_job"], fixed, _split(b.panels, parts, 1), ("sptile", TILE))]
+    steps = [s for s in steps if s[2]]
+    workers = pool.get(threads) if parts > 1 else None
+    state = {"key": None}
+
+    def run():
+        key = _workspaces(("sptile", TILE))[0]   # a call may come from another thread
+        if key != state["key"]:
+            prepare_steps(state, key, steps, workers)
+        run_steps(state, workers)
+
+    roles = {"a": "a", "out": "out", "bias": "bias", "residual": "res"}
+
+    def patch(role: str, address: int) -> None:
+        if role == "b":
+            return   # packed once
+        if role not in roles:
+            raise KeyError(role)
+        word = roles[role]
+        if params[P[word]] or role in ("a", "out"):
+            params[P[word]] = address
+    run.patch = patch
+    run.keep = keep
+    run.kernel = "sparse"
+    return run
+
+
+def sparse_gemm(a, w, *, bias=None, activation=None, residual=None,
+                threads: int | None = None) -> np.ndarray:
+    """act(a @ W + bias) + residual through the sparse kernel (numpy-level API: `w` a
+    `SparseB` or a float32 [K, N] array packed here; `a` [..., M, K])."""
+    b = w if isinstance(w, SparseB) else SparseB(w, threads)
+    a = np.ascontiguousarray(a, np.float32)
+    if a.ndim < 2 or a.shape[-1] != b.k:
+        raise ShapeError(f"sparse gemm: a {a.shape} @ W {b.shape}")
+    out = np.empty(a.shape[:-1] + (b.n,), np.float32)
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, np.float32)
+    if residual is not None:
+        residual = np.ascontiguousarray(np.broadcast_to(np.asarray(residual, np.float32),
+                                                        out.shape))
+    bind(a, b, out, bias=bias, activation=activation, residual=residual, threads=threads)()
+    return out
+
+
+__all__ = ["SparseB", "pack_weight", "bind", "sparse_gemm", "DENSITY_MAX", "kernels"]
