@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (they register their passes)
     quantize,
     simplify,
     sparse_attention,
+    sparse_weights,
     weights,
 )
 from .manager import (
@@ -31,7 +32,8 @@ __all__ = ["EXPLAINERS", "LOSSY", "PASSES", "PIPELINES", "explain", "parse_pipel
 
 # Passes that change the numbers on purpose (`compare` shows them next to the float
 # pipeline).
-LOSSY = {"quantize", "cast-weights", "sparsify-attention", "linearize-attention"}
+LOSSY = {"quantize", "cast-weights", "sparsify-attention", "linearize-attention",
+         "sparsify-weights"}
 
 # Pipelines name the passes in order.
 PIPELINES["O1"] = ["fold-constants", "simplify", "cse", "dce"]

@@ -30,10 +30,9 @@ from llvmlite import ir
 from tensorc.errors import ShapeError, TensorcError
 
 from . import pool
-from .gemm import _activation_name, _split, _workspaces, aligned_empty, prepare_steps, \
-    run_steps
+from .gemm import _activation_name, _split, _workspaces, aligned_empty, prepare_steps, run_steps
 from .gemm_ir import ACTIVATIONS, ITEMS_PER_THREAD
-from .irbuild import F32, I32, I64, PTR, V16, FnBuilder, c64, job, vconst
+from .irbuild import F32, I32, I64, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import compile_library
 from .pool import num_threads
 
@@ -58,9 +57,25 @@ class _Params:
         return self.f.b.inttoptr(self[name], PTR)
 
 
+def _transpose16(f: FnBuilder, rows: list) -> list:
+    """The 16 x 16 transpose of 16 vectors: four rounds of two-source shuffles, each
+    swapping the off-diagonal h x h blocks (vpermt2ps each: no scalar traffic)."""
+    v = list(rows)
+    for h in (8, 4, 2, 1):
+        lo = [c if not c & h else 16 + c - h for c in range(16)]
+        hi = [c + h if not c & h else 16 + c for c in range(16)]
+        for i in range(16):
+            if not i & h:
+                x, y = v[i], v[i + h]
+                v[i] = f.b.shuffle_vector(x, y, ir.Constant(VI32, lo))
+                v[i + h] = f.b.shuffle_vector(x, y, ir.Constant(VI32, hi))
+    return v
+
+
 def _pack(module: ir.Module) -> ir.Function:
-    """tc_sp_pack(params, ws, k0, k1): A^T rows [k0, k1) (rows past M read A's last row:
-    finite values in lanes that are never stored)."""
+    """tc_sp_pack(params, ws, k0, k1): A^T rows [k0, k1), k0 a multiple of 16, in 16 x 16
+    blocks transposed in registers (rows past M repeat A's last row: finite values in
+    lanes that are never stored)."""
     f = FnBuilder(module, "tc_sp_pack", [("params", PTR), ("ws", PTR), ("k0", I64),
                                          ("k1", I64)])
     b, g = f.b, f.arg
@@ -68,12 +83,12 @@ def _pack(module: ir.Module) -> ir.Function:
     a, lda, at, ldt, last = p.ptr("a"), p["lda"], p.ptr("at"), p["ldt"], b.sub(p["m"], c64(1))
     with f.loop(0, ldt, 16) as m0:
         rows = [f.mul(f.min(b.add(m0, c64(r)), last), lda) for r in range(16)]
-        with f.loop(g["k0"], g["k1"]) as k:
-            v = ir.Constant(V16, ir.Undefined)
-            for r in range(16):
-                x = b.load(f.at(a, rows[r], k), typ=F32)
-                v = b.insert_element(v, x, ir.Constant(I32, r))
-            f.vstore(v, f.at(at, f.mul(k, ldt), m0), align=64)
+        with f.loop(g["k0"], g["k1"], 16) as k:
+            mask = f.lanes_below(b.sub(g["k1"], k))
+            cols = _transpose16(f, [f.mload(f.at(a, rows[r], k), mask) for r in range(16)])
+            for c in range(16):
+                with b.if_then(b.icmp_signed("<", b.add(k, c64(c)), g["k1"])):
+                    f.vstore(cols[c], f.at(at, f.mul(b.add(k, c64(c)), ldt), m0), align=64)
     return f.finish()
 
 
@@ -132,23 +147,23 @@ def _gemm(module: ir.Module) -> ir.Function:
                 b.call(fn, [g["params"], g["ws"], m0, j0])
                 b.branch(after)
             b.position_at_end(after)
-            # the epilogue, row by row: 16 columns of the tile (a transpose via L1)
-            with f.loop(0, f.min(c64(MB), b.sub(M, m0))) as r:
-                i = b.add(m0, r)
-                y = ir.Constant(V16, ir.Undefined)
-                for c in range(PANEL):
-                    x = b.load(f.at(g["ws"], c64(c * MB), r), typ=F32)
-                    y = b.insert_element(y, x, ir.Constant(I32, c))
-                y = b.fadd(y, b.load(bias, typ=V16))   # zeros without a bias
-                slot = f.var(V16, y)
-                for name, aid in ACT_IDS.items():
-                    if aid:
-                        with b.if_then(b.icmp_signed("==", act, c64(aid))):
-                            b.store(f.activation(name, b.load(slot, typ=V16)), slot)
-                with b.if_then(has_res):
-                    rptr = f.at(p.ptr("res"), f.mul(i, p["ldr"]), j0)
-                    b.store(b.fadd(b.load(slot, typ=V16), f.mload(rptr, mask)), slot)
-                f.mstore(b.load(slot, typ=V16), f.at(out, f.mul(i, ldo), j0), mask)
+            # the epilogue, 16 rows at a time: the tile's 16 x 16 blocks transposed
+            rows = f.min(c64(MB), b.sub(M, m0))
+            with f.loop(0, rows, 16) as r0:
+                ys = _transpose16(f, [f.vload(f.at(g["ws"], c64(c * MB), r0), align=64)
+                                      for c in range(PANEL)])
+                for r in range(16):
+                    with b.if_then(b.icmp_signed("<", b.add(r0, c64(r)), rows)):
+                        i = b.add(m0, b.add(r0, c64(r)))
+                        slot = f.var(V16, b.fadd(ys[r], b.load(bias, typ=V16)))
+                        for name, aid in ACT_IDS.items():
+                            if aid:
+                                with b.if_then(b.icmp_signed("==", act, c64(aid))):
+                                    b.store(f.activation(name, b.load(slot, typ=V16)), slot)
+                        with b.if_then(has_res):
+                            rptr = f.at(p.ptr("res"), f.mul(i, p["ldr"]), j0)
+                            b.store(b.fadd(b.load(slot, typ=V16), f.mload(rptr, mask)), slot)
+                        f.mstore(b.load(slot, typ=V16), f.at(out, f.mul(i, ldo), j0), mask)
     return f.finish()
 
 
