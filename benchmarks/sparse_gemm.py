@@ -93,7 +93,7 @@ def main() -> None:
     print()
     for (k, n, pattern), pts in cross.items():
         found = None
-        for (s0, r0), (s1, r1) in zip(pts, pts[1:]):
+        for (s0, r0), (s1, r1) in zip(pts, pts[1:], strict=False):
             if r0 < 1 <= r1:
                 found = s0 + (1 - r0) * (s1 - s0) / (r1 - r0)
                 break
