@@ -12,8 +12,9 @@ the weight packed once (`gemm.PackedB`, what the runtime runs for a dense weight
 OPENBLAS_NUM_THREADS set before numpy loads). All configurations take turns within
 each round (a shared machine drifts); a cell is the median over rounds of each
 round's median of --runs calls. "auto" is what the runtime picks
-(`sparse_gemm.pack_weight`: sparse at density <= DENSITY_MAX). The crossover is the
-sparsity, interpolated linearly between measured points, from which sparse beats dense.
+(`sparse_gemm.pack_weight` and `bind`: sparse at density <= `density_limit(M)`). The
+crossover is the sparsity, interpolated linearly between measured points, from which
+sparse beats dense.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
                     "dense": gemm.bind(a, gemm.PackedB(w, threads=args.threads), out[0],
                                        threads=args.threads),
                     "sparse": sparse_gemm.bind(a, sparse_gemm.SparseB(w), out[1],
-                                               threads=args.threads),
+                                               threads=args.threads, always=True),
                     "numpy": lambda a=a, w=w: a @ w}
                 for f in calls.values():
                     f()
@@ -86,7 +87,7 @@ def main() -> None:
     cross: dict = {}
     for i, ((k, n), pattern, s, d, _, _) in enumerate(cases):
         dn, sp, nu = med[i, "dense"], med[i, "sparse"], med[i, "numpy"]
-        auto = "sparse" if d <= sparse_gemm.DENSITY_MAX else "dense"
+        auto = "sparse" if d <= sparse_gemm.density_limit(args.m) else "dense"
         print(f"| {k}x{n} | {pattern} | {s:.2f} | {d:.3f} | {dn:.3f} | {sp:.3f} | "
               f"{nu:.3f} | {dn / sp:.2f}x | {auto} |")
         cross.setdefault((k, n, pattern), []).append((s, dn / sp))

@@ -61,9 +61,9 @@ def test_two_of_four(s):
         assert np.allclose(np.sort(np.abs(groups), axis=1)[:, 2:], mag[:, 2:])
 
 
-def _graph():
+def _graph(batch=1):
     model = tensorc.models.get("gpt", "tiny")
-    feeds = model.example_inputs(batch=1)
+    feeds = model.example_inputs(batch=batch)
     return tensorc.trace(model, **feeds), feeds
 
 
@@ -180,6 +180,14 @@ def test_bind_patch_and_choice():
     run.patch("out", out2.ctypes.data)
     run()
     np.testing.assert_allclose(out2, a2 @ w, rtol=1e-4, atol=1e-5)
+    # few rows (a decode step): the dense GEMM unless W is very sparse, or asked
+    w2 = prune(_w(40, 30), 0.8)
+    few = np.empty((4, 30), np.float32)
+    assert sg.bind(a[:4], sg.SparseB(w2), few).kernel == "dense"
+    forced = sg.bind(a[:4], sg.SparseB(w2), few, always=True)
+    assert forced.kernel == "sparse"
+    forced()
+    np.testing.assert_allclose(few, a[:4] @ w2, rtol=1e-4, atol=1e-5)
     # an A whose rows are no 2-D view (batches apart): the dense GEMM, same numbers
     a3 = np.zeros((2, 11, 40), np.float32)[:, :10]
     a3[...] = a.reshape(2, 10, 40)
@@ -191,7 +199,7 @@ def test_bind_patch_and_choice():
 
 
 def test_gpt_end_to_end_sparse_kernel():
-    g, feeds = _graph()
+    g, feeds = _graph(batch=4)   # 64 rows: the sparse kernel's side of density_limit
     g2 = run_pipeline(g, "O2,sparsify-weights:sparsity=0.9")
     want = tensorc.compile(g2, "numpy").run(feeds)
     exe = tensorc.compile(g2, "llvm")

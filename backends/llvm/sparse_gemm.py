@@ -43,6 +43,7 @@ from .pool import num_threads
 PANEL = 16          # columns per panel (one epilogue vector)
 MB = 128            # rows per register block: 8 zmm accumulators
 DENSITY_MAX = 0.4   # sparse kernel at or below this density (see the benchmark)
+ITEMS = ITEMS_PER_THREAD   # column-panel items per thread
 ACT_IDS = {a: i for i, a in enumerate(ACTIVATIONS)}
 PARAMS = ["at", "ldt", "m", "colptr", "idx", "val", "n", "out", "ldo", "bias", "has_bias",
           "act", "res", "ldr", "has_res", "a", "lda", "k", "npad", "nkb"]
@@ -263,6 +264,14 @@ class SparseB:
         return self._dense
 
 
+def density_limit(rows: int) -> float:
+    """The density up to which the sparse kernel beats the dense GEMM for `rows` rows:
+    with at most 16 (one vector per nonzero, against gemv.py streaming B) only about
+    0.1 (measured: 512 x 2048, 1-8 rows: 0.12 ms sparse at 0.1, dense 0.15; at 0.2 0.25
+    against 0.15), with 32 about 0.3, else DENSITY_MAX."""
+    return 0.08 if rows <= 16 else 0.3 if rows <= 32 else DENSITY_MAX
+
+
 def pack_weight(w, threads: int | None = None, activation=None, density_max=None):
     """A constant weight's packing: `SparseB` when W is float32 with density at most
     `density_max` (default DENSITY_MAX) and the kernel has the activation, else the dense
@@ -296,11 +305,12 @@ def _rows2d(x, cols: int):
 
 
 def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
-         threads: int | None = None):
+         threads: int | None = None, always: bool = False):
     """A zero-argument function computing act(a @ W + bias) + residual into `out` (as
     `gemm.bind`), with `patch(role, address)` for "a", "out", "bias", "residual" ("b" is
-    packed once) and `kernel` "sparse"; operands the kernel cannot read where they are
-    (or a product it does not take) go to the dense `gemm.bind` (`kernel` "dense")."""
+    packed once) and `kernel` "sparse"; operands the kernel cannot read where they are,
+    or too few rows for W's density (`density_limit`), go to the dense `gemm.bind` of the
+    same weight (`kernel` "dense"); `always` skips the density rule (tests, benchmarks)."""
     from . import gemm
     threads = num_threads() if threads is None else max(1, int(threads))
     act = _activation_name(activation)
@@ -319,7 +329,7 @@ def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
              and bias.shape == (N,) and bias.flags.c_contiguous) \
         and (residual is None or res2 is not None and not np.may_share_memory(res2, out2)) \
         and not np.may_share_memory(a2, out2)
-    if not ok:
+    if not ok or not always and b.density > density_limit(a2.shape[0]):
         run = gemm.bind(a, b.dense(), out, bias=bias, activation=activation,
                         residual=residual, threads=threads)
         run.kernel = "dense"
@@ -347,7 +357,7 @@ def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
         return nothing
     jobs = kernels()
     work = b.nnz * mp + M * K
-    parts = 1 if threads == 1 or work < 1 << 18 else ITEMS_PER_THREAD * threads
+    parts = 1 if threads == 1 or work < 1 << 18 else ITEMS * threads
     fixed = [params.ctypes.data]
     steps = [(jobs["tc_sp_pack_job"], fixed, _split(K, min(parts, threads), 16), None),
              (jobs["tc_sp_gemm_job"], fixed, _split(b.panels, parts, 1), ("sptile", TILE))]
@@ -378,9 +388,10 @@ def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
 
 
 def sparse_gemm(a, w, *, bias=None, activation=None, residual=None,
-                threads: int | None = None) -> np.ndarray:
+                threads: int | None = None, always: bool = True) -> np.ndarray:
     """act(a @ W + bias) + residual through the sparse kernel (numpy-level API: `w` a
-    `SparseB` or a float32 [K, N] array packed here; `a` [..., M, K])."""
+    `SparseB` or a float32 [K, N] array packed here; `a` [..., M, K]); `always`: the
+    sparse kernel whatever the density (else `bind`'s choice)."""
     b = w if isinstance(w, SparseB) else SparseB(w, threads)
     a = np.ascontiguousarray(a, np.float32)
     if a.ndim < 2 or a.shape[-1] != b.k:
@@ -391,7 +402,8 @@ def sparse_gemm(a, w, *, bias=None, activation=None, residual=None,
     if residual is not None:
         residual = np.ascontiguousarray(np.broadcast_to(np.asarray(residual, np.float32),
                                                         out.shape))
-    bind(a, b, out, bias=bias, activation=activation, residual=residual, threads=threads)()
+    bind(a, b, out, bias=bias, activation=activation, residual=residual, threads=threads,
+         always=always)()
     return out
 
 
