@@ -134,6 +134,33 @@ def _columns(module: ir.Module, nv: int) -> ir.Function:
     return f.finish()
 
 
+def _epilogue(f: FnBuilder, p: _Params, ws, g0, g1, m0, rows, act: str, has_bias,
+              has_res) -> None:
+    """Rows [m0, m0 + rows) of panels [g0, g1) of out from the tile: act(sum + bias) +
+    residual, as the dense GEMM's epilogue."""
+    b = f.b
+    n, out, ldo = p["n"], p.ptr("out"), p["ldo"]
+    with f.loop(g0, g1) as q:
+        jq = f.mul(q, PANEL)
+        mask = f.lanes_below(b.sub(n, jq))
+        tile = f.at(ws, f.mul(b.sub(q, g0), PANEL * MB))
+        bias = f.var(V16, vconst(0.0))
+        with b.if_then(has_bias):
+            b.store(f.mload(f.at(p.ptr("bias"), jq), mask), bias)
+        bv = b.load(bias, typ=V16)
+        with f.loop(0, rows, 16) as r0:
+            ys = _transpose16(f, [f.vload(f.at(tile, c64(c * MB), r0), align=64)
+                                  for c in range(PANEL)])
+            for r in range(16):
+                with b.if_then(b.icmp_signed("<", b.add(r0, c64(r)), rows)):
+                    i = b.add(m0, b.add(r0, c64(r)))
+                    slot = f.var(V16, f.activation(act, b.fadd(ys[r], bv)))
+                    with b.if_then(has_res):
+                        rptr = f.at(p.ptr("res"), f.mul(i, p["ldr"]), jq)
+                        b.store(b.fadd(b.load(slot, typ=V16), f.mload(rptr, mask)), slot)
+                    f.mstore(b.load(slot, typ=V16), f.at(out, f.mul(i, ldo), jq), mask)
+
+
 def _gemm(module: ir.Module) -> ir.Function:
     """tc_sp_gemm(params, ws, q0, q1): column panels [q0, q1), all rows, GROUP panels at
     a time: for each block of MB rows, K block by K block (its A^T rows, KB x MB floats,
@@ -143,7 +170,7 @@ def _gemm(module: ir.Module) -> ir.Function:
                                          ("q1", I64)])
     b, g = f.b, f.arg
     p = _Params(f, g["params"])
-    M, ldt, n, out, ldo = p["m"], p["ldt"], p["n"], p.ptr("out"), p["ldo"]
+    M, ldt = p["m"], p["ldt"]
     has_bias, has_res = (b.icmp_signed("!=", p[x], c64(0)) for x in ("has_bias", "has_res"))
     act, nkb = p["act"], p["nkb"]
     with f.loop(g["q0"], g["q1"], GROUP) as g0:
@@ -161,33 +188,12 @@ def _gemm(module: ir.Module) -> ir.Function:
                     b.call(fn, [g["params"], g["ws"], m0, j0, j1, kb])
                     b.branch(after)
                 b.position_at_end(after)
-            # the epilogue, 16 rows x 16 columns at a time: the tile's blocks transposed
+            # the epilogue, 16 rows x 16 columns at a time: the tile's blocks transposed;
+            # one copy of the loop per activation (no per-row tests of `act`)
             rows = f.min(c64(MB), b.sub(M, m0))
-            with f.loop(g0, g1) as q:
-                jq = f.mul(q, PANEL)
-                mask = f.lanes_below(b.sub(n, jq))
-                tile = f.at(g["ws"], f.mul(b.sub(q, g0), PANEL * MB))
-                bias = f.var(V16, vconst(0.0))
-                with b.if_then(has_bias):
-                    b.store(f.mload(f.at(p.ptr("bias"), jq), mask), bias)
-                with f.loop(0, rows, 16) as r0:
-                    ys = _transpose16(f, [f.vload(f.at(tile, c64(c * MB), r0), align=64)
-                                          for c in range(PANEL)])
-                    for r in range(16):
-                        with b.if_then(b.icmp_signed("<", b.add(r0, c64(r)), rows)):
-                            i = b.add(m0, b.add(r0, c64(r)))
-                            slot = f.var(V16, b.fadd(ys[r], b.load(bias, typ=V16)))
-                            for name, aid in ACT_IDS.items():
-                                if aid:
-                                    with b.if_then(b.icmp_signed("==", act, c64(aid))):
-                                        b.store(f.activation(name, b.load(slot, typ=V16)),
-                                                slot)
-                            with b.if_then(has_res):
-                                rptr = f.at(p.ptr("res"), f.mul(i, p["ldr"]), jq)
-                                b.store(b.fadd(b.load(slot, typ=V16), f.mload(rptr, mask)),
-                                        slot)
-                            f.mstore(b.load(slot, typ=V16), f.at(out, f.mul(i, ldo), jq),
-                                     mask)
+            for name, aid in ACT_IDS.items():
+                with b.if_then(b.icmp_signed("==", act, c64(aid))):
+                    _epilogue(f, p, g["ws"], g0, g1, m0, rows, name, has_bias, has_res)
     return f.finish()
 
 
@@ -358,6 +364,9 @@ def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
     jobs = kernels()
     work = b.nnz * mp + M * K
     parts = 1 if threads == 1 or work < 1 << 18 else ITEMS * threads
+    # items of at least GROUP panels where that leaves each thread one: a K block of
+    # A^T is read by a whole group (each item reads all of A^T)
+    parts = min(parts, max(threads if parts > 1 else 1, b.panels // GROUP))
     fixed = [params.ctypes.data]
     steps = [(jobs["tc_sp_pack_job"], fixed, _split(K, min(parts, threads), 16), None),
              (jobs["tc_sp_gemm_job"], fixed, _split(b.panels, parts, 1), ("sptile", TILE))]
