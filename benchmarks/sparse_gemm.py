@@ -9,7 +9,8 @@ W [K, N] is N(0, 1) pruned by `sparsify-weights`' own `prune` (2:4 only at 0 and
 the weight packed once (`gemm.PackedB`, what the runtime runs for a dense weight),
 `sparse` the sparse kernel (`sparse_gemm.SparseB`, packed once), `numpy` A @ W
 (OpenBLAS, dense), each on --threads threads (TENSORC_NUM_THREADS and
-OPENBLAS_NUM_THREADS set before numpy loads). All configurations take turns within
+OPENBLAS_NUM_THREADS set before numpy loads; OPENBLAS_THREAD_TIMEOUT=4, else OpenBLAS
+threads spinning after its calls hold the second core). All configurations take turns within
 each round (a shared machine drifts); a cell is the median over rounds of each
 round's median of --runs calls. "auto" is what the runtime picks
 (`sparse_gemm.pack_weight` and `bind`: sparse at density <= `density_limit(M)`). The
@@ -37,6 +38,9 @@ def main() -> None:
     args = ap.parse_args()
     for var in ("TENSORC_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(args.threads)
+    # OpenBLAS's idle threads spin for up to 2^28 cycles after a call, taking the core
+    # tensorc's next call would use: the shortest spin instead (2^4 cycles)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     import numpy as np
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

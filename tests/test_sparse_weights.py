@@ -215,3 +215,16 @@ def test_gpt_end_to_end_sparse_kernel():
     dense.run(feeds)
     assert "sparse" not in [getattr(s, "kernel", None)
                             for s in next(iter(dense._runners.values())).steps]
+
+
+@pytest.mark.parametrize("row_split", [False, True])
+def test_kernel_thread_splits(monkeypatch, row_split):
+    monkeypatch.setattr(sg, "ROW_SPLIT", row_split)
+    rng = np.random.default_rng(5)
+    m, k, n = 129, 300, 200
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    w = prune(_w(k, n, 4), 0.7)
+    bias = rng.standard_normal(n).astype(np.float32)
+    got = sg.sparse_gemm(a, w, bias=bias, activation="gelu_tanh", threads=2)
+    np.testing.assert_allclose(got, _ref(a, w, bias, "gelu_tanh", None), rtol=1e-4,
+                               atol=1e-4)

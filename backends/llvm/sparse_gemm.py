@@ -44,6 +44,7 @@ PANEL = 16          # columns per panel (one epilogue vector)
 MB = 128            # rows per register block: 8 zmm accumulators
 DENSITY_MAX = 0.4   # sparse kernel at or below this density (see the benchmark)
 ITEMS = ITEMS_PER_THREAD   # column-panel items per thread
+ROW_SPLIT = False   # True: threads split the rows (see bind); lost on a busy machine
 ACT_IDS = {a: i for i, a in enumerate(ACTIVATIONS)}
 PARAMS = ["at", "ldt", "m", "colptr", "idx", "val", "n", "out", "ldo", "bias", "has_bias",
           "act", "res", "ldr", "has_res", "a", "lda", "k", "npad", "nkb"]
@@ -81,15 +82,15 @@ def _transpose16(f: FnBuilder, rows: list) -> list:
 
 
 def _pack(module: ir.Module) -> ir.Function:
-    """tc_sp_pack(params, ws, k0, k1): A^T rows [k0, k1), k0 a multiple of 16, in 16 x 16
-    blocks transposed in registers (rows past M repeat A's last row: finite values in
-    lanes that are never stored)."""
-    f = FnBuilder(module, "tc_sp_pack", [("params", PTR), ("ws", PTR), ("k0", I64),
-                                         ("k1", I64)])
+    """tc_sp_pack(params, ws, r0, r1, k0, k1): A^T [k0, k1) x [r0, r1) (k0 and r0
+    multiples of 16), in 16 x 16 blocks transposed in registers (rows past M repeat A's
+    last row: finite values in lanes that are never stored)."""
+    f = FnBuilder(module, "tc_sp_pack", [("params", PTR), ("ws", PTR), ("r0", I64),
+                                         ("r1", I64), ("k0", I64), ("k1", I64)])
     b, g = f.b, f.arg
     p = _Params(f, g["params"])
     a, lda, at, ldt, last = p.ptr("a"), p["lda"], p.ptr("at"), p["ldt"], b.sub(p["m"], c64(1))
-    with f.loop(0, ldt, 16) as m0:
+    with f.loop(g["r0"], g["r1"], 16) as m0:
         rows = [f.mul(f.min(b.add(m0, c64(r)), last), lda) for r in range(16)]
         with f.loop(g["k0"], g["k1"], 16) as k:
             mask = f.lanes_below(b.sub(g["k1"], k))
@@ -162,22 +163,23 @@ def _epilogue(f: FnBuilder, p: _Params, ws, g0, g1, m0, rows, act: str, has_bias
 
 
 def _gemm(module: ir.Module) -> ir.Function:
-    """tc_sp_gemm(params, ws, q0, q1): column panels [q0, q1), all rows, GROUP panels at
-    a time: for each block of MB rows, K block by K block (its A^T rows, KB x MB floats,
-    stay in L1 while every column of the group reads them), then the epilogue."""
+    """tc_sp_gemm(params, ws, r0, r1, q0, q1): rows [r0, r1) (r0 a multiple of 16) x
+    column panels [q0, q1), GROUP panels at a time: for each block of MB rows, K block by
+    K block (its A^T rows, KB x MB floats, stay in L1 while every column of the group
+    reads them), then the epilogue."""
     cols = [_columns(module, nv) for nv in range(1, MB // 16 + 1)]
-    f = FnBuilder(module, "tc_sp_gemm", [("params", PTR), ("ws", PTR), ("q0", I64),
-                                         ("q1", I64)])
+    f = FnBuilder(module, "tc_sp_gemm", [("params", PTR), ("ws", PTR), ("r0", I64),
+                                         ("r1", I64), ("q0", I64), ("q1", I64)])
     b, g = f.b, f.arg
     p = _Params(f, g["params"])
-    M, ldt = p["m"], p["ldt"]
+    M = p["m"]
     has_bias, has_res = (b.icmp_signed("!=", p[x], c64(0)) for x in ("has_bias", "has_res"))
     act, nkb = p["act"], p["nkb"]
     with f.loop(g["q0"], g["q1"], GROUP) as g0:
         g1 = f.min(b.add(g0, c64(GROUP)), g["q1"])
         j0, j1 = f.mul(g0, PANEL), f.mul(g1, PANEL)
-        with f.loop(0, ldt, MB) as m0:
-            nv = b.sdiv(f.min(c64(MB), b.sub(ldt, m0)), c64(16))
+        with f.loop(g["r0"], g["r1"], MB) as m0:
+            nv = b.sdiv(b.add(f.min(c64(MB), b.sub(g["r1"], m0)), c64(15)), c64(16))
             with f.loop(0, nkb) as kb:
                 after = f.fn.append_basic_block("after")
                 switch = b.switch(nv, after)
@@ -190,21 +192,36 @@ def _gemm(module: ir.Module) -> ir.Function:
                 b.position_at_end(after)
             # the epilogue, 16 rows x 16 columns at a time: the tile's blocks transposed;
             # one copy of the loop per activation (no per-row tests of `act`)
-            rows = f.min(c64(MB), b.sub(M, m0))
+            rows = f.min(c64(MB), b.sub(f.min(M, g["r1"]), m0))
             for name, aid in ACT_IDS.items():
                 with b.if_then(b.icmp_signed("==", act, c64(aid))):
                     _epilogue(f, p, g["ws"], g0, g1, m0, rows, name, has_bias, has_res)
     return f.finish()
 
 
+def _rows(module: ir.Module, pack, gemm) -> ir.Function:
+    """tc_sp_rows(params, ws, r0, r1, q0, q1): A^T of rows [r0, r1), then their product
+    with panels [q0, q1): a thread's share when threads split the rows (its A^T stays in
+    its own L2)."""
+    f = FnBuilder(module, "tc_sp_rows", [("params", PTR), ("ws", PTR), ("r0", I64),
+                                         ("r1", I64), ("q0", I64), ("q1", I64)])
+    g = f.arg
+    p = _Params(f, g["params"])
+    f.b.call(pack, [g["params"], g["ws"], g["r0"], g["r1"], c64(0), p["k"]])
+    f.b.call(gemm, [g["params"], g["ws"], g["r0"], g["r1"], g["q0"], g["q1"]])
+    return f.finish()
+
+
 def build_module() -> ir.Module:
     module = ir.Module(name="tensorc_sparse_gemm")
-    job(module, "tc_sp_pack_job", _pack(module), [PTR], 2)
-    job(module, "tc_sp_gemm_job", _gemm(module), [PTR], 2)
+    pack, gemm = _pack(module), _gemm(module)
+    job(module, "tc_sp_pack_job", pack, [PTR], 4)
+    job(module, "tc_sp_gemm_job", gemm, [PTR], 4)
+    job(module, "tc_sp_rows_job", _rows(module, pack, gemm), [PTR], 4)
     return module
 
 
-SYMBOLS = ["tc_sp_pack_job", "tc_sp_gemm_job"]
+SYMBOLS = ["tc_sp_pack_job", "tc_sp_gemm_job", "tc_sp_rows_job"]
 _lib: dict[str, int] = {}
 _lib_lock = threading.Lock()
 
@@ -364,12 +381,22 @@ def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
     jobs = kernels()
     work = b.nnz * mp + M * K
     parts = 1 if threads == 1 or work < 1 << 18 else ITEMS * threads
-    # items of at least GROUP panels where that leaves each thread one: a K block of
-    # A^T is read by a whole group (each item reads all of A^T)
-    parts = min(parts, max(threads if parts > 1 else 1, b.panels // GROUP))
     fixed = [params.ctypes.data]
-    steps = [(jobs["tc_sp_pack_job"], fixed, _split(K, min(parts, threads), 16), None),
-             (jobs["tc_sp_gemm_job"], fixed, _split(b.panels, parts, 1), ("sptile", TILE))]
+    if parts > 1 and ROW_SPLIT and mp >= 32 * threads:
+        # rows split: each thread transposes and multiplies its own rows, A^T never
+        # crosses cores (each reads all of W's nonzeros instead)
+        parts = threads
+        steps = [(jobs["tc_sp_rows_job"], fixed,
+                  [(r0, r1, 0, b.panels) for r0, r1 in _split(mp, threads, 16)],
+                  ("sptile", TILE))]
+    else:
+        # items of at least GROUP panels where that leaves each thread one: a K block
+        # of A^T is read by a whole group (each item reads all of A^T)
+        parts = min(parts, max(threads if parts > 1 else 1, b.panels // GROUP))
+        steps = [(jobs["tc_sp_pack_job"], fixed,
+                  [(0, mp, *r) for r in _split(K, min(parts, threads), 16)], None),
+                 (jobs["tc_sp_gemm_job"], fixed,
+                  [(0, mp, *r) for r in _split(b.panels, parts, 1)], ("sptile", TILE))]
     steps = [s for s in steps if s[2]]
     workers = pool.get(threads) if parts > 1 else None
     state = {"key": None}
