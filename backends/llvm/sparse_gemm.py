@@ -17,7 +17,9 @@ floats) stays in L1 while the group's columns read it; their sums wait in a
 [columns][128] tile in the thread's workspace (L2) between blocks. Then the epilogue
 reads it back 16 x 16 at a time (transposed in registers: rows of out) and adds bias,
 the activation (gemm's maths, `FnBuilder.activation`) and residual as the dense GEMM
-does. Threads claim ranges of column panels (`tc_sp_gemm`).
+does. Threads first split the transpose over K (`tc_sp_pack`), then claim ranges of
+column panels (`tc_sp_gemm`); with ROW_SPLIT each transposes and multiplies its own
+rows instead (`tc_sp_rows`: A^T stays in its core's L2, but each reads all of W).
 
 `pack_weight` picks per matrix: a `SparseB` when its density is at most
 `DENSITY_MAX` (the crossover measured by `benchmarks/sparse_gemm.py`) and the
