@@ -2,20 +2,21 @@
 
     .venv/bin/python benchmarks/sparse_gemm.py [--m 128] [--shapes 512x2048,2048x512]
         [--patterns unstructured,block4x1,2:4] [--sparsity 0,0.5,0.6,0.7,0.8,0.9,0.95]
-        [--threads 2] [--rounds 7] [--runs 5]
+        [--threads 2] [--rounds 7] [--runs 5]   (the rounds take turns: see below)
 
 W [K, N] is N(0, 1) pruned by `sparsify-weights`' own `prune` (2:4 only at 0 and from
 0.5: below that it cannot be), A [M, K] N(0, 1). Engines: `dense` tensorc's GEMM with
 the weight packed once (`gemm.PackedB`, what the runtime runs for a dense weight),
 `sparse` the sparse kernel (`sparse_gemm.SparseB`, packed once), `numpy` A @ W
 (OpenBLAS, dense), each on --threads threads (TENSORC_NUM_THREADS and
-OPENBLAS_NUM_THREADS set before numpy loads; OPENBLAS_THREAD_TIMEOUT=4, else OpenBLAS
-threads spinning after its calls hold the second core). All configurations take turns within
-each round (a shared machine drifts); a cell is the median over rounds of each
-round's median of --runs calls. "auto" is what the runtime picks
-(`sparse_gemm.pack_weight` and `bind`: sparse at density <= `density_limit(M)`). The
-crossover is the sparsity, interpolated linearly between measured points, from which
-sparse beats dense.
+OPENBLAS_NUM_THREADS set before numpy loads). tensorc's configurations take turns
+within each round (a shared machine drifts); numpy's rounds come after them all
+(OpenBLAS's threads spin after each call, holding the core tensorc's second thread
+needs; a shorter spin, OPENBLAS_THREAD_TIMEOUT, made numpy 10-30x slower on a busy
+machine). A cell is the median over rounds of each round's median of --runs calls.
+"auto" is what the runtime picks (`sparse_gemm.pack_weight` and `bind`: sparse at
+density <= `density_limit(M)`). The crossover is the sparsity, interpolated linearly
+between measured points, from which sparse beats dense.
 """
 
 from __future__ import annotations
@@ -38,9 +39,6 @@ def main() -> None:
     args = ap.parse_args()
     for var in ("TENSORC_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    # OpenBLAS's idle threads spin for up to 2^28 cycles after a call, taking the core
-    # tensorc's next call would use: the shortest spin instead (2^4 cycles)
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     import numpy as np
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -73,15 +71,17 @@ def main() -> None:
                 d = np.count_nonzero(w) / w.size
                 cases.append(((k, n), pattern, s, d, calls, (a, w, out)))   # binds hold addresses
     times: dict = {}
-    for _ in range(args.rounds):
-        for i, (*_, calls, _) in enumerate(cases):
-            for name, f in calls.items():
-                ts = []
-                for _ in range(args.runs):
-                    t = time.perf_counter()
-                    f()
-                    ts.append(time.perf_counter() - t)
-                times.setdefault((i, name), []).append(float(np.median(ts)))
+    for engines in (("dense", "sparse"), ("numpy",)):
+        for _ in range(args.rounds):
+            for i, (*_, calls, _) in enumerate(cases):
+                for name in engines:
+                    f = calls[name]
+                    ts = []
+                    for _ in range(args.runs):
+                        t = time.perf_counter()
+                        f()
+                        ts.append(time.perf_counter() - t)
+                    times.setdefault((i, name), []).append(float(np.median(ts)))
     med = {key: float(np.median(v)) * 1e3 for key, v in times.items()}
     print(f"M={args.m}, threads {args.threads}, medians of {args.rounds} rounds x "
           f"{args.runs} runs (ms); DENSITY_MAX={sparse_gemm.DENSITY_MAX}\n")
