@@ -221,7 +221,7 @@ def test_gpt_end_to_end_sparse_kernel():
 def test_kernel_thread_splits(monkeypatch, row_split):
     monkeypatch.setattr(sg, "ROW_SPLIT", row_split)
     rng = np.random.default_rng(5)
-    m, k, n = 129, 300, 200
+    m, k, n = 129, 300, 600   # 38 panels: more than one group of 32
     a = rng.standard_normal((m, k)).astype(np.float32)
     w = prune(_w(k, n, 4), 0.7)
     bias = rng.standard_normal(n).astype(np.float32)
