@@ -17,9 +17,12 @@ floats) stays in L1 while the group's columns read it; their sums wait in a
 [columns][128] tile in the thread's workspace (L2) between blocks. Then the epilogue
 reads it back 16 x 16 at a time (transposed in registers: rows of out) and adds bias,
 the activation (gemm's maths, `FnBuilder.activation`) and residual as the dense GEMM
-does. Threads first split the transpose over K (`tc_sp_pack`), then claim ranges of
-column panels (`tc_sp_gemm`); with ROW_SPLIT each transposes and multiplies its own
-rows instead (`tc_sp_rows`: A^T stays in its core's L2, but each reads all of W).
+does. Threads (PRIVATE, while A^T is at most PRIVATE_MAX floats) each transpose all
+of A into their own workspace, then multiply their share of the column panels
+(`tc_sp_rows`): A^T never crosses cores (measured 5-15% faster than sharing one).
+Else they split the transpose over K (`tc_sp_pack`), then claim ranges of column
+panels (`tc_sp_gemm`); with ROW_SPLIT each transposes and multiplies its own rows
+(`tc_sp_rows`: each reads all of W).
 
 `pack_weight` picks per matrix: a `SparseB` when its density is at most
 `DENSITY_MAX` (the crossover measured by `benchmarks/sparse_gemm.py`) and the
@@ -46,10 +49,12 @@ PANEL = 16          # columns per panel (one epilogue vector)
 MB = 128            # rows per register block: 8 zmm accumulators
 DENSITY_MAX = 0.4   # sparse kernel at or below this density (see the benchmark)
 ITEMS = ITEMS_PER_THREAD   # column-panel items per thread
+PRIVATE = True      # threads transpose A each (see bind)
+PRIVATE_MAX = 1 << 19   # floats of A^T up to which they do
 ROW_SPLIT = False   # True: threads split the rows (see bind); lost on a busy machine
 ACT_IDS = {a: i for i, a in enumerate(ACTIVATIONS)}
 PARAMS = ["at", "ldt", "m", "colptr", "idx", "val", "n", "out", "ldo", "bias", "has_bias",
-          "act", "res", "ldr", "has_res", "a", "lda", "k", "npad", "nkb"]
+          "act", "res", "ldr", "has_res", "a", "lda", "k", "npad", "nkb", "private"]
 P = {name: i for i, name in enumerate(PARAMS)}
 KB = 64             # K rows per block: KB x MB floats of A^T (32 KiB) stay in L1
 KB_MAX = 512        # sparser weights take longer blocks (see SparseB)
@@ -84,6 +89,13 @@ def _transpose16(f: FnBuilder, rows: list) -> list:
     return v
 
 
+def _at(f: FnBuilder, p: _Params, ws):
+    """A^T: the bound call's (`at`), or with `private` this thread's, after its tile."""
+    b = f.b
+    return b.select(b.icmp_signed("!=", p["private"], c64(0)), f.at(ws, c64(TILE)),
+                    p.ptr("at"))
+
+
 def _pack(module: ir.Module) -> ir.Function:
     """tc_sp_pack(params, ws, r0, r1, k0, k1): A^T [k0, k1) x [r0, r1) (k0 and r0
     multiples of 16), in 16 x 16 blocks transposed in registers (rows past M repeat A's
@@ -92,7 +104,8 @@ def _pack(module: ir.Module) -> ir.Function:
                                          ("r1", I64), ("k0", I64), ("k1", I64)])
     b, g = f.b, f.arg
     p = _Params(f, g["params"])
-    a, lda, at, ldt, last = p.ptr("a"), p["lda"], p.ptr("at"), p["ldt"], b.sub(p["m"], c64(1))
+    a, lda, at, ldt, last = p.ptr("a"), p["lda"], _at(f, p, g["ws"]), p["ldt"], \
+        b.sub(p["m"], c64(1))
     with f.loop(g["r0"], g["r1"], 16) as m0:
         rows = [f.mul(f.min(b.add(m0, c64(r)), last), lda) for r in range(16)]
         with f.loop(g["k0"], g["k1"], 16) as k:
@@ -113,8 +126,8 @@ def _columns(module: ir.Module, nv: int) -> ir.Function:
                   internal=True)
     b, g = f.b, f.arg
     p = _Params(f, g["params"])
-    at, ldt, colptr, idx, val = p.ptr("at"), p["ldt"], p.ptr("colptr"), p.ptr("idx"), \
-        p.ptr("val")
+    at, ldt, colptr, idx, val = _at(f, p, g["tile"]), p["ldt"], p.ptr("colptr"), \
+        p.ptr("idx"), p.ptr("val")
     ptrs = f.at(colptr, f.mul(g["kb"], p["npad"]), ty=I64)
     base = f.at(at, g["m0"])
     first = b.icmp_signed("==", g["kb"], c64(0))
@@ -386,7 +399,15 @@ def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
     work = b.nnz * mp + M * K
     parts = 1 if threads == 1 or work < 1 << 18 else ITEMS * threads
     fixed = [params.ctypes.data]
-    if parts > 1 and ROW_SPLIT and mp >= 32 * threads:
+    if parts > 1 and PRIVATE and mp * K <= PRIVATE_MAX:
+        # each thread transposes all of A into its own workspace and multiplies its
+        # panels: A^T never crosses cores (the transpose is done once per thread)
+        parts = threads
+        params[P["private"]] = 1
+        steps = [(jobs["tc_sp_rows_job"], fixed,
+                  [(0, mp, *r) for r in _split(b.panels, threads, 1)],
+                  ("sptile", TILE + mp * K))]
+    elif parts > 1 and ROW_SPLIT and mp >= 32 * threads:
         # rows split: each thread transposes and multiplies its own rows, A^T never
         # crosses cores (each reads all of W's nonzeros instead)
         parts = threads
@@ -406,7 +427,9 @@ def bind(a, b: SparseB, out, *, bias=None, activation=None, residual=None,
     state = {"key": None}
 
     def run():
-        key = _workspaces(("sptile", TILE))[0]   # a call may come from another thread
+        # every thread's workspace: a call may come from another thread, and another
+        # bind may have grown the buffers (their size depends on M and K here)
+        key = tuple(_workspaces(steps[-1][3], workers))
         if key != state["key"]:
             prepare_steps(state, key, steps, workers)
         run_steps(state, workers)
