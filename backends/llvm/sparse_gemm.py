@@ -47,7 +47,8 @@ from .pool import num_threads
 
 PANEL = 16          # columns per panel (one epilogue vector)
 MB = 128            # rows per register block: 8 zmm accumulators
-DENSITY_MAX = 0.4   # sparse kernel at or below this density (see the benchmark)
+DENSITY_MAX = 0.5   # sparse kernel at or below this density: the measured crossover is
+#                     0.6-0.7 on 2 threads, 0.5-0.65 on 1 (benchmarks/sparse_gemm.py)
 ITEMS = ITEMS_PER_THREAD   # column-panel items per thread
 PRIVATE = True      # threads transpose A each (see bind)
 PRIVATE_MAX = 1 << 19   # floats of A^T up to which they do
