@@ -110,11 +110,21 @@ def _pack(module: ir.Module) -> ir.Function:
     with f.loop(g["r0"], g["r1"], 16) as m0:
         rows = [f.mul(f.min(b.add(m0, c64(r)), last), lda) for r in range(16)]
         with f.loop(g["k0"], g["k1"], 16) as k:
-            mask = f.lanes_below(b.sub(g["k1"], k))
-            cols = _transpose16(f, [f.mload(f.at(a, rows[r], k), mask) for r in range(16)])
-            for c in range(16):
-                with b.if_then(b.icmp_signed("<", b.add(k, c64(c)), g["k1"])):
-                    f.vstore(cols[c], f.at(at, f.mul(b.add(k, c64(c)), ldt), m0), align=64)
+            full = b.icmp_signed("<=", b.add(k, c64(16)), g["k1"])
+            with b.if_else(full) as (whole, edge):
+                with whole:   # plain loads and stores, no tests
+                    cols = _transpose16(f, [f.vload(f.at(a, rows[r], k)) for r in range(16)])
+                    for c in range(16):
+                        f.vstore(cols[c], f.at(at, f.mul(b.add(k, c64(c)), ldt), m0),
+                                 align=64)
+                with edge:
+                    mask = f.lanes_below(b.sub(g["k1"], k))
+                    cols = _transpose16(f, [f.mload(f.at(a, rows[r], k), mask)
+                                            for r in range(16)])
+                    for c in range(16):
+                        with b.if_then(b.icmp_signed("<", b.add(k, c64(c)), g["k1"])):
+                            f.vstore(cols[c], f.at(at, f.mul(b.add(k, c64(c)), ldt), m0),
+                                     align=64)
     return f.finish()
 
 
