@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (they register their passes)
     quantize,
     simplify,
     sparse_attention,
+    sparse_weights,
     weights,
 )
 from .manager import (
@@ -32,7 +33,8 @@ __all__ = ["EXPLAINERS", "LOSSY", "PASSES", "PIPELINES", "explain", "parse_pipel
 
 # Passes that change the numbers on purpose (`compare` shows them next to the float
 # pipeline).
-LOSSY = {"quantize", "cast-weights", "sparsify-attention", "linearize-attention", "prune"}
+LOSSY = {"quantize", "cast-weights", "sparsify-attention", "linearize-attention", "prune",
+         "sparsify-weights"}
 
 # Pipelines name the passes in order.
 PIPELINES["O1"] = ["fold-constants", "simplify", "cse", "dce"]

@@ -201,9 +201,10 @@ class Runner:
                 return reference
             if step.op == "matmul" and step.inputs[1].buf.kind == "const" \
                     and len(step.inputs[1].shape) == 2:   # a weight: packed once, here
-                if step not in self._packed:
-                    from .gemm import PackedB
-                    self._packed[step] = PackedB(ins[1], threads=self.threads)
+                if step not in self._packed:   # mostly zeros: the sparse kernel's CSC
+                    from .sparse_gemm import pack_weight
+                    self._packed[step] = pack_weight(ins[1], self.threads,
+                                                     step.epilogue.get("activation"))
                 ins[1] = self._packed[step]
             if step.op == "matmul_integer" and step.inputs[1].buf.kind == "const" \
                     and len(step.inputs[1].shape) == 2:   # an int8 weight: packed once
@@ -361,6 +362,8 @@ def _matmul(attrs, ins, outs, epilogue, threads):
     from .gemm import bind
     a, b = ins
     kwargs = {k: epilogue[k] for k in ("bias", "activation", "residual") if k in epilogue}
+    if getattr(b, "sparse", False):   # a pruned weight (sparse_gemm.pack_weight)
+        from .sparse_gemm import bind
     return bind(a, b, outs[0], threads=threads, **kwargs)  # checks and arguments made once
 
 
