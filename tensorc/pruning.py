@@ -134,8 +134,9 @@ def recover(pruned: Graph, teacher: Graph, task: str, steps: int, *, distill: bo
     for record in train_steps(step, opt, WarmupCosine(lr, cfg.warmup, steps), stream, cfg):
         if on_step:
             on_step(record)
-    record.update(data.evaluate(model, backend))
-    return model.graph(), record
+    trained = model.graph()
+    record.update(evaluate(trained, task, seq, data_bytes, backend))
+    return trained, record
 
 
 def importance_table(scores: dict) -> str:

@@ -26,7 +26,8 @@ PACKAGES = {"tensorc": "tensorc", "passes": "tensorc.passes", "backends": "tenso
             "frontend": "tensorc.frontend", "models": "tensorc.models"}
 LAYERS = ["core", "passes", "backends", "frontend", "models", "shell"]
 SHELL = {"tensorc", "tensorc.api", "tensorc.cli", "tensorc.loading", "tensorc.artifact",
-         "tensorc.generation", "tensorc.data", "tensorc.optim", "tensorc.training"}
+         "tensorc.generation", "tensorc.data", "tensorc.optim", "tensorc.training",
+         "tensorc.pruning"}
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     mods = {}

@@ -6,26 +6,20 @@ from __future__ import annotations
 from ..program import Call, NotLowerable
 
 
-def _attention(lw, node, ins, attrs):
-    if any(x.dtype != "f32" for x in ins[:3]):
-        raise NotLowerable("flash attention is float32 only")
-    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
-    lw.steps.append(Call("attention", attrs, [lw.view(x) for x in ins], [out],
-                         where=node.where))
-    return [lw.of_view(out)]
-
-
-def _sparse_attention(lw, node, ins, attrs):
-    """`local_attention` / `block_sparse_attention`: the target's sparse kernel (llvm:
-    `llvm/sparse_attention.py`) for float32; elsewhere the op's decomposition."""
-    if not lw.target.sparse_attention:
-        raise NotLowerable("the target has no sparse attention kernel")
-    if any(x.dtype != "f32" for x in ins[:3]):
-        raise NotLowerable("sparse attention is float32 only")
-    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
-    lw.steps.append(Call(node.op, attrs, [lw.view(x) for x in ins], [out],
-                         where=node.where))
-    return [lw.of_view(out)]
+def _kernel_call(what: str, floats: int, needs: str | None = None):
+    """The rule of an attention op the target runs as one library call: float32 only
+    (its first `floats` inputs), and only where the target has the kernel (`needs`, a
+    `Target` field); otherwise NotLowerable, and the op's decomposition runs."""
+    def rule(lw, node, ins, attrs):
+        if needs is not None and not getattr(lw.target, needs):
+            raise NotLowerable(f"the target has no {what} kernel")
+        if any(x.dtype != "f32" for x in ins[:floats]):
+            raise NotLowerable(f"{what} is float32 only")
+        out = lw.out_view(node.outputs[0].type.concrete(lw.env))
+        lw.steps.append(Call(node.op, attrs, [lw.view(x) for x in ins], [out],
+                             where=node.where))
+        return [lw.of_view(out)]
+    return rule
 
 
 def _attention_grad(lw, node, ins, attrs):
@@ -42,34 +36,11 @@ def _attention_grad(lw, node, ins, attrs):
     return [lw.of_view(o) for o in outs]
 
 
-def _sparse_attention(lw, node, ins, attrs):
-    if not lw.target.sparse_attention:
-        raise NotLowerable("the target has no sparse attention kernel")
-    if any(x.dtype != "f32" for x in ins[:3]):
-        raise NotLowerable("the sparse attention kernel is float32 only")
-    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
-    lw.steps.append(Call(node.op, attrs, [lw.view(x) for x in ins], [out],
-                         where=node.where))
-    return [lw.of_view(out)]
-
-
-def _linear_attention(lw, node, ins, attrs):
-    """The target's Performer kernel (llvm: `llvm/linear_attention.py`), float32 only;
-    otherwise the op's decomposition runs."""
-    if not lw.target.linear_attention:
-        raise NotLowerable("the target has no linear attention kernel")
-    if any(x.dtype != "f32" for x in ins[:4]):
-        raise NotLowerable("linear attention is float32 only")
-    out = lw.out_view(node.outputs[0].type.concrete(lw.env))
-    lw.steps.append(Call("linear_attention", attrs, [lw.view(x) for x in ins], [out],
-                         where=node.where))
-    return [lw.of_view(out)]
-
-
 RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
-    "attention": _attention,
+    "attention": _kernel_call("flash attention", 3),
     "attention_grad": _attention_grad,
-    "local_attention": _sparse_attention,
-    "block_sparse_attention": _sparse_attention,
-    "linear_attention": _linear_attention,
+    # llvm: llvm/sparse_attention.py, llvm/linear_attention.py; cupy: attention_kernels.py
+    "local_attention": _kernel_call("sparse attention", 3, "sparse_attention"),
+    "block_sparse_attention": _kernel_call("sparse attention", 3, "sparse_attention"),
+    "linear_attention": _kernel_call("linear attention", 4, "linear_attention"),
 }
