@@ -388,3 +388,19 @@ def test_bind_batched_products_bound_once(rng):
     a[...] = randn(rng, *a.shape)
     run()
     assert_close(out, ref(a, w))
+
+
+def test_a_bound_gemm_keeps_its_operands_alive():
+    """bind reads A where it is: a temporary A must live as long as the bound call."""
+    import gc
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 128)).astype(np.float32)
+    w = rng.standard_normal((128, 96)).astype(np.float32)
+    out = np.empty((64, 96), np.float32)
+    for make in (np.copy, np.asfortranarray):
+        run = G.bind(make(a), G.PackedB(w), out)
+        gc.collect()
+        junk = [np.ones((64, 128), np.float32) for _ in range(16)]   # reuse freed memory
+        run()
+        np.testing.assert_allclose(out, a @ w, rtol=1e-4, atol=1e-3)
+        del junk

@@ -629,7 +629,9 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             if state["blocks"]:
                 state["blocks"][si][fi] = address
     run.patch = patch
-    run.keep = packed   # a per-call B's packing buffer
+    # a per-call B's packing buffer, and the operands the native steps read where they
+    # are (a caller's temporary would otherwise be freed under them)
+    run.keep = (packed, a2, out2, bias, res2)
     return run
 
 def prepare_steps(state: dict, key, steps: list, workers, fixed=None) -> None:
