@@ -73,10 +73,22 @@ def parse_overrides(items: list[str]) -> dict:
 
 # --- shared steps ---------------------------------------------------------------------
 
+def parse_dims(items: list[str]) -> dict[str, int]:
+    """--dim NAME=SIZE flags as {name: size}; one-line errors for bad ones."""
+    dims = {}
+    for item in items:
+        name, eq, size = item.partition("=")
+        if not eq or not name or not size.isdigit() or int(size) < 1:
+            raise TensorcError(f"--dim {item!r} should be NAME=SIZE with a positive SIZE")
+        dims[name] = int(size)
+    return dims
+
+
 def _load(args, inputs=None):
     from .loading import load_model
     return load_model(args.model, preset=args.preset, overrides=parse_overrides(args.set),
-                      batch=args.batch, seq=args.seq, seed=args.seed, inputs=inputs)
+                      batch=args.batch, seq=args.seq, seed=args.seed, inputs=inputs,
+                      dims=parse_dims(getattr(args, "dim", [])))
 
 
 def _pipeline(args, graph, after=None, loaded=None):
@@ -576,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--seq", type=_positive_int, help=f"sequence length of the {inputs}")
         g.add_argument("--seed", type=_seed,
                        help=f"seed of the weights and {inputs} (default: 0)")
+        g.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                       help="size of a symbolic input dim of a graph, by name (repeatable; "
+                            "ONNX files and factories' graphs)")
         return parser
 
     trained = model_parser("training batches")   # train/distill build their own pipeline

@@ -47,7 +47,7 @@ class Loaded:
     meta: dict = field(default_factory=dict)
     _inputs: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]] | None = \
         field(default=None, repr=False)
-    _sizes: tuple[int | None, int | None] = (None, None)   # batch, seq of lazy inputs
+    _sizes: tuple = (None, None, None)   # batch, seq, named dims of lazy inputs
 
     def __post_init__(self):
         # The name comes from a file or its metadata and is printed: no terminal escapes.
@@ -71,14 +71,25 @@ class Loaded:
 
 def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] | None = None,
                batch: int | None = None, seq: int | None = None, seed: int | None = None,
-               inputs: dict[str, np.ndarray] | None = None) -> Loaded:
+               inputs: dict[str, np.ndarray] | None = None,
+               dims: dict[str, int] | None = None) -> Loaded:
     """Resolve a MODEL string (see the module doc). `preset` and `overrides` apply to
     built-in models only; `batch` and `seq` size the example inputs (an artifact keeps
-    the inputs it was compiled with). `seed` (default 0) draws the weights and example
+    the inputs it was compiled with), `dims` any symbolic input dim of a graph (an ONNX
+    file, a factory's Graph) by name. `seed` (default 0) draws the weights and example
     inputs. Given `inputs`, a model is traced at their shapes instead and they become
     the Loaded's inputs."""
-    if inputs is not None and (batch is not None or seq is not None):
-        raise TensorcError("given inputs fix the shapes, so batch and seq do not apply")
+    if inputs is not None and (batch is not None or seq is not None or dims):
+        raise TensorcError("given inputs fix the shapes, so batch, seq and dims do not apply")
+    loaded = _load(spec, preset, overrides, batch, seq, seed, inputs, dims or {})
+    if dims and not callable(loaded._inputs):
+        raise TensorcError(f"--dim sizes the symbolic input dims of a graph (an ONNX file, a "
+                           f"factory's Graph); {spec} is traced or stored at fixed shapes "
+                           "(use --batch and --seq)")
+    return loaded
+
+
+def _load(spec, preset, overrides, batch, seq, seed, inputs, dims) -> Loaded:
     from tensorc.models import MODELS
 
     overrides = dict(overrides or {})
@@ -88,7 +99,7 @@ def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] |
         raise TensorcError(f"--preset and --set apply to built-in models only, not to {spec} "
                            f"(built in: {', '.join(MODELS)})")
     if ".py:" in spec or spec.endswith(".py"):
-        return _load_factory(spec, batch, seq, seed or 0, inputs)
+        return _load_factory(spec, batch, seq, seed or 0, inputs, dims)
     from .training import is_checkpoint, load_checkpoint_model
     if is_checkpoint(spec):   # trained weights of a built-in model
         model = load_checkpoint_model(spec)
@@ -106,7 +117,8 @@ def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] |
         graph = onnx_io.load(spec)
         return Loaded(graph, os.path.basename(spec), None, {"source": "onnx", "path": spec},
                       inputs if inputs is not None else
-                      lambda: random_inputs(graph, batch, seq, seed or 0), (batch, seq))
+                      lambda: random_inputs(graph, batch, seq, seed or 0, dims),
+                      (batch, seq, dims))
     if batch is not None or seq is not None or seed is not None:
         raise TensorcError(f"{spec} is a compiled artifact: its weights and inputs are "
                            "fixed, so --batch, --seq and --seed do not apply")
@@ -156,7 +168,7 @@ def _load_builtin(name, preset, overrides, batch, seq, seed, given) -> Loaded:
     return Loaded(graph, name, dataclasses.asdict(model.config), meta, inputs)
 
 
-def _load_factory(spec: str, batch, seq, seed, given) -> Loaded:
+def _load_factory(spec: str, batch, seq, seed, given, dims=None) -> Loaded:
     from tensorc.frontend import Module
 
     path, _, fname = spec.rpartition(":") if ".py:" in spec else (spec, "", "")
@@ -182,7 +194,7 @@ def _load_factory(spec: str, batch, seq, seed, given) -> Loaded:
     name = os.path.splitext(os.path.basename(path))[0]
     if isinstance(made, Graph):
         return Loaded(made.verify(), name, None, meta, given if given is not None else
-                      lambda: random_inputs(made, batch, seq, seed), (batch, seq))
+                      lambda: random_inputs(made, batch, seq, seed, dims), (batch, seq, dims))
     if not isinstance(made, Module):
         raise TensorcError(f"{spec} returned a {type(made).__name__}; it should return a "
                            "tensorc Module or Graph")
@@ -213,8 +225,9 @@ def bind_symbols(graph: Graph, batch: int | None = None, seq: int | None = None,
                     env[sym] = DEFAULT_SEQ if seq is None else seq
                 else:
                     raise TensorcError(f"cannot choose a size for dim {sym!r} of input "
-                                       f"%{v.name}: {v.type}; only dims named like batch "
-                                       "or seq are set (by --batch and --seq)")
+                                       f"%{v.name}: {v.type}; give it with --dim "
+                                       f"{sym}=SIZE (--batch and --seq set dims named "
+                                       "like batch or seq)")
     for flag, value in (("batch", batch), ("seq", seq)):
         if value is not None and not any(flag in s.lower() for s in env):
             raise TensorcError(f"graph {graph.name} has no input dim named like {flag}, so "
@@ -240,6 +253,34 @@ def random_inputs(graph: Graph, batch: int | None = None, seq: int | None = None
         elif dt.kind == "b":
             a = rng.integers(0, 2, shape)
         else:
-            a = rng.integers(0, INT_INPUT_RANGE, shape)
+            a = rng.integers(0, index_bound(graph, v, env), shape)
         out[v.name] = a.astype(dt)
     return out
+
+
+# Ops an integer input passes through unchanged in value on its way to a gather.
+_SAME_VALUES = ("cast", "reshape", "unsqueeze", "squeeze", "expand", "slice", "transpose",
+                "concat", "identity")
+
+
+def index_bound(graph: Graph, v, env: dict[str, int]) -> int:
+    """How far an integer input may range: the smallest table a `gather` indexes with
+    it (token type ids into a 2-row table, say), else INT_INPUT_RANGE."""
+    users = graph.users()
+    bound, todo, seen = INT_INPUT_RANGE, [v], set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        for n in users.get(x, []):
+            if n.op == "gather" and n.inputs[1] is x:
+                table = n.inputs[0].type
+                size = table.shape[n.attrs["axis"] % table.rank]
+                if isinstance(size, str) and all(s in env for s in dim_symbols(size)):
+                    size = resolve_dim(size, env)
+                if isinstance(size, int):
+                    bound = min(bound, max(1, size))
+            elif n.op in _SAME_VALUES:
+                todo.extend(n.outputs)
+    return bound

@@ -432,8 +432,29 @@ def test_factory_graph_gets_random_inputs(capsys, factory, tmp_path):
     assert out.startswith("output: f32[3,7,4]")
 
 
+def test_dim_sizes_any_symbolic_input_dim(capsys, factory):
+    out = ok(capsys, "run", f"{factory}:make_image_graph", "--dim", "height=5", "--batch", "3")
+    assert out.startswith("output: f32[3,5]")
+    info = json.loads(ok(capsys, "inspect", f"{factory}:make_image_graph", "--dim", "height=4",
+                         "--dim", "batch=2", "--format", "json"))
+    assert info["bindings"] == {"height": 4, "batch": 2}
+    for argv, message in ((["run", "gpt", "--dim", "batch=2"], "traced or stored at fixed"),
+                          (["run", f"{factory}:make_image_graph", "--dim", "height"],
+                           "should be NAME=SIZE")):
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 2 and message in err
+
+
+def test_random_token_ids_stay_inside_the_tables_they_index(capsys):
+    """An export's token_type_ids index a 2-row table: random inputs stay below 2."""
+    out = ok(capsys, "run", "tests/data/hf/bert_sdpa_dynamo.onnx", "--dim", "seq=24",
+             "--backend", "llvm")
+    assert "f32[1,24," in out
+
+
 FACTORY_BAD = [
-    (":make_image_graph", "cannot choose a size for dim 'height' of input %img"),
+    (":make_image_graph", "cannot choose a size for dim 'height' of input %img: "
+                          "f32[batch,height]; give it with --dim height=SIZE"),
     (":nosuch", "defines no function 'nosuch'"),
     (":make_nothing", "returned a int; it should return a tensorc Module or Graph"),
     ("", "name the factory function"),
