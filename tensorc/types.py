@@ -92,6 +92,18 @@ def dim_symbols(d: Dim) -> list[str]:
     return list(_split_dim(d)[1])
 
 
+def solve_dim(d: Dim, n: int, env: dict[str, int]) -> None:
+    """Bind in `env` what a dim of concrete size `n` says: a plain symbol's value, or
+    that of the one unbound symbol (to the first power) of a product like ``4*batch``."""
+    coef, syms = _split_dim(d)
+    free = [s for s in syms if s not in env]
+    if len(free) != 1 or syms[free[0]] != 1:
+        return
+    known = coef * math.prod(env[s] ** k for s, k in syms.items() if s != free[0])
+    if known and n % known == 0:
+        env[free[0]] = n // known
+
+
 def resolve_dim(d: Dim, env: dict[str, int]) -> int:
     """The concrete value of a dim given symbol bindings."""
     coef, syms = _split_dim(d)

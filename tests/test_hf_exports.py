@@ -140,3 +140,17 @@ def test_decoders_merged_masks_fuse_as_causal_with_a_key_mask(stem):
     nodes = [n for n in _optimized(stem).nodes if n.op == "attention"]
     assert [n.attrs["causal"] for n in nodes] == [True] * LAYERS
     assert all(n.inputs[3].type.shape[-2] == 1 for n in nodes)
+
+
+@pytest.mark.parametrize("stem", EXPORTS)
+def test_inspect_sizes_every_export_after_o2(stem, capsys):
+    """`inspect --format json` counts FLOPs and plans memory after O2, also where a fused
+    region only sees `batch*seq` (GPT-2's flattened rows): its work is the product's."""
+    import json
+
+    from tensorc.cli import main
+    sizes = ["--batch", "2"] + ([] if stem.startswith("vit") else ["--seq", "8"])
+    assert main(["inspect", str(DATA / f"{stem}.onnx"), "--passes", "O2", "--format", "json",
+                 "--backend", "llvm", *sizes]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["flops"] > 0 and info["peak_memory_bytes"] > 0

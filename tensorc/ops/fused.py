@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ShapeError
-from ..types import TensorType
+from ..types import TensorType, dim_symbols, solve_dim
 
 if TYPE_CHECKING:
     from ..ir import Graph
@@ -43,10 +43,10 @@ def _infer(*types: TensorType, body: Graph) -> list[TensorType]:
 def _bind(body: Graph, shapes) -> dict[str, int]:
     """Symbol bindings of the body's input dims from concrete shapes."""
     env: dict[str, int] = {}
-    for v, shape in zip(body.inputs, shapes, strict=True):
-        for d, n in zip(v.type.shape, shape, strict=True):
-            if isinstance(d, str) and "*" not in d:
-                env[d] = int(n)
+    pairs = [(d, int(n)) for v, shape in zip(body.inputs, shapes, strict=True)
+             for d, n in zip(v.type.shape, shape, strict=True) if isinstance(d, str)]
+    for d, n in sorted(pairs, key=lambda p: "*" in p[0]):   # plain symbols first
+        solve_dim(d, n, env)   # a region may only see `4*batch`: batch is n / 4
     return env
 
 
@@ -63,6 +63,12 @@ def run_body(body: Graph, arrays) -> list[np.ndarray]:
 
 def _flops(outs, *ins: TensorType, body: Graph) -> int:
     env = _bind(body, [t.shape for t in ins])
+    for v, t in zip(body.inputs, ins, strict=True):   # a product no input splits
+        for d, n in zip(v.type.shape, t.shape, strict=True):
+            free = [s for s in dim_symbols(d) if s not in env]
+            if len(free) > 1:   # batch*seq only: the work depends on the product alone
+                env.update({s: 1 for s in free[1:]})
+                solve_dim(d, int(n), env)
     return sum(get_op(n.op).count_flops(n, env) for n in body.nodes)
 
 
