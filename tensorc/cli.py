@@ -84,11 +84,11 @@ def parse_dims(items: list[str]) -> dict[str, int]:
     return dims
 
 
-def _load(args, inputs=None):
+def _load(args, inputs=None, symbolic=False):
     from .loading import load_model
     return load_model(args.model, preset=args.preset, overrides=parse_overrides(args.set),
                       batch=args.batch, seq=args.seq, seed=args.seed, inputs=inputs,
-                      dims=parse_dims(getattr(args, "dim", [])))
+                      dims=parse_dims(getattr(args, "dim", [])), symbolic=symbolic)
 
 
 def _pipeline(args, graph, after=None, loaded=None):
@@ -561,7 +561,10 @@ def cmd_export(args) -> int:
         from tensorc.frontend.cache import decoder_step
         name, graph = args.model, decoder_step(_decoder(args))
     else:
-        loaded = _load(args)
+        if args.dynamic and (args.batch or args.seq):
+            raise TensorcError("--dynamic exports every batch and length: --batch and --seq "
+                               "do not apply")
+        loaded = _load(args, symbolic=args.dynamic)
         name, graph = loaded.name, loaded.graph
     graph = _pipeline(args, graph, loaded=None if args.kv_cache else loaded)
     onnx_io.save(graph, args.output)
@@ -689,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("export", cmd_export, "write the (rewritten) graph as an ONNX file")
     sp.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
+    sp.add_argument("--dynamic", action="store_true",
+                    help="symbolic batch and sequence (token inputs) in the file: one graph "
+                         "for every shape, as torch's dynamic_axes")
     sp.add_argument("--kv-cache", action="store_true",
                     help="export a built-in decoder's cached step (input_ids, start, past.* "
                          "-> logits, present.*), which `tensorc generate` runs")

@@ -72,16 +72,17 @@ class Loaded:
 def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] | None = None,
                batch: int | None = None, seq: int | None = None, seed: int | None = None,
                inputs: dict[str, np.ndarray] | None = None,
-               dims: dict[str, int] | None = None) -> Loaded:
+               dims: dict[str, int] | None = None, symbolic: bool = False) -> Loaded:
     """Resolve a MODEL string (see the module doc). `preset` and `overrides` apply to
     built-in models only; `batch` and `seq` size the example inputs (an artifact keeps
     the inputs it was compiled with), `dims` any symbolic input dim of a graph (an ONNX
     file, a factory's Graph) by name. `seed` (default 0) draws the weights and example
     inputs. Given `inputs`, a model is traced at their shapes instead and they become
-    the Loaded's inputs."""
+    the Loaded's inputs. `symbolic`: a model (not a stored graph) is traced with a
+    symbolic batch and sequence (`symbolic_trace`), its example inputs kept."""
     if inputs is not None and (batch is not None or seq is not None or dims):
         raise TensorcError("given inputs fix the shapes, so batch, seq and dims do not apply")
-    loaded = _load(spec, preset, overrides, batch, seq, seed, inputs, dims or {})
+    loaded = _load(spec, preset, overrides, batch, seq, seed, inputs, dims or {}, symbolic)
     if dims and not callable(loaded._inputs):
         raise TensorcError(f"--dim sizes the symbolic input dims of a graph (an ONNX file, a "
                            f"factory's Graph); {spec} is traced or stored at fixed shapes "
@@ -89,21 +90,22 @@ def load_model(spec: str, preset: str | None = None, overrides: dict[str, Any] |
     return loaded
 
 
-def _load(spec, preset, overrides, batch, seq, seed, inputs, dims) -> Loaded:
+def _load(spec, preset, overrides, batch, seq, seed, inputs, dims, symbolic) -> Loaded:
     from tensorc.models import MODELS
 
     overrides = dict(overrides or {})
     if spec in MODELS:
-        return _load_builtin(spec, preset or "tiny", overrides, batch, seq, seed or 0, inputs)
+        return _load_builtin(spec, preset or "tiny", overrides, batch, seq, seed or 0, inputs,
+                             symbolic)
     if preset is not None or overrides:
         raise TensorcError(f"--preset and --set apply to built-in models only, not to {spec} "
                            f"(built in: {', '.join(MODELS)})")
     if ".py:" in spec or spec.endswith(".py"):
-        return _load_factory(spec, batch, seq, seed or 0, inputs, dims)
+        return _load_factory(spec, batch, seq, seed or 0, inputs, dims, symbolic)
     from .training import is_checkpoint, load_checkpoint_model
     if is_checkpoint(spec):   # trained weights of a built-in model
         model = load_checkpoint_model(spec)
-        graph, example = _trace(model, batch, seq, seed or 0, inputs)
+        graph, example = _trace(model, batch, seq, seed or 0, inputs, symbolic)
         return Loaded(graph, os.path.basename(os.path.normpath(spec)),
                       dataclasses.asdict(model.config), {"source": "checkpoint", "path": spec},
                       example)
@@ -128,8 +130,21 @@ def _load(spec, preset, overrides, batch, seq, seed, inputs, dims) -> Loaded:
                   stored if inputs is None else inputs)
 
 
-def _trace(model, batch, seq, seed, given):
-    """Trace a model at its example inputs, or at `given` ones shaped like them."""
+def symbolic_trace(model, example: dict[str, np.ndarray]):
+    """`model` traced with a symbolic batch (and sequence, for token inputs: 2-D
+    integers) instead of its example's sizes: one graph for every batch and length."""
+    import tensorc
+    specs = {}
+    for name, x in example.items():
+        dims = ["batch"] + (["seq"] if x.ndim == 2 and x.dtype.kind == "i" else
+                            list(x.shape[1:]))
+        specs[name] = TensorType(tuple(dims), dtype_name(x.dtype))
+    return tensorc.trace(model, **specs)
+
+
+def _trace(model, batch, seq, seed, given, symbolic=False):
+    """Trace a model at its example inputs, or at `given` ones shaped like them;
+    `symbolic`: at symbolic batch and sequence (`symbolic_trace`)."""
     import tensorc
     inputs = model.example_inputs(batch=1 if batch is None else batch, seq=seq, seed=seed)
     if not isinstance(inputs, dict):
@@ -139,7 +154,8 @@ def _trace(model, batch, seq, seed, given):
     if given is not None:
         check_like(given, inputs)
         inputs = given
-    return tensorc.trace(model, **inputs), inputs
+    return (symbolic_trace(model, inputs) if symbolic else tensorc.trace(model, **inputs)), \
+        inputs
 
 
 def check_like(given: dict[str, np.ndarray], example: dict[str, np.ndarray]) -> None:
@@ -160,15 +176,15 @@ def check_like(given: dict[str, np.ndarray], example: dict[str, np.ndarray]) -> 
                              f"{kind}[{','.join(map(str, got.shape))}]")
 
 
-def _load_builtin(name, preset, overrides, batch, seq, seed, given) -> Loaded:
+def _load_builtin(name, preset, overrides, batch, seq, seed, given, symbolic=False) -> Loaded:
     from tensorc.models import get
     model = get(name, preset, seed=seed, **overrides)
-    graph, inputs = _trace(model, batch, seq, seed, given)
+    graph, inputs = _trace(model, batch, seq, seed, given, symbolic)
     meta = {"source": "builtin", "preset": preset, "overrides": overrides}
     return Loaded(graph, name, dataclasses.asdict(model.config), meta, inputs)
 
 
-def _load_factory(spec: str, batch, seq, seed, given, dims=None) -> Loaded:
+def _load_factory(spec: str, batch, seq, seed, given, dims=None, symbolic=False) -> Loaded:
     from tensorc.frontend import Module
 
     path, _, fname = spec.rpartition(":") if ".py:" in spec else (spec, "", "")
@@ -201,7 +217,7 @@ def _load_factory(spec: str, batch, seq, seed, given, dims=None) -> Loaded:
     if not hasattr(made, "example_inputs"):
         raise TensorcError(f"{spec} returned a {type(made).__name__} without "
                            "example_inputs(batch, seq, seed), so its input shapes are unknown")
-    graph, inputs = _trace(made, batch, seq, seed, given)
+    graph, inputs = _trace(made, batch, seq, seed, given, symbolic)
     config = getattr(made, "config", None)
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
     return Loaded(graph, name, config, meta, inputs)

@@ -11,7 +11,6 @@ import numpy as np
 
 from .errors import TensorcError
 from .ir import Graph
-from .types import TensorType, dtype_name
 
 TASKS = {"gpt": "clm", "llama": "clm", "bert": "mlm", "vit": "classify"}
 
@@ -19,14 +18,8 @@ TASKS = {"gpt": "clm", "llama": "clm", "bert": "mlm", "vit": "classify"}
 def symbolic_trace(model) -> Graph:
     """`model` traced with a symbolic batch (and sequence, for token inputs), so one
     graph serves calibration, training and evaluation batches."""
-    import tensorc
-    example = model.example_inputs()
-    specs = {}
-    for name, x in example.items():
-        dims = ["batch"] + (["seq"] if x.ndim == 2 and x.dtype.kind == "i" else
-                            list(x.shape[1:]))
-        specs[name] = TensorType(tuple(dims), dtype_name(x.dtype))
-    return tensorc.trace(model, **specs)
+    from .loading import symbolic_trace as trace_symbolic
+    return trace_symbolic(model, model.example_inputs())
 
 
 @dataclasses.dataclass

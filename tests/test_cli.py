@@ -559,3 +559,21 @@ def test_strict_from_the_environment(capsys, fallback_model, monkeypatch):
     monkeypatch.setenv("TENSORC_STRICT", "1")
     rc, _, err = run_cli(capsys, "run", fallback_model, "--backend", "llvm")
     assert rc == 2 and "strict mode" in err
+
+
+@pytest.mark.parametrize("name", ["gpt", "bert", "vit"])
+def test_export_dynamic_writes_one_graph_for_every_shape(capsys, tmp_path, name):
+    """`export --dynamic`: symbolic batch (and sequence for token inputs); ONNX Runtime
+    runs the file at two shapes as tensorc's model does."""
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / f"{name}.onnx"
+    ok(capsys, "export", name, "--dynamic", "--passes", "O2", "-o", path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[0] == "batch"
+    model = tensorc.models.get(name, "tiny")
+    for batch, seq in ((1, 5), (3, 12)):
+        feeds = model.example_inputs(batch=batch, seq=None if name == "vit" else seq)
+        want = tensorc.compile(tensorc.trace(model, **feeds)).run(feeds)["logits"]
+        np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=1e-4, atol=1e-5)
+    rc, _, err = run_cli(capsys, "export", name, "--dynamic", "--batch", "2", "-o", path)
+    assert rc == 2 and "--dynamic exports every batch" in err
