@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"tensorc": "tensorc", "passes": "tensorc.passes", "backends": "tensorc.backends",
             "frontend": "tensorc.frontend", "models": "tensorc.models"}
 LAYERS = ["core", "passes", "backends", "frontend", "models", "shell"]
-SHELL = {"tensorc", "tensorc.api", "tensorc.cli", "tensorc.loading", "tensorc.artifact",
-         "tensorc.generation", "tensorc.data", "tensorc.optim", "tensorc.training",
-         "tensorc.pruning"}
+SHELL = {"tensorc", "tensorc.api", "tensorc.cli", "tensorc.cli_args", "tensorc.cli_train",
+         "tensorc.loading", "tensorc.artifact", "tensorc.generation", "tensorc.data",
+         "tensorc.optim", "tensorc.training", "tensorc.pruning"}
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     mods = {}
