@@ -641,12 +641,19 @@ def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
               if y is not None]
     if any(copied):   # a copy would go stale
         return general
+    return bound_job(job, fixed, items, threads, work_size, keep,
+                     {"q": 0, "k": 1, "v": 2, "out": 3, "mask": 4 if mask is not None else None})
+
+
+def bound_job(job, fixed, items, threads: int, work_size: int, keep, slots: dict):
+    """The runner of a planned library job (`_plan`'s parts): the workspaces (one per
+    pool thread) and the argument block made once; `run.patch(role, address)` rewrites
+    the block's word `slots[role]` (None: that operand is absent)."""
     workers = pool.get(threads) if threads > 1 and len(items) > 1 else None
     works = [aligned_empty(work_size) for _ in range(workers.threads if workers else 1)]
     block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
                       *[x for it in items for x in it]], np.int64)
     run = pool.launcher(job, block.ctypes.data, len(items), threads if workers else 1)
-    slots = {"q": 0, "k": 1, "v": 2, "out": 3, "mask": 4 if mask is not None else None}
 
     def patch(role: str, address: int) -> None:
         if slots[role] is not None:

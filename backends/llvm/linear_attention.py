@@ -35,17 +35,17 @@ from llvmlite import ir
 
 from tensorc.errors import ShapeError, TensorcError
 
-from . import pool
 from .attention import (
     I8,
     _estrides,
     _f32_bits,
     _mload_i8,
     _unit_last,
+    bound_job,
     kernel_mask,
     vector_helpers,
 )
-from .gemm import _split, aligned_empty, num_threads, run_jobs
+from .gemm import _split, num_threads, run_jobs
 from .irbuild import F32, I64, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_library
 
@@ -497,17 +497,6 @@ def bind(q, k, v, features, mask=None, scale: float = 1.0, causal: bool = False,
     if any(y is not None and not np.may_share_memory(x, y)
            for x, y in zip(keep, given, strict=False)):   # a copy would go stale
         return general
-    workers = pool.get(threads) if threads > 1 and len(items) > 1 else None
-    works = [aligned_empty(work_size) for _ in range(workers.threads if workers else 1)]
-    block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
-                      *[x for it in items for x in it]], np.int64)
-    run = pool.launcher(job, block.ctypes.data, len(items), threads if workers else 1)
-    slots = {"q": 0, "k": 1, "v": 2, "features": 3, "out": 4,
-             "mask": 5 if mask is not None else None}
-
-    def patch(role: str, address: int) -> None:
-        if slots[role] is not None:
-            block[slots[role]] = address
-    run.patch = patch
-    run.keep = (keep, works, block)
-    return run
+    return bound_job(job, fixed, items, threads, work_size, keep,
+                     {"q": 0, "k": 1, "v": 2, "features": 3, "out": 4,
+                      "mask": 5 if mask is not None else None})
