@@ -45,10 +45,9 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
-from engines import cpu_model, has, start_engines, take_turns  # beside this script
+from engines import cpu_model, has, serve, start_engines, take_turns  # beside this script
 
 B, H, D = 1, 8, 64
 QK_STD = 0.5   # the spread of q and k entries (Performer's error grows fast with it)
@@ -151,18 +150,7 @@ def worker(kind: str, seq: int, causal: bool, a) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")   # reset the high-water mark
     fn()   # the first call: tensorc binds (workspaces, output) here
-    peak = _rss("VmHWM") - base
-    print(json.dumps("ready"), flush=True)
-    for line in sys.stdin:
-        _, runs, warmup = line.split()
-        for _ in range(int(warmup)):
-            fn()
-        times = []
-        for _ in range(int(runs)):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        print(json.dumps({"times": times, "peak": peak}), flush=True)
+    serve(fn, {"peak": _rss("VmHWM") - base})
 
 
 def start(kind, seq, causal, a) -> subprocess.Popen:

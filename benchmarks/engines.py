@@ -54,9 +54,10 @@ def take_turns(procs: dict, rounds: int, request, pause: float = 0.3) -> dict[st
     return got
 
 
-def serve(fn) -> None:
+def serve(fn, extra: dict | None = None) -> None:
     """A worker's loop: say "ready", then answer each "run N WARMUP" line from the parent
-    with the seconds of N timed calls of `fn`, after WARMUP untimed ones."""
+    with the seconds of N timed calls of `fn`, after WARMUP untimed ones (with `extra`,
+    as {"times": [...], **extra})."""
     print(json.dumps("ready"), flush=True)
     for line in sys.stdin:
         _, runs, warmup = line.split()
@@ -67,7 +68,7 @@ def serve(fn) -> None:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-        print(json.dumps(times), flush=True)
+        print(json.dumps(times if extra is None else {"times": times, **extra}), flush=True)
 
 
 def has(module: str) -> bool:
