@@ -84,20 +84,16 @@ def add_commands(command, common, trained) -> None:
                     help="write the pruned (recovered) model as an artifact")
 
 
-DEFAULT_TASK = {"gpt": "clm", "llama": "clm", "bert": "mlm", "vit": "classify",
-                "transformer": "translate"}
-
-
 def cmd_train(args) -> int:
     from tensorc.models import MODELS
-    from tensorc.training import Run, TrainConfig, fit, plot_losses
+    from tensorc.training import DEFAULT_TASKS, Run, TrainConfig, fit, plot_losses
     if args.model not in MODELS:
         raise TensorcError(f"{args.command} takes a built-in model ({', '.join(MODELS)}); "
                            f"got {args.model}")
     if args.init and args.resume:
         raise TensorcError("--init starts a new run from a checkpoint's weights, --resume "
                            "continues one: give one of them")
-    task = args.task or DEFAULT_TASK[args.model]
+    task = args.task or DEFAULT_TASKS[args.model]
     cfg = TrainConfig(steps=args.steps, lr=args.lr, optimizer=args.optimizer,
                       warmup=args.steps // 10 if args.warmup is None else args.warmup,
                       weight_decay=args.weight_decay, clip=args.clip or None,

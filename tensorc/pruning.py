@@ -6,13 +6,15 @@ fine-tuned on its task's data or distilled from the unpruned model's logits."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 
 from .errors import TensorcError
 from .ir import Graph
 
-TASKS = {"gpt": "clm", "llama": "clm", "bert": "mlm", "vit": "classify"}
+TASKS = ("clm", "mlm", "classify")   # what prune measures and recovers on
 
 
 def symbolic_trace(model) -> Graph:
@@ -34,27 +36,27 @@ class Source:
 
 def load(spec: str, preset: str | None = None, overrides: dict | None = None,
          task: str | None = None) -> Source:
+    """A built-in model (on its default task's data) or a `tensorc train` checkpoint
+    (on the task it was trained on), unless `task` says otherwise."""
     from .models import MODELS, get
-    from .training import is_checkpoint, load_checkpoint_model, task_settings
-    if spec in MODELS:
-        task = task or TASKS.get(spec)
-        if task is None:
-            raise TensorcError(f"give --task for {spec}")
-        model = get(spec, preset or "tiny", **{**task_settings(task), **(overrides or {})})
-        name = spec
-    elif is_checkpoint(spec):
-        if preset or overrides:
-            raise TensorcError("--preset and --set apply to built-in models, not checkpoints")
-        model = load_checkpoint_model(spec)
-        name = spec
-    else:
+    from .optim import TRAINER_FILE
+    from .training import DEFAULT_TASKS, is_checkpoint, load_checkpoint_model, task_settings
+    checkpoint = spec not in MODELS and is_checkpoint(spec)
+    if spec not in MODELS and not checkpoint:
         raise TensorcError(f"prune takes a built-in model or a `tensorc train` checkpoint "
                            f"(its task gives the data to measure and recover on); got {spec}")
-    kind = type(model).__name__.lower()
-    task = task or TASKS.get(kind)
-    if task is None:
-        raise TensorcError(f"give --task for a {kind} model")
-    return Source(model, symbolic_trace(model), task, name)
+    if checkpoint and (preset or overrides):
+        raise TensorcError("--preset and --set apply to built-in models, not checkpoints")
+    if task is None and checkpoint:
+        with open(os.path.join(spec, TRAINER_FILE)) as f:
+            task = json.load(f).get("extra", {}).get("task")
+    task = task or DEFAULT_TASKS.get(spec)
+    if task not in TASKS:
+        raise TensorcError(f"prune measures and recovers on {', '.join(TASKS)}; {spec} trains "
+                           f"on {task}: give --task")
+    model = load_checkpoint_model(spec) if checkpoint else \
+        get(spec, preset or "tiny", **{**task_settings(task), **(overrides or {})})
+    return Source(model, symbolic_trace(model), task, spec)
 
 
 def size(graph: Graph, batch: int, seq: int) -> dict:

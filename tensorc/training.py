@@ -60,6 +60,11 @@ TASKS = {t.name: t for t in (
 )}
 
 
+# The task a built-in model trains on unless told otherwise (train, distill, prune).
+DEFAULT_TASKS = {"gpt": "clm", "llama": "clm", "bert": "mlm", "vit": "classify",
+                 "transformer": "translate"}
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise TensorcError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
