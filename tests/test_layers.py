@@ -27,7 +27,7 @@ PACKAGES = {"tensorc": "tensorc", "passes": "tensorc.passes", "backends": "tenso
 LAYERS = ["core", "passes", "backends", "frontend", "models", "shell"]
 SHELL = {"tensorc", "tensorc.api", "tensorc.cli", "tensorc.cli_args", "tensorc.cli_train",
          "tensorc.loading", "tensorc.artifact", "tensorc.generation", "tensorc.data",
-         "tensorc.optim", "tensorc.training", "tensorc.pruning"}
+         "tensorc.optim", "tensorc.training", "tensorc.pruning", "tensorc.parallel"}
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     mods = {}
@@ -77,7 +77,7 @@ def _graph() -> nx.DiGraph:
 
 
 def _layer(module: str) -> str:
-    if module in SHELL:
+    if module in SHELL or module.startswith("tensorc.parallel."):
         return "shell"
     part = module.split(".")[1] if "." in module else ""
     return part if part in LAYERS else "core"

@@ -1,6 +1,7 @@
 """The op registry and every op definition. Importing this package registers them all."""
 
-from . import attention, elementwise, extra, fused, nn, quant, shape, sparse_attention  # noqa: F401  (registration side effects)
+from . import (attention, collective, elementwise, extra, fused, nn, quant, shape,
+               sparse_attention)  # noqa: F401  (registration side effects)
 from .registry import OPS, REQUIRED, Attr, OpDef, get_op, register
 
 __all__ = ["OPS", "REQUIRED", "Attr", "OpDef", "get_op", "register"]
