@@ -1,0 +1,88 @@
+"""Starting the ranks of a mesh: processes under `mpiexec` (MPI), else threads.
+
+`run_ranks(mesh, fn)` runs fn(groups) on every rank. Under mpiexec each process is one
+rank and gets only its own result (`groups.rank` says which; rank 0 prints); without
+mpiexec every rank is a thread of this process and the caller gets them all.
+`relaunch(n, argv)` runs `python -m tensorc argv` under `mpiexec -n n`: how the CLI's
+`--mesh` starts its ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import TensorcError
+from ..mesh import Mesh
+from ..ops.collective import use_groups
+from .comm import MeshGroups, run_threads
+
+# The world size a launcher gives its processes: MPICH's hydra (and Slurm's PMI) set
+# PMI_SIZE, Open MPI OMPI_COMM_WORLD_SIZE, PMIx launchers PMIX_SIZE.
+SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+def mpiexec_size() -> int | None:
+    """The number of processes mpiexec started, read from its environment variables
+    (so mpi4py, which initialises MPI on import, is imported only under mpiexec); None
+    when not started by mpiexec."""
+    for name in SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def under_mpiexec() -> bool:
+    return mpiexec_size() is not None
+
+
+def run_ranks(mesh: Mesh, fn: Callable[[MeshGroups], Any]) -> dict[int, Any]:
+    """fn(groups) on every rank of the mesh, with the rank's collectives installed;
+    returns {rank: result}: every rank's (threads, in rank order) or, under mpiexec,
+    this process's only. Under mpiexec a rank that fails prints its error and aborts
+    the job: its peers would otherwise wait for it forever."""
+    n = mpiexec_size()
+    if n is None:
+        return dict(enumerate(run_threads(mesh, fn)))
+    if n != mesh.size:
+        raise TensorcError(f"mpiexec started {n} processes, the mesh {mesh} has {mesh.size} "
+                           f"ranks: run mpiexec -n {mesh.size}")
+    from .mpi import MPICommunicator
+    world = MPICommunicator()
+    try:
+        groups = MeshGroups(world, mesh)
+        with use_groups(groups):
+            result = fn(groups)
+        world.finish()
+    except BaseException as e:   # noqa: BLE001
+        if world.size == 1:
+            raise
+        print(f"tensorc: error: rank {world.rank}: {e}", file=sys.stderr, flush=True)
+        world.comm.Abort(2)
+    return {world.rank: result}
+
+
+def mpiexec_path() -> str:
+    """The mpiexec beside this Python (the mpich wheel puts it in the venv's bin), else
+    the one on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise TensorcError("no mpiexec found beside Python or on PATH: pip install mpi4py "
+                           "mpich (or run the mesh in threads: --mesh-threads)")
+    return found
+
+
+def relaunch(n: int, argv: list[str]) -> int:
+    """Run `python -m tensorc argv` as n MPI processes; their exit code (non-zero if any
+    rank failed)."""
+    cmd = [mpiexec_path(), "-n", str(n), sys.executable, "-m", "tensorc", *argv]
+    return subprocess.call(cmd)
