@@ -29,6 +29,8 @@ NO_RULE = {
     "quant_params": "a quantization's range is a constant of it (straight through)",
     "fake_quantize": "the straight-through estimator is not the derivative: "
                      "tests/test_quant.py checks it",
+    "recv": "no inputs (its value comes from another rank)",
+    "send": "needs a second rank: tests/test_collectives.py checks its rule on a thread mesh",
 }
 
 
@@ -119,6 +121,11 @@ def cases(rng):
               f64(rng, 6, 3)], {"scale": 0.5}),
             ([f64(rng, 2, 2, 5, 3), f64(rng, 2, 2, 5, 3), f64(rng, 2, 2, 5, 3),
               f64(rng, 4, 3), f64(rng, 2, 1, 1, 5)], {"causal": True})],
+        # a group of one (no communicator); tests/test_collectives.py checks the rules
+        # on thread meshes of 2 to 4 ranks
+        **{op: [([f64(rng, 2, 3)], {"axis": "tp", "size": 1, **extra})] for op, extra in (
+            ("all_reduce", {}), ("all_gather", {"dim": 1}), ("reduce_scatter", {"dim": 0}),
+            ("broadcast", {}))},
     }, t
 
 

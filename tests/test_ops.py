@@ -20,8 +20,11 @@ import pytest
 import tensorc.passes  # noqa: F401  (passes may register composite ops too)
 from tensorc.errors import ShapeError, TensorcError
 from tensorc.ir import Graph, TensorType
+from tensorc.mesh import Mesh
 from tensorc.ops import OPS
+from tensorc.ops.collective import COLLECTIVES
 from tensorc.ops.shape import SLICE_END
+from tensorc.parallel.comm import run_threads
 
 # --- helpers -------------------------------------------------------------------------
 
@@ -128,6 +131,12 @@ def test_reference_matches_independent_formula(op):
     rng = np.random.default_rng(zlib.crc32(op.encode()))
     cases = list(CHECKS[op](op, rng))
     assert len(cases) >= 3, f"{op}: too few cases"
+    if op in COLLECTIVES:   # cases run on a mesh of thread ranks: (size, per rank fn)
+        for size, on_rank, expected in cases:
+            for got, want in zip(run_threads(Mesh(tp=size), on_rank), expected, strict=True):
+                for g, e in zip(got, want, strict=True):
+                    assert_matches(g, np.asarray(e))
+        return
     for inputs, attrs, expected in cases:
         expected = expected if isinstance(expected, list) else [expected]
         got = run_op(op, inputs, attrs)
@@ -697,6 +706,107 @@ def _dims(op, rng):
             ((2, 5, 1, 4), (2, 2), "f32", np.float32([[2, 5], [1, 4]])),
             ((9,), (1,), "i64", np.int64([9]))]:
         yield [], {"values": values, "shape": shape, "dtype": dtype}, np.asarray(expected)
+
+
+# --- collectives: rank r's op on a mesh of thread ranks, against loops over the ranks ---
+
+def _on_ranks(op, inputs, attrs):
+    """Every rank runs the op on its own inputs (inputs[r])."""
+    return lambda groups: run_op(op, inputs[groups.rank], attrs)
+
+
+def _reduced(xs, fn, dtype):
+    out = np.empty(xs[0].shape, dtype)
+    for idx in np.ndindex(*xs[0].shape):
+        vals = [x[idx].item() for x in xs]
+        out[idx] = fn(vals)
+    return out
+
+
+REDUCE_PY = {"sum": math.fsum, "max": max, "min": min}
+
+
+@checks("all_reduce")
+def _all_reduce(op, rng):
+    for p, shape, dtype, red in [(1, (3, 2), "f32", "sum"), (2, (5,), "f32", "sum"),
+                                 (3, (2, 3), "f64", "max"), (4, (2, 1, 3), "i32", "min"),
+                                 (4, (7,), "f32", "sum")]:
+        xs = [rand(rng, shape, dtype) for _ in range(p)]
+        attrs = {"axis": "tp", "size": p, "op": red}
+        want = _reduced(xs, REDUCE_PY[red], NP[dtype])
+        yield p, _on_ranks(op, [[x] for x in xs], attrs), [[want]] * p
+
+
+@checks("all_gather")
+def _all_gather(op, rng):
+    for p, shape, dim in [(1, (2, 3), 0), (2, (2, 3), 1), (3, (2, 3), -1), (4, (1, 2, 2), 1)]:
+        xs = [rand(rng, shape) for _ in range(p)]
+        d = dim % len(shape)
+        full = list(shape)
+        full[d] *= p
+        want = np.empty(full, np.float32)
+        for idx in np.ndindex(*full):   # element idx comes from rank idx[d] // shape[d]
+            r, i = divmod(idx[d], shape[d])
+            want[idx] = xs[r][idx[:d] + (i,) + idx[d + 1:]]
+        attrs = {"axis": "tp", "size": p, "dim": dim}
+        yield p, _on_ranks(op, [[x] for x in xs], attrs), [[want]] * p
+
+
+@checks("reduce_scatter")
+def _reduce_scatter(op, rng):
+    for p, shape, dim, red in [(1, (2, 3), 0, "sum"), (2, (4, 3), 0, "sum"),
+                               (3, (2, 6), -1, "max"), (4, (2, 8, 1), 1, "sum")]:
+        xs = [rand(rng, shape) for _ in range(p)]
+        d = dim % len(shape)
+        part = list(shape)
+        part[d] //= p
+        wants = []
+        for r in range(p):
+            want = np.empty(part, np.float32)
+            for idx in np.ndindex(*part):   # rank r keeps rows r*part .. of the reduction
+                at = idx[:d] + (r * part[d] + idx[d],) + idx[d + 1:]
+                want[idx] = REDUCE_PY[red]([x[at].item() for x in xs])
+            wants.append([want])
+        attrs = {"axis": "tp", "size": p, "dim": dim, "op": red}
+        yield p, _on_ranks(op, [[x] for x in xs], attrs), wants
+
+
+@checks("broadcast")
+def _broadcast(op, rng):
+    for p, root, dtype in [(1, 0, "f32"), (2, 1, "f32"), (3, 2, "i64"), (4, 0, "f16")]:
+        xs = [rand(rng, (2, 3), dtype) for _ in range(p)]
+        attrs = {"axis": "tp", "size": p, "root": root}
+        yield p, _on_ranks(op, [[x] for x in xs], attrs), [[xs[root]]] * p
+
+
+@checks("send", "recv")
+def _send_recv(op, rng):
+    """Rank r sends to r + peer: with the op on the sending side (the receiver takes it
+    from its communicator), or the op on the receiving side (the sender hands it to its
+    communicator). Each rank returns what it received (a rank with no sender: nothing)."""
+    for p, peer, dtype in [(2, 1, "f32"), (3, -1, "f32"), (4, 2, "i32"), (4, -3, "f16")]:
+        xs = [rand(rng, (2, 3), dtype) for _ in range(p)]
+        attrs = {"axis": "tp", "size": p, "peer": peer}
+
+        def on_rank(groups, xs=xs, attrs=attrs, peer=peer, p=p, dtype=dtype):
+            comm, r = groups.group("tp"), groups.rank
+            sends, source = 0 <= r + peer < p, r - peer
+            if op == "send":
+                out = run_op("send", [xs[r]], attrs) if sends else []
+                got = comm.recv((2, 3), xs[0].dtype, source) if 0 <= source < p else None
+                return out + ([got] if got is not None else [])
+            if sends:
+                comm.send(xs[r], r + peer)
+            if not 0 <= source < p:
+                return []
+            return run_op("recv", [], {**attrs, "peer": -peer, "shape": (2, 3),
+                                       "dtype": dtype})
+
+        wants = []
+        for r in range(p):
+            sent = [xs[r]] if op == "send" and 0 <= r + peer < p else []
+            wants.append(sent + ([xs[r - peer]] if 0 <= r - peer < p else []))
+        yield p, on_rank, wants
 
 
 # --- FLOP counts --------------------------------------------------------------------

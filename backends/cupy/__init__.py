@@ -40,6 +40,7 @@ import numpy as np
 from tensorc.errors import FallbackError, InputError, TensorcError
 from tensorc.ir import DTYPES, Graph, TensorType, bind_shapes, dim_symbols
 from tensorc.ops import get_op
+from tensorc.ops.collective import COLLECTIVES
 
 from .. import Backend, Executable, check_shapes
 from .. import lowering as L
@@ -427,10 +428,13 @@ class _Prepared:
 
 def host_steps(program: L.Program) -> list[dict]:
     """What runs the numpy reference on the host: the Program's fallbacks, and library
-    calls without a GPU kernel (an attention the flash kernel does not take)."""
+    calls without a GPU kernel (an attention the flash kernel does not take). Collectives
+    run on the host too, by design, and are no fallback: their arrays go through host
+    memory to the rank's communicator (an NCCL one runs on device arrays, outside a
+    compiled graph)."""
     out = program.stats()["fallbacks"]
     for s in program.steps:
-        if _runs_on_host(s) and not s.fallback:
+        if _runs_on_host(s) and not s.fallback and s.op not in COLLECTIVES:
             kernel = KERNEL_NAMES.get(s.op, "flash-attention")
             out.append({"node": s.where, "reason": f"the {kernel} kernel takes float32 "
                         f"with head dims <= {lib.MAX_HEAD_DIM} and a contiguous head dim"})

@@ -20,6 +20,7 @@ import numpy as np
 
 from tensorc.errors import TensorcError
 from tensorc.ops import get_op
+from tensorc.ops.collective import COLLECTIVES
 
 from ..lowering import Call, IndexCheck, KernelStep, Program, View
 from . import codegen, jit, pool
@@ -193,12 +194,7 @@ class Runner:
             ins = [self.array(v) for v in step.inputs]
             outs = [self.array(v) for v in step.outputs]
             if step.fallback:
-                opdef = get_op(step.op)
-
-                def reference():
-                    for o, r in zip(outs, opdef.evaluate(ins, step.attrs), strict=True):
-                        np.copyto(o, r, casting="unsafe")
-                return reference
+                return _reference(step.op, step.attrs, ins, outs)
             if step.op == "matmul" and step.inputs[1].buf.kind == "const" \
                     and len(step.inputs[1].shape) == 2:   # a weight: packed once, here
                 if step not in self._packed:   # mostly zeros: the sparse kernel's CSC
@@ -354,6 +350,16 @@ def _np(dtype: str):
     return DTYPES[dtype]
 
 
+def _reference(op: str, attrs: dict, ins: list, outs: list):
+    """A step running the op's numpy reference on views of the buffers."""
+    opdef = get_op(op)
+
+    def reference():
+        for o, r in zip(outs, opdef.evaluate(ins, attrs), strict=True):
+            np.copyto(o, r, casting="unsafe")
+    return reference
+
+
 # --- library calls: op -> bind(attrs, inputs, outputs, epilogue, threads) -> step ------
 
 def _matmul(attrs, ins, outs, epilogue, threads):
@@ -401,7 +407,14 @@ def _linear_attention(attrs, ins, outs, epilogue, threads):
     return bind(*ins, **attrs, threads=threads, out=outs[0])
 
 
+def _collective(op: str):
+    # the reference runs the collective on the running rank's communicator
+    # (ops.collective.group): the buffers' views go straight to it
+    return lambda attrs, ins, outs, epilogue, threads: _reference(op, attrs, ins, outs)
+
+
 LIBRARY = {"matmul": _matmul, "attention": _attention, "attention_grad": _attention_grad,
            "matmul_integer": _matmul_integer, "linear_attention": _linear_attention,
            "local_attention": _sparse_attention("local_attention"),
            "block_sparse_attention": _sparse_attention("block_sparse_attention")}
+LIBRARY.update({op: _collective(op) for op in COLLECTIVES})

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tensorc.ops.collective import COLLECTIVES
+
 from .. import kernel_ir as K
 
 
@@ -172,6 +174,7 @@ class Program:
         return {"kernel_launches": sum(isinstance(s, KernelStep) for s in self.steps),
                 "unique_kernels": len(self.kernels),
                 "library_calls": sum(not c.fallback for c in calls),
+                "collectives": sum(c.op in COLLECTIVES and not c.fallback for c in calls),
                 "fallbacks": [{"node": c.where, "reason": c.reason}
                               for c in calls if c.fallback],
                 "arena_bytes": self.arena_bytes, "live_peak_bytes": self.live_peak_bytes}

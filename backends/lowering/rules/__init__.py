@@ -2,9 +2,9 @@
 `rule(lowering, node, inputs, attrs) -> outputs` (lazy values); it raises
 `NotLowerable` for inputs it does not handle."""
 
-from . import attention, conv, elementwise, matmul, reduction, shape
+from . import attention, collective, conv, elementwise, matmul, reduction, shape
 
-_FAMILIES = (elementwise, reduction, matmul, attention, conv, shape)
+_FAMILIES = (elementwise, reduction, matmul, attention, conv, shape, collective)
 
 RULES: dict = {}
 for _family in _FAMILIES:
