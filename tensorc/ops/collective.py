@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import ShapeError, TensorcError
 from ..types import TensorType, dim_divide, dim_product
 from .registry import Attr, OpDef, norm_axis, register
+from .vjp import zeros
 
 REDUCTIONS = ("sum", "max", "min")
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv")
@@ -175,10 +176,17 @@ def _reduce_scatter_t(g, node, dy):
 
 
 def _broadcast_t(g, node, dy):
-    # the root's input reaches every rank: its gradient is the sum of theirs
+    # the root's input reaches every rank: its gradient is the sum of theirs, and the
+    # other ranks' inputs have none. The graph is the same on every rank, so: each rank
+    # puts its dy in slot `root` of p zero slots, and a reduce-scatter hands rank r the
+    # group's sum of slot r (the sum at the root, zeros elsewhere)
     a = node.attrs
-    total = g.add("all_reduce", dy, axis=a["axis"], size=a["size"])
-    return [total]
+    p, root = a["size"], a["root"]
+    slot = g.add("unsqueeze", dy, axes=(0,))
+    zero = zeros(g, slot.type)
+    slots = g.add("concat", *([zero] * root + [slot] + [zero] * (p - 1 - root)), axis=0)
+    mine = g.add("reduce_scatter", slots, axis=a["axis"], size=p, dim=0)
+    return [g.add("squeeze", mine, axes=(0,))]
 
 
 register(OpDef(
