@@ -1,0 +1,105 @@
+"""MPI: `tests/mpi_ranks.py` under `mpiexec -n 2, 3, 4` (oversubscribed on a small
+machine: MPICH allows it) checks every collective of MPICommunicator against the thread
+communicator and runs a compiled graph through `run_ranks`; the launcher's environment
+detection, relaunch and errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tensorc.errors import TensorcError
+from tensorc.mesh import Mesh
+from tensorc.parallel import launch
+
+SCRIPT = Path(__file__).with_name("mpi_ranks.py")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _mpiexec() -> str:
+    try:
+        return launch.mpiexec_path()
+    except TensorcError as e:
+        pytest.skip(str(e))
+
+
+def _run(n: int, *args, timeout=120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in launch.SIZE_VARIABLES}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, str(SCRIPT), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_every_collective_under_mpiexec_matches_threads(n):
+    pytest.importorskip("mpi4py", reason="MPI tests need mpi4py: pip install mpi4py mpich")
+    res = _run(n)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the ranks' lines may interleave
+    assert sorted(map(int, re.findall(r"OK rank (\d+)", res.stdout))) == list(range(n)), \
+        res.stdout
+
+
+def test_a_failing_rank_aborts_the_job_instead_of_hanging():
+    pytest.importorskip("mpi4py", reason="MPI tests need mpi4py: pip install mpi4py mpich")
+    res = _run(2, "fail", timeout=60)
+    assert res.returncode != 0
+    assert "tensorc: error: rank 1: rank 1 fails on purpose" in res.stderr
+
+
+def test_mpiexec_is_detected_from_its_environment(monkeypatch):
+    for name in launch.SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert not launch.under_mpiexec() and launch.mpiexec_size() is None
+    # without mpiexec the ranks are threads, and the caller gets every rank's result
+    assert launch.run_ranks(Mesh(tp=3), lambda groups: groups.rank * 10) == \
+        {0: 0, 1: 10, 2: 20}
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launch.mpiexec_size() == 4
+    monkeypatch.setenv("PMI_SIZE", "3")
+    assert launch.under_mpiexec() and launch.mpiexec_size() == 3
+    with pytest.raises(TensorcError, match="mpiexec started 3 processes, the mesh tp=2 has 2 "
+                                           "ranks: run mpiexec -n 2"):
+        launch.run_ranks(Mesh(tp=2), lambda groups: None)
+
+
+def test_missing_mpiexec_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TensorcError, match="pip install mpi4py mpich"):
+        launch.mpiexec_path()
+
+
+def test_relaunch_returns_the_ranks_exit_code(capfd):
+    _mpiexec()
+    assert launch.relaunch(2, ["--help"]) == 0
+    assert capfd.readouterr().out.count("usage: tensorc") == 2   # one per rank
+    assert launch.relaunch(2, ["no-such-command"]) == 2
+
+
+def test_nccl_imports_without_cupy_and_refuses_without_a_gpu():
+    from tensorc.parallel import nccl
+    reason = nccl.unavailable_reason()
+    if reason is None:
+        pytest.skip("NCCL is usable here: test_nccl_collectives_on_gpus runs it")
+    with pytest.raises(TensorcError, match="the NCCL communicator is unavailable: .+"):
+        nccl.NCCLCommunicator()
+
+
+def test_nccl_collectives_on_gpus():
+    """Every collective on NCCL, one GPU per rank, against the thread communicator."""
+    from tensorc.parallel import nccl
+    reason = nccl.unavailable_reason()
+    if reason:
+        pytest.skip(f"NCCL cannot run here: {reason}")
+    import cupy
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("NCCL across ranks needs two GPUs (one per rank); this machine has one")
+    res = _run(2, "nccl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(map(int, re.findall(r"OK rank (\d+)", res.stdout))) == [0, 1], res.stdout
