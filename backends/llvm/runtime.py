@@ -83,6 +83,8 @@ class Runner:
         self.fns = compile_kernels(program.kernels)
         self._keep = []
         self._lock = threading.Lock()
+        self.collectives = any(isinstance(s, Call) and s.op in COLLECTIVES and s.fallback
+                               is False for s in program.steps)
         self._packed: dict[Call, object] = {}   # a weight's PackedB, made once
         # The zero-copy rule: an input buffer that any step writes is always copied.
         written = program.written()
@@ -245,8 +247,17 @@ class Runner:
         """The outputs for these inputs (checked by the caller: shapes and dtype names);
         `out`: per output, an array to write it into (C-contiguous, its dtype and shape),
         or None."""
-        with self._lock:  # one arena: calls on one executable take turns
+        if self.collectives and not self._lock.acquire(blocking=False):
+            # waiting would deadlock: the caller holding the arena is in a collective
+            # that needs this rank
+            raise TensorcError("an llvm executable with collectives is running on another "
+                               "thread: compile one executable per rank")
+        elif not self.collectives:
+            self._lock.acquire()
+        try:   # one arena: calls on one executable take turns
             return self._run(arrays, out)
+        finally:
+            self._lock.release()
 
     def _run(self, arrays, out):
         rebind: set = set()

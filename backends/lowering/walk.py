@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from tensorc.errors import FallbackError
 from tensorc.ir import DTYPES, Graph, TensorType
 from tensorc.ops import get_op
+from tensorc.ops.collective import COLLECTIVES
 
 from ..plan import pack_buffers
 from .kernels import write_kernel
@@ -280,6 +281,7 @@ _BF16_MOVES = {"cast", "reshape", "transpose", "slice", "expand", "squeeze", "un
 def _bf16_math(node) -> bool:
     """Whether a node computes on bf16 values (an add of two bf16 tensors, a bf16 matmul):
     the generated kernels hold bf16 as its 16 bits, so such a node runs its reference.
-    A matmul of f32 operands, one a widened bf16 weight, computes in f32 and is lowered."""
-    return node.op not in _BF16_MOVES and any(
+    A matmul of f32 operands, one a widened bf16 weight, computes in f32 and is lowered.
+    Collectives run their reference either way (`rules/collective.py`)."""
+    return node.op not in _BF16_MOVES and node.op not in COLLECTIVES and any(
         v.type.dtype == "bf16" for v in (*node.inputs, *node.outputs))
