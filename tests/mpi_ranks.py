@@ -27,7 +27,8 @@ def rank_input(rank: int, shape, dtype) -> np.ndarray:
 def exercise(comm) -> list[np.ndarray]:
     """Every collective on `comm` (a rank's world or axis group), in one order."""
     p, r = comm.size, comm.rank
-    out = []
+    scalar = rank_input(r, (), np.float32)   # a loss: stays a scalar
+    out = [comm.all_reduce(scalar), comm.broadcast(scalar, 0)]
     for dtype in (np.float32, np.float16, np.int32, np.float64):
         x = rank_input(r, (p * 2, 3, p), dtype)
         for op in ("sum", "max", "min"):

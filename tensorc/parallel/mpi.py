@@ -62,13 +62,13 @@ class MPICommunicator(Communicator):
         return True
 
     def _exchange(self, x):
-        x = np.ascontiguousarray(x)
+        x = np.asarray(x, order="C")   # (ascontiguousarray would make a scalar 1-d)
         out = np.empty((self.size,) + x.shape, x.dtype)
         self.comm.Allgather(_bytes(x), _bytes(out))
         return list(out)
 
     def all_reduce(self, x, op="sum"):
-        x = np.ascontiguousarray(x)
+        x = np.asarray(x, order="C")
         if not self._native(x):
             return super().all_reduce(x, op)
         out = np.empty_like(x)

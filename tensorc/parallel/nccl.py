@@ -77,7 +77,7 @@ class NCCLCommunicator(Communicator):
         return self.cp.ascontiguousarray(self.cp.moveaxis(x, 0, dim))
 
     def all_reduce(self, x, op="sum"):
-        x = self.cp.ascontiguousarray(x)
+        x = self.cp.asarray(x, order="C")   # numpy arrays are copied to the device
         out = self.cp.empty_like(x)
         self.comm.allReduce(x.data.ptr, out.data.ptr, x.size, self._type(x), self._ops[op],
                             self._stream())
@@ -106,7 +106,7 @@ class NCCLCommunicator(Communicator):
         return out
 
     def send(self, x, dest):
-        x = self.cp.ascontiguousarray(x)
+        x = self.cp.asarray(x, order="C")
         self.comm.send(x.data.ptr, x.size, self._type(x), dest, self._stream())
 
     def recv(self, shape, dtype, source):
