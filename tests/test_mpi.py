@@ -75,6 +75,24 @@ def test_missing_mpiexec_names_the_install(monkeypatch, tmp_path):
         launch.mpiexec_path()
 
 
+def test_start_relaunches_only_outside_mpiexec_and_threads(monkeypatch):
+    calls = []
+    monkeypatch.setattr(launch, "relaunch", lambda n, argv: calls.append((n, argv)) or 3)
+    for name in launch.SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TENSORC_MESH", raising=False)
+    argv = ["run", "gpt", "--mesh", "tp=2,dp=2"]
+    assert launch.start(Mesh(tp=2, dp=2), argv) == 3 and calls == [(4, argv)]
+    assert launch.start(Mesh(tp=2), argv, threads=True) is None
+    assert launch.start(Mesh(), argv) is None   # one rank: nothing to start
+    monkeypatch.setenv("TENSORC_MESH", "threads")
+    assert launch.start(Mesh(tp=2), argv) is None
+    monkeypatch.delenv("TENSORC_MESH")
+    monkeypatch.setenv("PMI_SIZE", "2")   # already one of mpiexec's ranks
+    assert launch.start(Mesh(tp=2), argv) is None
+    assert len(calls) == 1
+
+
 def test_relaunch_returns_the_ranks_exit_code(capfd):
     _mpiexec()
     assert launch.relaunch(2, ["--help"]) == 0

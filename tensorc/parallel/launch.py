@@ -86,3 +86,15 @@ def relaunch(n: int, argv: list[str]) -> int:
     rank failed)."""
     cmd = [mpiexec_path(), "-n", str(n), sys.executable, "-m", "tensorc", *argv]
     return subprocess.call(cmd)
+
+
+def start(mesh: Mesh, argv: list[str], threads: bool = False) -> int | None:
+    """What a command's `--mesh` does first. Outside mpiexec, unless threads are asked
+    for (`threads`: the CLI's --mesh-threads, or TENSORC_MESH=threads) or the mesh has
+    one rank: run this very command (`argv`, as typed after `tensorc`) as mesh.size MPI
+    processes and return their exit code. Otherwise None: run the ranks here
+    (`run_ranks`), and let rank 0 print."""
+    threads = threads or os.environ.get("TENSORC_MESH", "") == "threads"
+    if threads or mesh.size == 1 or under_mpiexec():
+        return None
+    return relaunch(mesh.size, argv)
