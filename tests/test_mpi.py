@@ -93,11 +93,19 @@ def test_start_relaunches_only_outside_mpiexec_and_threads(monkeypatch):
     assert len(calls) == 1
 
 
-def test_relaunch_returns_the_ranks_exit_code(capfd):
+def test_relaunch_returns_the_ranks_exit_code(capfd, monkeypatch):
     _mpiexec()
     assert launch.relaunch(2, ["--help"]) == 0
     assert capfd.readouterr().out.count("usage: tensorc") == 2   # one per rank
     assert launch.relaunch(2, ["no-such-command"]) == 2
+    # each rank's thread pool gets a share of the cores, unless the user chose
+    seen = []
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: seen.append(env) or 0)
+    monkeypatch.delenv("TENSORC_NUM_THREADS", raising=False)
+    launch.relaunch(64, ["run"])
+    monkeypatch.setenv("TENSORC_NUM_THREADS", "3")
+    launch.relaunch(2, ["run"])
+    assert [e["TENSORC_NUM_THREADS"] for e in seen] == ["1", "3"]
 
 
 def test_nccl_imports_without_cupy_and_refuses_without_a_gpu():

@@ -82,10 +82,15 @@ def mpiexec_path() -> str:
 
 
 def relaunch(n: int, argv: list[str]) -> int:
-    """Run `python -m tensorc argv` as n MPI processes; their exit code (non-zero if any
-    rank failed)."""
+    """Run `python -m tensorc argv` as n MPI processes on this machine; their exit code
+    (non-zero if any rank failed). Unless TENSORC_NUM_THREADS says otherwise, each rank's
+    thread pool gets its share of the cores: n pools of every core would spin against
+    each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    env = {"TENSORC_NUM_THREADS": str(max(1, cores // n)), **os.environ}
     cmd = [mpiexec_path(), "-n", str(n), sys.executable, "-m", "tensorc", *argv]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)
 
 
 def start(mesh: Mesh, argv: list[str], threads: bool = False) -> int | None:
