@@ -5,17 +5,22 @@ detection, relaunch and errors."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from tensorc.errors import TensorcError
 from tensorc.mesh import Mesh
 from tensorc.parallel import launch
+from tensorc.parallel.comm import ThreadWorld, run_threads
 
 SCRIPT = Path(__file__).with_name("mpi_ranks.py")
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,3 +134,120 @@ def test_nccl_collectives_on_gpus():
     res = _run(2, "nccl")
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(map(int, re.findall(r"OK rank (\d+)", res.stdout))) == [0, 1], res.stdout
+
+
+# --- NCCL's plumbing without a GPU: cupy and cupy.cuda.nccl stood in for by numpy and
+# the thread communicator, with the call signatures of cupy's nccl.pyx (pointers, counts
+# in elements, a datatype code, the stream). This checks NCCLCommunicator's own logic
+# (moving dims, counts, dtype codes, the unique id's broadcast, subgroups), not NCCL.
+
+class _Device(np.ndarray):
+    """A numpy array with cupy's `.data.ptr`."""
+
+    @property
+    def data(self):
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+
+def _dev(x):
+    return np.asarray(x).view(_Device)
+
+
+FAKE_CUPY = SimpleNamespace(
+    asarray=lambda x, order=None: _dev(np.asarray(x, order=order)),
+    ascontiguousarray=lambda x: _dev(np.ascontiguousarray(x)),
+    moveaxis=lambda x, a, b: _dev(np.moveaxis(x, a, b)),
+    empty=lambda shape, dtype: _dev(np.empty(shape, dtype)),
+    empty_like=lambda x: _dev(np.empty_like(x)),
+    array=lambda x, copy, order: _dev(np.array(x, copy=copy, order=order)),
+    cuda=SimpleNamespace(get_current_stream=lambda: SimpleNamespace(ptr=0)))
+
+
+class _FakeNccl:
+    TYPES = ["float32", "float16", "float64", "int32", "int64", "int8", "uint8"]
+
+    def __init__(self):
+        for i, t in enumerate(self.TYPES):
+            setattr(self, f"NCCL_{t.upper()}", i)
+        self.NCCL_SUM, self.NCCL_MAX, self.NCCL_MIN = 10, 11, 12
+        self.worlds: dict = {}
+        self.lock = threading.Lock()
+
+    def get_unique_id(self):
+        return tuple(int(b) for b in np.random.default_rng().integers(-128, 128, 128))
+
+    def NcclCommunicator(self, n, uid, rank):   # noqa: N802  (cupy's name)
+        with self.lock:
+            world = self.worlds.setdefault(uid, ThreadWorld(n))
+        return _FakeNcclComm(self, world.communicator(rank))
+
+
+class _FakeNcclComm:
+    def __init__(self, nccl, comm):
+        self.nccl, self.comm = nccl, comm
+
+    def _at(self, ptr, count, datatype):
+        dtype = np.dtype(self.nccl.TYPES[datatype])
+        raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(ptr)
+        return np.frombuffer(raw, dtype)
+
+    def _op(self, op):
+        return {10: "sum", 11: "max", 12: "min"}[op]
+
+    def allReduce(self, send, recv, count, datatype, op, stream):   # noqa: N802
+        self._at(recv, count, datatype)[:] = self.comm.all_reduce(
+            self._at(send, count, datatype).copy(), self._op(op))
+
+    def allGather(self, send, recv, count, datatype, stream):   # noqa: N802
+        self._at(recv, count * self.comm.size, datatype)[:] = self.comm.all_gather(
+            self._at(send, count, datatype).copy(), 0)
+
+    def reduceScatter(self, send, recv, count, datatype, op, stream):   # noqa: N802
+        self._at(recv, count, datatype)[:] = self.comm.reduce_scatter(
+            self._at(send, count * self.comm.size, datatype).copy(), 0, self._op(op))
+
+    def bcast(self, buf, count, datatype, root, stream):
+        b = self._at(buf, count, datatype)
+        b[:] = self.comm.broadcast(b.copy(), root)
+
+    def send(self, buf, count, datatype, peer, stream):
+        self.comm.send(self._at(buf, count, datatype).copy(), peer)
+
+    def recv(self, buf, count, datatype, peer, stream):
+        b = self._at(buf, count, datatype)
+        b[:] = self.comm.recv(b.shape, b.dtype, peer)
+
+
+class _OnHost:
+    """A device communicator seen with numpy arrays."""
+
+    def __init__(self, comm):
+        self.comm, self.rank, self.size = comm, comm.rank, comm.size
+
+    def __getattr__(self, name):
+        def call(*args):
+            got = getattr(self.comm, name)(*args)
+            return None if got is None else np.asarray(got).view(np.ndarray)
+        return call
+
+
+def test_nccl_communicator_plumbing_on_a_stand_in(monkeypatch):
+    from mpi_ranks import exercise
+
+    from tensorc.parallel import nccl
+    monkeypatch.setattr(nccl, "_nccl", lambda: (FAKE_CUPY, _FakeNccl.instance))
+    _FakeNccl.instance = _FakeNccl()
+    mesh = Mesh(dp=2, tp=2)
+
+    def per_rank(groups):
+        device = nccl.NCCLCommunicator(groups.world)
+        sub = device.subgroup(mesh.group(groups.rank, "tp"))   # a new NCCL communicator
+        want = exercise(groups.world) + exercise(groups.group("tp"))
+        got = exercise(_OnHost(device)) + exercise(_OnHost(sub))
+        return want, got
+
+    for want, got in run_threads(mesh, per_rank):
+        assert len(got) == len(want) > 50
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_array_equal(g, w)
