@@ -31,12 +31,22 @@ def _bytes(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
 
-def _dim_first(x: np.ndarray, dim: int) -> np.ndarray:
-    return np.ascontiguousarray(np.moveaxis(np.asarray(x), dim, 0))
+def dim_first(x, dim: int, xp=np):
+    """x with `dim` moved first, contiguous: each rank's part is one block (xp: numpy,
+    or cupy for device arrays)."""
+    return xp.ascontiguousarray(xp.moveaxis(xp.asarray(x), dim, 0))
 
 
-def _dim_back(x: np.ndarray, dim: int) -> np.ndarray:
-    return np.ascontiguousarray(np.moveaxis(x, 0, dim))
+def dim_back(x, dim: int, xp=np):
+    return xp.ascontiguousarray(xp.moveaxis(x, 0, dim))
+
+
+def scattered_part(whole, size: int, dim: int) -> tuple:
+    """The shape of one rank's part of a reduce-scatter of `whole` (its dim first)."""
+    if whole.shape[0] % size:
+        raise TensorcError(f"reduce_scatter: dim {dim} of size {whole.shape[0]} does not "
+                           f"split into {size} equal parts")
+    return (whole.shape[0] // size,) + whole.shape[1:]
 
 
 class MPICommunicator(Communicator):
@@ -76,21 +86,18 @@ class MPICommunicator(Communicator):
         return out
 
     def all_gather(self, x, dim):
-        part = _dim_first(x, dim)
+        part = dim_first(x, dim)
         out = np.empty((self.size * part.shape[0],) + part.shape[1:], part.dtype)
         self.comm.Allgather(_bytes(part), _bytes(out))
-        return _dim_back(out, dim)
+        return dim_back(out, dim)
 
     def reduce_scatter(self, x, dim, op="sum"):
-        whole = _dim_first(x, dim)
+        whole = dim_first(x, dim)
         if not self._native(whole):
             return super().reduce_scatter(x, dim, op)
-        if whole.shape[0] % self.size:
-            raise TensorcError(f"reduce_scatter: dim {dim} of size {whole.shape[0]} does "
-                               f"not split into {self.size} equal parts")
-        out = np.empty((whole.shape[0] // self.size,) + whole.shape[1:], whole.dtype)
+        out = np.empty(scattered_part(whole, self.size, dim), whole.dtype)
         self.comm.Reduce_scatter_block(whole, out, op=self._ops[op])
-        return _dim_back(out, dim)
+        return dim_back(out, dim)
 
     def broadcast(self, x, root):
         out = np.array(x, copy=True, order="C")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import TensorcError
 from .comm import Communicator
-from .mpi import MPICommunicator
+from .mpi import MPICommunicator, dim_back, dim_first, scattered_part
 
 UNIQUE_ID_BYTES = 128   # NCCL_UNIQUE_ID_BYTES
 
@@ -70,12 +70,6 @@ class NCCLCommunicator(Communicator):
     def _stream(self) -> int:
         return self.cp.cuda.get_current_stream().ptr
 
-    def _dim_first(self, x, dim):
-        return self.cp.ascontiguousarray(self.cp.moveaxis(self.cp.asarray(x), dim, 0))
-
-    def _dim_back(self, x, dim):
-        return self.cp.ascontiguousarray(self.cp.moveaxis(x, 0, dim))
-
     def all_reduce(self, x, op="sum"):
         x = self.cp.asarray(x, order="C")   # numpy arrays are copied to the device
         out = self.cp.empty_like(x)
@@ -84,21 +78,18 @@ class NCCLCommunicator(Communicator):
         return out
 
     def all_gather(self, x, dim):
-        part = self._dim_first(x, dim)
+        part = dim_first(x, dim, self.cp)
         out = self.cp.empty((self.size * part.shape[0],) + part.shape[1:], part.dtype)
         self.comm.allGather(part.data.ptr, out.data.ptr, part.size, self._type(part),
                             self._stream())
-        return self._dim_back(out, dim)
+        return dim_back(out, dim, self.cp)
 
     def reduce_scatter(self, x, dim, op="sum"):
-        whole = self._dim_first(x, dim)
-        if whole.shape[0] % self.size:
-            raise TensorcError(f"reduce_scatter: dim {dim} of size {whole.shape[0]} does "
-                               f"not split into {self.size} equal parts")
-        out = self.cp.empty((whole.shape[0] // self.size,) + whole.shape[1:], whole.dtype)
+        whole = dim_first(x, dim, self.cp)
+        out = self.cp.empty(scattered_part(whole, self.size, dim), whole.dtype)
         self.comm.reduceScatter(whole.data.ptr, out.data.ptr, out.size, self._type(whole),
                                 self._ops[op], self._stream())
-        return self._dim_back(out, dim)
+        return dim_back(out, dim, self.cp)
 
     def broadcast(self, x, root):
         out = self.cp.array(x, copy=True, order="C")
