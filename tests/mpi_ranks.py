@@ -101,11 +101,13 @@ MESHES = {2: Mesh(tp=2), 3: Mesh(pp=3), 4: Mesh(dp=2, tp=2)}
 
 
 class OnDevice:
-    """A device communicator seen with numpy arrays: in to the GPU, out to the host."""
+    """A device communicator seen with numpy arrays: in to the GPU, out to the host
+    (cp: cupy, or a stand-in for it)."""
 
-    def __init__(self, comm):
-        import cupy
-        self.cp, self.comm, self.rank, self.size = cupy, comm, comm.rank, comm.size
+    def __init__(self, comm, cp=None):
+        if cp is None:
+            import cupy as cp
+        self.cp, self.comm, self.rank, self.size = cp, comm, comm.rank, comm.size
 
     def __getattr__(self, name):
         fn = getattr(self.comm, name)

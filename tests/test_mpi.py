@@ -160,6 +160,7 @@ FAKE_CUPY = SimpleNamespace(
     empty=lambda shape, dtype: _dev(np.empty(shape, dtype)),
     empty_like=lambda x: _dev(np.empty_like(x)),
     array=lambda x, copy, order: _dev(np.array(x, copy=copy, order=order)),
+    asnumpy=lambda x: np.asarray(x).view(np.ndarray),
     cuda=SimpleNamespace(get_current_stream=lambda: SimpleNamespace(ptr=0)))
 
 
@@ -218,21 +219,8 @@ class _FakeNcclComm:
         b[:] = self.comm.recv(b.shape, b.dtype, peer)
 
 
-class _OnHost:
-    """A device communicator seen with numpy arrays."""
-
-    def __init__(self, comm):
-        self.comm, self.rank, self.size = comm, comm.rank, comm.size
-
-    def __getattr__(self, name):
-        def call(*args):
-            got = getattr(self.comm, name)(*args)
-            return None if got is None else np.asarray(got).view(np.ndarray)
-        return call
-
-
 def test_nccl_communicator_plumbing_on_a_stand_in(monkeypatch):
-    from mpi_ranks import exercise
+    from mpi_ranks import OnDevice, exercise
 
     from tensorc.parallel import nccl
     monkeypatch.setattr(nccl, "_nccl", lambda: (FAKE_CUPY, _FakeNccl.instance))
@@ -243,7 +231,7 @@ def test_nccl_communicator_plumbing_on_a_stand_in(monkeypatch):
         device = nccl.NCCLCommunicator(groups.world)
         sub = device.subgroup(mesh.group(groups.rank, "tp"))   # a new NCCL communicator
         want = exercise(groups.world) + exercise(groups.group("tp"))
-        got = exercise(_OnHost(device)) + exercise(_OnHost(sub))
+        got = exercise(OnDevice(device, FAKE_CUPY)) + exercise(OnDevice(sub, FAKE_CUPY))
         return want, got
 
     for want, got in run_threads(mesh, per_rank):

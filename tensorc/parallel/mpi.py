@@ -62,8 +62,8 @@ class MPICommunicator(Communicator):
 
     def _native(self, x: np.ndarray) -> bool:
         """Whether MPI reduces this dtype itself."""
-        if x.dtype.kind not in "fiu" or x.dtype.itemsize < 4 and x.dtype.kind == "f":
-            return False
+        if x.dtype.kind not in "fiu" or (x.dtype.kind == "f" and x.dtype.itemsize < 4):
+            return False   # bool, f16, bf16
         from mpi4py.util.dtlib import from_numpy_dtype
         try:
             from_numpy_dtype(x.dtype)
