@@ -583,7 +583,8 @@ class _Partition:
                 x = self._add("all_reduce", x, v.name, axis=a, size=sizes[a])
         if want.partial - have.partial:
             raise AssertionError(f"shard: %{v.name} cannot become partial")
-        for d, a in enumerate(dims):
+        # innermost axis first: tp's gather moves the smaller tensor, on the fastest links
+        for d, a in sorted(enumerate(dims), key=lambda da: -AXES.index(da[1] or "pp")):
             if a is not None and a != want.dims[d]:
                 x = self._add("all_gather", x, v.name, axis=a, size=sizes[a], dim=d)
                 dims[d] = None
