@@ -182,3 +182,26 @@ def test_registered_pass_gives_the_same_local_graph():
     m, _ = load("gpt", vocab_size=96)
     by_pass = run_pipeline(m.graph, "shard:tp=2:dp=2:rank=3")
     assert str(by_pass) == str(shard(m.graph, Mesh(tp=2, dp=2), 3))
+
+
+def test_inspect_mesh_reports_ranks_and_collectives(capsys):
+    from tensorc import cli
+    argv = ["inspect", "gpt", "--set", "vocab_size=96", "--batch", "2", "--mesh", "tp=2,dp=2"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "ranks 0,1,2,3: params" in text
+    assert "5 x all_reduce     over tp  f32[1,16,32]" in text
+    assert cli.main(argv + ["--format", "json"]) == 0
+    import json
+    rep = json.loads(capsys.readouterr().out)
+    (grp,) = rep["per_rank"]
+    assert grp["ranks"] == [0, 1, 2, 3]
+    assert grp["sent_bytes"] == rep["analytic_min_bytes"] > 0
+    assert grp["params"] < rep["whole_params"]
+
+
+def test_inspect_mesh_that_does_not_divide_is_one_line(capsys):
+    from tensorc import cli
+    assert cli.main(["inspect", "gpt", "--mesh", "tp=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tp=8 does not divide the 4 heads" in err
