@@ -224,6 +224,8 @@ def _elementwise(n: Node, have: list[Sharding]):
         keep = parts[0]
     elif n.op == "mul" and len(parts) == 2 and parts[1] and not parts[0]:
         keep = parts[1]
+    if keep & set(dims):   # a partial sum cannot also be split over its own axis
+        keep = frozenset()
     want = [_spec(w, p if p == keep else ()) for w, p in zip(wants, parts, strict=True)]
     return want, [_spec(dims, keep)]
 
@@ -238,22 +240,23 @@ def _matmul(n: Node, have: list[Sharding]):
     bdims, (bx, bw) = _broadcast_dims(
         batch, [TensorType(x.type.shape[:-2]), TensorType(w.type.shape[:-2])],
         [_spec(hx.dims[:-2]), _spec(hw.dims[:-2])])
-    px, pw = hx.partial, hw.partial
-    if px and pw:
-        pw = frozenset()
     kx, kw = hx.dims[-1], hw.dims[-2]
     k = kx if kx is not None else kw
     if kx is not None and kw is not None and kx != kw:
         k = None
-    if k is not None and k in px | pw:
-        px, pw = px - {k}, pw - {k}
-    used = [a for a in bdims if a is not None] + sorted(px | pw)
+    used = [a for a in bdims if a is not None]
     m = hx.dims[-2] if hx.dims[-2] not in used else None
     used.append(m)
     nn = hw.dims[-1] if hw.dims[-1] not in used else None
     used.append(nn)
     if k in used:
         k = None
+    used.append(k)
+    # the splits win over partial operands (a split weight is free, its gather is not):
+    # an operand partial over an axis that splits something is added up first
+    px, pw = hx.partial - set(used), hw.partial - set(used)
+    if px and pw:
+        pw = frozenset()
     partial = px | pw | ({k} if k else set())
     return ([_spec(bx + [m, k], px), _spec(bw + [k, nn], pw)],
             [_spec(bdims + [m, nn], partial)])
@@ -497,6 +500,7 @@ class _Partition:
         self.local: dict[Value, Value] = {}
         self.spec: dict[Value, Sharding] = {}
         self.consts: dict[tuple, Value] = {}
+        self.made: dict[tuple, Value] = {}   # (value, sharding) -> converted already
 
     def run(self) -> Graph:
         p, g = self.p, self.g
@@ -571,6 +575,8 @@ class _Partition:
         x, have = self.local[v], self.spec[v]
         if have == want:
             return x
+        if (v, want) in self.made:
+            return self.made[v, want]
         sizes = self.mesh.sizes
         dims = list(have.dims)
         for a in sorted(have.partial - want.partial):
@@ -581,6 +587,8 @@ class _Partition:
                 dims[d] = a
             else:
                 x = self._add("all_reduce", x, v.name, axis=a, size=sizes[a])
+        if have.partial - want.partial:   # later readers take the sum too: add up once
+            self.local[v], self.spec[v] = x, _spec(dims, have.partial & want.partial)
         if want.partial - have.partial:
             raise AssertionError(f"shard: %{v.name} cannot become partial")
         # innermost axis first: tp's gather moves the smaller tensor, on the fastest links
@@ -595,6 +603,7 @@ class _Partition:
                 x = self._add("slice", x, v.name, starts=(start,), ends=(start + part,),
                               axes=(d,))
                 dims[d] = a
+        self.made[v, want] = x
         return x
 
     def _add(self, op: str, x: Value, hint: str, **attrs) -> Value:

@@ -43,9 +43,14 @@ def load(name, preset="tiny", batch=2, **overrides):
 MESHES = ["tp=2", "tp=4", "dp=2", "tp=2,dp=2", "tp=4,dp=2"]
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-@pytest.mark.parametrize("name,overrides", [("gpt", {"vocab_size": 96}), ("gpt", {}),
-                                            ("bert", {}), ("vit", {})])
+MODELS = [("gpt", {"vocab_size": 96}), ("gpt", {}), ("bert", {}), ("vit", {}),
+          ("llama", {"vocab_size": 96})]
+# every mesh that divides the model: llama tiny has 2 key/value heads, so no tp=4
+CASES = [(name, o, mesh) for name, o in MODELS for mesh in MESHES
+         if not (name == "llama" and "tp=4" in mesh)]
+
+
+@pytest.mark.parametrize("name,overrides,mesh", CASES)
 def test_tiny_matches_single_process(name, overrides, mesh):
     m, want = load(name, **overrides)
     p, outs, _ = run_sharded(m.graph, m.inputs, Mesh.parse(mesh))
@@ -71,11 +76,14 @@ def collectives(g: Graph):
     return [n for n in g.nodes if n.op in COLLECTIVES]
 
 
-@pytest.mark.parametrize("mesh", ["tp=2", "tp=4,dp=2"])
-def test_megatron_collectives_match_the_formulas(mesh):
+@pytest.mark.parametrize("name,mesh", [("gpt", "tp=2"), ("gpt", "tp=4,dp=2"),
+                                       ("llama", "tp=2,dp=2")])
+def test_megatron_collectives_match_the_formulas(name, mesh):
+    """Llama too: no biases (the residual add takes the all_reduce), RMSNorm, rotary
+    embeddings, grouped-query attention (its 2 key/value heads split too), SwiGLU."""
     mesh = Mesh.parse(mesh)
     layers, b, s, h, v = 3, 4, 8, 32, 96
-    m, _ = load("gpt", batch=b, n_layer=layers, vocab_size=v)
+    m, _ = load(name, batch=b, n_layer=layers, vocab_size=v)
     p = plan(m.graph, mesh)
     assert p.notes == []
     g = p.local(0)
@@ -126,6 +134,12 @@ def test_heads_that_do_not_divide_are_a_clear_error():
     m, _ = load("gpt")
     with pytest.raises(ShardError, match=r"tp=8 does not divide the 4 heads of layer 0"):
         plan(m.graph, Mesh(tp=8))
+
+
+def test_key_value_heads_that_do_not_divide_are_a_clear_error():
+    m, _ = load("llama")
+    with pytest.raises(ShardError, match=r"tp=4 does not divide the 2 key/value heads"):
+        plan(m.graph, Mesh(tp=4))
 
 
 def test_batch_that_does_not_divide_is_a_clear_error():
