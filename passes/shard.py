@@ -39,9 +39,10 @@ from tensorc.ir import Graph, Node, TensorType, Value
 from tensorc.mesh import AXES, Mesh, Sharding
 from tensorc.ops import get_op
 
+from .autodiff import GRAD_PREFIX, grad
 from .manager import register_pass
 from .prune import PruneError, prepare, structures
-from .rewrite import dce
+from .rewrite import copy_graph, dce
 
 STRATEGIES = ("megatron", "none")
 
@@ -70,14 +71,15 @@ def _whole(s: Sharding) -> Sharding:
 
 
 def _weight_of(v: Value) -> tuple[Value, list[int]] | None:
-    """The constant `v` is made of through transposes, and where each of v's dims comes
-    from in it (a tied output head reads the embedding table transposed)."""
+    """The weight `v` is made of through transposes, and where each of v's dims comes
+    from in it (a tied output head reads the embedding table transposed). A weight is a
+    constant, or a graph input (a training step's)."""
     perm = list(range(v.type.rank))
     while v.producer is not None and v.producer.op == "transpose":
         p = v.producer.attrs.get("perm") or tuple(range(v.type.rank))[::-1]
         perm = [p[i] for i in perm]
         v = v.producer.inputs[0]
-    return (v, perm) if v.is_constant else None
+    return (v, perm) if v.producer is None else None
 
 
 def _split_weight(specs: dict, w: Value, dim: int, axis: str, what: str) -> None:
@@ -85,7 +87,7 @@ def _split_weight(specs: dict, w: Value, dim: int, axis: str, what: str) -> None
     found = _weight_of(w)
     if found is None:
         raise ShardError(f"shard: {what} multiplies by %{w.name}, which is not a weight "
-                         "(constant)")
+                         "(a constant or graph input)")
     c, perm = found
     dims = list(specs.get(c, _replicated(c)).dims)
     dims[perm[dim % w.type.rank]] = axis
@@ -123,7 +125,7 @@ def megatron(g: Graph, mesh: Mesh, notes: list[str]) -> dict[Value, Sharding]:
     claimed = {mm for lay in layers for mm in lay.qkv + lay.out +
                (lay.ffn.up + lay.ffn.down if lay.ffn else [])}
     for n in g.nodes:   # vocabulary-parallel embeddings: the table's rows
-        if n.op == "gather" and n.inputs[0].is_constant and n.attrs["axis"] == 0:
+        if n.op == "gather" and _weight_of(n.inputs[0]) and n.attrs["axis"] == 0:
             table = n.inputs[0]
             rows = table.type.shape[0]
             if rows % tp:
@@ -149,14 +151,16 @@ def megatron(g: Graph, mesh: Mesh, notes: list[str]) -> dict[Value, Sharding]:
     return specs
 
 
-def batch_specs(g: Graph, mesh: Mesh) -> dict[Value, Sharding]:
-    """Data parallel: every graph input whose first dim is the batch (the first input's
-    first dim) split on it over ``dp``."""
-    if mesh.dp == 1 or not g.inputs or not g.inputs[0].type.rank:
+def batch_specs(g: Graph, mesh: Mesh, names: list[str] | None = None
+                ) -> dict[Value, Sharding]:
+    """Data parallel: the graph inputs `names` (by default every input whose first dim is
+    the batch, the first input's first dim) split on their first dim over ``dp``."""
+    inputs = [v for v in g.inputs if names is None or v.name in names]
+    if mesh.dp == 1 or not inputs or not inputs[0].type.rank:
         return {}
-    batch = g.inputs[0].type.shape[0]
+    batch = inputs[0].type.shape[0]
     specs = {}
-    for v in g.inputs:
+    for v in inputs:
         if v.type.rank and v.type.shape[0] == batch:
             if not isinstance(batch, int) or batch % mesh.dp:
                 raise ShardError(f"shard: dp={mesh.dp} does not divide the batch {batch} of "
@@ -340,12 +344,18 @@ def _reduced(n: Node, rank: int) -> set[int]:
 
 
 def _reduction(n: Node, have: list[Sharding]):
+    """Along unsplit dims; a sum or mean over split dims is a partial sum over their axes
+    (a mean's local result is scaled by `_node`: it divided by the local count)."""
     x = n.inputs[0]
     red = _reduced(n, x.type.rank)
     h = have[0]
-    dims = [None if d in red else a for d, a in enumerate(h.dims)]
-    keep = h.partial if n.op in ("reduce_sum", "reduce_mean") else frozenset()
+    linear = n.op in ("reduce_sum", "reduce_mean")
+    summed = {a for d, a in enumerate(h.dims) if d in red and a} if linear else set()
+    dims = [a if a in summed or d not in red else None for d, a in enumerate(h.dims)]
+    keep = h.partial if linear else frozenset()
     want = [_spec(dims, keep)] + [_replicated(v) for v in n.inputs[1:]]
+    keep = keep | summed
+    dims = [None if d in red else a for d, a in enumerate(dims)]
     if n.op.startswith("reduce_") or n.op == "argmax":
         if not n.attrs.get("keepdims", True):
             dims = [a for d, a in enumerate(dims) if d not in red]
@@ -353,17 +363,21 @@ def _reduction(n: Node, have: list[Sharding]):
 
 
 def _attention(n: Node, have: list[Sharding], mesh: Mesh):
-    """Split on batch (dim 0) and heads (dim 1); sequence and head dims whole."""
+    """attention(q, k, v, [mask]) and attention_grad(q, k, v, [mask], dy): split on batch
+    (dim 0) and heads (dim 1); sequence and head dims whole; a mask by broadcasting."""
     q, k = n.inputs[:2]
-    b = next((s.dims[0] for s in have[:3] if s.dims[0]), None)
-    h = next((s.dims[1] for s in have[:3] if s.dims[1] and s.dims[1] != b), None)
+    heads = n.inputs[:3] + n.inputs[4:] if n.op == "attention_grad" else n.inputs[:3]
+    masks = n.inputs[3:-1] if n.op == "attention_grad" else n.inputs[3:]
+    tensors = [have[n.inputs.index(v)] for v in heads]
+    b = next((s.dims[0] for s in tensors if s.dims[0]), None)
+    h = next((s.dims[1] for s in tensors if s.dims[1] and s.dims[1] != b), None)
     if h is not None and k.type.shape[1] % mesh.sizes[h]:
         h = None
     dims = [b, h, None, None]
     full = TensorType(q.type.shape[:3] + k.type.shape[2:3])
-    want = [_spec(dims) for _ in n.inputs[:3]]
-    want += [_spec(_operand_dims(full, dims, m.type)) for m in n.inputs[3:]]
-    return want, [_spec([b, h, None, None])]
+    want = [_spec(_operand_dims(full, dims, v.type)) if v in masks else _spec(dims)
+            for v in n.inputs]
+    return want, [_spec(dims) for _ in n.outputs]
 
 
 def _gather(n: Node, have: list[Sharding]):
@@ -376,6 +390,28 @@ def _gather(n: Node, have: list[Sharding]):
     if len([a for a in dims if a]) != len({a for a in dims if a}):
         raise _NoRule("one axis on two dims")
     return [_whole(ht), _whole(hi)], [_spec(dims, {rows} if rows else ())]
+
+
+def _scatter_add(n: Node, have: list[Sharding]):
+    """gather's transpose: the table (data) whole along the axis; indices split over an
+    axis (dp's batch) make the result a partial sum over it, when data is zeros."""
+    data, idx, upd = n.inputs
+    hd, hi, hu = have
+    ax = n.attrs["axis"] % data.type.rank
+    dims = [None if d == ax else a for d, a in enumerate(hd.dims)]
+    for d, a in enumerate(hu.dims[:ax] + hu.dims[ax + idx.type.rank:]):
+        e = d if d < ax else d + 1
+        if a and dims[e] is None and a not in dims:
+            dims[e] = a
+    summed = {a for a in hi.dims if a and a not in dims}
+    zeros = data.producer is not None and data.producer.op == "full" \
+        and data.producer.attrs["value"] == 0
+    if summed and not zeros:
+        raise _NoRule("split indices into data that is not zeros")
+    idims = [a if a in summed else None for a in hi.dims]
+    udims = dims[:ax] + idims + dims[ax + 1:]
+    return ([_spec(dims), _spec(idims), _spec(udims, hu.partial)],
+            [_spec(dims, summed | hu.partial)])
 
 
 def _concat_like(n: Node, have: list[Sharding]):
@@ -420,8 +456,10 @@ def _rule(n: Node, have: list[Sharding], mesh: Mesh):
     if op in ("reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "argmax", "softmax",
               "log_softmax", "layer_norm"):
         return _reduction(n, have)
-    if op == "attention":
+    if op in ("attention", "attention_grad"):
         return _attention(n, have, mesh)
+    if op == "scatter_add":
+        return _scatter_add(n, have)
     if op == "gather":
         return _gather(n, have)
     if op in ("concat", "split", "slice"):
@@ -464,16 +502,18 @@ def _take(a: np.ndarray, s: Sharding, mesh: Mesh, coords: dict) -> np.ndarray:
 
 
 def plan(graph: Graph, mesh: Mesh, strategy: str | None = "megatron",
-         specs: dict[str, Sharding | tuple] | None = None) -> Plan:
+         specs: dict[str, Sharding | tuple] | None = None,
+         batch: list[str] | None = None) -> Plan:
     """Specs for `graph` (prepared on the way) on `mesh`: the strategy's, then `specs`
     (by value name; a value that is neither input nor weight is resharded to its spec
-    where it is made)."""
+    where it is made; an output stays in its spec, else it is gathered whole). `batch`:
+    the inputs dp splits (`batch_specs`)."""
     if strategy not in STRATEGIES and strategy is not None:
         raise ShardError(f"shard: unknown strategy {strategy!r} (known: "
                          f"{', '.join(STRATEGIES)})")
     g = prepare(graph)
     notes: list[str] = []
-    out = batch_specs(g, mesh)
+    out = batch_specs(g, mesh, batch)
     if strategy == "megatron":
         out.update(megatron(g, mesh, notes))
     values = g.values()
@@ -490,6 +530,41 @@ def shard(graph: Graph, mesh: Mesh, rank: int, strategy: str | None = "megatron"
     """The local graph of `rank` on `mesh` (see the module doc). Run ``O2-local`` on it
     for O2's fusion."""
     return plan(graph, mesh, strategy, specs).local(rank)
+
+
+def _weights_constant(g: Graph, names: list[str]) -> Graph:
+    """A copy of `g` whose weight inputs `names` are constants (of zeros that take no
+    memory): `structures` follows heads into constants only."""
+    g = copy_graph(g)
+    for v in [v for v in g.inputs if v.name in names]:
+        g.inputs.remove(v)
+        v.data = np.broadcast_to(np.zeros((), v.type.np_dtype), v.type.shape)
+        g.constants[v.name] = v
+    return g
+
+
+def plan_step(forward: Graph, loss: str, weights: list[str], mesh: Mesh,
+              strategy: str | None = "megatron") -> Plan:
+    """A training step's plan. `forward`: the loss graph with the weights as inputs (what
+    `training.step_graph` has before `grad`). The strategy's specs are found on it (a
+    backward has no `structures`), then the step (loss and ``grad.<weight>``) is sharded:
+    batch inputs split over dp, weights and their gradients as the strategy says. The
+    walk adds the collectives training needs by itself: a column-parallel matmul's input
+    gradient is partial over tp (Megatron's f: all_reduce), a weight gradient summed
+    over dp's batch rows is partial over dp (data parallel's gradient all_reduce)."""
+    g = prepare(forward)
+    notes: list[str] = []
+    found = megatron(_weights_constant(g, weights), mesh, notes) \
+        if strategy == "megatron" else {}
+    step = grad(g, loss, weights)
+    specs = {}
+    for v, s in found.items():
+        if v.name in weights:
+            specs[v.name] = specs[GRAD_PREFIX + v.name] = s
+    batch = [v.name for v in step.inputs if v.name not in weights]
+    p = plan(step, mesh, None, specs, batch)
+    p.notes[:0] = notes
+    return p
 
 
 class _Partition:
@@ -514,9 +589,11 @@ class _Partition:
             self._node(n)
         outs = []
         for v in p.graph.outputs:
-            x = self.get(v, _replicated(v))
-            if x is not self.local[v]:   # the output keeps its name
-                g.rename(self.local[v], g.fresh_name(v.name + ".part"))
+            x = self.get(v, p.specs.get(v, _replicated(v)))
+            if x.name != v.name:   # the output keeps its name
+                holder = g.values().get(v.name)
+                if holder is not None:
+                    g.rename(holder, g.fresh_name(v.name + ".part"))
                 g.rename(x, v.name)
             outs.append(x)
         g.outputs = outs
@@ -540,6 +617,12 @@ class _Partition:
             outs = self.g.add_node(n.op, ins, self._attrs(n, made),
                                    names=[self.g.fresh_name(v.name) for v in n.outputs],
                                    loc=n.loc)
+        new = made[0].partial - want[0].partial if n.op == "reduce_mean" else ()
+        if new:   # each rank divided its sum by its own count, not the whole's
+            ranks = int(np.prod([self.mesh.sizes[a] for a in new]))
+            scale = self.g.add_constant(self.g.fresh_name(f"{n.outputs[0].name}.ranks"),
+                                        np.array(1 / ranks, outs[0].type.np_dtype))
+            outs = [self._add_node("mul", [outs[0], scale], n.outputs[0].name)]
         for v, x, s in zip(n.outputs, outs, made, strict=True):
             want_shape = s.local_shape(v.type.shape, self.mesh)
             if tuple(map(str, x.type.shape)) != tuple(map(str, want_shape)):
@@ -607,8 +690,11 @@ class _Partition:
         return x
 
     def _add(self, op: str, x: Value, hint: str, **attrs) -> Value:
+        return self._add_node(op, [x], hint, **attrs)
+
+    def _add_node(self, op: str, xs: list[Value], hint: str, **attrs) -> Value:
         """A node the partition adds, named after what it converts (`%27.all_reduce`)."""
-        (out,) = self.g.add_node(op, [x], attrs, names=[self.g.fresh_name(f"{hint}.{op}")])
+        (out,) = self.g.add_node(op, xs, attrs, names=[self.g.fresh_name(f"{hint}.{op}")])
         return out
 
     def _const(self, c: Value, want: Sharding) -> Value:

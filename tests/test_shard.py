@@ -219,3 +219,47 @@ def test_inspect_mesh_that_does_not_divide_is_one_line(capsys):
     assert cli.main(["inspect", "gpt", "--mesh", "tp=8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "tp=8 does not divide the 4 heads" in err
+
+
+@pytest.mark.parametrize("name,mesh", [("gpt", "tp=2"), ("gpt", "dp=2"), ("gpt", "tp=2,dp=2"),
+                                       ("bert", "tp=2,dp=2"), ("llama", "tp=2,dp=2")])
+def test_training_step_gradients_match_single_process(name, mesh):
+    """The step sharded after `grad`: loss and every gradient equal the single-process
+    step's on the whole batch; a split weight's gradient is the rank's slice of it."""
+    from tensorc.models import get
+    from tensorc.passes.shard import plan_step
+    from tensorc.training import (
+        DEFAULT_TASKS,
+        as_inputs,
+        example_batch,
+        get_task,
+        loss_graph,
+        step_graph,
+    )
+    mesh = Mesh.parse(mesh)
+    model = get(name, "tiny", vocab_size=96)
+    task = get_task(DEFAULT_TASKS[name])
+    batch = example_batch(model, DEFAULT_TASKS[name], 4, 8)
+    whole, names = step_graph(model, task, batch, passes="O0")
+    feeds = {v.name: batch[v.name] for v in whole.inputs if v.name in batch}
+    feeds.update((n, p.data) for n, p in model.named_parameters())
+    want = get_backend("numpy").compile(whole).run(feeds)
+    forward, names = loss_graph(model, task, batch)
+    p = plan_step(as_inputs(forward, names), "loss", names, mesh)
+    locs = [run_pipeline(p.local(r), "O2-local") for r in range(mesh.size)]
+    exes = [get_backend("numpy").compile(g) for g in locs]
+    outs = run_threads(mesh, lambda grp: exes[grp.rank].run(p.local_inputs(feeds, grp.rank)))
+    scale = max(np.abs(w).max() for w in want.values())
+    for r, out in enumerate(outs):
+        assert abs(out["loss"] - want["loss"]) <= RTOL * abs(want["loss"])
+        for n in names:
+            (w,) = p.local_inputs({n: want["grad." + n]}, r).values()
+            # some gradients are zero but for rounding (a key bias): against the largest
+            np.testing.assert_allclose(out["grad." + n], w, rtol=RTOL, atol=RTOL * scale,
+                                       err_msg=n)
+    axes = {(n.op, n.attrs["axis"]) for n in collectives(locs[0])}
+    for a in ("tp", "dp"):   # Megatron's f in the backward; data parallel's gradient sum
+        assert (("all_reduce", a) in axes) == (mesh.sizes[a] > 1)
+    q = next(n for n in names if n.endswith("0.attn.q.weight"))
+    shapes = [{v.name: v.type.shape for v in g.inputs}[q] for g in (whole, locs[0])]
+    assert shapes[1] == (shapes[0][0], shapes[0][1] // mesh.tp)   # column-parallel
