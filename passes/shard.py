@@ -26,6 +26,14 @@ With megatron's specs the walk gives Megatron's arrangement without a rule knowi
 a row-parallel matmul's partial output meets the bias add (or the residual add), which
 cannot take a partial operand beside a whole one, so exactly one all_reduce follows each
 attention block and each MLP block.
+
+Training (`plan_step`): the same walk over the step after `grad`, weights and their
+gradients split alike; the backward's collectives come out of the same rules (a
+column-parallel matmul's input gradient is partial over tp, a weight gradient summed
+over dp's batch rows partial over dp).
+
+Every rank's local graph has the same ops in the same order (only slice offsets and
+weight data differ), so the ranks call the same collectives in the same order.
 """
 
 from __future__ import annotations
