@@ -521,6 +521,9 @@ def plan(graph: Graph, mesh: Mesh, strategy: str | None = "megatron",
                          f"{', '.join(STRATEGIES)})")
     g = prepare(graph)
     notes: list[str] = []
+    if mesh.pp > 1:
+        notes.append(f"pp={mesh.pp}: cutting stages is tensorc.parallel.pipeline's; here "
+                     "each stage holds the whole graph")
     out = batch_specs(g, mesh, batch)
     if strategy == "megatron":
         out.update(megatron(g, mesh, notes))
