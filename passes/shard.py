@@ -102,12 +102,27 @@ def _split_weight(specs: dict, w: Value, dim: int, axis: str, what: str) -> None
     specs[c] = _spec(dims)
 
 
+def _split_column(specs: dict, mm: Node, users: dict, what: str) -> None:
+    """A column-parallel matmul: its weight's columns and its bias (a weight added to its
+    output) split over tp. (The walk would slice a constant bias anyway; a training
+    step's bias is an input, whose gradient then stays split too.)"""
+    _split_weight(specs, mm.inputs[1], -1, "tp", what)
+    for u in users.get(mm.outputs[0], []):
+        if u.op != "add":
+            continue
+        for b in u.inputs:
+            if b.producer is None and b.type.rank == 1 and \
+                    b.type.shape == mm.outputs[0].type.shape[-1:]:
+                specs[b] = _spec(("tp",))
+
+
 def megatron(g: Graph, mesh: Mesh, notes: list[str]) -> dict[Value, Sharding]:
     """Megatron-LM's tensor-parallel specs for the weights of prepared graph `g`."""
     specs: dict[Value, Sharding] = {}
     tp = mesh.tp
     if tp == 1:
         return specs
+    users = g.users()
     try:
         layers = structures(g)
     except PruneError as e:
@@ -119,7 +134,7 @@ def megatron(g: Graph, mesh: Mesh, notes: list[str]) -> dict[Value, Sharding]:
             if n % tp:
                 raise ShardError(f"shard: tp={tp} does not divide the {n} {what} of {where}")
         for mm in lay.qkv:
-            _split_weight(specs, mm.inputs[1], -1, "tp", where)
+            _split_column(specs, mm, users, where)
         for mm in lay.out:
             _split_weight(specs, mm.inputs[1], -2, "tp", where)
         if lay.ffn is not None:
@@ -127,7 +142,7 @@ def megatron(g: Graph, mesh: Mesh, notes: list[str]) -> dict[Value, Sharding]:
                 raise ShardError(f"shard: tp={tp} does not divide the {lay.ffn.width} "
                                  f"feed-forward neurons of {where}")
             for mm in lay.ffn.up:
-                _split_weight(specs, mm.inputs[1], -1, "tp", where)
+                _split_column(specs, mm, users, where)
             for mm in lay.ffn.down:
                 _split_weight(specs, mm.inputs[1], -2, "tp", where)
     claimed = {mm for lay in layers for mm in lay.qkv + lay.out +

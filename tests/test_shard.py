@@ -260,6 +260,12 @@ def test_training_step_gradients_match_single_process(name, mesh):
     axes = {(n.op, n.attrs["axis"]) for n in collectives(locs[0])}
     for a in ("tp", "dp"):   # Megatron's f in the backward; data parallel's gradient sum
         assert (("all_reduce", a) in axes) == (mesh.sizes[a] > 1)
+    if name == "gpt":   # Megatron's volume: per layer 2 all_reduces forward, 2 backward,
+        # and one each way at the embedding / tied head (norms' small sums aside)
+        stream = (4 // mesh.dp, 8, 32)
+        big = [n for n in collectives(locs[0]) if n.op == "all_reduce"
+               and n.attrs["axis"] == "tp" and n.outputs[0].type.shape == stream]
+        assert len(big) == (2 * (1 + 2 * 2) if mesh.tp > 1 else 0)
     q = next(n for n in names if n.endswith("0.attn.q.weight"))
     shapes = [{v.name: v.type.shape for v in g.inputs}[q] for g in (whole, locs[0])]
     assert shapes[1] == (shapes[0][0], shapes[0][1] // mesh.tp)   # column-parallel
