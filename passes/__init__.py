@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (they register their passes)
     gemm,
     prune,
     quantize,
+    shard,
     simplify,
     sparse_attention,
     sparse_weights,
@@ -40,3 +41,5 @@ LOSSY = {"quantize", "cast-weights", "sparsify-attention", "linearize-attention"
 PIPELINES["O1"] = ["fold-constants", "simplify", "cse", "dce"]
 PIPELINES["O2"] = ["O1", "fuse-patterns", "fuse-attention", "fold-constants", "cse",
                    "merge-projections", "fuse-epilogues", "fuse-regions"]
+# What O2 runs on a rank's local graph: `shard` ran the first three before it partitioned.
+PIPELINES["O2-local"] = PIPELINES["O2"][PIPELINES["O2"].index("fuse-attention") + 1:]

@@ -188,6 +188,8 @@ def cmd_inspect(args) -> int:
     if args.train:
         graph, config, params = _train_step_graph(args)
         env, loaded = {}, None
+    elif args.mesh:
+        return _inspect_mesh(args)
     else:
         loaded = _load(args)
         graph = _pipeline(args, loaded.graph, loaded=loaded)
@@ -207,6 +209,18 @@ def cmd_inspect(args) -> int:
         _emit(str(graph) if args.format == "text" else to_dot(graph), args.output)
         if args.explain:  # remarks go beside the output, like a compiler's diagnostics
             print("\n".join(notes) if notes else "nothing to explain", file=sys.stderr)
+    return 0
+
+
+def _inspect_mesh(args) -> int:
+    """inspect --mesh: per rank params, memory and collectives (tensorc.parallel.report).
+    Its pipeline is the shard pass's own: O1, attention fused, shard, then O2-local."""
+    from .mesh import Mesh
+    from .parallel.report import format_report, mesh_report
+    loaded = _load(args)
+    rep = mesh_report(loaded.graph, Mesh.parse(args.mesh), loaded.symbol_sizes(), args.backend)
+    _emit(json.dumps(rep, indent=2) + "\n" if args.format == "json"
+          else format_report(rep, loaded.name), args.output)
     return 0
 
 
@@ -590,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "--calib inputs, else the example inputs) instead")
     sp.add_argument("--heatmap", metavar="FILE.png",
                     help="with --importance: draw head importance, layers x heads")
+    sp.add_argument("--mesh", metavar="tp=2,dp=2",
+                    help="shard on this device mesh (Megatron tensor parallel, data parallel) "
+                         "and show each rank's params, memory and collectives instead")
 
     strict = _Parser(add_help=False)
     strict.add_argument("--strict", action="store_true",

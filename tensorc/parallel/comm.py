@@ -109,7 +109,9 @@ class ThreadCommunicator(Communicator):
                 from None
 
     def _exchange(self, x):
-        self._meet.slots[self.rank] = np.asarray(x)
+        # a copy: the others read it after the barrier, when this rank may be writing
+        # over x already (a compiled program reuses the buffer for the result)
+        self._meet.slots[self.rank] = np.array(x, copy=True)
         self._wait()
         got = list(self._meet.slots)
         self._wait()   # nobody overwrites a slot before every rank has read them all
