@@ -1,0 +1,209 @@
+"""Pipeline parallelism: a model's graph cut into stages at layer boundaries, the
+micro-batch schedules that keep the stages busy (GPipe, 1F1B), a simulator that lays
+them on a timeline, and the runtime that runs one stage per rank of the mesh's `pp` axis.
+
+The cut works on a graph after `training.FORWARD_PASSES` (O1, fuse-patterns,
+fuse-attention), not O2: there every node is one op and the weights keep their names,
+so between two layers exactly one value (the residual stream) is live, while O2's
+regions fuse a block's last residual add with the next block's layer norm (two values
+cross) and merge q/k/v weights under new names. Each stage is compiled (O2 and a
+backend, or the caller's `compile_stage`, e.g. sharding it first) on its own.
+
+Activations move between stages with the pp group's `send`/`recv` from the host, not
+with send/recv ops inside the stage graphs: the order of sends and receives is the
+schedule's (1F1B interleaves forward activations and backward gradients of different
+micro-batches), which is host control, and a stage graph without communication stays
+an ordinary graph that any pass (sharding) or backend takes as it is.
+
+Training re-materialises: a stage's backward graph recomputes its forward from the
+stage's inputs (GPipe's re-materialisation), so what a stage keeps per micro-batch in
+flight is only the activation it received, the cost one more forward per backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import numpy as np
+
+from ..errors import TensorcError
+from ..ir import Graph, TensorType, Value
+from ..ops import get_op
+
+
+class PipelineError(TensorcError):
+    """A model, mesh or schedule that the pipeline cannot run."""
+
+
+# --- the cut ----------------------------------------------------------------------------
+
+# A layer is the weights under one index of a module list: blocks.3.attn.q.weight -> blocks.3
+LAYER = re.compile(r"^([A-Za-z_][\w.]*?\.\d+)\.")
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage: a normal graph whose inputs are the activations it receives (`recv`,
+    first) and the original inputs it reads, and whose outputs are what later stages
+    need (`send`), or the model's outputs on the last stage."""
+
+    index: int
+    graph: Graph
+    recv: list[str]
+    send: list[str]
+    layers: list[str]
+    flops: int
+    param_bytes: int
+
+    def __str__(self) -> str:
+        first, last = (self.layers[0], self.layers[-1]) if self.layers else ("-", "-")
+        return (f"stage {self.index}: layers {first}..{last} ({len(self.layers)}), "
+                f"{self.flops / 1e6:.2f} MFLOP, {self.param_bytes / 2**20:.2f} MiB params, "
+                f"recv {', '.join(self.recv) or '-'}, send {', '.join(self.send) or '-'}")
+
+
+def _free_values(graph: Graph, weights: set[str]) -> set[Value]:
+    """Values computed from the inputs alone, reading no weight (an attention mask,
+    positions): every rank has the inputs, so each stage that reads one computes it
+    itself rather than receiving it."""
+    free = {v for v in graph.inputs if v.name not in weights}
+    free |= {v for n, v in graph.constants.items() if n not in weights}
+    for node in graph.nodes:
+        if all(v in free for v in node.inputs):
+            free.update(node.outputs)
+    return free
+
+
+def _nbytes(t: TensorType, env: dict[str, int]) -> int:
+    return t.nbytes(env)
+
+
+def cut(graph: Graph, stages: int, weights: list[str] | None = None,
+        env: dict[str, int] | None = None) -> list[Stage]:
+    """Cut `graph` into `stages` consecutive stages at layer boundaries, balancing their
+    FLOPs (then their parameter bytes). `weights`: the names of the weights when they
+    are graph inputs (a training graph); by default the float constants of rank >= 1.
+    `env`: sizes of symbolic dims, for the costs."""
+    from ..passes.autodiff import trainable
+    if not isinstance(stages, int) or stages < 1:
+        raise PipelineError(f"a pipeline needs a positive number of stages, not {stages!r}")
+    env = dict(env or {})
+    weights_set = set(trainable(graph) if weights is None else weights)
+    free = _free_values(graph, weights_set)
+    owned = [n for n in graph.nodes if not all(v in free for v in n.outputs)]
+    n = len(owned)
+
+    # live[p]: values made before owned node p and read from p on (or a graph output)
+    last_use: dict[Value, int] = {}
+    for i, node in enumerate(owned):
+        for v in node.inputs:
+            if v.producer is not None and v not in free:
+                last_use[v] = i
+    for v in graph.outputs:
+        if v.producer is not None and v not in free:
+            last_use[v] = n
+
+    def live(p: int) -> list[Value]:
+        return [v for node in owned[:p] for v in node.outputs
+                if last_use.get(v, -1) >= p]
+
+    # the layers each node reads weights of, in order of first appearance
+    def layers_of(node) -> set[str]:
+        out = set()
+        for v in node.inputs:
+            if v.producer is None and v.name in weights_set:
+                m = LAYER.match(v.name)
+                if m:
+                    out.add(m.group(1))
+        return out
+    node_layers = [layers_of(node) for node in owned]
+    order: list[str] = []
+    for ls in node_layers:
+        order += sorted(x for x in ls if x not in order)
+    rank = {name: i for i, name in enumerate(order)}
+
+    # a boundary between layers j and j+1: after the last node of layers <= j, up to the
+    # first node of layers > j; the point there where the fewest bytes are live
+    bounds = []
+    for j in range(len(order) - 1):
+        lo = max(i for i, ls in enumerate(node_layers) if any(rank[x] <= j for x in ls))
+        hi = min(i for i, ls in enumerate(node_layers) if any(rank[x] > j for x in ls))
+        if lo >= hi:
+            continue   # the layers interleave: no cut between them
+        cost = {p: (len(live(p)), sum(_nbytes(v.type, env) for v in live(p)))
+                for p in range(lo + 1, hi + 1)}
+        bounds.append(min(cost, key=lambda p: (cost[p], -p)))
+    if len(bounds) + 1 < stages:
+        raise PipelineError(f"{graph.name} has {len(bounds) + 1} layers, fewer than the "
+                            f"{stages} pipeline stages asked for")
+
+    flops = np.cumsum([0] + [get_op(node.op).count_flops(node, env) for node in owned])
+    reads = [{v.name for v in node.inputs if v.producer is None and v.name in weights_set}
+             for node in owned]
+    values = graph.values()
+
+    @functools.cache
+    def segment(a: int, b: int) -> tuple[int, int]:
+        """(flops, parameter bytes) of owned nodes a..b-1."""
+        names = set().union(*reads[a:b])
+        return int(flops[b] - flops[a]), sum(_nbytes(values[x].type, env) for x in names)
+
+    # minimise the costliest stage: best[k][i] = (cost, cuts) splitting points[:i+1]
+    points = [0, *bounds, n]
+
+    @functools.cache
+    def best(k: int, i: int):
+        if k == 1:
+            return segment(0, points[i]), ()
+        options = []
+        for j in range(k - 1, i):
+            worst, cuts = best(k - 1, j)
+            options.append((max(worst, segment(points[j], points[i])), cuts + (points[j],)))
+        return min(options)
+    _, cuts = best(stages, len(points) - 1)
+    edges = [0, *cuts, n]
+    return [_stage(graph, k, owned[edges[k]:edges[k + 1]], live(edges[k]),
+                   live(edges[k + 1]) if k < stages - 1 else list(graph.outputs),
+                   free, weights_set, env, last=k == stages - 1)
+            for k in range(stages)]
+
+
+def _stage(graph: Graph, k: int, nodes: list, recv: list[Value], send: list[Value],
+           free: set[Value], weights: set[str], env: dict, last: bool) -> Stage:
+    """The graph of one stage: its nodes, and the input-only nodes they read."""
+    keep = {id(node) for node in nodes}
+    todo = [v for node in nodes for v in node.inputs] + list(send)
+    while todo:   # the free values it reads, computed here again
+        v = todo.pop()
+        if v in free and v.producer is not None and id(v.producer) not in keep:
+            keep.add(id(v.producer))
+            todo += v.producer.inputs
+    body = [node for node in graph.nodes if id(node) in keep]
+    g = Graph(f"{graph.name}.stage{k}")
+    vals: dict[Value, Value] = {v: g.add_input(v.name, v.type) for v in recv}
+    read = {v for node in body for v in node.inputs} | set(send)
+    for v in graph.inputs:
+        if v in read and v not in vals:
+            vals[v] = g.add_input(v.name, v.type)
+    for name, v in graph.constants.items():
+        if v in read:
+            vals[v] = g.add_constant(name, v.data, v.type)
+    for node in body:
+        outs = g.add_node(node.op, [vals[v] for v in node.inputs], node.attrs,
+                          names=[v.name for v in node.outputs], loc=node.loc)
+        vals.update(zip(node.outputs, outs, strict=True))
+    g.outputs = [vals[v] for v in send]
+    g.verify()
+    layers = []
+    for node in nodes:
+        for v in node.inputs:
+            m = LAYER.match(v.name) if v.producer is None and v.name in weights else None
+            if m and m.group(1) not in layers:
+                layers.append(m.group(1))
+    params = {v.name for v in list(g.inputs) + list(g.constants.values())
+              if v.name in weights}
+    return Stage(k, g, [v.name for v in recv], [] if last else [v.name for v in send], layers,
+                 sum(get_op(node.op).count_flops(node, env) for node in g.nodes),
+                 sum(_nbytes(g.values()[x].type, env) for x in params))
