@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import TensorcError
-from ..ir import Graph, TensorType, Value
+from ..ir import FLOAT_DTYPES, Graph, TensorType, Value, bind_shapes
 from ..ops import get_op
 
 
@@ -55,8 +55,16 @@ class Stage:
     recv: list[str]
     send: list[str]
     layers: list[str]
+    weights: set[str] = dataclasses.field(repr=False)
     flops: int
     param_bytes: int
+    model_inputs: dict[str, TensorType]   # the whole model's (non-weight) inputs: sizes
+
+    @property
+    def params(self) -> list[str]:
+        """The weights it reads, as inputs (a training graph) or constants."""
+        return [v.name for v in list(self.graph.inputs) + list(self.graph.constants.values())
+                if v.name in self.weights]
 
     def __str__(self) -> str:
         first, last = (self.layers[0], self.layers[-1]) if self.layers else ("-", "-")
@@ -203,11 +211,11 @@ def _stage(graph: Graph, k: int, nodes: list, recv: list[Value], send: list[Valu
             m = LAYER.match(v.name) if v.producer is None and v.name in weights else None
             if m and m.group(1) not in layers:
                 layers.append(m.group(1))
-    params = {v.name for v in list(g.inputs) + list(g.constants.values())
-              if v.name in weights}
-    return Stage(k, g, [v.name for v in recv], [] if last else [v.name for v in send], layers,
-                 sum(get_op(node.op).count_flops(node, env) for node in g.nodes),
-                 sum(_nbytes(g.values()[x].type, env) for x in params))
+    stage = Stage(k, g, [v.name for v in recv], [] if last else [v.name for v in send],
+                  layers, weights, sum(get_op(node.op).count_flops(node, env) for node in g.nodes),
+                  0, {v.name: v.type for v in graph.inputs if v.name not in weights})
+    stage.param_bytes = sum(_nbytes(g.values()[x].type, env) for x in stage.params)
+    return stage
 
 
 # --- schedules --------------------------------------------------------------------------
@@ -388,3 +396,104 @@ def timeline_png(tl: Timeline, path: str, title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --- the runtime: one stage per rank of the pp axis -------------------------------------
+
+def default_compile(backend: str = "numpy") -> Callable[[Graph], object]:
+    """Compile a stage graph the usual way: O2, then the backend."""
+    from ..backends import get_backend
+    from ..passes import run_pipeline
+
+    def compile_stage(graph: Graph):
+        return get_backend(backend).compile(run_pipeline(graph, "O2"))
+    return compile_stage
+
+
+def split_batch(inputs: dict[str, np.ndarray], m: int) -> list[dict[str, np.ndarray]]:
+    """`m` equal micro-batches, each input split along its first (batch) dim."""
+    if not isinstance(m, int) or m < 1:
+        raise PipelineError(f"micro-batches should be a positive integer, not {m!r}")
+    for name, a in inputs.items():
+        if np.ndim(a) == 0 or np.shape(a)[0] % m:
+            raise PipelineError(f"input {name!r} of shape {list(np.shape(a))} does not split "
+                                f"into {m} equal micro-batches along its first dim")
+    parts = {n: np.split(np.asarray(a), m) for n, a in inputs.items()}
+    return [{n: parts[n][i] for n in inputs} for i in range(m)]
+
+
+class _Rank:
+    """What forward and training share on one rank: its stage, its neighbours over the
+    pp group, and the sizes of each micro-batch's values."""
+
+    def __init__(self, stages: list[Stage], groups, schedule: str):
+        self.comm = groups.group("pp")
+        if self.comm.size != len(stages):
+            raise PipelineError(f"{len(stages)} stages need a pp axis of {len(stages)} ranks; "
+                                f"the mesh has pp={self.comm.size}")
+        self.stages, self.s, self.p = stages, self.comm.rank, len(stages)
+        self.stage = stages[self.s]
+        self.schedule = get_schedule(schedule)
+        self.last = self.s == self.p - 1
+
+    def env(self, micro: dict[str, np.ndarray]) -> dict[str, int]:
+        names = [n for n in self.stage.model_inputs if n in micro]
+        return bind_shapes([self.stage.model_inputs[n] for n in names],
+                           [micro[n] for n in names], names)
+
+    def recv(self, graph: Graph, names: list[str], env, source: int) -> dict[str, np.ndarray]:
+        vals = graph.values()
+        return {n: self.comm.recv(vals[n].type.concrete(env).shape, vals[n].type.np_dtype,
+                                  source) for n in names}
+
+    def send(self, arrays: list[np.ndarray], dest: int) -> None:
+        for a in arrays:
+            self.comm.send(np.ascontiguousarray(a), dest)
+
+    def originals(self, graph: Graph, micro: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {v.name: micro[v.name] for v in graph.inputs if v.name in micro}
+
+
+class PipelineForward(_Rank):
+    """Inference on one rank: `run(inputs, micro_batches)` runs this rank's stage on each
+    micro-batch in schedule order and returns the model's outputs (on every rank)."""
+
+    def __init__(self, stages: list[Stage], groups, schedule: str = "1f1b",
+                 compile_stage: Callable[[Graph], object] | None = None):
+        super().__init__(stages, groups, schedule)
+        self.exe = (compile_stage or default_compile())(self.stage.graph)
+
+    def run(self, inputs: dict[str, np.ndarray], micro_batches: int = 1
+            ) -> dict[str, np.ndarray]:
+        micro = split_batch(inputs, micro_batches)
+        g, got = self.stage.graph, []
+        for a in self.schedule(self.p, micro_batches, backward=False)[self.s]:
+            mb = micro[a.micro]
+            feeds = self.originals(g, mb)
+            if self.s > 0:
+                feeds.update(self.recv(g, self.stage.recv, self.env(mb), self.s - 1))
+            out = self.exe.run(feeds)
+            if self.last:
+                got.append(out)
+            else:
+                self.send([out[n] for n in self.stage.send], self.s + 1)
+        # the last stage's outputs, concatenated, to every rank of the group
+        final = self.stages[-1].graph.outputs
+        env = self.env(micro[0])
+        result = {}
+        for v in final:
+            if self.last:
+                whole = np.concatenate([o[v.name] for o in got])
+            else:
+                shape = v.type.concrete(env).shape
+                whole = np.empty((shape[0] * micro_batches, *shape[1:]), v.type.np_dtype)
+            result[v.name] = self.comm.broadcast(whole, self.p - 1) if self.p > 1 else whole
+        return result
+
+
+def run_forward(stages: list[Stage], inputs: dict[str, np.ndarray], groups,
+                micro_batches: int = 1, schedule: str = "1f1b",
+                compile_stage: Callable[[Graph], object] | None = None
+                ) -> dict[str, np.ndarray]:
+    """Run the pipeline once on this rank (see `PipelineForward`)."""
+    return PipelineForward(stages, groups, schedule, compile_stage).run(inputs, micro_batches)
