@@ -497,3 +497,112 @@ def run_forward(stages: list[Stage], inputs: dict[str, np.ndarray], groups,
                 ) -> dict[str, np.ndarray]:
     """Run the pipeline once on this rank (see `PipelineForward`)."""
     return PipelineForward(stages, groups, schedule, compile_stage).run(inputs, micro_batches)
+
+
+# --- training ---------------------------------------------------------------------------
+
+COTANGENT = "cot."   # a backward graph's input: the gradient of the stage output it names
+
+
+def backward_graph(stage: Stage, scale: float = 1.0) -> Graph:
+    """The stage's backward, its forward recomputed inside (re-materialisation): inputs
+    the stage's own, plus ``cot.<name>`` per float output it sends; outputs
+    ``grad.<name>`` for each weight it reads and each float activation it receives.
+    It differentiates sum(output * cotangent), or on the last stage the loss times
+    `scale` (1/m: micro-batch gradients then add up to the whole batch's mean)."""
+    from ..passes.autodiff import grad
+    from ..passes.rewrite import copy_graph, dce
+    g = copy_graph(stage.graph)
+    if not stage.send:
+        (loss,) = g.outputs
+        target = g.add("mul", loss, g.add_constant(g.fresh_name("micro.scale"),
+                                                   np.asarray(scale, loss.type.np_dtype)))
+    else:
+        terms = [g.add("reduce_sum", g.add("mul", v, g.add_input(COTANGENT + v.name, v.type)))
+                 for v in g.outputs if v.type.dtype in FLOAT_DTYPES]
+        target = terms[0]
+        for t in terms[1:]:
+            target = g.add("add", target, t)
+    g.rename(target, g.fresh_name("stage.target"))
+    g.outputs = [target]
+    wrt = stage.params + [n for n in stage.recv if _is_float(stage.graph, n)]
+    g = grad(g, target.name, wrt)
+    g.outputs = g.outputs[1:]
+    dce(g)
+    return g.verify()
+
+
+def _is_float(graph: Graph, name: str) -> bool:
+    return graph.values()[name].type.dtype in FLOAT_DTYPES
+
+
+class PipelineStep(_Rank):
+    """`training.TrainStep` on one rank of a pipeline: `step(batch)` -> (loss, {name:
+    gradient}) for the weights of this rank's stage (`params`, shared with the model, so
+    `train_steps` and the optimizers take it as they take a TrainStep). The batch is
+    split into `micro_batches`; the gradients are the whole batch's, the loss its mean
+    (on every rank). A weight read by several stages (a tied embedding) gets the sum of
+    their gradients on each."""
+
+    def __init__(self, model, task, batch: dict[str, np.ndarray], groups,
+                 micro_batches: int = 1, schedule: str = "1f1b", backend: str = "numpy",
+                 compile_stage: Callable[[Graph], object] | None = None):
+        from ..passes import run_pipeline
+        from ..passes.autodiff import GRAD_PREFIX, as_inputs
+        from ..training import FORWARD_PASSES, loss_graph
+        self.micro_batches, self.grad_prefix = micro_batches, GRAD_PREFIX
+        first = split_batch(batch, micro_batches)[0]
+        graph, names = loss_graph(model, task, first)
+        graph = run_pipeline(as_inputs(graph, names), FORWARD_PASSES)
+        p = groups.group("pp").size
+        super().__init__(cut(graph, p, weights=names), groups, schedule)
+        compile_stage = compile_stage or default_compile(backend)
+        self.fwd = compile_stage(self.stage.graph)
+        self.bwd = compile_stage(backward_graph(self.stage, 1.0 / micro_batches))
+        self.names = self.stage.params
+        arrays = dict(model.named_parameters())
+        self.params = {}
+        for n in self.names:   # one contiguous f32 array per weight, shared with the model
+            p_ = arrays[n]
+            p_.data = np.ascontiguousarray(p_.data, np.float32)
+            self.params[n] = p_.data
+        held = [set(st.params) for st in self.stages]
+        self.shared = sorted(n for n in set().union(*held) if sum(n in h for h in held) > 1)
+        self.shapes = {n: arrays[n].data.shape for n in self.shared}
+        self.float_recv = [n for n in self.stage.recv if _is_float(self.stage.graph, n)]
+        self.float_send = [n for n in self.stage.send if _is_float(self.stage.graph, n)]
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        micro = split_batch(batch, self.micro_batches)
+        g, s = self.stage.graph, self.s
+        grads = {n: np.zeros_like(a) for n, a in self.params.items()}
+        kept: dict[int, dict] = {}   # per micro-batch in flight: the activations received
+        loss = 0.0
+        for a in self.schedule(self.p, self.micro_batches)[s]:
+            mb = micro[a.micro]
+            if a.kind == "F":
+                got = self.recv(g, self.stage.recv, self.env(mb), s - 1) if s > 0 else {}
+                out = self.fwd.run({**self.originals(g, mb), **got, **self.params})
+                if self.last:
+                    loss += float(out["loss"]) / self.micro_batches
+                else:
+                    self.send([out[n] for n in self.stage.send], s + 1)
+                kept[a.micro] = got
+                continue
+            cot = {} if self.last else {
+                COTANGENT + n: x for n, x in
+                self.recv(g, self.float_send, self.env(mb), s + 1).items()}
+            out = self.bwd.run({**self.originals(g, mb), **kept.pop(a.micro), **cot,
+                                **self.params})
+            for n in grads:
+                grads[n] += out[self.grad_prefix + n]
+            if s > 0:
+                self.send([out[self.grad_prefix + n] for n in self.float_recv], s - 1)
+        for n in self.shared:   # every rank of the group takes part, holding it or not
+            mine = grads.get(n, np.zeros(self.shapes[n], np.float32))
+            total = self.comm.all_reduce(mine)
+            if n in grads:
+                grads[n] = total
+        if self.p > 1:
+            loss = float(self.comm.broadcast(np.asarray(loss, np.float64), self.p - 1))
+        return loss, grads
