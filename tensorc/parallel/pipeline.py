@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -536,6 +537,10 @@ def _is_float(graph: Graph, name: str) -> bool:
     return graph.values()[name].type.dtype in FLOAT_DTYPES
 
 
+# The tracer is one per process (`Tracer.current`): ranks that are threads take turns.
+_TRACING = threading.Lock()
+
+
 class PipelineStep(_Rank):
     """`training.TrainStep` on one rank of a pipeline: `step(batch)` -> (loss, {name:
     gradient}) for the weights of this rank's stage (`params`, shared with the model, so
@@ -552,7 +557,8 @@ class PipelineStep(_Rank):
         from ..training import FORWARD_PASSES, loss_graph
         self.micro_batches, self.grad_prefix = micro_batches, GRAD_PREFIX
         first = split_batch(batch, micro_batches)[0]
-        graph, names = loss_graph(model, task, first)
+        with _TRACING:
+            graph, names = loss_graph(model, task, first)
         graph = run_pipeline(as_inputs(graph, names), FORWARD_PASSES)
         p = groups.group("pp").size
         super().__init__(cut(graph, p, weights=names), groups, schedule)
