@@ -253,3 +253,57 @@ def test_backward_graph_shape():
     last = backward_graph(stages[2], 0.25)
     assert not any(v.name.startswith("cot.") for v in last.inputs)
     assert "grad.wte.weight" in [v.name for v in last.outputs]   # tied: the head's share
+
+
+def test_train_steps_with_a_pipeline_step():
+    """PipelineStep plugs into training.train_steps and an optimizer like a TrainStep:
+    two SGD steps leave every rank's weights where the single-process run leaves them.
+    (SGD: AdamW divides k's bias's ~1e-12 noise gradient by its own size, so it moves
+    that bias by ~lr * 1e-4 either way. No clipping: train_steps clips by the norm of
+    the gradients it is given, which on a pipeline rank are its stage's only.)"""
+    import itertools
+
+    from tensorc.training import TrainConfig, make_optimizer, train_steps
+    cfg = TrainConfig(steps=2, lr=1e-2, clip=None, optimizer="sgd")
+    task = get_task("clm")
+    batches = [example_batch(get("gpt", "tiny", n_layer=3), "clm", batch=BATCH, seq=8,
+                             seed=i) for i in range(2)]
+
+    def train(step):
+        opt = make_optimizer(step.params, cfg, "numpy")
+        records = list(train_steps(step, opt, lambda i: cfg.lr, itertools.cycle(batches), cfg))
+        return [r["loss"] for r in records], {n: a.copy() for n, a in step.params.items()}
+    want_losses, want = train(TrainStep(get("gpt", "tiny", n_layer=3), task, batches[0],
+                                        backend="numpy"))
+    ranks = run_threads(Mesh(pp=3), lambda g: train(PipelineStep(
+        get("gpt", "tiny", n_layer=3), task, batches[0], g, 2)))
+    for losses, params in ranks:
+        assert losses == pytest.approx(want_losses, rel=1e-5)
+        for n, a in params.items():
+            np.testing.assert_allclose(a, want[n], rtol=1e-5, atol=1e-6)
+    assert set().union(*(p for _, p in ranks)) == set(want)
+
+
+def test_pp_axis_of_a_larger_mesh():
+    """On pp=2 x dp=2 each dp replica is its own pipeline over its pp group."""
+    full, ref = model("bert")
+    stages = stages_of("bert", 2)
+    for got in run_threads(Mesh(pp=2, dp=2), lambda g: PipelineForward(stages, g).run(
+            full.inputs, 2)):
+        assert rel_err(got["logits"], ref["logits"]) <= 1e-5
+
+
+def test_measured_timeline():
+    """The ranks' measured forward/backward times placed on the schedule: every stage
+    has a positive cost and the bubble is what the timeline says it is."""
+    task = get_task("clm")
+    batch = example_batch(get("gpt", "tiny", n_layer=3), "clm", batch=BATCH, seq=8)
+
+    def rank(groups):
+        step = PipelineStep(get("gpt", "tiny", n_layer=3), task, batch, groups, 4)
+        step(batch)
+        return step.measured_timeline(4)
+    for tl in run_threads(Mesh(pp=3), rank):
+        assert len(tl.rows) == 3 and all(len(row) == 8 for row in tl.rows)
+        assert all(end > start for row in tl.rows for start, end, _ in row)
+        assert 0 < tl.bubble < 1

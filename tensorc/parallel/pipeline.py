@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import re
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -436,6 +437,7 @@ class _Rank:
         self.stage = stages[self.s]
         self.schedule = get_schedule(schedule)
         self.last = self.s == self.p - 1
+        self.seconds: dict[str, list[float]] = {}   # per action kind: compute seconds
 
     def env(self, micro: dict[str, np.ndarray]) -> dict[str, int]:
         names = [n for n in self.stage.model_inputs if n in micro]
@@ -453,6 +455,22 @@ class _Rank:
 
     def originals(self, graph: Graph, micro: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {v.name: micro[v.name] for v in graph.inputs if v.name in micro}
+
+    def timed(self, kind: str, exe, feeds: dict) -> dict:
+        """Run one action, keeping its compute time (not the wait for its inputs)."""
+        t0 = time.perf_counter()
+        out = exe.run(feeds)
+        self.seconds.setdefault(kind, []).append(time.perf_counter() - t0)
+        return out
+
+    def measured_timeline(self, micro_batches: int, backward: bool = True) -> Timeline:
+        """The schedule simulated with each stage's measured mean forward (and backward)
+        time of the runs so far. A collective over the pp group: every rank calls it.
+        Durations only, no timestamps: ranks on different hosts share no clock."""
+        mine = np.array([[np.mean(self.seconds.get(k, [np.nan])) for k in "FB"]])
+        costs = self.comm.all_gather(mine, 0) if self.p > 1 else mine
+        return simulate(self.schedule(self.p, micro_batches, backward=backward),
+                        list(costs[:, 0]), list(costs[:, 1]) if backward else None)
 
 
 class PipelineForward(_Rank):
@@ -473,7 +491,7 @@ class PipelineForward(_Rank):
             feeds = self.originals(g, mb)
             if self.s > 0:
                 feeds.update(self.recv(g, self.stage.recv, self.env(mb), self.s - 1))
-            out = self.exe.run(feeds)
+            out = self.timed("F", self.exe, feeds)
             if self.last:
                 got.append(out)
             else:
@@ -588,7 +606,7 @@ class PipelineStep(_Rank):
             mb = micro[a.micro]
             if a.kind == "F":
                 got = self.recv(g, self.stage.recv, self.env(mb), s - 1) if s > 0 else {}
-                out = self.fwd.run({**self.originals(g, mb), **got, **self.params})
+                out = self.timed("F", self.fwd, {**self.originals(g, mb), **got, **self.params})
                 if self.last:
                     loss += float(out["loss"]) / self.micro_batches
                 else:
@@ -598,7 +616,7 @@ class PipelineStep(_Rank):
             cot = {} if self.last else {
                 COTANGENT + n: x for n, x in
                 self.recv(g, self.float_send, self.env(mb), s + 1).items()}
-            out = self.bwd.run({**self.originals(g, mb), **kept.pop(a.micro), **cot,
+            out = self.timed("B", self.bwd, {**self.originals(g, mb), **kept.pop(a.micro), **cot,
                                 **self.params})
             for n in grads:
                 grads[n] += out[self.grad_prefix + n]
