@@ -255,16 +255,17 @@ def test_backward_graph_shape():
     assert "grad.wte.weight" in [v.name for v in last.outputs]   # tied: the head's share
 
 
-def test_train_steps_with_a_pipeline_step():
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_train_steps_with_a_pipeline_step(clip):
     """PipelineStep plugs into training.train_steps and an optimizer like a TrainStep:
     two SGD steps leave every rank's weights where the single-process run leaves them.
     (SGD: AdamW divides k's bias's ~1e-12 noise gradient by its own size, so it moves
-    that bias by ~lr * 1e-4 either way. No clipping: train_steps clips by the norm of
-    the gradients it is given, which on a pipeline rank are its stage's only.)"""
+    that bias by ~lr * 1e-4 either way.) Clipping by the global norm is the step's own
+    (train_steps clips by the norm of the gradients it is given: one stage's)."""
     import itertools
 
     from tensorc.training import TrainConfig, make_optimizer, train_steps
-    cfg = TrainConfig(steps=2, lr=1e-2, clip=None, optimizer="sgd")
+    cfg = TrainConfig(steps=2, lr=1e-2, clip=clip, optimizer="sgd")
     task = get_task("clm")
     batches = [example_batch(get("gpt", "tiny", n_layer=3), "clm", batch=BATCH, seq=8,
                              seed=i) for i in range(2)]
@@ -276,7 +277,7 @@ def test_train_steps_with_a_pipeline_step():
     want_losses, want = train(TrainStep(get("gpt", "tiny", n_layer=3), task, batches[0],
                                         backend="numpy"))
     ranks = run_threads(Mesh(pp=3), lambda g: train(PipelineStep(
-        get("gpt", "tiny", n_layer=3), task, batches[0], g, 2)))
+        get("gpt", "tiny", n_layer=3), task, batches[0], g, 2, clip=clip)))
     for losses, params in ranks:
         assert losses == pytest.approx(want_losses, rel=1e-5)
         for n, a in params.items():

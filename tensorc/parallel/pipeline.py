@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import threading
 import time
@@ -565,15 +566,20 @@ class PipelineStep(_Rank):
     `train_steps` and the optimizers take it as they take a TrainStep). The batch is
     split into `micro_batches`; the gradients are the whole batch's, the loss its mean
     (on every rank). A weight read by several stages (a tied embedding) gets the sum of
-    their gradients on each."""
+    their gradients on each. `clip`: gradients scaled to this global L2 norm over every
+    stage (as `optim.clip_grad_norm` on the whole model; train_steps' own clipping sees
+    one stage's gradients only, already within the norm then); the norm is kept in
+    `grad_norm`."""
 
     def __init__(self, model, task, batch: dict[str, np.ndarray], groups,
                  micro_batches: int = 1, schedule: str = "1f1b", backend: str = "numpy",
-                 compile_stage: Callable[[Graph], object] | None = None):
+                 compile_stage: Callable[[Graph], object] | None = None,
+                 clip: float | None = None):
         from ..passes import run_pipeline
         from ..passes.autodiff import GRAD_PREFIX, as_inputs
         from ..training import FORWARD_PASSES, loss_graph
-        self.micro_batches, self.grad_prefix = micro_batches, GRAD_PREFIX
+        self.micro_batches, self.grad_prefix, self.clip = micro_batches, GRAD_PREFIX, clip
+        self.grad_norm = float("nan")
         first = split_batch(batch, micro_batches)[0]
         with _TRACING:
             graph, names = loss_graph(model, task, first)
@@ -629,4 +635,19 @@ class PipelineStep(_Rank):
                 grads[n] = total
         if self.p > 1:
             loss = float(self.comm.broadcast(np.asarray(loss, np.float64), self.p - 1))
+        if self.clip is not None:
+            self._clip(grads)
         return loss, grads
+
+    def _clip(self, grads: dict[str, np.ndarray]) -> None:
+        from ..optim import _sum_squares
+        # a shared weight counts once: on the first stage that holds it
+        mine = sum(_sum_squares(g) for n, g in grads.items()
+                   if n not in self.shared or
+                   self.s == min(st.index for st in self.stages if n in st.params))
+        total = self.comm.all_reduce(np.asarray(mine, np.float64)) if self.p > 1 else mine
+        self.grad_norm = norm = math.sqrt(float(total))
+        coef = self.clip / (norm + 1e-6)   # optim.clip_grad_norm's rule
+        if coef < 1.0:
+            for g in grads.values():
+                g *= np.float32(coef)
