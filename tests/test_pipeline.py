@@ -308,3 +308,19 @@ def test_measured_timeline():
         assert len(tl.rows) == 3 and all(len(row) == 8 for row in tl.rows)
         assert all(end > start for row in tl.rows for start, end, _ in row)
         assert 0 < tl.bubble < 1
+
+
+def test_sends_the_analytic_minimum():
+    """A step moves one activation per boundary and micro-batch forward and its gradient
+    back: each rank sends batch x seq x d_model x 4 bytes to each neighbour it has,
+    however many micro-batches (the minimum: the residual stream must cross)."""
+    task = get_task("clm")
+    gm = get("gpt", "tiny", n_layer=3)
+    batch = example_batch(gm, "clm", batch=BATCH, seq=8)
+    whole = BATCH * 8 * gm.config.d_model * 4
+
+    def rank(groups):
+        step = PipelineStep(get("gpt", "tiny", n_layer=3), task, batch, groups, 4)
+        step(batch)
+        return step.sent_bytes
+    assert run_threads(Mesh(pp=3), rank) == [whole, 2 * whole, whole]

@@ -439,6 +439,7 @@ class _Rank:
         self.schedule = get_schedule(schedule)
         self.last = self.s == self.p - 1
         self.seconds: dict[str, list[float]] = {}   # per action kind: compute seconds
+        self.sent_bytes = 0   # to the neighbouring stages, activations and gradients
 
     def env(self, micro: dict[str, np.ndarray]) -> dict[str, int]:
         names = [n for n in self.stage.model_inputs if n in micro]
@@ -453,6 +454,7 @@ class _Rank:
     def send(self, arrays: list[np.ndarray], dest: int) -> None:
         for a in arrays:
             self.comm.send(np.ascontiguousarray(a), dest)
+            self.sent_bytes += a.nbytes
 
     def originals(self, graph: Graph, micro: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {v.name: micro[v.name] for v in graph.inputs if v.name in micro}
