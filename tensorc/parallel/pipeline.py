@@ -467,10 +467,11 @@ class _Rank:
         return out
 
     def measured_timeline(self, micro_batches: int, backward: bool = True) -> Timeline:
-        """The schedule simulated with each stage's measured mean forward (and backward)
-        time of the runs so far. A collective over the pp group: every rank calls it.
-        Durations only, no timestamps: ranks on different hosts share no clock."""
-        mine = np.array([[np.mean(self.seconds.get(k, [np.nan])) for k in "FB"]])
+        """The schedule simulated with each stage's measured forward (and backward) time
+        per micro-batch: the median of the runs so far (a first call also binds shapes).
+        A collective over the pp group: every rank calls it. Durations only, no
+        timestamps: ranks on different hosts share no clock."""
+        mine = np.array([[np.median(self.seconds.get(k, [np.nan])) for k in "FB"]])
         costs = self.comm.all_gather(mine, 0) if self.p > 1 else mine
         return simulate(self.schedule(self.p, micro_batches, backward=backward),
                         list(costs[:, 0]), list(costs[:, 1]) if backward else None)
