@@ -3,11 +3,14 @@ micro-batch schedules that keep the stages busy (GPipe, 1F1B), a simulator that 
 them on a timeline, and the runtime that runs one stage per rank of the mesh's `pp` axis.
 
 The cut works on a graph after `training.FORWARD_PASSES` (O1, fuse-patterns,
-fuse-attention), not O2: there every node is one op and the weights keep their names,
-so between two layers exactly one value (the residual stream) is live, while O2's
-regions fuse a block's last residual add with the next block's layer norm (two values
-cross) and merge q/k/v weights under new names. Each stage is compiled (O2 and a
-backend, or the caller's `compile_stage`, e.g. sharding it first) on its own.
+fuse-attention), not O2. Both leave one value (the residual stream) live between the
+zoo's layers, but after O1 every node is one op reading one layer's weights under their
+own names, while O2 merges q/k/v into new weights (`...q.weight.merged`: gradients and
+tensor-parallel sharding go by the model's names) and fuses across what were op
+boundaries (the embedding's add with block 0's layer norm: a region reading two layers'
+values cannot be cut). A training graph must be cut before `grad` anyway, and O2 loses
+nothing by running later: each stage is compiled on its own (O2 and a backend, or the
+caller's `compile_stage`, e.g. sharding it first).
 
 Activations move between stages with the pp group's `send`/`recv` from the host, not
 with send/recv ops inside the stage graphs: the order of sends and receives is the
