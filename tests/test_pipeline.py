@@ -324,3 +324,15 @@ def test_sends_the_analytic_minimum():
         step(batch)
         return step.sent_bytes
     assert run_threads(Mesh(pp=3), rank) == [whole, 2 * whole, whole]
+
+
+def test_encoder_decoder_forwards_the_memory():
+    """transformer: the encoder's output is read by every decoder layer, so a middle
+    stage receives it and sends it on beside its own activation."""
+    full, ref = model("transformer", 2)
+    stages = cut(run_pipeline(full.graph, FORWARD_PASSES), 3)
+    memory = stages[0].send[0]
+    assert stages[1].recv == [memory] and memory in stages[2].recv
+    assert len(stages[1].send) == 2
+    for got in run_threads(Mesh(pp=3), lambda g: PipelineForward(stages, g).run(full.inputs)):
+        assert rel_err(got["logits"], ref["logits"]) <= 1e-5
