@@ -91,8 +91,10 @@ def _free_values(graph: Graph, weights: set[str]) -> set[Value]:
     return free
 
 
-def _nbytes(t: TensorType, env: dict[str, int]) -> int:
-    return t.nbytes(env)
+def _layer(v: Value, weights: set[str]) -> str | None:
+    """The layer of a weight (`blocks.3` of blocks.3.attn.q.weight), else None."""
+    m = LAYER.match(v.name) if v.producer is None and v.name in weights else None
+    return m.group(1) if m else None
 
 
 def cut(graph: Graph, stages: int, weights: list[str] | None = None,
@@ -125,15 +127,7 @@ def cut(graph: Graph, stages: int, weights: list[str] | None = None,
                 if last_use.get(v, -1) >= p]
 
     # the layers each node reads weights of, in order of first appearance
-    def layers_of(node) -> set[str]:
-        out = set()
-        for v in node.inputs:
-            if v.producer is None and v.name in weights_set:
-                m = LAYER.match(v.name)
-                if m:
-                    out.add(m.group(1))
-        return out
-    node_layers = [layers_of(node) for node in owned]
+    node_layers = [{_layer(v, weights_set) for v in node.inputs} - {None} for node in owned]
     order: list[str] = []
     for ls in node_layers:
         order += sorted(x for x in ls if x not in order)
@@ -147,12 +141,13 @@ def cut(graph: Graph, stages: int, weights: list[str] | None = None,
         hi = min(i for i, ls in enumerate(node_layers) if any(rank[x] > j for x in ls))
         if lo >= hi:
             continue   # the layers interleave: no cut between them
-        cost = {p: (len(live(p)), sum(_nbytes(v.type, env) for v in live(p)))
+        cost = {p: (len(live(p)), sum(v.type.nbytes(env) for v in live(p)))
                 for p in range(lo + 1, hi + 1)}
         bounds.append(min(cost, key=lambda p: (cost[p], -p)))
     if len(bounds) + 1 < stages:
-        raise PipelineError(f"{graph.name} has {len(bounds) + 1} layers, fewer than the "
-                            f"{stages} pipeline stages asked for")
+        layers = len(bounds) + 1
+        raise PipelineError(f"{graph.name} has {layers} layer{'s' * (layers != 1)}, fewer "
+                            f"than the {stages} pipeline stages asked for")
 
     flops = np.cumsum([0] + [get_op(node.op).count_flops(node, env) for node in owned])
     reads = [{v.name for v in node.inputs if v.producer is None and v.name in weights_set}
@@ -163,7 +158,7 @@ def cut(graph: Graph, stages: int, weights: list[str] | None = None,
     def segment(a: int, b: int) -> tuple[int, int]:
         """(flops, parameter bytes) of owned nodes a..b-1."""
         names = set().union(*reads[a:b])
-        return int(flops[b] - flops[a]), sum(_nbytes(values[x].type, env) for x in names)
+        return int(flops[b] - flops[a]), sum(values[x].type.nbytes(env) for x in names)
 
     # minimise the costliest stage: best[k][i] = (cost, cuts) splitting points[:i+1]
     points = [0, *bounds, n]
@@ -211,16 +206,12 @@ def _stage(graph: Graph, k: int, nodes: list, recv: list[Value], send: list[Valu
         vals.update(zip(node.outputs, outs, strict=True))
     g.outputs = [vals[v] for v in send]
     g.verify()
-    layers = []
-    for node in nodes:
-        for v in node.inputs:
-            m = LAYER.match(v.name) if v.producer is None and v.name in weights else None
-            if m and m.group(1) not in layers:
-                layers.append(m.group(1))
+    layers = list(dict.fromkeys(x for node in nodes for v in node.inputs
+                                if (x := _layer(v, weights)) is not None))
     stage = Stage(k, g, [v.name for v in recv], [] if last else [v.name for v in send],
                   layers, weights, sum(get_op(node.op).count_flops(node, env) for node in g.nodes),
                   0, {v.name: v.type for v in graph.inputs if v.name not in weights})
-    stage.param_bytes = sum(_nbytes(g.values()[x].type, env) for x in stage.params)
+    stage.param_bytes = sum(g.values()[x].type.nbytes(env) for x in stage.params)
     return stage
 
 
