@@ -188,6 +188,9 @@ def test_runtime_errors():
         run_threads(Mesh(pp=2), lambda g: PipelineForward(stages_of("gpt", 3), g))
     with pytest.raises(PipelineError, match="does not split into 3 equal micro-batches"):
         split_batch(full.inputs, 3)
+    fixed = cut(run_pipeline(full.graph, FORWARD_PASSES), 2)   # traced at the whole batch
+    with pytest.raises(PipelineError, match="micro-batch does not fit the stages"):
+        run_threads(Mesh(pp=2), lambda g: PipelineForward(fixed, g).run(full.inputs, 2))
     with pytest.raises(PipelineError, match="unknown pipeline schedule"):
         run_threads(Mesh(pp=2), lambda g: PipelineForward(stages_of("gpt", 2), g, "zigzag"))
 

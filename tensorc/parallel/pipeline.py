@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import TensorcError
+from ..errors import InputError, TensorcError
 from ..ir import FLOAT_DTYPES, Graph, TensorType, Value, bind_shapes
 from ..ops import get_op
 
@@ -436,9 +436,14 @@ class _Rank:
         self.sent_bytes = 0   # to the neighbouring stages, activations and gradients
 
     def env(self, micro: dict[str, np.ndarray]) -> dict[str, int]:
+        """The sizes of the model's symbolic dims in this micro-batch."""
         names = [n for n in self.stage.model_inputs if n in micro]
-        return bind_shapes([self.stage.model_inputs[n] for n in names],
-                           [micro[n] for n in names], names)
+        try:
+            return bind_shapes([self.stage.model_inputs[n] for n in names],
+                               [micro[n] for n in names], names)
+        except InputError as e:
+            raise PipelineError(f"a micro-batch does not fit the stages ({e}): trace the "
+                                "model symbolically or at the micro-batch's size") from None
 
     def recv(self, graph: Graph, names: list[str], env, source: int) -> dict[str, np.ndarray]:
         vals = graph.values()
@@ -483,6 +488,7 @@ class PipelineForward(_Rank):
     def run(self, inputs: dict[str, np.ndarray], micro_batches: int = 1
             ) -> dict[str, np.ndarray]:
         micro = split_batch(inputs, micro_batches)
+        env = self.env(micro[0])
         g, got = self.stage.graph, []
         for a in self.schedule(self.p, micro_batches, backward=False)[self.s]:
             mb = micro[a.micro]
@@ -496,7 +502,6 @@ class PipelineForward(_Rank):
                 self.send([out[n] for n in self.stage.send], self.s + 1)
         # the last stage's outputs, concatenated, to every rank of the group
         final = self.stages[-1].graph.outputs
-        env = self.env(micro[0])
         result = {}
         for v in final:
             if self.last:
@@ -601,6 +606,7 @@ class PipelineStep(_Rank):
 
     def __call__(self, batch: dict[str, np.ndarray]):
         micro = split_batch(batch, self.micro_batches)
+        self.env(micro[0])   # a batch of another size fails here, in one line
         g, s = self.stage.graph, self.s
         grads = {n: np.zeros_like(a) for n, a in self.params.items()}
         kept: dict[int, dict] = {}   # per micro-batch in flight: the activations received
