@@ -177,7 +177,7 @@ def test_forward_numpy(name, p, schedule):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("p,schedule", [(2, "gpipe"), (3, "1f1b")])
+@pytest.mark.parametrize("p,schedule", [(1, "gpipe"), (2, "gpipe"), (3, "1f1b")])
 def test_forward_llvm(name, p, schedule):
     run_inference(name, p, "llvm", schedule)
 
