@@ -109,7 +109,9 @@ class ThreadCommunicator(Communicator):
                 from None
 
     def _exchange(self, x):
-        self._meet.slots[self.rank] = np.asarray(x)
+        # a copy: the others read it after the rank has moved on, and a backend may
+        # reuse the memory of x (llvm's arena) by then
+        self._meet.slots[self.rank] = np.array(x, copy=True)
         self._wait()
         got = list(self._meet.slots)
         self._wait()   # nobody overwrites a slot before every rank has read them all
