@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import TensorcError
 from ..frontend.losses import IGNORE_INDEX
 from ..ir import Graph, Node, Value
-from ..ops.nn import _P as DROPOUT_PRIME
+from ..ops.nn import shifted_salt
 from ..passes.autodiff import GRAD_PREFIX
 from ..types import TensorType
 from .comm import MeshGroups
@@ -40,9 +40,6 @@ from .comm import MeshGroups
 AXIS = "dp"
 WEIGHT = "dp.weight"      # the step's input: this rank's share of the batch's loss
 BUCKET_MB = 25.0          # DDP's default bucket_cap_mb
-# dropout's hash adds salt * 7919 to the element index modulo a prime: a salt plus
-# offset * 7919^-1 (mod the prime) shifts the index by offset
-_SALT_STEP = pow(7919, -1, DROPOUT_PRIME)
 
 
 @dataclasses.dataclass
@@ -159,8 +156,8 @@ def shift_dropout(graph: Graph, row_offset: int, rows: int) -> Graph:
             raise TensorcError(f"{node.where}: dropout over {node.inputs[0].type} is not "
                                f"batch-major ({rows} rows): its masks cannot follow the "
                                "batch's split; train with dropout 0 or without --mesh dp")
-        offset = row_offset * math.prod(shape[1:])
-        node.attrs["salt"] = (node.attrs["salt"] + offset * _SALT_STEP) % DROPOUT_PRIME
+        node.attrs["salt"] = shifted_salt(node.attrs["salt"],
+                                          row_offset * math.prod(shape[1:]))
     return graph
 
 
@@ -224,12 +221,10 @@ class DataParallel:
         return out
 
     # -- the step --
-    def rewrite(self, graph: Graph, names: list[str]) -> tuple[Graph, list[str]]:
-        """`TrainStep`'s hook: the single-rank step graph made this rank's."""
+    def rewrite(self, graph: Graph, names: list[str], rows: int) -> tuple[Graph, list[str]]:
+        """The step graph of `rows` rows made this rank's (`TrainStep`'s hook)."""
         self.buckets = plan_buckets(graph, names, self.bucket_bytes, self.size, pad=self.zero)
-        rows = self.rows(self.size * next(
-            v.type.shape[0] for v in graph.inputs if v.type.rank and v.name != WEIGHT))
-        shift_dropout(graph, rows.start, rows.stop - rows.start)
+        shift_dropout(graph, self.rank * rows, rows)
         return data_parallel_graph(graph, names, self.size, self.buckets, self.zero)
 
     def step(self, model, task, batch, backend="llvm", distill=None, recompute=False,
@@ -238,8 +233,9 @@ class DataParallel:
         model's parameters move into flat per-bucket buffers."""
         from ..training import TrainStep
         batch = {k: a for k, a in batch.items() if k != WEIGHT}   # `rewrite` adds it
+        rows = next(len(a) for a in batch.values() if np.ndim(a))
         step = TrainStep(model, task, batch, backend, distill, recompute, qat,
-                         rewrite=self.rewrite)
+                         rewrite=lambda graph, names: self.rewrite(graph, names, rows))
         if self.zero:
             self.flat = []
             for b in self.buckets:
@@ -279,7 +275,6 @@ class DataParallel:
         whole = optimizer.gathered() if self.zero else optimizer
         if self.writer:
             save_checkpoint(directory, params, whole, step, extra, **kw)
-        self.comm.all_reduce(np.zeros(1, np.float32))   # nobody reads it before it is written
 
 
 class ZeroOptimizer:
