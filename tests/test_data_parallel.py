@@ -186,3 +186,30 @@ def test_train_mesh_errors_are_one_line(argv, message, capsys):
                 + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_zero_resumes_a_single_process_checkpoint(tmp_path):
+    """A checkpoint's whole optimizer state is sliced over the ranks on resume, and
+    gathered back when they write: the run continues as the single process would."""
+    cfg = TrainConfig(steps=4, lr=1e-3, warmup=0, clip=0.05)
+    fit(_run(tmp_path / "straight", "gpt", "clm", "numpy"), cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(r):
+        if r["step"] == 2:
+            raise Stop
+    half = _run(tmp_path / "half", "gpt", "clm", "numpy")
+    half.eval_every = 2
+    with pytest.raises(Stop):
+        fit(half, cfg, on_step=stop_at_2)
+    assert load_checkpoint(half.out).step == 2
+    run_threads(Mesh(dp=2), lambda g: fit(half, cfg, resume=half.out, dp=DataParallel(
+        g, zero=True, bucket_mb=BUCKET_MB)))
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(half.out)
+    assert b.step == 4
+    for name, w in a.params.items():
+        assert rel_err(b.params[name], w) <= 1e-5, name
+    for name, s in a.optimizer_state.items():
+        assert rel_err(b.optimizer_state[name], s, floor=1e-6) <= 1e-5, name
