@@ -103,13 +103,15 @@ def test_buckets_follow_the_backward_and_sit_where_ready():
     assert len(reduces) == len(buckets) + 1   # one per bucket, one for the loss
     # the first bucket's all-reduce runs before the backward is over
     assert reduces[1] < n_nodes - len(buckets)
-    # every bucket's nodes come right after its last gradient: only the reshape, concat,
-    # weight and all-reduce between them
-    for i in reduces:
-        steps_back = [dp_graph.nodes[j].op for j in range(i - 1, -1, -1)]
-        tail = next(k for k, op in enumerate(steps_back)
-                    if op not in ("reshape", "concat", "mul"))
-        assert tail <= len(buckets[0].names) + 2 + max(len(b.names) for b in buckets)
+    # every bucket's nodes come right after its last gradient: nothing but its own
+    # flattening and weighting between them
+    at = {v: i for i, n in enumerate(dp_graph.nodes) for v in n.outputs}
+    for j in reduces[1:]:
+        weighted = dp_graph.nodes[j].inputs[0].producer              # flat * dp.weight
+        flat = weighted.inputs[0].producer                            # concat (or a reshape)
+        parts = [v.producer for v in flat.inputs] if flat.op == "concat" else [flat]
+        last = max(at.get(p.inputs[0], -1) for p in parts)
+        assert {n.op for n in dp_graph.nodes[last + 1:j]} <= {"reshape", "concat", "mul"}
     # bytes per rank: the ring all-reduce of every gradient once (and the loss)
     sent = sum(comm_bytes(n.op, n.inputs[0].type, n.outputs[0].type, 2)
                for n in dp_graph.nodes if n.op == "all_reduce")

@@ -65,16 +65,15 @@ def plan_buckets(graph: Graph, names: list[str], cap_bytes: float, dp: int = 1,
     index = {v: i for i, n in enumerate(graph.nodes) for v in n.outputs}
     ready = sorted(names, key=lambda n: index.get(outputs[GRAD_PREFIX + n], -1))
     buckets: list[Bucket] = []
-    used = cap_bytes
+    used = 0
     for n in ready:
         t = outputs[GRAD_PREFIX + n].type
-        nbytes = t.nbytes()
-        if used + nbytes > cap_bytes and not (buckets and used == 0):
+        if not buckets or (used and used + t.nbytes() > cap_bytes):
             buckets.append(Bucket([], [], 0))
             used = 0
         buckets[-1].names.append(n)
         buckets[-1].shapes.append(tuple(t.shape))
-        used += nbytes
+        used += t.nbytes()
     for b in buckets:
         b.size = sum(b.sizes)
         if pad:
@@ -113,7 +112,7 @@ def data_parallel_graph(graph: Graph, names: list[str], dp: int, buckets: list[B
     for i, b in enumerate(buckets):
         grads = [reduced(outputs[GRAD_PREFIX + n], GRAD_PREFIX + n) for n in b.names]
 
-        def build(grads=grads, b=b, i=i):
+        def build(grads=grads, b=b):
             parts = [graph.add("reshape", g, shape=(g.type.numel,)) for g in grads]
             if b.size > sum(b.sizes):
                 parts.append(graph.add("full", shape=(b.size - sum(b.sizes),), value=0,
