@@ -148,7 +148,7 @@ def shift_dropout(graph: Graph, row_offset: int, rows: int) -> Graph:
     ranks together drop what one process running the whole batch drops. Every dropout
     (in fused bodies too) must read a tensor whose first dim is the batch's."""
     for node in _all_nodes(graph):
-        if node.op != "dropout" or not row_offset:
+        if node.op != "dropout":
             continue
         shape = node.inputs[0].type.shape
         if not shape or shape[0] != rows or not all(isinstance(d, int) for d in shape):
