@@ -208,15 +208,16 @@ def train_steps(step: TrainStep, optimizer, schedule: Callable[[int], float],
     (default optim.clip_grad_norm) clips the gradients to `cfg.clip`."""
     from .optim import GradAccumulator, clip_grad_norm
     clip = clip or clip_grad_norm
-    # shaped like what the optimizer updates (ZeRO: its slices)
-    acc = GradAccumulator(optimizer.params) if cfg.accumulate > 1 else None
+    acc = None
     for i in range(start, cfg.steps):
         t0 = time.perf_counter()
         total = 0.0
         for _ in range(cfg.accumulate):
             loss, grads = step(next(batches))
             total += loss
-            if acc is not None:
+            if cfg.accumulate > 1:
+                if acc is None:   # shaped like the step's gradients (ZeRO: its slices)
+                    acc = GradAccumulator(grads)
                 acc.add(grads)
         if acc is not None:
             grads = acc.mean()
