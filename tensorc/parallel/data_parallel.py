@@ -55,6 +55,14 @@ class Bucket:
     def sizes(self) -> list[int]:
         return [math.prod(s) for s in self.shapes]
 
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Each parameter's part of a flat array laid out like the bucket, in its shape."""
+        out, at = {}, 0
+        for n, s, k in zip(self.names, self.shapes, self.sizes, strict=True):
+            out[n] = flat[at:at + k].reshape(s)
+            at += k
+        return out
+
 
 def plan_buckets(graph: Graph, names: list[str], cap_bytes: float, dp: int = 1,
                  pad: bool = False) -> list[Bucket]:
@@ -239,12 +247,9 @@ class DataParallel:
             self.flat = []
             for b in self.buckets:
                 flat = np.zeros(b.size, np.float32)
-                at = 0
-                for n, k in zip(b.names, b.sizes, strict=True):
-                    view = flat[at:at + k].reshape(step.params[n].shape)
+                for n, view in b.views(flat).items():
                     view[...] = step.params[n]
                     step.params[n] = view
-                    at += k
                 self.flat.append(flat)
             for n, p in model.named_parameters():
                 p.data = step.params[n]
@@ -289,11 +294,6 @@ class ZeroOptimizer:
         self.inner = make({f"bucket{i}": flat[s] for i, (flat, s) in
                            enumerate(zip(dp.flat, self.slices, strict=True))})
 
-    @property
-    def params(self) -> dict[str, np.ndarray]:
-        """What it updates: this rank's slice of each bucket."""
-        return self.inner.params
-
     def step(self, grads, lr=None) -> None:
         self.inner.step(grads, lr=lr)
         for i, flat in enumerate(self.dp.flat):
@@ -306,42 +306,30 @@ class ZeroOptimizer:
     def hyper(self) -> dict:
         return self.inner.hyper()
 
-    def _per_parameter(self, flats: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-        """Whole per-bucket flat state -> "<state>.<parameter>" tensors."""
-        out = {}
-        for k, per_bucket in flats.items():
-            for b, flat in zip(self.dp.buckets, per_bucket, strict=True):
-                at = 0
-                for n, s, size in zip(b.names, b.shapes, b.sizes, strict=True):
-                    out[f"{k}.{n}"] = flat[at:at + size].reshape(s).copy()
-                    at += size
-        return out
-
     def gathered(self):
         """The whole state, as an object `optim.save_checkpoint` takes (a collective)."""
-        state = self._per_parameter({
-            k: [self.dp.comm.all_gather(per[f"bucket{i}"], 0)
-                for i in range(len(self.dp.buckets))]
-            for k, per in self.inner.state.items()})
+        state = {}
+        for k, per in self.inner.state.items():
+            for i, b in enumerate(self.dp.buckets):
+                whole = self.dp.comm.all_gather(per[f"bucket{i}"], 0)
+                state.update((f"{k}.{n}", v.copy()) for n, v in b.views(whole).items())
         return _Snapshot(state, self.hyper())
 
     def load_state_dict(self, state, hyper=None) -> None:
         """Whole per-parameter state (a checkpoint's): this rank keeps its slices."""
-        flats = {}
+        mine = {}
         for k in self.inner.state:
-            flats[k] = {}
             for i, b in enumerate(self.dp.buckets):
                 flat = np.zeros(b.size, np.float32)
-                at = 0
-                for n, size in zip(b.names, b.sizes, strict=True):
-                    key = f"{k}.{n}"
-                    if key not in state:
-                        raise TensorcError(f"optimizer state has no {key!r}")
-                    flat[at:at + size] = np.asarray(state[key], np.float32).reshape(-1)
-                    at += size
-                flats[k][f"bucket{i}"] = flat[self.slices[i]]
-        self.inner.load_state_dict({f"{k}.{n}": a for k, per in flats.items()
-                                    for n, a in per.items()}, hyper)
+                for n, view in b.views(flat).items():
+                    got = state.get(f"{k}.{n}")
+                    if got is None or np.shape(got) != view.shape:
+                        raise TensorcError(f"optimizer state {k}.{n}: expected "
+                                           f"{list(view.shape)}, got "
+                                           f"{'none' if got is None else list(np.shape(got))}")
+                    view[...] = got
+                mine[f"{k}.bucket{i}"] = flat[self.slices[i]]
+        self.inner.load_state_dict(mine, hyper)
 
 
 @dataclasses.dataclass
