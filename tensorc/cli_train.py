@@ -49,6 +49,13 @@ def add_commands(command, common, trained) -> None:
     t.add_argument("--qat", action="store_true",
                    help="quantization-aware: train through int8 rounding (fake quantization, "
                         "straight-through gradients); run the result with --passes O2,quantize")
+    t.add_argument("--mesh", metavar="dp=N", help="data parallel over N ranks (threads of "
+                   "this process): each trains on batch/N rows, gradients averaged; the "
+                   "result is the single-process run's")
+    t.add_argument("--zero", action="store_true",
+                   help="with --mesh: shard the optimizer state over the ranks (ZeRO-1)")
+    t.add_argument("--bucket-mb", type=float, default=25.0, metavar="MB",
+                   help="with --mesh: gradients all-reduced together, per message (default 25)")
 
     command("train", cmd_train, "train a built-in model on bundled data",
             parents=(common, trained, train_args))
@@ -86,7 +93,7 @@ def add_commands(command, common, trained) -> None:
 
 def cmd_train(args) -> int:
     from tensorc.models import MODELS
-    from tensorc.training import DEFAULT_TASKS, Run, TrainConfig, fit, plot_losses
+    from tensorc.training import DEFAULT_TASKS, Run, TrainConfig, plot_losses
     if args.model not in MODELS:
         raise TensorcError(f"{args.command} takes a built-in model ({', '.join(MODELS)}); "
                            f"got {args.model}")
@@ -129,9 +136,10 @@ def cmd_train(args) -> int:
                           if k in ("val_loss", "bits_per_byte", "val_accuracy", "bleu"))
         if shown:
             (bar.write if bar is not None else print)(f"step {r['step']}: {shown}")
+    def on_data(lines):
+        print("\n".join(lines), file=sys.stderr)
     try:
-        last = fit(run, cfg, args.resume, on_step,
-                   on_data=lambda lines: print("\n".join(lines), file=sys.stderr))
+        last = _fit_on_mesh(args, run, cfg, on_step, on_data)
     finally:
         if metrics:
             metrics.close()
@@ -143,6 +151,25 @@ def cmd_train(args) -> int:
     print(json.dumps({"model": args.model, "task": task, "steps": last["step"], **shown,
                       "checkpoint": args.output}))
     return 0
+
+
+def _fit_on_mesh(args, run, cfg, on_step, on_data) -> dict:
+    """fit, on one rank or on every rank of `--mesh` (rank 0 reports and writes)."""
+    from tensorc.mesh import Mesh
+    from tensorc.training import fit
+    mesh = Mesh.parse(args.mesh) if args.mesh else Mesh()
+    if mesh.size == 1:
+        if args.zero:
+            raise TensorcError("--zero shards the optimizer over --mesh dp=N ranks; give one")
+        return fit(run, cfg, args.resume, on_step, on_data)
+    from tensorc.parallel.comm import run_threads  # ranks as threads (mpiexec: to come)
+    from tensorc.parallel.data_parallel import DataParallel
+
+    def rank(groups):
+        dp = DataParallel(groups, args.zero, args.bucket_mb)
+        return fit(run, cfg, args.resume, on_step if dp.writer else None,
+                   on_data if dp.writer else None, dp=dp)
+    return run_threads(mesh, rank)[0]
 
 
 def cmd_prune(args) -> int:

@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -338,15 +338,18 @@ def _sum_squares(a: np.ndarray, chunk: int = 1 << 16) -> float:
 
 
 def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float,
-                   error_if_nonfinite: bool = False) -> float:
+                   error_if_nonfinite: bool = False,
+                   sum_over: Callable[[float], float] | None = None) -> float:
     """torch.nn.utils.clip_grad_norm_: the global L2 norm of all gradients (returned, as
     before clipping); where it exceeds `max_norm` every gradient is scaled in place by
-    `max_norm / (norm + 1e-6)` (float32). Chunks' sums of squares add up in float64."""
+    `max_norm / (norm + 1e-6)` (float32). Chunks' sums of squares add up in float64;
+    `sum_over` adds the sums of the ranks holding the other shards of the gradients."""
     for n, g in grads.items():
         if not isinstance(g, np.ndarray) or not g.flags.writeable:
             raise TensorcError(f"gradient {n!r}: expected a writeable numpy array, got "
                                f"{type(g).__name__}")
-    norm = math.sqrt(sum(_sum_squares(g) for g in grads.values()))
+    squares = sum(_sum_squares(g) for g in grads.values())
+    norm = math.sqrt(sum_over(squares) if sum_over else squares)
     if not math.isfinite(norm):
         if error_if_nonfinite:
             raise TensorcError(f"the total gradient norm is {norm}")

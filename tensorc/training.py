@@ -142,16 +142,19 @@ def _head_weights(model: Module, task: Task, batch) -> str:
 
 class TrainStep:
     """One compiled forward + backward: `step(batch)` -> (loss, {name: gradient}),
-    reading the model's parameter arrays (which the optimizer updates in place). The
+    reading the model's parameter arrays (which the optimizer updates in place);
+    `rewrite` changes the step graph before it compiles (`parallel.data_parallel`). The
     gradients are written into the same arrays every call (no 4 bytes per weight
     allocated and faulted in per step): the next call overwrites them."""
 
     def __init__(self, model: Module, task: Task, batch: dict[str, np.ndarray],
                  backend: str = "llvm", distill: dict | None = None,
-                 recompute: bool = False, qat: bool = False):
+                 recompute: bool = False, qat: bool = False, rewrite: Callable | None = None):
         from .backends import get_backend
         self.graph, self.names = step_graph(model, task, batch, distill, recompute=recompute,
                                             qat=qat)
+        if rewrite is not None:   # (graph, names) -> (graph, gradient names): data parallel
+            self.graph, self.names = rewrite(self.graph, self.names)
         self.exe = get_backend(backend).compile(self.graph)
         self.params = {n: p.data for n, p in model.named_parameters()}
         for n, a in self.params.items():
@@ -198,22 +201,27 @@ def make_optimizer(params, cfg: TrainConfig, backend: str):
 
 
 def train_steps(step: TrainStep, optimizer, schedule: Callable[[int], float],
-                batches: Iterator[dict], cfg: TrainConfig, start: int = 0):
+                batches: Iterator[dict], cfg: TrainConfig, start: int = 0,
+                clip: Callable | None = None):
     """Run steps start..cfg.steps-1; yields one record per step (step, loss, lr,
-    grad_norm, step_ms). Accumulation averages `cfg.accumulate` micro-batches."""
+    grad_norm, step_ms). Accumulation averages `cfg.accumulate` micro-batches; `clip`
+    (default optim.clip_grad_norm) clips the gradients to `cfg.clip`."""
     from .optim import GradAccumulator, clip_grad_norm
-    acc = GradAccumulator(step.params) if cfg.accumulate > 1 else None
+    clip = clip or clip_grad_norm
+    acc = None
     for i in range(start, cfg.steps):
         t0 = time.perf_counter()
         total = 0.0
         for _ in range(cfg.accumulate):
             loss, grads = step(next(batches))
             total += loss
-            if acc is not None:
+            if cfg.accumulate > 1:
+                if acc is None:   # shaped like the step's gradients (ZeRO: its slices)
+                    acc = GradAccumulator(grads)
                 acc.add(grads)
         if acc is not None:
             grads = acc.mean()
-        norm = clip_grad_norm(grads, cfg.clip) if cfg.clip else float("nan")
+        norm = clip(grads, cfg.clip) if cfg.clip else float("nan")
         lr = schedule(i)
         optimizer.step(grads, lr=lr)
         loss = total / cfg.accumulate
@@ -359,11 +367,13 @@ class Run:
 
 def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
         on_step: Callable[[dict], None] | None = None,
-        on_data: Callable[[list[str]], None] | None = None) -> dict:
+        on_data: Callable[[list[str]], None] | None = None, dp=None) -> dict:
     """Train; returns the last record, with the evaluation's metrics. With `resume` the
     weights, optimizer state, schedule position and data RNG continue from that
     checkpoint, so the run continues as if never stopped. `on_data` gets the data
-    cleaning report's lines (text tasks)."""
+    cleaning report's lines (text tasks). `dp`: this rank's
+    `parallel.data_parallel.DataParallel`; every rank draws the same batches of
+    `run.batch` rows and trains on its share, and rank 0 evaluates and writes."""
     from . import optim
     from .models import get
     task = get_task(run.task)
@@ -393,8 +403,12 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
     if teacher:
         first["teacher_logits"] = teacher(first)
     distill = {"temperature": run.temperature, "alpha": run.alpha} if teacher else None
-    step = TrainStep(model, task, first, run.backend, distill, cfg.recompute, cfg.qat)
-    opt = make_optimizer(step.params, cfg, run.backend)
+    make_step = TrainStep
+    if dp:
+        first, make_step = dp.shard(first), dp.step
+    step = make_step(model, task, first, run.backend, distill, cfg.recompute, cfg.qat)
+    opt = dp.optimizer(step.params, lambda p: make_optimizer(p, cfg, run.backend)) if dp \
+        else make_optimizer(step.params, cfg, run.backend)
     start = 0
     if resume:
         ck = optim.load_checkpoint(resume)
@@ -410,17 +424,19 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
                 b[DROPOUT_SEED] = np.array(rng.integers(0, 2**31 - 1), np.int64)
             if teacher:
                 b["teacher_logits"] = teacher(b)
-            yield b
+            yield dp.shard(b) if dp else b
     record: dict = {"step": start}
-    for record in train_steps(step, opt, schedule, batches(), cfg, start):
+    save = dp.save_checkpoint if dp else optim.save_checkpoint
+    for record in train_steps(step, opt, schedule, batches(), cfg, start,
+                              clip=dp and dp.clip_grad_norm):
         record["tokens_per_s"] = run.batch * (run.seq if run.task != "classify" else 1) \
             * cfg.accumulate / (record["step_ms"] / 1e3)
         due = record["step"] == cfg.steps or (run.eval_every
                                                and record["step"] % run.eval_every == 0)
-        if due:
+        if due and (dp is None or dp.writer):
             record.update(td.evaluate(model, run.backend))
         if due and run.out:
-            optim.save_checkpoint(run.out, step.params, opt, record["step"],
+            save(run.out, step.params, opt, record["step"],
                                   {**meta, "metrics": {k: v for k, v in record.items()
                                                        if isinstance(v, float)}},
                                   schedule=schedule, rng=rng)

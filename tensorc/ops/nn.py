@@ -355,6 +355,13 @@ def dropout_keep(seed: int, shape, p: float, salt: int) -> np.ndarray:
     return x2 >= int(p * _P)
 
 
+def shifted_salt(salt: int, offset: int) -> int:
+    """The salt whose masks are those of `salt` with every element index moved on by
+    `offset` (the hash adds salt * 7919 to the index modulo _P, a prime): a rank holding
+    rows of a batch draws the masks the whole batch's rows draw there."""
+    return (salt + offset * pow(7919, -1, _P)) % _P
+
+
 def _dropout_ref(x, seed, p=0.1, salt=0):
     keep = dropout_keep(int(seed), x.shape, p, salt)
     return np.where(keep, x * x.dtype.type(1.0 / (1.0 - p)), x.dtype.type(0)).astype(x.dtype)
