@@ -22,14 +22,15 @@ gradient back, split over the t tensor-parallel ranks (Megatron's scatter/gather
 InfiniBand unless the whole pipeline fits in a node; the schedule (1F1B, or GPipe: same
 time) idles (p-1)/v stage slots of m + (p-1)/v (v: interleaved model chunks per device).
 The slowest stage sets the pace: ceil(l/p) layers plus, on the last, the logits.
-Data parallel: one gradient all-reduce (with ZeRO-1 a reduce-scatter and an all-gather:
+Data parallel: one fp32 gradient all-reduce (with ZeRO-1 a reduce-scatter and an all-gather:
 the same bytes) after the backward, not overlapped with it (as Megatron-LM in the paper);
 a ring whose per-rank bandwidth is the node's InfiniBand shared by the tensor-parallel
 groups on the node. Then the optimizer step streams its state once.
 
-Memory per device (mixed precision): 16 bytes per parameter (16-bit weights and gradients,
-fp32 master weights and Adam's two moments; ZeRO-1 splits the 12 bytes of optimizer state
-over dp), the most loaded stage's parameters split over tp; activations with full
+Memory per device (mixed precision): 18 bytes per parameter (bf16 weights, fp32 gradients
+as Megatron-LM accumulates them with bf16, fp32 master weights and Adam's two moments;
+16 on cpu, where the f32 weights are the master; ZeRO-1 splits the 12 bytes of optimizer
+state over dp), the most loaded stage's parameters split over tp; activations with full
 recomputation: each layer's input (2 s b h bytes) for every micro-batch in flight (1F1B:
 p on the first stage, times 1 + (p-1)/(p v) interleaved), plus one layer's full
 activations while it is recomputed, plus the logits (fp32) on the last stage.
@@ -58,8 +59,10 @@ E_GEMM = 0.70   # fraction of peak a large bf16 GEMM sustains in training (cuBLA
 K_MEM = 10.0    # HBM bytes moved by the memory-bound ops per byte of a layer's activations
 
 TP_ALL_REDUCES_PER_LAYER = 6     # forward 2, recomputed forward 2, backward 2
-OPTIMIZER_BYTES_PER_PARAM = 32   # Adam reads and writes 16 bytes of state per parameter
-STATE_BYTES_PER_PARAM = 16       # weights, gradients, master weights, two moments
+GRAD_BYTES = 4      # gradients accumulate and are all-reduced in fp32 (Megatron-LM with bf16)
+MASTER_BYTES = 4    # fp32 master weights, where the weights are 16-bit
+MOMENT_BYTES = 8    # Adam's two fp32 moments
+OPTIMIZER_BYTES_PER_PARAM = 32   # the Adam step reads and writes its state once
 
 
 class PlanError(TensorcError):
@@ -313,14 +316,13 @@ def estimate(model: Model, hw: Hardware, tp: int, pp: int, dp: int, batch: int,
     else:   # the node's NICs are shared by its tp groups; each dp ring crosses nodes
         bw = min(hw.intra_bandwidth, max(1, node // tp) * hw.inter_bandwidth)
         lat = hw.inter_latency
-    dp_comm = _all_reduce_s(shard * hw.dtype_bytes, dp, bw, lat)
+    dp_comm = _all_reduce_s(shard * GRAD_BYTES, dp, bw, lat)
     optimizer = shard / (dp if zero1 else 1) * OPTIMIZER_BYTES_PER_PARAM / hw.hbm_bandwidth
     step = pipeline + dp_comm + optimizer
 
     # memory of the most loaded device
-    grads_weights = 2 * hw.dtype_bytes
-    state = STATE_BYTES_PER_PARAM - grads_weights
-    params_bytes = shard * (grads_weights + state / (dp if zero1 else 1))
+    state = MOMENT_BYTES + (MASTER_BYTES if hw.dtype_bytes < 4 else 0)
+    params_bytes = shard * (hw.dtype_bytes + GRAD_BYTES + state / (dp if zero1 else 1))
     in_flight = min(m, p) * (1 + (p - 1) / (p * v)) if p > 1 else 1
     working = model.layer_activation_bytes(b, tp, hw.dtype_bytes)
     first = in_flight * layers * act + working
