@@ -10,12 +10,12 @@ import pytest
 
 from tensorc import cli
 from tensorc.parallel.planner import (
-    GiB,
     HARDWARE,
     MEGATRON_TABLE1,
     PUBLISHED,
     TP_ALL_REDUCES_PER_LAYER,
     VALIDATION_BOUND,
+    GiB,
     Model,
     PlanError,
     estimate,
