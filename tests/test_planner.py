@@ -18,6 +18,7 @@ from tensorc.parallel.planner import (
     GiB,
     Model,
     PlanError,
+    candidates,
     estimate,
     get_hardware,
     model_from_config,
@@ -78,6 +79,32 @@ def test_memory_of_a_single_device_plan_by_hand():
     want = (18 * SMALL.params + SMALL.layers * act + SMALL.layer_activation_bytes(b, 1)
             + 8 * b * SMALL.seq * SMALL.vocab)
     assert plan.memory_bytes == pytest.approx(want, rel=1e-12)
+
+
+def test_memory_of_a_pipeline_by_hand():
+    """The first stage of a 1F1B pipeline keeps p micro-batches' layer inputs; the last
+    one's plus the logits; both hold ceil(l/p) layers and the embeddings."""
+    for model in (SMALL, dataclasses.replace(SMALL, vocab=64)):   # last, first stage most
+        plan = estimate(model, A100, 1, 4, 1, 8, 1)               # 2 layers per stage
+        act = model.seq * model.hidden * 2
+        working = model.layer_activation_bytes(1, 1)
+        params = 18 * (2 * model.layer_params + model.embedding_params)
+        first = 4 * 2 * act + working
+        last = 2 * act + working + 8 * model.seq * model.vocab
+        assert plan.memory_bytes == pytest.approx(params + max(first, last), rel=1e-12)
+    assert first > last
+    interleaved = estimate(model, A100, 1, 4, 1, 8, 1, interleave=2)
+    assert interleaved.memory_bytes - plan.memory_bytes == pytest.approx(
+        4 * 2 * act * (3 / 8), rel=1e-9)                         # x (1 + (p-1)/(p v))
+
+
+def test_interleaving_applies_only_where_megatron_allows_it():
+    """Whole chunks per stage and micro-batches in rounds of pp, else plain 1F1B."""
+    plans = {(p.pp, p.micro_batches): p.interleave
+             for p in candidates(SMALL, A100, 8, 16, interleave=2) if p.tp == 1}
+    assert plans[(2, 4)] == 1                           # 3 layers per stage
+    assert plans[(4, 8)] == plans[(4, 4)] == 2          # 2 layers, m a multiple of 4
+    assert plans[(4, 2)] == 1                           # m = 2 < pp
 
 
 def test_zero1_splits_the_optimizer_state_over_dp():
@@ -213,6 +240,7 @@ def test_cli_plan_json_with_zoo_overrides(capsys):
     (["gpt-1t", "--devices", 64, "--set", "n_layer=2"], "published configuration"),
     (["nosuch", "--devices", 64], "unknown model"),
     (["gpt", "--devices", 4, "--set", "n_head=0"], "must be positive"),
+    (["gpt", "--devices", 2 ** 25], "devices must be from 1 to"),
 ])
 def test_cli_plan_errors_are_one_line(capsys, argv, message):
     rc, out, err = run_cli(capsys, "plan", *argv)

@@ -288,11 +288,9 @@ def _all_reduce_s(nbytes: float, size: int, bandwidth: float, latency: float) ->
 
 
 def _stage_params(model: Model, pp: int) -> int:
-    """Parameters of the most loaded stage: ceil(l/p) layers and the word embedding
-    (the first stage's input, the last stage's tied output copy), plus positions."""
-    per_stage = -(-model.layers // pp) * model.layer_params
-    return per_stage + (model.embedding_params if pp == 1 else
-                        max(model.embedding_params, model.vocab * model.hidden))
+    """Parameters of the most loaded stage: ceil(l/p) layers and the embeddings (the
+    first stage's; the last holds a copy of the word embedding for the tied output)."""
+    return -(-model.layers // pp) * model.layer_params + model.embedding_params
 
 
 def estimate(model: Model, hw: Hardware, tp: int, pp: int, dp: int, batch: int,
@@ -341,7 +339,9 @@ def estimate(model: Model, hw: Hardware, tp: int, pp: int, dp: int, batch: int,
     # memory of the most loaded device
     state = MOMENT_BYTES + (MASTER_BYTES if hw.dtype_bytes < 4 else 0)
     params_bytes = shard * (hw.dtype_bytes + GRAD_BYTES + state / (dp if zero1 else 1))
-    in_flight = min(m, p) * (1 + (p - 1) / (p * v)) if p > 1 else 1
+    # 1F1B keeps p micro-batches in flight on the first stage; interleaving v chunks
+    # keeps 1 + (p-1)/(p v) times as many layers' inputs (Korthikanti et al.)
+    in_flight = min(m, p) * (1 + (p - 1) / (p * v) if v > 1 else 1)
     working = model.layer_activation_bytes(b, tp, hw.dtype_bytes)
     first = in_flight * layers * act + working
     logits = 2 * 4 * b * s * model.vocab / tp      # fp32 logits and their gradient
@@ -353,25 +353,35 @@ def estimate(model: Model, hw: Hardware, tp: int, pp: int, dp: int, batch: int,
                 (p - 1) / v / slots, model.step_flops(batch), tp * pp * dp)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+MAX_DEVICES = 1 << 24
+MAX_MICRO_BATCH = 128   # larger micro-batches only save per-message latency here
+
+
+def _divisors(n: int, most: int) -> list[int]:
+    """The divisors of n up to `most`, in O(sqrt(n))."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(d for d in {*small, *(n // d for d in small)} if d <= most)
 
 
 def candidates(model: Model, hw: Hardware, devices: int, batch: int,
                interleave: int = 1, zero1: bool = False) -> list[Plan]:
     """Every plan: tp a power of two up to the node (and dividing the heads), pp up to the
     layers (not necessarily dividing them: the slowest stage gets ceil(l/p)), dp the rest
-    dividing the batch, and every micro-batch size dividing a replica's batch."""
+    dividing the batch, and every micro-batch size up to MAX_MICRO_BATCH dividing a
+    replica's batch. `interleave` applies where a stage's layers split into that many
+    chunks and the micro-batches into rounds of pp (Megatron-LM's conditions)."""
     plans = []
     tp = 1
     while tp <= min(hw.max_tp, hw.devices_per_node, devices):
         if devices % tp == 0 and model.heads % tp == 0:
-            for pp in _divisors(devices // tp):
+            for pp in _divisors(devices // tp, model.layers):
                 dp = devices // (tp * pp)
-                if pp > model.layers or batch % dp:
+                if batch % dp:
                     continue
-                v = interleave if pp > 1 and -(-model.layers // pp) % interleave == 0 else 1
-                for b in _divisors(batch // dp):
+                for b in _divisors(batch // dp, MAX_MICRO_BATCH):
+                    m = batch // (dp * b)   # interleaving needs whole chunks and rounds
+                    v = interleave if (pp > 1 and -(-model.layers // pp) % interleave == 0
+                                       and m % pp == 0) else 1
                     plans.append(estimate(model, hw, tp, pp, dp, batch, b,
                                           interleave=v, zero1=zero1))
         tp *= 2
@@ -382,8 +392,9 @@ def search(model: Model, hw: Hardware, devices: int, batch: int, *, memory: floa
            top: int = 5, interleave: int = 1, zero1: bool = False) -> list[Plan]:
     """The `top` fastest plans that fit `memory` bytes per device (default: the
     hardware's). Raises PlanError naming the smallest memory any plan needs."""
-    if devices < 1 or batch < 1:
-        raise PlanError("devices and batch must be positive")
+    if not 1 <= devices <= MAX_DEVICES or batch < 1:
+        raise PlanError(f"devices must be from 1 to {MAX_DEVICES} and the batch positive, "
+                        f"got {devices} and {batch}")
     limit = hw.memory_bytes if memory is None else memory
     plans = candidates(model, hw, devices, batch, interleave, zero1)
     if not plans:
