@@ -123,6 +123,14 @@ def test_bubble_is_p_minus_1_slots_of_m_plus_p_minus_1():
     assert interleaved.step_s < plan.step_s
 
 
+def test_the_step_is_the_sum_of_its_parts():
+    for plan in (estimate(SMALL, A100, 2, 3, 2, 16, 2), estimate(SMALL, A100, 8, 1, 1, 4, 1)):
+        parts = (plan.compute_s + plan.tp_comm_s + plan.pp_comm_s + plan.dp_comm_s
+                 + plan.optimizer_s)
+        assert plan.step_s == pytest.approx(parts, rel=1e-12)
+        assert plan.tflops_per_device * 1e12 <= A100.peak_flops * A100.gemm_efficiency
+
+
 def test_tensor_parallel_time_is_six_ring_all_reduces_per_layer():
     t, b = 4, 2
     plan = estimate(SMALL, A100, t, 1, 1, b, b)

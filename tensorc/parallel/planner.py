@@ -251,11 +251,12 @@ class Plan:
     interleave: int
     zero1: bool
     memory_bytes: float    # the most loaded device
-    step_s: float
-    compute_s: float       # of the step: the pipeline's busy slots, without communication
-    tp_comm_s: float
-    pp_comm_s: float
+    step_s: float          # = compute_s + tp_comm_s + pp_comm_s + dp_comm_s + optimizer_s
+    compute_s: float       # the pipeline's m + (p-1)/v slots of the slowest stage's compute
+    tp_comm_s: float       # ... and of its tensor-parallel all-reduces
+    pp_comm_s: float       # ... and of its point-to-point sends
     dp_comm_s: float
+    optimizer_s: float
     bubble: float          # idle fraction of the pipeline's time
     flops: float           # the model's flops per step (eq. 3)
     devices: int
@@ -349,7 +350,7 @@ def estimate(model: Model, hw: Hardware, tp: int, pp: int, dp: int, batch: int,
     memory = params_bytes + max(first, last)
 
     return Plan(tp, pp, dp, micro_batch, m, v, zero1, memory, step,
-                slots * stage_compute, slots * stage_tp, slots * stage_pp, dp_comm,
+                slots * stage_compute, slots * stage_tp, slots * stage_pp, dp_comm, optimizer,
                 (p - 1) / v / slots, model.step_flops(batch), tp * pp * dp)
 
 
