@@ -53,8 +53,8 @@ from ..types import TensorType
 
 GiB = 1 << 30
 
-# The two fitted constants, shared by every hardware and model (see the docs: fitted once,
-# by least squares of log error over the ten rows of Megatron-LM's Table 1, rounded).
+# The two fitted constants, shared by every hardware and model: the grid point (0.05 and 2
+# apart) of least squared log error over the ten rows of Megatron-LM's Table 1 (the docs).
 E_GEMM = 0.70   # fraction of peak a large bf16 GEMM sustains in training (cuBLAS on A100)
 K_MEM = 10.0    # HBM bytes moved by the memory-bound ops per byte of a layer's activations
 
@@ -109,26 +109,26 @@ def cpu_hardware() -> Hardware:
     cores = os.cpu_count() or 1
     n = 384
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    gemm = 2 * n ** 3 / best / cores         # numpy's BLAS uses every core
+    gemm = 2 * n ** 3 / _fastest(lambda: a @ a) / cores     # numpy's BLAS uses every core
     src = np.ones(8 << 20, np.float32)
     dst = np.empty_like(src)
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    copy_bw = 2 * src.nbytes / best          # read + write
+    copy_bw = 2 * src.nbytes / _fastest(lambda: np.copyto(dst, src))   # read + write
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Hardware("cpu", gemm, ram // cores, copy_bw / cores, cores, copy_bw / cores,
                     copy_bw / cores, 1e-6, 1e-6, dtype_bytes=4, gemm_efficiency=1.0,
                     max_tp=cores, note=f"this host: {cores} cores as devices, measured "
                     f"{gemm / 1e9:.1f} GFLOP/s f32 GEMM per core{_vector_peak()}, "
                     f"{copy_bw / 1e9:.1f} GB/s memory copy, {ram / GiB:.1f} GiB RAM")
+
+
+def _fastest(fn, repeat: int = 3) -> float:
+    """The best of `repeat` timings of fn(), in seconds."""
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _vector_peak() -> str:
@@ -179,17 +179,22 @@ class Model:
                 raise PlanError(f"{self.name}: {f} must be positive")
 
     @property
+    def _kv_width(self) -> int:
+        return self.hidden * (self.kv_heads or self.heads) // self.heads
+
+    @property
     def layer_weights(self) -> int:
-        """Parameters of one layer's weight matrices (what its GEMMs multiply)."""
-        h, kv = self.hidden, self.hidden * (self.kv_heads or self.heads) // self.heads
-        return 2 * h * h + 2 * h * kv + self.ffn_matrices * h * self.ffn
+        """Parameters of one layer's weight matrices (what its GEMMs multiply): q and the
+        output projection, k and v, the feed-forward."""
+        h = self.hidden
+        return 2 * h * h + 2 * h * self._kv_width + self.ffn_matrices * h * self.ffn
 
     @property
     def layer_params(self) -> int:
-        """A layer's parameters: weights, biases and two layer norms (12h^2 + 13h for
-        the GPT layer, as the paper's eq. 2)."""
-        h, kv = self.hidden, self.hidden * (self.kv_heads or self.heads) // self.heads
-        return self.layer_weights + h + 2 * kv + h + self.ffn + h + 4 * h
+        """A layer's parameters: its weights, the biases of q, k, v, the output projection
+        and the feed-forward, two layer norms (12h^2 + 13h for the GPT layer: eq. 2)."""
+        h = self.hidden
+        return self.layer_weights + (2 * h + 2 * self._kv_width) + (self.ffn + h) + 4 * h
 
     @property
     def embedding_params(self) -> int:
