@@ -249,6 +249,7 @@ def test_cli_plan_json_with_zoo_overrides(capsys):
     (["nosuch", "--devices", 64], "unknown model"),
     (["gpt", "--devices", 4, "--set", "n_head=0"], "must be positive"),
     (["gpt", "--devices", 2 ** 25], "devices must be from 1 to"),
+    (["gpt-1t", "--devices", 3072, "--batch", 10 ** 18, "--memory", 0.001], "smallest needs"),
 ])
 def test_cli_plan_errors_are_one_line(capsys, argv, message):
     rc, out, err = run_cli(capsys, "plan", *argv)

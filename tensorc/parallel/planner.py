@@ -302,7 +302,8 @@ def _stage_params(model: Model, pp: int) -> int:
 def estimate(model: Model, hw: Hardware, tp: int, pp: int, dp: int, batch: int,
              micro_batch: int, *, interleave: int = 1, zero1: bool = False) -> Plan:
     """The predicted step of one plan (see the module doc for the model)."""
-    if batch % (dp * micro_batch):
+    mesh = Mesh(pp=pp, dp=dp, tp=tp)   # checks the sizes
+    if micro_batch < 1 or batch % (dp * micro_batch):
         raise PlanError(f"global batch {batch} is not a multiple of dp x micro-batch "
                         f"= {dp} x {micro_batch}")
     m = batch // (dp * micro_batch)
@@ -356,7 +357,7 @@ def estimate(model: Model, hw: Hardware, tp: int, pp: int, dp: int, batch: int,
 
     return Plan(tp, pp, dp, micro_batch, m, v, zero1, memory, step,
                 slots * stage_compute, slots * stage_tp, slots * stage_pp, dp_comm, optimizer,
-                (p - 1) / v / slots, model.step_flops(batch), tp * pp * dp)
+                (p - 1) / v / slots, model.step_flops(batch), mesh.size)
 
 
 MAX_DEVICES = 1 << 24
@@ -364,7 +365,9 @@ MAX_MICRO_BATCH = 128   # larger micro-batches only save per-message latency her
 
 
 def _divisors(n: int, most: int) -> list[int]:
-    """The divisors of n up to `most`, in O(sqrt(n))."""
+    """The divisors of n up to `most`, in O(min(most, sqrt(n))) steps."""
+    if most * most <= n:
+        return [d for d in range(1, most + 1) if n % d == 0]
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(d for d in {*small, *(n // d for d in small)} if d <= most)
 
