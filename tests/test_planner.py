@@ -24,6 +24,7 @@ from tensorc.parallel.planner import (
     model_from_config,
     search,
     validate,
+    validation_table,
 )
 
 A100 = HARDWARE["a100"]
@@ -173,6 +174,12 @@ def test_every_published_row_is_predicted_within_the_stated_bound():
         p = r["plan"]
         assert (p.tp, p.pp, p.dp) == (r["row"].tp, r["row"].pp, r["row"].dp)
         assert p.memory_bytes <= A100.memory_bytes
+
+
+def test_the_validation_table_the_docs_show():
+    lines = validation_table().splitlines()
+    assert len(lines) == 11 and lines[0].split()[:2] == ["model", "tp"]
+    assert [ln.split()[0] for ln in lines[1:]] == [r.name for r in MEGATRON_TABLE1]
 
 
 def test_the_planners_best_mesh_is_the_papers_for_the_end_rows():

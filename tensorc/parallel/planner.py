@@ -562,3 +562,22 @@ def cmd_plan(args) -> int:
                      f"{p.tp_comm_s:.2g}/{p.pp_comm_s:.2g}/{p.dp_comm_s:.2g}"])
     sys.stdout.write(_table(rows))
     return 0
+
+
+def validation_table(interleave: int = 1) -> str:
+    """`validate()` as the table in docs/parallelism_hplan.md
+    (`python -m tensorc.parallel.planner` prints it)."""
+    from ..cli_args import _table
+    rows = [["model", "tp", "pp", "dp", "batch", "micro-batch", "published TF/s", "predicted",
+             "error", "memory GiB", "bubble", "best tp,pp,dp,b", "its TF/s"]]
+    for x in validate(interleave):
+        r, p, b = x["row"], x["plan"], x["best"]
+        rows.append([r.name, str(r.tp), str(r.pp), str(r.dp), str(r.batch),
+                     str(p.micro_batch), str(r.tflops), f"{p.tflops_per_device:.1f}",
+                     f"{x['error']:+.1%}", f"{p.memory_bytes / GiB:.1f}", f"{p.bubble:.1%}",
+                     f"{b.tp},{b.pp},{b.dp},{b.micro_batch}", f"{b.tflops_per_device:.1f}"])
+    return _table(rows)
+
+
+if __name__ == "__main__":
+    print(validation_table())
