@@ -516,12 +516,15 @@ def add_command(command, parents, positive_int) -> None:
     sp.add_argument("--preset", help="preset of a zoo model (default: tiny)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a zoo model's config field (repeatable)")
-    sp.add_argument("--devices", type=positive_int, required=True, metavar="N")
-    sp.add_argument("--hardware", default="a100", choices=(*HARDWARE, "cpu"))
+    sp.add_argument("--devices", type=positive_int, required=True, metavar="N",
+                    help="devices to plan for")
+    sp.add_argument("--hardware", default="a100", choices=(*HARDWARE, "cpu"),
+                    help="device kind (default a100; cpu: this host's cores, measured)")
     sp.add_argument("--batch", type=positive_int, metavar="GLOBAL",
                     help="global batch in sequences (default: a published run's, else N)")
     sp.add_argument("--seq", type=positive_int, help="sequence length (default: the model's)")
-    sp.add_argument("--top", type=positive_int, default=5, metavar="K")
+    sp.add_argument("--top", type=positive_int, default=5, metavar="K",
+                    help="how many plans to print (default 5)")
     sp.add_argument("--memory", type=float, metavar="GiB",
                     help="memory per device (default: the hardware's)")
     sp.add_argument("--interleave", type=positive_int, default=1, metavar="V",
