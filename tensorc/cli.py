@@ -17,7 +17,16 @@ import time
 
 import numpy as np
 
-from .cli_args import _Parser, _positive_int, _seed, _table, parse_dims, parse_overrides
+from .cli_args import (
+    _Parser,
+    _positive_int,
+    _seed,
+    _table,
+    add_mesh_arguments,
+    parse_dims,
+    parse_overrides,
+    start_mesh,
+)
 from .cli_train import add_commands
 from .errors import FallbackError, InputError, TensorcError
 from .files import output_file
@@ -271,6 +280,8 @@ def _importance(args, graph, loaded) -> int:
 
 def cmd_run(args) -> int:
     from tensorc.backends import get_backend
+    if args.mesh:
+        return _run_mesh(args)
     given = read_npz(args.input, "an .npz file of inputs") if args.input else None
     try:  # a model is traced at the shapes of the given inputs
         loaded = _load(args, given)
@@ -279,14 +290,47 @@ def cmd_run(args) -> int:
     graph = _pipeline(args, loaded.graph, loaded=loaded)
     backend = args.backend or loaded.meta.get("backend") or "numpy"
     exe = get_backend(backend).compile(graph)
-    outs = _run_checked(exe, loaded.inputs, args.input)
-    if args.output:
-        with output_file(args.output) as f:  # a file object, so numpy adds no ".npz"
+    _show_outputs(_run_checked(exe, loaded.inputs, args.input), args.output)
+    return 0
+
+
+def _show_outputs(outs: dict, path: str | None) -> None:
+    if path:
+        with output_file(path) as f:  # a file object, so numpy adds no ".npz"
             np.savez(f, **outs)
-        print(f"wrote {len(outs)} output(s) to {args.output}")
+        print(f"wrote {len(outs)} output(s) to {path}")
     else:
         for name, a in outs.items():
             print(describe_array(name, a))
+
+
+def _run_mesh(args) -> int:
+    """run --mesh: every rank (an MPI process, or a thread with --mesh-threads) runs its
+    pipeline stage's tensor-parallel shard on its data-parallel rows; rank 0 prints."""
+    from .mesh import Mesh
+    from .parallel import launch
+    from .parallel.pipeline import timeline_png, timeline_text
+    from .parallel.run import check, run_rank
+    given = read_npz(args.input, "an .npz file of inputs") if args.input else None
+    loaded = _load(args, given, symbolic=given is None)
+    stages = check(loaded.graph, loaded.inputs, Mesh.parse(args.mesh), args.micro_batches)
+    mesh, code = start_mesh(args)   # checked first: a bad mesh is one error, not one per rank
+    if code is not None:
+        return code
+    backend = args.backend or loaded.meta.get("backend") or "numpy"
+    results = launch.run_ranks(mesh, lambda groups: run_rank(
+        stages, loaded.inputs, groups, mesh, backend, args.passes, args.micro_batches,
+        args.schedule))
+    if 0 not in results:   # under mpiexec: rank 0's process prints
+        return 0
+    mine = results[0]
+    how = "MPI processes" if launch.under_mpiexec() else "threads"
+    print(f"mesh {mesh}: {mesh.size} ranks ({how}), {args.micro_batches} micro-batch(es)")
+    if mine.timeline is not None:
+        print(timeline_text(mine.timeline))
+        if args.timeline:
+            timeline_png(mine.timeline, args.timeline, f"{loaded.name} on {mesh}")
+    _show_outputs(mine.outputs, args.output)
     return 0
 
 
@@ -618,6 +662,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", help="backend (default: numpy, or the artifact's)")
     sp.add_argument("--input", metavar="IN.npz", help="inputs by graph input name")
     sp.add_argument("--output", metavar="OUT.npz", help="save outputs by graph output name")
+    m = sp.add_argument_group("mesh (tensor, data and pipeline parallel)")
+    add_mesh_arguments(m, "run on this device mesh: pp pipeline stages, each sharded over "
+                          "tp ranks (Megatron), the batch split over dp replicas")
+    m.add_argument("--micro-batches", type=_positive_int, default=1, metavar="M",
+                   help="with pp > 1: micro-batches the batch is split into (default 1)")
+    m.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
+                   help="pipeline schedule (default 1f1b)")
+    m.add_argument("--timeline", metavar="FILE.png",
+                   help="with pp > 1: draw the measured schedule (matplotlib)")
 
     sp = command("compare", cmd_compare,
                  "compare backends and passes against the numpy reference",
@@ -700,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv   # --mesh runs this very command again under mpiexec
         if getattr(args, "passes", "") is None:
             args.passes = "O2" if args.command == "generate" else "O0"
         if getattr(args, "strict", False):

@@ -65,3 +65,21 @@ def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in full) for i in range(len(rows[0]))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() + "\n"
                    for r in rows)
+
+
+def add_mesh_arguments(group, help: str) -> None:
+    """--mesh and --mesh-threads, for the commands that run ranks (run, train)."""
+    group.add_argument("--mesh", metavar="tp=2,dp=2,pp=2", help=help + "; the ranks are "
+                       "MPI processes (mpiexec, started for you unless already under it)")
+    group.add_argument("--mesh-threads", action="store_true",
+                       help="with --mesh: the ranks are threads of this process instead "
+                            "(same as TENSORC_MESH=threads)")
+
+
+def start_mesh(args):
+    """(the mesh, None) to run the ranks here, or (the mesh, an exit code) when this
+    command ran as MPI processes under mpiexec (`parallel.launch.start`)."""
+    from .mesh import Mesh
+    from .parallel import launch
+    mesh = Mesh.parse(args.mesh) if args.mesh else Mesh()
+    return mesh, launch.start(mesh, args.argv, args.mesh_threads)

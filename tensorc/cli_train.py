@@ -7,7 +7,14 @@ from __future__ import annotations
 import json
 import sys
 
-from .cli_args import _Parser, _positive_int, _table, parse_overrides
+from .cli_args import (
+    _Parser,
+    _positive_int,
+    _table,
+    add_mesh_arguments,
+    parse_overrides,
+    start_mesh,
+)
 from .errors import TensorcError
 
 
@@ -49,9 +56,8 @@ def add_commands(command, common, trained) -> None:
     t.add_argument("--qat", action="store_true",
                    help="quantization-aware: train through int8 rounding (fake quantization, "
                         "straight-through gradients); run the result with --passes O2,quantize")
-    t.add_argument("--mesh", metavar="dp=N", help="data parallel over N ranks (threads of "
-                   "this process): each trains on batch/N rows, gradients averaged; the "
-                   "result is the single-process run's")
+    add_mesh_arguments(t, "data parallel over dp=N ranks: each trains on batch/N rows, "
+                          "gradients averaged; the result is the single-process run's")
     t.add_argument("--zero", action="store_true",
                    help="with --mesh: shard the optimizer state over the ranks (ZeRO-1)")
     t.add_argument("--bucket-mb", type=float, default=25.0, metavar="MB",
@@ -93,6 +99,11 @@ def add_commands(command, common, trained) -> None:
 
 def cmd_train(args) -> int:
     from tensorc.models import MODELS
+    from tensorc.parallel import launch
+    _, code = start_mesh(args)
+    if code is not None:   # ran as MPI processes
+        return code
+    reporter = launch.mpiexec_rank() == 0   # under mpiexec, rank 0's process reports
     from tensorc.training import DEFAULT_TASKS, Run, TrainConfig, plot_losses
     if args.model not in MODELS:
         raise TensorcError(f"{args.command} takes a built-in model ({', '.join(MODELS)}); "
@@ -114,13 +125,13 @@ def cmd_train(args) -> int:
               temperature=getattr(args, "temperature", 1.0), alpha=getattr(args, "alpha", 0.5))
     records: list[dict] = []
     bar = None
-    if not args.quiet:
+    if not args.quiet and reporter:
         try:   # tqdm: a progress bar with loss, tokens/s and the ETA (the train extra)
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
         except ImportError:
             pass
-    metrics = open(args.metrics, "a") if args.metrics else None   # noqa: SIM115
+    metrics = open(args.metrics, "a") if args.metrics and reporter else None  # noqa: SIM115
 
     def on_step(r):
         records.append(r)
@@ -145,6 +156,8 @@ def cmd_train(args) -> int:
             metrics.close()
         if bar is not None:
             bar.close()
+    if last is None:   # under mpiexec, a rank other than 0: rank 0 reports
+        return 0
     if args.plot and records:
         plot_losses(records, args.plot)
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
@@ -156,20 +169,20 @@ def cmd_train(args) -> int:
 def _fit_on_mesh(args, run, cfg, on_step, on_data) -> dict:
     """fit, on one rank or on every rank of `--mesh` (rank 0 reports and writes)."""
     from tensorc.mesh import Mesh
+    from tensorc.parallel import launch
     from tensorc.training import fit
     mesh = Mesh.parse(args.mesh) if args.mesh else Mesh()
     if mesh.size == 1:
         if args.zero:
             raise TensorcError("--zero shards the optimizer over --mesh dp=N ranks; give one")
         return fit(run, cfg, args.resume, on_step, on_data)
-    from tensorc.parallel.comm import run_threads  # ranks as threads (mpiexec: to come)
     from tensorc.parallel.data_parallel import DataParallel
 
     def rank(groups):
         dp = DataParallel(groups, args.zero, args.bucket_mb)
         return fit(run, cfg, args.resume, on_step if dp.writer else None,
                    on_data if dp.writer else None, dp=dp)
-    return run_threads(mesh, rank)[0]
+    return launch.run_ranks(mesh, rank).get(0)
 
 
 def cmd_prune(args) -> int:

@@ -38,6 +38,15 @@ def mpiexec_size() -> int | None:
     return None
 
 
+def mpiexec_rank() -> int:
+    """This process's rank under mpiexec (0 when not under it), from the environment."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def under_mpiexec() -> bool:
     return mpiexec_size() is not None
 
@@ -65,6 +74,7 @@ def run_ranks(mesh: Mesh, fn: Callable[[MeshGroups], Any]) -> dict[int, Any]:
             raise
         print(f"tensorc: error: rank {world.rank}: {e}", file=sys.stderr, flush=True)
         world.comm.Abort(2)
+        raise SystemExit(2) from None   # Abort returns where another rank aborted first
     return {world.rank: result}
 
 
