@@ -313,7 +313,8 @@ def _run_mesh(args) -> int:
     from .parallel.run import check, run_rank
     given = read_npz(args.input, "an .npz file of inputs") if args.input else None
     loaded = _load(args, given, symbolic=given is None)
-    stages = check(loaded.graph, loaded.inputs, Mesh.parse(args.mesh), args.micro_batches)
+    stages = check(loaded.graph, loaded.inputs, Mesh.parse(args.mesh), args.micro_batches,
+                   args.passes)
     mesh, code = start_mesh(args)   # checked first: a bad mesh is one error, not one per rank
     if code is not None:
         return code

@@ -100,6 +100,10 @@ def add_commands(command, common, trained) -> None:
 def cmd_train(args) -> int:
     from tensorc.models import MODELS
     from tensorc.parallel import launch
+    if args.mesh:   # checked here: one error, not one per rank
+        from tensorc.mesh import Mesh
+        from tensorc.parallel.data_parallel import check_mesh
+        check_mesh(Mesh.parse(args.mesh), args.batch or 8)
     _, code = start_mesh(args)
     if code is not None:   # ran as MPI processes
         return code

@@ -166,7 +166,7 @@ def test_train_cli_mesh_equals_the_whole_batch(tmp_path, capsys):
             "--clip", "0.05"]
     assert main(base + ["-o", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main(base + ["-o", str(tmp_path / "dp"), "--mesh", "dp=2", "--zero",
+    assert main(base + ["-o", str(tmp_path / "dp"), "--mesh", "dp=2", "--mesh-threads", "--zero",
                         "--bucket-mb", "0.004"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len([line for line in out if line.startswith("{")]) == 1   # rank 0 alone prints

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import TensorcError
 from ..frontend.losses import IGNORE_INDEX
 from ..ir import Graph, Node, Value
+from ..mesh import Mesh
 from ..ops.nn import shifted_salt
 from ..passes.autodiff import GRAD_PREFIX
 from ..types import TensorType
@@ -176,6 +177,17 @@ def _all_nodes(graph: Graph):
             yield from _all_nodes(body)
 
 
+def check_mesh(mesh: Mesh, batch_size: int | None = None) -> None:
+    """The errors a training mesh meets, before any rank starts."""
+    for axis in ("tp", "pp"):
+        if mesh.sizes[axis] > 1:
+            raise TensorcError(f"training runs data parallel only: mesh {mesh} "
+                               f"has {axis}={mesh.sizes[axis]}")
+    if batch_size is not None and batch_size % mesh.dp:
+        raise TensorcError(f"batch {batch_size} does not split over dp={mesh.dp}: "
+                           "give a multiple")
+
+
 class DataParallel:
     """One rank's side of data-parallel training, what `training.fit(..., dp=)` calls:
     `shard` (its rows of a batch and their loss weight), `step` (the compiled step with
@@ -186,10 +198,7 @@ class DataParallel:
     def __init__(self, groups: MeshGroups, zero: bool = False, bucket_mb: float = BUCKET_MB):
         if bucket_mb <= 0:
             raise TensorcError(f"bucket size {bucket_mb} MB should be positive")
-        for axis in ("tp", "pp"):
-            if groups.mesh.sizes[axis] > 1:
-                raise TensorcError(f"training runs data parallel only: mesh {groups.mesh} "
-                                   f"has {axis}={groups.mesh.sizes[axis]}")
+        check_mesh(groups.mesh)
         self.comm = groups.group(AXIS)
         self.rank, self.size = self.comm.rank, self.comm.size
         self.zero, self.bucket_bytes = zero, bucket_mb * 2**20
@@ -203,9 +212,7 @@ class DataParallel:
 
     # -- the batch --
     def rows(self, batch_size: int) -> slice:
-        if batch_size % self.size:
-            raise TensorcError(f"batch {batch_size} does not split over dp={self.size}: "
-                               "give a multiple")
+        check_mesh(Mesh(dp=self.size), batch_size)
         n = batch_size // self.size
         return slice(self.rank * n, (self.rank + 1) * n)
 

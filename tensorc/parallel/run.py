@@ -48,8 +48,7 @@ def stage_compiler(mesh: Mesh, rank: int, backend: str, passes: str = "O2"):
     """compile_stage for `rank`: shard the stage over the mesh's tp axis, then the
     local passes, then the backend."""
     from ..backends import get_backend
-    if passes not in LOCAL_PASSES:
-        raise TensorcError(f"--mesh runs O0, O1 or O2 on each rank's shard, not {passes!r}")
+    _check_passes(passes)
     tp, tp_rank = Mesh(tp=mesh.tp), mesh.coords(rank)["tp"]
 
     def compile_stage(graph: Graph):
@@ -72,11 +71,17 @@ def dp_rows(inputs: dict[str, np.ndarray], mesh: Mesh, dp_rank: int,
     return out
 
 
-def check(graph: Graph, inputs: dict[str, np.ndarray], mesh: Mesh,
-          micro_batches: int = 1) -> list[Stage]:
+def _check_passes(passes: str) -> None:
+    if passes not in LOCAL_PASSES:
+        raise TensorcError(f"--mesh runs O0, O1 or O2 on each rank's shard, not {passes!r}")
+
+
+def check(graph: Graph, inputs: dict[str, np.ndarray], mesh: Mesh, micro_batches: int = 1,
+          passes: str = "O2") -> list[Stage]:
     """The stages, once every rank's part is known to exist (layers for the stages,
-    heads and neurons for tp, rows for dp and the micro-batches): the errors a mesh run
+    heads and neurons for tp, rows for dp and the micro-batches, the passes): the errors a mesh run
     would meet, raised once, before any rank starts."""
+    _check_passes(passes)
     stages = stages_of(graph, mesh, inputs)
     for s in stages if mesh.tp > 1 else ():
         plan(s.graph, Mesh(tp=mesh.tp))
