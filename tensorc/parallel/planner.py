@@ -35,7 +35,7 @@ recomputation: each layer's input (2 s b h bytes) for every micro-batch in fligh
 p on the first stage, times 1 + (p-1)/(p v) interleaved), plus one layer's full
 activations while it is recomputed, plus the logits (fp32) on the last stage.
 
-The constants and where they come from are in docs/parallelism_hplan.md.
+The constants and where they come from are in docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -568,7 +568,7 @@ def cmd_plan(args) -> int:
 
 
 def validation_table(interleave: int = 1) -> str:
-    """`validate()` as the table in docs/parallelism_hplan.md
+    """`validate()` as the table in docs/parallelism.md
     (`python -m tensorc.parallel.planner` prints it)."""
     from ..cli_args import _table
     rows = [["model", "tp", "pp", "dp", "batch", "micro-batch", "published TF/s", "predicted",
