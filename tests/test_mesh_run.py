@@ -156,3 +156,24 @@ def test_train_mesh_under_mpiexec(mpiexec, tmp_path):
     b = load_checkpoint_model(str(tmp_path / "two")).state_dict()
     for k, w in a.items():
         assert rel_err(b[k], w) <= 1e-5, k
+
+
+def test_inspect_mesh_with_stages(capsys):
+    """inspect --mesh with pp: each stage's ranks, their collectives at the analytic
+    minimum, and the rows of the boundary activation they send on."""
+    import json
+    argv = ["inspect", "gpt", "--set", "n_layer=4", "--set", "vocab_size=96", "--batch", "4",
+            "--seq", "8",
+            "--mesh", "tp=2,dp=2,pp=2", "--format", "json"]
+    assert main(argv) == 0
+    rep = json.loads(capsys.readouterr().out)
+    first, last = rep["per_rank"]
+    assert (first["ranks"], last["ranks"]) == ([0, 1, 2, 3], [4, 5, 6, 7])
+    assert first["layers"] + last["layers"] == 4
+    assert first["pipeline_sent_bytes"] == 4 * 8 * 32 * 4 // 2 and "pipeline_sent_bytes" \
+        not in last or last["pipeline_sent_bytes"] == 0
+    for grp in rep["per_rank"]:
+        assert grp["sent_bytes"] == grp["analytic_min_bytes"] > 0
+    # only the last stage gathers the logits
+    assert [c["op"] for c in first["collectives"]] == ["all_reduce"]
+    assert {c["op"] for c in last["collectives"]} == {"all_reduce", "all_gather"}
