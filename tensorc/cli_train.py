@@ -56,10 +56,15 @@ def add_commands(command, common, trained) -> None:
     t.add_argument("--qat", action="store_true",
                    help="quantization-aware: train through int8 rounding (fake quantization, "
                         "straight-through gradients); run the result with --passes O2,quantize")
-    add_mesh_arguments(t, "data parallel over dp=N ranks: each trains on batch/N rows, "
-                          "gradients averaged; the result is the single-process run's")
+    add_mesh_arguments(t, "train on this device mesh: dp=N (each rank trains on batch/N "
+                          "rows), tp=N (Megatron, with dp too) or pp=N (pipeline stages); "
+                          "the result is the single-process run's")
     t.add_argument("--zero", action="store_true",
-                   help="with --mesh: shard the optimizer state over the ranks (ZeRO-1)")
+                   help="with --mesh dp=N: shard the optimizer state over the ranks (ZeRO-1)")
+    t.add_argument("--micro-batches", type=_positive_int, default=1, metavar="M",
+                   help="with --mesh pp=N: micro-batches the batch is split into (default 1)")
+    t.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
+                   help="with --mesh pp=N: pipeline schedule (default 1f1b)")
     t.add_argument("--bucket-mb", type=float, default=25.0, metavar="MB",
                    help="with --mesh: gradients all-reduced together, per message (default 25)")
 
@@ -100,15 +105,17 @@ def add_commands(command, common, trained) -> None:
 def cmd_train(args) -> int:
     from tensorc.models import MODELS
     from tensorc.parallel import launch
+    from tensorc.training import DEFAULT_TASKS
     if args.mesh:   # checked here: one error, not one per rank
         from tensorc.mesh import Mesh
-        from tensorc.parallel.data_parallel import check_mesh
-        check_mesh(Mesh.parse(args.mesh), args.batch or 8)
+        from tensorc.parallel.strategy import check_mesh
+        check_mesh(Mesh.parse(args.mesh), args.batch or 8,
+                   args.task or DEFAULT_TASKS.get(args.model), args.zero, args.micro_batches)
     _, code = start_mesh(args)
     if code is not None:   # ran as MPI processes
         return code
     reporter = launch.mpiexec_rank() == 0   # under mpiexec, rank 0's process reports
-    from tensorc.training import DEFAULT_TASKS, Run, TrainConfig, plot_losses
+    from tensorc.training import Run, TrainConfig, plot_losses
     if args.model not in MODELS:
         raise TensorcError(f"{args.command} takes a built-in model ({', '.join(MODELS)}); "
                            f"got {args.model}")
@@ -179,13 +186,16 @@ def _fit_on_mesh(args, run, cfg, on_step, on_data) -> dict:
     if mesh.size == 1:
         if args.zero:
             raise TensorcError("--zero shards the optimizer over --mesh dp=N ranks; give one")
+        if args.micro_batches > 1:
+            raise TensorcError("--micro-batches splits the batch over pipeline stages: give "
+                               "--mesh pp=N")
         return fit(run, cfg, args.resume, on_step, on_data)
-    from tensorc.parallel.data_parallel import DataParallel
+    from tensorc.parallel.strategy import strategy
 
     def rank(groups):
-        dp = DataParallel(groups, args.zero, args.bucket_mb)
-        return fit(run, cfg, args.resume, on_step if dp.writer else None,
-                   on_data if dp.writer else None, dp=dp)
+        par = strategy(groups, args.zero, args.bucket_mb, args.micro_batches, args.schedule)
+        return fit(run, cfg, args.resume, on_step if par.writer else None,
+                   on_data if par.writer else None, parallel=par)
     return launch.run_ranks(mesh, rank).get(0)
 
 

@@ -15,6 +15,7 @@ import inspect
 import itertools
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -30,6 +31,8 @@ DROPOUT_SEED = "dropout_seed"   # the step's input that seeds its dropout masks,
 # attention_grad); after: the usual fusion over forward and backward together.
 FORWARD_PASSES = "O1,fuse-patterns,fuse-attention"
 STEP_PASSES = "O2"
+# The tracer is one per process (`Tracer.current`): ranks that are threads take turns.
+_TRACING = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +114,8 @@ def loss_graph(model: Module, task: Task, batch: dict[str, np.ndarray],
     if takes != list(task.inputs):
         raise TensorcError(f"task {task.name} feeds {', '.join(task.inputs)}, but "
                            f"{type(model).__name__} takes {', '.join(takes)}")
-    graph = trace(_WithLoss(model, task, distill), **batch)
+    with _TRACING:
+        graph = trace(_WithLoss(model, task, distill), **batch)
     names = [n for n, _ in model.named_parameters()]
     return graph, names
 
@@ -367,13 +371,15 @@ class Run:
 
 def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
         on_step: Callable[[dict], None] | None = None,
-        on_data: Callable[[list[str]], None] | None = None, dp=None) -> dict:
+        on_data: Callable[[list[str]], None] | None = None, parallel=None) -> dict:
     """Train; returns the last record, with the evaluation's metrics. With `resume` the
     weights, optimizer state, schedule position and data RNG continue from that
     checkpoint, so the run continues as if never stopped. `on_data` gets the data
-    cleaning report's lines (text tasks). `dp`: this rank's
-    `parallel.data_parallel.DataParallel`; every rank draws the same batches of
-    `run.batch` rows and trains on its share, and rank 0 evaluates and writes."""
+    cleaning report's lines (text tasks). `parallel`: this rank's strategy on a mesh
+    (`parallel.strategy`: data, tensor or pipeline parallel); every rank draws the same
+    batches of `run.batch` rows and trains on its share, and rank 0 evaluates and writes
+    the whole model."""
+    par = parallel
     from . import optim
     from .models import get
     task = get_task(run.task)
@@ -404,15 +410,18 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
         first["teacher_logits"] = teacher(first)
     distill = {"temperature": run.temperature, "alpha": run.alpha} if teacher else None
     make_step = TrainStep
-    if dp:
-        first, make_step = dp.shard(first), dp.step
+    if par:
+        first, make_step = par.shard(first), par.step
     step = make_step(model, task, first, run.backend, distill, cfg.recompute, cfg.qat)
-    opt = dp.optimizer(step.params, lambda p: make_optimizer(p, cfg, run.backend)) if dp \
+    opt = par.optimizer(step.params, lambda p: make_optimizer(p, cfg, run.backend)) if par \
         else make_optimizer(step.params, cfg, run.backend)
     start = 0
     if resume:
         ck = optim.load_checkpoint(resume)
-        ck.restore(step.params, opt, rng)
+        if par:   # this rank's part of the whole checkpoint
+            par.restore(ck, step.params, opt, rng)
+        else:
+            ck.restore(step.params, opt, rng)
         start = ck.step
     meta = {"model": run.model, "preset": preset, "overrides": overrides,
             "task": run.task, "config": dataclasses.asdict(cfg)}
@@ -424,22 +433,24 @@ def fit(run: Run, cfg: TrainConfig, resume: str | None = None,
                 b[DROPOUT_SEED] = np.array(rng.integers(0, 2**31 - 1), np.int64)
             if teacher:
                 b["teacher_logits"] = teacher(b)
-            yield dp.shard(b) if dp else b
+            yield par.shard(b) if par else b
     record: dict = {"step": start}
-    save = dp.save_checkpoint if dp else optim.save_checkpoint
+    save = par.save_checkpoint if par else optim.save_checkpoint
     for record in train_steps(step, opt, schedule, batches(), cfg, start,
-                              clip=dp and dp.clip_grad_norm):
+                              clip=par and par.clip_grad_norm):
         record["tokens_per_s"] = run.batch * (run.seq if run.task != "classify" else 1) \
             * cfg.accumulate / (record["step_ms"] / 1e3)
         due = record["step"] == cfg.steps or (run.eval_every
                                                and record["step"] % run.eval_every == 0)
-        if due and (dp is None or dp.writer):
-            record.update(td.evaluate(model, run.backend))
-        if due and run.out:
-            save(run.out, step.params, opt, record["step"],
-                                  {**meta, "metrics": {k: v for k, v in record.items()
-                                                       if isinstance(v, float)}},
-                                  schedule=schedule, rng=rng)
+        if due:   # with a mesh every rank gathers; the writer's model is then whole
+            params = par.gather(model, step.params) if par else step.params
+            if par is None or par.writer:
+                record.update(td.evaluate(model, run.backend))
+            if run.out:
+                save(run.out, params, opt, record["step"],
+                     {**meta, "metrics": {k: v for k, v in record.items()
+                                          if isinstance(v, float)}},
+                     schedule=schedule, rng=rng)
         if on_step:
             on_step(record)
     return record

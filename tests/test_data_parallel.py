@@ -63,7 +63,7 @@ def test_dp_run_equals_single_process(tmp_path, model, task, backend, dp, zero, 
     def rank(groups):
         par = DataParallel(groups, zero=zero, bucket_mb=BUCKET_MB)
         fit(_run(tmp_path / "dp", model, task, backend, **over), cfg,
-            on_step=ranks.append if par.writer else None, dp=par)
+            on_step=ranks.append if par.writer else None, parallel=par)
         return par.buckets
     buckets = run_threads(Mesh(dp=dp), rank)[0]
     assert len(buckets) > 1
@@ -178,7 +178,7 @@ def test_train_cli_mesh_equals_the_whole_batch(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--mesh", "tp=2,dp=2"], "training runs data parallel only: mesh dp=2,tp=2 has tp=2"),
+    (["--mesh", "tp=2,pp=2"], "training on mesh pp=2,tp=2: tp and pp together are not"),
     (["--mesh", "dp=3", "--batch", "4"], "batch 4 does not split over dp=3"),
     (["--zero"], "--zero shards the optimizer over --mesh dp=N ranks"),
     (["--mesh", "dp=x"], "bad mesh 'dp=x'"),
@@ -207,7 +207,7 @@ def test_zero_resumes_a_single_process_checkpoint(tmp_path):
     with pytest.raises(Stop):
         fit(half, cfg, on_step=stop_at_2)
     assert load_checkpoint(half.out).step == 2
-    run_threads(Mesh(dp=2), lambda g: fit(half, cfg, resume=half.out, dp=DataParallel(
+    run_threads(Mesh(dp=2), lambda g: fit(half, cfg, resume=half.out, parallel=DataParallel(
         g, zero=True, bucket_mb=BUCKET_MB)))
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(half.out)
     assert b.step == 4

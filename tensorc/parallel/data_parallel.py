@@ -37,6 +37,7 @@ from ..ops.nn import shifted_salt
 from ..passes.autodiff import GRAD_PREFIX
 from ..types import TensorType
 from .comm import MeshGroups
+from .strategy import _Snapshot, check_mesh
 
 AXIS = "dp"
 WEIGHT = "dp.weight"      # the step's input: this rank's share of the batch's loss
@@ -177,28 +178,17 @@ def _all_nodes(graph: Graph):
             yield from _all_nodes(body)
 
 
-def check_mesh(mesh: Mesh, batch_size: int | None = None) -> None:
-    """The errors a training mesh meets, before any rank starts."""
-    for axis in ("tp", "pp"):
-        if mesh.sizes[axis] > 1:
-            raise TensorcError(f"training runs data parallel only: mesh {mesh} "
-                               f"has {axis}={mesh.sizes[axis]}")
-    if batch_size is not None and batch_size % mesh.dp:
-        raise TensorcError(f"batch {batch_size} does not split over dp={mesh.dp}: "
-                           "give a multiple")
-
-
 class DataParallel:
-    """One rank's side of data-parallel training, what `training.fit(..., dp=)` calls:
-    `shard` (its rows of a batch and their loss weight), `step` (the compiled step with
-    the gradient all-reduces), `optimizer`, `clip_grad_norm`, `save_checkpoint` (rank 0
-    writes; every rank takes part). `groups`: the rank's communicators (`MeshGroups`;
-    only its `dp` axis is used)."""
+    """One rank's side of data-parallel training, a strategy `training.fit(...,
+    parallel=)` calls (`strategy.py` has the interface): `shard` (its rows of a batch and
+    their loss weight), `step` (the compiled step with the gradient all-reduces),
+    `optimizer`, `clip_grad_norm`, `save_checkpoint` (rank 0 writes; every rank takes
+    part). `groups`: the rank's communicators (`MeshGroups`; only its `dp` axis is
+    used)."""
 
     def __init__(self, groups: MeshGroups, zero: bool = False, bucket_mb: float = BUCKET_MB):
         if bucket_mb <= 0:
             raise TensorcError(f"bucket size {bucket_mb} MB should be positive")
-        check_mesh(groups.mesh)
         self.comm = groups.group(AXIS)
         self.rank, self.size = self.comm.rank, self.comm.size
         self.zero, self.bucket_bytes = zero, bucket_mb * 2**20
@@ -279,6 +269,14 @@ class DataParallel:
         return clip_grad_norm(grads, max_norm, sum_over=lambda s: float(
             self.comm.all_reduce(np.array(s, np.float64))))
 
+    def gather(self, model, params):
+        """The whole weights: every rank holds them (the model's own arrays)."""
+        return params
+
+    def restore(self, ck, params, optimizer, rng) -> None:
+        """A whole checkpoint into every rank (ZeRO: each keeps its slices of the state)."""
+        ck.restore(params, optimizer, rng)
+
     def save_checkpoint(self, directory, params, optimizer, step, extra=None, **kw):
         """optim.save_checkpoint from rank 0, with the whole optimizer state (ZeRO: its
         slices gathered; every rank must call this)."""
@@ -337,17 +335,3 @@ class ZeroOptimizer:
                     view[...] = got
                 mine[f"{k}.bucket{i}"] = flat[self.slices[i]]
         self.inner.load_state_dict(mine, hyper)
-
-
-@dataclasses.dataclass
-class _Snapshot:
-    """Optimizer state gathered for a checkpoint."""
-
-    state: dict
-    hyper_: dict
-
-    def state_dict(self):
-        return self.state
-
-    def hyper(self):
-        return self.hyper_

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
-import threading
 import time
 from collections.abc import Callable
 
@@ -558,10 +556,6 @@ def _is_float(graph: Graph, name: str) -> bool:
     return graph.values()[name].type.dtype in FLOAT_DTYPES
 
 
-# The tracer is one per process (`Tracer.current`): ranks that are threads take turns.
-_TRACING = threading.Lock()
-
-
 class PipelineStep(_Rank):
     """`training.TrainStep` on one rank of a pipeline: `step(batch)` -> (loss, {name:
     gradient}) for the weights of this rank's stage (`params`, shared with the model, so
@@ -583,8 +577,7 @@ class PipelineStep(_Rank):
         self.micro_batches, self.grad_prefix, self.clip = micro_batches, GRAD_PREFIX, clip
         self.grad_norm = float("nan")
         first = split_batch(batch, micro_batches)[0]
-        with _TRACING:
-            graph, names = loss_graph(model, task, first)
+        graph, names = loss_graph(model, task, first)
         graph = run_pipeline(as_inputs(graph, names), FORWARD_PASSES)
         p = groups.group("pp").size
         super().__init__(cut(graph, p, weights=names), groups, schedule)
@@ -639,18 +632,20 @@ class PipelineStep(_Rank):
         if self.p > 1:
             loss = float(self.comm.broadcast(np.asarray(loss, np.float64), self.p - 1))
         if self.clip is not None:
-            self._clip(grads)
+            self.clip_grad_norm(grads, self.clip)
         return loss, grads
 
-    def _clip(self, grads: dict[str, np.ndarray]) -> None:
-        from ..optim import _sum_squares
-        # a shared weight counts once: on the first stage that holds it
-        mine = sum(_sum_squares(g) for n, g in grads.items()
-                   if n not in self.shared or
-                   self.s == min(st.index for st in self.stages if n in st.params))
-        total = self.comm.all_reduce(np.asarray(mine, np.float64)) if self.p > 1 else mine
-        self.grad_norm = norm = math.sqrt(float(total))
-        coef = self.clip / (norm + 1e-6)   # optim.clip_grad_norm's rule
-        if coef < 1.0:
-            for g in grads.values():
-                g *= np.float32(coef)
+    def owner(self, name: str) -> int | None:
+        """The first stage that holds weight `name` (None: no stage reads it)."""
+        return min((st.index for st in self.stages if name in st.params), default=None)
+
+    def clip_grad_norm(self, grads: dict[str, np.ndarray], max_norm: float) -> float:
+        """optim.clip_grad_norm by the global norm over every stage (a shared weight
+        counted once: on its owner); returns it, kept in `grad_norm` too."""
+        from ..optim import _sum_squares, clip_grad_norm
+        others = sum(_sum_squares(g) for n, g in grads.items()
+                     if n in self.shared and self.owner(n) != self.s)
+        self.grad_norm = clip_grad_norm(grads, max_norm, sum_over=lambda s: float(
+            self.comm.all_reduce(np.asarray(s - others, np.float64))) if self.p > 1
+            else s - others)
+        return self.grad_norm
