@@ -1,5 +1,5 @@
 """`tensorc train --mesh` beyond data parallel (`tensorc/parallel/strategy.py`): tensor
-parallel (tp, tp x dp) and pipeline parallel (pp) training leave the checkpoint rank 0
+parallel (tp, tp x dp) and pipeline parallel (pp, pp x dp) training leave the checkpoint rank 0
 writes (whole weights and optimizer state, gathered) where the single-process run on the
 whole batch leaves it; resuming slices a whole checkpoint; what is not supported is one
 error line before any rank starts."""
@@ -59,6 +59,7 @@ def single(tmp_path_factory):
     ("adamw", ["pp=2"]),
     ("sgd", ["pp=2", "--micro-batches", "2", "--schedule", "gpipe"]),
     ("adamw", ["pp=2", "--micro-batches", "4"]),
+    ("adamw", ["pp=2,dp=2", "--micro-batches", "2"]),
 ])
 def test_train_cli_mesh_equals_single_process(optimizer, mesh, single, tmp_path, capsys):
     want, ck = single(optimizer, capsys)
@@ -100,11 +101,13 @@ def test_resume_slices_a_whole_checkpoint(mesh, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--mesh", "tp=2,pp=2"], "tp and pp together are not supported"),
-    (["--mesh", "pp=2,dp=2"], "pp with dp is not supported"),
+    (["--mesh", "pp=2,dp=2", "--micro-batches", "4"],
+     "batch 4 does not split into dp=2 x 4 micro-batches"),
     (["--mesh", "tp=2", "--zero"], "--zero shards the optimizer over dp only"),
     (["--mesh", "dp=2", "--micro-batches", "2"], "--micro-batches splits the batch over"),
     (["--micro-batches", "2"], "--micro-batches splits the batch over"),
-    (["--mesh", "pp=2", "--micro-batches", "3"], "batch 4 does not split into 3 micro-batches"),
+    (["--mesh", "pp=2", "--micro-batches", "3"], "does not split into dp=1 x 3 micro-batches"),
+    (["--mesh", "pp=2,dp=2", "--task", "mlm"], "training mlm on pp x dp is not supported"),
     (["--mesh", "tp=2,dp=2", "--task", "mlm"], "training mlm on tp x dp is not supported"),
     (["--mesh", "pp=2", "--set", "dropout=0.1"], "pipeline training does not support dropout"),
     (["--mesh", "tp=2", "--recompute"], "tensor-parallel training does not support --recompute"),

@@ -562,10 +562,11 @@ class PipelineStep(_Rank):
     `train_steps` and the optimizers take it as they take a TrainStep). The batch is
     split into `micro_batches`; the gradients are the whole batch's, the loss its mean
     (on every rank). A weight read by several stages (a tied embedding) gets the sum of
-    their gradients on each. `clip`: gradients scaled to this global L2 norm over every
-    stage (as `optim.clip_grad_norm` on the whole model; train_steps' own clipping sees
-    one stage's gradients only, already within the norm then); the norm is kept in
-    `grad_norm`."""
+    their gradients on each. On a mesh with dp replicas (each with its own rows of the
+    batch, equal label counts assumed) the gradients and loss are averaged over dp.
+    `clip`: gradients scaled to this global L2 norm over every stage (as
+    `optim.clip_grad_norm` on the whole model; train_steps' own clipping sees one stage's
+    gradients only, already within the norm then); the norm is kept in `grad_norm`."""
 
     def __init__(self, model, task, batch: dict[str, np.ndarray], groups,
                  micro_batches: int = 1, schedule: str = "1f1b", backend: str = "numpy",
@@ -596,6 +597,8 @@ class PipelineStep(_Rank):
         self.shapes = {n: arrays[n].data.shape for n in self.shared}
         self.float_recv = [n for n in self.stage.recv if _is_float(self.stage.graph, n)]
         self.float_send = [n for n in self.stage.send if _is_float(self.stage.graph, n)]
+        mesh = getattr(groups, "mesh", None)
+        self.dp = groups.group("dp") if mesh is not None and mesh.dp > 1 else None
 
     def __call__(self, batch: dict[str, np.ndarray]):
         micro = split_batch(batch, self.micro_batches)
@@ -631,6 +634,11 @@ class PipelineStep(_Rank):
                 grads[n] = total
         if self.p > 1:
             loss = float(self.comm.broadcast(np.asarray(loss, np.float64), self.p - 1))
+        if self.dp is not None:   # dp replicas of the pipeline: the mean of their rows'
+            scale = np.float32(1 / self.dp.size)
+            for n in grads:   # one all_reduce per gradient (not bucketed)
+                grads[n] = self.dp.all_reduce(grads[n]) * scale
+            loss = float(self.dp.all_reduce(np.asarray(loss, np.float64))) / self.dp.size
         if self.clip is not None:
             self.clip_grad_norm(grads, self.clip)
         return loss, grads

@@ -13,8 +13,8 @@ calls (`fit(..., parallel=)`). Every strategy speaks one interface:
 
 Strategies: `DataParallel` (`data_parallel.py`: dp, with ZeRO-1), `TensorParallel`
 (tp, or tp x dp: `passes.shard.plan_step`'s sharded step, each rank updating its slices
-of the split weights) and `PipelineParallel` (pp: `pipeline.PipelineStep`, each stage
-updating its own weights). `check_mesh` refuses the rest before any rank starts.
+of the split weights) and `PipelineParallel` (pp, or pp x dp: `pipeline.PipelineStep`,
+each stage updating its own weights). `check_mesh` refuses the rest before any rank starts.
 """
 
 from __future__ import annotations
@@ -37,15 +37,14 @@ def check_mesh(mesh: Mesh, batch_size: int | None = None, task: str | None = Non
     if mesh.tp > 1 and mesh.pp > 1:
         raise TensorcError(f"training on mesh {mesh}: tp and pp together are not "
                            "supported; give tp (with dp) or pp")
-    if mesh.pp > 1 and mesh.dp > 1:
-        raise TensorcError(f"training on mesh {mesh}: pp with dp is not supported; "
-                           "give pp alone")
     if zero and (mesh.tp > 1 or mesh.pp > 1):
         raise TensorcError(f"--zero shards the optimizer over dp only; mesh {mesh} has "
                            f"{'tp' if mesh.tp > 1 else 'pp'}")
-    if mesh.tp > 1 and mesh.dp > 1 and task is not None and task not in EVERY_LABEL_TASKS:
-        raise TensorcError(f"training {task} on tp x dp is not supported (its ranks may "
-                           "count different labels); give tp or dp alone")
+    if (mesh.tp > 1 or mesh.pp > 1) and mesh.dp > 1 and task is not None \
+            and task not in EVERY_LABEL_TASKS:
+        raise TensorcError(f"training {task} on {'tp' if mesh.tp > 1 else 'pp'} x dp is not "
+                           "supported (its dp ranks may count different labels); give dp "
+                           "alone")
     if micro_batches > 1 and mesh.pp == 1:
         raise TensorcError("--micro-batches splits the batch over pipeline stages: give "
                            "--mesh pp=N")
@@ -53,9 +52,9 @@ def check_mesh(mesh: Mesh, batch_size: int | None = None, task: str | None = Non
         if batch_size % mesh.dp:
             raise TensorcError(f"batch {batch_size} does not split over dp={mesh.dp}: "
                                "give a multiple")
-        if batch_size % micro_batches:
-            raise TensorcError(f"batch {batch_size} does not split into {micro_batches} "
-                               "micro-batches: give a multiple")
+        if batch_size // mesh.dp % micro_batches:
+            raise TensorcError(f"batch {batch_size} does not split into dp={mesh.dp} x "
+                               f"{micro_batches} micro-batches: give a multiple")
 
 
 def strategy(groups: MeshGroups, zero: bool = False, bucket_mb: float | None = None,
@@ -99,8 +98,13 @@ class _Strategy:
     whole checkpoint's part for this rank (`_part`)."""
 
     def __init__(self, groups: MeshGroups):
-        self.groups = groups
+        self.groups, self.mesh = groups, groups.mesh
         self.writer = groups.rank == 0
+
+    def shard(self, batch):
+        """This rank's rows of the batch: its dp replica's (tp ranks and stages alike)."""
+        dp, at = self.mesh.dp, self.groups.coords["dp"]
+        return {k: (np.split(a, dp)[at] if np.ndim(a) else a) for k, a in batch.items()}
 
     def optimizer(self, params, make):
         return make(params)
@@ -147,15 +151,9 @@ class TensorParallel(_Strategy):
 
     def __init__(self, groups: MeshGroups):
         super().__init__(groups)
-        self.mesh = groups.mesh
         self.tp = groups.group("tp")
         self.specs: dict[str, Sharding] = {}
         self.plan = None
-
-    def shard(self, batch):
-        """This rank's rows of the batch (its dp replica's; tp ranks take the same)."""
-        dp, at = self.mesh.dp, self.groups.coords["dp"]
-        return {k: (np.split(a, dp)[at] if np.ndim(a) else a) for k, a in batch.items()}
 
     def step(self, model, task, batch, backend="llvm", distill=None, recompute=False,
              qat=False):
@@ -213,18 +211,17 @@ class _ShardedStep:
 
 
 class PipelineParallel(_Strategy):
-    """Pipeline-parallel training: `pipeline.PipelineStep` (`micro_batches`, `schedule`),
-    each stage updating the weights it holds (tied ones all-reduced over pp by the
-    step); the whole weights are broadcast from the first stage holding each."""
+    """Pipeline-parallel training, with dp replicas if the mesh has them:
+    `pipeline.PipelineStep` (`micro_batches`, `schedule`) on this replica's rows, each
+    stage updating the weights it holds (tied ones all-reduced over pp, every gradient
+    averaged over dp by the step); the whole weights are broadcast over pp from the first
+    stage holding each."""
 
     def __init__(self, groups: MeshGroups, micro_batches: int = 1, schedule: str = "1f1b"):
         super().__init__(groups)
         self.pp = groups.group("pp")
         self.micro_batches, self.schedule = micro_batches, schedule
         self.pipe = None
-
-    def shard(self, batch):
-        return batch
 
     def step(self, model, task, batch, backend="llvm", distill=None, recompute=False,
              qat=False):
