@@ -143,14 +143,17 @@ def test_run_mesh_under_mpiexec(mpiexec, tmp_path, name, mesh, extra):
         assert rel_err(b[k], a[k]) <= 1e-5, k
 
 
-def test_train_mesh_under_mpiexec(mpiexec, tmp_path):
-    """Data-parallel training as two MPI processes equals one process on the whole batch."""
+@pytest.mark.parametrize("mesh", [["dp=2", "--zero"], ["tp=2"],
+                                  ["pp=2", "--micro-batches", "2"]])
+def test_train_mesh_under_mpiexec(mpiexec, tmp_path, mesh):
+    """Data-, tensor- and pipeline-parallel training as two MPI processes equals one
+    process on the whole batch (tests/test_train_mesh.py: the same in threads)."""
     from tensorc.training import load_checkpoint_model
-    base = ["train", "gpt", "--set", "d_model=16", "--set", "d_ff=32", "--set", "n_layer=1",
+    base = ["train", "gpt", "--set", "d_model=16", "--set", "d_ff=32", "--set", "n_layer=2",
             "--steps", "3", "--batch", "4", "--seq", "8", "--data-bytes", "60000", "--quiet"]
     one = _tensorc([*base, "-o", "one"], tmp_path)
     assert one.returncode == 0, one.stderr
-    two = _tensorc([*base, "--mesh", "dp=2", "--zero", "-o", "two"], tmp_path)
+    two = _tensorc([*base, "--mesh", *mesh, "-o", "two"], tmp_path)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count('"checkpoint"') == 1   # rank 0 alone reports
     a = load_checkpoint_model(str(tmp_path / "one")).state_dict()
