@@ -190,10 +190,10 @@ def _fit_on_mesh(args, run, cfg, on_step, on_data) -> dict:
             raise TensorcError("--micro-batches splits the batch over pipeline stages: give "
                                "--mesh pp=N")
         return fit(run, cfg, args.resume, on_step, on_data)
-    from tensorc.parallel.strategy import strategy
+    from tensorc.parallel import strategy_for
 
     def rank(groups):
-        par = strategy(groups, args.zero, args.bucket_mb, args.micro_batches, args.schedule)
+        par = strategy_for(groups, args.zero, args.bucket_mb, args.micro_batches, args.schedule)
         return fit(run, cfg, args.resume, on_step if par.writer else None,
                    on_data if par.writer else None, parallel=par)
     return launch.run_ranks(mesh, rank).get(0)

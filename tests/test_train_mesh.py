@@ -14,8 +14,8 @@ import pytest
 from tensorc.cli import main
 from tensorc.mesh import Mesh
 from tensorc.optim import load_checkpoint
+from tensorc.parallel import strategy_for
 from tensorc.parallel.comm import run_threads
-from tensorc.parallel.strategy import strategy
 from tensorc.training import Run, TrainConfig, fit
 
 BASE = ["train", "gpt", "--set", "d_model=16", "--set", "d_ff=32", "--set", "n_layer=2",
@@ -95,7 +95,7 @@ def test_resume_slices_a_whole_checkpoint(mesh, tmp_path):
     with pytest.raises(Stop):
         fit(half, cfg, on_step=stop_at_2)
     run_threads(Mesh.parse(mesh), lambda g: fit(half, cfg, resume=half.out,
-                                                 parallel=strategy(g)))
+                                                 parallel=strategy_for(g)))
     _same_checkpoint(tmp_path / "half", tmp_path / "straight")
 
 

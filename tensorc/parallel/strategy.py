@@ -14,7 +14,8 @@ calls (`fit(..., parallel=)`). Every strategy speaks one interface:
 Strategies: `DataParallel` (`data_parallel.py`: dp, with ZeRO-1), `TensorParallel`
 (tp, or tp x dp: `passes.shard.plan_step`'s sharded step, each rank updating its slices
 of the split weights) and `PipelineParallel` (pp, or pp x dp: `pipeline.PipelineStep`,
-each stage updating its own weights). `check_mesh` refuses the rest before any rank starts.
+each stage updating its own weights); `parallel.strategy_for` picks one for a rank.
+`check_mesh` refuses the rest before any rank starts.
 """
 
 from __future__ import annotations
@@ -55,19 +56,6 @@ def check_mesh(mesh: Mesh, batch_size: int | None = None, task: str | None = Non
         if batch_size // mesh.dp % micro_batches:
             raise TensorcError(f"batch {batch_size} does not split into dp={mesh.dp} x "
                                f"{micro_batches} micro-batches: give a multiple")
-
-
-def strategy(groups: MeshGroups, zero: bool = False, bucket_mb: float | None = None,
-             micro_batches: int = 1, schedule: str = "1f1b"):
-    """The strategy of this rank for its mesh (`check_mesh` passed)."""
-    mesh = groups.mesh
-    check_mesh(mesh, zero=zero, micro_batches=micro_batches)
-    if mesh.tp > 1:
-        return TensorParallel(groups)
-    if mesh.pp > 1:
-        return PipelineParallel(groups, micro_batches, schedule)
-    from .data_parallel import BUCKET_MB, DataParallel
-    return DataParallel(groups, zero, BUCKET_MB if bucket_mb is None else bucket_mb)
 
 
 def _refuse(what: str, model, distill, recompute, qat) -> None:
