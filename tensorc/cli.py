@@ -666,10 +666,6 @@ def build_parser() -> argparse.ArgumentParser:
     m = sp.add_argument_group("mesh (tensor, data and pipeline parallel)")
     add_mesh_arguments(m, "run on this device mesh: pp pipeline stages, each sharded over "
                           "tp ranks (Megatron), the batch split over dp replicas")
-    m.add_argument("--micro-batches", type=_positive_int, default=1, metavar="M",
-                   help="with pp > 1: micro-batches the batch is split into (default 1)")
-    m.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
-                   help="pipeline schedule (default 1f1b)")
     m.add_argument("--timeline", metavar="FILE.png",
                    help="with pp > 1: draw the measured schedule (matplotlib)")
 

@@ -74,6 +74,10 @@ def add_mesh_arguments(group, help: str) -> None:
     group.add_argument("--mesh-threads", action="store_true",
                        help="with --mesh: the ranks are threads of this process instead "
                             "(same as TENSORC_MESH=threads)")
+    group.add_argument("--micro-batches", type=_positive_int, default=1, metavar="M",
+                       help="with pp > 1: micro-batches the batch is split into (default 1)")
+    group.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
+                       help="with pp > 1: pipeline schedule (default 1f1b)")
 
 
 def start_mesh(args):

@@ -61,10 +61,6 @@ def add_commands(command, common, trained) -> None:
                           "the result is the single-process run's")
     t.add_argument("--zero", action="store_true",
                    help="with --mesh dp=N: shard the optimizer state over the ranks (ZeRO-1)")
-    t.add_argument("--micro-batches", type=_positive_int, default=1, metavar="M",
-                   help="with --mesh pp=N: micro-batches the batch is split into (default 1)")
-    t.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
-                   help="with --mesh pp=N: pipeline schedule (default 1f1b)")
     t.add_argument("--bucket-mb", type=float, default=25.0, metavar="MB",
                    help="with --mesh: gradients all-reduced together, per message (default 25)")
 
