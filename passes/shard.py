@@ -569,6 +569,21 @@ def _weights_constant(g: Graph, names: list[str]) -> Graph:
     return g
 
 
+def step_specs(forward: Graph, weights: list[str], mesh: Mesh,
+               strategy: str | None = "megatron", notes: list[str] | None = None
+               ) -> dict[str, Sharding]:
+    """The strategy's specs, by name, of the weights `weights` of prepared graph `forward`
+    (weights as inputs: a step's forward, or a pipeline stage's) and of their gradients
+    (``grad.<weight>`` lies as its weight); replicated weights are left out."""
+    found = megatron(_weights_constant(forward, weights), mesh,
+                     [] if notes is None else notes) if strategy == "megatron" else {}
+    specs = {}
+    for v, s in found.items():
+        if v.name in weights:
+            specs[v.name] = specs[GRAD_PREFIX + v.name] = s
+    return specs
+
+
 def plan_step(forward: Graph, loss: str, weights: list[str], mesh: Mesh,
               strategy: str | None = "megatron") -> Plan:
     """A training step's plan. `forward`: the loss graph with the weights as inputs (what
@@ -580,13 +595,8 @@ def plan_step(forward: Graph, loss: str, weights: list[str], mesh: Mesh,
     over dp's batch rows is partial over dp (data parallel's gradient all_reduce)."""
     g = prepare(forward)
     notes: list[str] = []
-    found = megatron(_weights_constant(g, weights), mesh, notes) \
-        if strategy == "megatron" else {}
+    specs = step_specs(g, weights, mesh, strategy, notes)
     step = grad(g, loss, weights)
-    specs = {}
-    for v, s in found.items():
-        if v.name in weights:
-            specs[v.name] = specs[GRAD_PREFIX + v.name] = s
     batch = [v.name for v in step.inputs if v.name not in weights]
     p = plan(step, mesh, None, specs, batch)
     p.notes[:0] = notes
