@@ -337,6 +337,14 @@ def _sum_squares(a: np.ndarray, chunk: int = 1 << 16) -> float:
     return total
 
 
+def sum_over_split(group, split: Mapping[str, np.ndarray]) -> Callable[[float], float]:
+    """`clip_grad_norm`'s `sum_over` for gradients sharded over a communicator `group`:
+    the squares of the `split` ones (each rank holding its slice) summed over the group,
+    the others (alike on every rank of it) counted once."""
+    mine = sum(_sum_squares(g) for g in split.values())
+    return lambda s: s - mine + float(group.all_reduce(np.array(mine, np.float64)))
+
+
 def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float,
                    error_if_nonfinite: bool = False,
                    sum_over: Callable[[float], float] | None = None) -> float:
