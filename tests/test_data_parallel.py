@@ -178,7 +178,7 @@ def test_train_cli_mesh_equals_the_whole_batch(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--mesh", "tp=2,pp=2"], "training on mesh pp=2,tp=2: tp and pp together are not"),
+    (["--mesh", "tp=2,pp=2", "--zero"], "--zero shards the optimizer over dp only; mesh pp=2,tp=2"),
     (["--mesh", "dp=3", "--batch", "4"], "batch 4 does not split over dp=3"),
     (["--zero"], "--zero shards the optimizer over --mesh dp=N ranks"),
     (["--mesh", "dp=x"], "bad mesh 'dp=x'"),

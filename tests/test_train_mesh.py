@@ -1,5 +1,6 @@
 """`tensorc train --mesh` beyond data parallel (`tensorc/parallel/strategy.py`): tensor
-parallel (tp, tp x dp) and pipeline parallel (pp, pp x dp) training leave the checkpoint rank 0
+parallel (tp, tp x dp), pipeline parallel (pp, pp x dp) and both (tp x pp, tp x dp x pp:
+each stage sharded over tp) training leave the checkpoint rank 0
 writes (whole weights and optimizer state, gathered) where the single-process run on the
 whole batch leaves it; resuming slices a whole checkpoint; what is not supported is one
 error line before any rank starts."""
@@ -39,16 +40,18 @@ def _same_checkpoint(got, want):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """The single-process run per optimizer: (its summary line, its checkpoint)."""
+    """The single-process run per optimizer and arguments that the mesh run shares:
+    (its summary line, its checkpoint)."""
     done = {}
 
-    def get(optimizer, capsys):
-        if optimizer not in done:
+    def get(optimizer, capsys, same=()):
+        key = optimizer, tuple(same)
+        if key not in done:
             out = tmp_path_factory.mktemp(optimizer) / "ck"
-            assert main(BASE + ["--optimizer", optimizer, "-o", str(out)]) == 0
+            assert main(BASE + ["--optimizer", optimizer, "-o", str(out), *same]) == 0
             line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-            done[optimizer] = line, out
-        return done[optimizer]
+            done[key] = line, out
+        return done[key]
     return get
 
 
@@ -60,9 +63,18 @@ def single(tmp_path_factory):
     ("sgd", ["pp=2", "--micro-batches", "2", "--schedule", "gpipe"]),
     ("adamw", ["pp=2", "--micro-batches", "4"]),
     ("adamw", ["pp=2,dp=2", "--micro-batches", "2"]),
+    ("adamw", ["tp=2,pp=2"]),
+    ("sgd", ["tp=2,pp=2"]),
+    # vocabulary 258: tp splits the tied embedding (stage 0) and head (stage 1) alike
+    ("adamw", ["tp=2,pp=2", "--micro-batches", "2", "--set", "vocab_size=258"]),
+    ("adamw", ["tp=2,dp=2,pp=2", "--batch", "8"]),
+    ("sgd", ["tp=2,dp=2,pp=2", "--batch", "8", "--micro-batches", "2", "--set",
+             "vocab_size=258"]),
 ])
 def test_train_cli_mesh_equals_single_process(optimizer, mesh, single, tmp_path, capsys):
-    want, ck = single(optimizer, capsys)
+    same = [a for i in range(len(mesh)) if mesh[i] in ("--batch", "--set")
+            for a in mesh[i:i + 2]]   # what the single process takes too
+    want, ck = single(optimizer, capsys, same)
     assert main(BASE + ["--optimizer", optimizer, "-o", str(tmp_path / "m"),
                         "--mesh-threads", "--mesh", *mesh]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -73,7 +85,7 @@ def test_train_cli_mesh_equals_single_process(optimizer, mesh, single, tmp_path,
     _same_checkpoint(tmp_path / "m", ck)
 
 
-@pytest.mark.parametrize("mesh", ["tp=2", "pp=2"])
+@pytest.mark.parametrize("mesh", ["tp=2", "pp=2", "tp=2,pp=2"])
 def test_resume_slices_a_whole_checkpoint(mesh, tmp_path):
     """A single-process checkpoint at step 2 resumed on the mesh (each rank its slices or
     its stage) continues as the single process does."""
@@ -100,7 +112,6 @@ def test_resume_slices_a_whole_checkpoint(mesh, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--mesh", "tp=2,pp=2"], "tp and pp together are not supported"),
     (["--mesh", "pp=2,dp=2", "--micro-batches", "4"],
      "batch 4 does not split into dp=2 x 4 micro-batches"),
     (["--mesh", "tp=2", "--zero"], "--zero shards the optimizer over dp only"),

@@ -12,8 +12,8 @@ def strategy_for(groups, zero: bool = False, bucket_mb: float | None = None,
     from .strategy import PipelineParallel, TensorParallel, check_mesh
     mesh = groups.mesh
     check_mesh(mesh, zero=zero, micro_batches=micro_batches)
+    if mesh.pp > 1:   # its stages sharded over tp if the mesh has it
+        return PipelineParallel(groups, micro_batches, schedule)
     if mesh.tp > 1:
         return TensorParallel(groups)
-    if mesh.pp > 1:
-        return PipelineParallel(groups, micro_batches, schedule)
     return DataParallel(groups, zero, BUCKET_MB if bucket_mb is None else bucket_mb)

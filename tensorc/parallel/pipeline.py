@@ -395,13 +395,14 @@ def timeline_png(tl: Timeline, path: str, title: str | None = None) -> None:
 
 # --- the runtime: one stage per rank of the pp axis -------------------------------------
 
-def default_compile(backend: str = "numpy") -> Callable[[Graph], object]:
-    """Compile a stage graph the usual way: O2, then the backend."""
+def default_compile(backend: str = "numpy", passes: str = "O2") -> Callable[[Graph], object]:
+    """Compile a stage graph the usual way: O2 (``O2-local`` for a graph already sharded
+    over tp), then the backend."""
     from ..backends import get_backend
     from ..passes import run_pipeline
 
     def compile_stage(graph: Graph):
-        return get_backend(backend).compile(run_pipeline(graph, "O2"))
+        return get_backend(backend).compile(run_pipeline(graph, passes))
     return compile_stage
 
 
@@ -566,7 +567,11 @@ class PipelineStep(_Rank):
     batch, equal label counts assumed) the gradients and loss are averaged over dp.
     `clip`: gradients scaled to this global L2 norm over every stage (as
     `optim.clip_grad_norm` on the whole model; train_steps' own clipping sees one stage's
-    gradients only, already within the norm then); the norm is kept in `grad_norm`."""
+    gradients only, already within the norm then); the norm is kept in `grad_norm`.
+    On a mesh with tp, each stage's forward and backward graphs are sharded over the
+    rank's tp group as `passes.shard.plan_step` shards a step (`specs`: each split weight
+    and its gradient; `params` then this rank's slices of them, copies), a weight several
+    stages read split alike on each (the tied embedding and head)."""
 
     def __init__(self, model, task, batch: dict[str, np.ndarray], groups,
                  micro_batches: int = 1, schedule: str = "1f1b", backend: str = "numpy",
@@ -582,23 +587,62 @@ class PipelineStep(_Rank):
         graph = run_pipeline(as_inputs(graph, names), FORWARD_PASSES)
         p = groups.group("pp").size
         super().__init__(cut(graph, p, weights=names), groups, schedule)
-        compile_stage = compile_stage or default_compile(backend)
-        self.fwd = compile_stage(self.stage.graph)
-        self.bwd = compile_stage(backward_graph(self.stage, 1.0 / micro_batches))
+        mesh = getattr(groups, "mesh", None)
+        self.dp = groups.group("dp") if mesh is not None and mesh.dp > 1 else None
+        self.tp = groups.group("tp") if mesh is not None and mesh.tp > 1 else None
         self.names = self.stage.params
+        held = [set(st.params) for st in self.stages]
+        self.shared = sorted(n for n in set().union(*held) if sum(n in h for h in held) > 1)
+        fwd, bwd = self.stage.graph, backward_graph(self.stage, 1.0 / micro_batches)
+        self.specs, self.split, self.plan = {}, {}, None
+        if self.tp is not None:
+            fwd, bwd = self._shard(fwd, bwd, mesh.tp)
+        compile_stage = compile_stage or default_compile(
+            backend, "O2-local" if self.tp is not None else "O2")
+        self.fwd, self.bwd = compile_stage(fwd), compile_stage(bwd)
         arrays = dict(model.named_parameters())
         self.params = {}
         for n in self.names:   # one contiguous f32 array per weight, shared with the model
+            # (a weight split over tp: this rank's slice, a copy)
             p_ = arrays[n]
             p_.data = np.ascontiguousarray(p_.data, np.float32)
-            self.params[n] = p_.data
-        held = [set(st.params) for st in self.stages]
-        self.shared = sorted(n for n in set().union(*held) if sum(n in h for h in held) > 1)
-        self.shapes = {n: arrays[n].data.shape for n in self.shared}
+            self.params[n] = self.part(n, p_.data)
+        self.shapes = {n: self.split[n].local_shape(arrays[n].data.shape, self.plan.mesh)
+                       if n in self.split else arrays[n].data.shape for n in self.shared}
         self.float_recv = [n for n in self.stage.recv if _is_float(self.stage.graph, n)]
         self.float_send = [n for n in self.stage.send if _is_float(self.stage.graph, n)]
-        mesh = getattr(groups, "mesh", None)
-        self.dp = groups.group("dp") if mesh is not None and mesh.dp > 1 else None
+
+    def _shard(self, fwd: Graph, bwd: Graph, tp: int) -> tuple[Graph, Graph]:
+        """This rank's parts of the stage's forward and backward over its tp group:
+        `passes.shard.step_specs` on every stage (a weight several stages read takes the
+        split any of them gives it, alike on all), then `plan` with those specs."""
+        from ..mesh import Mesh
+        from ..passes.autodiff import GRAD_PREFIX
+        from ..passes.shard import plan, prepare, step_specs
+        mesh = Mesh(tp=tp)
+        for st in self.stages:   # self.split: every stage's split weights (and gradients)
+            for n, spec in step_specs(prepare(st.graph), st.params, mesh).items():
+                if self.split.setdefault(n, spec) != spec:
+                    raise PipelineError(f"weight {n!r} is split over tp as {self.split[n]} "
+                                        f"on one stage and as {spec} on another")
+        self.specs = {n: self.split[n] for n in self.names if n in self.split}
+        grads = {GRAD_PREFIX + n: s for n, s in self.specs.items()}
+        self.plan = plan(fwd, mesh, None, self.specs)
+        rank = self.tp.rank
+        return self.plan.local(rank), plan(bwd, mesh, None, {**self.specs, **grads}).local(rank)
+
+    def part(self, name: str, whole: np.ndarray) -> np.ndarray:
+        """This rank's part of weight `name` (or of its gradient, its optimizer state):
+        its slice over tp where the weight is split, else the whole array."""
+        if name not in self.specs:
+            return whole
+        (got,) = self.plan.local_inputs({name: whole}, self.tp.rank).values()
+        return np.ascontiguousarray(got, np.float32)
+
+    def counted(self, name: str) -> bool:
+        """Whether this stage counts weight `name` in the global norm (a shared weight:
+        on its owner only)."""
+        return name not in self.shared or self.owner(name) == self.s
 
     def __call__(self, batch: dict[str, np.ndarray]):
         micro = split_batch(batch, self.micro_batches)
@@ -649,11 +693,17 @@ class PipelineStep(_Rank):
 
     def clip_grad_norm(self, grads: dict[str, np.ndarray], max_norm: float) -> float:
         """optim.clip_grad_norm by the global norm over every stage (a shared weight
-        counted once: on its owner); returns it, kept in `grad_norm` too."""
-        from ..optim import _sum_squares, clip_grad_norm
-        others = sum(_sum_squares(g) for n, g in grads.items()
-                     if n in self.shared and self.owner(n) != self.s)
-        self.grad_norm = clip_grad_norm(grads, max_norm, sum_over=lambda s: float(
-            self.comm.all_reduce(np.asarray(s - others, np.float64))) if self.p > 1
-            else s - others)
+        counted once: on its owner; a weight split over tp, its slices' squares summed
+        over the tp group); returns it, kept in `grad_norm` too."""
+        from ..optim import _sum_squares, clip_grad_norm, sum_over_split
+        others = sum(_sum_squares(g) for n, g in grads.items() if not self.counted(n))
+        over_tp = sum_over_split(self.tp, {n: g for n, g in grads.items()
+                                           if n in self.specs and self.counted(n)}) \
+            if self.tp is not None else (lambda s: s)
+
+        def total(s: float) -> float:
+            s = over_tp(s - others)
+            return float(self.comm.all_reduce(np.asarray(s, np.float64))) if self.p > 1 \
+                else s
+        self.grad_norm = clip_grad_norm(grads, max_norm, sum_over=total)
         return self.grad_norm

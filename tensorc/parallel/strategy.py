@@ -13,8 +13,9 @@ calls (`fit(..., parallel=)`). Every strategy speaks one interface:
 
 Strategies: `DataParallel` (`data_parallel.py`: dp, with ZeRO-1), `TensorParallel`
 (tp, or tp x dp: `passes.shard.plan_step`'s sharded step, each rank updating its slices
-of the split weights) and `PipelineParallel` (pp, or pp x dp: `pipeline.PipelineStep`,
-each stage updating its own weights); `parallel.strategy_for` picks one for a rank.
+of the split weights) and `PipelineParallel` (pp, pp x dp, and with tp too:
+`pipeline.PipelineStep`, each stage updating its own weights, or on tp its rank's slices
+of them); `parallel.strategy_for` picks one for a rank.
 `check_mesh` refuses the rest before any rank starts.
 """
 
@@ -35,9 +36,6 @@ EVERY_LABEL_TASKS = ("clm", "classify")
 def check_mesh(mesh: Mesh, batch_size: int | None = None, task: str | None = None,
                zero: bool = False, micro_batches: int = 1) -> None:
     """The errors a training mesh meets, before any rank starts (one line each)."""
-    if mesh.tp > 1 and mesh.pp > 1:
-        raise TensorcError(f"training on mesh {mesh}: tp and pp together are not "
-                           "supported; give tp (with dp) or pp")
     if zero and (mesh.tp > 1 or mesh.pp > 1):
         raise TensorcError(f"--zero shards the optimizer over dp only; mesh {mesh} has "
                            f"{'tp' if mesh.tp > 1 else 'pp'}")
@@ -132,6 +130,18 @@ class _Strategy:
         raise NotImplementedError
 
 
+def _split_dim(spec: Sharding | None) -> int | None:
+    """The dim a weight's spec splits over tp (None: replicated)."""
+    return next((d for d, ax in enumerate(spec.dims if spec else ()) if ax is not None), None)
+
+
+def _gather_tp(tp, spec: Sharding | None, mine):
+    """The whole of a weight (or its optimizer state) from this rank's slice: all-gathered
+    over the tp group along the dim `spec` splits (a collective of the group)."""
+    d = _split_dim(spec)
+    return mine if d is None else tp.all_gather(np.ascontiguousarray(mine), d)
+
+
 class TensorParallel(_Strategy):
     """Tensor-parallel training (Megatron), with dp replicas if the mesh has them: the
     step is `plan_step`'s, each rank holding and updating its slices of the split weights
@@ -151,18 +161,13 @@ class TensorParallel(_Strategy):
     def clip_grad_norm(self, grads, max_norm):
         """optim.clip_grad_norm by the global norm: a split weight's squares summed over
         the tp group, a replicated one's counted once."""
-        from ..optim import _sum_squares, clip_grad_norm
-        split = sum(_sum_squares(g) for n, g in grads.items() if self._split_dim(n) is not None)
-        return clip_grad_norm(grads, max_norm, sum_over=lambda s: s - split + float(
-            self.tp.all_reduce(np.array(split, np.float64))))
-
-    def _split_dim(self, name):
-        dims = self.specs[name].dims if name in self.specs else ()
-        return next((d for d, ax in enumerate(dims) if ax is not None), None)
+        from ..optim import clip_grad_norm, sum_over_split
+        return clip_grad_norm(grads, max_norm, sum_over=sum_over_split(
+            self.tp, {n: g for n, g in grads.items() if _split_dim(self.specs.get(n))
+                      is not None}))
 
     def _whole(self, name, mine, like):
-        d = self._split_dim(name)
-        return mine if d is None else self.tp.all_gather(np.ascontiguousarray(mine), d)
+        return _gather_tp(self.tp, self.specs.get(name), mine)
 
     def _part(self, name, whole):
         (got,) = self.plan.local_inputs({name: whole}, self.groups.rank).values()
@@ -203,7 +208,8 @@ class PipelineParallel(_Strategy):
     `pipeline.PipelineStep` (`micro_batches`, `schedule`) on this replica's rows, each
     stage updating the weights it holds (tied ones all-reduced over pp, every gradient
     averaged over dp by the step); the whole weights are broadcast over pp from the first
-    stage holding each."""
+    stage holding each. With tp the stages are sharded over it (`PipelineStep`): a rank
+    updates its slices, gathered over tp (as `TensorParallel` does) before that broadcast."""
 
     def __init__(self, groups: MeshGroups, micro_batches: int = 1, schedule: str = "1f1b"):
         super().__init__(groups)
@@ -227,8 +233,10 @@ class PipelineParallel(_Strategy):
         owner = self.pipe.owner(name)
         if owner is None:   # read by no stage: never trained, alike everywhere
             return like
+        if self.pipe.s == owner and self.pipe.tp is not None:   # its tp group alike
+            mine = _gather_tp(self.pipe.tp, self.pipe.specs.get(name), mine)
         return self.pp.broadcast(np.ascontiguousarray(mine if self.pipe.s == owner else like,
                                                       np.float32), owner)
 
     def _part(self, name, whole):
-        return whole
+        return self.pipe.part(name, whole)
