@@ -297,6 +297,36 @@ def test_pp_axis_of_a_larger_mesh():
         assert rel_err(got["logits"], ref["logits"]) <= 1e-5
 
 
+def test_step_stages_sharded_over_tp():
+    """tp=2 x pp=3: each rank's gradients are its slices of the whole step's, the tied
+    embedding and head split alike on the first and last stage (vocabulary 96) and the
+    middle stage, which holds neither, taking part in their all-reduce at their size."""
+    def make():
+        return get("gpt", "tiny", n_layer=3, vocab_size=96)
+    task = get_task("clm")
+    batch = example_batch(make(), "clm", batch=4, seq=8)
+    want_loss, want = TrainStep(make(), task, batch, backend="numpy")(batch)
+    want = {n: g.copy() for n, g in want.items()}
+    mesh = Mesh(tp=2, pp=3)
+
+    def rank(groups):
+        step = PipelineStep(make(), task, batch, groups, 2)
+        loss, grads = step(batch)
+        return groups.rank, loss, step.specs, {n: g.copy() for n, g in grads.items()}
+    split = set()
+    scale = max(np.abs(g).max() for g in want.values())   # k's bias: ~1e-12 noise
+    for r, loss, specs, grads in run_threads(mesh, rank):
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        for n, g in grads.items():
+            w = want[n]
+            for d, ax in enumerate(specs[n].dims if n in specs else ()):
+                if ax:
+                    w = np.split(w, 2, axis=d)[mesh.coords(r)["tp"]]
+                    split.add(n)
+            assert np.abs(g - w).max() <= 1e-5 * scale, n
+    assert "wte.weight" in split and "blocks.1.ff.up.weight" in split
+
+
 def test_measured_timeline():
     """The ranks' measured forward/backward times placed on the schedule: every stage
     has a positive cost and the bubble is what the timeline says it is."""
