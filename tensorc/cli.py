@@ -309,8 +309,8 @@ def _run_mesh(args) -> int:
     pipeline stage's tensor-parallel shard on its data-parallel rows; rank 0 prints."""
     from .mesh import Mesh
     from .parallel import launch
-    from .parallel.pipeline import timeline_png, timeline_text
     from .parallel.run import check, run_rank
+    from .parallel.schedule import timeline_png, timeline_text
     given = read_npz(args.input, "an .npz file of inputs") if args.input else None
     loaded = _load(args, given, symbolic=given is None)
     stages = check(loaded.graph, loaded.inputs, Mesh.parse(args.mesh), args.micro_batches,

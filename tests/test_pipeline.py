@@ -12,18 +12,20 @@ from tensorc.mesh import Mesh
 from tensorc.models import get
 from tensorc.parallel.comm import run_threads
 from tensorc.parallel.pipeline import (
-    Action,
-    PipelineError,
     PipelineForward,
     PipelineStep,
     backward_graph,
     cut,
     default_compile,
+    split_batch,
+)
+from tensorc.parallel.schedule import (
+    Action,
+    PipelineError,
     depends,
     gpipe,
     one_f_one_b,
     simulate,
-    split_batch,
     timeline_png,
     timeline_text,
 )

@@ -22,7 +22,8 @@ from ..mesh import Mesh
 from ..passes import run_pipeline
 from ..passes.shard import plan, prepare, shard
 from ..types import bind_shapes
-from .pipeline import PipelineForward, Stage, Timeline, cut
+from .pipeline import PipelineForward, Stage, cut
+from .schedule import Timeline
 
 # --passes on a mesh: what runs on each rank's local graph after sharding (O2's fusion
 # without the steps sharding needs first).
