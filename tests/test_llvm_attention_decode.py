@@ -10,6 +10,7 @@ import pytest
 from test_llvm_attention import naive  # the float64 definition, one home
 
 from tensorc.backends.llvm import attention as A
+from tensorc.backends.llvm import attention_schedule as S
 from tensorc.backends.llvm import jit
 from tensorc.ops.attention import attention as op_reference
 
@@ -44,7 +45,7 @@ def test_random_shapes_and_masks(used, threads):
     rng = np.random.default_rng(11)
     for trial in range(40):
         b, h = int(rng.integers(1, 4)), int(rng.integers(1, 5))
-        t, s = int(rng.integers(1, A.DECODE_T + 1)), int(rng.integers(1, 300))
+        t, s = int(rng.integers(1, S.DECODE_T + 1)), int(rng.integers(1, 300))
         d = int(rng.choice([1, 7, 16, 64, 80, 130]))
         dv = d if trial % 3 else int(rng.choice([5, 64, 100]))
         q, k, v = randn(rng, b, h, t, d), randn(rng, b, h, s, d), randn(rng, b, h, s, dv)
@@ -56,7 +57,7 @@ def test_random_shapes_and_masks(used, threads):
         scale = 1 / math.sqrt(d)
         got = A.attention(q, k, v, mask, scale, causal, mv, threads=threads)
         assert_close(got, naive(q, k, v, mask, scale, causal, mv))
-    assert used and max(used) <= A.DECODE_T
+    assert used and max(used) <= S.DECODE_T
 
 
 def test_one_row_many_keys_threads_split_heads(used):
