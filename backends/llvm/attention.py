@@ -36,7 +36,17 @@ from llvmlite import ir
 from tensorc.errors import ShapeError, TensorcError
 
 from . import pool, tuning
-from .attention_schedule import BC, BR, GROUP, checked, module_params
+from .attention_schedule import (
+    BC,
+    BR,
+    GROUP,
+    candidates,
+    checked,
+    default,
+    median_seconds,
+    module_params,
+    operands,
+)
 from .attention_schedule import key as schedule_key
 from .gemm import _split, aligned_empty, num_threads, run_jobs
 from .gemm_ir import _pack_bt
@@ -211,7 +221,7 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False, br: int = B
                             sv.append(b.select(valid[u], x, vconst(NEG_INF)))
                     m_old = b.load(m_run[r], typ=F32)
                     m_new = b.call(f.intrinsic("llvm.maxnum.f32", F32, [F32, F32]),
-                                   [m_old, reduce_max(vmax(*sv))])
+                                   [m_old, reduce_max(sv[0] if vecs == 1 else vmax(*sv))])
                     base = b.select(b.fcmp_ordered("==", m_new, ir.Constant(F32, NEG_INF)),
                                     ir.Constant(F32, 0.0), m_new)
                     b.store(m_new, m_run[r])
@@ -481,6 +491,23 @@ def library(kind: str, sched: dict | None = None) -> dict:
         return _libs[lib_key]
 
 
+def schedule_of(q_shape, k_shape, v_shape, causal: bool, kind: str) -> dict:
+    """The schedule a call with these operand shapes runs (`tuning`'s for its key)."""
+    (B, H, T, D), S, DV = q_shape, k_shape[2], v_shape[3]
+    return tuning.schedule("attention", schedule_key(B * H, T, S, D, DV, causal, kind))
+
+
+def measure(key: tuple, sched: dict, repeat: int) -> float:
+    """The attention Space's timing: median seconds of `repeat` bound calls of `sched`
+    on random operands of key's shape."""
+    q, k, v, mask, out = operands(key)
+    return median_seconds(bind(q, k, v, mask, 1 / math.sqrt(key[3]), bool(key[5]), out=out,
+                               schedule=sched), repeat)
+
+
+SPACE = tuning.register(tuning.Space("attention", default, candidates, measure))
+
+
 def _unit_last(x: np.ndarray) -> np.ndarray:
     """x with unit stride on its last axis and non-negative element strides."""
     if x.strides[-1] != x.itemsize or any(st < 0 or st % x.itemsize for st in x.strides):
@@ -554,7 +581,7 @@ def _plan(q, k, v, mask, scale, causal, mask_value, threads, out, schedule=None)
     meta = np.array([H, T, S, D, DV, *_estrides(q), *_estrides(k), *_estrides(v),
                      *_estrides(out), *_estrides(m), H // HK], np.int64)
     sched = checked(schedule) if schedule is not None else \
-        tuning.schedule("attention", schedule_key(B * H, T, S, D, DV, causal, kind))
+        schedule_of(q.shape, k.shape, v.shape, causal, kind)
     threads = num_threads() if threads is None else max(1, int(threads))
     if sched["path"] == "decode":   # a decode step's few rows: `_decode_kernel`
         return _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads,

@@ -16,11 +16,13 @@ partial sums) change the float32 rounding only (the tests hold each to 1e-4).
 The key is what the kernel's speed depends on, rounded so that a model's shapes and
 a growing decode cache reuse a few keys: (batch x heads, t, s, d, dv, causal, mask
 kind) with batch x heads and s rounded up to powers of two, t too past DECODE_MAX.
+
+`attention.py` registers the space (its `measure` times the bound kernel at a key's
+shape on `operands`).
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 
@@ -28,17 +30,16 @@ import numpy as np
 
 from tensorc.errors import TensorcError
 
-from . import tuning
 from .jit import target
 
 BR, BC = 8, 32   # query rows per block, keys per tile (the GEMM's 8 x 32 micro-tile):
                  # the default schedule's (the sparse kernel's always)
+BR_NARROW = 4    # the default's rows per block on a host without AVX-512
 DECODE_T = 4     # query rows up to which the default runs `_decode_kernel`
 GROUP = 4        # the default decode schedule's chunks of a row in registers
 DECODE_MAX = 16  # query rows up to which the decode kernel is a candidate
 TILES = ((8, 32), (4, 32), (8, 16), (4, 16), (6, 16), (12, 32))   # (br, bc) candidates
 GROUPS = (4, 2, 1)
-MASK_KINDS = ("none", "add", "keep")
 
 
 def _pow2(n: int) -> int:
@@ -51,17 +52,25 @@ def key(heads: int, t: int, s: int, d: int, dv: int, causal: bool, kind: str) ->
             int(d), int(dv), int(bool(causal)), kind)
 
 
+def _wide() -> bool:
+    """Whether the host has AVX-512 (16-lane vectors in one register)."""
+    return "+avx512f" in target().features.split(",")
+
+
 def default(k: tuple) -> dict:
-    """Today's hand-picked schedule (every host)."""
-    return {"path": "decode", "group": GROUP} if k[1] <= DECODE_T else \
-        {"path": "flash", "br": BR, "bc": BC}
+    """The hand-picked schedule: 8 x 32 flash blocks, or 4 x 32 without AVX-512
+    (where 8 x 32's accumulators spill: 1.3-1.9x slower on a Zen 3, and the same
+    results bit for bit, see the module's note); the decode kernel up to DECODE_T."""
+    if k[1] <= DECODE_T:
+        return {"path": "decode", "group": GROUP}
+    return {"path": "flash", "br": BR if _wide() else BR_NARROW, "bc": BC}
 
 
 def candidates(k: tuple) -> list[dict]:
     """The legal schedules for key k, the default first, then the tiles that suit the
     host's registers first (small ones without AVX-512)."""
     t = k[1]
-    wide = "+avx512f" in target().features.split(",")
+    wide = _wide()
     tiles = sorted(TILES, key=lambda x: x[0] * x[1] * (-1 if wide else 1))
     flash = [{"path": "flash", "br": br, "bc": bc} for br, bc in tiles
              if br <= max(t, 8) or (br, bc) == (BR, BC)]
@@ -109,12 +118,8 @@ def operands(k: tuple) -> tuple:
     return _inputs[k]
 
 
-def measure(k: tuple, sched: dict, repeat: int) -> float:
-    """Median seconds of `repeat` bound calls at key k's shape (after one that
-    compiles and warms)."""
-    from .attention import bind
-    q, kk, v, mask, out = operands(k)
-    run = bind(q, kk, v, mask, 1 / math.sqrt(k[3]), bool(k[5]), out=out, schedule=sched)
+def median_seconds(run, repeat: int) -> float:
+    """Median seconds of `repeat` calls of run() (after one that compiles and warms)."""
     run()
     times = []
     for _ in range(max(1, repeat)):
@@ -122,6 +127,3 @@ def measure(k: tuple, sched: dict, repeat: int) -> float:
         run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-SPACE = tuning.register(tuning.Space("attention", default, candidates, measure))
