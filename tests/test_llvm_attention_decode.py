@@ -12,6 +12,7 @@ from test_llvm_attention import naive  # the float64 definition, one home
 from tensorc.backends.llvm import attention as A
 from tensorc.backends.llvm import attention_schedule as S
 from tensorc.backends.llvm import jit
+from tensorc.backends.llvm.gemm import aligned_empty
 from tensorc.ops.attention import attention as op_reference
 
 
@@ -142,7 +143,7 @@ def test_portable_path_without_avx512():
         out = np.empty((b, h, t_, d), np.float32)
         _, fixed, _, _, work_size, keep = A._plan(q, k, v, mask, 0.2, False, -math.inf, 1,
                                                   out)
-        work = A.aligned_empty(work_size)
+        work = aligned_empty(work_size)
         fn(*fixed[:6], 0.2, -math.inf, 0, 0, b * h, 0, t_, work.ctypes.data)
         assert_close(out, naive(q, k, v, mask, 0.2))
         del keep

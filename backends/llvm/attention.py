@@ -35,7 +35,8 @@ from llvmlite import ir
 
 from tensorc.errors import ShapeError, TensorcError
 
-from . import pool, tuning
+from . import tuning
+from .attention_operands import _estrides, _f32_bits, _unit_last, bound_job, kernel_mask
 from .attention_schedule import (
     BC,
     BR,
@@ -48,7 +49,7 @@ from .attention_schedule import (
     operands,
 )
 from .attention_schedule import key as schedule_key
-from .gemm import _split, aligned_empty, num_threads, run_jobs
+from .gemm import _split, num_threads, run_jobs
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_library
@@ -508,17 +509,6 @@ def measure(key: tuple, sched: dict, repeat: int) -> float:
 SPACE = tuning.register(tuning.Space("attention", default, candidates, measure))
 
 
-def _unit_last(x: np.ndarray) -> np.ndarray:
-    """x with unit stride on its last axis and non-negative element strides."""
-    if x.strides[-1] != x.itemsize or any(st < 0 or st % x.itemsize for st in x.strides):
-        return np.ascontiguousarray(x)
-    return x
-
-
-def _estrides(x: np.ndarray) -> list[int]:
-    return [st // x.itemsize for st in x.strides[:3]]
-
-
 def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
               mask_value: float = -math.inf, threads: int | None = None,
               out: np.ndarray | None = None, schedule: dict | None = None) -> np.ndarray:
@@ -634,31 +624,6 @@ def _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads
 
 
 
-def kernel_mask(mask, shape, what: str):
-    """(kind, the mask as [b, h, t, s] with a contiguous key axis): what the attention
-    kernels (forward and backward) read, 16 keys at once; kind "keep" (bool) or "add"
-    (float32)."""
-    B, H, T, S = shape
-    mask = np.asarray(mask)
-    if mask.dtype == np.bool_:
-        kind = "keep"
-    elif mask.dtype == np.float32:
-        kind = "add"
-    else:
-        raise TensorcError(f"{what}: mask must be bool (keep) or float32 (additive), got "
-                           f"{mask.dtype}")
-    if mask.ndim > 4:
-        raise ShapeError(f"{what}: mask {mask.shape} has more than 4 dims")
-    m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    try:
-        m4 = np.ascontiguousarray(np.broadcast_to(m4, m4.shape[:3] + (S,))) \
-            if m4.shape[3] != S or m4.strides[3] != m4.itemsize else _unit_last(m4)
-        return kind, np.broadcast_to(m4, shape)
-    except ValueError:
-        raise ShapeError(f"{what}: mask {mask.shape} does not broadcast to the scores "
-                         f"{tuple(shape)}") from None
-
-
 def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
          mask_value: float = -math.inf, threads: int | None = None, *, out: np.ndarray,
          schedule: dict | None = None):
@@ -692,25 +657,3 @@ def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
         return general
     return bound_job(job, fixed, items, threads, work_size, keep,
                      {"q": 0, "k": 1, "v": 2, "out": 3, "mask": 4 if mask is not None else None})
-
-
-def bound_job(job, fixed, items, threads: int, work_size: int, keep, slots: dict):
-    """The runner of a planned library job (`_plan`'s parts): the workspaces (one per
-    pool thread) and the argument block made once; `run.patch(role, address)` rewrites
-    the block's word `slots[role]` (None: that operand is absent)."""
-    workers = pool.get(threads) if threads > 1 and len(items) > 1 else None
-    works = [aligned_empty(work_size) for _ in range(workers.threads if workers else 1)]
-    block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
-                      *[x for it in items for x in it]], np.int64)
-    run = pool.launcher(job, block.ctypes.data, len(items), threads if workers else 1)
-
-    def patch(role: str, address: int) -> None:
-        if slots[role] is not None:
-            block[slots[role]] = address
-    run.patch = patch
-    run.keep = (keep, works, block)
-    return run
-
-
-def _f32_bits(x: float) -> int:
-    return int(np.array(x, np.float32).view(np.int32))

@@ -59,7 +59,7 @@ def _wide() -> bool:
 
 def default(k: tuple) -> dict:
     """The hand-picked schedule: 8 x 32 flash blocks, or 4 x 32 without AVX-512
-    (where 8 x 32's accumulators spill: 1.3-1.9x slower on a Zen 3, and the same
+    (where 8 x 32's accumulators spill: 1.4-1.7x slower on a Zen 3, and the same
     results bit for bit, see the module's note); the decode kernel up to DECODE_T."""
     if k[1] <= DECODE_T:
         return {"path": "decode", "group": GROUP}
