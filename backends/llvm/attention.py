@@ -326,8 +326,9 @@ def _decode_kernel(module: ir.Module, mask_kind: str, group: int = GROUP) -> ir.
     here each row reads K and V once, straight from their rows: scores[j] = q . k_j
     (scaled q in registers, a horizontal sum per key) into the workspace with the
     row's max, then p = exp(scores - max) 16 keys at a time, then O = sum_j p_j v_j
-    with `group` (1, 2 or 4) chunks of the row of V per pass, and O / sum p. Same arguments and
-    meaning as `_kernel`; the workspace holds the scaled row of Q and the s scores."""
+    with `group` (1, 2 or 4) chunks of the row of V per pass, and O / sum p. Same
+    arguments and meaning as `_kernel`; the workspace holds the scaled row of Q and
+    the s scores."""
     f, m = _entry(module, f"tc_attention_decode_{mask_kind}")
     b, g = f.b, f.arg
     s, d, dv = m["s"], m["d"], m["dv"]
@@ -465,8 +466,8 @@ _libs: dict[tuple, dict] = {}   # (kind, br, bc, group) -> the module's entry po
 
 
 def ahead(kind: str, sched: dict | None = None) -> tuple:
-    """The `jit.compile_ahead` job of the module of a mask kind and schedule (default:
-    the default flash schedule); its name holds the schedule, so schedules never
+    """The `jit.compile_ahead` job of the module of a mask kind and schedule (None: the
+    8 x 32 flash blocks'); its name holds the module's schedule, so schedules never
     share a cache entry."""
     params = module_params(sched) if sched else (BR, BC, GROUP)
     br, bc, group = params
@@ -475,9 +476,9 @@ def ahead(kind: str, sched: dict | None = None) -> tuple:
 
 
 def library(kind: str, sched: dict | None = None) -> dict:
-    """The module of mask `kind` that runs `sched` (default: the default flash one),
-    compiled on first use (object code cached on disk): "fn" the flash kernel
-    (ctypes), "job" / "decode_job" the pool jobs of the flash / few-query-rows kernel."""
+    """The module of mask `kind` that runs `sched` (None: as for `ahead`), compiled on
+    first use (object code cached on disk): "fn" the flash kernel (ctypes), "job" /
+    "decode_job" the pool jobs of the flash / few-query-rows kernel."""
     if kind not in MASKS:
         raise KeyError(kind)
     lib_key = (kind, *(module_params(sched) if sched else (BR, BC, GROUP)))
@@ -523,6 +524,8 @@ def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
         raise TensorcError("attention: q, k, v must be float32, got "
                            + ", ".join(str(x.dtype) for x in arrays))
     q, k, v = arrays
+    if schedule is not None:
+        checked(schedule)
     if not q.ndim == k.ndim == v.ndim == 4:
         raise ShapeError(f"attention expects q [b,h,t,d], k [b,h,s,d], v [b,h,s,dv]: "
                          f"got {q.shape}, {k.shape}, {v.shape}")
@@ -621,7 +624,6 @@ def _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads
              meta.ctypes.data, _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
     return (library(kind, sched)["decode_job"], fixed, items, threads, work_size,
             (q, k, v, m, meta))
-
 
 
 def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
