@@ -432,8 +432,8 @@ def _tiles_of_both_hosts(monkeypatch, key) -> list:
 @pytest.mark.parametrize("m,k,n", [(128, 300, 600), (37, 700, 90)])
 def test_every_candidate_tile_computes_the_product(rng, monkeypatch, m, k, n):
     """Each micro-tile shape the tuner may choose, and other blockings, on a path of
-    its own (a packed weight: A shared or split by rows or panels; B packed per call,
-    also transposed; A transposed; the defaults on all), equals the float64 product
+    its own (a packed weight, B packed per call, also transposed, A transposed; the
+    defaults on all, with each way threads split the work), equals the float64 product
     with the epilogue; tiles with the default's kc equal the default's result bit for
     bit (the micro-tile does not change any sum's order). Compiling every tile for
     every path would take minutes."""
@@ -443,10 +443,12 @@ def test_every_candidate_tile_computes_the_product(rng, monkeypatch, m, k, n):
     operands = {"weight": (a, G.PackedB(w)), "per call": (a, w),
                 "per call, B^T": (a, np.ascontiguousarray(w.T).T), "A^T": (a_t, w)}
     tiles = _tiles_of_both_hosts(monkeypatch, (m, k, n, 0))
+    splits = [t._replace(split=s) for t in (AVX2_TILE, AVX512_TILE)
+              for s in ("shared", "rows", "panels", "blocks")]   # the same code
     for i, (path, (x, b)) in enumerate(operands.items()):
         base = None
         for tile in [t for j, t in enumerate(tiles)
-                     if j % len(operands) == i or t in (AVX2_TILE, AVX512_TILE)]:
+                     if j % len(operands) == i or t in (AVX2_TILE, AVX512_TILE)] + splits:
             out = np.full((m, n), np.nan, np.float32)
             G.bind(x, b, out, bias=bias, activation="gelu", residual=res, threads=2,
                    tile=tile)()

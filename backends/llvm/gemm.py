@@ -400,19 +400,23 @@ def _schedule(a, packed, out, bias, act, residual, threads, t: Tile, per_call=Fa
     mt = -(-M // t.mr)
     jobs = kernels(t)["jobs"]
     fixed = list(_args(a, packed, out, bias, residual))
-    if per_call and _packs_in_blocks(M, packed.n, threads):
+    split = t.split
+    if per_call and (split == "blocks" or split == "auto"
+                     and _packs_in_blocks(M, packed.n, threads)):
         src, pack = packed._source
         fixed += [src.ctypes.data, src.strides[0] // 4, int(pack is kernels()["pack_bt"])]
         items = [(0, M, *r) for r in _split(panels, threads, 1)]
         return [(jobs[f"tc_gemm_pb_job_{act}"], fixed, items, ("pb", PB_WORKSPACE))]
     tag = _tag(packed)
-    if _shares_a(M, K, panels, threads, t):
+    fits = _prepacked_size(M, K, t) <= PREPACK_A   # all of A in the shared buffer
+    if fits and (split == "shared" or split == "auto" and _shares_a(M, K, panels, threads, t)):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
         lda, ldka = _a_strides(a)
         steps = [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka],
                   _split(mt, threads, 1), "ap"),
                  (jobs[f"tc_gemm_pa_{tag}job_{act}"], fixed, items, "ap")]
-    elif mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
+    elif split == "rows" or split not in ("panels", "shared") and (
+            mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels):
         items = [(m0, m1, 0, panels) for m0, m1 in _split(M, threads, t.mr)]
         steps = [(jobs[f"tc_gemm_{tag}job_{act}"], fixed, items, ("a", WS_A))]
     else:

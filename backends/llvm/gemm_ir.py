@@ -22,11 +22,15 @@ ALIGN = 64          # bytes; packed panels are cache-line aligned
 class Tile(NamedTuple):
     """A GEMM schedule: the micro-tile is mr rows x nv 16-lane vectors of columns (a
     panel of NR = 32 columns is multiplied as NR / (16 nv) sub-panels), K is blocked by
-    kc, rows by mc (a multiple of mr). The packing of B does not depend on it."""
+    kc, rows by mc (a multiple of mr). The packing of B does not depend on it. `split`,
+    how threads share the work (`gemm._schedule`), is no part of the code: "auto" (the
+    hand-made rule), "shared" (all of A packed once, threads claim panels), "rows",
+    "panels", or "blocks" (a per-call B packed per K block by each thread)."""
     mr: int
     nv: int
     kc: int
     mc: int
+    split: str = "auto"
 
     @property
     def tag(self) -> str:
@@ -548,6 +552,7 @@ def kernels(t: Tile = AVX512_TILE) -> dict:
     """Tile t's entry points: "pack_b", "pack_bt" and each activation's
     `tc_gemm_<act>` as ctypes functions, "jobs" the pool jobs' addresses; each compiled
     on first use (object code cached on disk)."""
+    t = t._replace(split="auto")   # the same code whatever the split
     lib = _libs.get(t)
     if lib is None:
         with _lib_lock:

@@ -38,7 +38,8 @@ def _fits(mr: int, nv: int) -> bool:
 
 
 def default(key) -> dict:
-    """The hand-picked tile for this host's vector registers (the key does not matter)."""
+    """The hand-picked tile for this host's vector registers (the key does not matter;
+    threads split the work by the hand-made rule)."""
     return (AVX512_TILE if _avx512() else AVX2_TILE)._asdict()
 
 
@@ -49,19 +50,21 @@ def _mc(mr: int, target_rows: int) -> int:
 
 def candidates(key) -> list[dict]:
     """Legal tiles for key, most promising first (the default first)."""
-    m, k, n, _ = key
+    m, k, n, per_call = key
     base = Tile(**default(key))
     shapes = sorted(((mr, nv) for nv in (1, 2) for mr in range(2, 17) if _fits(mr, nv)),
                     key=lambda s: -s[0] * s[1])[:6]   # most accumulators first
     tiles = [base]
     tiles += [Tile(mr, nv, base.kc, _mc(mr, base.mc)) for mr, nv in shapes]
-    for mr, nv in shapes[:2]:   # blockings around the two largest micro-tiles
+    splits = ["shared", "rows", "panels"] + ["blocks"] * per_call
+    for mr, nv in shapes[:2]:   # blockings and splits around the two largest micro-tiles
         for kc in (128, 384, KC_MAX):
             if kc < k + 128:   # a kc far beyond K changes nothing
                 tiles.append(Tile(mr, nv, kc, _mc(mr, base.mc)))
         for rows in (48, 96, 192, MC_MAX):
             if rows < m + 32:
                 tiles.append(Tile(mr, nv, base.kc, _mc(mr, rows)))
+        tiles += [Tile(mr, nv, base.kc, _mc(mr, base.mc), split) for split in splits]
     seen, out = set(), []
     for t in tiles:
         if t not in seen and t.kc <= KC_MAX and t.mc <= MC_MAX and t.mc % t.mr == 0:
