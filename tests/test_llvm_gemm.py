@@ -271,7 +271,7 @@ def test_pool_workers_sleep_and_wake(rng, monkeypatch, tile):
         ap = G.aligned_empty(G._prepacked_size(m, k, tile))
         ap.fill(np.nan)
         items = [x for i in range(mt) for x in (i, i + 1)]
-        block = np.array([a.ctypes.data, k, k, m, 1, workers.threads,   # lda k, ldka 1
+        block = np.array([a.ctypes.data, k, k, m, 1, KC, workers.threads,   # lda k, ldka 1
                           *[ap.ctypes.data] * workers.threads, *items], np.int64)
         with workers.lock:
             workers.run(job, block.ctypes.data, mt)

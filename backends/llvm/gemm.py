@@ -48,6 +48,8 @@ from .gemm_ir import (
     AVX512_TILE,
     FIXED,
     ITEMS_PER_THREAD,
+    KC_MAX,
+    MC_MAX,
     NR,
     PB_WORKSPACE,
     PREPACK_A,
@@ -275,7 +277,7 @@ def gemm_range(a: np.ndarray, packed: PackedB, out: np.ndarray, m0: int, m1: int
 def _call(a, packed, out, bias, activation, residual, t: Tile):
     """The kernel and its arguments but for the ranges and the workspace, so that
     threads only add their ranges (the GIL is held for as short as possible)."""
-    return kernels(t)[_tag(packed) + activation], _args(a, packed, out, bias, residual)
+    return kernels(t)[_tag(packed) + activation], _args(a, packed, out, bias, residual, t)
 
 
 def _tag(packed) -> str:
@@ -291,14 +293,22 @@ def _a_strides(a) -> tuple[int, int]:
     return 1, a.strides[1] // 4
 
 
-def _args(a, packed, out, bias, residual) -> tuple:
-    """The kernels' and jobs' fixed arguments (a job needs no compiled `tc_gemm_<act>`)."""
+def _args(a, packed, out, bias, residual, t: Tile) -> tuple:
+    """The kernels' and jobs' fixed arguments (a job needs no compiled `tc_gemm_<act>`),
+    the tile's blocking last."""
     res = residual if residual is not None else out
     lda, ldka = _a_strides(a)
     return (a.ctypes.data, lda, packed.ptr, packed.k, out.ctypes.data,
             out.strides[0] // 4, packed.n, (bias if bias is not None else out).ctypes.data,
             int(bias is not None), res.ctypes.data, res.strides[0] // 4,
-            int(residual is not None), ldka)
+            int(residual is not None), ldka, *_blocking(t))
+
+
+def _blocking(t: Tile) -> tuple[int, int]:
+    """(kc, mc) of tile t, checked: the workspaces hold KC_MAX x MC_MAX floats of A."""
+    if not (0 < t.kc <= KC_MAX and 0 < t.mc <= MC_MAX and t.mc % t.mr == 0):
+        raise TensorcError(f"gemm: tile {t.tag} has a blocking the workspaces cannot hold")
+    return t.kc, t.mc
 
 
 def _activation_name(activation) -> str:
@@ -399,7 +409,7 @@ def _schedule(a, packed, out, bias, act, residual, threads, t: Tile, per_call=Fa
     M, K, panels = a.shape[0], packed.k, packed.panels
     mt = -(-M // t.mr)
     jobs = kernels(t)["jobs"]
-    fixed = list(_args(a, packed, out, bias, residual))
+    fixed = list(_args(a, packed, out, bias, residual, t))
     split = t.split
     if per_call and (split == "blocks" or split == "auto"
                      and _packs_in_blocks(M, packed.n, threads)):
@@ -412,7 +422,7 @@ def _schedule(a, packed, out, bias, act, residual, threads, t: Tile, per_call=Fa
     if fits and (split == "shared" or split == "auto" and _shares_a(M, K, panels, threads, t)):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
         lda, ldka = _a_strides(a)
-        steps = [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka],
+        steps = [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka, t.kc],
                   _split(mt, threads, 1), "ap"),
                  (jobs[f"tc_gemm_pa_{tag}job_{act}"], fixed, items, "ap")]
     elif split == "rows" or split not in ("panels", "shared") and (
@@ -608,7 +618,7 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
         steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads, t, per_call)
     else:
         workers = None
-        fixed = list(_args(a2, packed, out2, bias, res2))
+        fixed = list(_args(a2, packed, out2, bias, res2, t))
         steps = [(jobs[f"tc_gemm_{_tag(packed)}job_{act}"], fixed,
                   [(0, a2.shape[0], 0, packed.panels)], ("a", WS_A))]
         if per_call:

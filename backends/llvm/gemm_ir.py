@@ -22,10 +22,11 @@ ALIGN = 64          # bytes; packed panels are cache-line aligned
 class Tile(NamedTuple):
     """A GEMM schedule: the micro-tile is mr rows x nv 16-lane vectors of columns (a
     panel of NR = 32 columns is multiplied as NR / (16 nv) sub-panels), K is blocked by
-    kc, rows by mc (a multiple of mr). The packing of B does not depend on it. `split`,
-    how threads share the work (`gemm._schedule`), is no part of the code: "auto" (the
-    hand-made rule), "shared" (all of A packed once, threads claim panels), "rows",
-    "panels", or "blocks" (a per-call B packed per K block by each thread)."""
+    kc, rows by mc (a multiple of mr). The packing of B does not depend on it. Only the
+    micro-tile is compiled in (`code`: one module per shape); the blocking is passed at
+    run time, and `split`, how threads share the work (`gemm._schedule`), is "auto"
+    (the hand-made rule), "shared" (all of A packed once, threads claim panels),
+    "rows", "panels", or "blocks" (a per-call B packed per K block by each thread)."""
     mr: int
     nv: int
     kc: int
@@ -37,15 +38,20 @@ class Tile(NamedTuple):
         return f"m{self.mr}v{self.nv}k{self.kc}c{self.mc}"
 
     @property
+    def code(self) -> str:   # what the modules are generated for
+        return f"m{self.mr}v{self.nv}"
+
+    @property
     def width(self) -> int:   # columns of the micro-tile
         return 16 * self.nv
 
     @classmethod
-    def parse(cls, tag: str) -> Tile:
-        m = re.fullmatch(r"m(\d+)v(\d+)k(\d+)c(\d+)", tag)
+    def parse(cls, code: str) -> Tile:
+        """The micro-tile of a module name's `code` (no blocking)."""
+        m = re.fullmatch(r"m(\d+)v(\d+)", code)
         if m is None:
-            raise ValueError(f"not a GEMM tile: {tag!r}")
-        return cls(*map(int, m.groups()))
+            raise ValueError(f"not a GEMM micro-tile: {code!r}")
+        return cls(*map(int, m.groups()), 0, 0)
 
 
 # The hand-picked schedules. AVX-512: 8 rows x 2 zmm = 16 accumulators (14 x 32
@@ -220,27 +226,27 @@ def _macro_kernel(module: ir.Module, act: str, uk: ir.Function, t: Tile,
     `ap` is a workspace for packed blocks of A, or with `prepacked` all of A already
     packed by `tc_pack_a` (shared by threads that split the panels; m0 = 0). bf16: Bp's
     panels hold bf16 (`uk` widens them)."""
-    MR, KC, MC = t.mr, t.kc, t.mc
+    MR = t.mr
     bty = I16 if bf16 else F32
     f = FnBuilder(module, f"tc_gemm_{'pa_' if prepacked else ''}{'bf16_' if bf16 else ''}{act}", [
         ("a", PTR), ("lda", I64), ("bp", PTR), ("k", I64), ("c", PTR), ("ldc", I64),
         ("n", I64), ("bias", PTR), ("has_bias", I64), ("res", PTR), ("ldr", I64),
-        ("has_res", I64), ("ldka", I64), ("ap", PTR), ("m0", I64), ("m1", I64),
-        ("jp0", I64), ("jp1", I64)])
+        ("has_res", I64), ("ldka", I64), ("kcb", I64), ("mcb", I64), ("ap", PTR),
+        ("m0", I64), ("m1", I64), ("jp0", I64), ("jp1", I64)])
     b, g = f.b, f.arg
-    K = g["k"]
+    K, KC, MC = g["k"], g["kcb"], g["mcb"]   # the blocking: run-time values
     with f.loop(0, K, KC) as pc:
-        kc = f.min(c64(KC), b.sub(K, pc))
+        kc = f.min(KC, b.sub(K, pc))
         first = b.zext(b.icmp_signed("==", pc, c64(0)), I64)
         last = b.zext(b.icmp_signed(">=", b.add(pc, kc), K), I64)
         with f.loop(g["m0"], g["m1"], MC) as ic:
-            mc = f.min(c64(MC), b.sub(g["m1"], ic))
+            mc = f.min(MC, b.sub(g["m1"], ic))
             npan = b.sdiv(b.add(mc, c64(MR - 1)), c64(MR))
-            panel = c64(KC * MR) if prepacked else f.mul(kc, MR)
+            panel = f.mul(KC, MR) if prepacked else f.mul(kc, MR)
             # prepacked: K block pc of row panel ip at ((pc / KC) * panels(m1) + ip) * KC * MR
             mt = b.sdiv(b.add(g["m1"], c64(MR - 1)), c64(MR))
-            ap = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt),
-                                           b.sdiv(ic, c64(MR))), KC * MR)) \
+            ap = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, KC), mt),
+                                           b.sdiv(ic, c64(MR))), panel)) \
                 if prepacked else g["ap"]
             if not prepacked:
                 _emit_pack_a(f, MR, g["a"], g["lda"], ic, b.add(ic, mc), pc, kc, g["ap"],
@@ -250,8 +256,8 @@ def _macro_kernel(module: ir.Module, act: str, uk: ir.Function, t: Tile,
                 # K block
                 wrap = b.icmp_signed(">=", b.add(jp, c64(1)), g["jp1"])
                 pf_jp = b.select(wrap, g["jp0"], b.add(jp, c64(1)))
-                pf_pc = b.select(b.and_(wrap, b.icmp_signed("<", b.add(pc, c64(KC)), K)),
-                                 b.add(pc, c64(KC)), pc)
+                pf_pc = b.select(b.and_(wrap, b.icmp_signed("<", b.add(pc, KC), K)),
+                                 b.add(pc, KC), pc)
                 for h in range(NR // t.width):   # the panel's sub-panels
                     n0 = b.add(f.mul(jp, NR), c64(h * t.width))
                     nrem = f.min(c64(t.width), b.sub(g["n"], n0))
@@ -377,28 +383,29 @@ def _macro_kernel_pb(module: ir.Module, act: str, uk: ir.Function, t: Tile) -> i
     the thread's workspace (after its block of A), multiplied while they are in its
     L2. B is read from memory once, not read, written packed and read again. Threads
     split the panels (each packs its own A blocks)."""
-    MR, KC, MC = t.mr, t.kc, t.mc
+    MR = t.mr
     f = FnBuilder(module, f"tc_gemm_pb_{act}", [
         ("a", PTR), ("lda", I64), ("bp", PTR), ("k", I64), ("c", PTR), ("ldc", I64),
         ("n", I64), ("bias", PTR), ("has_bias", I64), ("res", PTR), ("ldr", I64),
-        ("has_res", I64), ("ldka", I64), ("bsrc", PTR), ("ldb", I64), ("btrans", I64),
-        ("ws", PTR), ("m0", I64), ("m1", I64), ("jp0", I64), ("jp1", I64)])
+        ("has_res", I64), ("ldka", I64), ("kcb", I64), ("mcb", I64), ("bsrc", PTR),
+        ("ldb", I64), ("btrans", I64), ("ws", PTR), ("m0", I64), ("m1", I64), ("jp0", I64),
+        ("jp1", I64)])
     b, g = f.b, f.arg
-    K = g["k"]
+    K, KC, MC = g["k"], g["kcb"], g["mcb"]
     ap = g["ws"]
     bbuf = f.at(g["ws"], c64(WS_A))
     trans = b.icmp_signed("!=", g["btrans"], c64(0))
     with f.loop(g["jp0"], g["jp1"], NCP) as jc:
         jce = f.min(b.add(jc, c64(NCP)), g["jp1"])
         with f.loop(0, K, KC) as pc:
-            kc = f.min(c64(KC), b.sub(K, pc))
+            kc = f.min(KC, b.sub(K, pc))
             first = b.zext(b.icmp_signed("==", pc, c64(0)), I64)
             last = b.zext(b.icmp_signed(">=", b.add(pc, kc), K), I64)
             pstride = f.mul(kc, NR)
             _emit_pack_b(f, g["bsrc"], g["ldb"], pc, kc, g["n"], jc, jce, bbuf, pstride,
                          trans)
             with f.loop(g["m0"], g["m1"], MC) as ic:
-                mc = f.min(c64(MC), b.sub(g["m1"], ic))
+                mc = f.min(MC, b.sub(g["m1"], ic))
                 npan = b.sdiv(b.add(mc, c64(MR - 1)), c64(MR))
                 _emit_pack_a(f, MR, g["a"], g["lda"], ic, b.add(ic, mc), pc, kc, ap, npan,
                              ldka=g["ldka"])
@@ -424,7 +431,7 @@ def _macro_kernel_pb(module: ir.Module, act: str, uk: ir.Function, t: Tile) -> i
     return f.finish()
 
 
-FIXED = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64, I64]  # gemm._args
+FIXED = [PTR, I64, PTR, I64, PTR, I64, I64, PTR, I64, PTR, I64, I64, I64, I64, I64]  # gemm._args
 PB_FIXED = [PTR, I64, I64]   # tc_gemm_pb's: B's source, its row stride, 1 if transposed
 PB_WORKSPACE = WS_A + KC_MAX * NCP * NR   # floats: its blocks of A and of B
 
@@ -440,7 +447,7 @@ def build_module(group: str) -> ir.Module:
                            ("tc_pack_bt", _pack_b(module, True))):
             job(module, name + "_job", pack, [PTR, I64, I64, I64, PTR], 2, work=None)
     elif base == "pack_a":   # ap: the workspace
-        job(module, "tc_pack_a_job", _pack_a(module, t), [PTR, I64, I64, I64, I64], 2)
+        job(module, "tc_pack_a_job", _pack_a(module, t), [PTR, I64, I64, I64, I64, I64], 2)
     else:
         kind, act = base.split(":")
         bf16 = kind.endswith("bf16")   # "bf16", "pa_bf16": a packed bf16 weight
@@ -461,23 +468,24 @@ def _pack_a(module: ir.Module, t: Tile) -> ir.Function:
     layout `_macro_kernel(prepacked=True)` reads: Ap[pc / KC][ip][kk][MR], KC * MR
     floats per panel, so that one K block's panels are contiguous (panels K * MR
     apart would share cache sets when K is a large power of two)."""
-    MR, KC = t.mr, t.kc
+    MR = t.mr
     f = FnBuilder(module, "tc_pack_a", [("a", PTR), ("lda", I64), ("k", I64), ("m", I64),
-                                        ("ldka", I64), ("ap", PTR), ("ip0", I64),
-                                        ("ip1", I64)])
+                                        ("ldka", I64), ("kcb", I64), ("ap", PTR),
+                                        ("ip0", I64), ("ip1", I64)])
     b, g = f.b, f.arg
+    KC = g["kcb"]
     mt = b.sdiv(b.add(g["m"], c64(MR - 1)), c64(MR))
     with f.loop(0, g["k"], KC) as pc:
-        dst = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, c64(KC)), mt), g["ip0"]), KC * MR))
+        dst = f.at(g["ap"], f.mul(b.add(f.mul(b.sdiv(pc, KC), mt), g["ip0"]), f.mul(KC, MR)))
         _emit_pack_a(f, MR, g["a"], g["lda"], f.mul(g["ip0"], MR), g["m"], pc,
-                     f.min(c64(KC), b.sub(g["k"], pc)), dst, b.sub(g["ip1"], g["ip0"]),
-                     c64(KC * MR), ldka=g["ldka"])
+                     f.min(KC, b.sub(g["k"], pc)), dst, b.sub(g["ip1"], g["ip0"]),
+                     f.mul(KC, MR), ldka=g["ldka"])
     return f.finish()
 
 
 _P, _I = c_void_p, c_int64
 _PACK_ARGS = [_P, _I, _I, _I, _P, _I, _I]
-_GEMM_ARGS = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _I, _P, _I, _I, _I, _I]
+_GEMM_ARGS = [_P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _I]
 
 # Entry points come in groups, one LLVM module (and cache entry) each per tile, compiled
 # on first use: a model compiles the activations, paths and tiles it runs, not all.
@@ -499,8 +507,8 @@ for _a in ACTIVATIONS:
 
 
 def group_name(group: str, t: Tile) -> str:
-    """A group's module name for tile t (packing B does not depend on the tile)."""
-    return group if group == "pack_b" else f"{group}@{t.tag}"
+    """A group's module name for tile t's micro-tile (packing B depends on none)."""
+    return group if group == "pack_b" else f"{group}@{t.code}"
 
 
 class _Lazy(dict):
@@ -549,10 +557,10 @@ def ahead(group: str) -> tuple:
 
 
 def kernels(t: Tile = AVX512_TILE) -> dict:
-    """Tile t's entry points: "pack_b", "pack_bt" and each activation's
+    """The entry points of tile t's micro-tile: "pack_b", "pack_bt" and each activation's
     `tc_gemm_<act>` as ctypes functions, "jobs" the pool jobs' addresses; each compiled
     on first use (object code cached on disk)."""
-    t = t._replace(split="auto")   # the same code whatever the split
+    t = Tile.parse(t.code)   # the same code whatever the blocking and split
     lib = _libs.get(t)
     if lib is None:
         with _lib_lock:
