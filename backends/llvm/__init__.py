@@ -97,7 +97,7 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
                 groups.update(g for g in gemm.library_groups(
                     math.prod(a.shape[:-1]), b.shape[0], b.shape[1],
                     step.epilogue["activation"], threads, b.buf.dtype == "bf16")
-                    if g != "pack_a")
+                    if not g.startswith("pack_a"))
     jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})]
                       + [gemm_ir.ahead(g) for g in sorted(groups)]
                       + [gemv.ahead(bf16) for bf16 in sorted(rows)]
