@@ -172,3 +172,93 @@ def test_budget_from_env(monkeypatch):
         monkeypatch.setenv("TENSORC_TUNE_BUDGET", bad)
         with pytest.raises(TensorcError, match="TENSORC_TUNE_BUDGET"):
             tuning.budget_from_env()
+
+
+# --- what a model uses: the runtime's matmul binder asks a fake space, as the GEMM does ---
+
+@pytest.fixture
+def fake_gemm(monkeypatch):
+    """Every llvm matmul bind asks "fakegemm" for a schedule at its output shape (as a
+    kernel's bind asks `tuning.schedule`); `bound` logs the answers."""
+    from tensorc.backends.llvm import runtime
+    fake = Fake([1.0, 0.6, 0.8], name="fakegemm")
+    tuning.register(fake.space)
+    inner, fake.bound = runtime.LIBRARY["matmul"], []
+
+    def binder(attrs, ins, outs, epilogue, threads):
+        fake.bound.append(tuning.schedule("fakegemm", tuple(outs[0].shape)))
+        return inner(attrs, ins, outs, epilogue, threads)
+    monkeypatch.setitem(runtime.LIBRARY, "matmul", binder)
+    return fake
+
+
+def _matmul_graph():
+    import tensorc
+    return tensorc.trace(lambda a, b: a @ b, a=tensorc.TensorSpec(("batch", 8), "f32"),
+                         b=np.ones((8, 4), np.float32))
+
+
+def test_tune_env_tunes_on_the_first_call_of_each_shape(fake_gemm, monkeypatch):
+    import tensorc
+    monkeypatch.setenv("TENSORC_TUNE", "1")
+    monkeypatch.setenv("TENSORC_TUNE_BUDGET", "0.5")
+    exe = tensorc.compile(_matmul_graph(), "llvm")
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 8), np.float32), rng.standard_normal((8, 4), np.float32)
+    first, second = exe(a, b), exe(a, b)
+    # bound with the default, tuned, bound again with the winner; the results agree
+    assert fake_gemm.bound == [{"n": 0}, {"n": 1}]
+    np.testing.assert_allclose(first, a @ b, rtol=1e-5)
+    np.testing.assert_array_equal(first, second)
+    assert tuning.tuned("fakegemm", (3, 4)) and tuning.cache_path().exists()
+    exe(np.ones((5, 8), np.float32), b)   # a new shape set: tuned in turn
+    assert tuning.tuned("fakegemm", (5, 4))
+    monkeypatch.delenv("TENSORC_TUNE")   # a later compile reads the table, tunes nothing
+    fake_gemm.bound.clear()
+    tensorc.compile(_matmul_graph(), "llvm")(a, b)
+    assert fake_gemm.bound == [{"n": 1}]
+
+
+def test_api_tune_reports_and_later_compiles_use_it(fake_gemm):
+    import tensorc
+    inputs = {"a": np.ones((2, 8), np.float32), "b": np.ones((8, 4), np.float32)}
+    report = tensorc.tune(_matmul_graph(), inputs, budget=0.5, repeat=2, min_seconds=0)
+    [k] = report["kernels"]
+    assert k["kernel"] == "fakegemm" and k["key"] == [2, 4] and k["chosen"] == {"n": 1}
+    assert k["gain"] == pytest.approx(1 / 0.6) and report["changed"] == 1
+    assert report["latency_ms"]["untuned"] > 0 and report["latency_ms"]["tuned"] > 0
+    assert fake_gemm.bound == [{"n": 0}, {"n": 1}]   # untuned baseline, then tuned
+    with pytest.raises(tensorc.TensorcError, match="budget"):
+        tensorc.tune(_matmul_graph(), inputs, budget=0)
+
+
+def test_cli_tune_a_tiny_gpt(fake_gemm, capsys):
+    from tensorc.cli import main
+    assert main(["tune", "gpt", "--budget", "2", "--seq", "8", "--format", "json",
+                 "--repeat", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "gpt" and report["kernels"]
+    assert {k["kernel"] for k in report["kernels"]} == {"fakegemm"}
+    assert all(k["chosen"] == {"n": 1} for k in report["kernels"])
+    assert report["search_s"] < 2 + 0.5
+    assert main(["tune", "--show", "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown["entries"]) == len(report["kernels"])
+    assert main(["tune", "--show"]) == 0
+    assert "fakegemm" in capsys.readouterr().out
+    assert main(["tune", "--clear"]) == 0 and not tuning.cache_path().exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "nosuchmodel"], "unknown model"),
+    (["tune", "gpt", "--budget", "0"], "--budget"),
+    (["tune", "gpt", "--budget", "-3"], "--budget"),
+    (["tune", "gpt", "--backend", "numpy"], "llvm"),
+    (["tune"], "needs a MODEL"),
+    (["tune", "gpt", "--show"], "takes no MODEL"),
+])
+def test_cli_tune_bad_input(capsys, argv, message):
+    from tensorc.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tensorc: error:") and message in err and err.count("\n") == 1

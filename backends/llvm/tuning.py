@@ -273,8 +273,9 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
                                   f"{_why(base[item])}"))
             if report:
                 report(results[-1])
-    _load()
-    save()
+    if results:
+        _load()   # what the file holds, under what this call found
+        save()
     return results
 
 
