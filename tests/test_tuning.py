@@ -107,6 +107,27 @@ def test_cache_round_trip_and_other_processes_read_it(monkeypatch):
     assert tuning.schedule("fake", (4, "pa")) == {"n": 0}
 
 
+def test_saving_keeps_what_another_process_saved(monkeypatch):
+    tuning.register(Fake([1.0, 0.5]).space)
+    tuning.tune([("fake", (1,))], budget_s=0.3)
+    monkeypatch.setattr(tuning, "_tuned", {})   # another process, which tunes another key
+    monkeypatch.setattr(tuning, "_loaded", False)
+    tuning.tune([("fake", (2,))], budget_s=0.3)
+    keys = [e["key"] for e in json.loads(tuning.cache_path().read_text())["entries"]]
+    assert keys == [[1], [2]]
+
+
+def test_a_broken_space_does_not_stop_the_others():
+    def candidates(key):
+        raise RuntimeError("broken")
+    tuning.register(tuning.Space("broken", lambda key: {"n": 0}, candidates,
+                                 lambda key, s, repeat: 1.0))
+    tuning.register(Fake([1.0, 0.5]).space)
+    results = tuning.tune([("broken", (1,)), ("fake", (1,))], budget_s=0.5)
+    assert {r.kernel: r.chosen for r in results} == {"broken": {"n": 0}, "fake": {"n": 1}}
+    assert "broken" in next(r.note for r in results if r.kernel == "broken")
+
+
 def _write_cache(text):
     path = tuning.cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -137,41 +137,49 @@ def _key(k) -> Key:
 
 
 def _load() -> bool:
-    """Read this host's cache file once; an unreadable one is ignored with a warning."""
+    """Read this host's cache file once (into what this process tuned: that wins)."""
     global _loaded
-    if _loaded:
-        return True
-    _loaded = True
+    if not _loaded:
+        _loaded = True
+        for k, v in _read().items():
+            _tuned.setdefault(k, v)
+    return True
+
+
+def _read() -> dict:
+    """This host's cache file's table; an unreadable one is ignored with a warning."""
     path = cache_path()
     if not cache_enabled() or not path.is_file():
-        return True
+        return {}
     try:
         data = json.loads(path.read_text())
         if data.get("format") != _FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {_FORMAT}")
-        entries = {}
+        table = {}
         for e in data["entries"]:
             s = e["schedule"]
             if not (s is None or isinstance(s, dict)) or not isinstance(e["kernel"], str):
                 raise ValueError("an entry is not a (kernel, key, schedule)")
-            entries[e["kernel"], _key(e["key"])] = {
+            table[e["kernel"], _key(e["key"])] = {
                 "schedule": s, "seconds": float(e["seconds"]),
                 "default_seconds": float(e["default_seconds"]), "checked": s is None}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning("ignoring the tuning cache %s: %s", path, " ".join(str(err).split()))
-        return True
-    for k, v in entries.items():
-        _tuned.setdefault(k, v)   # what this process tuned already wins
-    return True
+        return {}
+    return table
 
 
 def save() -> Path | None:
     """Write this host's table (atomically: a temp file renamed into place)."""
+    global _loaded
     from tensorc.files import output_file
     if not cache_enabled():
         return None
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _loaded = True
+    for k, v in _read().items():   # what the file holds (another process's too) is kept
+        _tuned.setdefault(k, v)
     entries = [{"kernel": k, "key": list(key), "schedule": e["schedule"],
                 "seconds": e["seconds"], "default_seconds": e["default_seconds"]}
                for (k, key), e in sorted(_tuned.items(), key=lambda kv: repr(kv[0]))]
@@ -257,7 +265,12 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
     for n, item in enumerate(timed):   # the heaviest first; what one leaves flows on
         space, key = SPACES[item[0]], item[1]
         share = max(clock.left(), 0) * base[item][0] / sum(base[i][0] for i in timed[n:])
-        result = _search(space, key, *base[item], share, clock, margin)
+        try:
+            result = _search(space, key, *base[item], share, clock, margin)
+        except Exception as e:   # a broken space must not stop the others (or a compile)
+            default = space.default(key)
+            result = Result(item[0], key, default, default, base[item][0], base[item][0],
+                            note=f"search failed: {_why(e)}")
         _tuned[item] = {"schedule": None if result.chosen == result.default
                         else result.chosen, "seconds": result.tuned_s,
                         "default_seconds": result.default_s, "checked": True}
@@ -274,7 +287,6 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
             if report:
                 report(results[-1])
     if results:
-        _load()   # what the file holds, under what this call found
         save()
     return results
 
