@@ -129,5 +129,5 @@ def _schedule(s: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in s.items())
 
 
-def _ms(x: float) -> str:
-    return "-" if x != x else f"{x:.3f}"   # NaN: never timed
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"   # None: never timed

@@ -65,7 +65,7 @@ class LLVMExecutable(Executable):
             if bound is None:
                 with tuning.record() as seen:
                     outs = self.specialise(env).run(arrays, out)
-                if tuning.tune_pending(seen, budget):
+                if any(r.chosen != r.default for r in tuning.tune_pending(seen, budget)):
                     with self._lock:   # bound again: its kernels ask for the new schedules
                         self._runners.pop(tuple(sorted(env.items())), None)
                 bound = self.specialise(env).run

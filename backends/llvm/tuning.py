@@ -71,7 +71,10 @@ def schedule(kernel: str, key: Key) -> Schedule:
     for seen in _recording:
         seen.add((kernel, key))
     space = SPACES[kernel]
-    entry = _tuned.get((kernel, key)) if _use_tuned[-1] and _load() else None
+    entry = None
+    if _use_tuned[-1]:
+        _load()
+        entry = _tuned.get((kernel, key))
     if entry is not None and entry["schedule"] is not None and not entry["checked"]:
         if entry["schedule"] not in space.candidates(key):   # stale or edited: ignored
             log.warning("tuning cache: %s %s: %s is not a candidate here; using the default",
@@ -136,14 +139,13 @@ def _key(k) -> Key:
     return tuple(_key(x) if isinstance(x, list) else x for x in k)
 
 
-def _load() -> bool:
+def _load() -> None:
     """Read this host's cache file once (into what this process tuned: that wins)."""
     global _loaded
     if not _loaded:
         _loaded = True
         for k, v in _read().items():
             _tuned.setdefault(k, v)
-    return True
 
 
 def _read() -> dict:
@@ -222,6 +224,7 @@ class Result:
     candidates: int = 0             # candidates in the space
     dropped: list[str] = field(default_factory=list)   # "schedule: why it failed"
     note: str = ""                  # why the search stopped early, if it did
+    done: bool = False              # searched to a verdict (else the budget cut it short)
 
     @property
     def gain(self) -> float:
@@ -229,9 +232,13 @@ class Result:
 
     def as_dict(self) -> dict:
         return {"kernel": self.kernel, "key": list(self.key), "default": self.default,
-                "chosen": self.chosen, "default_ms": self.default_s * 1e3,
-                "tuned_ms": self.tuned_s * 1e3, "gain": self.gain, "tried": self.tried,
+                "chosen": self.chosen, "default_ms": _ms(self.default_s),
+                "tuned_ms": _ms(self.tuned_s), "gain": self.gain, "tried": self.tried,
                 "candidates": self.candidates, "dropped": self.dropped, "note": self.note}
+
+
+def _ms(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else seconds * 1e3   # JSON has no NaN
 
 
 class _Clock:
@@ -271,9 +278,10 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
             default = space.default(key)
             result = Result(item[0], key, default, default, base[item][0], base[item][0],
                             note=f"search failed: {_why(e)}")
-        _tuned[item] = {"schedule": None if result.chosen == result.default
-                        else result.chosen, "seconds": result.tuned_s,
-                        "default_seconds": result.default_s, "checked": True}
+        if result.done:   # a verdict, "the default" included: not searched again
+            _tuned[item] = {"schedule": None if result.chosen == result.default
+                            else result.chosen, "seconds": result.tuned_s,
+                            "default_seconds": result.default_s, "checked": True}
         results.append(result)
         if report:
             report(result)
@@ -286,7 +294,7 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
                                   f"{_why(base[item])}"))
             if report:
                 report(results[-1])
-    if results:
+    if any(r.done for r in results):
         save()
     return results
 
@@ -311,7 +319,8 @@ def _search(space: Space, key: Key, t0: float, wall: float, share: float, clock:
     `wall` what one repeat of its measure took (the time estimates)."""
     default = space.default(key)
     cands = [c for c in space.candidates(key) if c != default]
-    result = Result(space.name, key, default, default, t0, t0, candidates=len(cands) + 1)
+    result = Result(space.name, key, default, default, t0, t0, candidates=len(cands) + 1,
+                    done=not cands)
     start = time.perf_counter()
     end = start + share
 
@@ -339,6 +348,7 @@ def _search(space: Space, key: Key, t0: float, wall: float, share: float, clock:
             break   # what is left of the share is for the final check
         timed = [(t, i) for i in (i for _, i in timed) if (t := timing(i, repeat)) is not None]
     if not timed:
+        result.done = not result.note   # every candidate failed: a verdict too
         return result
     best = cands[min(timed)[1]]
     ours: list[float] = []
@@ -356,6 +366,7 @@ def _search(space: Space, key: Key, t0: float, wall: float, share: float, clock:
         result.note = "budget spent before the final check: kept the default"
         return result
     result.default_s = result.tuned_s = min(ours)
+    result.done = True
     if min(theirs) < min(ours) * (1 - margin):
         result.chosen, result.tuned_s = best, min(theirs)
     return result
