@@ -291,3 +291,38 @@ def test_cli_tune_bad_input(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("tensorc: error:") and message in err and err.count("\n") == 1
+
+
+# --- the real spaces: a tuned schedule computes what the default does --------------------
+
+def test_tuned_gemm_schedules_agree_with_the_default(monkeypatch):
+    """Each GEMM key a small MLP-like graph binds, forced to other candidates: the
+    results stay within float32 rounding of the default's (a K blocking changes the
+    order of the sums; docs/tuning.md) and of float64 numpy."""
+    from tensorc.backends.llvm import LLVMExecutable, gemm  # noqa: F401  (registers "gemm")
+    if "gemm" not in tuning.SPACES:
+        pytest.skip("no GEMM schedule space registered")
+    import tensorc
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((96, 200), np.float32) / 10
+    w2 = rng.standard_normal((200, 64), np.float32) / 10
+    graph = tensorc.trace(lambda x, w: (x @ w1) @ w2 + x @ w, x=tensorc.TensorSpec(
+        (37, 96), "f32"), w=rng.standard_normal((96, 64), np.float32))
+    x, w = rng.standard_normal((37, 96), np.float32), rng.standard_normal((96, 64),
+                                                                           np.float32)
+    want = (x.astype(np.float64) @ w1 @ w2 + x.astype(np.float64) @ w)
+    with tuning.record() as seen:
+        default = LLVMExecutable(graph)(x, w)
+    keys = [key for kernel, key in seen if kernel == "gemm"]
+    assert keys
+    space = tuning.SPACES["gemm"]
+    for i in range(1, 4):   # the i-th candidate of every key at once
+        table = {("gemm", key): {"schedule": space.candidates(key)[i % len(
+            space.candidates(key))], "seconds": 1.0, "default_seconds": 1.0,
+            "checked": True} for key in keys}
+        monkeypatch.setattr(tuning, "_tuned", table)
+        monkeypatch.setattr(tuning, "_loaded", True)
+        got = LLVMExecutable(graph)(x, w)
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got, default, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)

@@ -301,7 +301,7 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
 
 def _measure(space: Space, key: Key, s: Schedule, repeat: int) -> float:
     t = space.measure(key, dict(s), repeat)
-    if not (isinstance(t, float | int) and t > 0 and math.isfinite(t)):
+    if not (float(t) > 0 and math.isfinite(t)):   # numpy floats too
         raise ValueError(f"measure gave {t!r}")
     return float(t)
 
