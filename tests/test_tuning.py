@@ -33,7 +33,9 @@ class Fake:
 
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch, tmp_path):
-    """An empty table, no spaces but the test's, a private cache folder."""
+    """An empty table, the kernels' own spaces (registered on import) and the test's,
+    which go at its end, a private cache folder."""
+    from tensorc.backends.llvm import attention, codegen, gemm  # noqa: F401
     monkeypatch.setenv("TENSORC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TENSORC_TUNE_CACHE", raising=False)
     monkeypatch.setattr(tuning, "SPACES", dict(tuning.SPACES))
@@ -94,8 +96,8 @@ def test_budget_is_split_by_the_defaults_time():
     tuning.register(slow.space)
     tuning.register(quick.space)
     results = tuning.tune([("quick", (1,)), ("slow", (1,))], budget_s=0.5)
-    assert [r.kernel for r in results] == ["slow", "quick"]   # the heavier first
-    assert results[0].tried > 2 * results[1].tried
+    assert [r.kernel for r in results] == ["quick", "slow"]   # the lighter first
+    assert results[1].tried > 2 * results[0].tried
 
 
 def test_cache_round_trip_and_other_processes_read_it(monkeypatch):
@@ -208,8 +210,12 @@ def test_budget_from_env(monkeypatch):
 @pytest.fixture
 def fake_gemm(monkeypatch):
     """Every llvm matmul bind asks "fakegemm" for a schedule at its output shape (as a
-    kernel's bind asks `tuning.schedule`); `bound` logs the answers."""
+    kernel's bind asks `tuning.schedule`); `bound` logs the answers. The kernels' own
+    spaces offer their default only: their timings would make the tests' outcomes noisy."""
     from tensorc.backends.llvm import runtime
+    for name, space in tuning.SPACES.items():
+        monkeypatch.setitem(tuning.SPACES, name, tuning.Space(
+            name, space.default, lambda key, d=space.default: [d(key)], space.measure))
     fake = Fake([1.0, 0.6, 0.8], name="fakegemm")
     tuning.register(fake.space)
     inner, fake.bound = runtime.LIBRARY["matmul"], []
@@ -252,8 +258,8 @@ def test_api_tune_reports_and_later_compiles_use_it(fake_gemm):
     import tensorc
     inputs = {"a": np.ones((2, 8), np.float32), "b": np.ones((8, 4), np.float32)}
     report = tensorc.tune(_matmul_graph(), inputs, budget=0.5, repeat=2, min_seconds=0)
-    [k] = report["kernels"]
-    assert k["kernel"] == "fakegemm" and k["key"] == [2, 4] and k["chosen"] == {"n": 1}
+    [k] = [k for k in report["kernels"] if k["kernel"] == "fakegemm"]
+    assert k["key"] == [2, 4] and k["chosen"] == {"n": 1}
     assert k["gain"] == pytest.approx(1 / 0.6) and report["changed"] == 1
     assert report["latency_ms"]["untuned"] > 0 and report["latency_ms"]["tuned"] > 0
     assert fake_gemm.bound == [{"n": 0}, {"n": 1}]   # untuned baseline, then tuned
@@ -266,13 +272,14 @@ def test_cli_tune_a_tiny_gpt(fake_gemm, capsys):
     assert main(["tune", "gpt", "--budget", "2", "--seq", "8", "--format", "json",
                  "--repeat", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["model"] == "gpt" and report["kernels"]
-    assert {k["kernel"] for k in report["kernels"]} == {"fakegemm"}
-    assert all(k["chosen"] == {"n": 1} for k in report["kernels"])
+    ours = [k for k in report["kernels"] if k["kernel"] == "fakegemm"]
+    assert report["model"] == "gpt" and ours and all(k["chosen"] == {"n": 1} for k in ours)
+    assert all(k["chosen"] == k["default"] for k in report["kernels"] if k not in ours)
     assert report["search_s"] < 2 + 0.5
     assert main(["tune", "--show", "--format", "json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert len(shown["entries"]) == len(report["kernels"])
+    assert sorted(e["key"] for e in shown["entries"] if e["kernel"] == "fakegemm") \
+        == sorted(k["key"] for k in ours)
     assert main(["tune", "--show"]) == 0
     assert "fakegemm" in capsys.readouterr().out
     assert main(["tune", "--clear"]) == 0 and not tuning.cache_path().exists()
@@ -299,7 +306,7 @@ def test_tuned_gemm_schedules_agree_with_the_default(monkeypatch):
     """Each GEMM key a small MLP-like graph binds, forced to other candidates: the
     results stay within float32 rounding of the default's (a K blocking changes the
     order of the sums; docs/tuning.md) and of float64 numpy."""
-    from tensorc.backends.llvm import LLVMExecutable, gemm  # noqa: F401  (registers "gemm")
+    from tensorc.backends.llvm import LLVMExecutable
     if "gemm" not in tuning.SPACES:
         pytest.skip("no GEMM schedule space registered")
     import tensorc
