@@ -63,7 +63,7 @@ def cmd_tune(args) -> int:
     progress = None
     if args.format == "text":
         def progress(r):
-            print(f"  {r.kernel} {_key(r.key)}: {r.tried} of {r.candidates} timed",
+            print(f"  {r.kernel} {_key(r.key)}: {r.tried} of {r.candidates} candidates timed",
                   file=sys.stderr)
     report = tune(loaded.graph, loaded.inputs, budget=args.budget, passes=args.passes,
                   repeat=args.repeat, report=progress)

@@ -62,6 +62,14 @@ def test_default_kept_when_nothing_beats_it_by_the_margin():
     assert tuning.tuned("fake", (1,)) and tuning.schedule("fake", (1,)) == {"n": 0}
 
 
+def test_no_final_check_when_every_candidate_is_clearly_slower():
+    fake = Fake([1.0, 2.0, 3.0])
+    tuning.register(fake.space)
+    [r] = tuning.tune([("fake", (1,))], budget_s=1.0)
+    assert r.chosen == r.default and r.done and r.tried == 2
+    assert fake.calls == [(0, 3), (1, 1), (2, 1)]   # the default, then one timing each
+
+
 def test_a_raising_candidate_is_dropped_with_its_reason():
     fake = Fake([1.0, 0.1, 0.7], raises={1})
     tuning.register(fake.space)
@@ -77,7 +85,7 @@ def test_search_stays_within_the_budget_and_is_not_exhaustive():
     [r] = tuning.tune([("fake", (1,))], budget_s=0.3)
     elapsed = time.perf_counter() - t
     assert elapsed < 0.3 + 0.1   # one measure call's overrun at most, and some slack
-    assert r.tried < 2000 and r.candidates == 2001
+    assert r.tried < 2000 and r.candidates == 2000
     assert len({n for n, _ in fake.calls}) < 2000
 
 

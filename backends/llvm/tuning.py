@@ -221,7 +221,7 @@ class Result:
     default_s: float                # median seconds of one call, default schedule
     tuned_s: float                  # ... chosen schedule (both from the final comparison)
     tried: int = 0                  # candidates timed
-    candidates: int = 0             # candidates in the space
+    candidates: int = 0             # the space's candidates other than the default
     dropped: list[str] = field(default_factory=list)   # "schedule: why it failed"
     note: str = ""                  # why the search stopped early, if it did
     done: bool = False              # searched to a verdict (else the budget cut it short)
@@ -321,7 +321,7 @@ def _search(space: Space, key: Key, t0: float, wall: float, share: float, clock:
     `wall` what one repeat of its measure took (the time estimates)."""
     default = space.default(key)
     cands = [c for c in space.candidates(key) if c != default]
-    result = Result(space.name, key, default, default, t0, t0, candidates=len(cands) + 1,
+    result = Result(space.name, key, default, default, t0, t0, candidates=len(cands),
                     done=not cands)
     start = time.perf_counter()
     end = start + share
@@ -352,7 +352,11 @@ def _search(space: Space, key: Key, t0: float, wall: float, share: float, clock:
     if not timed:
         result.done = not result.note   # every candidate failed: a verdict too
         return result
-    best = cands[min(timed)[1]]
+    t_best, i_best = min(timed)
+    best = cands[i_best]
+    if t_best > t0 * 1.1:   # clearly slower than the default even at its best: done
+        result.done = True
+        return result
     ours: list[float] = []
     theirs: list[float] = []
     repeat = 3
