@@ -58,16 +58,19 @@ class LLVMExecutable(Executable):
         and binds the shape set again with the tuned schedules for the calls after."""
         from . import tuning
         budget = tuning.budget_from_env()   # a bad value fails before any work
+        key = tuple(sorted(env.items()))
         bound = None
 
         def run(arrays, out):
             nonlocal bound
             if bound is None:
+                with self._lock:   # bound (again) inside record(): its kernels are seen
+                    self._runners.pop(key, None)
                 with tuning.record() as seen:
                     outs = self.specialise(env).run(arrays, out)
                 if any(r.chosen != r.default for r in tuning.tune_pending(seen, budget)):
                     with self._lock:   # bound again: its kernels ask for the new schedules
-                        self._runners.pop(tuple(sorted(env.items())), None)
+                        self._runners.pop(key, None)
                 bound = self.specialise(env).run
                 return outs
             return bound(arrays, out)

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -398,13 +397,3 @@ def budget_from_env() -> float:
                            f"got {text!r}")
     return budget
 
-
-def median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall seconds of `repeat` calls of fn after one warm-up call (for Spaces)."""
-    fn()
-    times = []
-    for _ in range(max(1, repeat)):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
