@@ -39,7 +39,15 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("TENSORC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TENSORC_TUNE_CACHE", raising=False)
     monkeypatch.setattr(tuning, "SPACES", dict(tuning.SPACES))
-    monkeypatch.setattr(tuning, "_tuned", {})
+    new_process(monkeypatch)
+
+
+def new_process(monkeypatch):
+    """The tuner's state as a new process has it: nothing read yet."""
+    for name in ("_tuned", "_times"):
+        monkeypatch.setattr(tuning, name, {})
+    for name in ("_unchecked", "_rejected"):
+        monkeypatch.setattr(tuning, name, set())
     monkeypatch.setattr(tuning, "_loaded", False)
 
 
@@ -116,11 +124,9 @@ def test_cache_round_trip_and_other_processes_read_it(monkeypatch):
     [entry] = data["entries"]
     assert entry["key"] == [4, "pa"] and entry["schedule"] == {"n": 1}
     assert entry["seconds"] == pytest.approx(2.0) and entry["default_seconds"] == 4.0
-    monkeypatch.setattr(tuning, "_tuned", {})   # a new process: read lazily
-    monkeypatch.setattr(tuning, "_loaded", False)
+    new_process(monkeypatch)   # which reads the file lazily
     assert tuning.schedule("fake", (4, "pa")) == {"n": 1}
-    monkeypatch.setattr(tuning, "_tuned", {})
-    monkeypatch.setattr(tuning, "_loaded", False)
+    new_process(monkeypatch)
     monkeypatch.setenv("TENSORC_TUNE_CACHE", "off")   # the untuned column
     assert tuning.schedule("fake", (4, "pa")) == {"n": 0}
 
@@ -128,8 +134,7 @@ def test_cache_round_trip_and_other_processes_read_it(monkeypatch):
 def test_saving_keeps_what_another_process_saved(monkeypatch):
     tuning.register(Fake([1.0, 0.5]).space)
     tuning.tune([("fake", (1,))], budget_s=0.3)
-    monkeypatch.setattr(tuning, "_tuned", {})   # another process, which tunes another key
-    monkeypatch.setattr(tuning, "_loaded", False)
+    new_process(monkeypatch)   # another one, which tunes another key
     tuning.tune([("fake", (2,))], budget_s=0.3)
     keys = [e["key"] for e in json.loads(tuning.cache_path().read_text())["entries"]]
     assert keys == [[1], [2]]
@@ -161,6 +166,15 @@ def test_a_cached_schedule_that_is_not_a_candidate_is_ignored(caplog):
         assert tuning.schedule("fake", (1,)) == {"n": 0}
     assert "not a candidate" in caplog.text
     assert tuning.schedule("fake", (2,)) == {"n": 1}
+    assert not tuning.tuned("fake", (1,))   # searched again by the next tune
+    tuning.save()   # and gone from the file
+    assert [e["key"] for e in json.loads(tuning.cache_path().read_text())["entries"]] == [[2]]
+
+
+def test_the_table_holds_schedules_as_the_contract_says(monkeypatch):
+    tuning.register(Fake([1.0, 0.5, 0.7]).space)
+    monkeypatch.setitem(tuning._tuned, ("fake", (3,)), {"n": 2})   # as the kernels' tests do
+    assert tuning.schedule("fake", (3,)) == {"n": 2}
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"format": 1, "entries": [{"kernel": 3}]}',
@@ -332,11 +346,9 @@ def test_tuned_gemm_schedules_agree_with_the_default(monkeypatch):
     assert keys
     space = tuning.SPACES["gemm"]
     for i in range(1, 4):   # the i-th candidate of every key at once
-        table = {("gemm", key): {"schedule": space.candidates(key)[i % len(
-            space.candidates(key))], "seconds": 1.0, "default_seconds": 1.0,
-            "checked": True} for key in keys}
-        monkeypatch.setattr(tuning, "_tuned", table)
-        monkeypatch.setattr(tuning, "_loaded", True)
+        for key in keys:
+            cands = space.candidates(key)
+            monkeypatch.setitem(tuning._tuned, ("gemm", key), cands[i % len(cands)])
         got = LLVMExecutable(graph)(x, w)
         scale = np.abs(want).max()
         np.testing.assert_allclose(got, default, rtol=0, atol=1e-5 * scale)

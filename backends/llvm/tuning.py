@@ -52,9 +52,11 @@ class Space:
 
 
 SPACES: dict[str, Space] = {}
-# this host's table: (kernel, key) -> {"schedule": best or None (the default won),
-# "seconds", "default_seconds", "checked": whether it is known to be a candidate}
-_tuned: dict[tuple[str, Key], dict] = {}
+# this host's table: the best schedule where it is not the default (the contract's form)
+_tuned: dict[tuple[str, Key], Schedule] = {}
+_times: dict[tuple[str, Key], tuple] = {}      # verdicts: (seconds, the default's seconds)
+_unchecked: set = set()                        # _tuned keys read from the file, not checked
+_rejected: set = set()                         # file entries that were not candidates
 _loaded = False                                # the cache file was read (or is off)
 _use_tuned = [True]                            # False inside `defaults()`
 _recording: list[set] = []                     # active `record()` sets
@@ -70,24 +72,25 @@ def schedule(kernel: str, key: Key) -> Schedule:
     for seen in _recording:
         seen.add((kernel, key))
     space = SPACES[kernel]
-    entry = None
+    best = None
     if _use_tuned[-1]:
         _load()
-        entry = _tuned.get((kernel, key))
-    if entry is not None and entry["schedule"] is not None and not entry["checked"]:
-        if entry["schedule"] not in space.candidates(key):   # stale or edited: ignored
-            log.warning("tuning cache: %s %s: %s is not a candidate here; using the default",
-                        kernel, key, entry["schedule"])
-            entry["schedule"] = None
-        entry["checked"] = True
-    best = None if entry is None else entry["schedule"]
+        best = _tuned.get((kernel, key))
+        if best is not None and (kernel, key) in _unchecked:
+            _unchecked.discard((kernel, key))
+            if best not in space.candidates(key):   # stale or edited: ignored
+                log.warning("tuning cache: %s %s: %s is not a candidate here; using the "
+                            "default", kernel, key, best)
+                _forget((kernel, key))
+                _rejected.add((kernel, key))
+                best = None
     return dict(best) if best is not None else space.default(key)
 
 
 def tuned(kernel: str, key: Key) -> bool:
     """Whether this host's table has a verdict for (kernel, key) (even "the default")."""
     _load()
-    return (kernel, key) in _tuned
+    return (kernel, key) in _times
 
 
 @contextlib.contextmanager
@@ -109,6 +112,12 @@ def defaults() -> Iterator[None]:
         yield
     finally:
         _use_tuned.pop()
+
+
+def _forget(item) -> None:
+    _tuned.pop(item, None)
+    _times.pop(item, None)
+    _unchecked.discard(item)
 
 
 # --- the per-host cache file -------------------------------------------------------------
@@ -139,16 +148,26 @@ def _key(k) -> Key:
 
 
 def _load() -> None:
-    """Read this host's cache file once (into what this process tuned: that wins)."""
+    """Read this host's cache file once."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for k, v in _read().items():
-            _tuned.setdefault(k, v)
+        _merge_file()
+
+
+def _merge_file() -> None:
+    """Add the file's verdicts this process has none of (what it tuned itself wins)."""
+    for item, (best, seconds, default_seconds) in _read().items():
+        if item not in _times and item not in _rejected:
+            _times[item] = (seconds, default_seconds)
+            if best is not None:
+                _tuned[item] = best
+                _unchecked.add(item)
 
 
 def _read() -> dict:
-    """This host's cache file's table; an unreadable one is ignored with a warning."""
+    """This host's cache file: (kernel, key) -> (schedule or None: the default won,
+    seconds, the default's seconds). An unreadable one is ignored with a warning."""
     path = cache_path()
     if not cache_enabled() or not path.is_file():
         return {}
@@ -161,17 +180,25 @@ def _read() -> dict:
             s = e["schedule"]
             if not (s is None or isinstance(s, dict)) or not isinstance(e["kernel"], str):
                 raise ValueError("an entry is not a (kernel, key, schedule)")
-            table[e["kernel"], _key(e["key"])] = {
-                "schedule": s, "seconds": float(e["seconds"]),
-                "default_seconds": float(e["default_seconds"]), "checked": s is None}
+            table[e["kernel"], _key(e["key"])] = (s, float(e["seconds"]),
+                                                  float(e["default_seconds"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning("ignoring the tuning cache %s: %s", path, " ".join(str(err).split()))
         return {}
     return table
 
 
+def entries() -> list[dict]:
+    """This host's verdicts, as the cache file and `tensorc tune --show` give them."""
+    _load()
+    return [{"kernel": k, "key": list(key), "schedule": _tuned.get((k, key)),
+             "seconds": t, "default_seconds": t0}
+            for (k, key), (t, t0) in sorted(_times.items(), key=lambda kv: repr(kv[0]))]
+
+
 def save() -> Path | None:
-    """Write this host's table (atomically: a temp file renamed into place)."""
+    """Write this host's table (atomically: a temp file renamed into place), with what
+    the file holds already (another process's verdicts too)."""
     global _loaded
     from tensorc.files import output_file
     if not cache_enabled():
@@ -179,28 +206,17 @@ def save() -> Path | None:
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     _loaded = True
-    for k, v in _read().items():   # what the file holds (another process's too) is kept
-        _tuned.setdefault(k, v)
-    entries = [{"kernel": k, "key": list(key), "schedule": e["schedule"],
-                "seconds": e["seconds"], "default_seconds": e["default_seconds"]}
-               for (k, key), e in sorted(_tuned.items(), key=lambda kv: repr(kv[0]))]
+    _merge_file()
     with output_file(str(path), "w") as f:
-        json.dump({"format": _FORMAT, "host": host(), "entries": entries}, f, indent=1)
+        json.dump({"format": _FORMAT, "host": host(), "entries": entries()}, f, indent=1)
     return path
-
-
-def entries() -> list[dict]:
-    """The table as `tensorc tune --show` prints it."""
-    _load()
-    return [{"kernel": k, "key": list(key), **{n: e[n] for n in
-             ("schedule", "seconds", "default_seconds")}}
-            for (k, key), e in sorted(_tuned.items(), key=lambda kv: repr(kv[0]))]
 
 
 def clear() -> Path | None:
     """Forget this host's table (in memory and on disk)."""
     global _loaded
-    _tuned.clear()
+    for table in (_tuned, _times, _unchecked, _rejected):
+        table.clear()
     _loaded = True
     path = cache_path()
     with contextlib.suppress(FileNotFoundError):
@@ -280,9 +296,10 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
             result = Result(item[0], key, default, default, base[item][0], base[item][0],
                             note=f"search failed: {_why(e)}")
         if result.done:   # a verdict, "the default" included: not searched again
-            _tuned[item] = {"schedule": None if result.chosen == result.default
-                            else result.chosen, "seconds": result.tuned_s,
-                            "default_seconds": result.default_s, "checked": True}
+            _forget(item)
+            _times[item] = (result.tuned_s, result.default_s)
+            if result.chosen != result.default:
+                _tuned[item] = result.chosen
         results.append(result)
         if report:
             report(result)
