@@ -268,8 +268,8 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
          margin: float = MARGIN) -> list[Result]:
     """Time candidates for each (kernel, key) within `budget_s` seconds in all, keep the
     winners in this host's table and save it. The budget is split over the items in
-    proportion to their default's time (measured first); they are searched lightest first,
-    so what one leaves flows on to the heavier ones."""
+    proportion to their default's time (measured first); they are searched heaviest first,
+    and what one leaves of its share flows on to the others."""
     items = sorted({(k, key) for k, key in items if k in SPACES}, key=repr)
     clock = _Clock(budget_s)
     base: dict = {}   # item -> (seconds a call, wall seconds a repeat of measure), or error
@@ -283,8 +283,9 @@ def tune(items: Iterable[tuple[str, Key]], budget_s: float, report: Callable | N
             base[item] = (t, (time.perf_counter() - start) / 3)
         except Exception as e:   # a default that cannot run: nothing to compare against
             base[item] = e
-    # the lightest first: what one leaves of its share flows on to the heavier ones
-    timed = sorted((i for i in items if isinstance(base.get(i), tuple)), key=lambda i: base[i][0])
+    # the heaviest first, each its share of what is left: what one leaves flows on
+    timed = sorted((i for i in items if isinstance(base.get(i), tuple)),
+                   key=lambda i: -base[i][0])
     results = []
     for n, item in enumerate(timed):
         space, key = SPACES[item[0]], item[1]
