@@ -39,8 +39,8 @@ import numpy as np
 from tensorc.errors import ShapeError, TensorcError
 from tensorc.types import DTYPES
 
+from . import gemm_space, pool, tuning
 from . import gemv as _gemv
-from . import pool, tuning
 from .gemm_ir import (
     _ALIASES,
     ACTIVATIONS,
@@ -58,7 +58,6 @@ from .gemm_ir import (
     group_name,
     kernels,
 )
-from .gemm_space import SPACE
 from .pool import num_threads
 
 # -- numpy-level API ------------------------------------------------------------------
@@ -709,3 +708,6 @@ def library_groups(m: int, k: int, n: int, activation: str | None = None,
     else:
         groups = [f"bf16:{act}" if bf16 else f"plain:{act}"]
     return [group_name(g, t) for g in groups]
+
+
+SPACE = gemm_space.register(bind, PackedB)   # the tuner's view of the tiles

@@ -16,6 +16,8 @@ the blocked sums (relative 1e-6 on the products we test), not bit for bit.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from . import tuning
@@ -73,44 +75,31 @@ def candidates(key) -> list[dict]:
     return out
 
 
-def measure(key, schedule: dict, repeat: int) -> float:
-    """Median seconds of `repeat` bound calls at key on `schedule`'s tile (random
-    operands, made once per key)."""
-    import time
+def register(bind, packed_b) -> tuning.Space:
+    """The space, registered with the tuner, timing products through `gemm.bind` and
+    `gemm.PackedB` (passed in: gemm.py asks this module for its tiles)."""
+    cache: dict = {}
 
-    from . import gemm
-    a, b, out = _operands(key)
-    m, k, n, per_call = key
-    tile = Tile(**schedule)
-    call = gemm.bind(a, b if per_call else _packed(key, b), out, tile=tile)
-    call()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+    def operands(key):   # random operands, made once per key
+        if cache.get("key") != key:
+            m, k, n, per_call = key
+            rng = np.random.default_rng(0)
+            a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+            cache.clear()
+            cache.update(key=key, ops=(a, b if per_call else packed_b(b),
+                                       np.empty((m, n), np.float32)))
+        return cache["ops"]
+
+    def measure(key, schedule: dict, repeat: int) -> float:
+        """Median seconds of `repeat` bound calls at key on `schedule`'s tile."""
+        a, b, out = operands(key)
+        call = bind(a, b, out, tile=Tile(**schedule))
         call()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
 
-
-_cache: dict = {}
-
-
-def _operands(key):
-    m, k, n, _ = key
-    if _cache.get("key") != key:
-        rng = np.random.default_rng(0)
-        _cache.clear()
-        _cache.update(key=key, ops=(rng.standard_normal((m, k), np.float32),
-                                    rng.standard_normal((k, n), np.float32),
-                                    np.empty((m, n), np.float32)))
-    return _cache["ops"]
-
-
-def _packed(key, b):
-    from . import gemm
-    if _cache.get("packed_for") != key:
-        _cache.update(packed_for=key, packed=gemm.PackedB(b))
-    return _cache["packed"]
-
-
-SPACE = tuning.register(tuning.Space("gemm", default, candidates, measure))
+    return tuning.register(tuning.Space("gemm", default, candidates, measure))
