@@ -166,6 +166,11 @@ def _attention(cx: _Importer, n: OnnxNode):
     if nonpad is not None and past_k is not None:
         raise ShapeError(f"{n.where}: nonpad_kv_seqlen cannot be used with past_key")
     if past_k is not None:   # the cache update: present = concat(past, new)
+        if not all(isinstance(_shape(x)[2], int) for x in (past_k, k)):
+            raise n.unsupported(
+                f"past_key {list(_shape(past_k))} and K {list(_shape(k))}: appending "
+                "along a symbolic sequence length gives a sum of symbols, which tensorc's "
+                "dims cannot say (a static cache written with TensorScatter can)")
         k = cx.op("concat", past_k, k, axis=2)
         v = cx.op("concat", past_v, v, axis=2)
     b, h, t, d = _shape(q)
@@ -193,8 +198,10 @@ def _attention(cx: _Importer, n: OnnxNode):
         masks.mask = _padded_mask(cx, n, n.x(3), dt, s)
     # the causal frontier and the window sit at offset + i for query i: the cached keys
     # before it (past_key), or each batch's valid keys past the query block
+    if nonpad is not None:
+        nonpad = nonpad if _dtype(nonpad) == "i64" else cx.op("cast", nonpad, dtype="i64")
     offset = _shape(past_k)[2] if past_k is not None else \
-        cx.op("sub", nonpad, _scalar(t, _dtype(nonpad))) if nonpad is not None else 0
+        cx.op("sub", nonpad, _dim(t, "i64")) if nonpad is not None else 0
     top_left = causal and isinstance(offset, int) and offset == 0
     # f16/bf16 go the composed way: the op's online softmax would round in the narrow type
     fused = softcap == 0 and not want_qk and precision == dt and dt in ("f32", "f64")
@@ -202,7 +209,7 @@ def _attention(cx: _Importer, n: OnnxNode):
     if causal and not causal_attr or left >= 0 or right >= 0:
         masks.keep_causal(offset, left, right, causal)
     if nonpad is not None:
-        masks.keep_below(cx.op("cast", nonpad, dtype="i64"))
+        masks.keep_below(nonpad)
     may_empty = masks.mask is not None or masks.keeps
 
     if fused:
