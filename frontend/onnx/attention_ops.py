@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tensorc.errors import ShapeError
-from tensorc.ir import FLOAT_DTYPES, Value, dim_divide
+from tensorc.ir import FLOAT_DTYPES, Value, dim_divide, dim_product
 
 from .handlers import _dim, _scalar, _shape
 from .values import Entry, _dtype, onnx_dtype
@@ -224,9 +224,8 @@ def _attention(cx: _Importer, n: OnnxNode):
     else:
         y, qk = _composed(cx, q, k, v, masks.bias(), scale, softcap, mode, precision, dt)
     if rank == 3:
-        dv = _shape(y)[3]
         y = cx.op("reshape", cx.op("transpose", y, perm=[0, 2, 1, 3]),
-                  shape=[b, t, h * dv if isinstance(dv, int) else dv])
+                  shape=[b, t, dim_product([h, _shape(y)[3]])])
     return [y, k, v] + ([qk] if want_qk else [])
 
 

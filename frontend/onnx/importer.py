@@ -1,6 +1,7 @@
 """ONNX ModelProto -> Graph: the import loop (opset and dtype checks, value names,
 bindings, inputs and outputs); what each op does is its handler in `handlers.py`
-(quantized ops: `quantized.py`; pooling, padding, instance/group norm: `spatial.py`).
+(quantized ops: `quantized.py`; pooling, padding, instance/group norm: `spatial.py`;
+Attention and RotaryEmbedding: `attention_ops.py`).
 
 Handlers build IR ops through `_Importer.op`, which folds an op at import when all
 its inputs are known: numbers (initializers, Constant nodes, small folded results) or
