@@ -13,8 +13,9 @@ softcap, bias, softmax, matmul), which also yields `qk_matmul_output` in all 4 m
 
 ONNX defines a fully masked query row (no key left) as a zero output row, where a plain
 softmax gives NaN; both forms zero such rows with a `where` on the additive bias's row
-maximum (computed from the masks only: a [.., t, s] pass, not the scores). Rows can only
-empty when a mask is given or the causal mask is offset, so no other graph carries it.
+maximum (computed from the masks only: a [.., t, s] pass, not the scores). Only a graph
+with an `attn_mask` or a keep-mask (offset causal, window, padding) carries it: a plain
+top-left causal mask never empties a row.
 
 RotaryEmbedding is a composition (the model zoo's rotary layer is DSL code, not an op):
 cos/sin gathered at `position_ids`, the rotated part split in halves or interleaved
