@@ -101,7 +101,7 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
         linear_attention,
         sparse_attention,
     )
-    kinds, groups, rows, backward, sparse = set(), set(), set(), set(), set()
+    kinds, groups, rows, backward, sparse = {}, set(), set(), set(), set()
     linear = False
     for step in program.steps:
         if getattr(step, "fallback", True):
@@ -114,7 +114,13 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
             mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 + (
                 step.op == "attention_grad") else None
             kind = {None: "none", "bool": "keep", "f32": "add"}.get(mask)
-            (kinds if step.op == "attention" else backward).add(kind)
+            if step.op == "attention_grad":
+                backward.add(kind)
+            elif kind is not None:   # the module of the schedule the call will run
+                q, k, v = (x.shape for x in step.inputs[:3])
+                job = attention.ahead(kind, attention.schedule_of(
+                    q, k, v, step.attrs.get("causal", False), kind))
+                kinds[job[0]] = job
         elif step.op in sparse_attention.OPS:
             mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 else None
             sparse.add({None: "none", "bool": "keep", "f32": "add"}.get(mask))
@@ -125,7 +131,7 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
                     math.prod(a.shape[:-1]), b.shape[0], b.shape[1],
                     step.epilogue["activation"], threads, b.buf.dtype == "bf16")
                     if not g.startswith("pack_a"))
-    jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})]
+    jit.compile_ahead([kinds[name] for name in sorted(kinds)]
                       + [gemm_ir.ahead(g) for g in sorted(groups)]
                       + [gemv.ahead(bf16) for bf16 in sorted(rows)]
                       + [attention_grad.ahead(k) for k in sorted(backward - {None})]
