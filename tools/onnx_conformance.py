@@ -1,0 +1,114 @@
+"""Pass counts on the official ONNX node tests (every case the installed onnx generates:
+1,884 with onnx 1.23), for ONNX Runtime and for tensorc's backends, on the same list
+and with the same comparison as `tests/test_onnx_conformance.py` (onnx's BackendTest:
+each case's rtol/atol).
+
+    python tools/onnx_conformance.py [--backends ort,numpy,llvm] [-k REGEX] [--list-failures]
+
+Prints, per backend, how many cases pass, how many fail at import or session creation
+(tensorc: `UnsupportedOpError`, the importer's refusal; ORT: no kernel, or a model it
+rejects) and how many run but give other numbers or fail at run time. The pytest file
+is what guards tensorc's figures (strict xfails, each with its reason); this script
+gives them side by side with ONNX Runtime's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+import time
+import warnings
+
+import numpy as np
+from onnx.backend.test.loader import load_model_tests
+from onnx.backend.test.runner import Runner, _normalize_tensor
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _ort_run(model, inputs):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
+        raise _Refused(str(e)) from None
+    names = [i.name for i in sess.get_inputs()]
+    inputs = [np.asarray(x) if isinstance(x, np.generic) else x for x in inputs]  # 0-d
+    return sess.run(None, dict(zip(names, inputs, strict=False)))
+
+
+class _Refused(Exception):
+    pass
+
+
+def _tensorc_run(backend_cls):
+    from tensorc.errors import UnsupportedOpError
+
+    def run(model, inputs):
+        try:
+            rep = backend_cls.prepare(model)
+            return rep.run(inputs)
+        except UnsupportedOpError as e:
+            raise _Refused(str(e)) from None
+    return run
+
+
+def runners(names: list[str]):
+    from tensorc.frontend.onnx.backend import TensorcBackend, TensorcLLVMBackend
+    table = {"ort": _ort_run, "numpy": _tensorc_run(TensorcBackend),
+             "llvm": _tensorc_run(TensorcLLVMBackend)}
+    return {n: table[n] for n in names}
+
+
+def check(run, case) -> str:
+    """'pass', 'refused' or 'fail' for one case."""
+    try:
+        for inputs, expected in case.data_sets:
+            inputs = [_normalize_tensor(x) for x in inputs]   # as onnx's runner does
+            expected = [_normalize_tensor(x) for x in expected]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = run(case.model, inputs)
+            Runner.assert_similar_outputs(expected, got, rtol=case.rtol, atol=case.atol)
+    except _Refused:
+        return "refused"
+    except Exception:  # noqa: BLE001  (wrong numbers, or a run-time failure)
+        return "fail"
+    return "pass"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", default="ort,numpy,llvm")
+    ap.add_argument("-k", default="", help="only cases whose name matches this regex")
+    ap.add_argument("--list-failures", action="store_true")
+    args = ap.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = [c for c in load_model_tests(kind="node") if re.search(args.k, c.name)]
+    print(f"{len(cases)} official node cases")
+    print("| backend | pass | refused at import | other failures | seconds |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, run in runners(args.backends.split(",")).items():
+        t0 = time.perf_counter()
+        results = {c.name: check(run, c) for c in cases}
+        counts = collections.Counter(results.values())
+        print(f"| {name} | {counts['pass']} ({100 * counts['pass'] / len(cases):.1f} %) | "
+              f"{counts['refused']} | {counts['fail']} | {time.perf_counter() - t0:.0f} |",
+              flush=True)
+        if args.list_failures:
+            for c, r in results.items():
+                if r != "pass":
+                    print(f"    {r}: {c}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
