@@ -23,13 +23,23 @@ import time
 import warnings
 
 import numpy as np
+from onnx import TensorProto, helper
 from onnx.backend.test.loader import load_model_tests
 from onnx.backend.test.runner import Runner, _normalize_tensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+# numpy types (ml_dtypes) that ONNX Runtime's Python API cannot take or give: passed and
+# read as raw bytes of the same width (byte-sized float8, 2-byte bfloat16)
+_ONNX_CODE = {}
+for _code in (TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ,
+              TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ, TensorProto.FLOAT8E8M0):
+    _ONNX_CODE[np.dtype(helper.tensor_dtype_to_np_dtype(_code))] = _code
 
-def _ort_run(model, inputs):
+
+def _ort_run(model, inputs, expected):
+    import ctypes
+
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
@@ -38,9 +48,28 @@ def _ort_run(model, inputs):
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
         raise _Refused(str(e)) from None
-    names = [i.name for i in sess.get_inputs()]
-    inputs = [np.asarray(x) if isinstance(x, np.generic) else x for x in inputs]  # 0-d
-    return sess.run(None, dict(zip(names, inputs, strict=False)))
+    feeds = {}
+    for i, x in zip(sess.get_inputs(), inputs, strict=False):
+        x = np.asarray(x) if isinstance(x, np.generic) else x   # 0-d arrays, not scalars
+        code = _ONNX_CODE.get(getattr(x, "dtype", None))
+        if code is not None:   # bfloat16, float8: numpy types ORT's Python API lacks
+            x = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                x.view(f"u{x.dtype.itemsize}"), code)
+        feeds[i.name] = x
+    if not any(isinstance(x, ort.OrtValue) for x in feeds.values()) and \
+            not any(getattr(e, "dtype", None) in _ONNX_CODE for e in expected):
+        return sess.run(None, feeds)
+    feeds = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+             for k, v in feeds.items()}
+    outs = []
+    for v, want in zip(sess.run_with_ort_values(None, feeds), expected, strict=False):
+        dt = getattr(want, "dtype", None)
+        if dt in _ONNX_CODE:   # read the raw bytes as the expected type
+            raw = ctypes.string_at(v.data_ptr(), v.tensor_size_in_bytes())
+            outs.append(np.frombuffer(raw, dtype=dt).reshape(v.shape()))
+        else:
+            outs.append(v.numpy())
+    return outs
 
 
 class _Refused(Exception):
@@ -50,7 +79,7 @@ class _Refused(Exception):
 def _tensorc_run(backend_cls):
     from tensorc.errors import UnsupportedOpError
 
-    def run(model, inputs):
+    def run(model, inputs, expected):  # noqa: ARG001
         try:
             rep = backend_cls.prepare(model)
             return rep.run(inputs)
@@ -74,7 +103,7 @@ def check(run, case) -> str:
             expected = [_normalize_tensor(x) for x in expected]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                got = run(case.model, inputs)
+                got = run(case.model, inputs, expected)
             Runner.assert_similar_outputs(expected, got, rtol=case.rtol, atol=case.atol)
     except _Refused:
         return "refused"
