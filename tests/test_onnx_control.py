@@ -274,3 +274,21 @@ def test_opset_out_of_range_is_refused():
                    [_vi("y", F, None)], opset=tx.MAX_OPSET + 1)
     with pytest.raises(UnsupportedOpError, match=f"opset {tx.MAX_OPSET + 1} is not supported"):
         tx.from_model(model)
+
+
+def _loop_over_dim(axis):
+    """A Loop whose trip count is Shape(x)[axis]: folded when that dim is static."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=axis, end=axis + 1),
+             helper.make_node("Squeeze", ["s"], ["t"]),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("Loop", ["t", "c", "y0"], ["y", "ys"], body=_loop_body())]
+    return _model(nodes, [_vi("x", F, ["N", 3]), _vi("y0", F, ["N", 3])],
+                  [_vi("y", F, None), _vi("ys", F, None)])
+
+
+def test_loop_trip_count_from_shapes():
+    x = np.full((2, 3), 0.5, np.float32)
+    ys = get_backend("numpy").compile(tx.from_model(_loop_over_dim(1)))(x=x, y0=x)[1]
+    assert ys.shape == (3, 2, 3)
+    with pytest.raises(UnsupportedOpError, match="Loop with the symbolic trip count 'N'"):
+        tx.from_model(_loop_over_dim(0))

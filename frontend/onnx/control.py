@@ -44,7 +44,7 @@ def _known_bool(e: Entry) -> bool | None:
     arr = np.asarray(e.dims if isinstance(e, Sym) else e).reshape(-1)
     if arr.size != 1:
         raise ShapeError(f"a condition has {arr.size} elements; ONNX needs one")
-    return bool(arr[0])
+    return None if isinstance(arr[0], str) else bool(arr[0])  # a symbol: known per call
 
 
 def _scope(n: OnnxNode, what: str) -> tuple[str, str]:
@@ -90,8 +90,15 @@ def _loop(cx: _Importer, n: OnnxNode) -> list[Entry]:
     body: onnx.GraphProto = n.attrs["body"]
     trips = None
     if n.has(0):
-        trips = int(np.asarray(_needs_known(cx, n, 0, "trip count")).reshape(-1)[0])
+        e = _needs_known(cx, n, 0, "trip count")
+        trips = np.asarray(e.dims if isinstance(e, Sym) else e).reshape(-1)[0]
+        if isinstance(trips, str):
+            raise n.unsupported(f"Loop with the symbolic trip count {trips!r}: tensorc "
+                                "unrolls loops at import and needs a number")
+        trips = int(trips)
     cond = _known_bool(_needs_known(cx, n, 1, "start condition")) if n.has(1) else True
+    if cond is None:
+        raise n.unsupported("Loop with a start condition that depends on a symbolic dim")
     if trips is None and not n.has(1):
         raise n.unsupported("Loop with neither a trip count nor a condition (endless)")
     carried = [n.x(k) for k in range(2, len(n.inputs))]
