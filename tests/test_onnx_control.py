@@ -292,3 +292,15 @@ def test_loop_trip_count_from_shapes():
     assert ys.shape == (3, 2, 3)
     with pytest.raises(UnsupportedOpError, match="Loop with the symbolic trip count 'N'"):
         tx.from_model(_loop_over_dim(0))
+
+
+def test_old_form_the_converter_cannot_upgrade_is_one_line():
+    """BatchNormalization's spatial=0 (opset 7) has no opset-13 form: refused, one line."""
+    params = [numpy_helper.from_array(np.ones(3, np.float32), k) for k in "sbmv"]
+    node = helper.make_node("BatchNormalization", ["x", *"sbmv"], ["y"], spatial=0)
+    model = _model([node], [_vi("x", F, [2, 3, 4])], [_vi("y", F, None)], opset=7)
+    model.graph.initializer.extend(params)
+    with pytest.raises(UnsupportedOpError, match="opset 7: onnx's version converter cannot "
+                       "upgrade the model to opset 13: .*spatial") as e:
+        tx.from_model(model)
+    assert "\n" not in str(e.value)
