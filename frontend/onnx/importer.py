@@ -388,7 +388,9 @@ def supported_model(model: onnx.ModelProto) -> onnx.ModelProto:
     if model.functions:  # model-local functions (ours, or an exporter's): inline them
         from onnx import inliner
         model = inliner.inline_local_functions(model)
-    _check_ops(model, RENAMED_ON_UPGRADE)
+    old = any(o.domain in ("", "ai.onnx") and o.version < NATIVE_OPSET
+              for o in model.opset_import)   # to be upgraded, which renames some ops
+    _check_ops(model, RENAMED_ON_UPGRADE if old else None)
     v = _opset(model)
     if not MIN_OPSET <= v <= MAX_OPSET:
         raise UnsupportedOpError(f"ONNX opset {v} is not supported (supported: "
