@@ -167,14 +167,14 @@ def worker_paths(repeat: int) -> dict:
     that the machine's load hits both alike. Medians."""
     import tensorc
     import tensorc.models
-    from tensorc.backends.llvm import attention, gemv
+    from tensorc.backends.llvm import attention_schedule, gemv
 
     def compiled(g, on: bool):
-        gemv.GEMV_MAX_M, attention.DECODE_T = (8, 4) if on else (0, 0)
+        gemv.GEMV_MAX_M, attention_schedule.DECODE_T = (8, 4) if on else (0, 0)
         try:
             return tensorc.compile(g, "llvm", passes="O2")
         finally:
-            gemv.GEMV_MAX_M, attention.DECODE_T = 8, 4
+            gemv.GEMV_MAX_M, attention_schedule.DECODE_T = 8, 4
     fn, x, _ = chain(1)
     model = tensorc.models.get("gpt", "small")
     feeds = model.example_inputs(batch=1, seq=1)

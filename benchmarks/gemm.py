@@ -1,6 +1,7 @@
 """GEMM and attention speed: tensorc's LLVM kernels vs numpy (OpenBLAS) and ONNX Runtime.
 
     .venv/bin/python benchmarks/gemm.py [--repeat 30] [--rounds 3] [--threads N]
+        [--tune SECONDS]
 
 Prints markdown tables (GFLOP/s, medians). Every peer, tensorc included, runs in its
 own subprocess so that its spinning BLAS threads never steal the cores from the next
@@ -15,6 +16,9 @@ round, so that a burst of load from elsewhere on the machine does not decide a c
 
 Which OpenBLAS kernel ran is read with threadpoolctl when it is installed, else from
 OpenBLAS's own `*get_corename*` function through ctypes.
+tensorc runs twice: with this host's tuned schedules (the per-host cache of `tensorc
+tune`; `--tune SECONDS` first tunes this script's GEMM and attention shapes within that
+budget) and untuned (TENSORC_TUNE_CACHE=off: the default schedules).
 tensorc is measured with B pre-packed (a weight, packed once, the call bound once
 with `gemm.bind`, as the LLVM runtime runs it) and with B packed on every call (an
 activation, through `gemm.gemm`), on TENSORC_NUM_THREADS threads (default: all cores).
@@ -32,6 +36,7 @@ import sys
 import time
 
 import numpy as np
+from engines import cpu_model  # beside this script
 
 # (M, K, N): transformer projections at 128 tokens (d=512: qkv 1536, mlp 2048,
 # vocab-ish 8192) and a square one
@@ -149,28 +154,42 @@ def run_worker(kind: str, repeat: int, env: dict) -> dict | None:
 
 # -- tensorc ---------------------------------------------------------------------------
 
-def measure_tensorc(repeat: int) -> dict:
-    from tensorc.backends.llvm import attention, gemm, gemm_ir
-
-    for group in gemm_ir.GROUPS:   # each compiles on first use: all of them first
-        gemm_ir.compile_group(group)
-    for kind in attention.MASKS:
-        attention.kernels()[kind]
-    packed_res, percall_res, attn_res = [], [], []
+def tensorc_calls(repeat: int = 1):
+    """(name, call) of every tensorc case this script times (each compiled by a first
+    call)."""
+    from tensorc.backends.llvm import attention, gemm
     for m, k, n in GEMM_SHAPES:
         a, b = operands(m, k, n)
         c = np.empty((m, n), np.float32)
         # a weight packed once, the call bound once: what the LLVM runtime runs
-        bound = gemm.bind(a, gemm.PackedB(b), c)
-        packed_res.append(gflops(m, k, n, median_seconds(repeat, bound)))
-        percall_res.append(gflops(m, k, n, median_seconds(repeat, gemm.gemm, a, b, c)))
+        yield "packed", gemm.bind(a, gemm.PackedB(b), c)
+        yield "per_call", lambda a=a, b=b, c=c: gemm.gemm(a, b, c)
     for shape in ATTN_SHAPES:
         q, k, v = attn_operands(*shape)
         for causal in (False, True):
-            attn_res.append(median_seconds(max(5, repeat // 3), attention.attention, q, k, v,
-                                           scale=0.125, causal=causal))
-    return {"packed": packed_res, "per_call": percall_res, "attention": attn_res,
-            "threads": gemm.num_threads()}
+            yield "attention", lambda q=q, k=k, v=v, causal=causal: attention.attention(
+                q, k, v, scale=0.125, causal=causal)
+
+
+def tune_shapes(budget: float) -> None:
+    """Record the kernels this script's cases ask for and tune them (saved per host)."""
+    from tensorc.backends.llvm import tuning
+    with tuning.record() as seen:
+        for _, call in tensorc_calls():
+            call()
+    for r in tuning.tune(seen, budget):
+        print(f"tuned {r.kernel} {r.key}: {r.default_s * 1e3:.3f} -> {r.tuned_s * 1e3:.3f} ms "
+              f"{r.schedule}")
+
+
+def measure_tensorc(repeat: int) -> dict:
+    from tensorc.backends.llvm import gemm
+    res = {"packed": [], "per_call": [], "attention": []}
+    for name, call in tensorc_calls():
+        sec = median_seconds(max(5, repeat // 3) if name == "attention" else repeat, call)
+        res[name].append(sec if name == "attention" else gflops(*GEMM_SHAPES[len(res[name])],
+                                                                 sec))
+    return {**res, "threads": gemm.num_threads()}
 
 
 WORKERS = {"numpy": worker_numpy, "ort": worker_ort, "tensorc": measure_tensorc}
@@ -196,32 +215,43 @@ def main() -> None:
                     "ORT intra-op); default: all cores")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds over all peers; each cell keeps its best round")
+    ap.add_argument("--tune", type=float, metavar="SECONDS",
+                    help="first tune tensorc's schedules for these shapes on this host")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--tune-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args.repeat)))
         return
+    if args.tune_worker:
+        tune_shapes(args.tune)
+        return
     if args.threads:   # the same thread count for every peer
         os.environ["TENSORC_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = \
             str(args.threads)
+    if args.tune:   # in a process of its own, on the threads tensorc will run on
+        subprocess.run([sys.executable, __file__, "--tune-worker", "--tune", str(args.tune)],
+                       check=True)
 
     here = dict(os.environ)
     unset = {key: val for key, val in here.items() if key not in UNSET}
     runs = {"np_here": ("numpy", here), "np_unset": ("numpy", unset), "ort": ("ort", here),
-            "tc": ("tensorc", here)}
+            "tc": ("tensorc", here),
+            "tc_untuned": ("tensorc", {**here, "TENSORC_TUNE_CACHE": "off"})}
     rounds = {name: [] for name in runs}
     for _ in range(args.rounds):   # interleaved, so a burst of load hits one round
         for name, (kind, env) in runs.items():
             res = run_worker(kind, args.repeat, env)
             if res is not None:
                 rounds[name].append(res)
-    np_here, np_unset, ort_res, tc = (best(rounds[name]) for name in runs)
+    np_here, np_unset, ort_res, tc, untuned = (best(rounds[name]) for name in runs)
 
     if tc is None:
         sys.exit("the tensorc worker failed")
     env_desc = ", ".join(f"{key}={here[key]}" for key in UNSET if key in here) or "none set"
     pinned = " (every peer)" if args.threads else " (tensorc; the others use their defaults)"
-    print(f"threads: {tc['threads']}{pinned}; this machine's OpenBLAS env: {env_desc}")
+    print(f"{cpu_model()}; threads: {tc['threads']}{pinned}; this machine's OpenBLAS env: "
+          f"{env_desc}")
     for label, res in (("numpy (machine env)", np_here), ("numpy (env unset)", np_unset)):
         print(f"{label}: OpenBLAS core {res['core'] if res else 'n/a'}")
     if ort_res:
@@ -230,23 +260,24 @@ def main() -> None:
     print(f"GEMM, float32, GFLOP/s: median of {args.repeat} runs, best of {args.rounds} "
           "interleaved rounds; higher is better")
     print()
-    print("| M x K x N | tensorc (B packed once) | tensorc (B packed per call) | "
-          "numpy, machine env | numpy, OPENBLAS_CORETYPE unset | onnxruntime | "
-          "tensorc / numpy unset |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| M x K x N | tensorc tuned (B packed once) | untuned | tensorc tuned (B packed "
+          "per call) | untuned | numpy, machine env | numpy, OPENBLAS_CORETYPE unset | "
+          "onnxruntime | tensorc tuned / numpy unset |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for i, (m, k, n) in enumerate(GEMM_SHAPES):
         def cell(res, key="gemm", i=i):
             return f"{res[key][i]:.0f}" if res else "n/a"
         ratio = f"{tc['packed'][i] / np_unset['gemm'][i]:.0%}" if np_unset else "n/a"
-        print(f"| {m} x {k} x {n} | {tc['packed'][i]:.0f} | {tc['per_call'][i]:.0f} | "
+        print(f"| {m} x {k} x {n} | {tc['packed'][i]:.0f} | {cell(untuned, 'packed')} | "
+              f"{tc['per_call'][i]:.0f} | {cell(untuned, 'per_call')} | "
               f"{cell(np_here)} | {cell(np_unset)} | {cell(ort_res)} | {ratio} |")
     print()
     print("Attention, float32, milliseconds (median, best round; lower is better). "
           "numpy = unfused softmax(q k^T * scale) v, materialising the scores")
     print()
-    print("| b x h x seq x d | causal | tensorc flash | GFLOP/s | numpy, machine env | "
-          "numpy, env unset |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| b x h x seq x d | causal | tensorc flash, tuned | GFLOP/s | untuned | "
+          "numpy, machine env | numpy, env unset |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     j = 0
     for b, h, t, d in ATTN_SHAPES:
         for causal in (False, True):
@@ -256,7 +287,7 @@ def main() -> None:
             def ms(res, j=j):
                 return f"{res['attention'][j] * 1e3:.2f}" if res else "n/a"
             print(f"| {b} x {h} x {t} x {d} | {'yes' if causal else 'no'} | {sec * 1e3:.2f} | "
-                  f"{rate:.0f} | {ms(np_here)} | {ms(np_unset)} |")
+                  f"{rate:.0f} | {ms(untuned)} | {ms(np_here)} | {ms(np_unset)} |")
             j += 1
 
 

@@ -1,9 +1,9 @@
 """Model latency: tensorc llvm vs tensorc numpy vs ONNX Runtime vs PyTorch CPU.
 
-    .venv/bin/python benchmarks/models.py [--models gpt,bert,vit] [--rounds 10] [--runs 3]
-        [--threads N] [--baseline CHECKOUT]
+    .venv/bin/python benchmarks/models.py [--models gpt,bert,vit] [--batch 1] [--seq 128]
+        [--rounds 10] [--runs 3] [--threads N] [--baseline CHECKOUT]
 
-Small presets, batch 1, seq 128, same weights everywhere (ONNX Runtime runs
+Small presets, batch 1, seq 128 by default, same weights everywhere (ONNX Runtime runs
 tensorc's own ONNX export of the traced graph; PyTorch, eager and torch.compile,
 runs the same graph through benchmarks/torch_peer.py, attention as SDPA; install
 it with `pip install torch==2.13.0`, a CPU wheel). Prints a markdown table of
@@ -13,6 +13,8 @@ machine load hit all of them alike. numpy runs twice: with this machine's
 OPENBLAS_CORETYPE and with it unset. Every engine runs on `--threads` threads (default:
 the cores this process may use): TENSORC_NUM_THREADS, OPENBLAS_NUM_THREADS and
 OMP_NUM_THREADS, ONNX Runtime's intra-op pool, torch.set_num_threads.
+llvm runs twice: with this host's tuned schedules (`tensorc tune`, the per-host cache)
+and untuned (TENSORC_TUNE_CACHE=off: every kernel on its default schedule).
 `--baseline CHECKOUT` adds an "llvm (baseline)" engine running tensorc from another
 source checkout (e.g. `git archive main | tar -x -C /tmp/main`), in the same rounds.
 Compile times (lowering, code generation, JIT or cache load, weight packing) are
@@ -30,14 +32,23 @@ import tempfile
 import time
 
 import numpy as np
-from engines import answer, has, serve, start_engines, take_turns  # beside this script
+from engines import (  # beside this script
+    answer,
+    cpu_model,
+    has,
+    serve,
+    start_engines,
+    take_turns,
+)
+
+BATCH = int(os.environ.get("BENCH_BATCH", "1"))   # the parent sets it for the workers
 
 
 def build(name: str, seq: int):
     import tensorc
     import tensorc.models
     model = tensorc.models.get(name, "small")
-    feeds = model.example_inputs(batch=1, seq=None if name == "vit" else seq)
+    feeds = model.example_inputs(batch=BATCH, seq=None if name == "vit" else seq)
     return model, feeds, tensorc.trace(model, **feeds)
 
 
@@ -129,7 +140,8 @@ def interleaved(name, seq, rounds: int, runs: int, baseline: str | None = None
     Each turn starts with 2 untimed runs: after the other engines' turns a core has
     dropped its clock, and the first run pays for that (ORT's spinning pool hides it,
     a sleeping pool does not), which is not what a steady stream of calls sees."""
-    configs = {"llvm": ("llvm", {}), "numpy": ("numpy", {}),
+    configs = {"llvm": ("llvm", {}), "llvm_untuned": ("llvm", {"TENSORC_TUNE_CACHE": "off"}),
+               "numpy": ("numpy", {}),
                "numpy_unset": ("numpy", {"OPENBLAS_CORETYPE": None}), "ort": ("ort", {}),
                "torch": ("torch", {}), "torch_compile": ("torch_compile", {})}
     if baseline:
@@ -182,14 +194,16 @@ def table(rows: list[dict]) -> str:
         lines.append("")
     else:
         lines = []
-    lines += ["| model | llvm ms | numpy ms (OPENBLAS_CORETYPE as set) | numpy ms (unset) | "
-             "ONNX Runtime ms | PyTorch eager ms | torch.compile ms | "
-             "llvm compile cold / cached s | llvm rel err |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| model | llvm ms (tuned) | llvm ms (untuned) | numpy ms (OPENBLAS_CORETYPE "
+              "as set) | numpy ms (unset) | ONNX Runtime ms | PyTorch eager ms | "
+              "torch.compile ms | llvm compile cold / cached s | llvm rel err |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         base = r["llvm_ms"]
         lines.append(
-            f"| {r['model']} | {fmt(base)} | {fmt(r['numpy_ms'])} ({ratio(r['numpy_ms'], base)}) "
+            f"| {r['model']} | {fmt(base)} "
+            f"| {fmt(r['llvm_untuned_ms'])} ({ratio(r['llvm_untuned_ms'], base)}) "
+            f"| {fmt(r['numpy_ms'])} ({ratio(r['numpy_ms'], base)}) "
             f"| {fmt(r['numpy_unset_ms'])} ({ratio(r['numpy_unset_ms'], base)}) "
             f"| {fmt(r['ort_ms'])} ({ratio(r['ort_ms'], base)}) "
             f"| {fmt(r['torch_ms'])} ({ratio(r['torch_ms'], base)}) "
@@ -203,6 +217,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="gpt,bert,vit")
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3, help="runs per engine per round")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -216,9 +231,13 @@ def main():
         return
     for key in ("TENSORC_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ[key] = str(args.threads)   # the workers inherit it
+    global BATCH
+    BATCH = args.batch
+    os.environ["BENCH_BATCH"] = str(args.batch)
     rows = [bench_model(m, args.seq, args.rounds, args.runs, args.baseline)
             for m in args.models.split(",")]
-    print(f"small presets, batch 1, seq {args.seq} (vit: 197 tokens), pipeline O2, "
+    print(f"{cpu_model()}; small presets, batch {args.batch}, seq {args.seq} (vit: 197 "
+          f"tokens), pipeline O2, "
           f"{args.threads} threads for every engine, medians of {args.rounds} interleaved "
           f"rounds of {args.runs} runs (numpy: 1); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}\n")

@@ -23,14 +23,14 @@ TensorSpec = TensorType  # what `trace` takes for an input given by shape and dt
 
 __version__ = "0.1.0"
 __all__ = ["Graph", "Node", "TensorSpec", "TensorType", "TensorcError", "Value", "compile",
-           "generate", "parse_graph", "trace"]
+           "generate", "parse_graph", "trace", "tune"]
 
 
 def __getattr__(name):
     # The shell and the layers above the core load on first use: importing the core
     # (`tensorc.ir`, which runs this file first) must not pull them in.
     import importlib
-    if name in ("compile", "trace"):
+    if name in ("compile", "trace", "tune"):
         return getattr(importlib.import_module("tensorc.api"), name)
     if name == "generate":
         return importlib.import_module("tensorc.generation").generate

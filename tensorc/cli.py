@@ -709,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="export a built-in decoder's cached step (input_ids, start, past.* "
                          "-> logits, present.*), which `tensorc generate` runs")
     add_commands(command, common, trained)   # train, distill, prune
+    from .cli_tune import add_command as add_tune_command
+    add_tune_command(command, common)   # tune
     from .parallel.planner import add_command as add_plan_command
     add_plan_command(command, (common,), _positive_int)   # plan
     return parser

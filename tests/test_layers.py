@@ -26,9 +26,9 @@ PACKAGES = {"tensorc": "tensorc", "passes": "tensorc.passes", "backends": "tenso
             "frontend": "tensorc.frontend", "models": "tensorc.models"}
 LAYERS = ["core", "passes", "backends", "frontend", "models", "shell"]
 SHELL = {"tensorc", "tensorc.api", "tensorc.cli", "tensorc.cli_args", "tensorc.cli_train",
-         "tensorc.loading", "tensorc.artifact", "tensorc.generation", "tensorc.data",
-         "tensorc.optim", "tensorc.training", "tensorc.pruning", "tensorc.parallel",
-         "tensorc.__main__"}
+         "tensorc.cli_tune", "tensorc.loading", "tensorc.artifact", "tensorc.generation",
+         "tensorc.data", "tensorc.optim", "tensorc.training", "tensorc.pruning",
+         "tensorc.parallel", "tensorc.__main__"}
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     mods = {}

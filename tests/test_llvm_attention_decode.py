@@ -10,7 +10,9 @@ import pytest
 from test_llvm_attention import naive  # the float64 definition, one home
 
 from tensorc.backends.llvm import attention as A
+from tensorc.backends.llvm import attention_schedule as S
 from tensorc.backends.llvm import jit
+from tensorc.backends.llvm.gemm import aligned_empty
 from tensorc.ops.attention import attention as op_reference
 
 
@@ -44,7 +46,7 @@ def test_random_shapes_and_masks(used, threads):
     rng = np.random.default_rng(11)
     for trial in range(40):
         b, h = int(rng.integers(1, 4)), int(rng.integers(1, 5))
-        t, s = int(rng.integers(1, A.DECODE_T + 1)), int(rng.integers(1, 300))
+        t, s = int(rng.integers(1, S.DECODE_T + 1)), int(rng.integers(1, 300))
         d = int(rng.choice([1, 7, 16, 64, 80, 130]))
         dv = d if trial % 3 else int(rng.choice([5, 64, 100]))
         q, k, v = randn(rng, b, h, t, d), randn(rng, b, h, s, d), randn(rng, b, h, s, dv)
@@ -56,7 +58,7 @@ def test_random_shapes_and_masks(used, threads):
         scale = 1 / math.sqrt(d)
         got = A.attention(q, k, v, mask, scale, causal, mv, threads=threads)
         assert_close(got, naive(q, k, v, mask, scale, causal, mv))
-    assert used and max(used) <= A.DECODE_T
+    assert used and max(used) <= S.DECODE_T
 
 
 def test_one_row_many_keys_threads_split_heads(used):
@@ -141,7 +143,7 @@ def test_portable_path_without_avx512():
         out = np.empty((b, h, t_, d), np.float32)
         _, fixed, _, _, work_size, keep = A._plan(q, k, v, mask, 0.2, False, -math.inf, 1,
                                                   out)
-        work = A.aligned_empty(work_size)
+        work = aligned_empty(work_size)
         fn(*fixed[:6], 0.2, -math.inf, 0, 0, b * h, 0, t_, work.ctypes.data)
         assert_close(out, naive(q, k, v, mask, 0.2))
         del keep

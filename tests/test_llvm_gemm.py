@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tensorc.backends.llvm import gemm as G
+from tensorc.backends.llvm.gemm_ir import AVX2_TILE, AVX512_TILE, KC_MAX, MC_MAX, Tile
 from tensorc.errors import ShapeError, TensorcError
 from tensorc.ops.elementwise import gelu
 
@@ -210,7 +211,7 @@ def test_shared_packed_a_path_matches_one_thread(rng, m, n, k):
     """A few rows and a packed weight: A packed once, threads claim panel groups."""
     a, w, bias, res = randn(rng, m, k), randn(rng, k, n), randn(rng, n), randn(rng, m, n)
     packed = G.PackedB(w)
-    assert m * n * k >= 1 << 21 and G._prepacked_size(m, k) <= G.PREPACK_A
+    assert m * n * k >= 1 << 21 and G._prepacked_size(m, k, G.tile_for(m, k, n)) <= G.PREPACK_A
     one = G.gemm(a, packed, bias=bias, activation="gelu", residual=res, threads=1)
     two = G.gemm(a, packed, bias=bias, activation="gelu", residual=res, threads=2)
     assert np.array_equal(one, two)
@@ -250,30 +251,34 @@ def test_calls_from_several_threads_at_once(rng):
     assert not bad
 
 
-def test_pool_workers_sleep_and_wake(rng, monkeypatch):
+@pytest.mark.parametrize("tile", [AVX512_TILE, AVX2_TILE, Tile(5, 1, 128, 40)],
+                         ids=lambda t: t.tag)
+def test_pool_workers_sleep_and_wake(rng, monkeypatch, tile):
     """With no spinning a worker sleeps after every job: each post must wake it (a lost
-    wake-up would hang here) and every item must run exactly once."""
+    wake-up would hang here) and every item must run exactly once (the packing of A for
+    each micro-tile height: 8 rows, and the general shuffles for 6 and 5)."""
     import time
 
     from tensorc.backends.llvm import pool
     monkeypatch.setenv("TENSORC_SPIN_US", "0")
     workers = pool.Pool(3)
-    job = G.kernels()["jobs"]["tc_pack_a_job"]
+    job = G.kernels(tile)["jobs"]["tc_pack_a_job"]
+    MR, KC = tile.mr, tile.kc
     for trial in range(60):
         m, k = 8 * (1 + trial % 5) - trial % 3, 1 + 7 * trial % 40   # one K block
         a = randn(rng, m, k)
-        mt = -(-m // G.MR)
-        ap = G.aligned_empty(G._prepacked_size(m, k))
+        mt = -(-m // MR)
+        ap = G.aligned_empty(G._prepacked_size(m, k, tile))
         ap.fill(np.nan)
         items = [x for i in range(mt) for x in (i, i + 1)]
-        block = np.array([a.ctypes.data, k, k, m, 1, workers.threads,   # lda k, ldka 1
+        block = np.array([a.ctypes.data, k, k, m, 1, KC, workers.threads,   # lda k, ldka 1
                           *[ap.ctypes.data] * workers.threads, *items], np.int64)
         with workers.lock:
             workers.run(job, block.ctypes.data, mt)
-        padded = np.zeros((mt * G.MR, k), np.float32)
+        padded = np.zeros((mt * MR, k), np.float32)
         padded[:m] = a
-        assert np.array_equal(ap.reshape(mt, G.KC, G.MR)[:, :k],
-                              padded.reshape(mt, G.MR, k).transpose(0, 2, 1))
+        assert np.array_equal(ap.reshape(mt, KC, MR)[:, :k],
+                              padded.reshape(mt, MR, k).transpose(0, 2, 1))
         if trial % 10 == 0:
             time.sleep(0.002)
 
@@ -404,3 +409,65 @@ def test_a_bound_gemm_keeps_its_operands_alive():
         run()
         np.testing.assert_allclose(out, a @ w, rtol=1e-4, atol=1e-3)
         del junk
+
+
+# -- the schedule space (gemm_space.py): every tile the tuner may pick -----------------
+
+def _tiles_of_both_hosts(monkeypatch, key) -> list:
+    """The candidate tiles of an AVX2 and an AVX-512 host (any runs anywhere: LLVM
+    splits or merges the vectors), each micro-tile shape once, plus other blockings."""
+    from tensorc.backends.llvm import gemm_space
+    tiles = []
+    for avx512 in (False, True):
+        monkeypatch.setattr(gemm_space, "_avx512", lambda v=avx512: v)
+        tiles += [Tile(**s) for s in gemm_space.candidates(key)]
+    monkeypatch.undo()
+    shapes = {}
+    for t in tiles:   # each micro-tile shape, and other blockings of the defaults
+        if (t.mr, t.nv) not in shapes or t in (AVX2_TILE, AVX512_TILE) or t.mr == 5:
+            shapes.setdefault((t.mr, t.nv), set()).add(t)
+    return sorted({t for ts in shapes.values() for t in ts})
+
+
+@pytest.mark.parametrize("m,k,n", [(128, 300, 600), (37, 700, 90)])
+def test_every_candidate_tile_computes_the_product(rng, monkeypatch, m, k, n):
+    """Each micro-tile shape the tuner may choose, and other blockings, on a path of
+    its own (a packed weight, B packed per call, also transposed, A transposed; the
+    defaults on all, with each way threads split the work), equals the float64 product
+    with the epilogue; tiles with the default's kc equal the default's result bit for
+    bit (the micro-tile does not change any sum's order). Compiling every tile for
+    every path would take minutes."""
+    a, w, bias, res = randn(rng, m, k), randn(rng, k, n), randn(rng, n), randn(rng, m, n)
+    want = ref(a, w, bias, "gelu", res)
+    a_t = np.ascontiguousarray(a.T).T   # the same values, A given transposed
+    operands = {"weight": (a, G.PackedB(w)), "per call": (a, w),
+                "per call, B^T": (a, np.ascontiguousarray(w.T).T), "A^T": (a_t, w)}
+    tiles = _tiles_of_both_hosts(monkeypatch, (m, k, n, 0))
+    splits = [t._replace(split=s) for t in (AVX2_TILE, AVX512_TILE)
+              for s in ("shared", "rows", "panels", "blocks")]   # the same code
+    for i, (path, (x, b)) in enumerate(operands.items()):
+        base = None
+        for tile in [t for j, t in enumerate(tiles)
+                     if j % len(operands) == i or t in (AVX2_TILE, AVX512_TILE)] + splits:
+            out = np.full((m, n), np.nan, np.float32)
+            G.bind(x, b, out, bias=bias, activation="gelu", residual=res, threads=2,
+                   tile=tile)()
+            assert_close(out, want), (path, tile)
+            if tile.kc == G.AVX512_TILE.kc:
+                base = out if base is None else base
+                assert np.array_equal(out, base), (path, tile)
+
+
+def test_space_candidates_are_legal_and_start_with_the_default(monkeypatch):
+    from tensorc.backends.llvm import gemm_space
+    for avx512, regs in ((False, 16), (True, 32)):
+        monkeypatch.setattr(gemm_space, "_avx512", lambda v=avx512: v)
+        for key in [(128, 768, 2304, 0), (8, 64, 64, 1), (4096, 3072, 768, 1)]:
+            cands = [Tile(**s) for s in gemm_space.candidates(key)]
+            assert cands[0] == Tile(**gemm_space.default(key))
+            assert cands[0] == (AVX512_TILE if avx512 else AVX2_TILE)
+            assert len(cands) == len(set(cands)) and 4 <= len(cands) <= 40
+            per = 1 if avx512 else 2
+            for t in cands:   # accumulators + B vectors + a broadcast fit the registers
+                assert (t.mr * t.nv + t.nv) * per + 1 <= regs, t
+                assert t.mc % t.mr == 0 and t.kc <= KC_MAX and t.mc <= MC_MAX, t

@@ -616,12 +616,16 @@ def test_each_op_exports_and_imports(op, inputs, attrs):
     want = _numpy(g, feeds)
     proto = tx.to_model(g)
     onnx.checker.check_model(proto, full_check=True)
-    try:
-        got = _ort(proto, feeds)
-    except Exception as e:  # noqa: BLE001  (ORT lacks some kernels, e.g. Sin on f16)
-        if "NOT_IMPLEMENTED" not in str(e):
-            raise
-        # then ONNX's own reference implementation is the independent check
+    got = None
+    # ORT's u8 x i8 MatMulInteger on AVX2 without VNNI sums pairs of products in int16,
+    # which saturates: not the exact answer to compare with there
+    if op != "matmul_integer":
+        try:
+            got = _ort(proto, feeds)
+        except Exception as e:  # noqa: BLE001  (ORT lacks some kernels, e.g. Sin on f16)
+            if "NOT_IMPLEMENTED" not in str(e):
+                raise
+    if got is None:   # ONNX's own reference implementation is the independent check
         got = ReferenceEvaluator(proto).run(None, feeds)
     for g_, w in zip(got, want, strict=True):
         if w.dtype.kind == "f":

@@ -25,9 +25,10 @@ LOWERING = {"int8_gemm": "weights", "sparse_attention": True, "linear_attention"
 
 
 class LLVMExecutable(Executable):
-    def __init__(self, graph: Graph, threads: int | None = None):
+    def __init__(self, graph: Graph, threads: int | None = None, tune: bool = False):
         super().__init__(graph)
         self.threads = threads
+        self.tune = tune   # TENSORC_TUNE=1: tune each new shape set's kernels on first use
         self._runners: dict[tuple, object] = {}
         self._lock = threading.Lock()
 
@@ -47,7 +48,33 @@ class LLVMExecutable(Executable):
         return self.specialise(env).run(arrays)
 
     def bind(self, env):
+        if self.tune:
+            return self._tune_first(env)
         return self.specialise(env).run   # run(arrays, out)
+
+    def _tune_first(self, env):
+        """run(arrays, out) whose first call records the kernels' (kernel, key) pairs,
+        tunes those this host has no verdict for (within TENSORC_TUNE_BUDGET seconds),
+        and binds the shape set again with the tuned schedules for the calls after."""
+        from . import tuning
+        budget = tuning.budget_from_env()   # a bad value fails before any work
+        key = tuple(sorted(env.items()))
+        bound = None
+
+        def run(arrays, out):
+            nonlocal bound
+            if bound is None:
+                with self._lock:   # bound (again) inside record(): its kernels are seen
+                    self._runners.pop(key, None)
+                with tuning.record() as seen:
+                    outs = self.specialise(env).run(arrays, out)
+                if any(r.chosen != r.default for r in tuning.tune_pending(seen, budget)):
+                    with self._lock:   # bound again: its kernels ask for the new schedules
+                        self._runners.pop(key, None)
+                bound = self.specialise(env).run
+                return outs
+            return bound(arrays, out)
+        return run
 
     def program(self, env: dict[str, int] | None = None) -> Program:
         return self.specialise(env or {}).program
@@ -74,7 +101,7 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
         linear_attention,
         sparse_attention,
     )
-    kinds, groups, rows, backward, sparse = set(), set(), set(), set(), set()
+    kinds, groups, rows, backward, sparse = {}, set(), set(), set(), set()
     linear = False
     for step in program.steps:
         if getattr(step, "fallback", True):
@@ -87,7 +114,13 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
             mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 + (
                 step.op == "attention_grad") else None
             kind = {None: "none", "bool": "keep", "f32": "add"}.get(mask)
-            (kinds if step.op == "attention" else backward).add(kind)
+            if step.op == "attention_grad":
+                backward.add(kind)
+            elif kind is not None:   # the module of the schedule the call will run
+                q, k, v = (x.shape for x in step.inputs[:3])
+                job = attention.ahead(kind, attention.schedule_of(
+                    q, k, v, step.attrs.get("causal", False), kind))
+                kinds[job[0]] = job
         elif step.op in sparse_attention.OPS:
             mask = step.inputs[3].buf.dtype if len(step.inputs) > 3 else None
             sparse.add({None: "none", "bool": "keep", "f32": "add"}.get(mask))
@@ -97,8 +130,8 @@ def _compile_ahead(program: Program, threads: int | None) -> None:
                 groups.update(g for g in gemm.library_groups(
                     math.prod(a.shape[:-1]), b.shape[0], b.shape[1],
                     step.epilogue["activation"], threads, b.buf.dtype == "bf16")
-                    if g != "pack_a")
-    jit.compile_ahead([attention.ahead(k) for k in sorted(kinds - {None})]
+                    if not g.startswith("pack_a"))
+    jit.compile_ahead([kinds[name] for name in sorted(kinds)]
                       + [gemm_ir.ahead(g) for g in sorted(groups)]
                       + [gemv.ahead(bf16) for bf16 in sorted(rows)]
                       + [attention_grad.ahead(k) for k in sorted(backward - {None})]
@@ -110,7 +143,8 @@ class LLVMBackend(Backend):
     name = "llvm"
 
     def compile(self, graph: Graph, threads: int | None = None) -> Executable:
-        return LLVMExecutable(graph, threads)
+        tune = os.environ.get("TENSORC_TUNE", "") not in ("", "0")   # docs/tuning.md
+        return LLVMExecutable(graph, threads, tune)
 
     def planned_memory_bytes(self, graph: Graph, env: dict[str, int]) -> int:
         """The arena of the lowered Program: buffers packed by liveness."""

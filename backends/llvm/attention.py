@@ -35,13 +35,26 @@ from llvmlite import ir
 
 from tensorc.errors import ShapeError, TensorcError
 
-from . import pool
-from .gemm import _split, aligned_empty, num_threads, run_jobs
+from . import tuning
+from .attention_operands import _estrides, _f32_bits, _unit_last, bound_job, kernel_mask
+from .attention_schedule import (
+    BC,
+    BR,
+    GROUP,
+    candidates,
+    checked,
+    default,
+    median_seconds,
+    module_params,
+    operands,
+)
+from .attention_schedule import key as schedule_key
+from .gemm import _split, num_threads, run_jobs
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I32, I64, M16, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_library
 
-BR, BC = 8, 32   # query rows per block, keys per tile (the GEMM's 8 x 32 micro-tile)
+PANEL = 32       # keys per packed K^T panel (tc_pack_bt's width); a tile is one or half
 MASKS = ("none", "add", "keep")
 META = ("heads", "t", "s", "d", "dv", "q_b", "q_h", "q_t", "k_b", "k_h", "k_t",
         "v_b", "v_h", "v_t", "o_b", "o_h", "o_t", "m_b", "m_h", "m_t", "group")
@@ -83,7 +96,8 @@ def _entry(module: ir.Module, name: str, sparse: bool = False):
                for i, n in enumerate(META + (SPARSE_META if sparse else ()))}
 
 
-def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Function:
+def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False, br: int = BR,
+            bc: int = BC) -> ir.Function:
     """tc_attention_<mask_kind>: heads [h0, h1) x query rows [i0, i1).
 
     `sparse` (tc_sparse_attention_<mask_kind>): the rows see only the keys of the
@@ -93,17 +107,22 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Funct
     interval's key tiles are clipped to what some row of the block sees, so the tiles
     outside the pattern are never visited; excluded pairs get no weight (-inf) whatever
     mask_value is. The dense kernel's IR is unchanged by this (the `sparse` parts are
-    emitted only for the sparse one)."""
+    emitted only for the sparse one).
+
+    The schedule: `br` query rows per block, `bc` keys per tile (32: a packed panel,
+    16: half of one); br x bc / 16 score accumulators live in registers."""
     f, m = _entry(module, f"tc_{'sparse_' if sparse else ''}attention_{mask_kind}", sparse)
     b, g = f.b, f.arg
     s, d, dv = m["s"], m["d"], m["dv"]
-    tiles = b.sdiv(b.add(s, c64(BC - 1)), c64(BC))
+    vecs = bc // 16                                    # 16-lane vectors of a tile's row
+    tiles = b.sdiv(b.add(s, c64(PANEL - 1)), c64(PANEL))
     chunks = b.sdiv(b.add(dv, c64(15)), c64(16))       # 16-lane chunks of a row of V / O
-    kt = g["work"]                                     # K^T panels [tiles][d][BC]
-    qp = f.at(kt, f.mul(f.mul(tiles, BC), d))          # scaled Q block, [d][BR]
-    qp_size = f.mul(b.sdiv(b.add(d, c64(1)), c64(2)), 2 * BR)  # d rounded up: 64-byte aligned
-    ob = f.at(qp, qp_size)                             # O accumulators, [BR][chunks][16]
-    pb = f.at(ob, f.mul(f.mul(chunks, 16), BR))        # P tile, [BR][BC]
+    kt = g["work"]                                     # K^T panels [tiles][d][PANEL]
+    qp = f.at(kt, f.mul(f.mul(tiles, PANEL), d))       # scaled Q block, [d][br]
+    q_up = _q_rounding(br)                             # d rounded up: 64-byte aligned
+    qp_size = f.mul(b.sdiv(b.add(d, c64(q_up - 1)), c64(q_up)), q_up * br)
+    ob = f.at(qp, qp_size)                             # O accumulators, [br][chunks][16]
+    pb = f.at(ob, f.mul(f.mul(chunks, 16), br))        # P tile, [br][bc]
     mv = g["mask_value"]
     mv_vec = f.splat(mv)
     causal = b.icmp_signed("!=", g["causal"], c64(0))
@@ -137,21 +156,21 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Funct
             with f.loop(g["iv0"], g["iv1"]) as iv:
                 _, _, _, lo_c, hi_c = interval(iv, g["i0"], b.sub(g["i1"], c64(1)))
                 with b.if_then(b.icmp_signed("<", lo_c, hi_c)):
-                    b.call(pack_bt, [kh, m["k_t"], d, s, kt, b.sdiv(lo_c, c64(BC)),
-                                     b.sdiv(b.add(hi_c, c64(BC - 1)), c64(BC))])
+                    b.call(pack_bt, [kh, m["k_t"], d, s, kt, b.sdiv(lo_c, c64(PANEL)),
+                                     b.sdiv(b.add(hi_c, c64(PANEL - 1)), c64(PANEL))])
 
-        with f.loop(g["i0"], g["i1"], BR) as i:
-            rows = f.min(c64(BR), b.sub(g["i1"], i))
+        with f.loop(g["i0"], g["i1"], br) as i:
+            rows = f.min(c64(br), b.sub(g["i1"], i))
             # rows past the end repeat the last real row; they are never stored
-            row = [b.add(i, f.min(c64(r), b.sub(rows, c64(1)))) for r in range(BR)]
+            row = [b.add(i, f.min(c64(r), b.sub(rows, c64(1)))) for r in range(br)]
             with f.loop(0, d) as kk:
-                for r in range(BR):
+                for r in range(br):
                     x = b.load(f.at(qh, f.mul(row[r], m["q_t"]), kk), typ=F32)
-                    b.store(b.fmul(x, g["scale"]), f.at(qp, f.mul(kk, BR), c64(r)))
-            m_run = [f.var(F32, ir.Constant(F32, NEG_INF)) for _ in range(BR)]
-            l_run = [f.var(V16, vconst(0.0)) for _ in range(BR)]
-            corr = [f.var(F32) for _ in range(BR)]
-            with f.loop(0, b.mul(chunks, c64(BR))) as c:
+                    b.store(b.fmul(x, g["scale"]), f.at(qp, f.mul(kk, br), c64(r)))
+            m_run = [f.var(F32, ir.Constant(F32, NEG_INF)) for _ in range(br)]
+            l_run = [f.var(V16, vconst(0.0)) for _ in range(br)]
+            corr = [f.var(F32) for _ in range(br)]
+            with f.loop(0, b.mul(chunks, c64(br))) as c:
                 f.vstore(vconst(0.0), f.at(ob, f.mul(c, 16)), 64)
             last_row = b.add(i, b.sub(rows, c64(1)))
 
@@ -160,23 +179,26 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Funct
                 the i32 range [a, b) of keys it sees, `dil`: per row, the lane bits
                 the dilation keeps (sparse)."""
                 # S = Qblk @ Ktile^T
-                acc = [[f.var(V16, vconst(0.0)) for _ in range(2)] for _ in range(BR)]
-                ktile = f.at(kt, f.mul(f.mul(b.sdiv(j0, c64(BC)), d), BC))
+                acc = [[f.var(V16, vconst(0.0)) for _ in range(vecs)] for _ in range(br)]
+                ktile = f.at(kt, f.mul(f.mul(b.sdiv(j0, c64(PANEL)), d), PANEL))
+                if bc < PANEL:   # the tile is part of its panel's columns
+                    ktile = f.at(ktile, b.srem(j0, c64(PANEL)))
                 with f.loop(0, d) as kk:
-                    kv = [f.vload(f.at(ktile, f.mul(kk, BC), c64(16 * u)), 64) for u in range(2)]
-                    for r in range(BR):
-                        qs = f.splat(b.load(f.at(qp, f.mul(kk, BR), c64(r)), typ=F32))
-                        for u in range(2):
+                    kv = [f.vload(f.at(ktile, f.mul(kk, PANEL), c64(16 * u)), 64)
+                          for u in range(vecs)]
+                    for r in range(br):
+                        qs = f.splat(b.load(f.at(qp, f.mul(kk, br), c64(r)), typ=F32))
+                        for u in range(vecs):
                             b.store(f.fma(qs, kv[u], b.load(acc[r][u], typ=V16)), acc[r][u])
                 # mask, then the online softmax update of each row
-                valid = [f.lanes_below(b.sub(s, b.add(j0, c64(16 * u)))) for u in range(2)]
-                cols = [b.add(splat_i32(b.add(j0, c64(16 * u))), iota) for u in range(2)]
+                valid = [f.lanes_below(b.sub(s, b.add(j0, c64(16 * u)))) for u in range(vecs)]
+                cols = [b.add(splat_i32(b.add(j0, c64(16 * u))), iota) for u in range(vecs)]
                 scores, bases, delta = [], [], vconst(0.0)
-                for r in range(BR):
+                for r in range(br):
                     sv = []
                     if dil is not None:
                         bits = b.load(dil[r], typ=I32)
-                    for u in range(2):
+                    for u in range(vecs):
                         x = b.load(acc[r][u], typ=V16)
                         if not sparse:
                             above = b.icmp_signed(">", cols[u], splat_i32(row[r]))
@@ -200,38 +222,38 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Funct
                             sv.append(b.select(valid[u], x, vconst(NEG_INF)))
                     m_old = b.load(m_run[r], typ=F32)
                     m_new = b.call(f.intrinsic("llvm.maxnum.f32", F32, [F32, F32]),
-                                   [m_old, reduce_max(vmax(*sv))])
+                                   [m_old, reduce_max(sv[0] if vecs == 1 else vmax(*sv))])
                     base = b.select(b.fcmp_ordered("==", m_new, ir.Constant(F32, NEG_INF)),
                                     ir.Constant(F32, 0.0), m_new)
                     b.store(m_new, m_run[r])
                     delta = b.insert_element(delta, b.fsub(m_old, base), ir.Constant(I32, r))
                     scores.append(sv)
                     bases.append(base)
-                corr_all = f.exp(delta)            # the 8 rows' rescale factors in one exp
-                for r in range(BR):
+                corr_all = f.exp(delta)            # the block's rows' rescale factors in one exp
+                for r in range(br):
                     cr = b.extract_element(corr_all, ir.Constant(I32, r))
                     b.store(cr, corr[r])
                     p = [f.exp(b.fsub(x, f.splat(bases[r]))) for x in scores[r]]
                     l_new = b.fadd(b.fmul(b.load(l_run[r], typ=V16), f.splat(cr)),
-                                   b.fadd(p[0], p[1]))
+                                   p[0] if vecs == 1 else b.fadd(p[0], p[1]))
                     b.store(l_new, l_run[r])    # lane-wise sums: one reduction at the end
-                    for u in range(2):
-                        f.vstore(p[u], f.at(pb, c64(r * BC + 16 * u)), 64)
+                    for u in range(vecs):
+                        f.vstore(p[u], f.at(pb, c64(r * bc + 16 * u)), 64)
                 # O = O * corr + P @ Vtile, one 16-lane chunk of dv at a time
-                jn = f.min(c64(BC), b.sub(jend, j0))
+                jn = f.min(c64(bc), b.sub(jend, j0))
                 with f.loop(0, chunks) as c:
                     lanes = f.lanes_below(b.sub(dv, f.mul(c, 16)))
                     optr = [f.at(ob, f.mul(b.add(f.mul(c64(r), chunks), c), 16))
-                            for r in range(BR)]
+                            for r in range(br)]
                     o = [f.var(V16, b.fmul(f.vload(optr[r], 64),
                                            f.splat(b.load(corr[r], typ=F32))))
-                         for r in range(BR)]
+                         for r in range(br)]
 
                     def pv(j):
                         vrow = f.at(vh, f.mul(b.add(j0, j), m["v_t"]), f.mul(c, 16))
                         vv = f.mload(vrow, lanes)
-                        for r in range(BR):
-                            pj = f.splat(b.load(f.at(pb, c64(r * BC), j), typ=F32))
+                        for r in range(br):
+                            pj = f.splat(b.load(f.at(pb, c64(r * bc), j), typ=F32))
                             b.store(f.fma(pj, vv, b.load(o[r], typ=V16)), o[r])
                     # two keys a step (unrolled here: the module is built without LLVM's
                     # loop unrolling, which costs far more compile time than it gains)
@@ -241,36 +263,36 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Funct
                         pv(b.add(j, c64(1)))
                     with f.loop(jn2, jn) as j:
                         pv(j)
-                    for r in range(BR):
+                    for r in range(br):
                         f.vstore(b.load(o[r], typ=V16), optr[r], 64)
 
             if not sparse:
                 jend = b.select(skip_tiles, f.min(s, b.add(last_row, c64(1))), s)
-                with f.loop(0, jend, BC) as j0:
+                with f.loop(0, jend, bc) as j0:
                     tile(j0, s)
             else:
-                dil = [f.var(I32) for _ in range(BR)]
-                visits = f.at(pb, c64(BR * BC))   # an i64: tiles visited (for tests)
+                dil = [f.var(I32) for _ in range(br)]
+                visits = f.at(pb, c64(br * bc))   # an i64: tiles visited (for tests)
                 dilated = b.icmp_signed(">", m["dilation"], c64(1))
                 with f.loop(g["iv0"], g["iv1"]) as iv:
                     lo, hi, banded, lo_c, hi_c = interval(iv, i, last_row)
                     # the many intervals a block does not reach cost a compare
                     with b.if_then(b.icmp_signed("<", lo_c, hi_c)):
                         keys = []
-                        for r in range(BR):   # the row's own keys of the interval
+                        for r in range(br):   # the row's own keys of the interval
                             a_r = b.select(banded, imax(lo, b.sub(row[r], m["before"])), lo)
                             b_r = b.select(banded, f.min(hi, b.add(b.add(row[r], m["after"]),
                                                                     c64(1))), hi)
                             b_r = b.select(causal, f.min(b_r, b.add(row[r], c64(1))), b_r)
                             b_r = imax(a_r, b_r)   # empty stays empty within i32
                             keys.append((splat_i32(a_r), splat_i32(b_r)))
-                        start = f.mul(b.sdiv(lo_c, c64(BC)), BC)
-                        with f.loop(start, hi_c, BC) as j0:
+                        start = f.mul(b.sdiv(lo_c, c64(bc)), bc)
+                        with f.loop(start, hi_c, bc) as j0:
                             b.store(b.add(b.load(visits, typ=I64), c64(1)), visits)
-                            for r in range(BR):
+                            for r in range(br):
                                 b.store(ir.Constant(I32, -1), dil[r])
                             with b.if_then(b.and_(banded, dilated)):
-                                for r in range(BR):   # lanes l = row - j0 (mod dilation)
+                                for r in range(br):   # lanes l = row - j0 (mod dilation)
                                     x = b.srem(b.sub(row[r], j0), m["dilation"])
                                     x = b.select(b.icmp_signed("<", x, c64(0)),
                                                  b.add(x, m["dilation"]), x)
@@ -283,7 +305,7 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Funct
                             tile(j0, hi_c, keys, dil)
 
             # out rows = O / l
-            for r in range(BR):
+            for r in range(br):
                 with b.if_then(b.icmp_signed("<", c64(r), rows), likely=True):
                     l_sum = reduce_sum(b.load(l_run[r], typ=V16))
                     inv = f.splat(b.fdiv(ir.Constant(F32, 1.0), l_sum))
@@ -295,27 +317,25 @@ def _kernel(module: ir.Module, mask_kind: str, sparse: bool = False) -> ir.Funct
     return f.finish()
 
 
-DECODE_T = 4   # query rows up to which `_decode_kernel` runs instead of the flash blocks
-GROUP = 4      # 16-lane chunks of a row of Q / K / V / O held in registers at once
-
-
-def _decode_kernel(module: ir.Module, mask_kind: str) -> ir.Function:
+def _decode_kernel(module: ir.Module, mask_kind: str, group: int = GROUP) -> ir.Function:
     """tc_attention_decode_<mask_kind>: heads [h0, h1) x query rows [i0, i1), one row
-    at a time, for a decode step's few rows (t <= DECODE_T) over s cached keys.
+    at a time, for a decode step's few rows (by default t <= DECODE_T) over s cached
+    keys.
 
-    The flash blocks above pack K^T per head and compute BR = 8 rows whatever t is;
+    The flash blocks above pack K^T per head and compute br (8) rows whatever t is;
     here each row reads K and V once, straight from their rows: scores[j] = q . k_j
     (scaled q in registers, a horizontal sum per key) into the workspace with the
     row's max, then p = exp(scores - max) 16 keys at a time, then O = sum_j p_j v_j
-    with GROUP chunks of the row of V per pass, and O / sum p. Same arguments and
-    meaning as `_kernel`; the workspace holds the scaled row of Q and the s scores."""
+    with `group` (1, 2 or 4) chunks of the row of V per pass, and O / sum p. Same
+    arguments and meaning as `_kernel`; the workspace holds the scaled row of Q and
+    the s scores."""
     f, m = _entry(module, f"tc_attention_decode_{mask_kind}")
     b, g = f.b, f.arg
     s, d, dv = m["s"], m["d"], m["dv"]
     def up(x, n):   # x rounded up to a multiple of n
         return f.mul(b.sdiv(b.add(x, c64(n - 1)), c64(n)), n)
     qbuf = g["work"]                       # scaled row of Q, zero up to a whole group
-    sbuf = f.at(qbuf, up(d, 16 * GROUP))   # scores, then weights, [s]
+    sbuf = f.at(qbuf, up(d, 16 * group))   # scores, then weights, [s]
     mv = g["mask_value"]
     causal = b.icmp_signed("!=", g["causal"], c64(0))
     skip_tail = b.and_(causal, b.fcmp_ordered("==", mv, ir.Constant(F32, NEG_INF)))
@@ -331,7 +351,7 @@ def _decode_kernel(module: ir.Module, mask_kind: str) -> ir.Function:
 
         with f.loop(g["i0"], g["i1"]) as i:
             qrow = f.at(qh, f.mul(i, m["q_t"]))
-            with f.loop(0, up(d, 16 * GROUP), 16) as c:   # zero past d
+            with f.loop(0, up(d, 16 * group), 16) as c:   # zero past d
                 x = f.mload(f.at(qrow, c), f.lanes_below(b.sub(d, c)))
                 f.vstore(b.fmul(x, f.splat(g["scale"])), f.at(qbuf, c), 64)
             jend = b.select(skip_tail, f.min(s, b.add(i, c64(1))), s)
@@ -340,9 +360,9 @@ def _decode_kernel(module: ir.Module, mask_kind: str) -> ir.Function:
             with f.loop(0, jend) as j:   # scores and their max
                 krow = f.at(kh, f.mul(j, m["k_t"]))
                 acc = f.var(V16, vconst(0.0))
-                with f.loop(0, d, 16 * GROUP) as c0:
+                with f.loop(0, d, 16 * group) as c0:
                     parts = []
-                    for u in range(GROUP):
+                    for u in range(group):
                         c = b.add(c0, c64(16 * u))
                         kv = f.mload(f.at(krow, c), f.lanes_below(b.sub(d, c)))
                         parts.append(b.fmul(f.vload(f.at(qbuf, c), 64), kv))
@@ -373,17 +393,17 @@ def _decode_kernel(module: ir.Module, mask_kind: str) -> ir.Function:
                 b.store(b.fadd(b.load(lsum, typ=V16), p), lsum)
             inv = f.splat(b.fdiv(ir.Constant(F32, 1.0), reduce_sum(b.load(lsum, typ=V16))))
             orow = f.at(oh, f.mul(i, m["o_t"]))
-            with f.loop(0, dv, 16 * GROUP) as c0:   # O = sum_j p_j v_j, / sum p
-                cs = [b.add(c0, c64(16 * u)) for u in range(GROUP)]
+            with f.loop(0, dv, 16 * group) as c0:   # O = sum_j p_j v_j, / sum p
+                cs = [b.add(c0, c64(16 * u)) for u in range(group)]
                 masks = [f.lanes_below(b.sub(dv, c)) for c in cs]
-                o = [f.var(V16, vconst(0.0)) for _ in range(GROUP)]
+                o = [f.var(V16, vconst(0.0)) for _ in range(group)]
                 with f.loop(0, jend) as j:
                     pj = f.splat(b.load(f.at(sbuf, j), typ=F32))
                     vrow = f.at(vh, f.mul(j, m["v_t"]))
-                    for u in range(GROUP):
+                    for u in range(group):
                         vv = f.mload(f.at(vrow, cs[u]), masks[u])
                         b.store(f.fma(pj, vv, b.load(o[u], typ=V16)), o[u])
-                for u in range(GROUP):
+                for u in range(group):
                     f.mstore(b.fmul(b.load(o[u], typ=V16), inv), f.at(orow, cs[u]), masks[u])
     return f.finish()
 
@@ -427,80 +447,85 @@ def _mload_i8(f: FnBuilder, ptr, mask):
     return f.b.call(fn, [ptr, ir.Constant(I32, 1), mask, ir.Constant(V16I8, [0] * 16)])
 
 
-def build_module(kinds=MASKS) -> ir.Module:
-    module = ir.Module(name="tensorc_attention_" + "_".join(kinds))
+def build_module(kinds=MASKS, params: tuple = (BR, BC, GROUP)) -> ir.Module:
+    """The flash and decode kernels of mask `kinds` at `params` (br, bc, group)."""
+    br, bc, group = params
+    module = ir.Module(name=f"tensorc_attention_{'_'.join(kinds)}_{br}x{bc}g{group}")
     _pack_bt(module)
     for kind in kinds:
-        job(module, f"tc_attention_job_{kind}", _kernel(module, kind),
+        job(module, f"tc_attention_job_{kind}", _kernel(module, kind, br=br, bc=bc),
              [PTR] * 6 + [F32, F32, I64], 4, work="last")
-        job(module, f"tc_attention_decode_job_{kind}", _decode_kernel(module, kind),
+        job(module, f"tc_attention_decode_job_{kind}", _decode_kernel(module, kind, group),
             [PTR] * 6 + [F32, F32, I64], 4, work="last")
     return module
 
 
 _lock = threading.Lock()
 _ARGS = [c_void_p] * 6 + [c_float, c_float] + [c_int64] * 5 + [c_void_p]
+_libs: dict[tuple, dict] = {}   # (kind, br, bc, group) -> the module's entry points
 
 
-class _Lazy(dict):
-    """Mask kind -> entry point, each kind its own module compiled on first use."""
-
-    def __missing__(self, kind):
-        if kind not in MASKS:
-            raise KeyError(kind)
-        with _lock:
-            if not dict.__contains__(_lib["jobs"], kind):
-                names = [f"tc_attention_{kind}", f"tc_attention_job_{kind}",
-                         f"tc_attention_decode_job_{kind}"]
-                name, build, vectorize, unroll = ahead(kind)   # see compile_library
-                addrs = compile_library(name, build, names, vectorize, unroll)
-                dict.__setitem__(_lib, kind, cfunc(addrs[names[0]], None, _ARGS))
-                dict.__setitem__(_lib["jobs"], kind, addrs[names[1]])
-                dict.__setitem__(_lib["decode_jobs"], kind, addrs[names[2]])
-        return dict.__getitem__(self, kind)
+def ahead(kind: str, sched: dict | None = None) -> tuple:
+    """The `jit.compile_ahead` job of the module of a mask kind and schedule (None: the
+    8 x 32 flash blocks'); its name holds the module's schedule, so schedules never
+    share a cache entry."""
+    params = module_params(sched) if sched else (BR, BC, GROUP)
+    br, bc, group = params
+    return (f"attention/{kind}/{br}x{bc}/g{group}", lambda: build_module((kind,), params),
+            True, False)
 
 
-_lib = _Lazy()
-_lib["jobs"] = _Lazy()
-_lib["decode_jobs"] = _Lazy()
+def library(kind: str, sched: dict | None = None) -> dict:
+    """The module of mask `kind` that runs `sched` (None: as for `ahead`), compiled on
+    first use (object code cached on disk): "fn" the flash kernel (ctypes), "job" /
+    "decode_job" the pool jobs of the flash / few-query-rows kernel."""
+    if kind not in MASKS:
+        raise KeyError(kind)
+    lib_key = (kind, *(module_params(sched) if sched else (BR, BC, GROUP)))
+    with _lock:
+        if lib_key not in _libs:
+            names = [f"tc_attention_{kind}", f"tc_attention_job_{kind}",
+                     f"tc_attention_decode_job_{kind}"]
+            name, build, vectorize, unroll = ahead(kind, sched)   # see compile_library
+            addrs = compile_library(name, build, names, vectorize, unroll)
+            _libs[lib_key] = {"fn": cfunc(addrs[names[0]], None, _ARGS),
+                              "job": addrs[names[1]], "decode_job": addrs[names[2]]}
+        return _libs[lib_key]
 
 
-def ahead(kind: str) -> tuple:
-    """The `jit.compile_ahead` job of a mask kind's module."""
-    return (f"attention/{kind}", lambda: build_module((kind,)), True, False)
+def schedule_of(q_shape, k_shape, v_shape, causal: bool, kind: str) -> dict:
+    """The schedule a call with these operand shapes runs (`tuning`'s for its key)."""
+    (B, H, T, D), S, DV = q_shape, k_shape[2], v_shape[3]
+    return tuning.schedule("attention", schedule_key(B * H, T, S, D, DV, causal, kind))
 
 
-def kernels() -> dict:
-    """mask kind -> the kernel (ctypes), "jobs" / "decode_jobs": mask kind -> the pool
-    job of the flash / the few-query-rows kernel; each kind compiled on first use
-    (object code cached on disk)."""
-    return _lib
+def measure(key: tuple, sched: dict, repeat: int) -> float:
+    """The attention Space's timing: median seconds of `repeat` bound calls of `sched`
+    on random operands of key's shape."""
+    q, k, v, mask, out = operands(key)
+    return median_seconds(bind(q, k, v, mask, 1 / math.sqrt(key[3]), bool(key[5]), out=out,
+                               schedule=sched), repeat)
 
 
-def _unit_last(x: np.ndarray) -> np.ndarray:
-    """x with unit stride on its last axis and non-negative element strides."""
-    if x.strides[-1] != x.itemsize or any(st < 0 or st % x.itemsize for st in x.strides):
-        return np.ascontiguousarray(x)
-    return x
-
-
-def _estrides(x: np.ndarray) -> list[int]:
-    return [st // x.itemsize for st in x.strides[:3]]
+SPACE = tuning.register(tuning.Space("attention", default, candidates, measure))
 
 
 def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
               mask_value: float = -math.inf, threads: int | None = None,
-              out: np.ndarray | None = None) -> np.ndarray:
+              out: np.ndarray | None = None, schedule: dict | None = None) -> np.ndarray:
     """softmax(scale * q @ k^T, masked) @ v without materialising the scores.
 
     q [b,h,t,d], k [bk,hk,s,d], v [bk,hk,s,dv] (bk: b or 1; hk divides h); mask
     broadcasts to [b,h,t,s]: bool keeps True, float is added. float32 only. `out`, if
-    given, is a float32 [b,h,t,dv] array with unit inner stride to write into."""
+    given, is a float32 [b,h,t,dv] array with unit inner stride to write into.
+    `schedule`: one of `attention_schedule`'s (default: this host's for the shape)."""
     arrays = [np.asarray(x) for x in (q, k, v)]
     if any(x.dtype != np.float32 for x in arrays):
         raise TensorcError("attention: q, k, v must be float32, got "
                            + ", ".join(str(x.dtype) for x in arrays))
     q, k, v = arrays
+    if schedule is not None:
+        checked(schedule)
     if not q.ndim == k.ndim == v.ndim == 4:
         raise ShapeError(f"attention expects q [b,h,t,d], k [b,h,s,d], v [b,h,s,dv]: "
                          f"got {q.shape}, {k.shape}, {v.shape}")
@@ -516,7 +541,8 @@ def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
         raise TensorcError(f"attention: out must be a writeable float32 {(B, H, T, DV)} array "
                            f"with unit inner stride, got {out.dtype} {out.shape}")
     if any(np.may_share_memory(out, x) for x in (q, k, v)):  # rows would clobber inputs
-        out[...] = attention(q, k, v, mask, scale, causal, mask_value, threads)
+        out[...] = attention(q, k, v, mask, scale, causal, mask_value, threads,
+                             schedule=schedule)
         return out
     if out.size == 0:
         return out
@@ -524,14 +550,15 @@ def attention(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
         out.fill(np.nan)
         return out
     job, fixed, items, threads, work_size, _ = _plan(q, k, v, mask, scale, causal, mask_value,
-                                                     threads, out)
+                                                     threads, out, schedule)
     run_jobs([(job, fixed, items, ("attention", work_size))], threads)
     return out
 
 
-def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
+def _plan(q, k, v, mask, scale, causal, mask_value, threads, out, schedule=None):
     """The kernel, its fixed arguments, the work items, the thread count, the workspace
-    size and the arrays that must stay alive while it runs (inputs already checked)."""
+    size and the arrays that must stay alive while it runs (inputs already checked);
+    the schedule is `schedule`, else the one `tuning` has for the call's key."""
     B, H, T, D = q.shape
     S, DV = k.shape[2], v.shape[3]
     HK = k.shape[1]
@@ -546,34 +573,45 @@ def _plan(q, k, v, mask, scale, causal, mask_value, threads, out):
             m = m.view(np.uint8)
     meta = np.array([H, T, S, D, DV, *_estrides(q), *_estrides(k), *_estrides(v),
                      *_estrides(out), *_estrides(m), H // HK], np.int64)
-    chunks = -(-DV // 16)
-    work_size = -(-S // BC) * BC * D + -(-D // 2) * 2 * BR + BR * chunks * 16 + BR * BC
-
+    sched = checked(schedule) if schedule is not None else \
+        schedule_of(q.shape, k.shape, v.shape, causal, kind)
     threads = num_threads() if threads is None else max(1, int(threads))
-    if T <= DECODE_T:   # a decode step's few rows: `_decode_kernel`
-        return _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads)
+    if sched["path"] == "decode":   # a decode step's few rows: `_decode_kernel`
+        return _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads,
+                            sched)
+    br, bc = sched["br"], sched["bc"]
+    q_up = _q_rounding(br)
+    work_size = -(-S // PANEL) * PANEL * D + -(-D // q_up) * q_up * br \
+        + br * -(-DV // 16) * 16 + br * bc
     if B * H * T * S * (D + DV) < 1 << 20:
         threads = 1
     if B * H >= threads:   # a head per item: threads claim them as they finish
         items = [(h, h + 1, 0, T) for h in range(B * H)] if threads > 1 else [(0, B * H, 0, T)]
     elif causal:   # row i costs ~i key tiles: cut where the cumulative work ~i^2 splits evenly
-        cuts = [0] + [min(T, round(T * math.sqrt(p / threads) / BR) * BR)
+        cuts = [0] + [min(T, round(T * math.sqrt(p / threads) / br) * br)
                       for p in range(1, threads)] + [T]
         items = [(0, B * H, i0, i1) for i0, i1 in zip(cuts, cuts[1:], strict=False) if i1 > i0]
     else:
-        items = [(0, B * H, i0, i1) for i0, i1 in _split(T, threads, BR)]
+        items = [(0, B * H, i0, i1) for i0, i1 in _split(T, threads, br)]
     fixed = [q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, m.ctypes.data,
              meta.ctypes.data, _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
-    return kernels()["jobs"][kind], fixed, items, threads, work_size, (q, k, v, m, meta)
+    return library(kind, sched)["job"], fixed, items, threads, work_size, (q, k, v, m, meta)
 
 
-def _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads):
-    """`_plan` for at most DECODE_T query rows: a (batch, head) per item (the rows of
+def _q_rounding(br: int) -> int:
+    """What the flash kernel rounds d up to so that its [d][br] Q block is a whole
+    number of 64-byte lines (the workspace's parts after it stay aligned)."""
+    return 16 // math.gcd(br, 16)
+
+
+def _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads, sched):
+    """`_plan` for a decode step's few query rows: a (batch, head) per item (the rows of
     one head read its K and V, which then stay in cache), or a row per item when
     there are fewer heads than threads; threads once K and V reach 64 KiB."""
     B, H, T, _ = q.shape
     S, D, DV = k.shape[2], k.shape[3], v.shape[3]
-    work_size = -(-D // (16 * GROUP)) * 16 * GROUP + -(-S // 16) * 16
+    group = sched["group"]
+    work_size = -(-D // (16 * group)) * 16 * group + -(-S // 16) * 16
     if B * H * T * S * (D + DV) < 1 << 14:
         threads = 1
     if threads == 1:
@@ -584,84 +622,40 @@ def _decode_plan(q, k, v, out, m, meta, kind, scale, mask_value, causal, threads
         items = [(0, B * H, i, i + 1) for i in range(T)]
     fixed = [q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, m.ctypes.data,
              meta.ctypes.data, _f32_bits(scale), _f32_bits(mask_value), int(bool(causal))]
-    return kernels()["decode_jobs"][kind], fixed, items, threads, work_size, (q, k, v, m, meta)
-
-
-
-def kernel_mask(mask, shape, what: str):
-    """(kind, the mask as [b, h, t, s] with a contiguous key axis): what the attention
-    kernels (forward and backward) read, 16 keys at once; kind "keep" (bool) or "add"
-    (float32)."""
-    B, H, T, S = shape
-    mask = np.asarray(mask)
-    if mask.dtype == np.bool_:
-        kind = "keep"
-    elif mask.dtype == np.float32:
-        kind = "add"
-    else:
-        raise TensorcError(f"{what}: mask must be bool (keep) or float32 (additive), got "
-                           f"{mask.dtype}")
-    if mask.ndim > 4:
-        raise ShapeError(f"{what}: mask {mask.shape} has more than 4 dims")
-    m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    try:
-        m4 = np.ascontiguousarray(np.broadcast_to(m4, m4.shape[:3] + (S,))) \
-            if m4.shape[3] != S or m4.strides[3] != m4.itemsize else _unit_last(m4)
-        return kind, np.broadcast_to(m4, shape)
-    except ValueError:
-        raise ShapeError(f"{what}: mask {mask.shape} does not broadcast to the scores "
-                         f"{tuple(shape)}") from None
+    return (library(kind, sched)["decode_job"], fixed, items, threads, work_size,
+            (q, k, v, m, meta))
 
 
 def bind(q, k, v, mask=None, scale: float = 1.0, causal: bool = False,
-         mask_value: float = -math.inf, threads: int | None = None, *, out: np.ndarray):
+         mask_value: float = -math.inf, threads: int | None = None, *, out: np.ndarray,
+         schedule: dict | None = None):
     """A zero-argument function that computes attention(...) into `out`, for the
     runtime: checks, the argument block and the workspaces are made once, which leaves
     one native job per run (on the pool when threaded, else on this thread). Any
     `out` works (one the kernel cannot write to gets a copy of the result). When the
     kernel reads q, k, v and the mask where they are, the function has
     `patch(role, address)` ("q", "k", "v", "mask", "out"): that operand moves to memory
-    of the same layout, without binding again. One caller at a time."""
+    of the same layout, without binding again. One caller at a time. `schedule`: as
+    for `attention`."""
     if out.dtype != np.float32 or not out.flags.writeable or out.strides[-1] != 4 \
             or any(st < 0 or st % 4 for st in out.strides):
         def copied():
-            out[...] = attention(q, k, v, mask, scale, causal, mask_value, threads)
+            out[...] = attention(q, k, v, mask, scale, causal, mask_value, threads,
+                                 schedule=schedule)
         return copied
 
     def general():
-        attention(q, k, v, mask, scale, causal, mask_value, threads, out)
+        attention(q, k, v, mask, scale, causal, mask_value, threads, out, schedule)
     general()   # checks the arguments (out's contents do not matter yet)
     q, k, v = (np.asarray(x) for x in (q, k, v))
     if any(np.may_share_memory(out, x) for x in (q, k, v)) or out.size == 0 \
             or k.shape[2] == 0:
         return general
     job, fixed, items, threads, work_size, keep = _plan(q, k, v, mask, scale, causal,
-                                                        mask_value, threads, out)
+                                                        mask_value, threads, out, schedule)
     copied = [not np.may_share_memory(x, y) for x, y in zip(keep, (q, k, v, mask), strict=False)
               if y is not None]
     if any(copied):   # a copy would go stale
         return general
     return bound_job(job, fixed, items, threads, work_size, keep,
                      {"q": 0, "k": 1, "v": 2, "out": 3, "mask": 4 if mask is not None else None})
-
-
-def bound_job(job, fixed, items, threads: int, work_size: int, keep, slots: dict):
-    """The runner of a planned library job (`_plan`'s parts): the workspaces (one per
-    pool thread) and the argument block made once; `run.patch(role, address)` rewrites
-    the block's word `slots[role]` (None: that operand is absent)."""
-    workers = pool.get(threads) if threads > 1 and len(items) > 1 else None
-    works = [aligned_empty(work_size) for _ in range(workers.threads if workers else 1)]
-    block = np.array([*fixed, len(works), *[w.ctypes.data for w in works],
-                      *[x for it in items for x in it]], np.int64)
-    run = pool.launcher(job, block.ctypes.data, len(items), threads if workers else 1)
-
-    def patch(role: str, address: int) -> None:
-        if slots[role] is not None:
-            block[slots[role]] = address
-    run.patch = patch
-    run.keep = (keep, works, block)
-    return run
-
-
-def _f32_bits(x: float) -> int:
-    return int(np.array(x, np.float32).view(np.int32))

@@ -45,10 +45,9 @@ from .attention import (
     V16I8,
     _mload_i8,
     _splat_i1,
-    _unit_last,
-    kernel_mask,
     vector_helpers,
 )
+from .attention_operands import _unit_last, kernel_mask
 from .gemm import aligned_empty, num_threads
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I32, I64, PTR, V16, VI32, FnBuilder, c64, job, vconst

@@ -39,20 +39,23 @@ import numpy as np
 from tensorc.errors import ShapeError, TensorcError
 from tensorc.types import DTYPES
 
+from . import gemm_space, pool, tuning
 from . import gemv as _gemv
-from . import pool
 from .gemm_ir import (
     _ALIASES,
     ACTIVATIONS,
     ALIGN,
+    AVX512_TILE,
     FIXED,
     ITEMS_PER_THREAD,
-    KC,
-    MC,
-    MR,
+    KC_MAX,
+    MC_MAX,
     NR,
     PB_WORKSPACE,
     PREPACK_A,
+    WS_A,
+    Tile,
+    group_name,
     kernels,
 )
 from .pool import num_threads
@@ -117,13 +120,22 @@ def _workspace() -> int:
     """Address of this thread's buffer for packed blocks of A."""
     ptr = getattr(_tls, "a_ptr", None)
     if ptr is None:
-        ptr = _tls.a_ptr = _scratch("a", MC * KC).ctypes.data
+        ptr = _tls.a_ptr = _scratch("a", WS_A).ctypes.data
     return ptr
 
 
-def _prepacked_size(m: int, k: int) -> int:
-    """Floats of A [m, k] packed by tc_pack_a (rows to MR, K to KC, zero padded)."""
-    return -(-m // MR) * MR * -(-k // KC) * KC
+def _prepacked_size(m: int, k: int, t: Tile) -> int:
+    """Floats of A [m, k] packed by tc_pack_a (rows to mr, K to kc, zero padded)."""
+    return -(-m // t.mr) * t.mr * -(-k // t.kc) * t.kc
+
+
+def tile_for(m: int, k: int, n: int, per_call: bool = False, bf16: bool = False) -> Tile:
+    """The tile a product of m rows by a [k, n] B runs on this host (B packed once, or
+    `per_call`): the tuned one where `tensorc tune` found one (see tuning.py), else the
+    host's default. A bf16 weight's panels are widened whole (nv = 2): its tile is fixed."""
+    if bf16:
+        return AVX512_TILE
+    return Tile(**tuning.schedule(SPACE.name, (m, k, n, int(per_call))))
 
 
 def _prepacked_a() -> int:
@@ -251,20 +263,20 @@ class PackedB:
 
 def gemm_range(a: np.ndarray, packed: PackedB, out: np.ndarray, m0: int, m1: int,
                jp0: int, jp1: int, bias: np.ndarray | None = None, activation: str = "none",
-               residual: np.ndarray | None = None) -> None:
+               residual: np.ndarray | None = None, tile: Tile = AVX512_TILE) -> None:
     """Rows [m0, m1) x column panels [jp0, jp1) (NR columns each) of the fused GEMM.
 
     Low level and thread safe: `a`, `out`, `residual` are 2-D float32 with unit inner
     stride (residual's row stride may be 0), bias is contiguous [N]; not checked here.
     Threads may call it at once on disjoint ranges."""
-    fn, args = _call(a, packed, out, bias, activation, residual)
+    fn, args = _call(a, packed, out, bias, activation, residual, tile)
     fn(*args, _workspace(), m0, m1, jp0, jp1)
 
 
-def _call(a, packed, out, bias, activation, residual):
+def _call(a, packed, out, bias, activation, residual, t: Tile):
     """The kernel and its arguments but for the ranges and the workspace, so that
     threads only add their ranges (the GIL is held for as short as possible)."""
-    return kernels()[_tag(packed) + activation], _args(a, packed, out, bias, residual)
+    return kernels(t)[_tag(packed) + activation], _args(a, packed, out, bias, residual, t)
 
 
 def _tag(packed) -> str:
@@ -280,14 +292,22 @@ def _a_strides(a) -> tuple[int, int]:
     return 1, a.strides[1] // 4
 
 
-def _args(a, packed, out, bias, residual) -> tuple:
-    """The kernels' and jobs' fixed arguments (a job needs no compiled `tc_gemm_<act>`)."""
+def _args(a, packed, out, bias, residual, t: Tile) -> tuple:
+    """The kernels' and jobs' fixed arguments (a job needs no compiled `tc_gemm_<act>`),
+    the tile's blocking last."""
     res = residual if residual is not None else out
     lda, ldka = _a_strides(a)
     return (a.ctypes.data, lda, packed.ptr, packed.k, out.ctypes.data,
             out.strides[0] // 4, packed.n, (bias if bias is not None else out).ctypes.data,
             int(bias is not None), res.ctypes.data, res.strides[0] // 4,
-            int(residual is not None), ldka)
+            int(residual is not None), ldka, *_blocking(t))
+
+
+def _blocking(t: Tile) -> tuple[int, int]:
+    """(kc, mc) of tile t, checked: the workspaces hold KC_MAX x MC_MAX floats of A."""
+    if not (0 < t.kc <= KC_MAX and 0 < t.mc <= MC_MAX and t.mc % t.mr == 0):
+        raise TensorcError(f"gemm: tile {t.tag} has a blocking the workspaces cannot hold")
+    return t.kc, t.mc
 
 
 def _activation_name(activation) -> str:
@@ -308,13 +328,13 @@ def _numpy_epilogue(z, bias, act, residual):
     return z + residual if residual is not None else z
 
 
-def _shares_a(m: int, k: int, panels: int, threads: int) -> bool:
+def _shares_a(m: int, k: int, panels: int, threads: int, t: Tile) -> bool:
     """A few rows (a transformer's tokens): pack all of A once into a buffer read from
     L2 by every thread, and cut the panels into small items that threads claim, so
     that each panel of B is read once and a thread that is slow to start (a busy
     machine) takes fewer. In GPT small this beat splitting the rows by 4% on a busy
     machine; with A over half an L2 it lost to it."""
-    return _prepacked_size(m, k) <= PREPACK_A and panels >= 2 * threads
+    return _prepacked_size(m, k, t) <= PREPACK_A and panels >= 2 * threads
 
 
 def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
@@ -336,7 +356,8 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
         run_jobs(_gemv_steps(a, b, out, bias, act, residual, threads), threads)
         return out
 
-    fn, args = _call(a, packed, out, bias, act, residual)
+    t = tile_for(M, packed.k, N, fill, packed.dtype == "bf16")
+    fn, args = _call(a, packed, out, bias, act, residual, t)
 
     def block(m0, m1, jp0, jp1):
         fn(*args, _workspace(), m0, m1, jp0, jp1)
@@ -351,7 +372,7 @@ def _gemm2d(a, packed, out, bias, act, residual, threads, fill=False):
     # packed weight: see _shares_a; else split rows when each thread gets a few row
     # tiles and B is small enough to share from L3 (no A packed twice), else split the
     # panels, so that each thread streams only its part of B.
-    run_jobs(_schedule(a, packed, out, bias, act, residual, threads, fill), threads)
+    run_jobs(_schedule(a, packed, out, bias, act, residual, threads, t, fill), threads)
     return out
 
 
@@ -381,31 +402,35 @@ def _gemv_steps(a, b, out, bias, act, residual, threads) -> list:
 GEMV_THREADED = 1 << 16
 
 
-def _schedule(a, packed, out, bias, act, residual, threads, per_call=False) -> list:
-    """The native jobs (see `run_jobs`) of a threaded GEMM; per_call: B still needs
-    packing (an activation, or in training a weight or W^T)."""
+def _schedule(a, packed, out, bias, act, residual, threads, t: Tile, per_call=False) -> list:
+    """The native jobs (see `run_jobs`) of a threaded GEMM on tile t; per_call: B still
+    needs packing (an activation, or in training a weight or W^T)."""
     M, K, panels = a.shape[0], packed.k, packed.panels
-    mt = -(-M // MR)
-    jobs = kernels()["jobs"]
-    fixed = list(_args(a, packed, out, bias, residual))
-    if per_call and _packs_in_blocks(M, packed.n, threads):
+    mt = -(-M // t.mr)
+    jobs = kernels(t)["jobs"]
+    fixed = list(_args(a, packed, out, bias, residual, t))
+    split = t.split
+    if per_call and (split == "blocks" or split == "auto"
+                     and _packs_in_blocks(M, packed.n, threads)):
         src, pack = packed._source
         fixed += [src.ctypes.data, src.strides[0] // 4, int(pack is kernels()["pack_bt"])]
         items = [(0, M, *r) for r in _split(panels, threads, 1)]
         return [(jobs[f"tc_gemm_pb_job_{act}"], fixed, items, ("pb", PB_WORKSPACE))]
     tag = _tag(packed)
-    if _shares_a(M, K, panels, threads):
+    fits = _prepacked_size(M, K, t) <= PREPACK_A   # all of A in the shared buffer
+    if fits and (split == "shared" or split == "auto" and _shares_a(M, K, panels, threads, t)):
         items = [(0, M, *r) for r in _split(panels, ITEMS_PER_THREAD * threads, 1)]
         lda, ldka = _a_strides(a)
-        steps = [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka],
+        steps = [(jobs["tc_pack_a_job"], [a.ctypes.data, lda, K, M, ldka, t.kc],
                   _split(mt, threads, 1), "ap"),
                  (jobs[f"tc_gemm_pa_{tag}job_{act}"], fixed, items, "ap")]
-    elif mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels:
-        items = [(m0, m1, 0, panels) for m0, m1 in _split(M, threads, MR)]
-        steps = [(jobs[f"tc_gemm_{tag}job_{act}"], fixed, items, ("a", MC * KC))]
+    elif split == "rows" or split not in ("panels", "shared") and (
+            mt >= 4 * threads and packed.data.nbytes <= 8 << 20 or mt > panels):
+        items = [(m0, m1, 0, panels) for m0, m1 in _split(M, threads, t.mr)]
+        steps = [(jobs[f"tc_gemm_{tag}job_{act}"], fixed, items, ("a", WS_A))]
     else:
         items = [(0, M, *r) for r in _split(panels, threads, 1)]
-        steps = [(jobs[f"tc_gemm_{tag}job_{act}"], fixed, items, ("a", MC * KC))]
+        steps = [(jobs[f"tc_gemm_{tag}job_{act}"], fixed, items, ("a", WS_A))]
     if per_call:
         steps.insert(0, packed.pack_step(_split(panels, threads, 1)))
     return steps
@@ -513,7 +538,7 @@ def gemm(a, b, out: np.ndarray | None = None, *, bias=None, activation: str | No
 
 
 def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None = None,
-         residual=None, threads: int | None = None):
+         residual=None, threads: int | None = None, tile: Tile | None = None):
     """A zero-argument function that computes gemm(a, b, out=out, ...) into `out`.
 
     The runtime's entry. A 2-D product (leading dims flattened) whose operands the
@@ -525,7 +550,8 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     runtime reads inputs and writes outputs where the caller keeps them); the caller
     keeps out from overlapping the other operands. A weight times at most 8 rows (a
     decode step) runs the GEMV job (`gemv.py`). Anything else runs `gemm` on every
-    call and has no `patch`. One caller at a time."""
+    call and has no `patch`. One caller at a time. `tile`: this schedule instead of
+    `tile_for`'s (the tuner's measurements)."""
     threads = num_threads() if threads is None else max(1, int(threads))
     act = _activation_name(activation)
 
@@ -552,7 +578,8 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             and not np.may_share_memory(a, out) and not np.may_share_memory(b, out):
         # a batch of products with a B each (attention's backward: per batch and head):
         # each product bound once, rather than checked and packed anew by `gemm`
-        subs = [bind(a[i], b[i], out[i], threads=threads) for i in np.ndindex(a.shape[:-2])]
+        subs = [bind(a[i], b[i], out[i], threads=threads, tile=tile)
+                for i in np.ndindex(a.shape[:-2])]
 
         def batched():
             for sub in subs:
@@ -577,20 +604,22 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             and not np.may_share_memory(a2, out2)):
         return general
     per_call = packed is not b
-    jobs = kernels()["jobs"]
     gemv = not per_call and not trans_a and a2.shape[0] <= _gemv.GEMV_MAX_M
+    t = AVX512_TILE if gemv else tile or tile_for(a2.shape[0], packed.k, packed.n,
+                                                  per_call, packed.dtype == "bf16")
+    jobs = kernels(t)["jobs"]
     if gemv:   # a decode step: see gemv.py
         steps = _gemv_steps(a2, packed, out2, bias, act, res2,
                             min(threads, pool.MAX_WORKERS + 1))
         workers = pool.get(threads) if threads > 1 and len(steps[0][2]) > 1 else None
     elif threads > 1 and a2.shape[0] * packed.n * packed.k >= 1 << 21:   # as gemm
         workers = pool.get(threads)
-        steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads, per_call)
+        steps = _schedule(a2, packed, out2, bias, act, res2, workers.threads, t, per_call)
     else:
         workers = None
-        fixed = list(_call(a2, packed, out2, bias, act, res2)[1])
+        fixed = list(_args(a2, packed, out2, bias, res2, t))
         steps = [(jobs[f"tc_gemm_{_tag(packed)}job_{act}"], fixed,
-                  [(0, a2.shape[0], 0, packed.panels)], ("a", MC * KC))]
+                  [(0, a2.shape[0], 0, packed.panels)], ("a", WS_A))]
         if per_call:
             steps.insert(0, packed.pack_step([(0, packed.panels)]))
     # where each operand's address sits in the steps' fixed arguments (see `_call`)
@@ -664,14 +693,21 @@ def run_steps(state: dict, workers) -> None:
 
 def library_groups(m: int, k: int, n: int, activation: str | None = None,
                    threads: int | None = None, bf16: bool = False) -> list[str]:
-    """The `gemm_ir` groups a bound product of m rows with a packed [k, n] weight runs
-    (as `bind` and `_schedule` choose), besides `pack_b`: for compiling them ahead.
-    bf16: the weight is a bf16 one (its groups are "bf16:<act>", "pa_bf16:<act>")."""
+    """The `gemm_ir` modules (`group_name`s) a bound product of m rows with a packed
+    [k, n] weight runs (as `bind` and `_schedule` choose), besides `pack_b`: for
+    compiling them ahead. bf16: the weight is a bf16 one (its groups are "bf16:<act>",
+    "pa_bf16:<act>")."""
     act = _activation_name(activation)
     if m <= _gemv.GEMV_MAX_M:   # the GEMV module's (gemv.ahead), no group of gemm_ir's
         return []
     threads = num_threads() if threads is None else max(1, int(threads))
     threads = min(threads - 1, pool.MAX_WORKERS) + 1   # what pool.get(threads) has
-    if threads > 1 and m * n * k >= 1 << 21 and _shares_a(m, k, -(-n // NR), threads):
-        return ["pack_a", f"pa_bf16:{act}" if bf16 else f"pa:{act}"]
-    return [f"bf16:{act}" if bf16 else f"plain:{act}"]
+    t = tile_for(m, k, n, bf16=bf16)
+    if threads > 1 and m * n * k >= 1 << 21 and _shares_a(m, k, -(-n // NR), threads, t):
+        groups = ["pack_a", f"pa_bf16:{act}" if bf16 else f"pa:{act}"]
+    else:
+        groups = [f"bf16:{act}" if bf16 else f"plain:{act}"]
+    return [group_name(g, t) for g in groups]
+
+
+SPACE = gemm_space.register(bind, PackedB)   # the tuner's view of the tiles

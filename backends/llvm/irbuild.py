@@ -59,8 +59,9 @@ class FnBuilder:
         return slot
 
     @contextmanager
-    def loop(self, start, stop, step: int = 1):
-        """for i in range(start, stop, step); yields i (an i64)."""
+    def loop(self, start, stop, step=1):
+        """for i in range(start, stop, step); yields i (an i64; step an int or an i64
+        value)."""
         b = self.b
         slot = self.var(I64, start if isinstance(start, ir.Value) else c64(start))
         cond, body, end = (self.fn.append_basic_block(s) for s in ("cond", "loop", "end"))
@@ -71,7 +72,7 @@ class FnBuilder:
                   body, end)
         b.position_at_end(body)
         yield i
-        b.store(b.add(i, c64(step)), slot)
+        b.store(b.add(i, step if isinstance(step, ir.Value) else c64(step)), slot)
         b.branch(cond)
         b.position_at_end(end)
 

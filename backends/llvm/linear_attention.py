@@ -37,14 +37,10 @@ from tensorc.errors import ShapeError, TensorcError
 
 from .attention import (
     I8,
-    _estrides,
-    _f32_bits,
     _mload_i8,
-    _unit_last,
-    bound_job,
-    kernel_mask,
     vector_helpers,
 )
+from .attention_operands import _estrides, _f32_bits, _unit_last, bound_job, kernel_mask
 from .gemm import _split, num_threads, run_jobs
 from .irbuild import F32, I64, PTR, V16, VI32, FnBuilder, c64, job, vconst
 from .jit import cfunc, compile_library

@@ -30,12 +30,9 @@ from .attention import (
     MASKS,
     META,
     SPARSE_META,
-    _estrides,
-    _f32_bits,
     _kernel,
-    _unit_last,
-    kernel_mask,
 )
+from .attention_operands import _estrides, _f32_bits, _unit_last, kernel_mask
 from .gemm import aligned_empty, num_threads
 from .gemm_ir import _pack_bt
 from .irbuild import F32, I64, PTR, job

@@ -1,6 +1,8 @@
 """ONNX ModelProto -> Graph: the import loop (opset and dtype checks, value names,
 bindings, inputs and outputs); what each op does is its handler in `handlers.py`
-(quantized ops: `quantized.py`; pooling, padding, instance/group norm: `spatial.py`).
+(quantized ops: `quantized.py`; pooling, padding, instance/group norm: `spatial.py`;
+Attention and RotaryEmbedding: `attention_ops.py`; losses: `losses.py`; If and Loop,
+imported inline: `control.py`).
 
 Handlers build IR ops through `_Importer.op`, which folds an op at import when all
 its inputs are known: numbers (initializers, Constant nodes, small folded results) or
@@ -23,7 +25,7 @@ from tensorc.errors import ShapeError, TensorcError, UnsupportedOpError
 from tensorc.ir import DTYPES, Dim, Graph, TensorType, Value
 from tensorc.ops import get_op
 
-from . import control, handlers, losses, quantized, spatial
+from . import attention_ops, control, handlers, losses, quantized, spatial
 from .values import (
     FOLD_LIMIT,
     MAX_OPSET,
@@ -44,8 +46,8 @@ from .values import (
 )
 
 # ONNX op type -> its handler
-HANDLERS = {**handlers.HANDLERS, **quantized.HANDLERS, **spatial.HANDLERS, **losses.HANDLERS,
-            **control.HANDLERS}
+HANDLERS = {**handlers.HANDLERS, **quantized.HANDLERS, **spatial.HANDLERS,
+            **attention_ops.HANDLERS, **losses.HANDLERS, **control.HANDLERS}
 # ops that onnx's version converter renames when it upgrades an old model to NATIVE_OPSET
 RENAMED_ON_UPGRADE = {"Upsample": "Resize", "Scatter": "ScatterElements"}
 
