@@ -19,7 +19,15 @@ from tensorc.files import check_output_path
 from tensorc.ir import Graph
 
 from .exporter import to_model
-from .importer import HANDLERS, MAX_OPSET, MIN_OPSET, NeedsConstantError, from_model
+from .importer import (
+    HANDLERS,
+    MAX_OPSET,
+    MIN_OPSET,
+    NATIVE_OPSET,
+    NeedsConstantError,
+    from_model,
+    supported_model,
+)
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -90,5 +98,6 @@ def save(graph: Graph, path: str | os.PathLike, external_data: bool = False) -> 
 
 SUPPORTED_OPS = sorted(HANDLERS)
 
-__all__ = ["MAX_OPSET", "MIN_OPSET", "NeedsConstantError", "SUPPORTED_OPS", "from_model",
+__all__ = ["MAX_OPSET", "MIN_OPSET", "NATIVE_OPSET", "NeedsConstantError", "SUPPORTED_OPS",
+           "from_model", "supported_model",
            "load", "read_model", "save", "to_model"]

@@ -15,12 +15,14 @@ from onnx.backend.base import Backend, BackendRep
 
 from tensorc.backends import get_backend
 
-from .importer import NeedsConstantError, from_model
+from .importer import NeedsConstantError, from_model, supported_model
 
 
 class TensorcRep(BackendRep):
     def __init__(self, model: onnx.ModelProto, backend: str = "numpy"):
-        self.model, self.backend = model, backend
+        # refused here (an op without a handler, an opset out of range), before any
+        # input is read: inputs such as sequences are not even arrays
+        self.model, self.backend = supported_model(model), backend
         inits = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in inits]
         self.cache: dict[tuple, object] = {}

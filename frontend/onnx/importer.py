@@ -1,7 +1,8 @@
 """ONNX ModelProto -> Graph: the import loop (opset and dtype checks, value names,
 bindings, inputs and outputs); what each op does is its handler in `handlers.py`
 (quantized ops: `quantized.py`; pooling, padding, instance/group norm: `spatial.py`;
-Attention and RotaryEmbedding: `attention_ops.py`).
+Attention and RotaryEmbedding: `attention_ops.py`; losses: `losses.py`; If and Loop,
+imported inline: `control.py`).
 
 Handlers build IR ops through `_Importer.op`, which folds an op at import when all
 its inputs are known: numbers (initializers, Constant nodes, small folded results) or
@@ -24,11 +25,12 @@ from tensorc.errors import ShapeError, TensorcError, UnsupportedOpError
 from tensorc.ir import DTYPES, Dim, Graph, TensorType, Value
 from tensorc.ops import get_op
 
-from . import attention_ops, handlers, quantized, spatial
+from . import attention_ops, control, handlers, losses, quantized, spatial
 from .values import (
     FOLD_LIMIT,
     MAX_OPSET,
     MIN_OPSET,
+    NATIVE_OPSET,
     ONNX_DTYPES,
     SYM_ARITH,
     SYM_MOVES,
@@ -45,7 +47,9 @@ from .values import (
 
 # ONNX op type -> its handler
 HANDLERS = {**handlers.HANDLERS, **quantized.HANDLERS, **spatial.HANDLERS,
-            **attention_ops.HANDLERS}
+            **attention_ops.HANDLERS, **losses.HANDLERS, **control.HANDLERS}
+# ops that onnx's version converter renames when it upgrades an old model to NATIVE_OPSET
+RENAMED_ON_UPGRADE = {"Upsample": "Resize", "Scatter": "ScatterElements"}
 
 # --- the importer ---------------------------------------------------------------------
 
@@ -77,12 +81,12 @@ class OnnxNode:
             return default
         e = self.x(k)
         if isinstance(e, Value):
-            src = [v.name for v in self.cx.graph.inputs if v is e]
+            src = self.cx.graph_inputs_of(e)
             raise NeedsConstantError(
                 f"{self.where}: its {what} (input {self.inputs[k]!r}) is computed at run "
-                f"time{' from graph input ' + repr(src[0]) if src else ''}; tensorc needs it "
-                "known at import (a constant, or computed from shapes without needing a symbolic "
-                "dim's value)", src)
+                f"time{' from graph input ' + ', '.join(map(repr, src)) if src else ''}; "
+                "tensorc needs it known at import (a constant, or computed from shapes "
+                "without needing a symbolic dim's value)", src)
         arr = e.dims if isinstance(e, Sym) else e
         return [d if isinstance(d, str) else d.item() if hasattr(d, "item") else d
                 for d in np.asarray(arr).reshape(-1)]
@@ -107,8 +111,10 @@ class _Importer:
         self.materialized: dict[int, Value] = {}  # id(array) -> constant Value
         self.dim_values: dict[tuple, Value] = {}  # dims attributes -> their `dims` node
         self.names: dict[int, str] = {}           # id(array) -> initializer name
+        self.input_names: dict[int, str] = {}     # id(graph input Value) -> its ONNX name
         self.bind = bind or {}
         self.loc: str | None = None
+        self.scope = ("", "")  # the enclosing subgraphs: (error location, name prefix)
         self.names_init: set[str] = set()
         self.opset = 0
 
@@ -137,6 +143,21 @@ class _Importer:
             hint = self.names.get(key, "c")
             self.materialized[key] = self.graph.add_constant(self.graph.fresh_name(hint), e)
         return self.materialized[key]
+
+    def graph_inputs_of(self, v: Value) -> list[str]:
+        """The ONNX names of the graph inputs that `v` is computed from (what a caller
+        would bind to make it known at import)."""
+        seen, stack, found = set(), [v], []
+        while stack:
+            x = stack.pop()
+            if id(x) in seen:
+                continue
+            seen.add(id(x))
+            if x.producer is not None:
+                stack.extend(x.producer.inputs)
+            elif id(x) in self.input_names:
+                found.append(self.input_names[id(x)])
+        return sorted(found)
 
     def op(self, op: str, *inputs: Entry, **attrs) -> Entry:
         return self.op_multi(op, *inputs, **attrs)[0]
@@ -198,6 +219,7 @@ class _Importer:
                 self.env[vi.name] = arr.astype(t.np_dtype)
                 continue
             self.env[vi.name] = self.graph.add_input(self.graph.fresh_name(_clean(vi.name)), t)
+            self.input_names[id(self.env[vi.name])] = vi.name
         self.names_init = set(inits)
         declared = {vi.name: vi for vi in list(g.input) + list(g.value_info)}
         for name, t in inits.items():
@@ -206,9 +228,23 @@ class _Importer:
             self.env[name] = arr
             if name in declared:  # old exporters list initializers as inputs too
                 self._check_declared(arr, declared[name])
-        for i, proto in enumerate(g.node):
+        self.run_nodes(g.node, declared)
+        self.loc = None
+        for vi in g.output:
+            e = self.entry(vi.name)
+            self._check_declared(e, vi)
+            v = self.value(e)
+            if v.producer is not None and v not in self.graph.outputs:
+                self.graph.rename(v, _clean(vi.name))
+            self.graph.outputs.append(v)
+        return self.graph.verify()
+
+    def run_nodes(self, nodes, declared: dict, scope: str = "", prefix: str = ""):
+        """Import `nodes` in order into the graph; inside a subgraph (an If branch, one
+        iteration of a Loop) `scope` prefixes error locations and `prefix` value names."""
+        for i, proto in enumerate(nodes):
             n = OnnxNode(self, proto, i)
-            self.loc = f"onnx {n.where}"
+            self.loc = f"onnx {scope}{n.where}"
             try:
                 outs = HANDLERS[n.type](self, n)
             except (ValueError, IndexError, KeyError, TypeError) as e:  # a malformed node
@@ -227,42 +263,38 @@ class _Importer:
                     self.env[name] = out
                     if isinstance(out, Value) and out.producer is not None \
                             and out.name.isdigit():  # keep the model's names for errors
-                        self.graph.rename(out, _clean(name))
+                        self.graph.rename(out, prefix + _clean(name))
                     if name in declared:
                         self._check_declared(out, declared[name])
-        self.loc = None
-        for vi in g.output:
-            e = self.entry(vi.name)
-            self._check_declared(e, vi)
-            v = self.value(e)
-            if v.producer is not None and v not in self.graph.outputs:
-                self.graph.rename(v, _clean(vi.name))
-            self.graph.outputs.append(v)
-        return self.graph.verify()
+
+    def subgraph(self, g: onnx.GraphProto, bindings: dict[str, Entry], scope: str,
+                 prefix: str) -> list[Entry]:
+        """Import subgraph `g` inline: its formal inputs bound to `bindings`, names of
+        the enclosing graphs visible (outer-scope references), its own names local to it.
+        Returns its outputs' entries."""
+        saved, saved_loc, saved_scope = self.env, self.loc, self.scope
+        self.env = {**saved, **bindings}
+        scope, prefix = saved_scope[0] + scope, saved_scope[1] + prefix
+        self.scope = (scope, prefix)
+        try:
+            for t in g.initializer:
+                self.env[t.name] = self._tensor(t, f"{scope}initializer {t.name!r}")
+            self.run_nodes(g.node, {vi.name: vi for vi in g.value_info}, scope, prefix)
+            self.loc = saved_loc
+            outs = [self.entry(vi.name) for vi in g.output]
+        finally:
+            self.env, self.loc, self.scope = saved, saved_loc, saved_scope
+        return outs
 
     def _check_opset(self):
-        versions = {o.domain or "ai.onnx": o.version for o in self.model.opset_import}
-        v = versions.get("ai.onnx")
-        if v is None:
-            raise UnsupportedOpError("the model imports no default-domain ONNX opset")
-        if not MIN_OPSET <= v <= MAX_OPSET:
-            raise UnsupportedOpError(f"ONNX opset {v} is not supported (supported: "
-                                     f"{MIN_OPSET} to {MAX_OPSET})")
-        self.opset = v
+        self.opset = _opset(self.model)
+        if not NATIVE_OPSET <= self.opset <= MAX_OPSET:  # from_model upgrades older ones
+            raise UnsupportedOpError(f"ONNX opset {self.opset} is not supported (supported: "
+                                     f"{NATIVE_OPSET} to {MAX_OPSET}; from_model upgrades "
+                                     f"opsets {MIN_OPSET} to {NATIVE_OPSET - 1})")
 
     def _check_supported(self):
-        bad: dict[str, list[str]] = {}
-        for i, node in enumerate(self.model.graph.node):
-            key = node.op_type if node.domain in ("", "ai.onnx") else \
-                f"{node.domain}.{node.op_type}"
-            if key not in HANDLERS:
-                bad.setdefault(key, []).append(node.name or f"#{i}")
-        if bad:
-            raise UnsupportedOpError(
-                f"unsupported ONNX op{'s' * (len(bad) > 1)}: " + "; ".join(
-                    f"{op} (node{'s' * (len(ns) > 1)} {', '.join(map(repr, ns[:8]))}"
-                    f"{f' and {len(ns) - 8} more' if len(ns) > 8 else ''})"
-                    for op, ns in bad.items()))
+        _check_ops(self.model)
 
     def _declared_type(self, vi: onnx.ValueInfoProto, where: str) -> TensorType:
         if not vi.type.HasField("tensor_type"):
@@ -314,10 +346,71 @@ class _Importer:
         return a.astype(DTYPES["bf16"]) if t.data_type == onnx.TensorProto.BFLOAT16 else a
 
 
-def from_model(model: onnx.ModelProto, bind: dict[str, np.ndarray] | None = None) -> Graph:
-    """Import an in-memory ONNX model. `bind` fixes graph inputs to known values (the
-    conformance tests pass shape-like inputs this way)."""
+def _all_nodes(g: onnx.GraphProto, where: str = ""):
+    """(node, its name for messages) for every node of g and of its subgraphs."""
+    for i, node in enumerate(g.node):
+        name = where + (node.name or f"#{i}")
+        yield node, name
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
+                yield from _all_nodes(sub, f"{name} > {a.name} > ")
+
+
+def _check_ops(model: onnx.ModelProto, renamed: dict[str, str] | None = None):
+    """Every op (subgraphs included) must have a handler: the unsupported ones are
+    listed all at once with their nodes."""
+    bad: dict[str, list[str]] = {}
+    for node, name in _all_nodes(model.graph):
+        key = node.op_type if node.domain in ("", "ai.onnx") else \
+            f"{node.domain}.{node.op_type}"
+        if (renamed or {}).get(key, key) not in HANDLERS:
+            bad.setdefault(key, []).append(name)
+    if bad:
+        raise UnsupportedOpError(
+            f"unsupported ONNX op{'s' * (len(bad) > 1)}: " + "; ".join(
+                f"{op} (node{'s' * (len(ns) > 1)} {', '.join(map(repr, ns[:8]))}"
+                f"{f' and {len(ns) - 8} more' if len(ns) > 8 else ''})"
+                for op, ns in bad.items()))
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    versions = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    if "ai.onnx" not in versions:
+        raise UnsupportedOpError("the model imports no default-domain ONNX opset")
+    return versions["ai.onnx"]
+
+
+def supported_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` ready for the handlers, or an UnsupportedOpError line saying why it is
+    refused: an op without a handler, or an opset out of range. Local functions are
+    inlined; a model below NATIVE_OPSET is upgraded by onnx's version converter, so the
+    handlers read each op in its opset-13+ form only (axes as inputs, Clip's min/max as
+    inputs, Dropout's ratio as an input, ...)."""
     if model.functions:  # model-local functions (ours, or an exporter's): inline them
         from onnx import inliner
         model = inliner.inline_local_functions(model)
-    return _Importer(model, bind).run()
+    old = any(o.domain in ("", "ai.onnx") and o.version < NATIVE_OPSET
+              for o in model.opset_import)   # to be upgraded, which renames some ops
+    _check_ops(model, RENAMED_ON_UPGRADE if old else None)
+    v = _opset(model)
+    if not MIN_OPSET <= v <= MAX_OPSET:
+        raise UnsupportedOpError(f"ONNX opset {v} is not supported (supported: "
+                                 f"{MIN_OPSET} to {MAX_OPSET})")
+    if v < NATIVE_OPSET:
+        from onnx import version_converter
+        try:
+            model = version_converter.convert_version(model, NATIVE_OPSET)
+        except Exception as e:  # noqa: BLE001  (the converter raises bare RuntimeErrors)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UnsupportedOpError(f"ONNX opset {v}: onnx's version converter cannot "
+                                     f"upgrade the model to opset {NATIVE_OPSET}: "
+                                     f"{first}") from None
+        _check_ops(model)
+    return model
+
+
+def from_model(model: onnx.ModelProto, bind: dict[str, np.ndarray] | None = None) -> Graph:
+    """Import an in-memory ONNX model. `bind` fixes graph inputs to known values (the
+    conformance tests pass shape-like inputs this way)."""
+    return _Importer(supported_model(model), bind).run()

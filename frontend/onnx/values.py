@@ -17,7 +17,8 @@ from tensorc.errors import UnsupportedOpError
 from tensorc.ir import TensorType, Value, dim_divide, dim_product
 from tensorc.ops.shape import SLICE_END
 
-MIN_OPSET = 13
+MIN_OPSET = 1      # older models are upgraded by onnx's version converter ...
+NATIVE_OPSET = 13  # ... to this one: the handlers read each op's form from here on
 MAX_OPSET = onnx.defs.onnx_opset_version()
 FOLD_LIMIT = 16  # fold constant results up to this size (shape-like); bigger ones are data
 RANGE_BYTES = 1 << 30  # a Range with known bounds may hold at most this much (1 GiB)
