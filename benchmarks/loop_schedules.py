@@ -55,7 +55,7 @@ def main() -> None:
         if hasattr(s, "kernel"):
             steps.setdefault(s.kernel.name, [s, 0])[1] += 1
     with tuning.record() as seen:
-        codegen.render(program.kernels)
+        codegen.render(program.kernels, loop_tuning.kernel_schedule)
 
     t = time.perf_counter()
     picks = {}

@@ -88,7 +88,9 @@ def without_hints(text: str) -> str:
 def test_default_adds_nothing_and_a_candidate_only_hints():
     kernels = kernels_of(reduction_graph((5, 1003), ["layer_norm"])) + kernels_of(
         elementwise_graph((7, 1001)))
-    default = codegen.render(kernels)   # no tuned cache: every kernel on the default
+    # no tuned cache: every kernel on the default, as without a schedule
+    default = codegen.render(kernels, loop_tuning.kernel_schedule)
+    assert default == codegen.render(kernels)
     assert "llvm.loop.vectorize" not in default and "interleave" not in default
     module = codegen.new_module()
     for k in kernels:
@@ -183,7 +185,7 @@ def test_codegen_asks_one_key_per_kernel_class():
     kernels += kernels_of(elementwise_graph((7, 1001)))
     kernels += kernels_of(elementwise_graph((9, 1000)))   # the same class
     with tuning.record() as seen:
-        codegen.render(kernels)
+        codegen.render(kernels, loop_tuning.kernel_schedule)
     assert seen == {("reduction", ("layer_norm", "f32", 1024, 3)),
                     ("elementwise", ("f32", 1024, 2))}
     for space, key in seen:
@@ -198,3 +200,24 @@ def test_untuned_dtypes_and_loopless_kernels_keep_the_default():
     (kernel,) = kernels_of(g)
     assert loop_tuning.kernel_key(kernel) is None
     assert loop_tuning.kernel_schedule(kernel) == loop_tuning.DEFAULT
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_loops_llvm_cannot_widen_keep_the_default(monkeypatch, capfd, dtype):
+    """Told a width it cannot honour (a libm call, argmax's carried index) LLVM prints a
+    remark: such kernels are left to it, and every other one widens silently."""
+    g = Graph("t")
+    x = g.add_input("x", TensorType((3, 1001), dtype))
+    g.outputs = [g.add("argmax", x, axis=-1), g.add("softmax", x, axis=-1),
+                 g.add("gelu", g.add("exp", x)), g.add("reduce_max", x, axes=[-1])]
+    keys = {k.kind: loop_tuning.kernel_key(k) for k in kernels_of(g)}
+    assert len(keys) == 4 and keys.pop("argmax") is None and keys.pop("reduce_max")
+    assert all((key is None) == (dtype == "f64") for key in keys.values())   # exp: libm
+    feeds = feeds_for(g)
+    want = tensorc.compile(g, "numpy").run(feeds)
+    monkeypatch.setattr(loop_tuning, "kernel_schedule", lambda kernel: {
+        "width": 8, "interleave": 2} if loop_tuning.kernel_key(kernel) else loop_tuning.DEFAULT)
+    got = get_backend("llvm").compile(g).run(feeds)
+    assert "not vectorized" not in capfd.readouterr().err
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)

@@ -22,7 +22,6 @@ from tensorc.types import DTYPES
 
 from .. import kernel_ir as K
 from ..lowering.rules import elementwise as maths
-from . import loop_tuning
 
 _F32 = ir.FloatType()
 _I64 = ir.IntType(64)
@@ -49,9 +48,9 @@ def add_kernel(module: ir.Module, kernel: K.Kernel, schedule: dict | None = None
     """Add `kernel` (entry point plus its inlined body) to `module`, and its job for the
     native thread pool (`pool.py`): `NAME_job(block, item, tid)` with block = [args,
     extent, parts] runs part `item` of the parallel loop's [0, extent). `schedule`: its
-    innermost loops' vector width and interleave count (`loop_tuning.py`; default:
-    LLVM's choice)."""
-    _FnGen(module, kernel, schedule or loop_tuning.DEFAULT).emit()
+    innermost loops' vector width and interleave count (`loop_tuning.py`; none or a
+    width of 0: LLVM's choice, and no metadata)."""
+    _FnGen(module, kernel, schedule or {"width": 0}).emit()
     entry = module.globals[kernel.name]
     job = ir.Function(module, ir.FunctionType(ir.VoidType(), [_I8P, _I64, _I64]),
                       name=job_name(kernel.name))
@@ -70,15 +69,16 @@ def job_name(kernel_name: str) -> str:
     return kernel_name + "_job"
 
 
-def render(kernels: list[K.Kernel]) -> str:
-    """LLVM IR text of a module holding `kernels` (each name once), each on this host's
-    schedule for its class (`loop_tuning.kernel_schedule`)."""
+def render(kernels: list[K.Kernel], schedule=None) -> str:
+    """LLVM IR text of a module holding `kernels` (each name once); `schedule(kernel)`,
+    if given, the schedule of each (the runtime's: `loop_tuning.kernel_schedule`, this
+    host's for the kernel's class)."""
     module = new_module()
     seen = set()
     for k in kernels:
         if k.name not in seen:
             seen.add(k.name)
-            add_kernel(module, k, loop_tuning.kernel_schedule(k))
+            add_kernel(module, k, schedule(k) if schedule else None)
     return str(module)
 
 

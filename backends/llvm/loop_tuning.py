@@ -8,7 +8,8 @@ module. A candidate sets both through loop metadata on each innermost loop
 (`llvm.loop.vectorize.width`, `llvm.loop.interleave.count`), so the schedule is part
 of the IR text and so of the JIT cache key.
 
-Two spaces, asked by `codegen.render` for each kernel (`kernel_key`):
+Two spaces, asked for each kernel the runtime compiles (`kernel_schedule`, which
+`runtime.compile_kernels` hands `codegen.render`; `kernel_key` says which space):
 - "elementwise": kernels that only store (elementwise, copies, gathers). Every
   element is computed alone, so every schedule gives bitwise the same numbers.
 - "reduction": kernels with a loop-carried accumulator (layer_norm, softmax, sums).
@@ -37,7 +38,7 @@ import numpy as np
 from tensorc.types import DTYPES
 
 from .. import kernel_ir as K
-from . import tuning
+from . import codegen, jit, tuning
 
 DEFAULT = {"width": 0, "interleave": 0}   # LLVM's own choice: no metadata
 WIDTHS = (4, 8, 16)
@@ -67,12 +68,42 @@ def _innermost(stmts) -> list[K.Loop]:
     return loops
 
 
+def _exprs(e: K.Expr):
+    yield e
+    for child in vars(e).values():
+        if isinstance(child, K.Expr):
+            yield from _exprs(child)
+
+
+def _vectorisable(loop: K.Loop) -> bool:
+    """Whether LLVM can widen `loop`, told to (it prints a remark where it cannot): no
+    libm call (float64 exp, tanh, erf, sigmoid) and every accumulator a plain fold
+    (argmax's select-carried index is none)."""
+    for s in loop.body:
+        value = s.value if isinstance(s, (K.Store, K.Assign)) else None
+        if value is None:
+            return False
+        if isinstance(s, K.Assign) and not (
+                isinstance(value, K.Binary) and value.op in _FOLDS
+                and isinstance(value.a, K.Var) and value.a.name == s.var.name):
+            return False
+        if any(isinstance(e, K.Unary) and e.op in _LIBM and e.dtype == "f64"
+               for e in _exprs(value)):
+            return False
+    return True
+
+
+_FOLDS = ("add", "mul", "max", "min")
+_LIBM = ("exp", "tanh", "erf", "sigmoid")   # float64: libm calls, see codegen
+
+
 def kernel_key(kernel: K.Kernel) -> tuple[str, tuple] | None:
-    """(space, key) of `kernel`, or None where it has no schedule to choose (no loop,
-    or a dtype left to LLVM)."""
+    """(space, key) of `kernel`, or None where it has no schedule to choose (no loop, a
+    dtype left to LLVM, an innermost loop LLVM cannot widen)."""
     loops = _innermost(kernel.body)
     outs = [b for b in kernel.buffers if not b.readonly]
-    if not loops or not outs or outs[0].dtype not in TUNED_DTYPES:
+    if not loops or not outs or outs[0].dtype not in TUNED_DTYPES \
+            or not all(map(_vectorisable, loops)):
         return None
     extent = extent_class(max(lp.extent for lp in loops))
     dtype = outs[0].dtype
@@ -178,11 +209,10 @@ def run_kernel(kernel: K.Kernel, schedule: dict, arrays: list[np.ndarray], repea
                ) -> float:
     """Run `kernel` compiled with `schedule` on `arrays` (in place, one thread) `repeat`
     times; the median seconds of one call."""
-    from . import codegen, jit
-    from .runtime import _ARGTYPES
     module = codegen.new_module()
     codegen.add_kernel(module, kernel, schedule)
-    fn = jit.cfunc(jit.compile_ir(str(module), [kernel.name])[kernel.name], None, _ARGTYPES)
+    fn = jit.cfunc(jit.compile_ir(str(module), [kernel.name])[kernel.name], None,
+                   [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
     args = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
     extent = kernel.parallel_extent
     times = []
