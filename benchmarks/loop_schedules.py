@@ -2,10 +2,11 @@
 width and interleave count (the default) against the tuned ones, on a model's kernels.
 
     .venv/bin/python benchmarks/loop_schedules.py [--model gpt:small] [--batch 1]
-        [--seq 128] [--passes O2] [--repeat 200] [--rounds 3]
+        [--seq 128] [--passes O2] [--repeat 200] [--rounds 3] [--margin 0.03]
 
 Per kernel class the model asks for, the search `tuning.py` runs: every candidate's
-representative kernel timed, the fastest picked. Then each of the model's own kernels,
+representative kernel timed, the fastest picked where it beats the default by more
+than `margin` (less is noise on a shared machine). Then each of the model's own kernels,
 one thread, on the default, on its class's pick, and on its own best candidate (what a
 per-kernel key would find), in microseconds: medians of `repeat` calls, the best of
 `rounds` rounds (the rounds interleave the candidates, so a noisy neighbour hits all).
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--passes", default="O2")
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--margin", type=float, default=0.03)
     args = ap.parse_args()
     name, _, preset = args.model.partition(":")
     model = models.get(name, preset or "tiny")
@@ -64,9 +66,11 @@ def main() -> None:
         cands = sp.candidates(key)
         times = best_of(args.rounds, cands, functools.partial(
             lambda key, c, measure: measure(key, c, args.repeat), key, measure=sp.measure))
-        picks[(space, key)] = cands[min(range(len(cands)), key=times.__getitem__)]
+        best = min(range(len(cands)), key=times.__getitem__)
+        picks[(space, key)] = cands[best if times[best] < times[0] * (1 - args.margin) else 0]
         print(f"{space} {key}: representative default {times[0] * 1e6:.1f} us, "
-              f"pick {label(picks[(space, key)])} {min(times) * 1e6:.1f} us")
+              f"fastest {label(cands[best])} {times[best] * 1e6:.1f} us, "
+              f"pick {label(picks[(space, key)])}")
     print(f"search: {time.perf_counter() - t:.1f} s for {len(seen)} keys\n")
 
     print(f"{'kernel':28} {'n':>3} {'key':34} {'default':>8} {'pick':>14} {'own best':>14}")
