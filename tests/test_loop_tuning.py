@@ -153,8 +153,10 @@ def test_reduction_candidates_within_the_tolerance(monkeypatch, shape):
             assert worst <= loop_tuning.REDUCTION_RTOL, (op, schedule, worst)
 
 
-@pytest.mark.parametrize("space,key", [("elementwise", ("f32", 997, 3)),
-                                       ("elementwise", ("i64", 8, 1)),
+@pytest.mark.parametrize("space,key", [("elementwise", ("f32", 997, 3, "")),
+                                       ("elementwise", ("f32", 1001, 2, "tanh")),
+                                       ("elementwise", ("f64", 67, 1, "log+sqrt")),
+                                       ("elementwise", ("i64", 8, 1, "")),
                                        ("reduction", ("layer_norm", "f32", 1001, 3)),
                                        ("reduction", ("softmax", "f64", 67, 1)),
                                        ("reduction", ("reduce_max", "f32", 4099, 1))])
@@ -187,7 +189,7 @@ def test_codegen_asks_one_key_per_kernel_class():
     with tuning.record() as seen:
         codegen.render(kernels, loop_tuning.kernel_schedule)
     assert seen == {("reduction", ("layer_norm", "f32", 1024, 3)),
-                    ("elementwise", ("f32", 1024, 2))}
+                    ("elementwise", ("f32", 1024, 2, "exp"))}   # gelu's erf
     for space, key in seen:
         assert tuning.SPACES[space].default(key) == loop_tuning.DEFAULT
         assert tuning.schedule(space, key) in tuning.SPACES[space].candidates(key)

@@ -19,11 +19,12 @@ Two spaces, asked for each kernel the runtime compiles (`kernel_schedule`, which
   against the documented tolerance (float32: `REDUCTION_RTOL`).
 
 A key is a class of kernels that shares a best schedule, not one kernel:
-(dtype, inner extent class, inputs) for elementwise kernels, (op, dtype, inner extent
-class, inputs) for reductions, where inputs counts the input buffers of the result's
-dtype (the streams a loop reads). The extent class is the inner loop's extent rounded up
-to a power of two (8 to 65536); `measure` times a representative kernel of the class
-built from the key on random inputs.
+(dtype, inner extent class, inputs, maths) for elementwise kernels, (op, dtype, inner
+extent class, inputs) for reductions, where inputs counts the input buffers of the
+result's dtype (the streams a loop reads) and maths names the costly unary ops the
+loop computes ("tanh", "exp+log", or ""), which make a loop compute bound. The extent
+class is the inner loop's extent rounded up to a power of two (8 to 65536); `measure`
+times a representative kernel of the class built from the key on random inputs.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def _vectorisable(loop: K.Loop) -> bool:
     return True
 
 
+# The costly unary ops: a loop computing them is compute bound, not memory bound, and
+# may want another schedule (GPT's gelu: tanh), so they are part of its class.
+MATHS = ("exp", "tanh", "erf", "sigmoid", "log", "sin", "cos", "sqrt", "rsqrt")
 _FOLDS = ("add", "mul", "max", "min")
 _LIBM = ("exp", "tanh", "erf", "sigmoid")   # float64: libm calls, see codegen
 
@@ -112,7 +116,9 @@ def kernel_key(kernel: K.Kernel) -> tuple[str, tuple] | None:
     if any(isinstance(s, K.Assign) for lp in loops for s in lp.body):
         op = kernel.kind if kernel.kind in REDUCTION_OPS else "reduce_sum"
         return "reduction", (op, dtype, extent, inputs)
-    return "elementwise", (dtype, extent, inputs)
+    maths = sorted({e.op for lp in loops for s in lp.body for e in _exprs(s.value)
+                    if isinstance(e, K.Unary) and e.op in MATHS})
+    return "elementwise", (dtype, extent, inputs, "+".join(maths))
 
 
 def kernel_schedule(kernel: K.Kernel) -> dict:
@@ -133,7 +139,7 @@ def representative(space: str, key) -> K.Kernel:
     """A kernel of the class `key`: rows of the class's inner extent, `_ELEMENTS` in all
     (at least one row)."""
     if space == "elementwise":
-        dtype, extent, inputs = key
+        dtype, extent, inputs, maths = key
         op = "reduce_sum"
     else:
         op, dtype, extent, inputs = key
@@ -143,10 +149,13 @@ def representative(space: str, key) -> K.Kernel:
     r, j = K.Var("i1"), K.Var("i2")
     at = K.binary("add", K.binary("mul", r, K.const_index(extent)), j)
     x = K.Load(ins[0], at)
-    if space == "elementwise":   # out = in0 + in1 + ...
+    if space == "elementwise":   # out = maths(in0 + in1 + ...)
         value = x
         for b in ins[1:]:
             value = K.binary("add", value, K.Load(b, at))
+        for name in filter(None, maths.split("+")):
+            arg = K.Unary("abs", value) if name in ("log", "sqrt", "rsqrt") else value
+            value = K.Unary(name, arg) if dtype in K.FLOAT_DTYPES else value
         body = [K.Loop(j, extent, [K.Store(out, at, value)])]
         return K.Kernel(ins + [out], [K.Loop(r, rows, body, parallel=True)], kind="tune")
     return _reduction(op, dtype, extent, rows, ins, out, r, at, x)
@@ -224,9 +233,9 @@ def run_kernel(kernel: K.Kernel, schedule: dict, arrays: list[np.ndarray], repea
 
 
 def _sizes(space: str, key) -> dict:
-    extent = key[1] if space == "elementwise" else key[2]
+    extent, inputs = key[1:3] if space == "elementwise" else key[2:4]
     rows = max(1, _ELEMENTS // extent)
-    inputs = max(key[-1], 1)
+    inputs = max(inputs, 1)
     sizes = {f"b{i}": rows * extent for i in range(inputs + 1)}
     if space == "reduction":
         if key[0] == "layer_norm":
