@@ -95,7 +95,8 @@ def _vectorisable(loop: K.Loop) -> bool:
 
 
 # The costly unary ops: a loop computing them is compute bound, not memory bound, and
-# may want another schedule (GPT's gelu: tanh), so they are part of its class.
+# may want another schedule (GPT's gelu, whose tanh is built on exp), so they are
+# part of its class.
 MATHS = ("exp", "tanh", "erf", "sigmoid", "log", "sin", "cos", "sqrt", "rsqrt")
 _FOLDS = ("add", "mul", "max", "min")
 _LIBM = ("exp", "tanh", "erf", "sigmoid")   # float64: libm calls, see codegen
