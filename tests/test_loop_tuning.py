@@ -88,8 +88,8 @@ def without_hints(text: str) -> str:
 def test_default_adds_nothing_and_a_candidate_only_hints():
     kernels = kernels_of(reduction_graph((5, 1003), ["layer_norm"])) + kernels_of(
         elementwise_graph((7, 1001)))
-    # no tuned cache: every kernel on the default, as without a schedule
-    default = codegen.render(kernels, loop_tuning.kernel_schedule)
+    with tuning.defaults():   # every kernel on the default: as without a schedule
+        default = codegen.render(kernels, loop_tuning.kernel_schedule)
     assert default == codegen.render(kernels)
     assert "llvm.loop.vectorize" not in default and "interleave" not in default
     module = codegen.new_module()
