@@ -35,7 +35,7 @@ class Fake:
 def fresh(monkeypatch, tmp_path):
     """An empty table, the kernels' own spaces (registered on import) and the test's,
     which go at its end, a private cache folder."""
-    from tensorc.backends.llvm import attention, codegen, gemm  # noqa: F401
+    from tensorc.backends.llvm import attention, codegen, gemm, loop_tuning  # noqa: F401
     monkeypatch.setenv("TENSORC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TENSORC_TUNE_CACHE", raising=False)
     monkeypatch.setattr(tuning, "SPACES", dict(tuning.SPACES))

@@ -157,7 +157,7 @@ class LLVMBackend(Backend):
         not bound by `env` are taken as 1 (each file's first line says which)."""
         from tensorc.ir import dim_symbols
 
-        from . import codegen
+        from . import codegen, loop_tuning
         env = dict(env or {})
         for v in graph.inputs:
             for d in v.type.shape:
@@ -172,7 +172,7 @@ class LLVMBackend(Backend):
                 f.write(f"; tensorc kernel {k.name} ({shapes})\n")
                 f.write("".join(f"; {line}\n" for line in
                                 kernel_ir.format_kernel(k).splitlines()))
-                f.write(codegen.render([k]))
+                f.write(codegen.render([k], loop_tuning.kernel_schedule))
             paths.append(path)
         return paths
 

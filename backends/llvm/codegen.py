@@ -44,11 +44,13 @@ def new_module(name: str = "tensorc") -> ir.Module:
     return ir.Module(name=name)
 
 
-def add_kernel(module: ir.Module, kernel: K.Kernel) -> None:
+def add_kernel(module: ir.Module, kernel: K.Kernel, schedule: dict | None = None) -> None:
     """Add `kernel` (entry point plus its inlined body) to `module`, and its job for the
     native thread pool (`pool.py`): `NAME_job(block, item, tid)` with block = [args,
-    extent, parts] runs part `item` of the parallel loop's [0, extent)."""
-    _FnGen(module, kernel).emit()
+    extent, parts] runs part `item` of the parallel loop's [0, extent). `schedule`: its
+    innermost loops' vector width and interleave count (`loop_tuning.py`; none or a
+    width of 0: LLVM's choice, and no metadata)."""
+    _FnGen(module, kernel, schedule or {"width": 0}).emit()
     entry = module.globals[kernel.name]
     job = ir.Function(module, ir.FunctionType(ir.VoidType(), [_I8P, _I64, _I64]),
                       name=job_name(kernel.name))
@@ -67,14 +69,16 @@ def job_name(kernel_name: str) -> str:
     return kernel_name + "_job"
 
 
-def render(kernels: list[K.Kernel]) -> str:
-    """LLVM IR text of a module holding `kernels` (each name once)."""
+def render(kernels: list[K.Kernel], schedule=None) -> str:
+    """LLVM IR text of a module holding `kernels` (each name once); `schedule(kernel)`,
+    if given, the schedule of each (the runtime's: `loop_tuning.kernel_schedule`, this
+    host's for the kernel's class)."""
     module = new_module()
     seen = set()
     for k in kernels:
         if k.name not in seen:
             seen.add(k.name)
-            add_kernel(module, k)
+            add_kernel(module, k, schedule(k) if schedule else None)
     return str(module)
 
 
@@ -87,8 +91,8 @@ def _intrinsic(module: ir.Module, name: str, ty: ir.Type, nargs: int = 1) -> ir.
 
 
 class _FnGen:
-    def __init__(self, module: ir.Module, kernel: K.Kernel):
-        self.module, self.k = module, kernel
+    def __init__(self, module: ir.Module, kernel: K.Kernel, schedule: dict):
+        self.module, self.k, self.schedule = module, kernel, schedule
 
     def emit(self):
         k, module = self.k, self.module
@@ -161,9 +165,24 @@ class _FnGen:
         self.stmts(s.body)
         b.store(b.add(b.load(iv), ir.Constant(_I64, 1)), iv)
         latch = b.branch(cond)
-        if not parallel and any(isinstance(x, K.Loop) for x in s.body):
+        if not any(isinstance(x, K.Loop) for x in s.body):
+            if self.schedule["width"]:
+                latch.set_metadata("llvm.loop", self.loop_id(
+                    ("llvm.loop.vectorize.width", self.schedule["width"]),
+                    ("llvm.loop.interleave.count", self.schedule["interleave"])))
+        elif not parallel:
             latch.set_metadata("llvm.loop", self.no_unroll())
         b.position_at_end(done)
+
+    def loop_id(self, *hints: tuple[str, int]) -> ir.MDValue:
+        """A new loop ID carrying `hints` (name, i32 value): an innermost loop's vector
+        width and interleave count, when the schedule sets them. Made afresh (not
+        through `add_metadata`, which reuses an equal node): each loop its own ID."""
+        nodes = [self.module.add_metadata([ir.MetaDataString(self.module, name),
+                                           ir.Constant(_I32, value)]) for name, value in hints]
+        loop_id = ir.values.MDValue(self.module, nodes, name=str(len(self.module.metadata)))
+        loop_id.operands = (loop_id, *nodes)   # a loop ID refers to itself
+        return loop_id
 
     def no_unroll(self) -> ir.MDValue:
         """A new loop ID saying "do not unroll", for a loop of constant extent around

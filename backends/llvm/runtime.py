@@ -23,7 +23,7 @@ from tensorc.ops import get_op
 from tensorc.ops.collective import COLLECTIVES
 
 from ..lowering import Call, IndexCheck, KernelStep, Program, View
-from . import codegen, jit, pool
+from . import codegen, jit, loop_tuning, pool
 from .pool import num_threads
 
 # A thread pays off only with this much work (elements touched) to do: handing work
@@ -43,11 +43,11 @@ ROLES = {"matmul": ("a", "b"), "attention": ("q", "k", "v", "mask"),
 
 def compile_kernels(kernels) -> dict[str, tuple[object, int]]:
     """{kernel name: (ctypes function, its pool job's address)}, one LLVM module for all
-    (cached on disk)."""
+    (cached on disk), each kernel on this host's schedule for its class."""
     if not kernels:
         return {}
     names = [k.name for k in kernels]
-    addrs = jit.compile_ir(codegen.render(kernels),
+    addrs = jit.compile_ir(codegen.render(kernels, loop_tuning.kernel_schedule),
                            names + [codegen.job_name(n) for n in names])
     return {n: (jit.cfunc(addrs[n], None, _ARGTYPES), addrs[codegen.job_name(n)])
             for n in names}
