@@ -120,7 +120,7 @@ def _layer_norm(lw, node, ins, attrs):
 
 
 _REDUCE = {"reduce_sum": "add", "reduce_mean": "add", "reduce_max": "max",
-           "reduce_min": "min"}
+           "reduce_min": "min", "reduce_prod": "mul"}
 
 
 def reduce_into(lw, x: Lazy, axes, op: str, out_dtype: str, acc: str, keep=None,
@@ -136,7 +136,7 @@ def reduce_into(lw, x: Lazy, axes, op: str, out_dtype: str, acc: str, keep=None,
         return lw.of_view(out)
     r = Rows(name, x.shape, axes, [x], [])
     v = r.kb.var(acc)
-    init = {"add": 0, "max": _lowest(acc), "min": _highest(acc)}[op]
+    init = {"add": 0, "mul": 1, "max": _lowest(acc), "min": _highest(acc)}[op]
     body = [K.Decl(v, _f(acc, float(init) if acc in _FLOATS else init))]
 
     def step():
@@ -182,7 +182,7 @@ def _columns_kernel(x: Lazy, axes, op: str, acc: str, out, mean: bool, name: str
         outer_indices(kb, shape, [[d] for d in kept], flat, idx)
         return K.Loop(j, block, body_fn(K.binary("add", K.const_index(out.offset), flat), idx))
 
-    init = {"add": 0, "max": _lowest(acc), "min": _highest(acc)}[op]
+    init = {"add": 0, "mul": 1, "max": _lowest(acc), "min": _highest(acc)}[op]
     body = [columns(lambda a, idx: [K.Store(kout, a, _f(acc, float(init) if acc in _FLOATS
                                                         else init))])]
 
@@ -253,6 +253,51 @@ def _argmax(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _topk(lw, node, ins, attrs):
+    """Per row, k selection passes: pass t takes the best element ordered after pass
+    t-1's pick (largest: a smaller value, or an equal one at a higher index), so equal
+    values come out lower index first, as the reference's stable sort. O(k n) a row:
+    for the small k of models' top-k; no scratch memory."""
+    x = widened(ins[0])
+    if x.dtype == "bool":
+        raise NotLowerable("topk on bool")
+    ax, k = norm_axis(attrs["axis"], len(x.shape)), attrs["k"]
+    t_out = node.outputs[0].type.concrete(lw.env)
+    vals, idxs = lw.out_view(t_out), lw.out_view(TensorType(t_out.shape, "i64"))
+    r = Rows("topk", x.shape, [ax], [x], [])
+    kb, dt = r.kb, x.dtype
+    after, before = ("lt", "gt") if attrs["largest"] else ("gt", "lt")
+    prev_v, prev_i, best_v, best_i, t = kb.var(dt), kb.var("i64"), kb.var(dt), \
+        kb.var("i64"), kb.var()
+    zero, none = _f(dt, 0.0 if dt in _FLOATS else 0), K.const_index(-1)
+    take = kb.var("bool")
+    body = [K.Decl(prev_v, zero), K.Decl(prev_i, none), K.Decl(best_v, zero),
+            K.Decl(best_i, none), K.Decl(take, K.Const(False, "bool"))]
+
+    def step():
+        v, i = r.at(x), r.idx[ax]
+        later = K.binary("or", K.binary("lt", prev_i, K.const_index(0)), K.binary(
+            "or", K.binary(after, v, prev_v), K.binary("and", K.binary("eq", v, prev_v),
+                                                      K.binary("gt", i, prev_i))))
+        better = K.binary("or", K.binary("lt", best_i, K.const_index(0)),
+                          K.binary(before, v, best_v))
+        return [K.Assign(take, K.binary("and", later, better)),
+                K.Assign(best_i, K.Select(take, i, best_i)),
+                K.Assign(best_v, K.Select(take, v, best_v))]
+    rows = [(r.idx[d], d) for d in range(len(x.shape)) if d != ax]
+    scan = [K.Assign(best_i, none)] + r.over_reduced(step)
+
+    def put(out, value):
+        terms = [(e, out.strides[d]) for e, d in rows] + [(t, out.strides[ax])]
+        return K.Store(kb.buf(out.buf, readonly=False), K.affine(out.offset, terms), value)
+    keep = K.Cast(best_v, t_out.dtype) if t_out.dtype != dt else best_v
+    scan += [put(vals, keep), put(idxs, best_i), K.Assign(prev_v, best_v),
+             K.Assign(prev_i, best_i)]
+    body.append(K.Loop(t, k, scan))
+    lw.steps.append(r.kernel(body, max(k, 1)))
+    return [lw.of_view(vals), lw.of_view(idxs)]
+
+
 def _quant_params(lw, node, ins, attrs):
     """A scale and zero point per row (dynamic quantization) in one kernel: the row's
     range in one pass, then, when a `quantize` of the same x by them is the reader (as the
@@ -319,4 +364,5 @@ RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "layer_norm": in_f32(_layer_norm),
     **dict.fromkeys(_REDUCE, _reduce),
     "argmax": _argmax,
+    "topk": _topk,
 }
