@@ -23,7 +23,7 @@ from tensorc.errors import ShapeError, TensorcError, UnsupportedOpError
 from tensorc.ir import DTYPES, Dim, Graph, TensorType, Value
 from tensorc.ops import get_op
 
-from . import handlers, quantized, spatial
+from . import handlers, indexing, quantized, spatial
 from .values import (
     FOLD_LIMIT,
     MAX_OPSET,
@@ -43,7 +43,7 @@ from .values import (
 )
 
 # ONNX op type -> its handler
-HANDLERS = {**handlers.HANDLERS, **quantized.HANDLERS, **spatial.HANDLERS}
+HANDLERS = {**handlers.HANDLERS, **quantized.HANDLERS, **spatial.HANDLERS, **indexing.HANDLERS}
 
 # --- the importer ---------------------------------------------------------------------
 
