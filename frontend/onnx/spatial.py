@@ -394,6 +394,9 @@ def _resize_plan(n: OnnxNode, shape: list, rank: int):
         raise ShapeError(f"{n.where}: scales/sizes {given} and roi {roi} do not fit "
                          f"axes {axes}")
     dims = [shape[a] for a in axes]
+    if scales is not None:   # a symbolic dim scaled by 1 stays itself
+        dims = [1 if isinstance(d, str) and s == 1 else d for d, s in zip(dims, scales,
+                                                                          strict=True)]
     if not all(isinstance(d, int) and d > 0 for d in dims):
         raise n.unsupported(f"resized dims {dims} must be static and non-zero")
     if sizes is not None:
@@ -412,7 +415,9 @@ def _resize_plan(n: OnnxNode, shape: list, rank: int):
         scales = np.asarray(scales, np.float32)
         if (scales <= 0).any():
             raise ShapeError(f"{n.where}: scales {scales.tolist()} must be positive")
-        out = (scales * np.array(dims)).astype(int).tolist()
+        out = [o if isinstance(d, int) else d for o, d in zip(
+            (scales * np.array(dims)).astype(int).tolist(), [shape[a] for a in axes],
+            strict=True)]
         scale = [float(s) for s in scales]
     pairs = [None] * len(axes) if roi is None else \
         [(float(roi[i]), float(roi[i + len(axes)])) for i in range(len(axes))]
