@@ -198,6 +198,21 @@ def test_topk_ties_lower_index_first(backend, dtype, monkeypatch):
         _check(model, {"x": x}, backend, monkeypatch)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_nan_sorts_above_every_number(backend, monkeypatch):
+    """As ONNX Runtime and numpy's sort: NaN is the largest value (last when smallest);
+    infinities in their places."""
+    x = np.array([[1, np.nan, 3, np.nan, -1, 2], [np.nan] * 6,
+                  [np.inf, -np.inf, np.nan, -np.inf, 0, np.inf]], np.float32)
+    for largest in (0, 1):
+        model = _model("TopK", {"x": x}, {"k": np.array([5], np.int64)}, outputs=("v", "i"),
+                       out_types=[TensorProto.FLOAT, TensorProto.INT64], largest=largest)
+        monkeypatch.setenv("TENSORC_STRICT", "1")
+        got = get_backend(backend).compile(tx.from_model(model))(x=x)
+        for g, w in zip(got, _expected(model, {"x": x}), strict=True):
+            np.testing.assert_array_equal(g, w)   # NaNs compare equal here
+
+
 def test_topk_refusals():
     x = np.zeros((2, 5), np.float32)
     with pytest.raises(ShapeError, match="K=6 is out of range"):

@@ -253,11 +253,24 @@ def _argmax(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _sorts_above(a: K.Expr, b: K.Expr) -> K.Expr:
+    """a > b with NaN above every number (numpy's sort order; equal NaNs are not)."""
+    nan_a, nan_b = (K.Unary("not", K.binary("eq", v, v)) for v in (a, b))
+    return K.binary("or", K.binary("gt", a, b), K.binary("and", nan_a, K.Unary("not", nan_b)))
+
+
+def _sorts_level(a: K.Expr, b: K.Expr) -> K.Expr:
+    both_nan = K.binary("and", K.Unary("not", K.binary("eq", a, a)),
+                        K.Unary("not", K.binary("eq", b, b)))
+    return K.binary("or", K.binary("eq", a, b), both_nan)
+
+
 def _topk(lw, node, ins, attrs):
     """Per row, k selection passes: pass t takes the best element ordered after pass
     t-1's pick (largest: a smaller value, or an equal one at a higher index), so equal
-    values come out lower index first, as the reference's stable sort. O(k n) a row:
-    for the small k of models' top-k; no scratch memory."""
+    values come out lower index first, as the reference's stable sort; NaN sorts above
+    every number, as there. O(k n) a row: for the small k of models' top-k; no scratch
+    memory."""
     x = widened(ins[0])
     if x.dtype == "bool":
         raise NotLowerable("topk on bool")
@@ -266,7 +279,6 @@ def _topk(lw, node, ins, attrs):
     vals, idxs = lw.out_view(t_out), lw.out_view(TensorType(t_out.shape, "i64"))
     r = Rows("topk", x.shape, [ax], [x], [])
     kb, dt = r.kb, x.dtype
-    after, before = ("lt", "gt") if attrs["largest"] else ("gt", "lt")
     prev_v, prev_i, best_v, best_i, t = kb.var(dt), kb.var("i64"), kb.var(dt), \
         kb.var("i64"), kb.var()
     zero, none = _f(dt, 0.0 if dt in _FLOATS else 0), K.const_index(-1)
@@ -276,12 +288,13 @@ def _topk(lw, node, ins, attrs):
 
     def step():
         v, i = r.at(x), r.idx[ax]
+        ahead, behind = (v, prev_v) if not attrs["largest"] else (prev_v, v)
         later = K.binary("or", K.binary("lt", prev_i, K.const_index(0)), K.binary(
-            "or", K.binary(after, v, prev_v), K.binary("and", K.binary("eq", v, prev_v),
-                                                      K.binary("gt", i, prev_i))))
-        better = K.binary("or", K.binary("lt", best_i, K.const_index(0)),
-                          K.binary(before, v, best_v))
-        return [K.Assign(take, K.binary("and", later, better)),
+            "or", _sorts_above(ahead, behind), K.binary(
+                "and", _sorts_level(v, prev_v), K.binary("gt", i, prev_i))))
+        better = _sorts_above(v, best_v) if attrs["largest"] else _sorts_above(best_v, v)
+        return [K.Assign(take, K.binary("and", later, K.binary(
+                    "or", K.binary("lt", best_i, K.const_index(0)), better))),
                 K.Assign(best_i, K.Select(take, i, best_i)),
                 K.Assign(best_v, K.Select(take, v, best_v))]
     rows = [(r.idx[d], d) for d in range(len(x.shape)) if d != ax]
