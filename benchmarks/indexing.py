@@ -12,6 +12,7 @@ the median of --repeat calls and keeps its best round (the machine may be shared
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -72,8 +73,9 @@ def main():
         graph = tx.from_model(model)
         runs = {"llvm": get_backend("llvm").compile(graph),
                 "numpy": get_backend("numpy").compile(graph)}
-        calls = {k: (lambda e=e: e.run({"x": x})) for k, e in runs.items()}
-        calls["ORT"] = lambda: sess.run(None, {"x": x})
+        feeds = {"x": x}
+        calls = {k: functools.partial(e.run, feeds) for k, e in runs.items()}
+        calls["ORT"] = functools.partial(sess.run, None, feeds)
         best = {}
         for _ in range(args.rounds):
             for k, f in calls.items():
