@@ -382,3 +382,30 @@ def test_a_reduction_that_accumulates_in_memory_is_not_split_across_threads():
     exe = CupyBackend().compile(g, runtime=EmulatedRuntime())
     for _ in range(3):
         np.testing.assert_allclose(exe(xs), xs.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_scatter_and_reduce_prod_on_emulator():
+    """The kernels of ONNX's TopK (NaN and ties), scatters and ReduceProd, rendered for
+    CUDA, on the emulator: numpy's numbers, nothing through a reference fallback."""
+    from tensorc.backends.cupy.emulate import EmulatedRuntime, host_compiler
+    if host_compiler() is None:
+        pytest.skip("g++ not installed: the CUDA emulator needs a C++20 host compiler")
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 3, (4, 70)).astype(np.float32)
+    x[0, 3] = np.nan
+    cases = [("topk", [x], {"k": 5}), ("topk", [x], {"k": 3, "axis": 0, "largest": False}),
+             ("reduce_prod", [rng.uniform(-2, 2, (5, 40)).astype(np.float32)], {"axes": (1,)})]
+    cases += [("scatter", [rng.standard_normal((5, 6)).astype(np.float32), np.array([4, 0, -1, 4]),
+                           rng.standard_normal((4, 6)).astype(np.float32)],
+               {"axis": 0, "reduction": red}) for red in ("none", "add", "mul", "max", "min")]
+    for op, inputs, attrs in cases:
+        g = tensorc.Graph("t")
+        xs = [g.add_input(f"x{i}", tensorc.TensorType.of(a)) for i, a in enumerate(inputs)]
+        g.outputs = g.add_node(op, xs, attrs)
+        feeds = {f"x{i}": a for i, a in enumerate(inputs)}
+        want = get_backend("numpy").compile(g).run(feeds)
+        exe = CupyBackend().compile(g, runtime=EmulatedRuntime())
+        got = exe.run(feeds)
+        assert exe.stats["fallbacks"] == []
+        for k, w in want.items():
+            np.testing.assert_allclose(got[k], w, rtol=1e-6, err_msg=f"{op} {attrs}")

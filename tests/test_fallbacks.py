@@ -93,7 +93,8 @@ def test_matmul_kernel_off_float32(dtype, tol, shapes):
     _check("matmul", [(s, dtype) for s in shapes], np.random.default_rng(1), tol)
 
 
-@pytest.mark.parametrize("op", ["reduce_sum", "reduce_mean", "reduce_max", "reduce_min"])
+@pytest.mark.parametrize("op", ["reduce_sum", "reduce_mean", "reduce_max", "reduce_min",
+                                "reduce_prod"])
 @pytest.mark.parametrize("dtype,tol", [("i32", 0), ("i64", 0), ("i8", 0), ("u8", 0),
                                        ("f16", 2e-3)])
 @pytest.mark.parametrize("shape,axes", [((4, 9), (1,)), ((3, 5, 2), (0, 2)), ((7,), None),
@@ -106,6 +107,38 @@ def test_reductions_on_ints_f16_and_scalars(op, dtype, tol, shape, axes):
 def test_argmax_on_ints_and_f16(dtype):
     _check("argmax", [((6, 11), dtype)], np.random.default_rng(3), axis=1)
     _check("argmax", [((6, 11), dtype)], np.random.default_rng(4), axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64", "f16", "i32", "i64", "i8", "u8"])
+@pytest.mark.parametrize("shape,k,axis", [((6, 11), 3, 1), ((5, 4, 3), 4, 0), ((2, 300), 7, -1),
+                                          ((8,), 8, 0)])
+def test_topk_kernel(dtype, shape, k, axis):
+    """Integers in [-9, 9] tie often: equal values come out lower index first."""
+    for largest in (True, False):
+        _check("topk", [(shape, dtype)], np.random.default_rng(7), 0, k=k, axis=axis,
+               largest=largest)
+
+
+@pytest.mark.parametrize("reduction", ["none", "add", "mul", "max", "min"])
+@pytest.mark.parametrize("dtype", ["f32", "f64", "i32", "i64"])
+def test_scatter_kernel(reduction, dtype):
+    """Repeated indices apply in order (none: the last one wins), on every reduction."""
+    rng = np.random.default_rng(8)
+    for ds, axis, idx in [((6, 5), 0, np.array([5, 0, -1, 2, 5])),
+                          ((3, 7, 40), 1, np.array([[6, 0], [6, 3], [-7, 2]]))]:
+        g = Graph("t")
+        ax = axis % len(ds)
+        us = ds[:ax] + idx.shape + ds[ax + 1:]
+        ins = [g.add_input("d", TensorType(ds, dtype)), g.add_input("u", TensorType(us, dtype))]
+        g.outputs = g.add_node("scatter", [ins[0], g.add_constant("i", idx), ins[1]],
+                               {"axis": axis, "reduction": reduction})
+        feeds = {"d": _rand(rng, ds, dtype), "u": _rand(rng, us, dtype)}
+        want = get_backend("numpy").compile(g).run(feeds)
+        exe = get_backend("llvm").compile(g)
+        got = exe.run(feeds)
+        assert [f for p in _programs(exe) for f in p.stats()["fallbacks"]] == []
+        for name, w in want.items():
+            np.testing.assert_array_equal(got[name], w)
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])

@@ -95,6 +95,17 @@ def cases(rng):
         "unsqueeze": [([f64(rng, 3)], {"axes": (0,)})],
         "gather": [([f64(rng, 5, 3), ids], {"axis": 0}), ([f64(rng, 2, 5), ids], {"axis": 1})],
         "scatter_add": [([f64(rng, 5, 2), ids, f64(rng, 2, 3, 2)], {"axis": 0})],
+        # none: distinct indices (ONNX leaves repeated ones undefined); mul/max/min have
+        # no rule (the driver names the node if one is needed)
+        "scatter": [([f64(rng, 5, 2), np.array([[3, 0], [1, 4]]), f64(rng, 2, 2, 2)],
+                     {"axis": 0}),
+                    ([f64(rng, 2, 5), ids, f64(rng, 2, 2, 3)], {"axis": 1, "reduction": "add"})],
+        "topk": [([f64(rng, 3, 5)], {"k": 2}), ([f64(rng, 4, 3)], {"k": 3, "axis": 0,
+                                                                  "largest": False})],
+        "reduce_prod": [([f64(rng, 2, 3, 4)], {"axes": (1,)}),
+                        # a row with one zero, a row with two: the product of the others
+                        ([np.array([[0.5, 0.0, -2.0], [0.0, 1.5, 0.0], [0.7, -1.2, 2.0]])],
+                         {"axes": (1,), "keepdims": True})],
         "trilu": [([f64(rng, 3, 4)], {"k": 1})],
         "dropout": [([f64(rng, 4, 5), np.array(11, np.int64)], {"p": 0.3, "salt": 2})],
         "tensor_scatter": [([f64(rng, 2, 2, 6, 3), f64(rng, 2, 2, 2, 3),

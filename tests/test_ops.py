@@ -376,6 +376,63 @@ def _reduce(op, rng):
         yield [x], {"axes": (1,)}, reduce_loops(x, (1,), False, fn)
 
 
+@checks("reduce_prod")
+def _reduce_prod(op, rng):
+    for shape, axes, keepdims in REDUCE_CASES:
+        x = rand(rng, shape, low=-1.5, high=1.5)
+        yield [x], {"axes": axes, "keepdims": keepdims}, reduce_loops(x, axes, keepdims,
+                                                                    math.prod)
+    x = rand(rng, (3, 5), "i64", -3, 3)   # zeros and negatives: a real product
+    yield [x], {"axes": (1,)}, reduce_loops(x, (1,), False, math.prod)
+    yield [np.zeros((2, 0), np.float32)], {"axes": (1,)}, np.ones(2, np.float32)
+
+
+@checks("topk")
+def _topk(op, rng):
+    """A selection by repeated scan: the best value not yet taken, the first such index
+    winning ties (the same order as sorting with ties lower index first)."""
+    for shape, k, axis, largest, dtype in [((3, 7), 3, -1, True, "f32"),
+                                           ((3, 7), 7, 1, False, "f32"),
+                                           ((5, 2, 4), 2, 0, True, "i64"),
+                                           ((2, 6, 3), 0, 1, True, "f32"),
+                                           ((9,), 4, 0, False, "i32")]:
+        x = rand(rng, shape, dtype, -2, 2)   # small ints: many ties
+        if dtype == "f32":
+            x = np.round(x)
+        ax = axis % x.ndim
+        vals = np.empty(shape[:ax] + (k,) + shape[ax + 1:], x.dtype)
+        idx = np.empty(vals.shape, np.int64)
+        for outer, pos in rows(x, [ax]):
+            row, taken = [x[p].item() for p in pos], []
+            for t in range(k):
+                left = [i for i in range(len(row)) if i not in taken]
+                best = (max if largest else min)(left, key=row.__getitem__)
+                taken.append(best)
+                at = outer[:ax] + (t,) + outer[ax:]
+                vals[at], idx[at] = row[best], best
+        yield [x], {"k": k, "axis": axis, "largest": largest}, [vals, idx]
+
+
+@checks("scatter")
+def _scatter(op, rng):
+    """Element by element in index order: written (none: the last write wins) or
+    combined with what is there."""
+    combine = {"none": lambda old, new: new, "add": operator.add, "mul": operator.mul,
+               "max": max, "min": min}
+    for red in combine:
+        for ds, axis, idx in [((5, 3), 0, np.array([4, 0, -1, 4], np.int64)),
+                              ((3, 6), 1, np.array([[5, 0], [5, 1]], np.int32)),
+                              ((2, 3, 4), -1, np.array(2, np.int64))]:
+            data = rand(rng, ds)
+            ax = axis % data.ndim
+            upd = rand(rng, ds[:ax] + idx.shape + ds[ax + 1:])
+            out = data.astype(np.float64)
+            for o in np.ndindex(*upd.shape):
+                at = o[:ax] + (int(idx[o[ax:ax + idx.ndim]]) % ds[ax],) + o[ax + idx.ndim:]
+                out[at] = combine[red](out[at], float(upd[o]))
+            yield [data, idx, upd], {"axis": axis, "reduction": red}, out.astype(np.float32)
+
+
 @checks("argmax")
 def _argmax(op, rng):
     def first_max(v):

@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tensorc.errors import TensorcError, UnsupportedOpError
-from tensorc.ir import DTYPES, Dim, Graph, Node, TensorType, Value
+from tensorc.ir import DTYPES, Dim, Graph, Node, TensorType, Value, dim_product
 from tensorc.ops import get_op
 from tensorc.types import _split_dim
 
@@ -334,6 +334,25 @@ def _argmax(sc, node, ins, outs):
             keepdims=int(node.attrs["keepdims"]))
 
 
+def _topk(sc, node, ins, outs):
+    sc.node("TopK", [ins[0], sc.ints([node.attrs["k"]])], outputs=outs,
+            axis=node.attrs["axis"], largest=int(node.attrs["largest"]), sorted=1)
+
+
+def _scatter(sc, node, ins, outs):
+    """ScatterElements over the slices: the indices flattened to the axis and expanded
+    over every other dim of the updates (reshaped to match)."""
+    data, idx, _ = node.inputs
+    rank, ax = data.type.rank, node.attrs["axis"] % data.type.rank
+    m = dim_product(idx.type.shape)
+    upd = sc.node("Reshape", [ins[2], sc.dims(data.type.shape[:ax] + (m,) +
+                                              data.type.shape[ax + 1:])])[0]
+    where = sc.node("Reshape", [ins[1], sc.dims([1] * ax + [m] + [1] * (rank - ax - 1))])[0]
+    where = sc.node("Expand", [where, sc.node("Shape", [upd])[0]])[0]
+    sc.node("ScatterElements", [ins[0], where, upd], outputs=outs, axis=ax,
+            reduction=node.attrs["reduction"])
+
+
 def _layer_norm(sc, node, ins, outs):
     x, axis = node.inputs[0], node.attrs["axis"]
     if len(ins) == 1:  # ONNX needs a scale
@@ -448,6 +467,7 @@ EXPORTERS: dict[str, Exporter] = {
     "full": _full, "range": _range, "dims": _dims, "trilu": _trilu,
     "reduce_sum": _axes_input("ReduceSum"), "reduce_mean": _axes_input("ReduceMean"),
     "reduce_max": _axes_input("ReduceMax"), "reduce_min": _axes_input("ReduceMin"),
+    "reduce_prod": _axes_input("ReduceProd"), "topk": _topk, "scatter": _scatter,
     "argmax": _argmax, "softmax": _axis("Softmax"), "log_softmax": _axis("LogSoftmax"),
     "layer_norm": _layer_norm, "conv2d": _conv2d, "tensor_scatter": _tensor_scatter,
     "quantize": _quantize, "dequantize": _dequantize, "fake_quantize": _fake_quantize,

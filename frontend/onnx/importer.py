@@ -25,7 +25,7 @@ from tensorc.errors import ShapeError, TensorcError, UnsupportedOpError
 from tensorc.ir import DTYPES, Dim, Graph, TensorType, Value
 from tensorc.ops import get_op
 
-from . import attention_ops, control, handlers, losses, quantized, spatial
+from . import attention_ops, control, handlers, indexing, losses, quantized, spatial
 from .values import (
     FOLD_LIMIT,
     MAX_OPSET,
@@ -46,7 +46,7 @@ from .values import (
 )
 
 # ONNX op type -> its handler
-HANDLERS = {**handlers.HANDLERS, **quantized.HANDLERS, **spatial.HANDLERS,
+HANDLERS = {**handlers.HANDLERS, **quantized.HANDLERS, **spatial.HANDLERS, **indexing.HANDLERS,
             **attention_ops.HANDLERS, **losses.HANDLERS, **control.HANDLERS}
 # ops that onnx's version converter renames when it upgrades an old model to NATIVE_OPSET
 RENAMED_ON_UPGRADE = {"Upsample": "Resize", "Scatter": "ScatterElements"}

@@ -292,8 +292,193 @@ def _group_norm(cx, n):
     return [cx.op("add", y, _per_channel(cx, n, bias, rank, c, "bias"))]
 
 
+# --- Resize: per resized axis, gathers of the input weighted by import-time constants --
+
+def _nearest_coeffs(mode: str):
+    def coeffs(r: float, scale: float) -> list:
+        if float(r).is_integer():
+            return [0, 1]
+        up = {"round_prefer_floor": r > 0.5, "round_prefer_ceil": r >= 0.5, "floor": False,
+              "ceil": True}[mode]
+        return [1 - up, up]
+    return coeffs
+
+
+def _linear_coeffs(r: float, scale: float) -> list:
+    return [1 - r, r]
+
+
+def _linear_antialias(r: float, scale: float) -> np.ndarray:
+    scale = min(scale, 1.0)
+    start = int(np.floor(-1 / scale) + 1)
+    c = np.clip(1 - np.abs((np.arange(start, 2 - start) - r) * scale), 0, 1)
+    return c / c.sum()
+
+
+def _cubic_coeffs(a: float, antialias: bool):
+    def kernel(x):   # Keys' cubic convolution kernel with parameter a
+        x = np.abs(x)
+        return np.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1, np.where(
+            x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0.0))
+
+    def coeffs(r: float, scale: float) -> np.ndarray:
+        if not antialias:
+            return kernel(np.array([r + 1, r, 1 - r, 2 - r]))
+        scale = min(scale, 1.0)
+        start = int(np.floor(-2 / scale) + 1)
+        c = kernel(scale * (np.arange(start, 2 - start) - r))
+        return c / c.sum()
+    return coeffs
+
+
+def _source_coords(coord: str, n_in: int, n_out: int, scale: float, roi) -> np.ndarray:
+    """Where each output position samples the input (ONNX's coordinate transformations)."""
+    y, wide = np.arange(n_out, dtype=np.float64), scale * n_in
+    if coord == "align_corners":
+        return np.zeros(n_out) if wide == 1 else y * (n_in - 1) / (wide - 1)
+    if coord == "asymmetric":
+        return y / scale
+    if coord == "tf_crop_and_resize":
+        span = (roi[1] - roi[0]) * (n_in - 1)
+        x = np.full(n_out, span / 2) if wide == 1 else y * span / (wide - 1)
+        return x + roi[0] * (n_in - 1)
+    if coord == "pytorch_half_pixel":
+        return np.full(n_out, -0.5) if wide == 1 else (y + 0.5) / scale - 0.5
+    if coord == "half_pixel":
+        return (y + 0.5) / scale - 0.5
+    offset = n_in / 2 * (1 - n_out / wide)   # half_pixel_symmetric
+    return offset + (y + 0.5) / scale - 0.5
+
+
+def _resize_taps(n_in: int, n_out: int, scale: float, coeffs, coord: str, roi,
+                 exclude_outside: bool):
+    """(indices [n_out, K], weights [n_out, K], outside [n_out] or None) of one axis: output
+    j is the sum over k of input[indices[j, k]] * weights[j, k], or the extrapolation value
+    where `outside` (tf_crop_and_resize). As ONNX's reference: the K taps nearest the
+    source coordinate (ties to the lower ones), indices clamped into the input (edge
+    padding), exclude_outside renormalising the weights of the taps inside it."""
+    x = _source_coords(coord, n_in, n_out, scale, roi)
+    base = np.floor(x)
+    ratio = np.where(x == base, 1.0, x - base)
+    w = np.array([coeffs(float(r), scale) for r in ratio], np.float64).reshape(n_out, -1)
+    k = w.shape[1]
+    pad = -(-k // 2)
+    p = np.floor(x + pad)
+    frac = x + pad - p
+    if k % 2 == 0:
+        start = p + np.where(frac == 0, -(k // 2), -(k // 2) + 1)
+    else:
+        start = p + np.where(frac <= 0.5, -((k - 1) // 2), -((k - 1) // 2) + 1)
+    idx = start.astype(np.int64)[:, None] + np.arange(k) - pad
+    if exclude_outside:
+        w = np.where((idx < 0) | (idx >= n_in), 0.0, w)
+        total = w.sum(axis=1, keepdims=True)
+        w = w / np.where(total == 0, 1.0, total)
+    outside = (x < 0) | (x > n_in - 1) if coord == "tf_crop_and_resize" else None
+    return np.clip(idx, 0, n_in - 1), w, outside if outside is not None and outside.any() \
+        else None
+
+
+def _resize_plan(n: OnnxNode, shape: list, rank: int):
+    """(axes, per-axis scale, output size, roi pair) as ONNX's reference resolves scales
+    or sizes, axes and keep_aspect_ratio_policy."""
+    axes = n.attr("axes")
+    axes = list(range(rank)) if axes is None else _check_axes(n, axes, rank)
+    roi = n.consts(1, "roi") or None
+    scales = n.consts(2, "scales") or None
+    sizes = n.consts(3, "sizes") or None
+    if (scales is None) == (sizes is None):
+        raise ShapeError(f"{n.where}: needs exactly one of scales and sizes")
+    given = scales if scales is not None else sizes
+    if len(given) != len(axes) or roi is not None and len(roi) != 2 * len(axes):
+        raise ShapeError(f"{n.where}: scales/sizes {given} and roi {roi} do not fit "
+                         f"axes {axes}")
+    dims = [shape[a] for a in axes]
+    if scales is not None:   # a symbolic dim scaled by 1 stays itself
+        dims = [1 if isinstance(d, str) and s == 1 else d for d, s in zip(dims, scales,
+                                                                          strict=True)]
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        raise n.unsupported(f"resized dims {dims} must be static and non-zero")
+    if sizes is not None:
+        if any(isinstance(s, str) or s < 0 for s in sizes):
+            raise ShapeError(f"{n.where}: sizes {sizes} must be known non-negative ints")
+        scale = [o / d for o, d in zip(sizes, dims, strict=True)]
+        policy = n.attr("keep_aspect_ratio_policy", "stretch")
+        if policy not in ("stretch", "not_larger", "not_smaller"):
+            raise ShapeError(f"{n.where}: keep_aspect_ratio_policy {policy!r} is not ONNX's")
+        if policy != "stretch":
+            one = min(scale) if policy == "not_larger" else max(scale)
+            scale = [one] * len(axes)
+            sizes = [int(one * d + 0.5) for d in dims]
+        out = list(sizes)
+    else:
+        scales = np.asarray(scales, np.float32)
+        if (scales <= 0).any():
+            raise ShapeError(f"{n.where}: scales {scales.tolist()} must be positive")
+        out = [o if isinstance(d, int) else d for o, d in zip(
+            (scales * np.array(dims)).astype(int).tolist(), [shape[a] for a in axes],
+            strict=True)]
+        scale = [float(s) for s in scales]
+    pairs = [None] * len(axes) if roi is None else \
+        [(float(roi[i]), float(roi[i + len(axes)])) for i in range(len(axes))]
+    return axes, scale, out, pairs
+
+
+def _resize(cx, n):
+    """Resize (opset 13+): separable, one axis at a time in `axes` order, as ONNX's
+    reference. An axis is K gathers of x at import-time indices, weighted by import-time
+    coefficients and added (nearest: one gather); tf_crop_and_resize's positions outside
+    the input take the extrapolation value (`where`). Modes nearest (every
+    nearest_mode), linear and cubic (cubic_coeff_a, exclude_outside, antialias); every
+    coordinate_transformation_mode; scales or sizes with keep_aspect_ratio_policy. The
+    resized dims must be static; the others may be symbolic."""
+    x = n.x(0)
+    shape, dt = list(_shape(x)), _dtype(x)
+    rank = len(shape)
+    mode = n.attr("mode", "nearest")
+    coord = n.attr("coordinate_transformation_mode", "half_pixel")
+    antialias = bool(n.attr("antialias", 0)) and mode != "nearest"
+    if mode == "nearest":
+        coeffs = _nearest_coeffs(n.attr("nearest_mode", "round_prefer_floor"))
+    elif mode == "linear":
+        coeffs = _linear_antialias if antialias else _linear_coeffs
+    elif mode == "cubic":
+        coeffs = _cubic_coeffs(n.attr("cubic_coeff_a", -0.75), antialias)
+    else:
+        raise ShapeError(f"{n.where}: mode {mode!r} is not nearest, linear or cubic")
+    if mode != "nearest" and dt not in ("f16", "f32", "f64"):
+        raise n.unsupported(f"{mode} interpolation of {dt} (its rounding back is not "
+                            "ONNX Runtime's)")
+    wide = "f32" if dt == "f16" else dt
+    y = cx.op("cast", x, dtype=wide) if wide != dt and mode != "nearest" else x
+    extrap = _scalar(n.attr("extrapolation_value", 0.0), wide)
+    for a, scale, out, roi in zip(*_resize_plan(n, shape, rank), strict=True):
+        d = shape[a]
+        if np.isclose(scale, 1.0) and out == d and (roi is None or np.isclose(roi[0], 0)
+                                                     and np.isclose(roi[1], 1)):
+            continue   # the identity along this axis
+        idx, w, outside = _resize_taps(d, out, scale, coeffs, coord, roi or (0.0, 1.0),
+                                       bool(n.attr("exclude_outside", 0)))
+        tail = [1] * (rank - a - 1)
+        if (np.count_nonzero(w, axis=1) == 1).all() and (w.max(axis=1) == 1).all():
+            y = cx.op("gather", y, idx[np.arange(out), w.argmax(axis=1)], axis=a)
+        else:
+            acc = None
+            for k in range(w.shape[1]):
+                if not w[:, k].any():
+                    continue
+                part = cx.op("mul", cx.op("gather", y, idx[:, k], axis=a),
+                             w[:, k].astype(_scalar(0, wide).dtype).reshape([out] + tail))
+                acc = part if acc is None else cx.op("add", acc, part)
+            y = acc
+        if outside is not None:
+            y = cx.op("where", outside.reshape([out] + tail), extrap, y)
+    return [cx.op("cast", y, dtype=dt) if _dtype(y) != dt else y]
+
+
 HANDLERS: dict[str, Callable[[_Importer, OnnxNode], list[Entry]]] = {
     "GlobalAveragePool": _global_pool("reduce_mean"), "GlobalMaxPool": _global_pool("reduce_max"),
     "MaxPool": _max_pool, "AveragePool": _average_pool, "Pad": _pad,
     "InstanceNormalization": _instance_norm, "GroupNormalization": _group_norm,
+    "Resize": _resize,
 }

@@ -1,5 +1,5 @@
-"""Contractions, reductions and normalisations: matmul, reduce_*, argmax, softmax,
-layer_norm, conv2d."""
+"""Contractions, reductions and normalisations: matmul, reduce_* (sum, mean, max, min,
+prod), argmax, softmax, layer_norm, conv2d."""
 
 from __future__ import annotations
 
@@ -120,6 +120,8 @@ def _reduce_vjp(g, node, dys):
     if node.op == "reduce_mean":
         return [g.add("div", back, vjp.count(g, [x.type.shape[i] for i in red],
                                              x.type.dtype))]
+    if node.op == "reduce_prod":
+        return [g.add("mul", back, _prod_others(g, x, axes))]
     # max/min: the gradient is shared by the elements equal to the result
     hit = vjp.as_float(g, g.add("equal", x, vjp.unreduce(g, y, x.type, axes, keep)),
                        x.type.dtype)
@@ -127,10 +129,26 @@ def _reduce_vjp(g, node, dys):
     return [g.add("mul", back, g.add("div", hit, ties))]
 
 
+def _prod_others(g, x, axes):
+    """d prod / d x_i: the product of the other elements, exact with zeros (no y / x_i
+    where x_i is 0): with no zero it is y / x_i; with one zero, the product of the rest
+    at the zero and 0 elsewhere; with more, 0."""
+    t = x.type
+    zero, one = vjp.const(g, 0, t.dtype), vjp.const(g, 1, t.dtype)
+    is0 = g.add("equal", x, zero)
+    rest = vjp.unreduce(g, g.add("reduce_prod", g.add("where", is0, one, x), axes=axes,
+                                 keepdims=True), t, axes, True)
+    zeros = vjp.unreduce(g, g.add("reduce_sum", vjp.as_float(g, is0, t.dtype), axes=axes,
+                                  keepdims=True), t, axes, True)
+    no_zero = g.add("div", rest, g.add("where", is0, one, x))
+    return g.add("where", g.add("equal", zeros, zero), no_zero, g.add(
+        "where", g.add("logical_and", is0, g.add("equal", zeros, one)), rest, zero))
+
+
 _REDUCE_ATTRS = {"axes": Attr("ints", None), "keepdims": Attr("bool", False)}
 for _name, _fn in {"reduce_sum": np.sum, "reduce_mean": np.mean,
                    "reduce_max": _extreme(np.max, -1),
-                   "reduce_min": _extreme(np.min, +1)}.items():
+                   "reduce_min": _extreme(np.min, +1), "reduce_prod": np.prod}.items():
     register(OpDef(_name, infer=_reduce, reference=_reducer(_fn), attrs=_REDUCE_ATTRS,
                    kind="reduction", vjp=_reduce_vjp,
                    flops=lambda outs, x, **attrs: numel(x)))

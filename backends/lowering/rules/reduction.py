@@ -120,7 +120,7 @@ def _layer_norm(lw, node, ins, attrs):
 
 
 _REDUCE = {"reduce_sum": "add", "reduce_mean": "add", "reduce_max": "max",
-           "reduce_min": "min"}
+           "reduce_min": "min", "reduce_prod": "mul"}
 
 
 def reduce_into(lw, x: Lazy, axes, op: str, out_dtype: str, acc: str, keep=None,
@@ -136,7 +136,7 @@ def reduce_into(lw, x: Lazy, axes, op: str, out_dtype: str, acc: str, keep=None,
         return lw.of_view(out)
     r = Rows(name, x.shape, axes, [x], [])
     v = r.kb.var(acc)
-    init = {"add": 0, "max": _lowest(acc), "min": _highest(acc)}[op]
+    init = {"add": 0, "mul": 1, "max": _lowest(acc), "min": _highest(acc)}[op]
     body = [K.Decl(v, _f(acc, float(init) if acc in _FLOATS else init))]
 
     def step():
@@ -182,7 +182,7 @@ def _columns_kernel(x: Lazy, axes, op: str, acc: str, out, mean: bool, name: str
         outer_indices(kb, shape, [[d] for d in kept], flat, idx)
         return K.Loop(j, block, body_fn(K.binary("add", K.const_index(out.offset), flat), idx))
 
-    init = {"add": 0, "max": _lowest(acc), "min": _highest(acc)}[op]
+    init = {"add": 0, "mul": 1, "max": _lowest(acc), "min": _highest(acc)}[op]
     body = [columns(lambda a, idx: [K.Store(kout, a, _f(acc, float(init) if acc in _FLOATS
                                                         else init))])]
 
@@ -253,6 +253,87 @@ def _argmax(lw, node, ins, attrs):
     return [lw.of_view(out)]
 
 
+def _sorts_above(a: K.Expr, b: K.Expr) -> K.Expr:
+    """a > b with NaN above every number (numpy's sort order; equal NaNs are not)."""
+    nan_a, nan_b = (K.Unary("not", K.binary("eq", v, v)) for v in (a, b))
+    return K.binary("or", K.binary("gt", a, b), K.binary("and", nan_a, K.Unary("not", nan_b)))
+
+
+def _sorts_level(a: K.Expr, b: K.Expr) -> K.Expr:
+    both_nan = K.binary("and", K.Unary("not", K.binary("eq", a, a)),
+                        K.Unary("not", K.binary("eq", b, b)))
+    return K.binary("or", K.binary("eq", a, b), both_nan)
+
+
+_TOPK_LANES = 8   # independent running picks a pass keeps: they overlap in the CPU
+
+
+def _topk(lw, node, ins, attrs):
+    """Per row, k selection passes: pass t takes the best element ordered after pass
+    t-1's pick (largest: a smaller value, or an equal one at a higher index), so equal
+    values come out lower index first, as the reference's stable sort; NaN sorts above
+    every number, as there. A pass keeps 8 running picks over interleaved elements
+    (lane l sees l, l + 8, ...: no one long dependency chain), merged at its end. O(k n)
+    a row: for the small k of models' top-k; no scratch memory."""
+    x = widened(ins[0])
+    if x.dtype == "bool":
+        raise NotLowerable("topk on bool")
+    ax, k = norm_axis(attrs["axis"], len(x.shape)), attrs["k"]
+    n, largest = x.shape[ax], attrs["largest"]
+    t_out = node.outputs[0].type.concrete(lw.env)
+    vals, idxs = lw.out_view(t_out), lw.out_view(TensorType(t_out.shape, "i64"))
+    r = Rows("topk", x.shape, [ax], [x], [])
+    kb, dt = r.kb, x.dtype
+    rows = [(r.idx[d], d) for d in range(len(x.shape)) if d != ax]
+    lanes = _TOPK_LANES if n >= 4 * _TOPK_LANES else 1
+    prev_v, prev_i, take, t, c = kb.var(dt), kb.var("i64"), kb.var("bool"), kb.var(), kb.var()
+    best = [(kb.var(dt), kb.var("i64")) for _ in range(lanes)]
+    zero, none = _f(dt, 0.0 if dt in _FLOATS else 0), K.const_index(-1)
+    body = [K.Decl(prev_v, zero), K.Decl(prev_i, none), K.Decl(take, K.Const(False, "bool"))]
+    body += [K.Decl(v, init) for pair in best for v, init in zip(pair, (zero, none),
+                                                                 strict=True)]
+
+    def above(a, b):   # a is picked before b
+        return _sorts_above(a, b) if largest else _sorts_above(b, a)
+
+    def visit(i, bv, bi):
+        r.idx[ax] = i
+        v = r.at(x)
+        later = K.binary("or", K.binary("lt", prev_i, K.const_index(0)), K.binary(
+            "or", above(prev_v, v), K.binary("and", _sorts_level(v, prev_v),
+                                             K.binary("gt", i, prev_i))))
+        return [K.Assign(take, K.binary("and", later, K.binary(
+                    "or", K.binary("lt", bi, K.const_index(0)), above(v, bv)))),
+                K.Assign(bi, K.Select(take, i, bi)), K.Assign(bv, K.Select(take, v, bv))]
+
+    chunks = n // lanes
+    scan = [K.Assign(bi, none) for _, bi in best]
+    step = []
+    for lane, (bv, bi) in enumerate(best):
+        step += visit(K.binary("add", K.binary("mul", c, K.const_index(lanes)),
+                               K.const_index(lane)), bv, bi)
+    scan.append(K.Loop(c, chunks, step))
+    for j in range(chunks * lanes, n):   # the tail: lane 0, after its other elements
+        scan += visit(K.const_index(j), *best[0])
+    (bv0, bi0) = best[0]
+    for bv, bi in best[1:]:   # merge: the better pick, the lower index among equals
+        wins = K.binary("or", above(bv, bv0), K.binary("and", _sorts_level(bv, bv0),
+                                                        K.binary("lt", bi, bi0)))
+        scan += [K.Assign(take, K.binary("and", K.binary("ge", bi, K.const_index(0)),
+                                         K.binary("or", K.binary("lt", bi0, K.const_index(0)),
+                                                  wins))),
+                 K.Assign(bi0, K.Select(take, bi, bi0)), K.Assign(bv0, K.Select(take, bv, bv0))]
+
+    def put(out, value):
+        terms = [(e, out.strides[d]) for e, d in rows] + [(t, out.strides[ax])]
+        return K.Store(kb.buf(out.buf, readonly=False), K.affine(out.offset, terms), value)
+    keep = K.Cast(bv0, t_out.dtype) if t_out.dtype != dt else bv0
+    scan += [put(vals, keep), put(idxs, bi0), K.Assign(prev_v, bv0), K.Assign(prev_i, bi0)]
+    body.append(K.Loop(t, k, scan))
+    lw.steps.append(r.kernel(body, max(k, 1)))
+    return [lw.of_view(vals), lw.of_view(idxs)]
+
+
 def _quant_params(lw, node, ins, attrs):
     """A scale and zero point per row (dynamic quantization) in one kernel: the row's
     range in one pass, then, when a `quantize` of the same x by them is the reader (as the
@@ -319,4 +400,5 @@ RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "layer_norm": in_f32(_layer_norm),
     **dict.fromkeys(_REDUCE, _reduce),
     "argmax": _argmax,
+    "topk": _topk,
 }

@@ -194,14 +194,19 @@ def _scatter_block(post: int, pre: int) -> int:
     return max(d for d in range(1, post + 1) if post % d == 0 and d <= want)
 
 
+_COMBINE = {"add": "add", "mul": "mul", "max": "max", "min": "min"}
+
+
 def _scatter_add(lw, node, ins, attrs):
-    """`data` copied into the result, then each update slice added at its index. Race
-    free without atomics: the parallel loop runs over (leading dims, blocks of the
-    trailing dims), so one item owns its elements of every row, and walks the index
-    positions serially inside (repeated indices add up in index order, as np.add.at)."""
+    """`data` copied into the result, then each update slice added at its index (scatter:
+    written, or combined by its reduction). Race free without atomics: the parallel loop
+    runs over (leading dims, blocks of the trailing dims), so one item owns its elements
+    of every row, and walks the index positions serially inside (repeated indices apply
+    in index order, as np.add.at; for none the last one wins)."""
     data, idx, upd = ins
+    combine = _COMBINE.get(attrs.get("reduction", "add"))
     if data.dtype == "bool":
-        raise NotLowerable("scatter_add of bool")
+        raise NotLowerable(f"{node.op} of bool")
     rank = len(data.shape)
     ax = norm_axis(attrs["axis"], rank)
     n = data.shape[ax]
@@ -219,7 +224,7 @@ def _scatter_add(lw, node, ins, attrs):
         upd3 = reshape(lw.materialize(upd), (pre, m, post))
     block = _scatter_block(post, pre)
     nb = post // block
-    kb = KernelBuilder("scatter_add")
+    kb = KernelBuilder(node.op)
     kout = kb.buf(out.buf, readonly=False)
     item, i, j, row = kb.var(), kb.var(), kb.var(), kb.var()
     p = K.const_index(0) if pre == 1 else item if nb == 1 else \
@@ -233,8 +238,9 @@ def _scatter_add(lw, node, ins, attrs):
     wrapped = K.Select(K.binary("lt", index, K.const_index(0)),
                        K.binary("add", index, K.const_index(n)), index)
     address = K.affine(0, [(p, n * post), (row, post), (q, 1)])
-    add = K.Store(kout, address, K.binary("add", K.Load(kout, address),
-                                          kb.at(upd3.expr, [p, i, q])))
+    value = kb.at(upd3.expr, [p, i, q])
+    add = K.Store(kout, address, K.binary(combine, K.Load(kout, address), value)
+                  if combine else value)
     body = [K.Loop(item, pre * nb, [
         K.Loop(i, m, [K.Decl(row, wrapped), K.Loop(j, block, [add])])], parallel=True)]
     lw.steps.append(kb.kernel(body, 3 * pre * m * post))
@@ -257,4 +263,5 @@ RULES = {  # op name -> rule(lowering, node, inputs, attrs) -> outputs
     "gather": _gather,
     "tensor_scatter": _tensor_scatter,
     "scatter_add": _scatter_add,
+    "scatter": _scatter_add,
 }
