@@ -625,12 +625,13 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
     # where each operand's address sits in the steps' fixed arguments (see `_call`)
     slots: dict[str, list] = {}
     for si, (job, fixed, _, _) in enumerate(steps):
-        if job in (jobs["tc_pack_b_job"], jobs["tc_pack_bt_job"]):
+        # .get: a job these steps run is compiled already; asking would compile the rest
+        if job in (jobs.get("tc_pack_b_job"), jobs.get("tc_pack_bt_job")):
             where = {"b": 0}
         elif not gemv and len(fixed) > len(FIXED):   # tc_gemm_pb: B's source too
             where = {"a": 0, "out": 4, "bias": 7 if bias is not None else None,
                      "residual": 9 if res2 is not None else None, "b": len(FIXED)}
-        elif job == jobs["tc_pack_a_job"]:
+        elif job == jobs.get("tc_pack_a_job"):
             where = {"a": 0}
         elif gemv:   # see _gemv_steps
             where = {"a": 0, "out": 6, "bias": 10 if bias is not None else None,
