@@ -179,7 +179,7 @@ def tune_shapes(budget: float) -> None:
             call()
     for r in tuning.tune(seen, budget):
         print(f"tuned {r.kernel} {r.key}: {r.default_s * 1e3:.3f} -> {r.tuned_s * 1e3:.3f} ms "
-              f"{r.schedule}")
+              f"{r.chosen}")
 
 
 def measure_tensorc(repeat: int) -> dict:
