@@ -471,3 +471,18 @@ def test_space_candidates_are_legal_and_start_with_the_default(monkeypatch):
             for t in cands:   # accumulators + B vectors + a broadcast fit the registers
                 assert (t.mr * t.nv + t.nv) * per + 1 <= regs, t
                 assert t.mc % t.mr == 0 and t.kc <= KC_MAX and t.mc <= MC_MAX, t
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_patching_a_bound_call_with_b_per_call_moves_only_that_operand(rng, threads):
+    """`patch` finds each operand's slot in the steps, the packing of a per-call B (a
+    step of the default tile's library) included: after moving A and B the product is
+    the new one (a slot mistaken for another wrote A's address into B's)."""
+    a, b = randn(rng, 200, 4), randn(rng, 4, 3)
+    out = np.full((200, 3), np.nan, np.float32)
+    run = G.bind(a, b, out, threads=threads)
+    a2, b2 = randn(rng, 200, 4), randn(rng, 4, 3)
+    run.patch("a", a2.ctypes.data)
+    run.patch("b", b2.ctypes.data)
+    run()
+    assert_close(out, ref(a2, b2))

@@ -624,9 +624,11 @@ def bind(a: np.ndarray, b, out: np.ndarray, *, bias=None, activation: str | None
             steps.insert(0, packed.pack_step([(0, packed.panels)]))
     # where each operand's address sits in the steps' fixed arguments (see `_call`)
     slots: dict[str, list] = {}
+    packs = kernels()["jobs"]
     for si, (job, fixed, _, _) in enumerate(steps):
-        # .get: a job these steps run is compiled already; asking would compile the rest
-        if job in (jobs.get("tc_pack_b_job"), jobs.get("tc_pack_bt_job")):
+        # B's packing jobs come from `PackedB`'s library (the default tile's); pack_a's
+        # from this tile's, read with .get: a step that runs it compiled it already
+        if job in (packs["tc_pack_b_job"], packs["tc_pack_bt_job"]):
             where = {"b": 0}
         elif not gemv and len(fixed) > len(FIXED):   # tc_gemm_pb: B's source too
             where = {"a": 0, "out": 4, "bias": 7 if bias is not None else None,
