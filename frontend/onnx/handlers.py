@@ -240,26 +240,36 @@ def _gather_nd(cx, n):
 
 
 def _gather_elements(cx, n):
-    """GatherElements as a gather on the flattened data: the indices give the coordinate
-    along `axis`, every other coordinate is the element's own position (a range)."""
+    """GatherElements as a gather on the flattened data (see `_elements_index`)."""
     data, idx = n.x(0), n.x(1)
-    shape, ishape = _shape(data), _shape(idx)
-    rank = len(shape)
-    axis = _check_axes(n, [n.attr("axis", 0)], rank)[0]
+    axis = _check_axes(n, [n.attr("axis", 0)], len(_shape(data)))[0]
+    flat = cx.op("reshape", data, shape=[dim_product(_shape(data))])
+    return [cx.op("gather", flat, _elements_index(cx, idx, _shape(data), axis), axis=0)]
+
+
+def _elements_index(cx, idx: Entry, shape, axis: int) -> Entry:
+    """Linear indices into data of `shape` flattened, for the *Elements ops: `idx`
+    gives the coordinate along `axis`, every other coordinate is the element's own
+    position in idx (a range)."""
+    ishape, rank = _shape(idx), len(shape)
     lin = None
     for d in range(rank):
         if d == axis:
-            c = cx.op("cast", idx, dtype="i64")
-            c = cx.op("where", cx.op("less", c, _scalar(0, "i64")),
-                      cx.op("add", c, _dim(shape[d], "i64")), c)
+            c = _wrapped(cx, idx, shape[d])
         else:
             c = cx.op("reshape", cx.op("range", start=[0], limit=[ishape[d]]),
                       shape=[1] * d + [ishape[d]] + [1] * (rank - d - 1))
         stride = dim_product(shape[d + 1:])
         c = cx.op("mul", c, _dim(stride, "i64")) if stride != 1 else c
         lin = c if lin is None else cx.op("add", lin, c)
-    flat = cx.op("reshape", data, shape=[dim_product(shape)])
-    return [cx.op("gather", flat, lin, axis=0)]
+    return lin
+
+
+def _wrapped(cx, idx: Entry, d) -> Entry:
+    """Indices as i64, a negative one counted from the end of a dim of size d."""
+    idx = cx.op("cast", idx, dtype="i64") if _dtype(idx) != "i64" else idx
+    return cx.op("where", cx.op("less", idx, _scalar(0, "i64")),
+                 cx.op("add", idx, _dim(d, "i64")), idx)
 
 
 def _expand(cx, n):

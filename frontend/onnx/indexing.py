@@ -14,18 +14,11 @@ import numpy as np
 from tensorc.errors import ShapeError
 from tensorc.ir import Value, dim_product
 
-from .handlers import _check_axes, _dim, _reduce, _scalar, _shape
+from .handlers import _check_axes, _dim, _elements_index, _reduce, _scalar, _shape, _wrapped
 from .values import Entry, NeedsConstantError, Sym, _dtype
 
 if TYPE_CHECKING:
     from .importer import OnnxNode, _Importer
-
-
-def _wrapped(cx, idx: Entry, d) -> Entry:
-    """Indices as i64, a negative one counted from the end of a dim of size d."""
-    idx = cx.op("cast", idx, dtype="i64") if _dtype(idx) != "i64" else idx
-    return cx.op("where", cx.op("less", idx, _scalar(0, "i64")),
-                 cx.op("add", idx, _dim(d, "i64")), idx)
 
 
 def _topk(cx, n):
@@ -61,16 +54,7 @@ def _scatter_elements(cx, n):
     if list(_shape(upd)) != list(ishape) or len(ishape) != rank:
         raise ShapeError(f"{n.where}: updates {list(_shape(upd))} and indices "
                          f"{list(ishape)} need one shape of the data's rank {rank}")
-    lin = None
-    for d in range(rank):
-        if d == axis:
-            c = _wrapped(cx, idx, shape[d])
-        else:
-            c = cx.op("reshape", cx.op("range", start=[0], limit=[ishape[d]]),
-                      shape=[1] * d + [ishape[d]] + [1] * (rank - d - 1))
-        stride = dim_product(shape[d + 1:])
-        c = cx.op("mul", c, _dim(stride, "i64")) if stride != 1 else c
-        lin = c if lin is None else cx.op("add", lin, c)
+    lin = _elements_index(cx, idx, shape, axis)
     lin = cx.op("expand", lin, shape=list(ishape)) if list(_shape(lin)) != list(ishape) else lin
     flat = cx.op("reshape", data, shape=[dim_product(shape)])
     y = cx.op("scatter", flat, lin, upd, axis=0, reduction=_reduction(n))
